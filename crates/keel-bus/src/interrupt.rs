@@ -1,0 +1,118 @@
+//! Interrupt traits, free of hypervisor types.
+//!
+//! A device model raises interrupts through these traits; the VMM supplies implementations
+//! (keel-kvm implements them over irqfd, `KVM_IRQ_LINE` and MSI routes). Test code can
+//! implement them with counters.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors raised by interrupt implementations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The vector index is outside the group.
+    #[error("interrupt vector {index} out of range (group has {len})")]
+    InvalidVector {
+        /// Requested vector.
+        index: usize,
+        /// Vectors in the group.
+        len: usize,
+    },
+    /// The underlying notification mechanism failed.
+    #[error("interrupt delivery failed")]
+    Io(#[source] io::Error),
+    /// The hypervisor refused a routing change.
+    #[error("interrupt routing update failed: {0}")]
+    Routing(String),
+}
+
+/// Result alias for interrupt operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A wired interrupt line (legacy INTx / IOAPIC pin).
+pub trait InterruptLine: Send + Sync {
+    /// Signals an edge: the line pulses once.
+    fn trigger(&self) -> Result<()>;
+    /// Drives a level-triggered line high (`true`) or low (`false`).
+    fn set_level(&self, asserted: bool) -> Result<()>;
+}
+
+/// An MSI message: what a device writes, and where, to interrupt the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MsiMessage {
+    /// Message address (for x86, 0xfeeX_XXXX with the destination APIC ID in bits 12-19).
+    pub address: u64,
+    /// Message data (vector and delivery mode).
+    pub data: u32,
+}
+
+/// Sends one-off MSI messages (for example `KVM_SIGNAL_MSI`).
+pub trait MsiSender: Send + Sync {
+    /// Delivers `msg`.
+    fn send(&self, msg: MsiMessage) -> Result<()>;
+}
+
+/// A group of MSI vectors owned by one device (an MSI or MSI-X capability).
+///
+/// The transport programs each vector's message and mask as the guest writes them; the device
+/// model only calls [`MsiGroup::trigger`] (or writes the vector's [`MsiGroup::notifier`] from
+/// its worker thread, which avoids a lock on the hot path).
+pub trait MsiGroup: Send + Sync {
+    /// Number of vectors.
+    fn len(&self) -> usize;
+    /// Whether the group has no vectors.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Sets vector `index`'s message and whether it is masked. A masked vector does not
+    /// deliver; the caller (the MSI-X model) tracks pending bits.
+    fn configure(&self, index: usize, msg: MsiMessage, masked: bool) -> Result<()>;
+    /// Raises vector `index`.
+    fn trigger(&self, index: usize) -> Result<()>;
+    /// An event that raises vector `index` when signalled, if the implementation has one.
+    fn notifier(&self, index: usize) -> Option<&EventFd>;
+}
+
+/// Something a driver-side write can signal without a VM exit to the device's code path:
+/// the device's worker waits on it (an ioeventfd for a virtqueue kick, for example).
+pub trait Notifier: Send + Sync {
+    /// Signals the notifier.
+    fn notify(&self) -> io::Result<()>;
+    /// Consumes pending notifications; returns how many were pending (0 when none).
+    fn consume(&self) -> io::Result<u64>;
+    /// A file descriptor that becomes readable when notified, for epoll.
+    fn raw_fd(&self) -> RawFd;
+}
+
+impl Notifier for EventFd {
+    fn notify(&self) -> io::Result<()> {
+        self.write(1)
+    }
+    fn consume(&self) -> io::Result<u64> {
+        match self.read() {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+    fn raw_fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+impl<T: InterruptLine + ?Sized> InterruptLine for std::sync::Arc<T> {
+    fn trigger(&self) -> Result<()> {
+        (**self).trigger()
+    }
+    fn set_level(&self, asserted: bool) -> Result<()> {
+        (**self).set_level(asserted)
+    }
+}
+
+impl<T: MsiSender + ?Sized> MsiSender for std::sync::Arc<T> {
+    fn send(&self, msg: MsiMessage) -> Result<()> {
+        (**self).send(msg)
+    }
+}
