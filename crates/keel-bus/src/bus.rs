@@ -237,7 +237,10 @@ impl<D: ?Sized + Dispatch> Bus<D> {
         let offset = addr - e.range.base;
         // An empty access is treated as one byte for the bounds check.
         let span = (len.max(1) as u64) - 1;
-        if offset.checked_add(span).is_none_or(|end| end >= e.range.len) {
+        if offset
+            .checked_add(span)
+            .is_none_or(|end| end >= e.range.len)
+        {
             return Err(Error::Straddle {
                 addr,
                 len,
@@ -303,7 +306,9 @@ impl<D: ?Sized + Dispatch> BusTxn<'_, D> {
         Bus::<D>::check_free(self.table, new_range, Some(old_base))?;
         let mut e = self.table.remove(idx);
         e.range = new_range;
-        let at = self.table.partition_point(|x| x.range.base < new_range.base);
+        let at = self
+            .table
+            .partition_point(|x| x.range.base < new_range.base);
         self.table.insert(at, e);
         Ok(())
     }
@@ -360,7 +365,13 @@ mod tests {
     fn overlap_rejected() {
         let bus = PioBus::new();
         bus.insert(r(0x100, 0x10), dev(1)).unwrap();
-        for (base, len) in [(0x100, 0x10), (0xff, 2), (0x10f, 1), (0x0, 0x1000), (0x108, 4)] {
+        for (base, len) in [
+            (0x100, 0x10),
+            (0xff, 2),
+            (0x10f, 1),
+            (0x0, 0x1000),
+            (0x108, 4),
+        ] {
             let err = bus.insert(r(base, len), dev(2)).unwrap_err();
             assert_eq!(
                 err,
@@ -399,11 +410,17 @@ mod tests {
         // Just outside each range.
         assert_eq!(
             bus.read(0x3f7, &mut byte),
-            Err(Error::Unmapped { addr: 0x3f7, len: 1 })
+            Err(Error::Unmapped {
+                addr: 0x3f7,
+                len: 1
+            })
         );
         assert_eq!(
             bus.read(0x404, &mut byte),
-            Err(Error::Unmapped { addr: 0x404, len: 1 })
+            Err(Error::Unmapped {
+                addr: 0x404,
+                len: 1
+            })
         );
         // A 4-byte write at the last 2 bytes straddles the end; the device sees nothing.
         assert_eq!(
@@ -452,7 +469,10 @@ mod tests {
         assert_eq!(a.lock().unwrap().last_write, Some((5, vec![9])));
         bus.relocate(0x1080, r(0x3000, 0x10)).unwrap();
         assert_eq!(bus.ranges(), vec![r(0x2000, 0x100), r(0x3000, 0x10)]);
-        assert_eq!(bus.relocate(0x1080, r(0x5000, 1)), Err(Error::NotFound(0x1080)));
+        assert_eq!(
+            bus.relocate(0x1080, r(0x5000, 1)),
+            Err(Error::NotFound(0x1080))
+        );
         let (range, _) = bus.remove(0x3000).unwrap();
         assert_eq!(range, r(0x3000, 0x10));
         assert_eq!(bus.remove(0x3000).err(), Some(Error::NotFound(0x3000)));
