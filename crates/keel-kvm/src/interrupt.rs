@@ -1,0 +1,190 @@
+//! keel-bus interrupt traits implemented over KVM: irqfd, `KVM_IRQ_LINE`, MSI routes and
+//! `KVM_SIGNAL_MSI`.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use keel_bus::interrupt::{
+    Error as IrqError, InterruptLine, MsiGroup, MsiMessage, MsiSender, Result as IrqResult,
+};
+
+use crate::vm::{self, Vm};
+
+fn routing(e: vm::Error) -> IrqError {
+    IrqError::Routing(format!(
+        "{e}: {}",
+        std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
+    ))
+}
+
+/// An IOAPIC/PIC input: edges through an irqfd (no ioctl on the hot path), levels through
+/// `KVM_IRQ_LINE`.
+pub struct IrqLine {
+    vm: Arc<Vm>,
+    gsi: u32,
+    irqfd: EventFd,
+}
+
+impl IrqLine {
+    /// Connects to `gsi` (0-23) of the in-kernel irqchip.
+    pub fn new(vm: Arc<Vm>, gsi: u32) -> vm::Result<Self> {
+        let irqfd = Vm::new_eventfd()?;
+        vm.register_irqfd(&irqfd, gsi)?;
+        Ok(IrqLine { vm, gsi, irqfd })
+    }
+
+    /// The GSI this line drives.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    /// The irqfd: writing it raises an edge on the line (useful from another process or an
+    /// epoll loop).
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+impl Drop for IrqLine {
+    fn drop(&mut self) {
+        if let Err(e) = self.vm.unregister_irqfd(&self.irqfd, self.gsi) {
+            log::warn!("cannot unregister irqfd for GSI {}: {e}", self.gsi);
+        }
+    }
+}
+
+impl InterruptLine for IrqLine {
+    fn trigger(&self) -> IrqResult<()> {
+        self.irqfd.write(1).map_err(IrqError::Io)
+    }
+    fn set_level(&self, asserted: bool) -> IrqResult<()> {
+        self.vm.set_irq_line(self.gsi, asserted).map_err(routing)
+    }
+}
+
+impl MsiSender for Vm {
+    fn send(&self, msg: MsiMessage) -> IrqResult<()> {
+        self.signal_msi(msg).map_err(routing)
+    }
+}
+
+struct Vector {
+    gsi: u32,
+    irqfd: EventFd,
+    msg: MsiMessage,
+    masked: bool,
+    routed: bool,
+}
+
+/// MSI vectors backed by irqfds on MSI routes, one GSI each.
+///
+/// A masked vector's irqfd is detached from its GSI, so signals accumulate in the eventfd
+/// counter: that is the pending bit. Unmasking re-attaches it and KVM delivers at once if a
+/// signal is pending, so no interrupt is lost or duplicated across a mask/unmask.
+pub struct MsiIrqfdGroup {
+    vm: Arc<Vm>,
+    vectors: Vec<Mutex<Vector>>,
+}
+
+impl MsiIrqfdGroup {
+    /// Creates a group with one vector per GSI in `gsis` (allocate them from
+    /// `keel_memory::SystemAllocator::allocate_msi_gsi`). Every vector starts masked.
+    pub fn new(vm: Arc<Vm>, gsis: &[u32]) -> vm::Result<Self> {
+        let vectors = gsis
+            .iter()
+            .map(|&gsi| {
+                Ok(Mutex::new(Vector {
+                    gsi,
+                    irqfd: Vm::new_eventfd()?,
+                    msg: MsiMessage::default(),
+                    masked: true,
+                    routed: false,
+                }))
+            })
+            .collect::<vm::Result<_>>()?;
+        Ok(MsiIrqfdGroup { vm, vectors })
+    }
+
+    fn vector(&self, index: usize) -> IrqResult<std::sync::MutexGuard<'_, Vector>> {
+        self.vectors
+            .get(index)
+            .map(|v| v.lock().unwrap_or_else(PoisonError::into_inner))
+            .ok_or(IrqError::InvalidVector {
+                index,
+                len: self.vectors.len(),
+            })
+    }
+
+    /// Whether vector `index` has a signal waiting behind its mask.
+    pub fn is_pending(&self, index: usize) -> IrqResult<bool> {
+        let v = self.vector(index)?;
+        if !v.masked {
+            return Ok(false);
+        }
+        // Peek without consuming: poll the eventfd for readability.
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&v.irqfd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        Ok(n == 1 && pfd.revents & libc::POLLIN != 0)
+    }
+}
+
+impl Drop for MsiIrqfdGroup {
+    fn drop(&mut self) {
+        for v in &self.vectors {
+            let v = v.lock().unwrap_or_else(PoisonError::into_inner);
+            if v.routed {
+                if !v.masked {
+                    let _ = self.vm.unregister_irqfd(&v.irqfd, v.gsi);
+                }
+                let _ = self.vm.remove_msi_route(v.gsi);
+            }
+        }
+    }
+}
+
+impl MsiGroup for MsiIrqfdGroup {
+    fn len(&self) -> usize {
+        self.vectors.len()
+    }
+
+    fn configure(&self, index: usize, msg: MsiMessage, masked: bool) -> IrqResult<()> {
+        let mut v = self.vector(index)?;
+        if !v.routed {
+            self.vm.add_msi_route(v.gsi, msg).map_err(routing)?;
+            v.routed = true;
+        } else if v.msg != msg {
+            self.vm.update_msi_route(v.gsi, msg).map_err(routing)?;
+        }
+        v.msg = msg;
+        match (v.masked, masked) {
+            (true, false) => self.vm.register_irqfd(&v.irqfd, v.gsi).map_err(routing)?,
+            (false, true) => self.vm.unregister_irqfd(&v.irqfd, v.gsi).map_err(routing)?,
+            _ => {}
+        }
+        v.masked = masked;
+        Ok(())
+    }
+
+    fn trigger(&self, index: usize) -> IrqResult<()> {
+        let v = self.vector(index)?;
+        v.irqfd.write(1).map_err(IrqError::Io)
+    }
+
+    fn notifier(&self, index: usize) -> Option<&EventFd> {
+        // The EventFd itself never moves; the lock only guards routing state. Hand out a
+        // reference to it without holding the lock.
+        let v = self.vectors.get(index)?;
+        let guard = v.lock().unwrap_or_else(PoisonError::into_inner);
+        let ptr: *const EventFd = &guard.irqfd;
+        drop(guard);
+        // SAFETY: `irqfd` is never replaced after construction, and the vector lives as long
+        // as `self`, which the returned reference borrows.
+        Some(unsafe { &*ptr })
+    }
+}

@@ -1,0 +1,656 @@
+//! vCPUs: x86 configuration, the run loop and cross-thread control.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use keel_bus::{MmioBus, PioBus};
+use keel_memory::GuestMemoryMmap;
+
+use crate::vm::Vm;
+use crate::x86::boot::{self, BootTables, Cpl};
+use crate::x86::cpuid::{self, Topology};
+use crate::x86::msr;
+
+/// Errors from vCPU set-up and running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM vCPU ioctl failed.
+    #[error("{op} failed on vCPU {vcpu}")]
+    Ioctl {
+        /// vCPU index.
+        vcpu: u8,
+        /// What was being done.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only part of the boot MSRs.
+    #[error("KVM_SET_MSRS on vCPU {vcpu} rejected MSR {msr:#x}")]
+    MsrRejected {
+        /// vCPU index.
+        vcpu: u8,
+        /// The first MSR KVM did not take.
+        msr: u32,
+    },
+    /// Writing boot tables into guest memory failed.
+    #[error("cannot write boot tables into guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// KVM could not run the guest (`KVM_EXIT_INTERNAL_ERROR`), typically an instruction
+    /// its emulator does not handle.
+    #[error("KVM internal error on vCPU {vcpu} (suberror {suberror}) at RIP {rip:#x}")]
+    Internal {
+        /// vCPU index.
+        vcpu: u8,
+        /// `kvm_run.internal.suberror` (1 = emulation failure).
+        suberror: u32,
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// VM entry failed (`KVM_EXIT_FAIL_ENTRY`).
+    #[error("VM entry failed on vCPU {vcpu} (hardware reason {reason:#x}) at RIP {rip:#x}")]
+    FailEntry {
+        /// vCPU index.
+        vcpu: u8,
+        /// Hardware entry failure reason.
+        reason: u64,
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// An exit this loop does not handle.
+    #[error("unexpected exit {reason} on vCPU {vcpu} at RIP {rip:#x}")]
+    UnexpectedExit {
+        /// vCPU index.
+        vcpu: u8,
+        /// Exit name.
+        reason: String,
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// Registering the kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// Spawning the vCPU thread failed.
+    #[error("cannot spawn the vCPU thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Result alias for vCPU operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuExitReason {
+    /// `hlt` with no in-kernel irqchip to wait for an interrupt.
+    Halted,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    TripleFault,
+    /// The guest asked for power-off (`KVM_SYSTEM_EVENT_SHUTDOWN`).
+    PowerOff,
+    /// The guest asked for a reset (`KVM_SYSTEM_EVENT_RESET`).
+    Reset,
+    /// The guest reported a crash (`KVM_SYSTEM_EVENT_CRASH`).
+    Crash,
+    /// Another thread called [`VcpuHandle::stop`].
+    Stopped,
+}
+
+/// The buses a vCPU's exits are dispatched to.
+#[derive(Clone, Debug, Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Arc<PioBus>,
+    /// Memory-mapped I/O.
+    pub mmio: Arc<MmioBus>,
+}
+
+/// What another thread asked the vCPU to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// What the vCPU thread is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Not inside [`Vcpu::run`].
+    Idle,
+    /// Running guest code or handling an exit.
+    Running,
+    /// Parked by [`VcpuHandle::pause`].
+    Paused,
+    /// [`Vcpu::run`] has returned.
+    Exited,
+}
+
+struct Control {
+    request: Request,
+    state: VcpuState,
+    /// The vCPU thread, while it is inside `run`.
+    thread: Option<libc::pthread_t>,
+    /// `&kvm_run.immediate_exit`, while the vCPU thread is inside `run`.
+    immediate_exit: Option<ImmediateExit>,
+}
+
+/// A pointer to a vCPU's `kvm_run.immediate_exit`, written by kicking threads.
+#[derive(Clone, Copy)]
+struct ImmediateExit(*const AtomicU8);
+// SAFETY: the pointer targets the vCPU's kvm_run mapping, which lives as long as the `Vcpu`.
+// It is published in `Control` only while the owning thread is inside `run` (which borrows
+// the `Vcpu`), is withdrawn under the same lock before `run` returns, and is only used for
+// atomic byte stores.
+unsafe impl Send for ImmediateExit {}
+
+struct Shared {
+    control: Mutex<Control>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A handle to pause, resume or stop a vCPU from another thread. Cheap to clone.
+#[derive(Clone)]
+pub struct VcpuHandle {
+    id: u8,
+    shared: Arc<Shared>,
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
+}
+
+fn install_kick_handler() -> Result<()> {
+    static INSTALLED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno()))
+        .map_err(|errno| Error::Signal(vmm_sys_util::errno::Error::new(errno)))
+}
+
+impl VcpuHandle {
+    /// The vCPU's index (APIC ID).
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// What the vCPU thread is doing now.
+    pub fn state(&self) -> VcpuState {
+        self.shared.lock().state
+    }
+
+    fn kick(c: &Control) {
+        if let Some(ImmediateExit(p)) = c.immediate_exit {
+            // SAFETY: see `ImmediateExit`: the mapping is live while the pointer is published
+            // and we hold the lock that guards its withdrawal.
+            unsafe { (*p).store(1, Ordering::SeqCst) };
+        }
+        if let Some(t) = c.thread {
+            // SAFETY: `t` is the live vCPU thread (withdrawn under this lock before it exits).
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Asks the vCPU to pause and waits until it has (or has exited).
+    pub fn pause(&self) {
+        let mut c = self.shared.lock();
+        if c.request == Request::Stop {
+            return;
+        }
+        c.request = Request::Pause;
+        Self::kick(&c);
+        while c.state == VcpuState::Running {
+            c = self
+                .shared
+                .changed
+                .wait(c)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        let mut c = self.shared.lock();
+        if c.request == Request::Pause {
+            c.request = Request::Run;
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// Asks the vCPU to stop: [`Vcpu::run`] returns [`VcpuExitReason::Stopped`] as soon as
+    /// the current exit (if any) is handled. Returns at once; join the thread to wait.
+    pub fn stop(&self) {
+        let mut c = self.shared.lock();
+        c.request = Request::Stop;
+        Self::kick(&c);
+        self.shared.changed.notify_all();
+    }
+}
+
+/// A KVM vCPU.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("id", &self.id).finish()
+    }
+}
+
+impl Vcpu {
+    pub(crate) fn new(fd: VcpuFd, id: u8) -> Self {
+        Vcpu {
+            id,
+            fd,
+            shared: Arc::new(Shared {
+                control: Mutex::new(Control {
+                    request: Request::Run,
+                    state: VcpuState::Idle,
+                    thread: None,
+                    immediate_exit: None,
+                }),
+                changed: Condvar::new(),
+            }),
+        }
+    }
+
+    /// The vCPU index, which is also its APIC ID.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The raw vCPU file descriptor, for operations this wrapper does not cover.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// A handle for controlling this vCPU from other threads.
+    pub fn handle(&self) -> VcpuHandle {
+        VcpuHandle {
+            id: self.id,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    fn ioctl(&self, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        let vcpu = self.id;
+        move |source| Error::Ioctl { vcpu, op, source }
+    }
+
+    /// Applies the x86 configuration every vCPU needs: normalised CPUID for a VM of
+    /// `vcpu_count` vCPUs, the boot MSRs, a reset FPU, and (with an in-kernel irqchip) LINT0
+    /// as ExtINT and LINT1 as NMI.
+    pub fn configure(&self, vm: &Vm, vcpu_count: u8, irqchip: bool) -> Result<()> {
+        let mut cpuid = vm
+            .kvm()
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::normalize(
+            cpuid.as_mut_slice(),
+            Topology {
+                apic_id: self.id,
+                vcpu_count,
+            },
+        );
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.ioctl("KVM_SET_CPUID2"))?;
+        self.set_msrs(&msr::boot_msrs())?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(self.ioctl("KVM_SET_FPU"))?;
+        if irqchip {
+            self.setup_lints()?;
+        }
+        Ok(())
+    }
+
+    /// Writes MSRs; fails naming the first one KVM refuses.
+    pub fn set_msrs(&self, values: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<_> = values
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrRejected {
+            vcpu: self.id,
+            msr: values
+                .get(kvm_bindings::KVM_MAX_MSR_ENTRIES)
+                .map_or(0, |m| m.0),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.ioctl("KVM_SET_MSRS"))?;
+        match values.get(set) {
+            Some(&(msr, _)) => Err(Error::MsrRejected { vcpu: self.id, msr }),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads MSRs by index.
+    pub fn get_msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>> {
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrRejected {
+            vcpu: self.id,
+            msr: 0,
+        })?;
+        let got = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(self.ioctl("KVM_GET_MSRS"))?;
+        Ok(msrs.as_slice()[..got]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect())
+    }
+
+    fn setup_lints(&self) -> Result<()> {
+        const LVT_LINT0: usize = 0x350;
+        const LVT_LINT1: usize = 0x360;
+        const DELIVERY_MODE_MASK: u32 = 0x700;
+        const EXTINT: u32 = 0x700;
+        const NMI: u32 = 0x400;
+        let mut lapic = self.fd.get_lapic().map_err(self.ioctl("KVM_GET_LAPIC"))?;
+        for (off, mode) in [(LVT_LINT0, EXTINT), (LVT_LINT1, NMI)] {
+            let reg = &mut lapic.regs[off..off + 4];
+            let bytes: [u8; 4] = std::array::from_fn(|i| reg[i] as u8);
+            let v = (u32::from_le_bytes(bytes) & !DELIVERY_MODE_MASK) | mode;
+            for (dst, b) in reg.iter_mut().zip(v.to_le_bytes()) {
+                *dst = b as libc::c_char;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.ioctl("KVM_SET_LAPIC"))
+    }
+
+    /// General-purpose registers.
+    pub fn regs(&self) -> Result<kvm_regs> {
+        self.fd.get_regs().map_err(self.ioctl("KVM_GET_REGS"))
+    }
+
+    /// Sets general-purpose registers.
+    pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
+        self.fd.set_regs(regs).map_err(self.ioctl("KVM_SET_REGS"))
+    }
+
+    /// Special registers.
+    pub fn sregs(&self) -> Result<kvm_sregs> {
+        self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))
+    }
+
+    /// Sets special registers.
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
+        self.fd
+            .set_sregs(sregs)
+            .map_err(self.ioctl("KVM_SET_SREGS"))
+    }
+
+    /// Starts in real mode at linear address `entry` (below 1 MiB).
+    pub fn setup_real_mode(&self, entry: u64) -> Result<()> {
+        let mut sregs = self.sregs()?;
+        let mut regs = kvm_regs::default();
+        boot::real_mode(&mut sregs, &mut regs, entry);
+        self.set_sregs(&sregs)?;
+        self.set_regs(&regs)
+    }
+
+    /// Starts in 64-bit mode as the Linux 64-bit boot protocol requires (or at CPL3 for
+    /// test guests): writes the GDT, TSS, IDT and identity page tables at `tables`, then
+    /// sets RIP, RSP and RSI (the boot_params address for Linux). `kernel_stack` becomes
+    /// the TSS's RSP0, used when an interrupt arrives at CPL3.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setup_long_mode(
+        &self,
+        mem: &GuestMemoryMmap,
+        tables: &BootTables,
+        cpl: Cpl,
+        entry: u64,
+        stack: u64,
+        kernel_stack: u64,
+        rsi: u64,
+    ) -> Result<()> {
+        tables
+            .write_descriptor_tables(mem, kernel_stack)
+            .map_err(Error::GuestMemory)?;
+        tables
+            .write_identity_page_tables(mem, cpl == Cpl::User)
+            .map_err(Error::GuestMemory)?;
+        let mut sregs = self.sregs()?;
+        let mut regs = kvm_regs::default();
+        boot::long_mode(&mut sregs, &mut regs, tables, cpl, entry, stack, rsi);
+        self.set_sregs(&sregs)?;
+        self.set_regs(&regs)
+    }
+
+    /// Starts at a PVH 32-bit entry point with EBX = `start_info`.
+    pub fn setup_pvh(
+        &self,
+        mem: &GuestMemoryMmap,
+        tables: &BootTables,
+        entry: u64,
+        start_info: u64,
+    ) -> Result<()> {
+        tables
+            .write_descriptor_tables(mem, 0)
+            .map_err(Error::GuestMemory)?;
+        let mut sregs = self.sregs()?;
+        let mut regs = kvm_regs::default();
+        boot::pvh(&mut sregs, &mut regs, tables, entry, start_info);
+        self.set_sregs(&sregs)?;
+        self.set_regs(&regs)
+    }
+
+    /// Parks an application processor until the guest sends it INIT-SIPI-SIPI.
+    pub fn set_wait_for_sipi(&self) -> Result<()> {
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_UNINITIALIZED,
+            })
+            .map_err(self.ioctl("KVM_SET_MP_STATE"))
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX)
+    }
+
+    fn immediate_exit_ptr(&mut self) -> *const AtomicU8 {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `run` points at this vCPU's live kvm_run mapping; we only take the address
+        // of one u8 field. AtomicU8 has the same layout as u8.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).cast::<AtomicU8>() }
+    }
+
+    /// Runs the guest until it halts (with no irqchip), shuts down, resets, or another
+    /// thread stops it. PIO and MMIO exits go to `buses`; an access no device claims reads
+    /// as all ones and writes are dropped (as on real hardware). Pausing parks the thread
+    /// inside this call.
+    pub fn run(&mut self, buses: &Buses) -> Result<VcpuExitReason> {
+        install_kick_handler()?;
+        let ie = self.immediate_exit_ptr();
+        {
+            let mut c = self.shared.lock();
+            // SAFETY: pthread_self has no preconditions.
+            c.thread = Some(unsafe { libc::pthread_self() });
+            c.immediate_exit = Some(ImmediateExit(ie));
+        }
+        let result = self.run_loop(buses, ie);
+        let mut c = self.shared.lock();
+        c.thread = None;
+        c.immediate_exit = None;
+        c.state = VcpuState::Exited;
+        self.shared.changed.notify_all();
+        result
+    }
+
+    /// Honours pause and stop requests. Returns false when the vCPU must stop.
+    fn check_control(&self) -> bool {
+        let mut c = self.shared.lock();
+        loop {
+            match c.request {
+                Request::Run => {
+                    c.state = VcpuState::Running;
+                    return true;
+                }
+                Request::Stop => return false,
+                Request::Pause => {
+                    if c.state != VcpuState::Paused {
+                        c.state = VcpuState::Paused;
+                        self.shared.changed.notify_all();
+                    }
+                    c = self
+                        .shared
+                        .changed
+                        .wait(c)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+    }
+
+    fn run_loop(&mut self, buses: &Buses, ie: *const AtomicU8) -> Result<VcpuExitReason> {
+        let id = self.id;
+        loop {
+            if !self.check_control() {
+                return Ok(VcpuExitReason::Stopped);
+            }
+            let reason = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if buses.pio.read(u64::from(port), data).is_err() {
+                        log::debug!("vCPU {id}: unclaimed in from port {port:#x}");
+                        data.fill(0xff);
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if buses.pio.write(u64::from(port), data).is_err() {
+                        log::debug!("vCPU {id}: unclaimed out to port {port:#x}");
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if buses.mmio.read(addr, data).is_err() {
+                        log::debug!("vCPU {id}: unclaimed MMIO read at {addr:#x}");
+                        data.fill(0xff);
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if buses.mmio.write(addr, data).is_err() {
+                        log::debug!("vCPU {id}: unclaimed MMIO write at {addr:#x}");
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::Hlt) => return Ok(VcpuExitReason::Halted),
+                Ok(VcpuExit::Shutdown) => return Ok(VcpuExitReason::TripleFault),
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => return Ok(VcpuExitReason::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => return Ok(VcpuExitReason::Reset),
+                    KVM_SYSTEM_EVENT_CRASH => return Ok(VcpuExitReason::Crash),
+                    other => format!("SystemEvent({other})"),
+                },
+                Ok(VcpuExit::Intr) => continue,
+                Ok(VcpuExit::InternalError) => {
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
+                    // exit union is the one KVM filled.
+                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                    return Err(Error::Internal {
+                        vcpu: id,
+                        suberror,
+                        rip: self.rip(),
+                    });
+                }
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    return Err(Error::FailEntry {
+                        vcpu: id,
+                        reason,
+                        rip: self.rip(),
+                    })
+                }
+                Ok(other) => format!("{other:?}"),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked: clear the request flag and look at what was asked.
+                    // SAFETY: `ie` points into our own live kvm_run mapping.
+                    unsafe { (*ie).store(0, Ordering::SeqCst) };
+                    continue;
+                }
+                Err(source) => {
+                    return Err(Error::Ioctl {
+                        vcpu: id,
+                        op: "KVM_RUN",
+                        source,
+                    })
+                }
+            };
+            return Err(Error::UnexpectedExit {
+                vcpu: id,
+                reason,
+                rip: self.rip(),
+            });
+        }
+    }
+
+    /// Moves the vCPU to its own thread, named `keel-vcpu<N>`, running [`Vcpu::run`].
+    pub fn spawn(mut self, buses: Buses) -> Result<VcpuThread> {
+        install_kick_handler()?;
+        let handle = self.handle();
+        let join = std::thread::Builder::new()
+            .name(format!("keel-vcpu{}", self.id))
+            .spawn(move || self.run(&buses))
+            .map_err(Error::Spawn)?;
+        Ok(VcpuThread { handle, join })
+    }
+}
+
+/// A vCPU running on its own thread.
+pub struct VcpuThread {
+    /// Controls the vCPU.
+    pub handle: VcpuHandle,
+    /// The thread; its result is what [`Vcpu::run`] returned.
+    pub join: JoinHandle<Result<VcpuExitReason>>,
+}
+
+impl VcpuThread {
+    /// Waits for the vCPU to exit. A panic on the vCPU thread is propagated.
+    pub fn wait(self) -> Result<VcpuExitReason> {
+        match self.join.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The VM: capabilities, memory slots, irqchip, irqfd/ioeventfd, GSI routes.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use keel_bus::interrupt::MsiMessage;
+use keel_memory::{x86, GuestMemoryMmap, MemoryLayout, MemoryOptions, RegionKind};
+
+use crate::vcpu::Vcpu;
+
+/// Errors from VM operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM's API version is not the stable one (12).
+    #[error("KVM API version {0} is not supported (expected 12)")]
+    ApiVersion(i32),
+    /// The host KVM lacks capabilities Keel needs.
+    #[error("KVM lacks required capabilities: {}", .0.join(", "))]
+    MissingCapabilities(Vec<&'static str>),
+    /// A KVM ioctl failed.
+    #[error("{op} failed")]
+    Ioctl {
+        /// What was being done.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Memory must be registered before the irqchip is created (it is 6 ms faster, and
+    /// keel keeps one order so that cold start is predictable).
+    #[error("guest memory must be registered before the irqchip is created")]
+    MemoryAfterIrqchip,
+    /// A memory slot index is unknown.
+    #[error("no memory slot {0}")]
+    NoSuchSlot(u32),
+    /// A GSI is outside the routing table or already used.
+    #[error("GSI {0} is invalid or already routed")]
+    BadGsi(u32),
+    /// The layout has no range for KVM's identity map and TSS.
+    #[error("the memory layout has no KVM-private range for the TSS and identity map")]
+    NoKvmPrivateRegion,
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Result alias for VM operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Ioctl { op, source }
+}
+
+/// The capabilities [`Vm::new`] checks for, with the names used in its error.
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+    (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// One registered memory slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemorySlot {
+    /// KVM slot number.
+    pub slot: u32,
+    /// First guest physical address.
+    pub guest_addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether KVM logs dirty pages for it.
+    pub dirty_log: bool,
+}
+
+/// Where an ioeventfd listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEventAddr {
+    /// An I/O port.
+    Pio(u64),
+    /// A guest physical address.
+    Mmio(u64),
+}
+
+/// Which writes an ioeventfd matches: any write, or writes of one value of one width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataMatch {
+    /// Any value, any width.
+    Any,
+    /// A 1-byte write of this value.
+    U8(u8),
+    /// A 2-byte write of this value.
+    U16(u16),
+    /// A 4-byte write of this value.
+    U32(u32),
+    /// An 8-byte write of this value.
+    U64(u64),
+}
+
+#[derive(Default)]
+struct State {
+    irqchip: bool,
+    slots: Vec<MemorySlot>,
+    /// MSI routes by GSI; IOAPIC/PIC routes are fixed and added on every commit.
+    msi_routes: BTreeMap<u32, MsiMessage>,
+}
+
+/// A KVM virtual machine.
+///
+/// Shared between threads as `Arc<Vm>`; every method takes `&self`.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Opens `/dev/kvm`, checks every capability in [`REQUIRED_CAPS`] (the error names each
+    /// missing one) and creates a VM.
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        let api = kvm.get_api_version();
+        if api != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(Error::ApiVersion(api));
+        }
+        let missing: Vec<&'static str> = REQUIRED_CAPS
+            .iter()
+            .filter(|(cap, _)| !kvm.check_extension(*cap))
+            .map(|&(_, name)| name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::MissingCapabilities(missing));
+        }
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        Ok(Vm {
+            kvm,
+            fd,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The system-level KVM handle (supported CPUID, MSR lists, ...).
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The raw VM file descriptor, for operations this wrapper does not cover.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Registers every region of `mem` as a memory slot. Call it before
+    /// [`Vm::setup_irqchip`]: registering memory after the irqchip costs about 6 ms.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, opts: &MemoryOptions) -> Result<()> {
+        let mut st = self.state();
+        if st.irqchip {
+            return Err(Error::MemoryAfterIrqchip);
+        }
+        for region in mem.iter() {
+            let slot = st.slots.len() as u32;
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .expect("offset 0 lies in every region");
+            let flags = if opts.dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            };
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range is a live mapping owned by `mem`. The caller keeps the
+            // guest memory alive for as long as the VM exists (Keel VMMs hold both together);
+            // KVM only accesses it while vCPUs run.
+            unsafe { self.fd.set_user_memory_region(desc) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+            st.slots.push(MemorySlot {
+                slot,
+                guest_addr: desc.guest_phys_addr,
+                size: desc.memory_size,
+                dirty_log: opts.dirty_log,
+            });
+        }
+        Ok(())
+    }
+
+    /// The registered memory slots.
+    pub fn memory_slots(&self) -> Vec<MemorySlot> {
+        self.state().slots.clone()
+    }
+
+    /// Sets the TSS and identity-map addresses from `layout`'s KVM-private range, creates
+    /// the in-kernel irqchip (PIC, IOAPIC, LAPICs) and the PIT, and installs the default
+    /// GSI routes.
+    pub fn setup_irqchip(&self, layout: &MemoryLayout) -> Result<()> {
+        let private = layout
+            .region(RegionKind::KvmPrivate)
+            .ok_or(Error::NoKvmPrivateRegion)?;
+        self.fd
+            .set_identity_map_address(private.base)
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        // The TSS takes the three pages after the identity-map page.
+        self.fd
+            .set_tss_address((private.base + 0x1000) as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        let mut st = self.state();
+        st.irqchip = true;
+        self.commit_routes(&st)
+    }
+
+    fn commit_routes(&self, st: &State) -> Result<()> {
+        let mut entries = Vec::with_capacity(40 + st.msi_routes.len());
+        let chip = |gsi: u32, irqchip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = irqchip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        // KVM's default routing: ISA IRQs 0-15 reach both PICs and the IOAPIC, 16-23 the
+        // IOAPIC only. Setting a table replaces the default, so it is rebuilt here.
+        for gsi in 0..x86::IOAPIC_PINS {
+            if gsi < 8 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            } else if gsi < 16 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            }
+            entries.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (&gsi, msg) in &st.msi_routes {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = msg.address as u32;
+            e.u.msi.address_hi = (msg.address >> 32) as u32;
+            e.u.msi.data = msg.data;
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::Ioctl {
+            op: "building the GSI routing table",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(ioctl("KVM_SET_GSI_ROUTING"))
+    }
+
+    /// Routes `gsi` (above the IOAPIC pins) to an MSI with `msg`.
+    pub fn add_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<()> {
+        let mut st = self.state();
+        if !(x86::IOAPIC_PINS..=x86::MAX_GSI).contains(&gsi) || st.msi_routes.contains_key(&gsi) {
+            return Err(Error::BadGsi(gsi));
+        }
+        st.msi_routes.insert(gsi, msg);
+        self.commit_routes(&st).inspect_err(|_| {
+            st.msi_routes.remove(&gsi);
+        })
+    }
+
+    /// Changes the message of an existing MSI route.
+    pub fn update_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<()> {
+        let mut st = self.state();
+        let old = *st.msi_routes.get(&gsi).ok_or(Error::BadGsi(gsi))?;
+        if old == msg {
+            return Ok(());
+        }
+        st.msi_routes.insert(gsi, msg);
+        self.commit_routes(&st).inspect_err(|_| {
+            st.msi_routes.insert(gsi, old);
+        })
+    }
+
+    /// Removes an MSI route.
+    pub fn remove_msi_route(&self, gsi: u32) -> Result<()> {
+        let mut st = self.state();
+        let old = st.msi_routes.remove(&gsi).ok_or(Error::BadGsi(gsi))?;
+        self.commit_routes(&st).inspect_err(|_| {
+            st.msi_routes.insert(gsi, old);
+        })
+    }
+
+    /// Injects one MSI directly (`KVM_SIGNAL_MSI`), with no route.
+    pub fn signal_msi(&self, msg: MsiMessage) -> Result<()> {
+        let msi = kvm_msi {
+            address_lo: msg.address as u32,
+            address_hi: (msg.address >> 32) as u32,
+            data: msg.data,
+            ..Default::default()
+        };
+        self.fd
+            .signal_msi(msi)
+            .map(drop)
+            .map_err(ioctl("KVM_SIGNAL_MSI"))
+    }
+
+    /// Sets the level of an IOAPIC/PIC input (`KVM_IRQ_LINE`).
+    pub fn set_irq_line(&self, gsi: u32, high: bool) -> Result<()> {
+        self.fd
+            .set_irq_line(gsi, high)
+            .map_err(ioctl("KVM_IRQ_LINE"))
+    }
+
+    /// Makes a write to `evt` raise `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
+        self.fd.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD"))
+    }
+
+    /// Undoes [`Vm::register_irqfd`].
+    pub fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(evt, gsi)
+            .map_err(ioctl("KVM_IRQFD (deassign)"))
+    }
+
+    /// Makes guest writes matching `addr` and `data` signal `evt` inside KVM, with no exit to
+    /// userspace.
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: IoEventAddr,
+        data: DataMatch,
+    ) -> Result<()> {
+        self.ioevent(evt, addr, data, true)
+            .map_err(ioctl("KVM_IOEVENTFD"))
+    }
+
+    /// Undoes [`Vm::register_ioevent`]; `addr` and `data` must match the registration.
+    pub fn unregister_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: IoEventAddr,
+        data: DataMatch,
+    ) -> Result<()> {
+        self.ioevent(evt, addr, data, false)
+            .map_err(ioctl("KVM_IOEVENTFD (deassign)"))
+    }
+
+    fn ioevent(
+        &self,
+        evt: &EventFd,
+        addr: IoEventAddr,
+        data: DataMatch,
+        assign: bool,
+    ) -> std::result::Result<(), kvm_ioctls::Error> {
+        fn go<T: Into<u64>>(
+            fd: &VmFd,
+            evt: &EventFd,
+            a: &IoEventAddress,
+            v: T,
+            assign: bool,
+        ) -> std::result::Result<(), kvm_ioctls::Error> {
+            if assign {
+                fd.register_ioevent(evt, a, v)
+            } else {
+                fd.unregister_ioevent(evt, a, v)
+            }
+        }
+        let a = match addr {
+            IoEventAddr::Pio(p) => IoEventAddress::Pio(p),
+            IoEventAddr::Mmio(m) => IoEventAddress::Mmio(m),
+        };
+        match data {
+            DataMatch::Any => go(&self.fd, evt, &a, NoDatamatch, assign),
+            DataMatch::U8(v) => go(&self.fd, evt, &a, v, assign),
+            DataMatch::U16(v) => go(&self.fd, evt, &a, v, assign),
+            DataMatch::U32(v) => go(&self.fd, evt, &a, v, assign),
+            DataMatch::U64(v) => go(&self.fd, evt, &a, v, assign),
+        }
+    }
+
+    /// Reads and clears the dirty bitmap of `slot` (registered with dirty logging): one bit
+    /// per 4 KiB page, bit `n` of word `w` for page `w * 64 + n`.
+    pub fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
+        let s = self
+            .state()
+            .slots
+            .iter()
+            .copied()
+            .find(|s| s.slot == slot)
+            .ok_or(Error::NoSuchSlot(slot))?;
+        self.fd
+            .get_dirty_log(slot, s.size as usize)
+            .map_err(ioctl("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// The guest physical addresses of every page dirtied since the last call, over all
+    /// slots registered with dirty logging.
+    pub fn dirty_pages(&self) -> Result<Vec<GuestAddress>> {
+        let mut pages = Vec::new();
+        for s in self.memory_slots().into_iter().filter(|s| s.dirty_log) {
+            for (w, word) in self.dirty_log(s.slot)?.into_iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let n = bits.trailing_zeros() as u64;
+                    pages.push(GuestAddress(s.guest_addr + (w as u64 * 64 + n) * 4096));
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Creates vCPU `id` (its APIC ID). Configure it with the `Vcpu` set-up methods.
+    pub fn create_vcpu(&self, id: u8) -> Result<Vcpu> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        Ok(Vcpu::new(fd, id))
+    }
+
+    /// A new eventfd suitable for irqfd and ioeventfd use (non-blocking).
+    pub fn new_eventfd() -> Result<EventFd> {
+        EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)
+    }
+}
