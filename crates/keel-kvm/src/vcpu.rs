@@ -6,8 +6,8 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -473,6 +473,16 @@ impl Vcpu {
         boot::pvh(&mut sregs, &mut regs, tables, entry, start_info);
         self.set_sregs(&sregs)?;
         self.set_regs(&regs)
+    }
+
+    /// Makes the vCPU runnable at once. With an in-kernel irqchip KVM parks every vCPU but
+    /// the first until INIT-SIPI-SIPI; call this to start one directly at the state set up.
+    pub fn set_runnable(&self) -> Result<()> {
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(self.ioctl("KVM_SET_MP_STATE"))
     }
 
     /// Parks an application processor until the guest sends it INIT-SIPI-SIPI.

@@ -7,8 +7,13 @@
 //! | range | content |
 //! |---|---|
 //! | `gdt` (default 0x500) .. +0x40 | GDT: see the `SEL_*` selectors |
-//! | `gdt + 0x80` .. +0x68 | a 64-bit TSS (RSP0 for interrupts taken at CPL3) |
 //! | `idt` (default 0x1000) .. +0x1000 | IDT, 256 zeroed gates, for the guest to fill |
+//! | `tss` (default 0x2000) .. +0x2069 | 64-bit TSS (RSP0) and an I/O bitmap allowing every port |
+//!
+//! Why an I/O bitmap: user-mode test guests use `in`/`out`. Setting RFLAGS.IOPL=3 is the
+//! textbook way, but on software nested hypervisors such as PVM, native CPL3 code runs with
+//! IOPL forced to 0 (and IF forced to 1); the port access then traps and KVM's emulator
+//! checks the TSS I/O bitmap, which this TSS fills with zeros (every port allowed).
 //! | `pml4` (default 0x9000) .. +0x6000 | PML4, PDPT and 4 page directories mapping 0-4 GiB |
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -31,8 +36,10 @@ pub const SEL_USER_DATA: u16 = 0x30;
 pub const SEL_USER_CODE64: u16 = 0x38;
 
 const GDT_LEN: u64 = 0x40;
-const TSS_OFFSET: u64 = 0x80;
+/// The TSS proper; the I/O bitmap follows it.
 const TSS_LEN: u64 = 0x68;
+/// 65536 ports, one bit each, plus the all-ones terminator byte the CPU requires.
+const IO_BITMAP_LEN: u64 = 0x2000 + 1;
 
 /// CR0: protection enable.
 pub const CR0_PE: u64 = 1;
@@ -64,8 +71,10 @@ pub const RFLAGS_IOPL3: u64 = 3 << 12;
 /// Where the boot tables go in guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BootTables {
-    /// GDT base; the TSS follows at +0x80.
+    /// GDT base.
     pub gdt: u64,
+    /// TSS base, followed by its I/O bitmap (0x2069 bytes in all).
+    pub tss: u64,
     /// IDT base (one page).
     pub idt: u64,
     /// PML4 base; PDPT and page directories follow (6 pages in all).
@@ -76,6 +85,7 @@ impl Default for BootTables {
     fn default() -> Self {
         BootTables {
             gdt: 0x500,
+            tss: 0x2000,
             idt: 0x1000,
             pml4: 0x9000,
         }
@@ -83,27 +93,23 @@ impl Default for BootTables {
 }
 
 impl BootTables {
-    /// The 64-bit TSS's address.
-    pub fn tss(&self) -> u64 {
-        self.gdt + TSS_OFFSET
-    }
-
     fn gdt_entries(&self) -> [u64; 8] {
-        let tss = self.tss();
+        let tss = self.tss;
         // A long-mode TSS descriptor is 16 bytes: the usual 8, then base bits 32-63.
         [
             0,
             gdt_entry(0xc09b, 0, 0xfffff), // 0x08 code32
             gdt_entry(0xa09b, 0, 0xfffff), // 0x10 code64
             gdt_entry(0xc093, 0, 0xfffff), // 0x18 data
-            gdt_entry(0x008b, tss as u32, (TSS_LEN - 1) as u32), // 0x20 TSS (busy)
+            gdt_entry(0x008b, tss as u32, (TSS_LEN + IO_BITMAP_LEN - 1) as u32), // 0x20 TSS
             tss >> 32,                     // 0x28 TSS high
             gdt_entry(0xc0f3, 0, 0xfffff), // 0x30 user data
             gdt_entry(0xa0fb, 0, 0xfffff), // 0x38 user code64
         ]
     }
 
-    /// Writes the GDT, a TSS whose RSP0 is `kernel_stack`, and a zeroed IDT.
+    /// Writes the GDT, a TSS whose RSP0 is `kernel_stack` with an I/O bitmap allowing every
+    /// port, and a zeroed IDT.
     pub fn write_descriptor_tables(
         &self,
         mem: &GuestMemoryMmap,
@@ -112,10 +118,11 @@ impl BootTables {
         for (i, e) in self.gdt_entries().iter().enumerate() {
             mem.write_obj(*e, GuestAddress(self.gdt + 8 * i as u64))?;
         }
-        let mut tss = [0u8; TSS_LEN as usize];
+        let mut tss = vec![0u8; (TSS_LEN + IO_BITMAP_LEN) as usize];
         tss[4..12].copy_from_slice(&kernel_stack.to_le_bytes()); // RSP0
-        tss[0x66..0x68].copy_from_slice(&(TSS_LEN as u16).to_le_bytes()); // no I/O bitmap
-        mem.write_slice(&tss, GuestAddress(self.tss()))?;
+        tss[0x66..0x68].copy_from_slice(&(TSS_LEN as u16).to_le_bytes()); // I/O bitmap base
+        *tss.last_mut().expect("non-empty") = 0xff; // bitmap terminator
+        mem.write_slice(&tss, GuestAddress(self.tss))?;
         mem.write_slice(&[0u8; 4096], GuestAddress(self.idt))
     }
 
@@ -184,8 +191,9 @@ pub fn real_mode(sregs: &mut kvm_sregs, regs: &mut kvm_regs, entry: u64) {
 pub enum Cpl {
     /// Kernel mode (CPL0), as the Linux boot protocol requires.
     Kernel,
-    /// User mode (CPL3) with IOPL 3, so that `in`/`out` work. Needs page tables written with
-    /// `user = true`. Interrupts switch to RSP0 from the TSS.
+    /// User mode (CPL3) with IOPL 3 and every port open in the TSS I/O bitmap, so that
+    /// `in`/`out` work. Needs page tables written with `user = true`. Interrupts switch to
+    /// RSP0 from the TSS.
     User,
 }
 
@@ -309,7 +317,8 @@ mod tests {
         assert_eq!((sregs.cs.dpl, sregs.cs.l), (3, 1));
         assert_eq!((sregs.ss.selector, sregs.ss.dpl), (0x33, 3));
         assert_eq!(regs.rflags & RFLAGS_IOPL3, RFLAGS_IOPL3);
-        assert_eq!(sregs.tr.base, t.tss());
+        assert_eq!(sregs.tr.base, t.tss);
+        assert_eq!(sregs.tr.limit, 0x68 + 0x2000);
         assert_eq!(sregs.efer, EFER_LME | EFER_LMA);
     }
 

@@ -1,0 +1,355 @@
+//! Real guest code reaching bus devices through PIO and MMIO exits, ioeventfds that signal
+//! without an exit, and vCPUs paused and stopped from another thread.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_bus::{BusRange, PioDevice};
+use keel_kvm::x86::boot::{BootTables, Cpl};
+use keel_kvm::{Buses, DataMatch, IoEventAddr, VcpuExitReason, VcpuHandle, VcpuState, Vm};
+use support::{assemble, load, vm_with_memory, Access, Recorder};
+use vm_memory::{Bytes, GuestAddress};
+
+const PLATFORM: u64 = 0xf000_0000;
+
+fn buses_with_recorders(pio_read: u64, mmio_read: u64) -> (Buses, Arc<Recorder>, Arc<Recorder>) {
+    let buses = Buses::default();
+    let (pio, _) = Recorder::new(pio_read);
+    let (mmio, _) = Recorder::new(mmio_read);
+    buses
+        .pio
+        .insert(BusRange::new(0x10, 0x10).unwrap(), pio.clone())
+        .unwrap();
+    buses
+        .mmio
+        .insert(BusRange::new(PLATFORM, 0x100).unwrap(), mmio.clone())
+        .unwrap();
+    (buses, pio, mmio)
+}
+
+fn w(offset: u64, data: &[u8]) -> Access {
+    Access::Write {
+        offset,
+        data: data.to_vec(),
+    }
+}
+
+fn r(offset: u64, len: usize) -> Access {
+    Access::Read { offset, len }
+}
+
+#[test]
+fn real_mode_pio_and_mmio_reach_devices() {
+    require_kvm!();
+    let (vm, mem, _) = vm_with_memory(4, false);
+    let code = assemble(
+        r#"
+        .code16
+        mov $0x42, %al
+        out %al, $0x10          # 1 byte at offset 0
+        mov $0x1234, %ax
+        out %ax, $0x12          # 2 bytes at offset 2
+        in $0x14, %eax          # 4-byte read at offset 4
+        out %eax, $0x18         # echo it at offset 8
+        movb $0x5a, %ds:0x20    # MMIO through DS (base set by the host)
+        movl %ds:0x24, %ebx
+        movl %ebx, %ds:0x28
+        hlt
+        "#,
+        0x1000,
+    );
+    load(&mem, 0x1000, &code);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.setup_real_mode(0x1000).unwrap();
+    // Real mode reaches 1 MiB only; a DS base in the platform window lets 16-bit code make
+    // MMIO accesses too.
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.ds.base = PLATFORM;
+    vcpu.set_sregs(&sregs).unwrap();
+
+    let (buses, pio, mmio) = buses_with_recorders(0x1122_3344_5566_7788, 0xcafe_f00d);
+    assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Halted);
+    assert_eq!(
+        pio.accesses(),
+        vec![
+            w(0, &[0x42]),
+            w(2, &[0x34, 0x12]),
+            r(4, 4),
+            w(8, &[0x88, 0x77, 0x66, 0x55]),
+        ]
+    );
+    assert_eq!(
+        mmio.accesses(),
+        vec![
+            w(0x20, &[0x5a]),
+            r(0x24, 4),
+            w(0x28, &[0x0d, 0xf0, 0xfe, 0xca])
+        ]
+    );
+}
+
+/// Stops the vCPU when the guest writes to it: how a CPL3 guest (which cannot `hlt`) ends.
+struct StopPort(VcpuHandle);
+impl PioDevice for StopPort {
+    fn pio_read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0)
+    }
+    fn pio_write(&self, _: u64, _: &[u8]) {
+        self.0.stop()
+    }
+}
+
+const LONG_MODE_GUEST: &str = r#"
+    .code64
+    mov $0xf0000000, %ebx
+    movl $0xdeadbeef, 8(%rbx)   # 4-byte MMIO write at offset 8
+    movq 0x10(%rbx), %rax       # 8-byte MMIO read at offset 0x10
+    movq %rax, 0x18(%rbx)       # echoed at offset 0x18
+    out %eax, $0x10             # 4-byte port write at offset 0
+    movw $0xabcd, %ax
+    out %ax, $0x1d              # 2-byte port write at offset 0xd, the range's last two
+    in $0x11, %al               # 1-byte port read at offset 1
+    out %al, $0x1f              # END
+    hlt
+"#;
+
+fn run_long_mode(cpl: Cpl) {
+    let (vm, mem, _) = vm_with_memory(4, false);
+    load(&mem, 0x10_0000, &assemble(LONG_MODE_GUEST, 0x10_0000));
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&vm, 1, false).unwrap();
+    vcpu.setup_long_mode(
+        &mem,
+        &BootTables::default(),
+        cpl,
+        0x10_0000,
+        0x8_0000,
+        0x7_0000,
+        0,
+    )
+    .unwrap();
+    let (buses, pio, mmio) = buses_with_recorders(0x77, 0x0102_0304_0506_0708);
+    // Offset 0xf of the recorder's range is claimed by a stop port instead.
+    buses.pio.remove(0x10).unwrap();
+    buses
+        .pio
+        .insert(BusRange::new(0x10, 0xf).unwrap(), pio.clone())
+        .unwrap();
+    buses
+        .pio
+        .insert(
+            BusRange::new(0x1f, 1).unwrap(),
+            Arc::new(StopPort(vcpu.handle())),
+        )
+        .unwrap();
+    // The guest ends by writing the stop port, at either privilege level.
+    assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Stopped);
+    assert_eq!(
+        mmio.accesses(),
+        vec![
+            w(8, &0xdead_beefu32.to_le_bytes()),
+            r(0x10, 8),
+            w(0x18, &0x0102_0304_0506_0708u64.to_le_bytes()),
+        ]
+    );
+    assert_eq!(
+        pio.accesses(),
+        vec![
+            w(0, &0x0506_0708u32.to_le_bytes()),
+            w(0xd, &[0xcd, 0xab]),
+            r(1, 1),
+        ]
+    );
+    assert_eq!(vcpu.handle().state(), VcpuState::Exited);
+}
+
+#[test]
+fn long_mode_kernel_pio_and_mmio_reach_devices() {
+    require_kvm!();
+    run_long_mode(Cpl::Kernel);
+}
+
+#[test]
+fn long_mode_user_pio_and_mmio_reach_devices() {
+    require_kvm!();
+    run_long_mode(Cpl::User);
+}
+
+#[test]
+fn unclaimed_accesses_read_all_ones() {
+    require_kvm!();
+    let (vm, mem, _) = vm_with_memory(4, false);
+    let code = assemble(
+        r#"
+        .code16
+        in $0x99, %al           # nobody at 0x99
+        out %al, $0x10
+        movw %ds:0x200, %ax     # nobody at PLATFORM + 0x200
+        out %ax, $0x10
+        hlt
+        "#,
+        0x1000,
+    );
+    load(&mem, 0x1000, &code);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.setup_real_mode(0x1000).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.ds.base = PLATFORM;
+    vcpu.set_sregs(&sregs).unwrap();
+    let (buses, pio, _) = buses_with_recorders(0, 0);
+    assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Halted);
+    assert_eq!(pio.accesses(), vec![w(0, &[0xff]), w(0, &[0xff, 0xff])]);
+}
+
+#[test]
+fn ioeventfd_signals_without_an_exit() {
+    require_kvm!();
+    let (vm, mem, _) = vm_with_memory(4, false);
+    let code = assemble(
+        r#"
+        .code16
+        mov $5, %cx
+    1:  mov $7, %al
+        out %al, $0x50                  # ioeventfd, any value
+        movl $0x1234abcd, %ds:0x40      # ioeventfd, matching value
+        loop 1b
+        movl $0x99, %ds:0x40            # same address, other value: exits
+        hlt
+        "#,
+        0x1000,
+    );
+    load(&mem, 0x1000, &code);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.setup_real_mode(0x1000).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.ds.base = PLATFORM;
+    vcpu.set_sregs(&sregs).unwrap();
+
+    let pio_evt = Vm::new_eventfd().unwrap();
+    let mmio_evt = Vm::new_eventfd().unwrap();
+    vm.register_ioevent(&pio_evt, IoEventAddr::Pio(0x50), DataMatch::Any)
+        .unwrap();
+    vm.register_ioevent(
+        &mmio_evt,
+        IoEventAddr::Mmio(PLATFORM + 0x40),
+        DataMatch::U32(0x1234_abcd),
+    )
+    .unwrap();
+    let buses = Buses::default();
+    let (port_dev, _) = Recorder::new(0);
+    let (mmio_dev, _) = Recorder::new(0);
+    buses
+        .pio
+        .insert(BusRange::new(0x50, 1).unwrap(), port_dev.clone())
+        .unwrap();
+    buses
+        .mmio
+        .insert(BusRange::new(PLATFORM, 0x100).unwrap(), mmio_dev.clone())
+        .unwrap();
+
+    assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Halted);
+    assert_eq!(pio_evt.read().unwrap(), 5);
+    assert_eq!(mmio_evt.read().unwrap(), 5);
+    // None of the matched writes reached userspace; the unmatched one did.
+    assert_eq!(port_dev.accesses(), vec![]);
+    assert_eq!(mmio_dev.accesses(), vec![w(0x40, &[0x99, 0, 0, 0])]);
+
+    // Once unregistered, writes exit to the device again.
+    vm.unregister_ioevent(&pio_evt, IoEventAddr::Pio(0x50), DataMatch::Any)
+        .unwrap();
+    vcpu.setup_real_mode(0x1000).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.ds.base = PLATFORM;
+    vcpu.set_sregs(&sregs).unwrap();
+    assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Halted);
+    assert_eq!(port_dev.accesses().len(), 5);
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn running_vcpu_paused_resumed_and_stopped_from_another_thread() {
+    require_kvm!();
+    let (vm, mem, _) = vm_with_memory(4, false);
+    // A CPL3 loop: it never exits by itself.
+    let code = assemble(
+        r#"
+        .code64
+    1:  incq 0x200000
+        jmp 1b
+        "#,
+        0x10_0000,
+    );
+    load(&mem, 0x10_0000, &code);
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&vm, 1, false).unwrap();
+    vcpu.setup_long_mode(
+        &mem,
+        &BootTables::default(),
+        Cpl::User,
+        0x10_0000,
+        0x8_0000,
+        0x7_0000,
+        0,
+    )
+    .unwrap();
+    let counter = || mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap();
+    let t = vcpu.spawn(Buses::default()).unwrap();
+    wait_until("the guest to run", || counter() > 0);
+
+    t.handle.pause();
+    assert_eq!(t.handle.state(), VcpuState::Paused);
+    let c1 = counter();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(counter(), c1, "a paused vCPU kept running");
+
+    t.handle.resume();
+    wait_until("the guest to run again", || counter() > c1);
+
+    t.handle.stop();
+    assert_eq!(t.wait().unwrap(), VcpuExitReason::Stopped);
+}
+
+#[test]
+fn stop_before_run_returns_at_once() {
+    require_kvm!();
+    let (vm, _mem, _) = vm_with_memory(4, false);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.handle().stop();
+    assert_eq!(
+        vcpu.run(&Buses::default()).unwrap(),
+        VcpuExitReason::Stopped
+    );
+}
+
+#[test]
+fn triple_fault_is_reported() {
+    require_kvm!();
+    let (vm, mem, _) = vm_with_memory(4, false);
+    // ud2 with an empty IDT: #UD, then #DF, then shutdown.
+    load(&mem, 0x10_0000, &[0x0f, 0x0b]);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&vm, 1, false).unwrap();
+    vcpu.setup_long_mode(
+        &mem,
+        &BootTables::default(),
+        Cpl::Kernel,
+        0x10_0000,
+        0x8_0000,
+        0x7_0000,
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        vcpu.run(&Buses::default()).unwrap(),
+        VcpuExitReason::TripleFault
+    );
+}

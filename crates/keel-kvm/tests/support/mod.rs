@@ -1,0 +1,159 @@
+//! Shared helpers for tests that run real guest code: KVM detection, an assembler front end
+//! (binutils), a recording bus device and VM set-up.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use keel_bus::{MmioDevice, PioDevice};
+use keel_kvm::Vm;
+use keel_memory::{GuestMemoryMmap, MemoryLayout, MemoryOptions, MIB};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Returns from the test, printing one clear line, when /dev/kvm is unavailable.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !keel_kvm::kvm_available() {
+            println!("skipped: /dev/kvm unavailable");
+            return;
+        }
+    };
+}
+
+/// Assembles `src` (GNU as, AT&T syntax) linked to run at `origin`; returns the flat binary.
+pub fn assemble(src: &str, origin: u64) -> Vec<u8> {
+    let dir = tempdir();
+    let s = dir.join("guest.S");
+    let o = dir.join("guest.o");
+    let bin = dir.join("guest.bin");
+    std::fs::write(&s, src).unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap_or_else(|e| {
+            panic!("cannot run {cmd:?}: {e} (install binutils: apt-get install -y binutils)")
+        });
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("as").arg("--64").arg("-o").arg(&o).arg(&s));
+    run(Command::new("ld")
+        .arg(format!("-Ttext={origin:#x}"))
+        .args(["--oformat", "binary", "-e", "0", "-o"])
+        .arg(&bin)
+        .arg(&o));
+    let code = std::fs::read(&bin).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    code
+}
+
+fn tempdir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "keel-kvm-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// One guest access seen by a [`Recorder`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A read of `len` bytes at `offset`.
+    Read { offset: u64, len: usize },
+    /// A write of `data` at `offset`.
+    Write { offset: u64, data: Vec<u8> },
+}
+
+/// A device that records every access, answers reads with `read_value`'s bytes, and sends
+/// each access on a channel so tests can wait for guest progress.
+pub struct Recorder {
+    pub log: Mutex<Vec<Access>>,
+    pub read_value: u64,
+    tx: Mutex<Sender<Access>>,
+}
+
+impl Recorder {
+    pub fn new(read_value: u64) -> (Arc<Self>, Receiver<Access>) {
+        let (tx, rx) = channel();
+        (
+            Arc::new(Recorder {
+                log: Mutex::new(Vec::new()),
+                read_value,
+                tx: Mutex::new(tx),
+            }),
+            rx,
+        )
+    }
+
+    fn record(&self, a: Access) {
+        self.log.lock().unwrap().push(a.clone());
+        let _ = self.tx.lock().unwrap().send(a);
+    }
+
+    pub fn accesses(&self) -> Vec<Access> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let bytes = self.read_value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes[i % 8];
+        }
+        self.record(Access::Read {
+            offset,
+            len: data.len(),
+        });
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.record(Access::Write {
+            offset,
+            data: data.to_vec(),
+        });
+    }
+}
+
+impl PioDevice for Recorder {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        self.read(offset, data)
+    }
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        self.write(offset, data)
+    }
+}
+
+impl MmioDevice for Recorder {
+    fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        self.read(offset, data)
+    }
+    fn mmio_write(&self, offset: u64, data: &[u8]) {
+        self.write(offset, data)
+    }
+}
+
+/// A VM with `mib` MiB of RAM registered (and, with `irqchip`, the irqchip created after
+/// the memory, as Keel recommends).
+pub fn vm_with_memory(mib: u64, irqchip: bool) -> (Arc<Vm>, GuestMemoryMmap, MemoryLayout) {
+    let layout = MemoryLayout::new(mib * MIB).unwrap();
+    let opts = MemoryOptions::default();
+    let mem = layout.create_guest_memory(&opts).unwrap();
+    let vm = Vm::new().unwrap();
+    vm.register_memory(&mem, &opts).unwrap();
+    if irqchip {
+        vm.setup_irqchip(&layout).unwrap();
+    }
+    (Arc::new(vm), mem, layout)
+}
+
+/// Writes `code` at `addr`.
+pub fn load(mem: &GuestMemoryMmap, addr: u64, code: &[u8]) {
+    mem.write_slice(code, GuestAddress(addr)).unwrap();
+}
