@@ -1,0 +1,532 @@
+//! Completion-based asynchronous I/O queues.
+//!
+//! A device queue submits [`AioRequest`]s, each tagged with a `user_data`
+//! value, and later collects [`Completion`]s carrying the same tag, the shape
+//! of io_uring and of virtio queues. Each device queue owns one [`AioQueue`];
+//! the backend behind it is shared (`Arc`) between queues.
+//!
+//! * [`SyncQueue`] runs each request inline on any [`BlockBackend`]; it is the
+//!   baseline every backend has.
+//! * [`UringQueue`] submits data transfers to io_uring. It drives any
+//!   [`UringTarget`]: a [`RawFile`] maps guest offsets one to one, a
+//!   [`Qcow2`] over a [`RawFile`] maps them through its L1/L2 tables
+//!   (allocating clusters synchronously under its metadata lock) and only the
+//!   data transfer is asynchronous.
+//!
+//! Requests whose buffer or offset do not meet an `O_DIRECT` file's
+//! alignment are served synchronously through the backend's bounce buffers.
+
+use std::collections::VecDeque;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::backend::{BlockBackend, WriteFlags};
+use crate::error::{Error, Result};
+use crate::qcow2::{ExtentKind, Qcow2};
+use crate::raw::RawFile;
+
+/// The operation of an [`AioRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AioOp {
+    /// Read `len` bytes at `offset` into `buf`.
+    Read,
+    /// Write `len` bytes from `buf` at `offset`.
+    Write,
+    /// Make completed writes durable (`buf`, `len`, `offset` ignored).
+    Flush,
+}
+
+/// One asynchronous request. The buffer is a raw pointer because it
+/// typically points into guest memory and must outlive the call.
+#[derive(Debug, Clone, Copy)]
+pub struct AioRequest {
+    /// What to do.
+    pub op: AioOp,
+    /// Byte offset on the device.
+    pub offset: u64,
+    /// Start of the data buffer.
+    pub buf: *mut u8,
+    /// Length of the data buffer.
+    pub len: usize,
+    /// Returned unchanged in the [`Completion`].
+    pub user_data: u64,
+}
+
+/// The outcome of one request.
+#[derive(Debug)]
+pub struct Completion {
+    /// The request's `user_data`.
+    pub user_data: u64,
+    /// Success, or why it failed.
+    pub result: Result<()>,
+}
+
+/// A submission/completion queue for one device queue.
+pub trait AioQueue {
+    /// Queues a request.
+    ///
+    /// # Safety
+    /// `req.buf` must be valid for `req.len` bytes (writable for reads) and
+    /// must be neither freed nor accessed by the caller until the completion
+    /// carrying `req.user_data` has been returned by [`AioQueue::wait`].
+    unsafe fn submit(&mut self, req: AioRequest) -> Result<()>;
+
+    /// Waits until at least `min` completions are available (or nothing is
+    /// in flight) and appends every available completion to `out`.
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()>;
+
+    /// Requests submitted and not yet returned as completions.
+    fn in_flight(&self) -> usize;
+}
+
+/// Runs each request synchronously on a shared backend.
+pub struct SyncQueue<B: BlockBackend> {
+    backend: Arc<B>,
+    done: VecDeque<Completion>,
+}
+
+impl<B: BlockBackend> SyncQueue<B> {
+    /// A queue over `backend`.
+    pub fn new(backend: Arc<B>) -> Self {
+        SyncQueue {
+            backend,
+            done: VecDeque::new(),
+        }
+    }
+}
+
+/// Executes a request synchronously.
+///
+/// # Safety
+/// Same contract as [`AioQueue::submit`].
+unsafe fn run_sync<B: BlockBackend + ?Sized>(b: &B, req: &AioRequest) -> Result<()> {
+    match req.op {
+        AioOp::Read => {
+            // SAFETY: the caller guarantees buf is valid and exclusive for len bytes.
+            let s = unsafe { std::slice::from_raw_parts_mut(req.buf, req.len) };
+            b.read_vectored_at(&mut [IoSliceMut::new(s)], req.offset)
+        }
+        AioOp::Write => {
+            // SAFETY: the caller guarantees buf is valid for len bytes.
+            let s = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
+            b.write_vectored_at(&[IoSlice::new(s)], req.offset, WriteFlags::NONE)
+        }
+        AioOp::Flush => b.flush(),
+    }
+}
+
+impl<B: BlockBackend> AioQueue for SyncQueue<B> {
+    unsafe fn submit(&mut self, req: AioRequest) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        let result = unsafe { run_sync(&*self.backend, &req) };
+        self.done.push_back(Completion {
+            user_data: req.user_data,
+            result,
+        });
+        Ok(())
+    }
+
+    fn wait(&mut self, _min: usize, out: &mut Vec<Completion>) -> Result<()> {
+        out.extend(self.done.drain(..));
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}
+
+/// A backend whose data lives in one file descriptor that io_uring can
+/// address directly.
+pub trait UringTarget: BlockBackend {
+    /// The descriptor data transfers go to.
+    fn data_fd(&self) -> RawFd;
+    /// Required alignment of offsets, lengths and buffers for `data_fd`.
+    fn data_alignment(&self) -> u64;
+    /// Maps a device range to host extents, allocating for writes.
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Vec<(u64, ExtentKind)>>;
+}
+
+impl UringTarget for RawFile {
+    fn data_fd(&self) -> RawFd {
+        self.fd()
+    }
+    fn data_alignment(&self) -> u64 {
+        self.limits().request_alignment as u64
+    }
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Vec<(u64, ExtentKind)>> {
+        if write && self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        crate::backend::check_range(offset, len, self.size())?;
+        Ok(vec![(len, ExtentKind::Data(offset))])
+    }
+}
+
+impl UringTarget for Qcow2<RawFile> {
+    fn data_fd(&self) -> RawFd {
+        self.file().fd()
+    }
+    fn data_alignment(&self) -> u64 {
+        self.file().limits().request_alignment as u64
+    }
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Vec<(u64, ExtentKind)>> {
+        let ext = if write {
+            self.map_write(offset, len)?
+        } else {
+            self.map_read(offset, len)?
+        };
+        Ok(ext.into_iter().map(|e| (e.len, e.kind)).collect())
+    }
+}
+
+struct Parent {
+    user_data: u64,
+    remaining: usize,
+    error: Option<Error>,
+}
+
+struct Piece {
+    parent: usize,
+    write: bool,
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    offset: u64,
+}
+
+/// An io_uring engine for one device queue.
+pub struct UringQueue<T: UringTarget> {
+    ring: IoUring,
+    target: Arc<T>,
+    parents: Vec<Option<Parent>>,
+    free_parents: Vec<usize>,
+    pieces: Vec<Option<Piece>>,
+    free_pieces: Vec<usize>,
+    unsubmitted: usize,
+    in_flight: usize,
+    done: Vec<Completion>,
+}
+
+impl<T: UringTarget> UringQueue<T> {
+    /// A queue with room for `depth` requests in flight.
+    pub fn new(target: Arc<T>, depth: u32) -> Result<Self> {
+        let ring = IoUring::new(depth.next_power_of_two().max(8) * 2)
+            .map_err(|e| Error::io("setting up io_uring", e))?;
+        Ok(UringQueue {
+            ring,
+            target,
+            parents: Vec::new(),
+            free_parents: Vec::new(),
+            pieces: Vec::new(),
+            free_pieces: Vec::new(),
+            unsubmitted: 0,
+            in_flight: 0,
+            done: Vec::new(),
+        })
+    }
+
+    fn push_piece(&mut self, p: Piece) -> Result<()> {
+        let idx = match self.free_pieces.pop() {
+            Some(i) => i,
+            None => {
+                self.pieces.push(None);
+                self.pieces.len() - 1
+            }
+        };
+        let entry = if p.write {
+            opcode::Write::new(types::Fd(p.fd), p.buf, p.len as u32)
+                .offset(p.offset)
+                .build()
+        } else {
+            opcode::Read::new(types::Fd(p.fd), p.buf, p.len as u32)
+                .offset(p.offset)
+                .build()
+        }
+        .user_data(idx as u64);
+        self.pieces[idx] = Some(p);
+        loop {
+            // SAFETY: the buffer stays valid until the completion is reaped (the
+            // submit contract), and the Piece describing it is kept in self.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            self.ring
+                .submit()
+                .map_err(|e| Error::io("submitting to io_uring", e))?;
+            self.unsubmitted = 0;
+        }
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    fn finish_piece(&mut self, parent: usize, err: Option<Error>) {
+        let done = match self.parents[parent].as_mut() {
+            Some(p) => {
+                if p.error.is_none() {
+                    p.error = err;
+                }
+                p.remaining -= 1;
+                p.remaining == 0
+            }
+            None => false,
+        };
+        if done {
+            if let Some(p) = self.parents[parent].take() {
+                self.free_parents.push(parent);
+                self.in_flight -= 1;
+                self.done.push(Completion {
+                    user_data: p.user_data,
+                    result: match p.error {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    },
+                });
+            }
+        }
+    }
+
+    fn reap(&mut self) -> Result<()> {
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (ud, res) in cqes {
+            let idx = ud as usize;
+            let Some(mut p) = self.pieces.get_mut(idx).and_then(|s| s.take()) else {
+                continue;
+            };
+            self.free_pieces.push(idx);
+            if res < 0 {
+                let parent = p.parent;
+                self.finish_piece(
+                    parent,
+                    Some(Error::io(
+                        if p.write { "writing (io_uring)" } else { "reading (io_uring)" },
+                        std::io::Error::from_raw_os_error(-res),
+                    )),
+                );
+                continue;
+            }
+            let n = res as usize;
+            if n < p.len {
+                if n == 0 && !p.write {
+                    // End of file: the rest reads as zeroes.
+                    // SAFETY: buf is valid for len bytes per the submit contract.
+                    unsafe { std::ptr::write_bytes(p.buf, 0, p.len) };
+                } else if n == 0 {
+                    let parent = p.parent;
+                    self.finish_piece(
+                        parent,
+                        Some(Error::io(
+                            "writing (io_uring)",
+                            std::io::Error::from(std::io::ErrorKind::WriteZero),
+                        )),
+                    );
+                    continue;
+                } else {
+                    // Short transfer: resubmit the remainder.
+                    // SAFETY: n < len, so the advanced pointer stays inside the buffer.
+                    p.buf = unsafe { p.buf.add(n) };
+                    p.len -= n;
+                    p.offset += n as u64;
+                    self.push_piece(p)?;
+                    continue;
+                }
+            }
+            let parent = p.parent;
+            self.finish_piece(parent, None);
+        }
+        Ok(())
+    }
+}
+
+impl<T: UringTarget> AioQueue for UringQueue<T> {
+    unsafe fn submit(&mut self, req: AioRequest) -> Result<()> {
+        let a = self.target.data_alignment();
+        let aligned = a <= 1
+            || (req.offset % a == 0 && req.len as u64 % a == 0 && (req.buf as u64) % a == 0);
+        if req.op == AioOp::Flush || !aligned {
+            // SAFETY: forwarded caller contract.
+            let result = unsafe { run_sync(&*self.target, &req) };
+            self.done.push(Completion {
+                user_data: req.user_data,
+                result,
+            });
+            return Ok(());
+        }
+        let write = req.op == AioOp::Write;
+        let extents = match self.target.map(write, req.offset, req.len as u64) {
+            Ok(e) => e,
+            Err(e) => {
+                self.done.push(Completion {
+                    user_data: req.user_data,
+                    result: Err(e),
+                });
+                return Ok(());
+            }
+        };
+        let pidx = match self.free_parents.pop() {
+            Some(i) => i,
+            None => {
+                self.parents.push(None);
+                self.parents.len() - 1
+            }
+        };
+        // One extra count held while queuing, released below.
+        self.parents[pidx] = Some(Parent {
+            user_data: req.user_data,
+            remaining: 1,
+            error: None,
+        });
+        self.in_flight += 1;
+        let fd = self.target.data_fd();
+        let mut pos = 0usize;
+        for (len, kind) in extents {
+            // SAFETY: pos + len <= req.len, inside the caller's buffer.
+            let buf = unsafe { req.buf.add(pos) };
+            match kind {
+                ExtentKind::Data(host) => {
+                    if let Some(p) = self.parents[pidx].as_mut() {
+                        p.remaining += 1;
+                    }
+                    self.push_piece(Piece {
+                        parent: pidx,
+                        write,
+                        fd,
+                        buf,
+                        len: len as usize,
+                        offset: host,
+                    })?;
+                }
+                ExtentKind::Zero | ExtentKind::Unallocated => {
+                    // Only reads map to these.
+                    // SAFETY: buf is valid for len bytes per the contract.
+                    unsafe { std::ptr::write_bytes(buf, 0, len as usize) };
+                }
+            }
+            pos += len as usize;
+        }
+        self.finish_piece(pidx, None);
+        Ok(())
+    }
+
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()> {
+        loop {
+            self.reap()?;
+            if self.done.len() >= min || self.in_flight == 0 {
+                break;
+            }
+            let want = if self.done.len() < min { 1 } else { 0 };
+            self.ring
+                .submit_and_wait(want)
+                .map_err(|e| Error::io("waiting for io_uring", e))?;
+            self.unsubmitted = 0;
+        }
+        if self.unsubmitted > 0 {
+            self.ring
+                .submit()
+                .map_err(|e| Error::io("submitting to io_uring", e))?;
+            self.unsubmitted = 0;
+        }
+        out.append(&mut self.done);
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.done.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::AlignedBuf;
+    use crate::raw::{CacheMode, RawOptions};
+
+    fn run_queue<Q: AioQueue>(q: &mut Q, size: u64) {
+        let n = 64usize;
+        let mut bufs: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(4096, 4096)).collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            b.as_mut_slice().fill(i as u8 + 1);
+            let req = AioRequest {
+                op: AioOp::Write,
+                offset: (i as u64 * 4096 * 3) % size,
+                buf: b.as_mut_ptr(),
+                len: 4096,
+                user_data: i as u64,
+            };
+            // SAFETY: bufs outlive the loop below that reaps every completion.
+            unsafe { q.submit(req).unwrap() };
+        }
+        let mut out = Vec::new();
+        while out.len() < n {
+            q.wait(1, &mut out).unwrap();
+        }
+        assert!(out.iter().all(|c| c.result.is_ok()));
+        let mut seen: Vec<u64> = out.iter().map(|c| c.user_data).collect();
+        seen.sort();
+        assert_eq!(seen, (0..n as u64).collect::<Vec<_>>());
+        out.clear();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            b.as_mut_slice().fill(0);
+            let req = AioRequest {
+                op: AioOp::Read,
+                offset: (i as u64 * 4096 * 3) % size,
+                buf: b.as_mut_ptr(),
+                len: 4096,
+                user_data: 100 + i as u64,
+            };
+            // SAFETY: as above.
+            unsafe { q.submit(req).unwrap() };
+        }
+        while out.len() < n {
+            q.wait(1, &mut out).unwrap();
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(b.as_slice().iter().all(|&x| x == i as u8 + 1), "buffer {i}");
+        }
+    }
+
+    #[test]
+    fn uring_raw_and_qcow2_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let p = dir.path().join("a.raw");
+        RawFile::create(&p, size).unwrap();
+        let opts = RawOptions {
+            cache: CacheMode::None,
+            ..Default::default()
+        };
+        let raw = Arc::new(RawFile::open(&p, opts).unwrap());
+        run_queue(&mut UringQueue::new(raw.clone(), 32).unwrap(), size);
+        run_queue(&mut SyncQueue::new(raw), size);
+
+        let q = dir.path().join("a.qcow2");
+        std::fs::File::create(&q).unwrap();
+        let grow = RawOptions {
+            growable: true,
+            ..opts
+        };
+        let f = RawFile::open(&q, grow).unwrap();
+        crate::qcow2::create(
+            &f,
+            &crate::qcow2::CreateOptions {
+                size,
+                cluster_size: 8192,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let img = Arc::new(Qcow2::open(f, Default::default()).unwrap());
+        run_queue(&mut UringQueue::new(img.clone(), 32).unwrap(), size);
+        img.flush().unwrap();
+        let r = crate::qcow2::check(img.file(), crate::qcow2::Fix::None).unwrap();
+        assert_eq!(r.exit_code(), 0, "{:?}", r.messages);
+    }
+}

@@ -1,0 +1,527 @@
+//! Consistency check and repair, with `qemu-img check` semantics.
+//!
+//! Counts references to every host cluster (header, L1 tables, L2 tables,
+//! data, snapshot table, refcount structures) and compares them with the
+//! stored refcounts: a refcount above the reference count is a leak, below
+//! it a corruption. Also checks the COPIED flags of the active L1 and L2
+//! tables and every table offset.
+
+use std::collections::HashMap;
+
+use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use super::meta::{classify, compressed_range, L2State, COPIED, L1_RESERVED, OFFSET_MASK, REFT_RESERVED};
+use super::refcount;
+use super::read_header;
+use crate::backend::BlockBackend;
+use crate::error::{Error, Result};
+
+/// What `check` may repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fix {
+    /// Only report.
+    None,
+    /// Repair leaked clusters (`-r leaks`).
+    Leaks,
+    /// Repair leaks and corruptions (`-r all`).
+    All,
+}
+
+/// Result of a check, with the fields of `qemu-img check --output=json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Corruptions remaining.
+    pub corruptions: u64,
+    /// Leaked clusters remaining.
+    pub leaks: u64,
+    /// Corruptions found and repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks found and repaired.
+    pub leaks_fixed: u64,
+    /// Errors that prevented checking.
+    pub check_errors: u64,
+    /// End of the last used cluster, in bytes.
+    pub image_end_offset: u64,
+    /// Clusters in the virtual disk.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in this image.
+    pub allocated_clusters: u64,
+    /// Human-readable findings, one per line, in qemu-img's wording.
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// qemu-img's exit code: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
+    pub fn exit_code(&self) -> i32 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+/// Largest number of host clusters we count references for.
+const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
+
+struct Walk<'a> {
+    f: &'a dyn BlockBackend,
+    h: Header,
+    cs: u64,
+    cb: u32,
+    /// References from everything but the refcount structures.
+    refs: Vec<u32>,
+    /// References from the refcount table and blocks.
+    rc_refs: Vec<u32>,
+    limit: u64,
+    corruptions: u64,
+    msgs: Vec<String>,
+    bad_l1: Vec<usize>,
+    bad_l2: Vec<(u64, usize)>,
+    /// (L1 index, L2 offset) of every valid active L2 table.
+    active_l2: Vec<(usize, u64)>,
+    allocated: u64,
+    reftable: Vec<u64>,
+    rb_bad: Vec<bool>,
+}
+
+impl<'a> Walk<'a> {
+    fn add(&mut self, off: u64, len: u64, rc: bool, what: &str) {
+        if len == 0 {
+            return;
+        }
+        let first = off >> self.cb;
+        let last = (off + len - 1) >> self.cb;
+        if last >= self.limit {
+            self.corruptions += 1;
+            self.msgs.push(format!(
+                "ERROR {what} at offset {off:#x} is far beyond the end of the image"
+            ));
+            return;
+        }
+        let v = if rc { &mut self.rc_refs } else { &mut self.refs };
+        if v.len() <= last as usize {
+            v.resize(last as usize + 1, 0);
+        }
+        for c in first..=last {
+            v[c as usize] = v[c as usize].saturating_add(1);
+        }
+    }
+
+    fn read_table(&self, off: u64, n: usize) -> Result<Vec<u64>> {
+        super::read_u64s(self.f, off, n)
+    }
+
+    fn walk_l1(&mut self, l1_off: u64, l1_size: u32, active: bool) -> Result<()> {
+        let l1 = self.read_table(l1_off, l1_size as usize)?;
+        let fsize = self.f.size();
+        for (i, &e) in l1.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off == 0 && e & L1_RESERVED == 0 {
+                continue;
+            }
+            if e & L1_RESERVED != 0 || off % self.cs != 0 || off == 0 || off + self.cs > fsize {
+                self.corruptions += 1;
+                self.msgs.push(format!(
+                    "ERROR L1 entry {i} ({e:#x}): invalid L2 table offset"
+                ));
+                if active {
+                    self.bad_l1.push(i);
+                }
+                continue;
+            }
+            self.add(off, self.cs, false, "L2 table");
+            if active {
+                self.active_l2.push((i, off));
+            }
+            let l2 = self.read_table(off, (self.cs / 8) as usize)?;
+            for (j, &le) in l2.iter().enumerate() {
+                match classify(le, self.h.version, self.cb) {
+                    Err(msg) => {
+                        self.corruptions += 1;
+                        self.msgs.push(format!("ERROR {msg} (L2 table {off:#x} index {j})"));
+                        if active {
+                            self.bad_l2.push((off, j));
+                        }
+                    }
+                    Ok(L2State::Normal(h)) => {
+                        self.add(h, self.cs, false, "data cluster");
+                        if active {
+                            self.allocated += 1;
+                        }
+                    }
+                    Ok(L2State::Zero(Some(h))) => self.add(h, self.cs, false, "data cluster"),
+                    Ok(L2State::Compressed) => {
+                        let (s, e) = compressed_range(le, self.cb);
+                        let first = s & !(self.cs - 1);
+                        self.add(first, e - first, false, "compressed cluster");
+                        if active {
+                            self.allocated += 1;
+                        }
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn walk_snapshots(&mut self) -> Result<()> {
+        if self.h.nb_snapshots == 0 {
+            return Ok(());
+        }
+        let mut off = self.h.snapshots_offset;
+        let fsize = self.f.size();
+        for k in 0..self.h.nb_snapshots {
+            if off + 40 > fsize {
+                return Err(Error::InvalidImage(format!("snapshot {k} past the end of the file")));
+            }
+            let mut fixed = [0u8; 40];
+            self.f.read_at(&mut fixed, off)?;
+            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
+            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4]));
+            let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as u64;
+            let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
+            let extra = u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])) as u64;
+            if extra > 1024 {
+                return Err(Error::InvalidImage(format!("snapshot {k} has too much extra data")));
+            }
+            if l1_off % self.cs != 0
+                || l1_size as u64 * 8 > MAX_L1_BYTES
+                || l1_off + l1_size as u64 * 8 > fsize
+            {
+                self.corruptions += 1;
+                self.msgs.push(format!("ERROR snapshot {k} has an invalid L1 table"));
+            } else {
+                self.add(l1_off, l1_size as u64 * 8, false, "snapshot L1 table");
+                self.walk_l1(l1_off, l1_size, false)?;
+            }
+            off += (40 + extra + id_len + name_len).div_ceil(8) * 8;
+        }
+        let start = self.h.snapshots_offset;
+        self.add(start, off - start, false, "snapshot table");
+        Ok(())
+    }
+
+    fn walk_refcounts(&mut self) -> Result<()> {
+        let n = (self.h.refcount_table_clusters as u64 * self.cs / 8) as usize;
+        self.reftable = self.read_table(self.h.refcount_table_offset, n)?;
+        self.add(
+            self.h.refcount_table_offset,
+            self.h.refcount_table_clusters as u64 * self.cs,
+            true,
+            "refcount table",
+        );
+        let fsize = self.f.size();
+        self.rb_bad = vec![false; n];
+        for i in 0..n {
+            let e = self.reftable[i];
+            let off = e & !REFT_RESERVED;
+            if e == 0 {
+                continue;
+            }
+            if e & REFT_RESERVED != 0 || off % self.cs != 0 || off + self.cs > fsize {
+                self.corruptions += 1;
+                self.msgs
+                    .push(format!("ERROR refcount block {i} ({e:#x}) is invalid"));
+                self.rb_bad[i] = true;
+                continue;
+            }
+            self.add(off, self.cs, true, "refcount block");
+        }
+        Ok(())
+    }
+
+    fn walk(f: &'a dyn BlockBackend) -> Result<Walk<'a>> {
+        let h = read_header(f)?;
+        let cs = h.cluster_size();
+        let file_clusters = f.size().div_ceil(cs);
+        if file_clusters > MAX_CHECK_CLUSTERS {
+            return Err(Error::Unsupported("image too large to check".into()));
+        }
+        let mut w = Walk {
+            f,
+            cs,
+            cb: h.cluster_bits,
+            refs: vec![0; file_clusters as usize],
+            rc_refs: vec![0; file_clusters as usize],
+            limit: (file_clusters + (1 << 20)).min(MAX_CHECK_CLUSTERS),
+            corruptions: 0,
+            msgs: Vec::new(),
+            bad_l1: Vec::new(),
+            bad_l2: Vec::new(),
+            active_l2: Vec::new(),
+            allocated: 0,
+            reftable: Vec::new(),
+            rb_bad: Vec::new(),
+            h,
+        };
+        w.add(0, cs, false, "header");
+        let (l1o, l1s) = (w.h.l1_table_offset, w.h.l1_size);
+        w.add(l1o, l1s as u64 * 8, false, "L1 table");
+        w.walk_l1(l1o, l1s, true)?;
+        w.walk_snapshots()?;
+        w.walk_refcounts()?;
+        Ok(w)
+    }
+
+    fn rb_bits(&self) -> u32 {
+        self.cb + 3 - self.h.refcount_order
+    }
+
+    /// Stored refcount of cluster `c`.
+    fn stored(&self, cache: &mut HashMap<u64, Vec<u8>>, c: u64) -> Result<u64> {
+        let ti = (c >> self.rb_bits()) as usize;
+        if ti >= self.reftable.len() || self.reftable[ti] == 0 || self.rb_bad[ti] {
+            return Ok(0);
+        }
+        let off = self.reftable[ti] & !REFT_RESERVED;
+        if !cache.contains_key(&off) {
+            let mut b = vec![0u8; self.cs as usize];
+            self.f.read_at(&mut b, off)?;
+            cache.insert(off, b);
+        }
+        let idx = (c & ((1 << self.rb_bits()) - 1)) as usize;
+        Ok(cache
+            .get(&off)
+            .map(|b| refcount::get(b, idx, self.h.refcount_order))
+            .unwrap_or(0))
+    }
+
+    fn want(&self, c: usize) -> u64 {
+        self.refs.get(c).copied().unwrap_or(0) as u64 + self.rc_refs.get(c).copied().unwrap_or(0) as u64
+    }
+}
+
+struct Findings {
+    leaks: Vec<(u64, u64, u64)>,
+    errors: Vec<(u64, u64, u64)>,
+    copied_l1: Vec<(usize, u64)>,
+    copied_l2: Vec<(u64, usize, u64)>,
+    end: u64,
+}
+
+fn compare(w: &Walk<'_>) -> Result<Findings> {
+    let mut cache = HashMap::new();
+    let n = w.refs.len().max(w.rc_refs.len());
+    let mut fd = Findings {
+        leaks: Vec::new(),
+        errors: Vec::new(),
+        copied_l1: Vec::new(),
+        copied_l2: Vec::new(),
+        end: 0,
+    };
+    for c in 0..n {
+        let have = w.stored(&mut cache, c as u64)?;
+        let want = w.want(c);
+        if have > want {
+            fd.leaks.push((c as u64, have, want));
+        } else if have < want {
+            fd.errors.push((c as u64, have, want));
+        }
+        if have > 0 || want > 0 {
+            fd.end = (c as u64 + 1) * w.cs;
+        }
+    }
+    for &(i, off) in &w.active_l2 {
+        let l1 = w.read_table(w.h.l1_table_offset + i as u64 * 8, 1)?[0];
+        let rc = w.stored(&mut cache, off >> w.cb)?;
+        if (rc == 1) != (l1 & COPIED != 0) {
+            fd.copied_l1.push((i, rc));
+        }
+        let l2 = w.read_table(off, (w.cs / 8) as usize)?;
+        for (j, &e) in l2.iter().enumerate() {
+            if let Ok(L2State::Normal(h) | L2State::Zero(Some(h))) = classify(e, w.h.version, w.cb) {
+                let rc = w.stored(&mut cache, h >> w.cb)?;
+                if (rc == 1) != (e & COPIED != 0) {
+                    fd.copied_l2.push((off, j, rc));
+                }
+            }
+        }
+    }
+    Ok(fd)
+}
+
+fn write_u64(f: &dyn BlockBackend, off: u64, v: u64) -> Result<()> {
+    f.write_at(&v.to_be_bytes(), off)
+}
+
+/// Rewrites the refcount structure from scratch at the end of the image.
+fn rebuild(w: &Walk<'_>) -> Result<()> {
+    let f = w.f;
+    let cs = w.cs;
+    let order = w.h.refcount_order;
+    let rb_bits = w.rb_bits();
+    let rbe = 1u64 << rb_bits;
+    let e = (w.refs.len() as u64).max(f.size().div_ceil(cs));
+    let (mut t, mut b) = (1u64, 1u64);
+    loop {
+        let n = e + t + b;
+        let nb = n.div_ceil(rbe);
+        let nt = (nb * 8).div_ceil(cs);
+        if nb == b && nt == t {
+            break;
+        }
+        b = nb;
+        t = nt;
+    }
+    if t * cs > MAX_REFTABLE_BYTES {
+        return Err(Error::Unsupported(
+            "the rebuilt refcount table would exceed 8 MiB".into(),
+        ));
+    }
+    let max = refcount::max_value(order);
+    let mut table = vec![0u8; (t * cs) as usize];
+    for k in 0..b {
+        let mut block = vec![0u8; cs as usize];
+        for c in k * rbe..((k + 1) * rbe).min(e + t + b) {
+            let v = if c >= e { 1 } else { w.refs.get(c as usize).copied().unwrap_or(0) as u64 };
+            refcount::set(&mut block, (c - k * rbe) as usize, order, v.min(max));
+        }
+        let off = (e + t + k) * cs;
+        f.write_at(&block, off)?;
+        table[(k * 8) as usize..(k * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    f.write_at(&table, e * cs)?;
+    f.flush()?;
+    let mut hb = [0u8; 12];
+    hb[..8].copy_from_slice(&(e * cs).to_be_bytes());
+    hb[8..].copy_from_slice(&(t as u32).to_be_bytes());
+    f.write_at(&hb, 48)?;
+    f.flush()
+}
+
+/// Checks the image in `f`, repairing what `fix` allows.
+pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    if fix != Fix::None && f.is_read_only() {
+        return Err(Error::ReadOnly);
+    }
+    let w = match Walk::walk(f) {
+        Ok(w) => w,
+        Err(e @ (Error::Unsupported(_) | Error::InvalidImage(_))) => return Err(e),
+        Err(e) => {
+            report.check_errors = 1;
+            report.messages.push(format!("ERROR checking the image: {e}"));
+            return Ok(report);
+        }
+    };
+    let fd = compare(&w)?;
+    if fix == Fix::None {
+        return Ok(finish(report, &w, &fd, true));
+    }
+    let mut before = finish(CheckReport::default(), &w, &fd, false);
+    let mut changed = false;
+    if fix == Fix::All {
+        for &i in &w.bad_l1 {
+            write_u64(f, w.h.l1_table_offset + i as u64 * 8, 0)?;
+            changed = true;
+        }
+        for &(off, j) in &w.bad_l2 {
+            write_u64(f, off + j as u64 * 8, 0)?;
+            changed = true;
+        }
+        if changed {
+            f.flush()?;
+        }
+        let w2 = if changed { Walk::walk(f)? } else { Walk::walk(f)? };
+        let fd2 = compare(&w2)?;
+        let rc_broken = w2.rb_bad.iter().any(|&b| b);
+        if !fd2.errors.is_empty() || !fd2.leaks.is_empty() || rc_broken {
+            rebuild(&w2)?;
+        }
+        // COPIED flags, against the now-exact refcounts.
+        let w3 = Walk::walk(f)?;
+        let fd3 = compare(&w3)?;
+        for &(i, rc) in &fd3.copied_l1 {
+            let off = w3.h.l1_table_offset + i as u64 * 8;
+            let e = w3.read_table(off, 1)?[0];
+            write_u64(f, off, if rc == 1 { e | COPIED } else { e & !COPIED })?;
+        }
+        for &(l2, j, rc) in &fd3.copied_l2 {
+            let off = l2 + j as u64 * 8;
+            let e = w3.read_table(off, 1)?[0];
+            write_u64(f, off, if rc == 1 { e | COPIED } else { e & !COPIED })?;
+        }
+        f.flush()?;
+    } else {
+        // Leaks only: lower refcounts in place.
+        let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();
+        let rb_bits = w.rb_bits();
+        for &(c, _, want) in &fd.leaks {
+            let ti = (c >> rb_bits) as usize;
+            let off = w.reftable[ti] & !REFT_RESERVED;
+            if !blocks.contains_key(&off) {
+                let mut b = vec![0u8; w.cs as usize];
+                f.read_at(&mut b, off)?;
+                blocks.insert(off, b);
+            }
+            if let Some(b) = blocks.get_mut(&off) {
+                refcount::set(b, (c & ((1 << rb_bits) - 1)) as usize, w.h.refcount_order, want);
+            }
+        }
+        for (off, b) in &blocks {
+            f.write_at(b, *off)?;
+        }
+        f.flush()?;
+    }
+    // Double-check the result.
+    let wf = Walk::walk(f)?;
+    let fdf = compare(&wf)?;
+    let mut after = finish(CheckReport::default(), &wf, &fdf, true);
+    if fix == Fix::All && after.exit_code() == 0 {
+        let mut h = wf.h.clone();
+        if h.version >= 3 && h.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY) != 0 {
+            h.incompatible_features &= !(INCOMPAT_CORRUPT | INCOMPAT_DIRTY);
+            write_u64(f, 72, h.incompatible_features)?;
+            f.flush()?;
+        }
+    }
+    after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+    after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+    let mut msgs = std::mem::take(&mut before.messages);
+    for m in msgs.iter_mut() {
+        if let Some(rest) = m.strip_prefix("ERROR") {
+            *m = format!("Repairing{rest}");
+        } else if let Some(rest) = m.strip_prefix("Leaked") {
+            *m = format!("Repairing leaked{rest}");
+        }
+    }
+    msgs.append(&mut after.messages);
+    after.messages = msgs;
+    Ok(after)
+}
+
+fn finish(mut r: CheckReport, w: &Walk<'_>, fd: &Findings, _final: bool) -> CheckReport {
+    r.corruptions = w.corruptions
+        + fd.errors.len() as u64
+        + fd.copied_l1.len() as u64
+        + fd.copied_l2.len() as u64;
+    r.leaks = fd.leaks.len() as u64;
+    for &(c, have, want) in &fd.errors {
+        r.messages
+            .push(format!("ERROR cluster {c} refcount={have} reference={want}"));
+    }
+    for &(c, have, want) in &fd.leaks {
+        r.messages
+            .push(format!("Leaked cluster {c} refcount={have} reference={want}"));
+    }
+    for &(i, rc) in &fd.copied_l1 {
+        r.messages.push(format!(
+            "ERROR OFLAG_COPIED L2 cluster: l1_index={i} refcount={rc}"
+        ));
+    }
+    for &(off, j, rc) in &fd.copied_l2 {
+        r.messages.push(format!(
+            "ERROR OFLAG_COPIED data cluster: L2 table {off:#x} index {j} refcount={rc}"
+        ));
+    }
+    r.messages.extend(w.msgs.iter().cloned());
+    r.image_end_offset = fd.end;
+    r.total_clusters = w.h.size.div_ceil(w.cs);
+    r.allocated_clusters = w.allocated;
+    r
+}

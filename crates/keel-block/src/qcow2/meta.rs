@@ -1,0 +1,783 @@
+//! In-memory qcow2 metadata: L1, refcount table, L2 and refcount caches,
+//! cluster allocation and metadata write ordering.
+//!
+//! Ordering rules (so that a crash can leak clusters but never corrupt):
+//! * a refcount increment reaches the file before any L2 entry or L1 entry
+//!   that uses the cluster (`l2_after_rc`);
+//! * an L2 change that drops a reference reaches the file before the
+//!   refcount decrement (`rc_after_l2`);
+//! * the two dependencies are never pending at once: setting one first
+//!   writes out the other;
+//! * a freed cluster is reused only after the L2 change that freed it has
+//!   been written.
+
+use std::collections::{HashMap, HashSet};
+
+use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::refcount;
+use crate::backend::BlockBackend;
+use crate::error::{Error, Result};
+
+/// Host offset bits of L1 and L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry.
+pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard L2 entry (version 3).
+pub const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Refcount is exactly one.
+pub const COPIED: u64 = 1 << 63;
+/// Compressed cluster.
+pub const COMPRESSED: u64 = 1 << 62;
+/// Reads as zero (version 3).
+pub const ZERO: u64 = 1;
+/// Reserved bits of a refcount table entry.
+pub const REFT_RESERVED: u64 = 0x1ff;
+
+/// The state of one guest cluster according to its L2 entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L2State {
+    /// No data: reads from the backing file or as zeroes.
+    Unallocated,
+    /// Reads as zeroes; `Some` keeps a preallocated host cluster.
+    Zero(Option<u64>),
+    /// Data at a host offset.
+    Normal(u64),
+    /// Compressed data.
+    Compressed,
+}
+
+/// Decodes an L2 entry, validating reserved bits.
+pub fn classify(entry: u64, version: u32, cluster_bits: u32) -> std::result::Result<L2State, String> {
+    if entry & COMPRESSED != 0 {
+        return Ok(L2State::Compressed);
+    }
+    let mut reserved = L2_RESERVED;
+    if version < 3 {
+        reserved |= ZERO;
+    }
+    if entry & reserved != 0 {
+        return Err(format!("L2 entry {entry:#018x} has reserved bits set"));
+    }
+    let off = entry & OFFSET_MASK;
+    if off & ((1u64 << cluster_bits) - 1) != 0 {
+        return Err(format!("L2 entry {entry:#018x} is not cluster aligned"));
+    }
+    if entry & ZERO != 0 {
+        return Ok(L2State::Zero(if off != 0 { Some(off) } else { None }));
+    }
+    if off == 0 {
+        return Ok(L2State::Unallocated);
+    }
+    Ok(L2State::Normal(off))
+}
+
+/// Host clusters touched by a compressed L2 entry.
+pub fn compressed_range(entry: u64, cluster_bits: u32) -> (u64, u64) {
+    let x = 62 - (cluster_bits - 8);
+    let off = entry & ((1u64 << x) - 1);
+    let sectors = ((entry & !COMPRESSED & !COPIED) >> x) + 1;
+    let end = (off & !511) + sectors * 512;
+    (off, end)
+}
+
+pub(crate) struct Slot<T> {
+    off: u64,
+    pub(crate) data: T,
+    pub(crate) dirty: bool,
+    used: u64,
+}
+
+pub(crate) struct Cache<T> {
+    pub(crate) slots: Vec<Slot<T>>,
+    index: HashMap<u64, usize>,
+    cap: usize,
+    clock: u64,
+}
+
+impl<T> Cache<T> {
+    fn new(cap: usize) -> Self {
+        Cache {
+            slots: Vec::new(),
+            index: HashMap::new(),
+            cap: cap.max(2),
+            clock: 0,
+        }
+    }
+    fn lookup(&mut self, off: u64) -> Option<usize> {
+        let i = *self.index.get(&off)?;
+        self.clock += 1;
+        self.slots[i].used = self.clock;
+        Some(i)
+    }
+    /// A slot index to reuse, if the cache is full.
+    fn victim(&self) -> Option<usize> {
+        if self.slots.len() < self.cap {
+            return None;
+        }
+        self.slots
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| s.used)
+            .map(|(i, _)| i)
+    }
+    fn place(&mut self, at: Option<usize>, off: u64, data: T, dirty: bool) -> usize {
+        self.clock += 1;
+        let slot = Slot {
+            off,
+            data,
+            dirty,
+            used: self.clock,
+        };
+        match at {
+            Some(i) => {
+                self.index.remove(&self.slots[i].off);
+                self.slots[i] = slot;
+                self.index.insert(off, i);
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.index.insert(off, self.slots.len() - 1);
+                self.slots.len() - 1
+            }
+        }
+    }
+    fn any_dirty(&self) -> bool {
+        self.slots.iter().any(|s| s.dirty)
+    }
+}
+
+/// Mutable metadata state of an open image, guarded by one mutex.
+pub(crate) struct Meta {
+    pub(crate) hdr: Header,
+    pub(crate) cb: u32,
+    pub(crate) cs: u64,
+    l2_bits: u32,
+    rb_bits: u32,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) reftable: Vec<u64>,
+    pub(crate) l2: Cache<Vec<u64>>,
+    rb: Cache<Vec<u8>>,
+    l2_after_rc: bool,
+    rc_after_l2: bool,
+    free_hint: u64,
+    /// Clusters at or above this index have never been written.
+    zero_tail: u64,
+    /// Lazy refcounts are enabled for this session.
+    lazy: bool,
+    /// The dirty bit is set on disk by this session.
+    pub(crate) dirty_on_disk: bool,
+    pub(crate) corrupt: bool,
+    pub(crate) read_only: bool,
+    l2_offsets: HashSet<u64>,
+    rb_offsets: HashSet<u64>,
+}
+
+impl Meta {
+    pub(crate) fn new(
+        hdr: Header,
+        l1: Vec<u64>,
+        reftable: Vec<u64>,
+        file_size: u64,
+        l2_cache_bytes: u64,
+        rc_cache_bytes: u64,
+        read_only: bool,
+    ) -> Meta {
+        let cb = hdr.cluster_bits;
+        let cs = 1u64 << cb;
+        let l2_offsets = l1
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        let rb_offsets = reftable
+            .iter()
+            .map(|e| e & !REFT_RESERVED)
+            .filter(|&o| o != 0)
+            .collect();
+        let lazy = !read_only
+            && hdr.version >= 3
+            && hdr.compatible_features & super::header::COMPAT_LAZY_REFCOUNTS != 0;
+        Meta {
+            cb,
+            cs,
+            l2_bits: cb - 3,
+            rb_bits: cb + 3 - hdr.refcount_order,
+            l2: Cache::new((l2_cache_bytes / cs) as usize),
+            rb: Cache::new((rc_cache_bytes / cs) as usize),
+            l1,
+            reftable,
+            l2_after_rc: false,
+            rc_after_l2: false,
+            free_hint: 0,
+            zero_tail: file_size.div_ceil(cs),
+            lazy,
+            dirty_on_disk: false,
+            corrupt: hdr.incompatible_features & INCOMPAT_CORRUPT != 0,
+            read_only,
+            l2_offsets,
+            rb_offsets,
+            hdr,
+        }
+    }
+
+    /// Number of entries in an L2 table.
+    pub(crate) fn l2_entries(&self) -> u64 {
+        1 << self.l2_bits
+    }
+
+    /// Splits a guest offset into (L1 index, L2 index).
+    pub(crate) fn split(&self, guest: u64) -> (usize, usize) {
+        let l2i = (guest >> self.cb) & (self.l2_entries() - 1);
+        let l1i = guest >> (self.cb + self.l2_bits);
+        (l1i as usize, l2i as usize)
+    }
+
+    /// Name of the metadata structure overlapping the host cluster at `off`.
+    pub(crate) fn overlap(&self, off: u64, len: u64) -> Option<&'static str> {
+        let h = &self.hdr;
+        let end = off + len;
+        let hits = |s: u64, l: u64| l > 0 && off < s + l && s < end;
+        if hits(0, self.cs) {
+            return Some("header");
+        }
+        if hits(h.l1_table_offset, (h.l1_size as u64 * 8).div_ceil(self.cs) * self.cs) {
+            return Some("active L1 table");
+        }
+        if hits(
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * self.cs,
+        ) {
+            return Some("refcount table");
+        }
+        let mut c = off & !(self.cs - 1);
+        while c < end {
+            if self.l2_offsets.contains(&c) {
+                return Some("active L2 table");
+            }
+            if self.rb_offsets.contains(&c) {
+                return Some("refcount block");
+            }
+            c += self.cs;
+        }
+        None
+    }
+
+    /// Marks the image corrupt (on disk if writable) and returns the error.
+    pub(crate) fn corrupt(&mut self, f: &dyn BlockBackend, msg: String) -> Error {
+        if !self.corrupt && !self.read_only && self.hdr.version >= 3 {
+            self.hdr.incompatible_features |= INCOMPAT_CORRUPT;
+            // Best effort: the error is reported either way.
+            let _ = self.write_incompat(f).and_then(|_| f.flush());
+        }
+        self.corrupt = true;
+        Error::Corrupt(msg)
+    }
+
+    pub(crate) fn write_incompat(&self, f: &dyn BlockBackend) -> Result<()> {
+        f.write_at(&self.hdr.incompatible_features.to_be_bytes(), 72)
+    }
+
+    /// Call before any metadata change.
+    pub(crate) fn before_modify(&mut self, f: &dyn BlockBackend) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.corrupt {
+            return Err(Error::Corrupt(
+                "the image is marked corrupt; writes are refused".into(),
+            ));
+        }
+        if self.lazy && !self.dirty_on_disk {
+            self.hdr.incompatible_features |= INCOMPAT_DIRTY;
+            self.write_incompat(f)?;
+            f.flush()?;
+            self.dirty_on_disk = true;
+        }
+        Ok(())
+    }
+
+    /// Orders two metadata writes on stable storage. With lazy refcounts the
+    /// dirty bit makes ordering unnecessary.
+    fn barrier(&self, f: &dyn BlockBackend) -> Result<()> {
+        if self.lazy && self.dirty_on_disk {
+            return Ok(());
+        }
+        f.flush()
+    }
+
+    fn encode_l2(t: &[u64]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(t.len() * 8);
+        for e in t {
+            b.extend_from_slice(&e.to_be_bytes());
+        }
+        b
+    }
+
+    fn write_l2_slot(&mut self, f: &dyn BlockBackend, i: usize) -> Result<()> {
+        if self.l2_after_rc {
+            self.flush_rb(f)?;
+            self.barrier(f)?;
+            self.l2_after_rc = false;
+        }
+        let s = &self.l2.slots[i];
+        f.write_at(&Self::encode_l2(&s.data), s.off)?;
+        self.l2.slots[i].dirty = false;
+        Ok(())
+    }
+
+    fn write_rb_slot(&mut self, f: &dyn BlockBackend, i: usize) -> Result<()> {
+        if self.rc_after_l2 {
+            self.flush_l2(f)?;
+            self.barrier(f)?;
+            self.rc_after_l2 = false;
+        }
+        let s = &self.rb.slots[i];
+        f.write_at(&s.data, s.off)?;
+        self.rb.slots[i].dirty = false;
+        Ok(())
+    }
+
+    fn flush_l2(&mut self, f: &dyn BlockBackend) -> Result<()> {
+        for i in 0..self.l2.slots.len() {
+            if self.l2.slots[i].dirty {
+                self.write_l2_slot(f, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_rb(&mut self, f: &dyn BlockBackend) -> Result<()> {
+        for i in 0..self.rb.slots.len() {
+            if self.rb.slots[i].dirty {
+                self.write_rb_slot(f, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes both caches back in dependency order (no final sync).
+    pub(crate) fn write_back(&mut self, f: &dyn BlockBackend) -> Result<()> {
+        if self.rc_after_l2 {
+            self.flush_l2(f)?;
+            if self.rb.any_dirty() {
+                self.barrier(f)?;
+            }
+            self.rc_after_l2 = false;
+            self.flush_rb(f)
+        } else {
+            self.flush_rb(f)?;
+            if self.l2.any_dirty() {
+                self.barrier(f)?;
+            }
+            self.l2_after_rc = false;
+            self.flush_l2(f)
+        }
+    }
+
+    /// Validates an L2 table offset from an L1 entry.
+    fn check_l2_offset(&mut self, f: &dyn BlockBackend, l1i: usize, e: u64) -> Result<u64> {
+        let off = e & OFFSET_MASK;
+        if e & L1_RESERVED != 0 || off % self.cs != 0 {
+            return Err(self.corrupt(f, format!("L1 entry {l1i} ({e:#x}) is invalid")));
+        }
+        if off + self.cs > f.size() {
+            return Err(self.corrupt(
+                f,
+                format!("L2 table at {off:#x} (L1 entry {l1i}) is past the end of the file"),
+            ));
+        }
+        let h = &self.hdr;
+        let l1_len = (h.l1_size as u64 * 8).div_ceil(self.cs) * self.cs;
+        let rt_len = h.refcount_table_clusters as u64 * self.cs;
+        let bad = off == 0
+            || (off < h.l1_table_offset + l1_len && h.l1_table_offset < off + self.cs)
+            || (off < h.refcount_table_offset + rt_len
+                && h.refcount_table_offset < off + self.cs)
+            || self.rb_offsets.contains(&off);
+        if bad {
+            return Err(self.corrupt(
+                f,
+                format!("L2 table at {off:#x} (L1 entry {l1i}) overlaps other metadata"),
+            ));
+        }
+        Ok(off)
+    }
+
+    /// Loads the L2 table at `off` into the cache and returns its slot.
+    pub(crate) fn l2_slot(&mut self, f: &dyn BlockBackend, off: u64) -> Result<usize> {
+        if let Some(i) = self.l2.lookup(off) {
+            return Ok(i);
+        }
+        let mut buf = vec![0u8; self.cs as usize];
+        f.read_at(&mut buf, off)?;
+        let table: Vec<u64> = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let victim = self.l2.victim();
+        if let Some(v) = victim {
+            if self.l2.slots[v].dirty {
+                self.write_l2_slot(f, v)?;
+            }
+        }
+        Ok(self.l2.place(victim, off, table, false))
+    }
+
+    /// The L2 slot for a guest offset, or `None` if its L1 entry is empty.
+    pub(crate) fn l2_for_read(&mut self, f: &dyn BlockBackend, guest: u64) -> Result<Option<usize>> {
+        let (l1i, _) = self.split(guest);
+        let e = match self.l1.get(l1i) {
+            Some(&e) => e,
+            None => return Ok(None),
+        };
+        if e & OFFSET_MASK == 0 {
+            if e & L1_RESERVED != 0 {
+                return Err(self.corrupt(f, format!("L1 entry {l1i} ({e:#x}) is invalid")));
+            }
+            return Ok(None);
+        }
+        let off = self.check_l2_offset(f, l1i, e)?;
+        self.l2_slot(f, off).map(Some)
+    }
+
+    /// The L2 slot for a guest offset, allocating the table if needed.
+    pub(crate) fn l2_for_write(&mut self, f: &dyn BlockBackend, guest: u64) -> Result<usize> {
+        let (l1i, _) = self.split(guest);
+        if l1i >= self.l1.len() {
+            return Err(Error::OutOfRange {
+                offset: guest,
+                len: 1,
+                size: self.hdr.size,
+            });
+        }
+        let e = self.l1[l1i];
+        if e & OFFSET_MASK != 0 {
+            let off = self.check_l2_offset(f, l1i, e)?;
+            if e & COPIED == 0 {
+                if self.refcount(f, off >> self.cb)? != 1 {
+                    return Err(Error::Unsupported(
+                        "copy-on-write of a shared L2 table (internal snapshots)".into(),
+                    ));
+                }
+                self.set_l1(f, l1i, off | COPIED)?;
+            }
+            return self.l2_slot(f, off);
+        }
+        // Allocate a new L2 table: refcount, then table, then L1 entry.
+        let (off, _) = self.alloc(f, 1)?;
+        self.flush_rb(f)?;
+        self.barrier(f)?;
+        self.l2_after_rc = false;
+        let table = vec![0u64; self.l2_entries() as usize];
+        f.write_at(&Self::encode_l2(&table), off)?;
+        self.barrier(f)?;
+        self.set_l1(f, l1i, off | COPIED)?;
+        self.l2_offsets.insert(off);
+        let victim = self.l2.victim();
+        if let Some(v) = victim {
+            if self.l2.slots[v].dirty {
+                self.write_l2_slot(f, v)?;
+            }
+        }
+        Ok(self.l2.place(victim, off, table, false))
+    }
+
+    fn set_l1(&mut self, f: &dyn BlockBackend, i: usize, e: u64) -> Result<()> {
+        f.write_at(&e.to_be_bytes(), self.hdr.l1_table_offset + i as u64 * 8)?;
+        self.l1[i] = e;
+        Ok(())
+    }
+
+    /// Changes an L2 entry in the cache.
+    pub(crate) fn set_l2(&mut self, slot: usize, idx: usize, e: u64) {
+        let s = &mut self.l2.slots[slot];
+        s.data[idx] = e;
+        s.dirty = true;
+    }
+
+    fn rb_slot(&mut self, f: &dyn BlockBackend, ti: usize) -> Result<Option<usize>> {
+        let e = match self.reftable.get(ti) {
+            Some(&e) => e,
+            None => return Ok(None),
+        };
+        let off = e & !REFT_RESERVED;
+        if off == 0 {
+            return Ok(None);
+        }
+        if let Some(i) = self.rb.lookup(off) {
+            return Ok(Some(i));
+        }
+        if e & REFT_RESERVED != 0 || off % self.cs != 0 || off + self.cs > f.size() {
+            return Err(self.corrupt(
+                f,
+                format!("refcount table entry {ti} ({e:#x}) is invalid"),
+            ));
+        }
+        let mut buf = vec![0u8; self.cs as usize];
+        f.read_at(&mut buf, off)?;
+        let victim = self.rb.victim();
+        if let Some(v) = victim {
+            if self.rb.slots[v].dirty {
+                self.write_rb_slot(f, v)?;
+            }
+        }
+        Ok(Some(self.rb.place(victim, off, buf, false)))
+    }
+
+    /// Refcount of host cluster `c` (0 if not covered by a refcount block).
+    pub(crate) fn refcount(&mut self, f: &dyn BlockBackend, c: u64) -> Result<u64> {
+        let ti = (c >> self.rb_bits) as usize;
+        match self.rb_slot(f, ti)? {
+            None => Ok(0),
+            Some(i) => {
+                let idx = (c & ((1 << self.rb_bits) - 1)) as usize;
+                Ok(refcount::get(&self.rb.slots[i].data, idx, self.hdr.refcount_order))
+            }
+        }
+    }
+
+    fn adjust(&mut self, f: &dyn BlockBackend, c: u64, delta: i64) -> Result<u64> {
+        let ti = (c >> self.rb_bits) as usize;
+        let slot = match self.rb_slot(f, ti)? {
+            Some(s) => s,
+            None => {
+                return Err(self.corrupt(
+                    f,
+                    format!("cluster {c} has no refcount block"),
+                ))
+            }
+        };
+        let idx = (c & ((1 << self.rb_bits) - 1)) as usize;
+        let order = self.hdr.refcount_order;
+        let cur = refcount::get(&self.rb.slots[slot].data, idx, order);
+        let new = if delta >= 0 {
+            match cur.checked_add(delta as u64) {
+                Some(v) if v <= refcount::max_value(order) => v,
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "refcount overflow on cluster {c} ({}-bit refcounts)",
+                        1u32 << order
+                    )))
+                }
+            }
+        } else {
+            match cur.checked_sub(delta.unsigned_abs()) {
+                Some(v) => v,
+                None => return Err(self.corrupt(f, format!("refcount underflow on cluster {c}"))),
+            }
+        };
+        let s = &mut self.rb.slots[slot];
+        refcount::set(&mut s.data, idx, order, new);
+        s.dirty = true;
+        Ok(new)
+    }
+
+    fn find_free_run(&mut self, f: &dyn BlockBackend, n: u64) -> Result<u64> {
+        let max_cluster = (1u64 << 56) >> self.cb;
+        let mut c = self.free_hint.max(1);
+        let mut start = c;
+        let mut run = 0u64;
+        while run < n {
+            if c >= max_cluster {
+                return Err(Error::io(
+                    "allocating a cluster",
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
+            let ti = (c >> self.rb_bits) as usize;
+            let covered = self.reftable.get(ti).is_some_and(|&e| e & !REFT_RESERVED != 0);
+            if !covered {
+                if run == 0 {
+                    start = c;
+                }
+                let block_end = (ti as u64 + 1) << self.rb_bits;
+                let take = (n - run).min(block_end - c);
+                run += take;
+                c += take;
+                continue;
+            }
+            if self.refcount(f, c)? == 0 {
+                if run == 0 {
+                    start = c;
+                }
+                run += 1;
+            } else {
+                run = 0;
+            }
+            c += 1;
+        }
+        Ok(start)
+    }
+
+    /// Allocates `n` contiguous clusters, returning the host offset and
+    /// whether they are known to read as zeroes.
+    pub(crate) fn alloc(&mut self, f: &dyn BlockBackend, n: u64) -> Result<(u64, bool)> {
+        if self.rc_after_l2 {
+            // A freed cluster may be reused: its L2 change must be on disk first.
+            self.flush_l2(f)?;
+            self.barrier(f)?;
+            self.rc_after_l2 = false;
+        }
+        loop {
+            let start = self.find_free_run(f, n)?;
+            let mut changed = false;
+            for c in start..start + n {
+                let ti = (c >> self.rb_bits) as usize;
+                if ti >= self.reftable.len() {
+                    self.grow_reftable(f, ti)?;
+                    changed = true;
+                    break;
+                }
+                if self.reftable[ti] & !REFT_RESERVED == 0 {
+                    self.create_refblock(f, ti, c)?;
+                    changed = true;
+                    break;
+                }
+            }
+            if changed {
+                continue;
+            }
+            for c in start..start + n {
+                self.adjust(f, c, 1)?;
+            }
+            self.l2_after_rc = true;
+            self.free_hint = start + n;
+            let fresh = start >= self.zero_tail;
+            self.zero_tail = self.zero_tail.max(start + n);
+            return Ok((start << self.cb, fresh));
+        }
+    }
+
+    /// Drops one reference to the host cluster at `off`, after the L2 change
+    /// that dropped it. Returns true if the cluster became free.
+    pub(crate) fn release(&mut self, f: &dyn BlockBackend, off: u64) -> Result<bool> {
+        if self.l2_after_rc {
+            self.flush_rb(f)?;
+            self.barrier(f)?;
+            self.l2_after_rc = false;
+        }
+        let c = off >> self.cb;
+        let v = self.adjust(f, c, -1)?;
+        self.rc_after_l2 = true;
+        if v == 0 {
+            self.free_hint = self.free_hint.min(c);
+        }
+        Ok(v == 0)
+    }
+
+    /// Releases the host clusters referenced by an L2 entry.
+    pub(crate) fn release_entry(&mut self, f: &dyn BlockBackend, entry: u64) -> Result<()> {
+        if entry & COMPRESSED != 0 {
+            let (s, e) = compressed_range(entry, self.cb);
+            let mut c = s >> self.cb;
+            while c << self.cb < e {
+                self.release(f, c << self.cb)?;
+                c += 1;
+            }
+            return Ok(());
+        }
+        let off = entry & OFFSET_MASK;
+        if off != 0 && self.release(f, off)? {
+            // Give the space back to the host; discard is advisory.
+            let _ = f.discard(off, self.cs);
+        }
+        Ok(())
+    }
+
+    fn create_refblock(&mut self, f: &dyn BlockBackend, ti: usize, c: u64) -> Result<()> {
+        let mut block = vec![0u8; self.cs as usize];
+        let idx = (c & ((1 << self.rb_bits) - 1)) as usize;
+        refcount::set(&mut block, idx, self.hdr.refcount_order, 1);
+        let off = c << self.cb;
+        f.write_at(&block, off)?;
+        self.barrier(f)?;
+        let e = off.to_be_bytes();
+        f.write_at(&e, self.hdr.refcount_table_offset + ti as u64 * 8)?;
+        self.reftable[ti] = off;
+        self.rb_offsets.insert(off);
+        self.zero_tail = self.zero_tail.max(c + 1);
+        let victim = self.rb.victim();
+        if let Some(v) = victim {
+            if self.rb.slots[v].dirty {
+                self.write_rb_slot(f, v)?;
+            }
+        }
+        self.rb.place(victim, off, block, false);
+        Ok(())
+    }
+
+    /// Grows the refcount table so that index `need` exists. The new table and
+    /// the refcount blocks describing it go at the end of the image.
+    fn grow_reftable(&mut self, f: &dyn BlockBackend, need: usize) -> Result<()> {
+        let cs = self.cs;
+        let per = (cs / 8) as usize;
+        let rb_bits = self.rb_bits;
+        let old_cap = self.reftable.len();
+        let e = ((old_cap as u64) << rb_bits).max(f.size().div_ceil(cs));
+        let mut new_cap = (need + 1).max(old_cap + old_cap / 2 + 1);
+        let (mut t, mut b) = (0u64, 0u64);
+        loop {
+            let nt = (new_cap as u64).div_ceil(per as u64);
+            let last = e + nt + b.max(1) - 1;
+            let nb = (last >> rb_bits) - (e >> rb_bits) + 1;
+            new_cap = new_cap.max((last >> rb_bits) as usize + 1);
+            let nt2 = (new_cap as u64).div_ceil(per as u64);
+            if nt2 == t && nb == b {
+                break;
+            }
+            t = nt2;
+            b = nb;
+        }
+        new_cap = (t as usize) * per;
+        if t * cs > super::header::MAX_REFTABLE_BYTES {
+            return Err(Error::Unsupported(
+                "the refcount table would exceed 8 MiB; use a larger cluster size".into(),
+            ));
+        }
+        let table_start = e;
+        let blocks_start = e + t;
+        let end = blocks_start + b;
+        let first_ti = e >> rb_bits;
+        let order = self.hdr.refcount_order;
+        let mut new_table = self.reftable.clone();
+        new_table.resize(new_cap, 0);
+        for k in 0..b {
+            let ti = first_ti + k;
+            let mut block = vec![0u8; cs as usize];
+            for x in table_start.max(ti << rb_bits)..end.min((ti + 1) << rb_bits) {
+                refcount::set(&mut block, (x & ((1 << rb_bits) - 1)) as usize, order, 1);
+            }
+            let boff = (blocks_start + k) << self.cb;
+            f.write_at(&block, boff)?;
+            new_table[ti as usize] = boff;
+        }
+        let mut tb = Vec::with_capacity((t * cs) as usize);
+        for e in &new_table {
+            tb.extend_from_slice(&e.to_be_bytes());
+        }
+        f.write_at(&tb, table_start << self.cb)?;
+        self.barrier(f)?;
+        let mut hb = [0u8; 12];
+        hb[..8].copy_from_slice(&(table_start << self.cb).to_be_bytes());
+        hb[8..].copy_from_slice(&(t as u32).to_be_bytes());
+        f.write_at(&hb, 48)?;
+        self.barrier(f)?;
+        let old_off = self.hdr.refcount_table_offset;
+        let old_clusters = self.hdr.refcount_table_clusters as u64;
+        self.hdr.refcount_table_offset = table_start << self.cb;
+        self.hdr.refcount_table_clusters = t as u32;
+        self.reftable = new_table;
+        for k in 0..b {
+            self.rb_offsets.insert((blocks_start + k) << self.cb);
+        }
+        self.zero_tail = self.zero_tail.max(end);
+        // The old table is no longer referenced by the header.
+        for c in 0..old_clusters {
+            let cl = (old_off >> self.cb) + c;
+            self.adjust(f, cl, -1)?;
+            self.free_hint = self.free_hint.min(cl);
+        }
+        Ok(())
+    }
+}

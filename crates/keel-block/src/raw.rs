@@ -1,0 +1,661 @@
+//! Raw images over a POSIX file or block device, with QEMU's cache modes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::backend::{
+    check_range, copy_from_iov, copy_to_iov, iov_len, BlockBackend, Limits, WriteFlags,
+};
+use crate::buf::AlignedBuf;
+use crate::error::{Error, Result};
+
+/// Host cache mode, with the same names and meaning as QEMU's `cache=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// `O_DIRECT`; flush still calls `fdatasync`.
+    None,
+    /// Host page cache; flush calls `fdatasync` (QEMU's default).
+    #[default]
+    Writeback,
+    /// Host page cache with `O_DSYNC`: every write is durable on completion.
+    Writethrough,
+    /// `O_DIRECT | O_DSYNC`.
+    DirectSync,
+    /// Host page cache and flushes are ignored. Fast and unsafe on host crash.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Whether the file is opened with `O_DIRECT`.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
+    }
+    /// Whether the file is opened with `O_DSYNC` (guest sees no write cache).
+    pub fn dsync(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
+    }
+    /// Whether flush requests are ignored.
+    pub fn ignores_flush(self) -> bool {
+        self == CacheMode::Unsafe
+    }
+    /// QEMU's name for this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::DirectSync => "directsync",
+            CacheMode::Unsafe => "unsafe",
+        }
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "none" | "off" => CacheMode::None,
+            "writeback" => CacheMode::Writeback,
+            "writethrough" => CacheMode::Writethrough,
+            "directsync" => CacheMode::DirectSync,
+            "unsafe" => CacheMode::Unsafe,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown cache mode '{s}' (expected none, writeback, writethrough, directsync or unsafe)"
+                )))
+            }
+        })
+    }
+}
+
+/// How to open a [`RawFile`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawOptions {
+    /// Host cache mode.
+    pub cache: CacheMode,
+    /// Open read-only.
+    pub read_only: bool,
+    /// Allow writes past the end of the file, growing it. Used when the file
+    /// holds an image format such as qcow2; a raw guest disk has a fixed size.
+    pub growable: bool,
+}
+
+/// A raw image: guest offset `n` is file offset `n`.
+pub struct RawFile {
+    file: File,
+    opts: RawOptions,
+    size: AtomicU64,
+    /// Request and memory alignment (1 unless `O_DIRECT`).
+    align: u64,
+    /// Serialises read-modify-write cycles of partial sectors under `O_DIRECT`.
+    rmw: Mutex<()>,
+}
+
+fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate only reads its scalar arguments; fd is a valid open descriptor.
+    let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn not_supported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+impl RawFile {
+    /// Opens `path` with the given options.
+    pub fn open(path: impl AsRef<Path>, opts: RawOptions) -> Result<RawFile> {
+        let path = path.as_ref();
+        let mut flags = 0;
+        if opts.cache.direct() {
+            flags |= libc::O_DIRECT;
+        }
+        if opts.cache.dsync() {
+            flags |= libc::O_DSYNC;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Self::from_file(file, opts)
+    }
+
+    /// Creates (or truncates) `path` as a raw image of `size` bytes.
+    pub fn create(path: impl AsRef<Path>, size: u64) -> Result<()> {
+        let path = path.as_ref();
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        f.set_len(size)
+            .map_err(|e| Error::io(format!("setting the size of {}", path.display()), e))
+    }
+
+    /// Wraps an already open file. `opts.cache` must describe how it was opened.
+    pub fn from_file(file: File, opts: RawOptions) -> Result<RawFile> {
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("reading file metadata", e))?;
+        let size = if meta.file_type().is_block_device() {
+            let mut sz: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the valid pointer we pass.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut sz as *mut u64) };
+            if r != 0 {
+                return Err(Error::last_os("querying the block device size"));
+            }
+            sz
+        } else {
+            meta.len()
+        };
+        let mut raw = RawFile {
+            file,
+            opts,
+            size: AtomicU64::new(size),
+            align: 1,
+            rmw: Mutex::new(()),
+        };
+        if opts.cache.direct() {
+            raw.align = raw.probe_alignment();
+        }
+        Ok(raw)
+    }
+
+    fn probe_alignment(&self) -> u64 {
+        let mut buf = AlignedBuf::new(4096, 4096);
+        for align in [512u64, 4096] {
+            // SAFETY: the buffer is valid for `align` (<= 4096) bytes of writes.
+            let r = unsafe {
+                libc::pread(
+                    self.fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    align as usize,
+                    0,
+                )
+            };
+            if r >= 0 {
+                return align;
+            }
+        }
+        4096
+    }
+
+    /// The underlying descriptor, for asynchronous engines.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// The options this file was opened with.
+    pub fn options(&self) -> RawOptions {
+        self.opts
+    }
+
+    /// Changes the file length.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("resizing the file", e))?;
+        self.size.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.opts.growable {
+            offset
+                .checked_add(len)
+                .map(|_| ())
+                .ok_or(Error::OutOfRange {
+                    offset,
+                    len,
+                    size: self.size(),
+                })
+        } else {
+            check_range(offset, len, self.size())
+        }
+    }
+
+    fn aligned_iov<T: std::ops::Deref<Target = [u8]>>(&self, bufs: &[T], offset: u64) -> bool {
+        let a = self.align;
+        if a == 1 {
+            return true;
+        }
+        offset % a == 0
+            && bufs
+                .iter()
+                .all(|b| b.len() as u64 % a == 0 && (b.as_ptr() as u64) % a == 0)
+    }
+
+    /// preadv until done; zero-fills anything past end of file.
+    fn preadv_full(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let total = iov_len(bufs) as usize;
+        let mut done = 0usize;
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut first = 0usize;
+        while done < total {
+            let cnt = (iov.len() - first).min(1024);
+            // SAFETY: every iovec points into a live, exclusively borrowed buffer
+            // of the stated length.
+            let r = unsafe {
+                libc::preadv(
+                    self.fd(),
+                    iov[first..].as_ptr(),
+                    cnt as i32,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io(format!("reading at offset {}", offset), e));
+            }
+            if r == 0 {
+                crate::backend::zero_iov(bufs, done, total - done);
+                return Ok(());
+            }
+            done += r as usize;
+            advance(&mut iov, &mut first, r as usize);
+        }
+        Ok(())
+    }
+
+    fn pwritev_full(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let total = iov_len(bufs) as usize;
+        let mut done = 0usize;
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut first = 0usize;
+        while done < total {
+            let cnt = (iov.len() - first).min(1024);
+            // SAFETY: every iovec points into a live buffer of the stated length;
+            // pwritev only reads through them.
+            let r = unsafe {
+                libc::pwritev(
+                    self.fd(),
+                    iov[first..].as_ptr(),
+                    cnt as i32,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io(format!("writing at offset {}", offset), e));
+            }
+            if r == 0 {
+                return Err(Error::io(
+                    format!("writing at offset {}", offset),
+                    std::io::Error::from(std::io::ErrorKind::WriteZero),
+                ));
+            }
+            done += r as usize;
+            advance(&mut iov, &mut first, r as usize);
+        }
+        Ok(())
+    }
+
+    fn grew(&self, end: u64) {
+        if self.opts.growable {
+            self.size.fetch_max(end, Ordering::AcqRel);
+        }
+    }
+
+    fn after_write(&self, flags: WriteFlags) -> Result<()> {
+        if flags.fua && !self.opts.cache.dsync() && !self.opts.cache.ignores_flush() {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        // SAFETY: fdatasync takes a plain descriptor.
+        if unsafe { libc::fdatasync(self.fd()) } != 0 {
+            return Err(Error::last_os("flushing the file"));
+        }
+        Ok(())
+    }
+
+    /// Reads into a bounce buffer covering the aligned enclosing range.
+    fn bounce_read(&self, bufs: &mut [IoSliceMut<'_>], offset: u64, len: u64) -> Result<()> {
+        let a = self.align;
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        let mut bb = AlignedBuf::new((end - start) as usize, a as usize);
+        self.preadv_full(&mut [IoSliceMut::new(bb.as_mut_slice())], start)?;
+        let s = (offset - start) as usize;
+        copy_to_iov(bufs, 0, &bb.as_slice()[s..s + len as usize]);
+        Ok(())
+    }
+
+    fn bounce_write(&self, bufs: &[IoSlice<'_>], offset: u64, len: u64) -> Result<()> {
+        let a = self.align;
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        let mut bb = AlignedBuf::new((end - start) as usize, a as usize);
+        let s = (offset - start) as usize;
+        if start == offset && end == offset + len {
+            // Only the memory is misaligned: copy, no read-modify-write.
+            copy_from_iov(bufs, 0, bb.as_mut_slice());
+            return self.pwritev_full(&[IoSlice::new(bb.as_slice())], start);
+        }
+        let _guard = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        if start != offset {
+            self.preadv_full(&mut [IoSliceMut::new(&mut bb.as_mut_slice()[..a as usize])], start)?;
+        }
+        if end != offset + len && (end - a != start || start == offset) {
+            let n = bb.len();
+            self.preadv_full(
+                &mut [IoSliceMut::new(&mut bb.as_mut_slice()[n - a as usize..])],
+                end - a,
+            )?;
+        }
+        copy_from_iov(bufs, 0, &mut bb.as_mut_slice()[s..s + len as usize]);
+        self.pwritev_full(&[IoSlice::new(bb.as_slice())], start)
+    }
+
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zero = AlignedBuf::new(CHUNK.min(len.max(1)) as usize, 4096);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write_vectored_at(
+                &[IoSlice::new(&zero.as_slice()[..n as usize])],
+                offset + done,
+                WriteFlags::NONE,
+            )?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+fn advance(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
+    while n > 0 && *first < iov.len() {
+        let cur = &mut iov[*first];
+        if n >= cur.iov_len {
+            n -= cur.iov_len;
+            *first += 1;
+        } else {
+            // The iovec still points into the same live buffer, just further in.
+            cur.iov_base = (cur.iov_base as usize + n) as *mut libc::c_void;
+            cur.iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+impl BlockBackend for RawFile {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            request_alignment: self.align as u32,
+            memory_alignment: self.align as u32,
+            discard_granularity: 4096,
+            max_transfer: 1 << 30,
+        }
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let len = iov_len(bufs);
+        if !self.opts.growable {
+            check_range(offset, len, self.size())?;
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if self.aligned_iov(bufs, offset) {
+            self.preadv_full(bufs, offset)
+        } else {
+            self.bounce_read(bufs, offset, len)
+        }
+    }
+
+    fn write_vectored_at(
+        &self,
+        bufs: &[IoSlice<'_>],
+        offset: u64,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let len = iov_len(bufs);
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.aligned_iov(bufs, offset) {
+            self.pwritev_full(bufs, offset)?;
+        } else {
+            self.bounce_write(bufs, offset, len)?;
+        }
+        self.grew(offset + len);
+        self.after_write(flags)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.opts.cache.ignores_flush() || self.opts.read_only {
+            return Ok(());
+        }
+        self.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            self.fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if not_supported(&e) => Ok(()),
+            Err(e) => Err(Error::io("punching a hole for discard", e)),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let size = self.size();
+        let fd = self.fd();
+        let mut done = false;
+        if unmap && offset + len <= size {
+            match fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Ok(()) => done = true,
+                Err(e) if not_supported(&e) => {}
+                Err(e) => return Err(Error::io("punching a hole for write-zeroes", e)),
+            }
+        }
+        if !done {
+            let mode = if offset + len <= size {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE
+            };
+            match fallocate(fd, mode, offset, len) {
+                Ok(()) => done = true,
+                Err(e) if not_supported(&e) => {}
+                Err(e) => return Err(Error::io("zeroing a range", e)),
+            }
+        }
+        if !done {
+            // write_vectored_at already handles growth and O_DSYNC.
+            return self.write_zero_buffers(offset, len);
+        }
+        self.grew(offset + len);
+        if self.opts.cache.dsync() {
+            self.sync()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modes() -> [CacheMode; 5] {
+        [
+            CacheMode::None,
+            CacheMode::Writeback,
+            CacheMode::Writethrough,
+            CacheMode::DirectSync,
+            CacheMode::Unsafe,
+        ]
+    }
+
+    #[test]
+    fn every_cache_mode_round_trips_unaligned_io() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in modes() {
+            let p = dir.path().join(format!("{}.raw", mode.as_str()));
+            RawFile::create(&p, 64 * 1024).unwrap();
+            let f = RawFile::open(
+                &p,
+                RawOptions {
+                    cache: mode,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(f.size(), 64 * 1024);
+            // Unaligned offset, length and memory, split across two buffers.
+            let a: Vec<u8> = (0..700u32).map(|i| (i % 251) as u8).collect();
+            let b = vec![0xabu8; 333];
+            f.write_vectored_at(
+                &[IoSlice::new(&a[1..]), IoSlice::new(&b)],
+                1001,
+                WriteFlags::FUA,
+            )
+            .unwrap();
+            f.flush().unwrap();
+            let mut out = vec![0u8; 1032];
+            f.read_at(&mut out, 1001).unwrap();
+            assert_eq!(&out[..699], &a[1..]);
+            assert_eq!(&out[699..], &b[..]);
+            // Neighbouring bytes untouched by the read-modify-write.
+            let mut edge = [1u8; 2];
+            f.read_at(&mut edge, 999).unwrap();
+            assert_eq!(edge, [0, 0]);
+            // Aligned request on aligned memory.
+            let mut ab = AlignedBuf::new(4096, 4096);
+            ab.as_mut_slice().fill(7);
+            f.write_at(ab.as_slice(), 8192).unwrap();
+            let mut back = AlignedBuf::new(4096, 4096);
+            f.read_at(back.as_mut_slice(), 8192).unwrap();
+            assert!(back.as_slice().iter().all(|&x| x == 7));
+            // Write-zeroes with and without unmap, and discard.
+            f.write_zeroes(8192, 1024, false).unwrap();
+            f.write_zeroes(9216, 1024, true).unwrap();
+            f.read_at(back.as_mut_slice(), 8192).unwrap();
+            assert!(back.as_slice()[..2048].iter().all(|&x| x == 0));
+            assert!(back.as_slice()[2048..].iter().all(|&x| x == 7));
+            f.discard(0, 64 * 1024).unwrap();
+            // Out of range and fixed size.
+            assert!(matches!(
+                f.write_at(&[1], 64 * 1024),
+                Err(Error::OutOfRange { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ro.raw");
+        RawFile::create(&p, 4096).unwrap();
+        let f = RawFile::open(
+            &p,
+            RawOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(matches!(f.write_at(&[1], 0), Err(Error::ReadOnly)));
+        assert!(matches!(f.discard(0, 512), Err(Error::ReadOnly)));
+        assert!(matches!(
+            f.write_zeroes(0, 512, true),
+            Err(Error::ReadOnly)
+        ));
+    }
+
+    #[test]
+    fn discard_punches_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("hole.raw");
+        RawFile::create(&p, 1 << 20).unwrap();
+        let f = RawFile::open(&p, RawOptions::default()).unwrap();
+        f.write_at(&vec![5u8; 1 << 20], 0).unwrap();
+        f.flush().unwrap();
+        let used = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).unwrap().blocks() * 512
+        };
+        let before = used(&p);
+        f.discard(0, 1 << 20).unwrap();
+        let after = used(&p);
+        assert!(after < before, "discard released nothing: {before} -> {after}");
+        let mut b = vec![1u8; 4096];
+        f.read_at(&mut b, 4096).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn cache_mode_names_parse() {
+        for m in modes() {
+            assert_eq!(m.as_str().parse::<CacheMode>().unwrap(), m);
+        }
+        assert!("bogus".parse::<CacheMode>().is_err());
+    }
+}
