@@ -1,1 +1,902 @@
-fn main() {}
+//! `keel-img`: create, inspect, check, convert and benchmark raw and qcow2
+//! images, with the command-line conventions of `qemu-img` and `qemu-io`.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion, SyncQueue, UringQueue};
+use keel_block::buf::AlignedBuf;
+use keel_block::qcow2::{self, CreateOptions, Fix};
+use keel_block::{BlockBackend, CacheMode, Error, Qcow2, Qcow2Options, RawFile, RawOptions, Result};
+
+#[derive(Parser)]
+#[command(name = "keel-img", version, about = "Raw and qcow2 image tool (qemu-img compatible subset)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an image: `create [-f fmt] [-o opts] FILE SIZE`.
+    Create {
+        /// Format: raw or qcow2.
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// qcow2 options: cluster_size, compat (0.10/1.1), refcount_bits, lazy_refcounts.
+        #[arg(short = 'o')]
+        options: Option<String>,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        file: PathBuf,
+        /// Size (suffixes k, M, G, T).
+        size: String,
+    },
+    /// Show information about an image.
+    Info {
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: human or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// Image file.
+        file: PathBuf,
+    },
+    /// Check a qcow2 image. Exit code: 0 clean, 1 check error, 2 corruption, 3 leaks only.
+    Check {
+        /// Repair: leaks or all.
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: human or json.
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        file: PathBuf,
+    },
+    /// Convert between raw and qcow2.
+    Convert {
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Input format (probed if omitted).
+        #[arg(short = 'f')]
+        input_format: Option<String>,
+        /// Output format.
+        #[arg(short = 'O', default_value = "raw")]
+        output_format: String,
+        /// Output qcow2 options, as for create.
+        #[arg(short = 'o')]
+        options: Option<String>,
+        /// Output cache mode.
+        #[arg(short = 't', default_value = "writeback")]
+        cache: String,
+        /// Input file.
+        input: PathBuf,
+        /// Output file.
+        output: PathBuf,
+    },
+    /// Benchmark sequential strided I/O, like `qemu-img bench`.
+    Bench {
+        /// Number of requests.
+        #[arg(short = 'c', default_value_t = 75000)]
+        count: u64,
+        /// Requests in flight.
+        #[arg(short = 'd', default_value_t = 64)]
+        depth: u32,
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Cache mode.
+        #[arg(short = 't', default_value = "writeback")]
+        cache: String,
+        /// Same as -t none.
+        #[arg(short = 'n')]
+        nocache: bool,
+        /// AIO engine: io_uring or threads.
+        #[arg(short = 'i', default_value = "io_uring")]
+        aio: String,
+        /// Offset of the first request.
+        #[arg(short = 'o', default_value = "0")]
+        offset: String,
+        /// Request size.
+        #[arg(short = 's', default_value = "4096")]
+        size: String,
+        /// Offset increment between requests (default: the request size).
+        #[arg(short = 'S')]
+        step: Option<String>,
+        /// Write instead of read.
+        #[arg(short = 'w')]
+        write: bool,
+        /// Byte written by write requests.
+        #[arg(long = "pattern", default_value = "0", value_parser = parse_byte)]
+        pattern: u8,
+        /// Flush after this many write requests.
+        #[arg(long = "flush-interval")]
+        flush_interval: Option<u64>,
+        /// Do not wait for in-flight requests before each flush.
+        #[arg(long = "no-drain")]
+        no_drain: bool,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        file: PathBuf,
+    },
+    /// Write a byte pattern (or zeroes), like `qemu-io -c 'write -P'`.
+    Write {
+        /// Pattern byte (decimal or 0x hex).
+        #[arg(short = 'P', default_value = "0xcd", value_parser = parse_byte)]
+        pattern: u8,
+        /// Write zeroes instead of a pattern.
+        #[arg(short = 'z')]
+        zero: bool,
+        /// With -z, allow unmapping.
+        #[arg(short = 'u')]
+        unmap: bool,
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Cache mode.
+        #[arg(short = 't', default_value = "writeback")]
+        cache: String,
+        /// Image file.
+        file: PathBuf,
+        /// Offset.
+        offset: String,
+        /// Length.
+        len: String,
+    },
+    /// Read a range and verify a byte pattern; exits 1 on a mismatch.
+    Read {
+        /// Expected byte (decimal or 0x hex).
+        #[arg(short = 'P', value_parser = parse_byte)]
+        pattern: Option<u8>,
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Image file.
+        file: PathBuf,
+        /// Offset.
+        offset: String,
+        /// Length.
+        len: String,
+    },
+    /// Discard a range.
+    Discard {
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Image file.
+        file: PathBuf,
+        /// Offset.
+        offset: String,
+        /// Length.
+        len: String,
+    },
+}
+
+fn parse_byte(s: &str) -> std::result::Result<u8, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u8::from_str_radix(h, 16),
+        None => s.parse::<u8>(),
+    };
+    r.map_err(|_| format!("'{s}' is not a byte value (0-255 or 0x00-0xff)"))
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                _ => return Err(Error::InvalidArgument(format!("bad size suffix in '{s}'"))),
+            };
+            (&s[..s.len() - 1], m)
+        }
+        _ => (s, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| Error::InvalidArgument(format!("size '{s}' too large")));
+    }
+    match num.parse::<f64>() {
+        Ok(f) if f >= 0.0 && f * (mult as f64) < 1.8e19 => Ok((f * mult as f64) as u64),
+        _ => Err(Error::InvalidArgument(format!("invalid size '{s}'"))),
+    }
+}
+
+fn parse_create_opts(opts: Option<&str>, size: u64) -> Result<CreateOptions> {
+    let mut o = CreateOptions {
+        size,
+        ..Default::default()
+    };
+    let Some(opts) = opts else { return Ok(o) };
+    for kv in opts.split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
+        match k {
+            "cluster_size" => o.cluster_size = parse_size(v)?,
+            "compat" => {
+                o.version = match v {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(Error::InvalidArgument(format!("unknown compat '{v}'"))),
+                }
+            }
+            "refcount_bits" => {
+                o.refcount_bits = v
+                    .parse()
+                    .map_err(|_| Error::InvalidArgument(format!("bad refcount_bits '{v}'")))?
+            }
+            "lazy_refcounts" => o.lazy_refcounts = matches!(v, "on" | "true" | "yes"),
+            "size" => o.size = parse_size(v)?,
+            _ => return Err(Error::InvalidArgument(format!("unsupported option '{k}'"))),
+        }
+    }
+    Ok(o)
+}
+
+enum Image {
+    Raw(Arc<RawFile>),
+    Qcow2(Arc<Qcow2<RawFile>>),
+}
+
+impl Image {
+    fn backend(&self) -> &dyn BlockBackend {
+        match self {
+            Image::Raw(r) => &**r,
+            Image::Qcow2(q) => &**q,
+        }
+    }
+    fn close(&self) -> Result<()> {
+        match self {
+            Image::Raw(r) => r.flush(),
+            Image::Qcow2(q) => q.close(),
+        }
+    }
+}
+
+fn probe_format(path: &Path) -> Result<String> {
+    let f = RawFile::open(
+        path,
+        RawOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(if qcow2::probe(&f) { "qcow2" } else { "raw" }.to_string())
+}
+
+fn open_image(path: &Path, fmt: Option<&str>, cache: CacheMode, read_only: bool) -> Result<Image> {
+    let fmt = match fmt {
+        Some(f) => f.to_string(),
+        None => probe_format(path)?,
+    };
+    match fmt.as_str() {
+        "raw" => Ok(Image::Raw(Arc::new(RawFile::open(
+            path,
+            RawOptions {
+                cache,
+                read_only,
+                growable: false,
+            },
+        )?))),
+        "qcow2" => {
+            let f = RawFile::open(
+                path,
+                RawOptions {
+                    cache,
+                    read_only,
+                    growable: true,
+                },
+            )?;
+            Ok(Image::Qcow2(Arc::new(Qcow2::open(
+                f,
+                Qcow2Options {
+                    read_only,
+                    write_through: cache.dsync(),
+                    ..Default::default()
+                },
+            )?)))
+        }
+        other => Err(Error::Unsupported(format!("image format '{other}'"))),
+    }
+}
+
+fn create_image(path: &Path, fmt: &str, opts: Option<&str>, size: u64) -> Result<()> {
+    match fmt {
+        "raw" => {
+            if opts.is_some() {
+                return Err(Error::InvalidArgument("raw images take no -o options".into()));
+            }
+            RawFile::create(path, size)
+        }
+        "qcow2" => {
+            let o = parse_create_opts(opts, size)?;
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            let f = RawFile::open(
+                path,
+                RawOptions {
+                    growable: true,
+                    ..Default::default()
+                },
+            )?;
+            qcow2::create(&f, &o)
+        }
+        other => Err(Error::Unsupported(format!("image format '{other}'"))),
+    }
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", units[u])
+    } else {
+        format!("{v:.3} {}", units[u])
+    }
+}
+
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
+    let fmt = match fmt {
+        Some(f) => f.to_string(),
+        None => probe_format(file)?,
+    };
+    let raw = RawFile::open(
+        file,
+        RawOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
+    let actual = disk_usage(file);
+    let name = file.display().to_string();
+    let (vsize, q) = if fmt == "qcow2" {
+        let h = qcow2::read_header(&raw)?;
+        (h.size, Some(qcow2::info_from_header(&h)))
+    } else {
+        (raw.size(), None)
+    };
+    if output == "json" {
+        let mut v = serde_json::json!({
+            "virtual-size": vsize,
+            "filename": name,
+            "format": fmt,
+            "actual-size": actual,
+            "dirty-flag": q.as_ref().is_some_and(|i| i.dirty),
+        });
+        if let Some(i) = &q {
+            v["cluster-size"] = i.cluster_size.into();
+            let mut data = serde_json::json!({
+                "compat": if i.version == 3 { "1.1" } else { "0.10" },
+                "refcount-bits": i.refcount_bits,
+            });
+            if i.version == 3 {
+                data["compression-type"] = i.compression_type.into();
+                data["lazy-refcounts"] = i.lazy_refcounts.into();
+                data["corrupt"] = i.corrupt.into();
+                data["extended-l2"] = false.into();
+            }
+            v["format-specific"] = serde_json::json!({"type": "qcow2", "data": data});
+            if let Some(b) = &i.backing_file {
+                v["backing-filename"] = b.clone().into();
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("image: {name}");
+        println!("file format: {fmt}");
+        println!("virtual size: {} ({vsize} bytes)", human(vsize));
+        println!("disk size: {}", human(actual));
+        if let Some(i) = &q {
+            println!("cluster_size: {}", i.cluster_size);
+            if let Some(b) = &i.backing_file {
+                println!("backing file: {b}");
+            }
+            println!("Format specific information:");
+            println!("    compat: {}", if i.version == 3 { "1.1" } else { "0.10" });
+            if i.version == 3 {
+                println!("    compression type: {}", i.compression_type);
+                println!("    lazy refcounts: {}", i.lazy_refcounts);
+            }
+            println!("    refcount bits: {}", i.refcount_bits);
+            if i.version == 3 {
+                println!("    corrupt: {}", i.corrupt);
+                println!("    extended l2: false");
+            }
+            if i.dirty {
+                println!("    dirty: true");
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_check(file: &Path, fmt: Option<&str>, repair: Option<&str>, output: &str, quiet: bool) -> Result<i32> {
+    let fmt = match fmt {
+        Some(f) => f.to_string(),
+        None => probe_format(file)?,
+    };
+    if fmt != "qcow2" {
+        eprintln!("keel-img: This image format does not support checks");
+        return Ok(63);
+    }
+    let fix = match repair {
+        None => Fix::None,
+        Some("leaks") => Fix::Leaks,
+        Some("all") => Fix::All,
+        Some(o) => return Err(Error::InvalidArgument(format!("unknown repair mode '{o}'"))),
+    };
+    let f = RawFile::open(
+        file,
+        RawOptions {
+            read_only: fix == Fix::None,
+            ..Default::default()
+        },
+    )?;
+    let r = qcow2::check(&f, fix)?;
+    if output == "json" {
+        let mut v = serde_json::json!({
+            "image-end-offset": r.image_end_offset,
+            "total-clusters": r.total_clusters,
+            "check-errors": r.check_errors,
+            "allocated-clusters": r.allocated_clusters,
+            "filename": file.display().to_string(),
+            "format": "qcow2",
+        });
+        for (k, n) in [
+            ("leaks", r.leaks),
+            ("corruptions", r.corruptions),
+            ("leaks-fixed", r.leaks_fixed),
+            ("corruptions-fixed", r.corruptions_fixed),
+        ] {
+            if n > 0 {
+                v[k] = n.into();
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if !quiet {
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
+        if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
+            println!("The following inconsistencies were found and repaired:\n");
+            println!("    {} leaked clusters", r.leaks_fixed);
+            println!("    {} corruptions\n", r.corruptions_fixed);
+            println!("Double checking the fixed image now...");
+        }
+        if r.check_errors > 0 {
+            println!("\n{} internal errors have occurred during the check.", r.check_errors);
+        }
+        if r.corruptions > 0 {
+            println!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+                r.corruptions
+            );
+        }
+        if r.leaks > 0 {
+            println!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                r.leaks
+            );
+        }
+        if r.exit_code() == 0 {
+            println!("No errors were found on the image.");
+        }
+        if r.total_clusters > 0 {
+            println!(
+                "{}/{} = {:.2}% allocated, 0.00% fragmented, 0.00% compressed clusters",
+                r.allocated_clusters,
+                r.total_clusters,
+                r.allocated_clusters as f64 * 100.0 / r.total_clusters as f64
+            );
+        }
+        println!("Image end offset: {}", r.image_end_offset);
+    }
+    Ok(r.exit_code())
+}
+
+fn cmd_convert(
+    input: &Path,
+    ifmt: Option<&str>,
+    output: &Path,
+    ofmt: &str,
+    opts: Option<&str>,
+    cache: CacheMode,
+    progress: bool,
+) -> Result<i32> {
+    let src = open_image(input, ifmt, CacheMode::Writeback, true)?;
+    let size = src.backend().size();
+    create_image(output, ofmt, opts, size)?;
+    let dst = open_image(output, Some(ofmt), cache, false)?;
+    let chunk: u64 = 2 << 20;
+    let mut buf = AlignedBuf::new(chunk as usize, 4096);
+    let mut pos = 0;
+    let mut last_pct = -1.0f64;
+    let show = |pct: f64| {
+        print!("    ({pct:.2}/100%)\r");
+        let _ = std::io::stdout().flush();
+    };
+    if progress {
+        show(0.0);
+    }
+    while pos < size {
+        let n = (size - pos).min(chunk) as usize;
+        let b = &mut buf.as_mut_slice()[..n];
+        src.backend().read_at(b, pos)?;
+        if b.iter().any(|&x| x != 0) {
+            dst.backend().write_at(b, pos)?;
+        }
+        pos += n as u64;
+        if progress {
+            let pct = (pos as f64 * 100.0 / size as f64 * 100.0).floor() / 100.0;
+            if pct - last_pct >= 1.0 || pos == size {
+                show(pct);
+                last_pct = pct;
+            }
+        }
+    }
+    if progress {
+        show(100.0);
+        println!();
+    }
+    dst.close()?;
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_bench(
+    file: &Path,
+    fmt: Option<&str>,
+    cache: CacheMode,
+    aio: &str,
+    count: u64,
+    depth: u32,
+    offset: u64,
+    size: u64,
+    step: u64,
+    write: bool,
+    pattern: u8,
+    flush_interval: Option<u64>,
+    no_drain: bool,
+    quiet: bool,
+) -> Result<i32> {
+    let img = open_image(file, fmt, cache, !write)?;
+    let image_size = img.backend().size();
+    if size == 0 || depth == 0 {
+        return Err(Error::InvalidArgument("request size and depth must be positive".into()));
+    }
+    if !quiet {
+        println!(
+            "Sending {count} {} requests, {size} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
+            if write { "write" } else { "read" }
+        );
+    }
+    let mut queue: Box<dyn AioQueue> = match (aio, &img) {
+        ("io_uring", Image::Raw(r)) => Box::new(UringQueue::new(r.clone(), depth)?),
+        ("io_uring", Image::Qcow2(q)) => Box::new(UringQueue::new(q.clone(), depth)?),
+        ("threads", Image::Raw(r)) => Box::new(SyncQueue::new(r.clone())),
+        ("threads", Image::Qcow2(q)) => Box::new(SyncQueue::new(q.clone())),
+        (other, _) => {
+            return Err(Error::Unsupported(format!(
+                "aio engine '{other}' (use io_uring or threads)"
+            )))
+        }
+    };
+    let mut bufs: Vec<AlignedBuf> = (0..depth)
+        .map(|_| {
+            let mut b = AlignedBuf::new(size as usize, 4096);
+            b.as_mut_slice().fill(pattern);
+            b
+        })
+        .collect();
+    let mut free: Vec<usize> = (0..depth as usize).rev().collect();
+    let mut next_off = offset;
+    let mut submitted = 0u64;
+    let mut completed = 0u64;
+    let mut since_flush = 0u64;
+    let mut out: Vec<Completion> = Vec::new();
+    let start = Instant::now();
+    while completed < count {
+        while submitted < count && !free.is_empty() {
+            if let (Some(iv), true) = (flush_interval, write) {
+                if since_flush >= iv {
+                    if !no_drain && queue.in_flight() > 0 {
+                        break;
+                    }
+                    img.backend().flush()?;
+                    since_flush = 0;
+                }
+            }
+            let i = free.pop().unwrap_or_default();
+            if next_off + size > image_size {
+                next_off = 0;
+            }
+            let req = AioRequest {
+                op: if write { AioOp::Write } else { AioOp::Read },
+                offset: next_off,
+                buf: bufs[i].as_mut_ptr(),
+                len: size as usize,
+                user_data: i as u64,
+            };
+            // SAFETY: bufs[i] lives until the end of this function, and slot i is
+            // not reused until its completion has been returned below.
+            unsafe { queue.submit(req)? };
+            submitted += 1;
+            since_flush += 1;
+            next_off += step;
+        }
+        out.clear();
+        queue.wait(1, &mut out)?;
+        for c in out.drain(..) {
+            c.result?;
+            free.push(c.user_data as usize);
+            completed += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if !quiet {
+        println!("Run completed in {secs:.3} seconds.");
+    }
+    drop(queue);
+    img.close()?;
+    Ok(0)
+}
+
+fn cmd_rw(
+    file: &Path,
+    fmt: Option<&str>,
+    cache: CacheMode,
+    offset: u64,
+    len: u64,
+    op: RwOp,
+) -> Result<i32> {
+    let read_only = matches!(op, RwOp::Read(_));
+    let img = open_image(file, fmt, cache, read_only)?;
+    let b = img.backend();
+    let result = match op {
+        RwOp::Write(p) => {
+            let chunk = 1u64 << 20;
+            let buf = vec![p; chunk.min(len) as usize];
+            let mut pos = 0;
+            while pos < len {
+                let n = (len - pos).min(chunk);
+                b.write_at(&buf[..n as usize], offset + pos)?;
+                pos += n;
+            }
+            println!("wrote {len}/{len} bytes at offset {offset}");
+            0
+        }
+        RwOp::Zero(unmap) => {
+            b.write_zeroes(offset, len, unmap)?;
+            println!("wrote {len}/{len} bytes at offset {offset}");
+            0
+        }
+        RwOp::Discard => {
+            b.discard(offset, len)?;
+            println!("discard {len}/{len} bytes at offset {offset}");
+            0
+        }
+        RwOp::Read(p) => {
+            let chunk = 1u64 << 20;
+            let mut buf = vec![0u8; chunk.min(len) as usize];
+            let mut pos = 0;
+            let mut bad = None;
+            while pos < len {
+                let n = (len - pos).min(chunk) as usize;
+                b.read_at(&mut buf[..n], offset + pos)?;
+                if let Some(p) = p {
+                    if bad.is_none() {
+                        if let Some(i) = buf[..n].iter().position(|&x| x != p) {
+                            bad = Some(offset + pos + i as u64);
+                        }
+                    }
+                }
+                pos += n as u64;
+            }
+            match bad {
+                Some(at) => {
+                    println!("Pattern verification failed at offset {at}, {len} bytes");
+                    1
+                }
+                None => {
+                    println!("read {len}/{len} bytes at offset {offset}");
+                    0
+                }
+            }
+        }
+    };
+    img.close()?;
+    Ok(result)
+}
+
+enum RwOp {
+    Write(u8),
+    Zero(bool),
+    Read(Option<u8>),
+    Discard,
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Create {
+            format,
+            options,
+            quiet,
+            file,
+            size,
+        } => {
+            let size = parse_size(&size)?;
+            create_image(&file, &format, options.as_deref(), size)?;
+            if !quiet {
+                println!(
+                    "Formatting '{}', fmt={format} size={size}",
+                    file.display()
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Info {
+            format,
+            output,
+            file,
+        } => cmd_info(&file, format.as_deref(), &output),
+        Cmd::Check {
+            repair,
+            format,
+            output,
+            quiet,
+            file,
+        } => cmd_check(&file, format.as_deref(), repair.as_deref(), &output, quiet),
+        Cmd::Convert {
+            progress,
+            input_format,
+            output_format,
+            options,
+            cache,
+            input,
+            output,
+        } => cmd_convert(
+            &input,
+            input_format.as_deref(),
+            &output,
+            &output_format,
+            options.as_deref(),
+            cache.parse()?,
+            progress,
+        ),
+        Cmd::Bench {
+            count,
+            depth,
+            format,
+            cache,
+            nocache,
+            aio,
+            offset,
+            size,
+            step,
+            write,
+            pattern,
+            flush_interval,
+            no_drain,
+            quiet,
+            file,
+        } => {
+            let cache = if nocache { CacheMode::None } else { cache.parse()? };
+            let size = parse_size(&size)?;
+            let step = match step {
+                Some(s) => parse_size(&s)?,
+                None => size,
+            };
+            cmd_bench(
+                &file,
+                format.as_deref(),
+                cache,
+                &aio,
+                count,
+                depth,
+                parse_size(&offset)?,
+                size,
+                step,
+                write,
+                pattern,
+                flush_interval,
+                no_drain,
+                quiet,
+            )
+        }
+        Cmd::Write {
+            pattern,
+            zero,
+            unmap,
+            format,
+            cache,
+            file,
+            offset,
+            len,
+        } => {
+            let op = if zero { RwOp::Zero(unmap) } else { RwOp::Write(pattern) };
+            cmd_rw(&file, format.as_deref(), cache.parse()?, parse_size(&offset)?, parse_size(&len)?, op)
+        }
+        Cmd::Read {
+            pattern,
+            format,
+            file,
+            offset,
+            len,
+        } => cmd_rw(
+            &file,
+            format.as_deref(),
+            CacheMode::Writeback,
+            parse_size(&offset)?,
+            parse_size(&len)?,
+            RwOp::Read(pattern),
+        ),
+        Cmd::Discard {
+            format,
+            file,
+            offset,
+            len,
+        } => cmd_rw(
+            &file,
+            format.as_deref(),
+            CacheMode::Writeback,
+            parse_size(&offset)?,
+            parse_size(&len)?,
+            RwOp::Discard,
+        ),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let mut msg = format!("keel-img: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::from(1)
+        }
+    }
+}
