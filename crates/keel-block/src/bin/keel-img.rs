@@ -405,10 +405,10 @@ fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
             v["cluster-size"] = i.cluster_size.into();
             let mut data = serde_json::json!({
                 "compat": if i.version == 3 { "1.1" } else { "0.10" },
+                "compression-type": i.compression_type,
                 "refcount-bits": i.refcount_bits,
             });
             if i.version == 3 {
-                data["compression-type"] = i.compression_type.into();
                 data["lazy-refcounts"] = i.lazy_refcounts.into();
                 data["corrupt"] = i.corrupt.into();
                 data["extended-l2"] = false.into();
@@ -431,8 +431,8 @@ fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
             }
             println!("Format specific information:");
             println!("    compat: {}", if i.version == 3 { "1.1" } else { "0.10" });
+            println!("    compression type: {}", i.compression_type);
             if i.version == 3 {
-                println!("    compression type: {}", i.compression_type);
                 println!("    lazy refcounts: {}", i.lazy_refcounts);
             }
             println!("    refcount bits: {}", i.refcount_bits);

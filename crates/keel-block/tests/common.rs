@@ -1,0 +1,111 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// keel-img built by cargo for this test run.
+pub const KEEL_IMG: &str = env!("CARGO_BIN_EXE_keel-img");
+
+/// Fails the test (never skips) when the QEMU oracle is missing.
+pub fn require_qemu() {
+    for tool in ["qemu-img", "qemu-io"] {
+        let ok = Command::new(tool)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "{tool} is required for these tests (install qemu-utils: apt-get install -y qemu-utils)"
+        );
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+/// Runs a command and asserts it succeeded.
+pub fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// `qemu-img check --output=json`: (exit code, corruptions, leaks, check-errors).
+pub fn qemu_check(path: &Path) -> (i32, u64, u64, u64) {
+    let o = run("qemu-img", &["check", "--output=json", p(path)]);
+    let code = o.status.code().unwrap_or(-1);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img check output not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    (code, n("corruptions"), n("leaks"), n("check-errors"))
+}
+
+/// `keel-img check --output=json`: (exit code, corruptions, leaks, check-errors).
+pub fn keel_check(path: &Path) -> (i32, u64, u64, u64) {
+    let o = run(KEEL_IMG, &["check", "--output=json", p(path)]);
+    let code = o.status.code().unwrap_or(-1);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "keel-img check output not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    (code, n("corruptions"), n("leaks"), n("check-errors"))
+}
+
+/// A small deterministic PRNG (xorshift64*).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Host mapping of a qcow2 image from `qemu-img map --output=json`:
+/// (guest start, length, host offset) for every data extent.
+pub fn qemu_map(path: &Path) -> Vec<(u64, u64, u64)> {
+    let out = ok("qemu-img", &["map", "--output=json", "-f", "qcow2", p(path)]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("map json");
+    v.as_array()
+        .expect("map array")
+        .iter()
+        .filter(|e| e["data"].as_bool() == Some(true))
+        .filter_map(|e| {
+            Some((
+                e["start"].as_u64()?,
+                e["length"].as_u64()?,
+                e.get("offset")?.as_u64()?,
+            ))
+        })
+        .collect()
+}
