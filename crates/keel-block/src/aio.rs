@@ -307,7 +307,11 @@ impl<T: UringTarget> UringQueue<T> {
                 self.finish_piece(
                     parent,
                     Some(Error::io(
-                        if p.write { "writing (io_uring)" } else { "reading (io_uring)" },
+                        if p.write {
+                            "writing (io_uring)"
+                        } else {
+                            "reading (io_uring)"
+                        },
                         std::io::Error::from_raw_os_error(-res),
                     )),
                 );
@@ -349,8 +353,8 @@ impl<T: UringTarget> UringQueue<T> {
 impl<T: UringTarget> AioQueue for UringQueue<T> {
     unsafe fn submit(&mut self, req: AioRequest) -> Result<()> {
         let a = self.target.data_alignment();
-        let aligned = a <= 1
-            || (req.offset % a == 0 && req.len as u64 % a == 0 && (req.buf as u64) % a == 0);
+        let aligned =
+            a <= 1 || (req.offset % a == 0 && req.len as u64 % a == 0 && (req.buf as u64) % a == 0);
         if req.op == AioOp::Flush || !aligned {
             // SAFETY: forwarded caller contract.
             let result = unsafe { run_sync(&*self.target, &req) };

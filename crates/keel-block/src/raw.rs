@@ -372,7 +372,10 @@ impl RawFile {
         }
         let _guard = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
         if start != offset {
-            self.preadv_full(&mut [IoSliceMut::new(&mut bb.as_mut_slice()[..a as usize])], start)?;
+            self.preadv_full(
+                &mut [IoSliceMut::new(&mut bb.as_mut_slice()[..a as usize])],
+                start,
+            )?;
         }
         if end != offset + len && (end - a != start || start == offset) {
             let n = bb.len();
@@ -624,10 +627,7 @@ mod tests {
         .unwrap();
         assert!(matches!(f.write_at(&[1], 0), Err(Error::ReadOnly)));
         assert!(matches!(f.discard(0, 512), Err(Error::ReadOnly)));
-        assert!(matches!(
-            f.write_zeroes(0, 512, true),
-            Err(Error::ReadOnly)
-        ));
+        assert!(matches!(f.write_zeroes(0, 512, true), Err(Error::ReadOnly)));
     }
 
     #[test]
@@ -645,7 +645,10 @@ mod tests {
         let before = used(&p);
         f.discard(0, 1 << 20).unwrap();
         let after = used(&p);
-        assert!(after < before, "discard released nothing: {before} -> {after}");
+        assert!(
+            after < before,
+            "discard released nothing: {before} -> {after}"
+        );
         let mut b = vec![1u8; 4096];
         f.read_at(&mut b, 4096).unwrap();
         assert!(b.iter().all(|&x| x == 0));

@@ -94,7 +94,10 @@ impl Rng {
 /// Host mapping of a qcow2 image from `qemu-img map --output=json`:
 /// (guest start, length, host offset) for every data extent.
 pub fn qemu_map(path: &Path) -> Vec<(u64, u64, u64)> {
-    let out = ok("qemu-img", &["map", "--output=json", "-f", "qcow2", p(path)]);
+    let out = ok(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", p(path)],
+    );
     let v: serde_json::Value = serde_json::from_str(&out).expect("map json");
     v.as_array()
         .expect("map array")

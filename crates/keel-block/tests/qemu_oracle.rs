@@ -45,14 +45,31 @@ fn qemu_made_images_read_back_exactly() {
         for rb in ["1", "16", "64"] {
             configs.push(format!("cluster_size={cs},compat=1.1,refcount_bits={rb}"));
         }
-        configs.push(format!("cluster_size={cs},compat=1.1,lazy_refcounts=on,refcount_bits=8"));
+        configs.push(format!(
+            "cluster_size={cs},compat=1.1,lazy_refcounts=on,refcount_bits=8"
+        ));
     }
     let size: u64 = 12 << 20;
     for (n, opts) in configs.iter().enumerate() {
         let q = dir.path().join(format!("{n}.qcow2"));
         let r = dir.path().join(format!("{n}.raw"));
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, p(&q), &size.to_string()]);
-        ok("qemu-img", &["create", "-q", "-f", "raw", p(&r), &size.to_string()]);
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                p(&q),
+                &size.to_string(),
+            ],
+        );
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", p(&r), &size.to_string()],
+        );
         let v3 = opts.contains("1.1");
         let mut cmds = vec![
             "write -P 0x11 0 65536".to_string(),
@@ -89,13 +106,23 @@ fn qemu_made_images_read_back_exactly() {
         )
         .unwrap_or_else(|e| panic!("{opts}: {e}"));
         let got = read_all(&img);
-        assert!(got == expect, "{opts}: contents differ from QEMU's raw mirror");
+        assert!(
+            got == expect,
+            "{opts}: contents differ from QEMU's raw mirror"
+        );
         let rep = qcow2::check(img.file(), qcow2::Fix::None).unwrap();
         assert_eq!(rep.exit_code(), 0, "{opts}: {:?}", rep.messages);
         // keel-img reads it too, through format probing.
-        ok(KEEL_IMG, &["read", "-P", "0x44", p(&q), "12058624", "524288"]);
+        ok(
+            KEEL_IMG,
+            &["read", "-P", "0x44", p(&q), "12058624", "524288"],
+        );
         let o = run(KEEL_IMG, &["read", "-P", "0x44", p(&q), "11M", "1M"]);
-        assert_eq!(o.status.code(), Some(1), "{opts}: zeroed range must mismatch");
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{opts}: zeroed range must mismatch"
+        );
     }
 }
 
@@ -123,7 +150,9 @@ impl Workload {
         match r.below(10) {
             0..=5 => {
                 let seed = r.next();
-                let data: Vec<u8> = (0..len).map(|i| (seed.wrapping_add(i * 31) >> 3) as u8).collect();
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (seed.wrapping_add(i * 31) >> 3) as u8)
+                    .collect();
                 img.write_at(&data, off).unwrap();
                 mirror.write_at(&data, off).unwrap();
             }
@@ -162,7 +191,11 @@ fn random_workloads_pass_qemu_check_and_compare() {
         (8192, 3, 1, false),
     ];
     for (n, &(cluster_size, version, refcount_bits, lazy)) in configs.iter().enumerate() {
-        let size: u64 = if cluster_size == 512 { 6 << 20 } else { 24 << 20 };
+        let size: u64 = if cluster_size == 512 {
+            6 << 20
+        } else {
+            24 << 20
+        };
         let q = dir.path().join(format!("w{n}.qcow2"));
         let r = dir.path().join(format!("w{n}.raw"));
         std::fs::File::create(&q).unwrap();
@@ -198,20 +231,50 @@ fn random_workloads_pass_qemu_check_and_compare() {
             }
             let got = read_all(&img);
             let want = read_all(&mirror);
-            assert!(got == want, "config {n} round {round}: image differs from mirror");
+            assert!(
+                got == want,
+                "config {n} round {round}: image differs from mirror"
+            );
             img.close().unwrap();
         }
         let cfg = format!("cluster {cluster_size} v{version} refcount_bits {refcount_bits}");
         let (code, corrupt, leaks, errs) = qemu_check(&q);
-        assert_eq!((code, corrupt, leaks, errs), (0, 0, 0, 0), "{cfg}: qemu-img check");
-        ok("qemu-img", &["compare", "-q", "-f", "qcow2", "-F", "raw", p(&q), p(&r)]);
+        assert_eq!(
+            (code, corrupt, leaks, errs),
+            (0, 0, 0, 0),
+            "{cfg}: qemu-img check"
+        );
+        ok(
+            "qemu-img",
+            &["compare", "-q", "-f", "qcow2", "-F", "raw", p(&q), p(&r)],
+        );
         assert_eq!(keel_check(&q).0, 0, "{cfg}: keel-img check");
         // Convert both ways and compare again.
         let c = dir.path().join(format!("w{n}.conv.qcow2"));
         let c2 = dir.path().join(format!("w{n}.conv.raw"));
-        ok(KEEL_IMG, &["convert", "-p", "-f", "qcow2", "-O", "qcow2", "-o", "cluster_size=4k", p(&q), p(&c)]);
-        ok(KEEL_IMG, &["convert", "-f", "qcow2", "-O", "raw", p(&c), p(&c2)]);
-        ok("qemu-img", &["compare", "-q", "-f", "qcow2", "-F", "raw", p(&c), p(&r)]);
+        ok(
+            KEEL_IMG,
+            &[
+                "convert",
+                "-p",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4k",
+                p(&q),
+                p(&c),
+            ],
+        );
+        ok(
+            KEEL_IMG,
+            &["convert", "-f", "qcow2", "-O", "raw", p(&c), p(&c2)],
+        );
+        ok(
+            "qemu-img",
+            &["compare", "-q", "-f", "qcow2", "-F", "raw", p(&c), p(&r)],
+        );
         ok("cmp", &[p(&c2), p(&r)]);
         assert_eq!(qemu_check(&c).0, 0);
     }
@@ -224,7 +287,19 @@ fn lazy_refcounts_dirty_image_is_repaired_on_open() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("lazy.qcow2");
-    ok(KEEL_IMG, &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k,lazy_refcounts=on", p(&q), "16M"]);
+    ok(
+        KEEL_IMG,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,lazy_refcounts=on",
+            p(&q),
+            "16M",
+        ],
+    );
     {
         let img = Qcow2::open(open_file(&q, false), Qcow2Options::default()).unwrap();
         for i in 0..64u64 {
@@ -265,7 +340,10 @@ fn keel_created_images_are_valid_for_qemu() {
     .enumerate()
     {
         let q = dir.path().join(format!("c{n}.qcow2"));
-        ok(KEEL_IMG, &["create", "-q", "-f", "qcow2", "-o", opts, p(&q), "1G"]);
+        ok(
+            KEEL_IMG,
+            &["create", "-q", "-f", "qcow2", "-o", opts, p(&q), "1G"],
+        );
         assert_eq!(qemu_check(&q), (0, 0, 0, 0), "{opts}");
         let info = ok("qemu-img", &["info", "--output=json", p(&q)]);
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
@@ -273,7 +351,10 @@ fn keel_created_images_are_valid_for_qemu() {
         let ours = ok(KEEL_IMG, &["info", "--output=json", p(&q)]);
         let o: serde_json::Value = serde_json::from_str(&ours).unwrap();
         assert_eq!(o["cluster-size"], v["cluster-size"], "{opts}");
-        assert_eq!(o["format-specific"]["data"], v["format-specific"]["data"], "{opts}");
+        assert_eq!(
+            o["format-specific"]["data"], v["format-specific"]["data"],
+            "{opts}"
+        );
         // qemu-io writes into it; keel reads it back.
         ok("qemu-io", &["-c", "write -P 0x5a 100M 300k", p(&q)]);
         ok(KEEL_IMG, &["read", "-P", "0x5a", p(&q), "100M", "300k"]);

@@ -12,10 +12,16 @@ use clap::{Parser, Subcommand};
 use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion, SyncQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::qcow2::{self, CreateOptions, Fix};
-use keel_block::{BlockBackend, CacheMode, Error, Qcow2, Qcow2Options, RawFile, RawOptions, Result};
+use keel_block::{
+    BlockBackend, CacheMode, Error, Qcow2, Qcow2Options, RawFile, RawOptions, Result,
+};
 
 #[derive(Parser)]
-#[command(name = "keel-img", version, about = "Raw and qcow2 image tool (qemu-img compatible subset)")]
+#[command(
+    name = "keel-img",
+    version,
+    about = "Raw and qcow2 image tool (qemu-img compatible subset)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -326,7 +332,9 @@ fn create_image(path: &Path, fmt: &str, opts: Option<&str>, size: u64) -> Result
     match fmt {
         "raw" => {
             if opts.is_some() {
-                return Err(Error::InvalidArgument("raw images take no -o options".into()));
+                return Err(Error::InvalidArgument(
+                    "raw images take no -o options".into(),
+                ));
             }
             RawFile::create(path, size)
         }
@@ -370,7 +378,9 @@ fn human(n: u64) -> String {
 
 fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
@@ -430,7 +440,10 @@ fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
                 println!("backing file: {b}");
             }
             println!("Format specific information:");
-            println!("    compat: {}", if i.version == 3 { "1.1" } else { "0.10" });
+            println!(
+                "    compat: {}",
+                if i.version == 3 { "1.1" } else { "0.10" }
+            );
             println!("    compression type: {}", i.compression_type);
             if i.version == 3 {
                 println!("    lazy refcounts: {}", i.lazy_refcounts);
@@ -448,7 +461,13 @@ fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
     Ok(0)
 }
 
-fn cmd_check(file: &Path, fmt: Option<&str>, repair: Option<&str>, output: &str, quiet: bool) -> Result<i32> {
+fn cmd_check(
+    file: &Path,
+    fmt: Option<&str>,
+    repair: Option<&str>,
+    output: &str,
+    quiet: bool,
+) -> Result<i32> {
     let fmt = match fmt {
         Some(f) => f.to_string(),
         None => probe_format(file)?,
@@ -467,6 +486,7 @@ fn cmd_check(file: &Path, fmt: Option<&str>, repair: Option<&str>, output: &str,
         file,
         RawOptions {
             read_only: fix == Fix::None,
+            growable: true,
             ..Default::default()
         },
     )?;
@@ -502,7 +522,10 @@ fn cmd_check(file: &Path, fmt: Option<&str>, repair: Option<&str>, output: &str,
             println!("Double checking the fixed image now...");
         }
         if r.check_errors > 0 {
-            println!("\n{} internal errors have occurred during the check.", r.check_errors);
+            println!(
+                "\n{} internal errors have occurred during the check.",
+                r.check_errors
+            );
         }
         if r.corruptions > 0 {
             println!(
@@ -600,7 +623,9 @@ fn cmd_bench(
     let img = open_image(file, fmt, cache, !write)?;
     let image_size = img.backend().size();
     if size == 0 || depth == 0 {
-        return Err(Error::InvalidArgument("request size and depth must be positive".into()));
+        return Err(Error::InvalidArgument(
+            "request size and depth must be positive".into(),
+        ));
     }
     if !quiet {
         println!(
@@ -765,10 +790,7 @@ fn run(cli: Cli) -> Result<i32> {
             let size = parse_size(&size)?;
             create_image(&file, &format, options.as_deref(), size)?;
             if !quiet {
-                println!(
-                    "Formatting '{}', fmt={format} size={size}",
-                    file.display()
-                );
+                println!("Formatting '{}', fmt={format} size={size}", file.display());
             }
             Ok(0)
         }
@@ -818,7 +840,11 @@ fn run(cli: Cli) -> Result<i32> {
             quiet,
             file,
         } => {
-            let cache = if nocache { CacheMode::None } else { cache.parse()? };
+            let cache = if nocache {
+                CacheMode::None
+            } else {
+                cache.parse()?
+            };
             let size = parse_size(&size)?;
             let step = match step {
                 Some(s) => parse_size(&s)?,
@@ -851,8 +877,19 @@ fn run(cli: Cli) -> Result<i32> {
             offset,
             len,
         } => {
-            let op = if zero { RwOp::Zero(unmap) } else { RwOp::Write(pattern) };
-            cmd_rw(&file, format.as_deref(), cache.parse()?, parse_size(&offset)?, parse_size(&len)?, op)
+            let op = if zero {
+                RwOp::Zero(unmap)
+            } else {
+                RwOp::Write(pattern)
+            };
+            cmd_rw(
+                &file,
+                format.as_deref(),
+                cache.parse()?,
+                parse_size(&offset)?,
+                parse_size(&len)?,
+                op,
+            )
         }
         Cmd::Read {
             pattern,

@@ -9,9 +9,12 @@
 use std::collections::HashMap;
 
 use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
-use super::meta::{classify, compressed_range, L2State, COPIED, L1_RESERVED, OFFSET_MASK, REFT_RESERVED};
-use super::refcount;
+use super::meta::{
+    classify, compressed_range, L2State, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK,
+    REFT_RESERVED,
+};
 use super::read_header;
+use super::refcount;
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
 
@@ -102,7 +105,11 @@ impl<'a> Walk<'a> {
             ));
             return;
         }
-        let v = if rc { &mut self.rc_refs } else { &mut self.refs };
+        let v = if rc {
+            &mut self.rc_refs
+        } else {
+            &mut self.refs
+        };
         if v.len() <= last as usize {
             v.resize(last as usize + 1, 0);
         }
@@ -139,10 +146,26 @@ impl<'a> Walk<'a> {
             }
             let l2 = self.read_table(off, (self.cs / 8) as usize)?;
             for (j, &le) in l2.iter().enumerate() {
+                let host = le & OFFSET_MASK;
+                if le & COMPRESSED == 0 && host % self.cs != 0 && le & L2_RESERVED == 0 {
+                    // Like qemu-img: report it, and count the reference to the
+                    // (unaligned) cluster-sized range it claims.
+                    self.corruptions += 1;
+                    self.msgs.push(format!(
+                        "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                    ));
+                    self.add(host, self.cs, false, "data cluster");
+                    if active {
+                        self.allocated += 1;
+                        self.bad_l2.push((off, j));
+                    }
+                    continue;
+                }
                 match classify(le, self.h.version, self.cb) {
                     Err(msg) => {
                         self.corruptions += 1;
-                        self.msgs.push(format!("ERROR {msg} (L2 table {off:#x} index {j})"));
+                        self.msgs
+                            .push(format!("ERROR {msg} (L2 table {off:#x} index {j})"));
                         if active {
                             self.bad_l2.push((off, j));
                         }
@@ -177,7 +200,9 @@ impl<'a> Walk<'a> {
         let fsize = self.f.size();
         for k in 0..self.h.nb_snapshots {
             if off + 40 > fsize {
-                return Err(Error::InvalidImage(format!("snapshot {k} past the end of the file")));
+                return Err(Error::InvalidImage(format!(
+                    "snapshot {k} past the end of the file"
+                )));
             }
             let mut fixed = [0u8; 40];
             self.f.read_at(&mut fixed, off)?;
@@ -187,14 +212,17 @@ impl<'a> Walk<'a> {
             let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
             let extra = u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])) as u64;
             if extra > 1024 {
-                return Err(Error::InvalidImage(format!("snapshot {k} has too much extra data")));
+                return Err(Error::InvalidImage(format!(
+                    "snapshot {k} has too much extra data"
+                )));
             }
             if l1_off % self.cs != 0
                 || l1_size as u64 * 8 > MAX_L1_BYTES
                 || l1_off + l1_size as u64 * 8 > fsize
             {
                 self.corruptions += 1;
-                self.msgs.push(format!("ERROR snapshot {k} has an invalid L1 table"));
+                self.msgs
+                    .push(format!("ERROR snapshot {k} has an invalid L1 table"));
             } else {
                 self.add(l1_off, l1_size as u64 * 8, false, "snapshot L1 table");
                 self.walk_l1(l1_off, l1_size, false)?;
@@ -292,7 +320,8 @@ impl<'a> Walk<'a> {
     }
 
     fn want(&self, c: usize) -> u64 {
-        self.refs.get(c).copied().unwrap_or(0) as u64 + self.rc_refs.get(c).copied().unwrap_or(0) as u64
+        self.refs.get(c).copied().unwrap_or(0) as u64
+            + self.rc_refs.get(c).copied().unwrap_or(0) as u64
     }
 }
 
@@ -301,6 +330,8 @@ struct Findings {
     errors: Vec<(u64, u64, u64)>,
     copied_l1: Vec<(usize, u64)>,
     copied_l2: Vec<(u64, usize, u64)>,
+    /// Refcount blocks referenced more than once: (table index, references).
+    shared_rb: Vec<(usize, u64)>,
     end: u64,
 }
 
@@ -312,8 +343,17 @@ fn compare(w: &Walk<'_>) -> Result<Findings> {
         errors: Vec::new(),
         copied_l1: Vec::new(),
         copied_l2: Vec::new(),
+        shared_rb: Vec::new(),
         end: 0,
     };
+    for (i, &e) in w.reftable.iter().enumerate() {
+        if e != 0 && !w.rb_bad[i] {
+            let refs = w.want(((e & !REFT_RESERVED) >> w.cb) as usize);
+            if refs != 1 {
+                fd.shared_rb.push((i, refs));
+            }
+        }
+    }
     for c in 0..n {
         let have = w.stored(&mut cache, c as u64)?;
         let want = w.want(c);
@@ -334,7 +374,8 @@ fn compare(w: &Walk<'_>) -> Result<Findings> {
         }
         let l2 = w.read_table(off, (w.cs / 8) as usize)?;
         for (j, &e) in l2.iter().enumerate() {
-            if let Ok(L2State::Normal(h) | L2State::Zero(Some(h))) = classify(e, w.h.version, w.cb) {
+            if let Ok(L2State::Normal(h) | L2State::Zero(Some(h))) = classify(e, w.h.version, w.cb)
+            {
                 let rc = w.stored(&mut cache, h >> w.cb)?;
                 if (rc == 1) != (e & COPIED != 0) {
                     fd.copied_l2.push((off, j, rc));
@@ -378,7 +419,11 @@ fn rebuild(w: &Walk<'_>) -> Result<()> {
     for k in 0..b {
         let mut block = vec![0u8; cs as usize];
         for c in k * rbe..((k + 1) * rbe).min(e + t + b) {
-            let v = if c >= e { 1 } else { w.refs.get(c as usize).copied().unwrap_or(0) as u64 };
+            let v = if c >= e {
+                1
+            } else {
+                w.refs.get(c as usize).copied().unwrap_or(0) as u64
+            };
             refcount::set(&mut block, (c - k * rbe) as usize, order, v.min(max));
         }
         let off = (e + t + k) * cs;
@@ -405,7 +450,9 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
         Err(e @ (Error::Unsupported(_) | Error::InvalidImage(_))) => return Err(e),
         Err(e) => {
             report.check_errors = 1;
-            report.messages.push(format!("ERROR checking the image: {e}"));
+            report
+                .messages
+                .push(format!("ERROR checking the image: {e}"));
             return Ok(report);
         }
     };
@@ -427,7 +474,11 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
         if changed {
             f.flush()?;
         }
-        let w2 = if changed { Walk::walk(f)? } else { Walk::walk(f)? };
+        let w2 = if changed {
+            Walk::walk(f)?
+        } else {
+            Walk::walk(f)?
+        };
         let fd2 = compare(&w2)?;
         let rc_broken = w2.rb_bad.iter().any(|&b| b);
         if !fd2.errors.is_empty() || !fd2.leaks.is_empty() || rc_broken {
@@ -460,7 +511,12 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
                 blocks.insert(off, b);
             }
             if let Some(b) = blocks.get_mut(&off) {
-                refcount::set(b, (c & ((1 << rb_bits) - 1)) as usize, w.h.refcount_order, want);
+                refcount::set(
+                    b,
+                    (c & ((1 << rb_bits) - 1)) as usize,
+                    w.h.refcount_order,
+                    want,
+                );
             }
         }
         for (off, b) in &blocks {
@@ -499,15 +555,22 @@ fn finish(mut r: CheckReport, w: &Walk<'_>, fd: &Findings, _final: bool) -> Chec
     r.corruptions = w.corruptions
         + fd.errors.len() as u64
         + fd.copied_l1.len() as u64
-        + fd.copied_l2.len() as u64;
+        + fd.copied_l2.len() as u64
+        + fd.shared_rb.len() as u64;
+    for &(i, refs) in &fd.shared_rb {
+        r.messages
+            .push(format!("ERROR refcount block {i} refcount={refs}"));
+    }
     r.leaks = fd.leaks.len() as u64;
     for &(c, have, want) in &fd.errors {
-        r.messages
-            .push(format!("ERROR cluster {c} refcount={have} reference={want}"));
+        r.messages.push(format!(
+            "ERROR cluster {c} refcount={have} reference={want}"
+        ));
     }
     for &(c, have, want) in &fd.leaks {
-        r.messages
-            .push(format!("Leaked cluster {c} refcount={have} reference={want}"));
+        r.messages.push(format!(
+            "Leaked cluster {c} refcount={have} reference={want}"
+        ));
     }
     for &(i, rc) in &fd.copied_l1 {
         r.messages.push(format!(

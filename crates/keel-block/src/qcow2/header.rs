@@ -171,7 +171,10 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             if h.header_length < 104 {
-                return Err(invalid(format!("header_length {} below 104", h.header_length)));
+                return Err(invalid(format!(
+                    "header_length {} below 104",
+                    h.header_length
+                )));
             }
             if h.header_length as u64 > cs || h.header_length as usize > buf.len() {
                 return Err(invalid(format!(
@@ -184,7 +187,10 @@ impl Header {
             }
         }
         if h.refcount_order > 6 {
-            return Err(invalid(format!("refcount_order {} above 6", h.refcount_order)));
+            return Err(invalid(format!(
+                "refcount_order {} above 6",
+                h.refcount_order
+            )));
         }
         // Extensions live between the header and the end of cluster 0.
         let limit = (cs as usize).min(buf.len());
@@ -225,7 +231,11 @@ impl Header {
     /// Name of an incompatible feature bit, from the image's feature table or
     /// the specification.
     pub fn feature_name(&self, bit: u32) -> String {
-        for ext in self.extensions.iter().filter(|e| e.kind == EXT_FEATURE_TABLE) {
+        for ext in self
+            .extensions
+            .iter()
+            .filter(|e| e.kind == EXT_FEATURE_TABLE)
+        {
             for e in ext.data.chunks_exact(48) {
                 if e[0] == 0 && e[1] as u32 == bit {
                     let name = &e[2..];
@@ -297,7 +307,10 @@ impl Header {
         }
         let l1_bytes = self.l1_size as u64 * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(invalid(format!("L1 table of {} entries too large", self.l1_size)));
+            return Err(invalid(format!(
+                "L1 table of {} entries too large",
+                self.l1_size
+            )));
         }
         let l2_bits = self.cluster_bits - 3;
         let per_l1 = 1u128 << (self.cluster_bits + l2_bits);
@@ -314,7 +327,10 @@ impl Header {
             return Err(invalid("L1 table extends past the end of the file"));
         }
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(invalid(format!("{} snapshots is too many", self.nb_snapshots)));
+            return Err(invalid(format!(
+                "{} snapshots is too many",
+                self.nb_snapshots
+            )));
         }
         if self.nb_snapshots > 0 && (!aligned(self.snapshots_offset) || self.snapshots_offset == 0)
         {
@@ -327,8 +343,10 @@ impl Header {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let cs = self.cluster_size() as usize;
         let mut b = vec![0u8; self.header_length as usize];
-        let put32 = |b: &mut Vec<u8>, o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 = |b: &mut Vec<u8>, o: usize, v: u64| b[o..o + 8].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |b: &mut Vec<u8>, o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut Vec<u8>, o: usize, v: u64| b[o..o + 8].copy_from_slice(&v.to_be_bytes());
         put32(&mut b, 0, MAGIC);
         put32(&mut b, 4, self.version);
         put64(&mut b, 8, self.backing_file_offset);

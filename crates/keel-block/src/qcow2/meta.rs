@@ -47,7 +47,11 @@ pub enum L2State {
 }
 
 /// Decodes an L2 entry, validating reserved bits.
-pub fn classify(entry: u64, version: u32, cluster_bits: u32) -> std::result::Result<L2State, String> {
+pub fn classify(
+    entry: u64,
+    version: u32,
+    cluster_bits: u32,
+) -> std::result::Result<L2State, String> {
     if entry & COMPRESSED != 0 {
         return Ok(L2State::Compressed);
     }
@@ -241,7 +245,10 @@ impl Meta {
         if hits(0, self.cs) {
             return Some("header");
         }
-        if hits(h.l1_table_offset, (h.l1_size as u64 * 8).div_ceil(self.cs) * self.cs) {
+        if hits(
+            h.l1_table_offset,
+            (h.l1_size as u64 * 8).div_ceil(self.cs) * self.cs,
+        ) {
             return Some("active L1 table");
         }
         if hits(
@@ -392,8 +399,7 @@ impl Meta {
         let rt_len = h.refcount_table_clusters as u64 * self.cs;
         let bad = off == 0
             || (off < h.l1_table_offset + l1_len && h.l1_table_offset < off + self.cs)
-            || (off < h.refcount_table_offset + rt_len
-                && h.refcount_table_offset < off + self.cs)
+            || (off < h.refcount_table_offset + rt_len && h.refcount_table_offset < off + self.cs)
             || self.rb_offsets.contains(&off);
         if bad {
             return Err(self.corrupt(
@@ -425,7 +431,11 @@ impl Meta {
     }
 
     /// The L2 slot for a guest offset, or `None` if its L1 entry is empty.
-    pub(crate) fn l2_for_read(&mut self, f: &dyn BlockBackend, guest: u64) -> Result<Option<usize>> {
+    pub(crate) fn l2_for_read(
+        &mut self,
+        f: &dyn BlockBackend,
+        guest: u64,
+    ) -> Result<Option<usize>> {
         let (l1i, _) = self.split(guest);
         let e = match self.l1.get(l1i) {
             Some(&e) => e,
@@ -509,10 +519,7 @@ impl Meta {
             return Ok(Some(i));
         }
         if e & REFT_RESERVED != 0 || off % self.cs != 0 || off + self.cs > f.size() {
-            return Err(self.corrupt(
-                f,
-                format!("refcount table entry {ti} ({e:#x}) is invalid"),
-            ));
+            return Err(self.corrupt(f, format!("refcount table entry {ti} ({e:#x}) is invalid")));
         }
         let mut buf = vec![0u8; self.cs as usize];
         f.read_at(&mut buf, off)?;
@@ -532,7 +539,11 @@ impl Meta {
             None => Ok(0),
             Some(i) => {
                 let idx = (c & ((1 << self.rb_bits) - 1)) as usize;
-                Ok(refcount::get(&self.rb.slots[i].data, idx, self.hdr.refcount_order))
+                Ok(refcount::get(
+                    &self.rb.slots[i].data,
+                    idx,
+                    self.hdr.refcount_order,
+                ))
             }
         }
     }
@@ -541,12 +552,7 @@ impl Meta {
         let ti = (c >> self.rb_bits) as usize;
         let slot = match self.rb_slot(f, ti)? {
             Some(s) => s,
-            None => {
-                return Err(self.corrupt(
-                    f,
-                    format!("cluster {c} has no refcount block"),
-                ))
-            }
+            None => return Err(self.corrupt(f, format!("cluster {c} has no refcount block"))),
         };
         let idx = (c & ((1 << self.rb_bits) - 1)) as usize;
         let order = self.hdr.refcount_order;
@@ -586,7 +592,10 @@ impl Meta {
                 ));
             }
             let ti = (c >> self.rb_bits) as usize;
-            let covered = self.reftable.get(ti).is_some_and(|&e| e & !REFT_RESERVED != 0);
+            let covered = self
+                .reftable
+                .get(ti)
+                .is_some_and(|&e| e & !REFT_RESERVED != 0);
             if !covered {
                 if run == 0 {
                     start = c;

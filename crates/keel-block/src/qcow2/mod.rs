@@ -542,7 +542,9 @@ fn slice_iov_mut<'a>(
             continue;
         }
         let take = (bl - skip).min(len);
-        out.push(IoSliceMut::new(&mut b[skip as usize..(skip + take) as usize]));
+        out.push(IoSliceMut::new(
+            &mut b[skip as usize..(skip + take) as usize],
+        ));
         len -= take;
         skip = 0;
     }
@@ -594,7 +596,11 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
     ) -> Result<()> {
         let len = iov_len(bufs);
         if len == 0 {
-            return if self.read_only { Err(Error::ReadOnly) } else { Ok(()) };
+            return if self.read_only {
+                Err(Error::ReadOnly)
+            } else {
+                Ok(())
+            };
         }
         let _io = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
         let exts = self.map_write(offset, len)?;
@@ -683,7 +689,11 @@ pub fn info_from_header(h: &Header) -> ImageInfo {
         lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
         corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,
         dirty: h.incompatible_features & INCOMPAT_DIRTY != 0,
-        compression_type: if h.compression_type == 1 { "zstd" } else { "zlib" },
+        compression_type: if h.compression_type == 1 {
+            "zstd"
+        } else {
+            "zlib"
+        },
         snapshots: h.nb_snapshots,
         backing_file: h
             .backing_file
@@ -707,7 +717,10 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
         )));
     }
     if o.version != 2 && o.version != 3 {
-        return Err(Error::InvalidArgument(format!("qcow2 version {}", o.version)));
+        return Err(Error::InvalidArgument(format!(
+            "qcow2 version {}",
+            o.version
+        )));
     }
     if o.version == 2 && (o.refcount_bits != 16 || o.lazy_refcounts) {
         return Err(Error::InvalidArgument(

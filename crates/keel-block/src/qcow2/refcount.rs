@@ -64,7 +64,11 @@ mod tests {
                 set(&mut block, i, order, (i as u64 * 7 + 3) & max);
             }
             for i in 0..n {
-                assert_eq!(get(&block, i, order), (i as u64 * 7 + 3) & max, "order {order}");
+                assert_eq!(
+                    get(&block, i, order),
+                    (i as u64 * 7 + 3) & max,
+                    "order {order}"
+                );
             }
             set(&mut block, 5, order, max);
             assert_eq!(get(&block, 5, order), max);
