@@ -13,7 +13,6 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use keel_bus::{MmioBus, PioBus};
-use keel_memory::GuestMemoryMmap;
 
 use crate::vm::Vm;
 use crate::x86::boot::{self, BootTables, Cpl};
@@ -42,9 +41,6 @@ pub enum Error {
         /// The first MSR KVM did not take.
         msr: u32,
     },
-    /// Writing boot tables into guest memory failed.
-    #[error("cannot write boot tables into guest memory")]
-    GuestMemory(#[source] vm_memory::GuestMemoryError),
     /// KVM could not run the guest (`KVM_EXIT_INTERNAL_ERROR`), typically an instruction
     /// its emulator does not handle.
     #[error("KVM internal error on vCPU {vcpu} (suberror {suberror}) at RIP {rip:#x}")]
@@ -430,26 +426,17 @@ impl Vcpu {
     }
 
     /// Starts in 64-bit mode as the Linux 64-bit boot protocol requires (or at CPL3 for
-    /// test guests): writes the GDT, TSS, IDT and identity page tables at `tables`, then
-    /// sets RIP, RSP and RSI (the boot_params address for Linux). `kernel_stack` becomes
-    /// the TSS's RSP0, used when an interrupt arrives at CPL3.
-    #[allow(clippy::too_many_arguments)]
+    /// test guests), using `tables` (written beforehand with [`BootTables::write`]; with
+    /// `user = true` for [`Cpl::User`]). Sets RIP, RSP and RSI (the boot_params address
+    /// for Linux).
     pub fn setup_long_mode(
         &self,
-        mem: &GuestMemoryMmap,
         tables: &BootTables,
         cpl: Cpl,
         entry: u64,
         stack: u64,
-        kernel_stack: u64,
         rsi: u64,
     ) -> Result<()> {
-        tables
-            .write_descriptor_tables(mem, kernel_stack)
-            .map_err(Error::GuestMemory)?;
-        tables
-            .write_identity_page_tables(mem, cpl == Cpl::User)
-            .map_err(Error::GuestMemory)?;
         let mut sregs = self.sregs()?;
         let mut regs = kvm_regs::default();
         boot::long_mode(&mut sregs, &mut regs, tables, cpl, entry, stack, rsi);
@@ -457,17 +444,9 @@ impl Vcpu {
         self.set_regs(&regs)
     }
 
-    /// Starts at a PVH 32-bit entry point with EBX = `start_info`.
-    pub fn setup_pvh(
-        &self,
-        mem: &GuestMemoryMmap,
-        tables: &BootTables,
-        entry: u64,
-        start_info: u64,
-    ) -> Result<()> {
-        tables
-            .write_descriptor_tables(mem, 0)
-            .map_err(Error::GuestMemory)?;
+    /// Starts at a PVH 32-bit entry point with EBX = `start_info`, using `tables` (written
+    /// beforehand with [`BootTables::write`]).
+    pub fn setup_pvh(&self, tables: &BootTables, entry: u64, start_info: u64) -> Result<()> {
         let mut sregs = self.sregs()?;
         let mut regs = kvm_regs::default();
         boot::pvh(&mut sregs, &mut regs, tables, entry, start_info);

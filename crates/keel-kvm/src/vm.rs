@@ -121,6 +121,8 @@ struct State {
     slots: Vec<MemorySlot>,
     /// MSI routes by GSI; IOAPIC/PIC routes are fixed and added on every commit.
     msi_routes: BTreeMap<u32, MsiMessage>,
+    /// The registered guest memory, kept mapped for as long as KVM may access it.
+    memory: Vec<GuestMemoryMmap>,
 }
 
 /// A KVM virtual machine.
@@ -179,6 +181,9 @@ impl Vm {
 
     /// Registers every region of `mem` as a memory slot. Call it before
     /// [`Vm::setup_irqchip`]: registering memory after the irqchip costs about 6 ms.
+    ///
+    /// The VM keeps a reference to the mappings, so they stay valid for as long as KVM can
+    /// reach them, whatever the caller does with its own handle.
     pub fn register_memory(&self, mem: &GuestMemoryMmap, opts: &MemoryOptions) -> Result<()> {
         let mut st = self.state();
         if st.irqchip {
@@ -201,9 +206,9 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: the host range is a live mapping owned by `mem`. The caller keeps the
-            // guest memory alive for as long as the VM exists (Keel VMMs hold both together);
-            // KVM only accesses it while vCPUs run.
+            // SAFETY: the host range is a live mapping owned by `mem`, and a clone of `mem`
+            // (sharing the same mappings) is stored in the VM below, so the mapping outlives
+            // the memory slot.
             unsafe { self.fd.set_user_memory_region(desc) }
                 .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
             st.slots.push(MemorySlot {
@@ -213,6 +218,7 @@ impl Vm {
                 dirty_log: opts.dirty_log,
             });
         }
+        st.memory.push(mem.clone());
         Ok(())
     }
 

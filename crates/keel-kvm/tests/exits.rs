@@ -120,16 +120,11 @@ fn run_long_mode(cpl: Cpl) {
     load(&mem, 0x10_0000, &assemble(LONG_MODE_GUEST, 0x10_0000));
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.configure(&vm, 1, false).unwrap();
-    vcpu.setup_long_mode(
-        &mem,
-        &BootTables::default(),
-        cpl,
-        0x10_0000,
-        0x8_0000,
-        0x7_0000,
-        0,
-    )
-    .unwrap();
+    BootTables::default()
+        .write(&mem, 0x7_0000, cpl == Cpl::User)
+        .unwrap();
+    vcpu.setup_long_mode(&BootTables::default(), cpl, 0x10_0000, 0x8_0000, 0)
+        .unwrap();
     let (buses, pio, mmio) = buses_with_recorders(0x77, 0x0102_0304_0506_0708);
     // Offset 0xf of the recorder's range is claimed by a stop port instead.
     buses.pio.remove(0x10).unwrap();
@@ -291,16 +286,9 @@ fn running_vcpu_paused_resumed_and_stopped_from_another_thread() {
     load(&mem, 0x10_0000, &code);
     let vcpu = vm.create_vcpu(0).unwrap();
     vcpu.configure(&vm, 1, false).unwrap();
-    vcpu.setup_long_mode(
-        &mem,
-        &BootTables::default(),
-        Cpl::User,
-        0x10_0000,
-        0x8_0000,
-        0x7_0000,
-        0,
-    )
-    .unwrap();
+    BootTables::default().write(&mem, 0x7_0000, true).unwrap();
+    vcpu.setup_long_mode(&BootTables::default(), Cpl::User, 0x10_0000, 0x8_0000, 0)
+        .unwrap();
     let counter = || mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap();
     let t = vcpu.spawn(Buses::default()).unwrap();
     wait_until("the guest to run", || counter() > 0);
@@ -338,16 +326,9 @@ fn triple_fault_is_reported() {
     load(&mem, 0x10_0000, &[0x0f, 0x0b]);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.configure(&vm, 1, false).unwrap();
-    vcpu.setup_long_mode(
-        &mem,
-        &BootTables::default(),
-        Cpl::Kernel,
-        0x10_0000,
-        0x8_0000,
-        0x7_0000,
-        0,
-    )
-    .unwrap();
+    BootTables::default().write(&mem, 0x7_0000, false).unwrap();
+    vcpu.setup_long_mode(&BootTables::default(), Cpl::Kernel, 0x10_0000, 0x8_0000, 0)
+        .unwrap();
     assert_eq!(
         vcpu.run(&Buses::default()).unwrap(),
         VcpuExitReason::TripleFault

@@ -126,6 +126,20 @@ impl BootTables {
         mem.write_slice(&[0u8; 4096], GuestAddress(self.idt))
     }
 
+    /// Writes every table: descriptor tables (RSP0 = `kernel_stack`) and the identity map
+    /// (user-accessible with `user`). Do this once per VM, before any vCPU runs: the
+    /// tables are shared by all vCPUs, and rewriting page tables under a running vCPU
+    /// confuses shadow paging even when the bytes are unchanged.
+    pub fn write(
+        &self,
+        mem: &GuestMemoryMmap,
+        kernel_stack: u64,
+        user: bool,
+    ) -> Result<(), GuestMemoryError> {
+        self.write_descriptor_tables(mem, kernel_stack)?;
+        self.write_identity_page_tables(mem, user)
+    }
+
     /// Writes page tables identity-mapping 0-4 GiB with 2 MiB pages. With `user`, every
     /// page is accessible from CPL3 (for test guests whose code runs in user mode).
     pub fn write_identity_page_tables(
