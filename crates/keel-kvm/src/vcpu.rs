@@ -232,7 +232,9 @@ impl VcpuHandle {
     }
 
     /// Asks the vCPU to stop: [`Vcpu::run`] returns [`VcpuExitReason::Stopped`] as soon as
-    /// the current exit (if any) is handled. Returns at once; join the thread to wait.
+    /// the current exit (if any) is handled, or at once if it is called later. The request
+    /// is consumed by that return, so the vCPU can be run again afterwards. Returns at once;
+    /// join the thread to wait.
     pub fn stop(&self) {
         let mut c = self.shared.lock();
         c.request = Request::Stop;
@@ -279,6 +281,12 @@ impl Vcpu {
     /// The raw vCPU file descriptor, for operations this wrapper does not cover.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+
+    /// The raw vCPU file descriptor, mutably (for `KVM_RUN` outside [`Vcpu::run`], e.g. to
+    /// compare against a bare loop).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 
     /// A handle for controlling this vCPU from other threads.
@@ -499,6 +507,9 @@ impl Vcpu {
         }
         let result = self.run_loop(buses, ie);
         let mut c = self.shared.lock();
+        // A kick that arrived after the last KVM_RUN must not cut the next `run` short.
+        // SAFETY: `ie` points into our own live kvm_run mapping.
+        unsafe { (*ie).store(0, Ordering::SeqCst) };
         c.thread = None;
         c.immediate_exit = None;
         c.state = VcpuState::Exited;
@@ -515,7 +526,11 @@ impl Vcpu {
                     c.state = VcpuState::Running;
                     return true;
                 }
-                Request::Stop => return false,
+                Request::Stop => {
+                    // The request is consumed: a later `run` starts the vCPU again.
+                    c.request = Request::Run;
+                    return false;
+                }
                 Request::Pause => {
                     if c.state != VcpuState::Paused {
                         c.state = VcpuState::Paused;

@@ -309,7 +309,7 @@ fn running_vcpu_paused_resumed_and_stopped_from_another_thread() {
 #[test]
 fn stop_before_run_returns_at_once() {
     require_kvm!();
-    let (vm, _mem, _) = vm_with_memory(4, false);
+    let (vm, mem, _) = vm_with_memory(4, false);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.handle().stop();
     assert_eq!(
