@@ -50,7 +50,7 @@ fn poke_refcount(path: &Path, c: u64, value: u64) {
     let mut b = vec![0u8; cs as usize];
     f.read_exact_at(&mut b, block).unwrap();
     assert!(
-        c < cs * 8 >> h.refcount_order,
+        c < (cs * 8) >> h.refcount_order,
         "cluster outside the first block"
     );
     refcount::set(&mut b, c as usize, h.refcount_order, value);

@@ -149,7 +149,7 @@ impl Workload {
         };
         match r.below(10) {
             0..=5 => {
-                let seed = r.next();
+                let seed = r.next_u64();
                 let data: Vec<u8> = (0..len)
                     .map(|i| (seed.wrapping_add(i * 31) >> 3) as u8)
                     .collect();

@@ -263,7 +263,7 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    fn walk(f: &'a dyn BlockBackend) -> Result<Walk<'a>> {
+    fn run(f: &'a dyn BlockBackend) -> Result<Walk<'a>> {
         let h = read_header(f)?;
         let cs = h.cluster_size();
         let file_clusters = f.size().div_ceil(cs);
@@ -307,10 +307,10 @@ impl<'a> Walk<'a> {
             return Ok(0);
         }
         let off = self.reftable[ti] & !REFT_RESERVED;
-        if !cache.contains_key(&off) {
+        if let std::collections::hash_map::Entry::Vacant(v) = cache.entry(off) {
             let mut b = vec![0u8; self.cs as usize];
             self.f.read_at(&mut b, off)?;
-            cache.insert(off, b);
+            v.insert(b);
         }
         let idx = (c & ((1 << self.rb_bits()) - 1)) as usize;
         Ok(cache
@@ -445,7 +445,7 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
     if fix != Fix::None && f.is_read_only() {
         return Err(Error::ReadOnly);
     }
-    let w = match Walk::walk(f) {
+    let w = match Walk::run(f) {
         Ok(w) => w,
         Err(e @ (Error::Unsupported(_) | Error::InvalidImage(_))) => return Err(e),
         Err(e) => {
@@ -474,18 +474,14 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
         if changed {
             f.flush()?;
         }
-        let w2 = if changed {
-            Walk::walk(f)?
-        } else {
-            Walk::walk(f)?
-        };
+        let w2 = Walk::run(f)?;
         let fd2 = compare(&w2)?;
         let rc_broken = w2.rb_bad.iter().any(|&b| b);
         if !fd2.errors.is_empty() || !fd2.leaks.is_empty() || rc_broken {
             rebuild(&w2)?;
         }
         // COPIED flags, against the now-exact refcounts.
-        let w3 = Walk::walk(f)?;
+        let w3 = Walk::run(f)?;
         let fd3 = compare(&w3)?;
         for &(i, rc) in &fd3.copied_l1 {
             let off = w3.h.l1_table_offset + i as u64 * 8;
@@ -505,10 +501,10 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
         for &(c, _, want) in &fd.leaks {
             let ti = (c >> rb_bits) as usize;
             let off = w.reftable[ti] & !REFT_RESERVED;
-            if !blocks.contains_key(&off) {
+            if let std::collections::hash_map::Entry::Vacant(v) = blocks.entry(off) {
                 let mut b = vec![0u8; w.cs as usize];
                 f.read_at(&mut b, off)?;
-                blocks.insert(off, b);
+                v.insert(b);
             }
             if let Some(b) = blocks.get_mut(&off) {
                 refcount::set(
@@ -525,7 +521,7 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
         f.flush()?;
     }
     // Double-check the result.
-    let wf = Walk::walk(f)?;
+    let wf = Walk::run(f)?;
     let fdf = compare(&wf)?;
     let mut after = finish(CheckReport::default(), &wf, &fdf, true);
     if fix == Fix::All && after.exit_code() == 0 {

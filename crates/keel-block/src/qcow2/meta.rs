@@ -169,6 +169,8 @@ pub(crate) struct Meta {
     zero_tail: u64,
     /// Lazy refcounts are enabled for this session.
     lazy: bool,
+    /// The file is known to be extended (with zeroes) up to here.
+    pub(crate) prealloc_end: u64,
     /// The dirty bit is set on disk by this session.
     pub(crate) dirty_on_disk: bool,
     pub(crate) corrupt: bool,
@@ -216,6 +218,7 @@ impl Meta {
             free_hint: 0,
             zero_tail: file_size.div_ceil(cs),
             lazy,
+            prealloc_end: 0,
             dirty_on_disk: false,
             corrupt: hdr.incompatible_features & INCOMPAT_CORRUPT != 0,
             read_only,

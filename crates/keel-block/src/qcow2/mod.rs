@@ -28,6 +28,9 @@ pub use header::Header;
 use header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use meta::{classify, L2State, Meta, COPIED, OFFSET_MASK, ZERO};
 
+/// How far ahead of an allocating write the file is extended.
+const PREALLOC_BYTES: u64 = 1 << 20;
+
 /// Options for [`Qcow2::open`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Qcow2Options {
@@ -398,6 +401,13 @@ impl<F: BlockBackend> Qcow2<F> {
                 check(m, new)?;
                 if !fresh {
                     Self::fill_gaps(f, new, in_off, n, cs)?;
+                } else if n < cs && new + cs > m.prealloc_end {
+                    // Extend the file ahead of the data (fallocate), so that the
+                    // partial writes that follow do not each extend the file,
+                    // which serialises O_DIRECT writers.
+                    let len = cs.max(PREALLOC_BYTES);
+                    f.write_zeroes(new, len, false)?;
+                    m.prealloc_end = new + len;
                 }
                 m.set_l2(slot, l2i, new | COPIED);
                 if let L2State::Zero(Some(h)) = st {

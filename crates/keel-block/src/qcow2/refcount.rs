@@ -58,7 +58,7 @@ mod tests {
     fn every_order_round_trips_without_touching_neighbours() {
         for order in 0..=6 {
             let mut block = vec![0u8; 64];
-            let n = 64 * 8 >> order;
+            let n = (64 * 8) >> order;
             let max = max_value(order);
             for i in 0..n {
                 set(&mut block, i, order, (i as u64 * 7 + 3) & max);
