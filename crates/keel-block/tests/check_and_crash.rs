@@ -230,7 +230,7 @@ fn refused_features_are_named() {
             "--object",
             "secret,id=s0,data=pw",
             "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
             p(&e),
             "16M",
         ],
@@ -261,6 +261,20 @@ fn refused_features_are_named() {
     let o = run(KEEL_IMG, &["read", p(&d), "0", "512"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("external data file"));
+
+    // Compressed clusters are refused by name when read.
+    let src = dir.path().join("src.raw");
+    let c = dir.path().join("comp.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "raw", p(&src), "1M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 3 0 64k", p(&src)]);
+    ok(
+        "qemu-img",
+        &["convert", "-c", "-f", "raw", "-O", "qcow2", p(&src), p(&c)],
+    );
+    let o = run(KEEL_IMG, &["read", p(&c), "0", "512"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("compressed clusters"));
+    assert_eq!(keel_check(&c), qemu_check(&c));
 
     // Snapshots: read-only works, read-write is refused.
     let s = dir.path().join("snap.qcow2");

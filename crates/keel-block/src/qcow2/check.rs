@@ -130,7 +130,11 @@ impl<'a> Walk<'a> {
             if off == 0 && e & L1_RESERVED == 0 {
                 continue;
             }
-            if e & L1_RESERVED != 0 || off % self.cs != 0 || off == 0 || off + self.cs > fsize {
+            if e & L1_RESERVED != 0
+                || off % self.cs != 0
+                || off == 0
+                || off.saturating_add(self.cs) > fsize
+            {
                 self.corruptions += 1;
                 self.msgs.push(format!(
                     "ERROR L1 entry {i} ({e:#x}): invalid L2 table offset"
@@ -199,7 +203,7 @@ impl<'a> Walk<'a> {
         let mut off = self.h.snapshots_offset;
         let fsize = self.f.size();
         for k in 0..self.h.nb_snapshots {
-            if off + 40 > fsize {
+            if off.saturating_add(40) > fsize {
                 return Err(Error::InvalidImage(format!(
                     "snapshot {k} past the end of the file"
                 )));
@@ -218,7 +222,7 @@ impl<'a> Walk<'a> {
             }
             if l1_off % self.cs != 0
                 || l1_size as u64 * 8 > MAX_L1_BYTES
-                || l1_off + l1_size as u64 * 8 > fsize
+                || l1_off.saturating_add(l1_size as u64 * 8) > fsize
             {
                 self.corruptions += 1;
                 self.msgs
@@ -251,7 +255,7 @@ impl<'a> Walk<'a> {
             if e == 0 {
                 continue;
             }
-            if e & REFT_RESERVED != 0 || off % self.cs != 0 || off + self.cs > fsize {
+            if e & REFT_RESERVED != 0 || off % self.cs != 0 || off.saturating_add(self.cs) > fsize {
                 self.corruptions += 1;
                 self.msgs
                     .push(format!("ERROR refcount block {i} ({e:#x}) is invalid"));

@@ -391,7 +391,7 @@ impl Meta {
         if e & L1_RESERVED != 0 || off % self.cs != 0 {
             return Err(self.corrupt(f, format!("L1 entry {l1i} ({e:#x}) is invalid")));
         }
-        if off + self.cs > f.size() {
+        if off.saturating_add(self.cs) > f.size() {
             return Err(self.corrupt(
                 f,
                 format!("L2 table at {off:#x} (L1 entry {l1i}) is past the end of the file"),
@@ -521,7 +521,7 @@ impl Meta {
         if let Some(i) = self.rb.lookup(off) {
             return Ok(Some(i));
         }
-        if e & REFT_RESERVED != 0 || off % self.cs != 0 || off + self.cs > f.size() {
+        if e & REFT_RESERVED != 0 || off % self.cs != 0 || off.saturating_add(self.cs) > f.size() {
             return Err(self.corrupt(f, format!("refcount table entry {ti} ({e:#x}) is invalid")));
         }
         let mut buf = vec![0u8; self.cs as usize];

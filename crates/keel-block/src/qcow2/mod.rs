@@ -847,3 +847,6 @@ pub fn fuzz_image(data: &[u8]) {
         let _ = img.read_at(&mut buf, 0);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::mem::MemBackend;
+
+fn new_image(size: u64, cluster_size: u64, refcount_bits: u32, version: u32) -> MemBackend {
+    let m = MemBackend::new(Vec::new());
+    create(
+        &m,
+        &CreateOptions {
+            size,
+            cluster_size,
+            version,
+            refcount_bits,
+            lazy_refcounts: false,
+        },
+    )
+    .unwrap();
+    m
+}
+
+fn clean(img: &Qcow2<MemBackend>) {
+    img.flush().unwrap();
+    let r = check(img.file(), Fix::None).unwrap();
+    assert_eq!(r.exit_code(), 0, "{:?}", r.messages);
+}
+
+#[test]
+fn queues_share_one_image_across_threads() {
+    let img =
+        Arc::new(Qcow2::open(new_image(8 << 20, 4096, 16, 3), Qcow2Options::default()).unwrap());
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                for i in 0..64u64 {
+                    // Interleaved regions: neighbouring clusters belong to other threads.
+                    let off = (i * 4 + t as u64) * 6000;
+                    let data = vec![t * 50 + (i as u8 % 50); 6000];
+                    img.write_at(&data, off).unwrap();
+                    let mut back = vec![0u8; 6000];
+                    img.read_at(&mut back, off).unwrap();
+                    assert_eq!(back, data);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for t in 0..4u8 {
+        for i in 0..64u64 {
+            let off = (i * 4 + t as u64) * 6000;
+            let mut back = vec![0u8; 6000];
+            img.read_at(&mut back, off).unwrap();
+            assert!(back.iter().all(|&b| b == t * 50 + (i as u8 % 50)));
+        }
+    }
+    clean(&img);
+}
+
+#[test]
+fn refcount_table_grows_with_small_clusters() {
+    let img = Qcow2::open(
+        new_image(16 << 20, 512, 64, 3),
+        Qcow2Options {
+            l2_cache_size: Some(2048),
+            refcount_cache_size: Some(1024),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = img.header().refcount_table_clusters;
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
+    img.write_at(&data, 4 << 20).unwrap();
+    clean(&img);
+    let after = read_header(img.file()).unwrap();
+    assert!(
+        after.refcount_table_clusters > before,
+        "{before} -> {}",
+        after.refcount_table_clusters
+    );
+    let mut back = vec![0u8; data.len()];
+    img.read_at(&mut back, 4 << 20).unwrap();
+    assert!(back == data);
+}
+
+#[test]
+fn zero_discard_and_reuse_leave_no_leaks() {
+    for version in [2, 3] {
+        let img = Qcow2::open(
+            new_image(4 << 20, 4096, 16, version),
+            Qcow2Options::default(),
+        )
+        .unwrap();
+        img.write_at(&vec![7u8; 1 << 20], 0).unwrap();
+        img.write_zeroes(4096, 8192, false).unwrap();
+        img.write_zeroes(65536, 65536, true).unwrap();
+        img.discard(200_000, 300_000).unwrap();
+        // Partial-cluster write-zeroes writes real zeroes.
+        img.write_zeroes(500_001, 10, true).unwrap();
+        let mut b = vec![1u8; 1 << 20];
+        img.read_at(&mut b, 0).unwrap();
+        for (i, &x) in b.iter().enumerate() {
+            let i = i as u64;
+            let zero = (4096..12288).contains(&i)
+                || (65536..131072).contains(&i)
+                || (200_704..499_712).contains(&i)
+                || (500_001..500_011).contains(&i);
+            assert_eq!(x, if zero { 0 } else { 7 }, "v{version} byte {i}");
+        }
+        // Freed clusters are reused.
+        let end_before = img.file().size();
+        img.write_at(&vec![9u8; 65536], 2 << 20).unwrap();
+        assert_eq!(
+            img.file().size(),
+            end_before,
+            "v{version}: freed clusters not reused"
+        );
+        clean(&img);
+    }
+}
+
+#[test]
+fn read_only_and_corrupt_images_refuse_writes() {
+    let m = new_image(1 << 20, 4096, 16, 3);
+    let bytes = m.to_vec();
+    let img = Qcow2::open(
+        MemBackend::read_only(bytes.clone()),
+        Qcow2Options::default(),
+    )
+    .unwrap();
+    assert!(matches!(img.write_at(&[1], 0), Err(Error::ReadOnly)));
+    // Set the corrupt bit: read-write open is refused, read-only works.
+    let mut c = bytes;
+    c[79] |= 2;
+    assert!(matches!(
+        Qcow2::open(MemBackend::new(c.clone()), Qcow2Options::default()),
+        Err(Error::Corrupt(_))
+    ));
+    let ro = Qcow2::open(
+        MemBackend::new(c),
+        Qcow2Options {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(ro.info().corrupt);
+    let mut b = [1u8; 16];
+    ro.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0; 16]);
+}
+
+#[test]
+fn unknown_extensions_and_autoclear_bits() {
+    let m = new_image(1 << 20, 4096, 16, 3);
+    let mut bytes = m.to_vec();
+    // Append an unknown extension after the feature table, and set an
+    // unknown autoclear bit.
+    let h = read_header(&m).unwrap();
+    let mut ext_end = h.header_length as usize;
+    for e in &h.extensions {
+        ext_end += 8 + e.data.len().div_ceil(8) * 8;
+    }
+    bytes[ext_end..ext_end + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    bytes[ext_end + 4..ext_end + 8].copy_from_slice(&5u32.to_be_bytes());
+    bytes[ext_end + 8..ext_end + 13].copy_from_slice(b"hello");
+    bytes[88 + 7] = 0x80;
+    let img = Qcow2::open(MemBackend::new(bytes), Qcow2Options::default()).unwrap();
+    img.write_at(&[5u8; 5000], 0).unwrap();
+    img.close().unwrap();
+    let h2 = read_header(img.file()).unwrap();
+    assert_eq!(h2.autoclear_features, 0);
+    let ext = h2
+        .extensions
+        .iter()
+        .find(|e| e.kind == 0x1234_5678)
+        .unwrap();
+    assert_eq!(ext.data, b"hello");
+}
+
+#[test]
+fn hostile_headers_give_errors_not_panics() {
+    let good = new_image(64 << 20, 4096, 16, 3).to_vec();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Corrupt header fields, L1/refcount table entries, and truncate.
+    for _ in 0..400 {
+        let mut b = good.clone();
+        for _ in 0..(1 + next() % 6) {
+            let pos = match next() % 3 {
+                0 => next() % 112,
+                _ => next() % b.len() as u64,
+            } as usize;
+            b[pos] = next() as u8;
+        }
+        if next() % 8 == 0 {
+            let n = (next() % b.len() as u64) as usize;
+            b.truncate(n);
+        }
+        fuzz_image(&b);
+    }
+    // Specific hostile values.
+    let mut b = good.clone();
+    b[36..40].copy_from_slice(&u32::MAX.to_be_bytes()); // l1_size
+    assert!(matches!(
+        Qcow2::open(MemBackend::new(b), Qcow2Options::default()),
+        Err(Error::InvalidImage(_))
+    ));
+    let mut b = good.clone();
+    b[48..56].copy_from_slice(&(u64::MAX & !0xfff).to_be_bytes()); // reftable offset
+    assert!(Qcow2::open(MemBackend::new(b), Qcow2Options::default()).is_err());
+    fuzz_image(&[]);
+    fuzz_image(b"QFI\xfb");
+}
