@@ -5,9 +5,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_mp_state, kvm_regs, kvm_run, kvm_sregs, Msrs, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -72,6 +72,9 @@ pub enum Error {
         /// Guest RIP.
         rip: u64,
     },
+    /// A VM-level operation needed by vCPU set-up failed.
+    #[error("VM operation failed")]
+    Vm(#[source] Box<crate::vm::Error>),
     /// Registering the kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -306,10 +309,7 @@ impl Vcpu {
     /// `vcpu_count` vCPUs, the boot MSRs, a reset FPU, and (with an in-kernel irqchip) LINT0
     /// as ExtINT and LINT1 as NMI.
     pub fn configure(&self, vm: &Vm, vcpu_count: u8, irqchip: bool) -> Result<()> {
-        let mut cpuid = vm
-            .kvm()
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(self.ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid = vm.supported_cpuid().map_err(|e| Error::Vm(Box::new(e)))?;
         cpuid::normalize(
             cpuid.as_mut_slice(),
             Topology {
