@@ -1,14 +1,4 @@
-//! Block backends for virtual machines, usable with no VM at all.
-//!
-//! * [`BlockBackend`]: the trait every backend implements: vectored reads and
-//!   writes at byte offsets, flush, discard, write-zeroes, size, alignment and
-//!   read-only state. Methods take `&self`; backends are `Send + Sync` and can
-//!   be shared by all queues of a multi-queue device.
-//! * [`RawFile`]: raw images with QEMU's cache modes.
-//! * [`Qcow2`]: qcow2 versions 2 and 3, over any [`BlockBackend`].
-//! * [`aio`]: completion-based asynchronous queues, including an io_uring
-//!   engine.
-//! * [`MemBackend`]: an in-memory backend.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 pub mod aio;

@@ -15,6 +15,9 @@ use super::meta::{
 };
 use super::read_header;
 use super::refcount;
+
+/// Header extension: persistent dirty bitmaps.
+const EXT_BITMAPS: u32 = 0x2385_2875;
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
 
@@ -238,6 +241,67 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
+    /// Counts the persistent dirty bitmaps (directory, tables and data) when
+    /// the bitmaps autoclear bit says they are consistent, as QEMU does.
+    fn walk_bitmaps(&mut self) -> Result<()> {
+        if self.h.autoclear_features & 1 == 0 {
+            return Ok(());
+        }
+        let Some(ext) = self.h.extensions.iter().find(|e| e.kind == EXT_BITMAPS) else {
+            return Ok(());
+        };
+        if ext.data.len() < 24 {
+            self.corruptions += 1;
+            self.msgs.push("ERROR bitmaps extension too short".into());
+            return Ok(());
+        }
+        let be64 =
+            |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+        let nb = u32::from_be_bytes(ext.data[0..4].try_into().unwrap_or([0; 4]));
+        let dir_size = be64(&ext.data, 8);
+        let dir_off = be64(&ext.data, 16);
+        let fsize = self.f.size();
+        if dir_size > 64 << 20 || dir_off % self.cs != 0 || dir_off.saturating_add(dir_size) > fsize
+        {
+            self.corruptions += 1;
+            self.msgs.push("ERROR bitmap directory is invalid".into());
+            return Ok(());
+        }
+        self.add(dir_off, dir_size, false, "bitmap directory");
+        let mut dir = vec![0u8; dir_size as usize];
+        self.f.read_at(&mut dir, dir_off)?;
+        let mut pos = 0usize;
+        for _ in 0..nb {
+            if pos + 24 > dir.len() {
+                self.corruptions += 1;
+                self.msgs.push("ERROR bitmap directory is truncated".into());
+                break;
+            }
+            let table_off = be64(&dir, pos);
+            let table_size =
+                u32::from_be_bytes(dir[pos + 8..pos + 12].try_into().unwrap_or([0; 4])) as u64;
+            let name = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
+            let extra =
+                u32::from_be_bytes(dir[pos + 20..pos + 24].try_into().unwrap_or([0; 4])) as usize;
+            pos += (24 + extra + name).div_ceil(8) * 8;
+            let bytes = table_size * 8;
+            if table_off % self.cs != 0 || table_off.saturating_add(bytes) > fsize {
+                self.corruptions += 1;
+                self.msgs
+                    .push(format!("ERROR bitmap table at {table_off:#x} is invalid"));
+                continue;
+            }
+            self.add(table_off, bytes, false, "bitmap table");
+            for e in self.read_table(table_off, table_size as usize)? {
+                let off = e & OFFSET_MASK;
+                if off != 0 {
+                    self.add(off, self.cs, false, "bitmap data");
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn walk_refcounts(&mut self) -> Result<()> {
         let n = (self.h.refcount_table_clusters as u64 * self.cs / 8) as usize;
         self.reftable = self.read_table(self.h.refcount_table_offset, n)?;
@@ -296,6 +360,7 @@ impl<'a> Walk<'a> {
         w.add(l1o, l1s as u64 * 8, false, "L1 table");
         w.walk_l1(l1o, l1s, true)?;
         w.walk_snapshots()?;
+        w.walk_bitmaps()?;
         w.walk_refcounts()?;
         Ok(w)
     }
