@@ -316,6 +316,13 @@ fn stop_before_run_returns_at_once() {
         vcpu.run(&Buses::default()).unwrap(),
         VcpuExitReason::Stopped
     );
+    // The request was consumed: the same vCPU runs again, here to a hlt.
+    load(&mem, 0x1000, &[0xf4]);
+    vcpu.setup_real_mode(0x1000).unwrap();
+    assert_eq!(
+        vcpu.run(&Buses::default()).unwrap(),
+        VcpuExitReason::Halted
+    );
 }
 
 #[test]
