@@ -246,6 +246,18 @@ impl VcpuHandle {
     }
 }
 
+/// The element size of the port I/O exit in `run`, clamped to `len` (the data length).
+fn io_size(run: *const kvm_run, len: usize) -> usize {
+    // SAFETY: `run` is the vCPU's live kvm_run mapping and the current exit is
+    // KVM_EXIT_IO, so the `io` union member is the valid one. Only that field is read,
+    // through a raw pointer, so no reference overlaps the data slice kvm-ioctls handed out.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+    match usize::from(size) {
+        0 => len.max(1),
+        n => n.min(len.max(1)),
+    }
+}
+
 /// A KVM vCPU.
 pub struct Vcpu {
     id: u8,
@@ -548,21 +560,30 @@ impl Vcpu {
 
     fn run_loop(&mut self, buses: &Buses, ie: *const AtomicU8) -> Result<VcpuExitReason> {
         let id = self.id;
+        let run: *const kvm_run = self.fd.get_kvm_run();
         loop {
             if !self.check_control() {
                 return Ok(VcpuExitReason::Stopped);
             }
             let reason = match self.fd.run() {
+                // String I/O (`rep insb`/`rep outsw`, ...) arrives as `count` elements of
+                // `size` bytes; each is one access to the port.
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    if buses.pio.read(u64::from(port), data).is_err() {
-                        log::debug!("vCPU {id}: unclaimed in from port {port:#x}");
-                        data.fill(0xff);
+                    let size = io_size(run, data.len());
+                    for element in data.chunks_mut(size) {
+                        if buses.pio.read(u64::from(port), element).is_err() {
+                            log::debug!("vCPU {id}: unclaimed in from port {port:#x}");
+                            element.fill(0xff);
+                        }
                     }
                     continue;
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if buses.pio.write(u64::from(port), data).is_err() {
-                        log::debug!("vCPU {id}: unclaimed out to port {port:#x}");
+                    let size = io_size(run, data.len());
+                    for element in data.chunks(size) {
+                        if buses.pio.write(u64::from(port), element).is_err() {
+                            log::debug!("vCPU {id}: unclaimed out to port {port:#x}");
+                        }
                     }
                     continue;
                 }
