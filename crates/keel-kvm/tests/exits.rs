@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use keel_bus::{BusRange, PioDevice};
 use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::{Buses, DataMatch, IoEventAddr, VcpuExitReason, VcpuHandle, VcpuState, Vm};
-use support::{assemble, load, vm_with_memory, Access, Recorder};
+use support::{
+    assemble, load, long_mode_guest, real_mode_guest, reset_real_mode, vm_with_memory, Access,
+    Recorder, PLATFORM, REAL_ENTRY,
+};
 use vm_memory::{Bytes, GuestAddress};
-
-const PLATFORM: u64 = 0xf000_0000;
 
 fn buses_with_recorders(pio_read: u64, mmio_read: u64) -> (Buses, Arc<Recorder>, Arc<Recorder>) {
     let buses = Buses::default();
@@ -43,8 +44,7 @@ fn r(offset: u64, len: usize) -> Access {
 #[test]
 fn real_mode_pio_and_mmio_reach_devices() {
     require_kvm!();
-    let (vm, mem, _) = vm_with_memory(4, false);
-    let code = assemble(
+    let (_vm, _mem, mut vcpu) = real_mode_guest(&assemble(
         r#"
         .code16
         mov $0x42, %al
@@ -58,16 +58,8 @@ fn real_mode_pio_and_mmio_reach_devices() {
         movl %ebx, %ds:0x28
         hlt
         "#,
-        0x1000,
-    );
-    load(&mem, 0x1000, &code);
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.setup_real_mode(0x1000).unwrap();
-    // Real mode reaches 1 MiB only; a DS base in the platform window lets 16-bit code make
-    // MMIO accesses too.
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.ds.base = PLATFORM;
-    vcpu.set_sregs(&sregs).unwrap();
+        REAL_ENTRY,
+    ));
 
     let (buses, pio, mmio) = buses_with_recorders(0x1122_3344_5566_7788, 0xcafe_f00d);
     assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Halted);
@@ -116,15 +108,7 @@ const LONG_MODE_GUEST: &str = r#"
 "#;
 
 fn run_long_mode(cpl: Cpl) {
-    let (vm, mem, _) = vm_with_memory(4, false);
-    load(&mem, 0x10_0000, &assemble(LONG_MODE_GUEST, 0x10_0000));
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.configure(&vm, 1, false).unwrap();
-    BootTables::default()
-        .write(&mem, 0x7_0000, cpl == Cpl::User)
-        .unwrap();
-    vcpu.setup_long_mode(&BootTables::default(), cpl, 0x10_0000, 0x8_0000, 0)
-        .unwrap();
+    let (_vm, _mem, mut vcpu) = long_mode_guest(&assemble(LONG_MODE_GUEST, 0x10_0000), cpl);
     let (buses, pio, mmio) = buses_with_recorders(0x77, 0x0102_0304_0506_0708);
     // Offset 0xf of the recorder's range is claimed by a stop port instead.
     buses.pio.remove(0x10).unwrap();
@@ -240,8 +224,7 @@ fn internal_errors_name_the_rip() {
 #[test]
 fn unclaimed_accesses_read_all_ones() {
     require_kvm!();
-    let (vm, mem, _) = vm_with_memory(4, false);
-    let code = assemble(
+    let (_vm, _mem, mut vcpu) = real_mode_guest(&assemble(
         r#"
         .code16
         in $0x99, %al           # nobody at 0x99
@@ -250,14 +233,8 @@ fn unclaimed_accesses_read_all_ones() {
         out %ax, $0x10
         hlt
         "#,
-        0x1000,
-    );
-    load(&mem, 0x1000, &code);
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.setup_real_mode(0x1000).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.ds.base = PLATFORM;
-    vcpu.set_sregs(&sregs).unwrap();
+        REAL_ENTRY,
+    ));
     let (buses, pio, _) = buses_with_recorders(0, 0);
     assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Halted);
     assert_eq!(pio.accesses(), vec![w(0, &[0xff]), w(0, &[0xff, 0xff])]);
@@ -266,8 +243,7 @@ fn unclaimed_accesses_read_all_ones() {
 #[test]
 fn ioeventfd_signals_without_an_exit() {
     require_kvm!();
-    let (vm, mem, _) = vm_with_memory(4, false);
-    let code = assemble(
+    let (vm, _mem, mut vcpu) = real_mode_guest(&assemble(
         r#"
         .code16
         mov $5, %cx
@@ -278,14 +254,8 @@ fn ioeventfd_signals_without_an_exit() {
         movl $0x99, %ds:0x40            # same address, other value: exits
         hlt
         "#,
-        0x1000,
-    );
-    load(&mem, 0x1000, &code);
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.setup_real_mode(0x1000).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.ds.base = PLATFORM;
-    vcpu.set_sregs(&sregs).unwrap();
+        REAL_ENTRY,
+    ));
 
     let pio_evt = Vm::new_eventfd().unwrap();
     let mmio_evt = Vm::new_eventfd().unwrap();
@@ -319,10 +289,7 @@ fn ioeventfd_signals_without_an_exit() {
     // Once unregistered, writes exit to the device again.
     vm.unregister_ioevent(&pio_evt, IoEventAddr::Pio(0x50), DataMatch::Any)
         .unwrap();
-    vcpu.setup_real_mode(0x1000).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.ds.base = PLATFORM;
-    vcpu.set_sregs(&sregs).unwrap();
+    reset_real_mode(&vcpu);
     assert_eq!(vcpu.run(&buses).unwrap(), VcpuExitReason::Halted);
     assert_eq!(port_dev.accesses().len(), 5);
 }
@@ -390,14 +357,8 @@ fn stop_before_run_returns_at_once() {
 #[test]
 fn triple_fault_is_reported() {
     require_kvm!();
-    let (vm, mem, _) = vm_with_memory(4, false);
     // ud2 with an empty IDT: #UD, then #DF, then shutdown.
-    load(&mem, 0x10_0000, &[0x0f, 0x0b]);
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.configure(&vm, 1, false).unwrap();
-    BootTables::default().write(&mem, 0x7_0000, false).unwrap();
-    vcpu.setup_long_mode(&BootTables::default(), Cpl::Kernel, 0x10_0000, 0x8_0000, 0)
-        .unwrap();
+    let (_vm, _mem, mut vcpu) = long_mode_guest(&[0x0f, 0x0b], Cpl::Kernel);
     assert_eq!(
         vcpu.run(&Buses::default()).unwrap(),
         VcpuExitReason::TripleFault

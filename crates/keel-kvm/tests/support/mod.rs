@@ -157,3 +157,46 @@ pub fn vm_with_memory(mib: u64, irqchip: bool) -> (Arc<Vm>, GuestMemoryMmap, Mem
 pub fn load(mem: &GuestMemoryMmap, addr: u64, code: &[u8]) {
     mem.write_slice(code, GuestAddress(addr)).unwrap();
 }
+
+/// Base of the platform MMIO window, where tests place MMIO devices.
+pub const PLATFORM: u64 = 0xf000_0000;
+/// Where real-mode test code is loaded.
+pub const REAL_ENTRY: u64 = 0x1000;
+/// Where 64-bit test code is loaded.
+pub const LONG_ENTRY: u64 = 0x10_0000;
+
+/// Points `vcpu` at [`REAL_ENTRY`] in real mode, with DS based at [`PLATFORM`]: real mode
+/// reaches 1 MiB only, and the DS base lets 16-bit code make MMIO accesses too.
+pub fn reset_real_mode(vcpu: &keel_kvm::Vcpu) {
+    vcpu.setup_real_mode(REAL_ENTRY).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.ds.base = PLATFORM;
+    vcpu.set_sregs(&sregs).unwrap();
+}
+
+/// A VM (4 MiB, no irqchip) whose vCPU 0 is about to run `code` in real mode.
+pub fn real_mode_guest(code: &[u8]) -> (Arc<Vm>, GuestMemoryMmap, keel_kvm::Vcpu) {
+    let (vm, mem, _) = vm_with_memory(4, false);
+    load(&mem, REAL_ENTRY, code);
+    let vcpu = vm.create_vcpu(0).unwrap();
+    reset_real_mode(&vcpu);
+    (vm, mem, vcpu)
+}
+
+/// A VM (4 MiB, no irqchip) whose vCPU 0 is about to run `code` in 64-bit mode at `cpl`,
+/// with the boot tables written and the stack at 0x80000.
+pub fn long_mode_guest(
+    code: &[u8],
+    cpl: keel_kvm::x86::boot::Cpl,
+) -> (Arc<Vm>, GuestMemoryMmap, keel_kvm::Vcpu) {
+    use keel_kvm::x86::boot::{BootTables, Cpl};
+    let (vm, mem, _) = vm_with_memory(4, false);
+    load(&mem, LONG_ENTRY, code);
+    let tables = BootTables::default();
+    tables.write(&mem, 0x7_0000, cpl == Cpl::User).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&vm, 1, false).unwrap();
+    vcpu.setup_long_mode(&tables, cpl, LONG_ENTRY, 0x8_0000, 0)
+        .unwrap();
+    (vm, mem, vcpu)
+}
