@@ -3,6 +3,8 @@
 
 mod support;
 
+use keel_testutil::require_kvm;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

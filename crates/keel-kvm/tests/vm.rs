@@ -3,6 +3,8 @@
 
 mod support;
 
+use keel_testutil::require_kvm;
+
 use keel_bus::interrupt::MsiMessage;
 use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::x86::msr;

@@ -2,8 +2,6 @@
 //! (binutils), a recording bus device and VM set-up.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -12,56 +10,7 @@ use keel_kvm::Vm;
 use keel_memory::{GuestMemoryMmap, MemoryLayout, MemoryOptions, MIB};
 use vm_memory::{Bytes, GuestAddress};
 
-/// Returns from the test, printing one clear line, when /dev/kvm is unavailable.
-#[macro_export]
-macro_rules! require_kvm {
-    () => {
-        if !keel_kvm::kvm_available() {
-            println!("skipped: /dev/kvm unavailable");
-            return;
-        }
-    };
-}
-
-/// Assembles `src` (GNU as, AT&T syntax) linked to run at `origin`; returns the flat binary.
-pub fn assemble(src: &str, origin: u64) -> Vec<u8> {
-    let dir = tempdir();
-    let s = dir.join("guest.S");
-    let o = dir.join("guest.o");
-    let bin = dir.join("guest.bin");
-    std::fs::write(&s, src).unwrap();
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap_or_else(|e| {
-            panic!("cannot run {cmd:?}: {e} (install binutils: apt-get install -y binutils)")
-        });
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(Command::new("as").arg("--64").arg("-o").arg(&o).arg(&s));
-    run(Command::new("ld")
-        .arg(format!("-Ttext={origin:#x}"))
-        .args(["--oformat", "binary", "-e", "0", "-o"])
-        .arg(&bin)
-        .arg(&o));
-    let code = std::fs::read(&bin).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    code
-}
-
-fn tempdir() -> PathBuf {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "keel-kvm-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+pub use keel_testutil::assemble;
 
 /// One guest access seen by a [`Recorder`].
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,112 @@
+//! The ACPI PM1a control and event blocks: enough for the guest to power off.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use keel_bus::PioDevice;
+
+use crate::exit::{ExitSignal, VmExit};
+
+/// PM1a control block port (2 bytes), published in the FADT.
+pub const PM1A_CNT_PORT: u16 = 0x600;
+/// PM1a event block port (4 bytes: status, enable), published in the FADT.
+pub const PM1A_EVT_PORT: u16 = 0x604;
+/// The SLP_TYP value for S5 (soft off), published in the DSDT's `\_S5` object.
+pub const SLP_TYP_S5: u16 = 5;
+const SLP_EN: u16 = 1 << 13;
+
+/// PM1a control (at [`PM1A_CNT_PORT`]) plus event (at [`PM1A_EVT_PORT`]) registers.
+pub struct AcpiPm {
+    exit: Arc<ExitSignal>,
+    /// PM1_CNT, then PM1_STS and PM1_EN.
+    regs: Mutex<[u16; 3]>,
+}
+
+impl AcpiPm {
+    /// A PM block that reports power-off to `exit`.
+    pub fn new(exit: Arc<ExitSignal>) -> Self {
+        AcpiPm {
+            exit,
+            // SCI_EN set: ACPI mode is always on (the FADT has no SMI command port).
+            regs: Mutex::new([1, 0, 0]),
+        }
+    }
+
+    /// The device for the event block range; control and event blocks share state.
+    fn reg_index(offset: u64) -> Option<usize> {
+        match offset {
+            0..=1 => Some(0),
+            // The event block is mapped right behind the control block's range; see
+            // `Vmm`: the bus range covers 0x600..0x608.
+            4..=5 => Some(1),
+            6..=7 => Some(2),
+            _ => None,
+        }
+    }
+}
+
+impl PioDevice for AcpiPm {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        let regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        let v = Self::reg_index(offset).map_or(0, |i| regs[i]);
+        let bytes = v.to_le_bytes();
+        let shift = (offset & 1) as usize;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(shift + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        let Some(i) = Self::reg_index(offset) else {
+            return;
+        };
+        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut bytes = regs[i].to_le_bytes();
+        let shift = (offset & 1) as usize;
+        for (k, b) in data.iter().enumerate() {
+            if let Some(slot) = bytes.get_mut(shift + k) {
+                *slot = *b;
+            }
+        }
+        let v = u16::from_le_bytes(bytes);
+        match i {
+            0 => {
+                regs[0] = v & !SLP_EN;
+                if v & SLP_EN != 0 && (v >> 10) & 7 == SLP_TYP_S5 {
+                    self.exit.request(VmExit::PowerOff);
+                }
+            }
+            // PM1_STS bits are write-1-to-clear; nothing ever sets them.
+            1 => regs[1] &= !v,
+            _ => regs[2] = v,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s5_powers_off_and_other_states_do_not() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let pm = AcpiPm::new(exit.clone());
+        pm.pio_write(0, &((3u16 << 10) | SLP_EN).to_le_bytes()); // S3: not supported
+        assert_eq!(exit.reason(), None);
+        pm.pio_write(0, &(5u16 << 10).to_le_bytes()); // S5 without SLP_EN
+        assert_eq!(exit.reason(), None);
+        let mut v = [0u8; 2];
+        pm.pio_read(0, &mut v);
+        assert_eq!(u16::from_le_bytes(v), 5 << 10);
+        pm.pio_write(0, &((5u16 << 10) | SLP_EN).to_le_bytes());
+        assert_eq!(exit.reason(), Some(VmExit::PowerOff));
+    }
+
+    #[test]
+    fn byte_writes_compose() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let pm = AcpiPm::new(exit.clone());
+        let v = (5u16 << 10) | SLP_EN;
+        pm.pio_write(1, &[(v >> 8) as u8]);
+        assert_eq!(exit.reason(), Some(VmExit::PowerOff));
+    }
+}

@@ -1,0 +1,22 @@
+//! The legacy platform devices keel puts in every VM, and their ports.
+//!
+//! | port(s) | device |
+//! |---|---|
+//! | 0x3f8-0x3ff | 16550 UART (COM1), IRQ 4 |
+//! | 0x60, 0x64 | i8042 (keyboard controller): only the CPU reset line (0xfe to 0x64) |
+//! | 0x600-0x601 | ACPI PM1a control block: SLP_TYP=5 with SLP_EN powers off |
+//! | 0x604-0x607 | ACPI PM1a event block (status/enable; no events are raised) |
+//! | 0xf4-0xf7 | debug exit: the value written becomes keel's exit status |
+//!
+//! QEMU's `isa-debug-exit,iobase=0xf4,iosize=4` sits at the same port, so a guest can end
+//! itself the same way under both (QEMU reports `(value << 1) | 1`).
+
+mod acpi_pm;
+mod debug_exit;
+mod i8042;
+mod serial;
+
+pub use acpi_pm::{AcpiPm, PM1A_CNT_PORT, PM1A_EVT_PORT, SLP_TYP_S5};
+pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+pub use i8042::{I8042, I8042_CMD_PORT, I8042_DATA_PORT};
+pub use serial::{Serial, SerialOutput, COM1_IRQ, COM1_PORT};

@@ -1,0 +1,146 @@
+//! COM1: a 16550 UART (vm-superio) whose interrupt is an irqfd.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Mutex, PoisonError};
+
+use keel_bus::PioDevice;
+use vm_superio::serial::NoEvents;
+use vmm_sys_util::eventfd::EventFd;
+
+/// COM1's base port.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's interrupt line (ISA IRQ 4, IOAPIC pin 4).
+pub const COM1_IRQ: u32 = 4;
+
+/// Where the guest's serial output goes.
+pub enum SerialOutput {
+    /// keel's standard output.
+    Stdout,
+    /// A file.
+    File(File),
+    /// Discarded.
+    Sink,
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            // Unbuffered on purpose: the guest's output must appear as it is produced.
+            SerialOutput::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()?;
+                Ok(buf.len())
+            }
+            SerialOutput::File(f) => f.write(buf),
+            SerialOutput::Sink => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialOutput::Stdout => io::stdout().flush(),
+            SerialOutput::File(f) => f.flush(),
+            SerialOutput::Sink => Ok(()),
+        }
+    }
+}
+
+/// Raises the UART's interrupt by writing its irqfd.
+pub struct IrqfdTrigger(pub EventFd);
+
+impl vm_superio::Trigger for IrqfdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+type Uart = vm_superio::Serial<IrqfdTrigger, NoEvents, SerialOutput>;
+
+/// The UART on the port bus (8 ports at [`COM1_PORT`]).
+pub struct Serial(Mutex<Uart>);
+
+impl Serial {
+    /// A UART writing to `out` and interrupting through `irqfd`.
+    pub fn new(irqfd: EventFd, out: SerialOutput) -> Self {
+        Serial(Mutex::new(vm_superio::Serial::new(
+            IrqfdTrigger(irqfd),
+            out,
+        )))
+    }
+
+    fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
+        let mut uart = self.uart();
+        let room = uart.fifo_capacity().min(bytes.len());
+        match uart.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart().fifo_capacity()
+    }
+
+    /// Flushes buffered output.
+    pub fn flush(&self) -> io::Result<()> {
+        self.uart().writer_mut().flush()
+    }
+}
+
+impl PioDevice for Serial {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.uart().read(off);
+        }
+    }
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        if let (Ok(off), Some(&v)) = (u8::try_from(offset), data.first()) {
+            if let Err(e) = self.uart().write(off, v) {
+                log::warn!("serial: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_reaches_the_file_and_input_raises_the_interrupt() {
+        let dir = std::env::temp_dir().join(format!("keel-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let uart = Serial::new(
+            irq.try_clone().unwrap(),
+            SerialOutput::File(File::create(&path).unwrap()),
+        );
+        for b in b"hi\n" {
+            uart.pio_write(0, &[*b]);
+        }
+        uart.flush().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"hi\n");
+
+        // Enable the "received data available" interrupt, then feed input.
+        uart.pio_write(1, &[0x01]);
+        assert_eq!(uart.enqueue_input(b"ok"), 2);
+        assert!(irq.read().unwrap() >= 1);
+        let mut b = [0u8];
+        uart.pio_read(0, &mut b);
+        assert_eq!(b, [b'o']);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,105 @@
+//! How the VM ends: devices and vCPU threads request an exit; the main thread acts on the
+//! first request.
+
+use std::sync::{Mutex, PoisonError};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote `value` to the debug-exit port.
+    DebugExit(u32),
+    /// The guest reset the machine (i8042 or ACPI reset register, or KVM reset event).
+    Reset,
+    /// The guest powered off (ACPI S5, or KVM shutdown event).
+    PowerOff,
+    /// A vCPU triple-faulted.
+    TripleFault {
+        /// vCPU index.
+        vcpu: u8,
+        /// Guest RIP when it happened.
+        rip: u64,
+    },
+    /// A vCPU stopped with an error (KVM internal error, failed entry, ...).
+    VcpuError(String),
+    /// keel received a termination signal.
+    Signal(i32),
+}
+
+impl VmExit {
+    /// keel's exit status for this outcome.
+    pub fn status(&self) -> i32 {
+        match self {
+            // Exit statuses are 8 bits: larger values saturate rather than wrap to success.
+            VmExit::DebugExit(v) => (*v).min(255) as i32,
+            VmExit::Reset | VmExit::PowerOff => 0,
+            VmExit::TripleFault { .. } | VmExit::VcpuError(_) => 1,
+            VmExit::Signal(sig) => 128 + sig,
+        }
+    }
+
+    /// A one-line description for the user, or `None` for a clean end.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            VmExit::DebugExit(_) | VmExit::Reset | VmExit::PowerOff => None,
+            VmExit::TripleFault { vcpu, rip } => Some(format!(
+                "keel: vCPU {vcpu} triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"
+            )),
+            VmExit::VcpuError(e) => Some(format!("keel: {e}")),
+            VmExit::Signal(sig) => Some(format!("keel: stopped by signal {sig}")),
+        }
+    }
+}
+
+/// A one-shot exit request shared by devices and vCPU threads. The first request wins;
+/// the main thread waits on [`ExitSignal::event`].
+pub struct ExitSignal {
+    reason: Mutex<Option<VmExit>>,
+    event: EventFd,
+}
+
+impl ExitSignal {
+    /// Creates the signal.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ExitSignal {
+            reason: Mutex::new(None),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Requests that the VM stop for `why`. Later requests are ignored.
+    pub fn request(&self, why: VmExit) {
+        let mut r = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.is_none() {
+            *r = Some(why);
+            // Writing an eventfd only fails on counter overflow, which one write cannot cause.
+            let _ = self.event.write(1);
+        }
+    }
+
+    /// The request, if one was made.
+    pub fn reason(&self) -> Option<VmExit> {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Readable once an exit was requested.
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+/// `e` and its chain of sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}

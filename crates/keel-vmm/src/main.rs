@@ -1,0 +1,105 @@
+//! `keel`: the reference VMM built from the Keel crates.
+//!
+//! It boots a Linux kernel (PVH vmlinux or bzImage) or a bare-metal ELF64 payload with a
+//! 16550 console, an i8042 (reset), ACPI power-off and a debug-exit port, on the in-kernel
+//! irqchip, one thread per vCPU.
+
+mod boot;
+mod devices;
+mod exit;
+mod signals;
+mod vmm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use vmm::{SerialMode, VmConfig};
+
+/// Boot a kernel in a KVM virtual machine.
+///
+/// Exit status: the value the guest writes to the debug-exit port (0xf4); 0 after a guest
+/// reset or ACPI power-off; 1 with a message after a triple fault or a KVM error; 2 for bad
+/// command-line arguments; 128+N after signal N.
+#[derive(Parser, Debug)]
+#[command(name = "keel", version)]
+struct Cli {
+    /// Kernel to boot: an ELF with a PVH note, a bzImage, or an ELF64 payload.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initial ramdisk to load.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+
+    /// Guest RAM in MiB (at least 2).
+    #[arg(long, value_name = "MiB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(2..=524288))]
+    memory: u64,
+
+    /// Number of vCPUs (1-255).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=255))]
+    cpus: u8,
+
+    /// Serial console: `stdio` (output to stdout, stdin to the guest), `file=PATH`, or `none`.
+    #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialMode,
+}
+
+fn parse_serial(s: &str) -> Result<SerialMode, String> {
+    match s {
+        "stdio" => Ok(SerialMode::Stdio),
+        "none" => Ok(SerialMode::None),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+            _ => Err("expected stdio, file=PATH or none".into()),
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One line, not clap's usage block: the first line names the problem.
+            let text = e.to_string();
+            eprintln!(
+                "keel: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let cfg = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        memory_mib: cli.memory,
+        vcpus: cli.cpus,
+        serial: cli.serial,
+    };
+    match vmm::run(&cfg) {
+        Ok(why) => {
+            if let Some(msg) = why.message() {
+                eprintln!("{msg}");
+            }
+            ExitCode::from(why.status() as u8)
+        }
+        Err(e) => {
+            eprintln!("keel: {}", exit::error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Assembling and running a VM: memory, KVM, devices, boot, vCPU threads, event loop.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+
+use keel_bus::{BusRange, PioDevice};
+use keel_kvm::x86::boot::{BootTables, Cpl};
+use keel_kvm::{Buses, Vcpu, VcpuExitReason, VcpuHandle, Vm};
+use keel_memory::{MemoryLayout, MemoryOptions, MIB};
+
+use crate::boot::{self, BootSpec, Entry, BOOT_STACK};
+use crate::devices::{
+    AcpiPm, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042,
+    I8042_DATA_PORT, PM1A_CNT_PORT,
+};
+use crate::exit::{error_chain, ExitSignal, VmExit};
+use crate::signals::SignalFd;
+
+/// Errors while building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The memory layout or its mapping failed.
+    #[error(transparent)]
+    Memory(#[from] keel_memory::Error),
+    /// A KVM VM operation failed.
+    #[error(transparent)]
+    Kvm(#[from] keel_kvm::Error),
+    /// A vCPU operation failed.
+    #[error(transparent)]
+    Vcpu(#[from] keel_kvm::VcpuError),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// A device could not be placed on a bus.
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] keel_bus::Error),
+    /// Writing boot tables failed.
+    #[error("cannot write boot tables")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// An OS resource (eventfd, thread, signal, file) could not be set up.
+    #[error("{what}")]
+    Os {
+        /// What was being set up.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Os { what, source }
+}
+
+/// Where serial output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialMode {
+    /// keel's stdout, and stdin feeds the guest.
+    Stdio,
+    /// A file.
+    File(PathBuf),
+    /// Nowhere.
+    None,
+}
+
+/// Everything needed to start a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Serial console.
+    pub serial: SerialMode,
+}
+
+/// Feeds stdin to the UART; ends the event loop when an exit is requested or a signal
+/// arrives.
+struct Control {
+    exit: Arc<ExitSignal>,
+    serial: Arc<Serial>,
+    stdin: Option<std::io::Stdin>,
+    signals: SignalFd,
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.exit.event(), EventSet::IN));
+        let _ = ops.add(Events::new(&self.signals, EventSet::IN));
+        if let Some(stdin) = &self.stdin {
+            let _ = ops.add(Events::new(stdin, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.signals.as_raw_fd() {
+            if let Ok(Some(sig)) = self.signals.read() {
+                self.exit.request(VmExit::Signal(sig));
+            }
+        } else if self.stdin.as_ref().is_some_and(|s| s.as_raw_fd() == fd) {
+            let room = self.serial.input_room();
+            let mut buf = [0u8; 64];
+            let want = room.clamp(1, buf.len());
+            match std::io::stdin().read(&mut buf[..want]) {
+                Ok(0) | Err(_) => {
+                    // End of input: stop watching stdin.
+                    let _ = ops.remove(events);
+                    self.stdin = None;
+                }
+                Ok(n) => {
+                    self.serial.enqueue_input(&buf[..n]);
+                }
+            }
+        }
+    }
+}
+
+fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
+    let id = vcpu.id();
+    let why = match vcpu.run(&buses) {
+        Ok(VcpuExitReason::Stopped) => return,
+        Ok(VcpuExitReason::Reset) => VmExit::Reset,
+        Ok(VcpuExitReason::PowerOff) => VmExit::PowerOff,
+        Ok(VcpuExitReason::TripleFault) => VmExit::TripleFault {
+            vcpu: id,
+            rip: vcpu.regs().map(|r| r.rip).unwrap_or(u64::MAX),
+        },
+        Ok(other) => VmExit::VcpuError(format!("vCPU {id} stopped: {other:?}")),
+        Err(e) => VmExit::VcpuError(error_chain(&e)),
+    };
+    exit.request(why);
+}
+
+/// Builds the VM described by `cfg`, runs it to the end, and returns why it ended.
+pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
+    // Signals are handled by the event loop through a signalfd; blocking them here, before
+    // any thread is spawned, keeps them away from vCPU threads.
+    let signalfd =
+        SignalFd::new(&[libc::SIGINT, libc::SIGTERM]).map_err(os("cannot create a signalfd"))?;
+
+    let layout = MemoryLayout::new(cfg.memory_mib * MIB)?;
+    let opts = MemoryOptions::default();
+    let mem = layout.create_guest_memory(&opts)?;
+    let vm = Arc::new(Vm::new()?);
+    vm.register_memory(&mem, &opts)?;
+    vm.setup_irqchip(&layout)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(os("cannot create an eventfd"))?);
+    let serial_irq = Vm::new_eventfd()?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    let out = match &cfg.serial {
+        SerialMode::Stdio => SerialOutput::Stdout,
+        SerialMode::File(p) => SerialOutput::File(
+            std::fs::File::create(p).map_err(os(format!("cannot create {}", p.display())))?,
+        ),
+        SerialMode::None => SerialOutput::Sink,
+    };
+    let serial = Arc::new(Serial::new(serial_irq, out));
+    let buses = Buses::default();
+    let pio: [(u16, u64, Arc<dyn PioDevice>); 4] = [
+        (COM1_PORT, 8, serial.clone()),
+        (I8042_DATA_PORT, 5, Arc::new(I8042::new(exit.clone()))),
+        (PM1A_CNT_PORT, 8, Arc::new(AcpiPm::new(exit.clone()))),
+        (DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))),
+    ];
+    for (port, len, dev) in pio {
+        buses
+            .pio
+            .insert(BusRange::new(u64::from(port), len)?, dev)?;
+    }
+
+    let entry = boot::load(
+        &mem,
+        &layout,
+        cfg.vcpus,
+        &BootSpec {
+            kernel: &cfg.kernel,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: &cfg.cmdline,
+        },
+    )?;
+    let tables = BootTables::default();
+    tables.write(&mem, 0, false)?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for id in 0..cfg.vcpus {
+        let vcpu = vm.create_vcpu(id)?;
+        vcpu.configure(&vm, cfg.vcpus, true)?;
+        if id == 0 {
+            match entry {
+                Entry::Pvh { entry, start_info } => vcpu.setup_pvh(&tables, entry, start_info)?,
+                Entry::Linux64 { entry, boot_params } => {
+                    vcpu.setup_long_mode(&tables, Cpl::Kernel, entry, BOOT_STACK, boot_params)?
+                }
+            }
+        }
+        // Application processors wait for INIT-SIPI-SIPI (KVM's default with an irqchip).
+        vcpus.push(vcpu);
+    }
+
+    let mut handles: Vec<VcpuHandle> = Vec::new();
+    let mut threads = Vec::new();
+    for vcpu in vcpus {
+        handles.push(vcpu.handle());
+        let (buses, exit) = (buses.clone(), exit.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("keel-vcpu{}", vcpu.id()))
+            .spawn(move || run_vcpu(vcpu, buses, exit))
+            .map_err(os("cannot spawn a vCPU thread"))?;
+        threads.push(t);
+    }
+
+    let stdin = (cfg.serial == SerialMode::Stdio).then(std::io::stdin);
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+        EventManager::new().map_err(Error::EventLoop)?;
+    events.add_subscriber(Box::new(Control {
+        exit: exit.clone(),
+        serial: serial.clone(),
+        stdin,
+        signals: signalfd,
+    }));
+    while exit.reason().is_none() {
+        events.run().map_err(Error::EventLoop)?;
+    }
+
+    // Orderly shutdown: stop every vCPU, wait for the threads, flush output.
+    for h in &handles {
+        h.stop();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = serial.flush();
+    Ok(exit.reason().expect("the loop ends only on a request"))
+}
