@@ -65,15 +65,14 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
-            // One line, not clap's usage block: the first line names the problem.
+            // One line, not clap's usage block: the message up to the first blank line.
             let text = e.to_string();
-            eprintln!(
-                "keel: {}",
-                text.lines()
-                    .next()
-                    .unwrap_or("invalid arguments")
-                    .trim_start_matches("error: ")
-            );
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("keel: {}", msg.join(" ").trim_start_matches("error: "));
             return ExitCode::from(2);
         }
         Err(e) => {

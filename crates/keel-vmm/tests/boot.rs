@@ -1,0 +1,167 @@
+//! keel end to end with small PVH and ELF64 guests: serial, the ways a VM ends, signals.
+
+mod support;
+
+use std::time::Duration;
+
+use keel_testutil::require_kvm;
+use support::{pvh_guest, run_keel, Running, TempDir};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Prints `text` on COM1 (32-bit code).
+fn print(text: &str) -> String {
+    let mut s = String::from("    mov $0x3f8, %dx\n");
+    for b in text.bytes() {
+        s.push_str(&format!("    mov ${b}, %al\n    out %al, %dx\n"));
+    }
+    s
+}
+
+#[test]
+fn serial_output_and_debug_exit_status() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let body = format!(
+        "{}    mov $42, %eax\n    out %eax, $0xf4\n    hlt\n",
+        print("hello\n")
+    );
+    let guest = pvh_guest(&dir, &body);
+    let out = run_keel(
+        &["--kernel", guest.to_str().unwrap(), "--memory", "64"],
+        LIMIT,
+    );
+    assert_eq!(out.stdout, "hello\n");
+    assert_eq!(out.code(), Some(42), "stderr: {}", out.stderr);
+    assert_eq!(out.stderr, "");
+}
+
+#[test]
+fn serial_to_file() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let guest = pvh_guest(&dir, &format!("{}    out %al, $0xf4\n", print("to file\n")));
+    let log = dir.path().join("serial.log");
+    let out = run_keel(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--serial",
+            &format!("file={}", log.display()),
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.stdout, "");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "to file\n");
+    // `out %al` after printing leaves AL = '\n' = 10.
+    assert_eq!(out.code(), Some(10));
+}
+
+#[test]
+fn i8042_reset_ends_cleanly() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let guest = pvh_guest(
+        &dir,
+        "    mov $0xfe, %al\n    out %al, $0x64\n1:  hlt\n    jmp 1b\n",
+    );
+    let out = run_keel(&["--kernel", guest.to_str().unwrap()], LIMIT);
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn acpi_s5_powers_off() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    // SLP_TYP=5 | SLP_EN to PM1a_CNT.
+    let guest = pvh_guest(
+        &dir,
+        "    mov $0x600, %dx\n    mov $0x3400, %ax\n    out %ax, %dx\n1:  hlt\n    jmp 1b\n",
+    );
+    let out = run_keel(&["--kernel", guest.to_str().unwrap()], LIMIT);
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn triple_fault_is_an_error_naming_the_rip() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    // No IDT entries: ud2 escalates to a triple fault (or, on hosts whose KVM emulates CPL0
+    // code, may end as an emulation failure; both must name the RIP).
+    let guest = pvh_guest(&dir, "    nop\n    ud2\n");
+    let out = run_keel(&["--kernel", guest.to_str().unwrap()], LIMIT);
+    assert_eq!(out.code(), Some(1));
+    let line = out.stderr.trim();
+    assert!(
+        line == "keel: vCPU 0 triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x100001"
+            || (line.contains("KVM internal error") && line.contains("RIP 0x100001")),
+        "{line}"
+    );
+}
+
+#[test]
+fn elf64_payload_starts_in_long_mode_with_boot_params() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let path = dir.path().join("payload.elf");
+    // No PVH note: 64-bit entry with RSI pointing at the zero page, whose setup header
+    // carries "HdrS" at 0x202. The payload checks it and reports through the exit port.
+    support::assemble_elf(
+        r#"
+        .text
+        .code64
+        .globl _start
+    _start:
+        mov $0x3f8, %dx
+        mov $'6', %al
+        out %al, %dx
+        mov $'4', %al
+        out %al, %dx
+        mov $1, %eax
+        cmpl $0x53726448, 0x202(%rsi)
+        jne 1f
+        mov $7, %eax
+    1:  out %eax, $0xf4
+        hlt
+        "#,
+        0x20_0000,
+        &path,
+    );
+    let out = run_keel(&["--kernel", path.to_str().unwrap()], LIMIT);
+    assert_eq!(out.stdout, "64");
+    assert_eq!(out.code(), Some(7), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn stdin_reaches_the_guest_uart() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    // Print a prompt, poll LSR.DR, read one byte and exit with it.
+    let body = format!(
+        "{}    mov $0x3fd, %dx\n1:  in %dx, %al\n    test $1, %al\n    jz 1b\n    mov $0x3f8, %dx\n    in %dx, %al\n    movzbl %al, %eax\n    out %eax, $0xf4\n",
+        print("> ")
+    );
+    let guest = pvh_guest(&dir, &body);
+    let mut cmd = support::keel();
+    cmd.args(["--kernel", guest.to_str().unwrap()]);
+    let mut keel = Running::start(cmd);
+    keel.wait_for("the prompt", LIMIT, |s| s.contains("> "));
+    keel.input(b"A");
+    let out = keel.finish(LIMIT);
+    assert_eq!(out.code(), Some(i32::from(b'A')), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn sigterm_stops_a_running_guest() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let guest = pvh_guest(&dir, &format!("{}1:  jmp 1b\n", print("spinning\n")));
+    let mut cmd = support::keel();
+    cmd.args(["--kernel", guest.to_str().unwrap(), "--cpus", "2"]);
+    let mut keel = Running::start(cmd);
+    keel.wait_for("the guest to start", LIMIT, |s| s.contains("spinning"));
+    keel.signal(15);
+    let out = keel.finish(LIMIT);
+    assert_eq!(out.code(), Some(128 + 15));
+    assert_eq!(out.stderr.trim(), "keel: stopped by signal 15");
+}

@@ -1,0 +1,69 @@
+//! The command line: every bad value is one line on stderr and exit status 2.
+
+mod support;
+
+use std::time::Duration;
+
+use support::run_keel;
+
+#[test]
+fn bad_values_are_one_line_errors_with_status_2() {
+    for (args, needle) in [
+        (vec!["--memory", "abc"], "--memory"),
+        (vec!["--memory", "1"], "--memory"),
+        (vec!["--cpus", "0"], "--cpus"),
+        (vec!["--cpus", "300"], "--cpus"),
+        (vec!["--serial", "tty"], "expected stdio, file=PATH or none"),
+        (vec!["--serial", "file="], "--serial"),
+        (vec!["--frobnicate"], "--frobnicate"),
+        (vec![], "--kernel"),
+    ] {
+        let mut all = vec!["--kernel", "/nonexistent"];
+        if args.is_empty() {
+            all.clear();
+        }
+        all.extend(args.iter());
+        let out = run_keel(&all, Duration::from_secs(10));
+        assert_eq!(out.code(), Some(2), "{all:?}: {}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{all:?}: {}", out.stderr);
+        assert!(out.stderr.starts_with("keel: "), "{}", out.stderr);
+        assert!(out.stderr.contains(needle), "{all:?}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn missing_or_unbootable_kernel_is_a_clear_error() {
+    let out = run_keel(
+        &["--kernel", "/nonexistent/vmlinux"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code(), Some(1));
+    assert!(
+        out.stderr
+            .contains("cannot read kernel /nonexistent/vmlinux"),
+        "{}",
+        out.stderr
+    );
+    let out = run_keel(
+        &["--kernel", env!("CARGO_MANIFEST_DIR")],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let out = run_keel(&["--help"], Duration::from_secs(10));
+    assert_eq!(out.code(), Some(0));
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--cpus",
+        "--serial",
+    ] {
+        assert!(out.stdout.contains(flag), "{flag} missing from --help");
+    }
+    assert!(out.stdout.contains("Exit status"), "{}", out.stdout);
+}
