@@ -8,6 +8,7 @@ mod boot;
 mod devices;
 mod exit;
 mod signals;
+mod tty;
 mod vmm;
 
 use std::path::PathBuf;

@@ -20,6 +20,7 @@ use crate::devices::{
 };
 use crate::exit::{error_chain, ExitSignal, VmExit};
 use crate::signals::SignalFd;
+use crate::tty::RawTerminal;
 
 /// Errors while building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +228,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
     }
 
     let stdin = (cfg.serial == SerialMode::Stdio).then(std::io::stdin);
+    // Restored when this function returns, whatever the outcome.
+    let _raw = match stdin {
+        Some(_) => RawTerminal::enable().map_err(os("cannot put the terminal in raw mode"))?,
+        None => None,
+    };
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
         EventManager::new().map_err(Error::EventLoop)?;
     events.add_subscriber(Box::new(Control {

@@ -165,3 +165,31 @@ fn sigterm_stops_a_running_guest() {
     assert_eq!(out.code(), Some(128 + 15));
     assert_eq!(out.stderr.trim(), "keel: stopped by signal 15");
 }
+
+/// On a terminal keel switches to raw mode: one key, with no Enter, reaches the guest.
+/// script(1) (util-linux) gives keel a pseudo-terminal.
+#[test]
+fn a_terminal_console_is_raw() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let body = format!(
+        "{}    mov $0x3fd, %dx\n1:  in %dx, %al\n    test $1, %al\n    jz 1b\n    mov $0x3f8, %dx\n    in %dx, %al\n    movzbl %al, %eax\n    out %eax, $0xf4\n",
+        print(">")
+    );
+    let guest = pvh_guest(&dir, &body);
+    let mut cmd = std::process::Command::new("script");
+    cmd.args([
+        "-qec",
+        &format!(
+            "{} --kernel {}",
+            env!("CARGO_BIN_EXE_keel"),
+            guest.display()
+        ),
+        "/dev/null",
+    ]);
+    let mut keel = Running::start(cmd);
+    keel.wait_for("the prompt", LIMIT, |s| s.contains('>'));
+    keel.input(b"A");
+    let out = keel.finish(LIMIT);
+    assert_eq!(out.code(), Some(i32::from(b'A')), "stderr: {}", out.stderr);
+}
