@@ -87,13 +87,15 @@ pub fn wait_for(cycles: u64, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Stop this CPU for good: `int $0x80` enters the CPL0 `park` stub
-/// (cli; hlt loop), so a stopped CPU does not spin on the host.
+extern "C" {
+    /// boot.s: `hlt` at CPL3; the #GP handler halts the CPU at CPL0.
+    fn keel_park() -> !;
+}
+
+/// Stop this CPU for good without spinning on the host.
 pub fn park() -> ! {
-    loop {
-        // SAFETY: vector 0x80 is a DPL3 gate to `park`, which never returns.
-        unsafe { asm!("int 0x80", options(nomem, nostack)) }
-    }
+    // SAFETY: keel_park takes no arguments and never returns.
+    unsafe { keel_park() }
 }
 
 pub fn cs() -> u16 {

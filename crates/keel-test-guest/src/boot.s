@@ -202,6 +202,9 @@ exc_\n:
 
 exc_common:                         /* rax, vector, error, rip, cs, rflags, rsp, ss */
     pushq %rax
+    leaq keel_park_hlt(%rip), %rax      /* #GP from keel_park's hlt: park */
+    cmpq %rax, 24(%rsp)
+    je park
     movl $1, %eax
     xchgl %eax, fault_claimed(%rip)
     testl %eax, %eax
@@ -229,7 +232,7 @@ exc_common:                         /* rax, vector, error, rip, cs, rflags, rsp,
     addq $16, %rsp
     iretq
 
-/* int $0x80 from CPL3 (DPL3 gate): stop this CPU for good. */
+/* Stop this CPU for good (reached from keel_park below). */
 park:
     cli
 1:  hlt
@@ -276,6 +279,15 @@ fault_user_entry:
     call keel_fault
     ud2
 
+/* keel_park(): CPL3 cannot halt, and `int n` from native CPL3 raises #UD
+ * under PVM, so a CPU parks by executing hlt at CPL3: the #GP lands in
+ * exc_common, which recognises this address and halts the CPU at CPL0. */
+    .global keel_park
+keel_park:
+keel_park_hlt:
+    hlt
+    jmp keel_park
+
 /* ------------------------------------------------------------------ */
 /* AP trampoline: copied to a page below 1 MiB; SIPI starts it in real  */
 /* mode with CS = page >> 4, IP = 0.                                      */
@@ -309,7 +321,7 @@ exc_stubs:
     .quad exc_16, exc_17, exc_18, exc_19, exc_20, exc_21, exc_22, exc_23
     .quad exc_24, exc_25, exc_26, exc_27, exc_28, exc_29, exc_30, exc_31
 irq_stubs:                          /* order matches idt.rs */
-    .quad irq_timer, irq_device, irq_other, irq_spurious, park
+    .quad irq_timer, irq_device, irq_other, irq_spurious
 
 /* ------------------------------------------------------------------ */
 /* Identity map of 0-4 GiB with 2 MiB pages, user-accessible (U/S),     */

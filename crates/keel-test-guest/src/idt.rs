@@ -3,7 +3,6 @@
 
 pub const VEC_TIMER: u8 = 0x40;
 pub const VEC_DEVICE: u8 = 0x41;
-pub const VEC_PARK: u8 = 0x80;
 pub const VEC_SPURIOUS: u8 = 0xff;
 
 const SEL_KCODE64: u64 = 0x08;
@@ -11,12 +10,12 @@ const SEL_KCODE64: u64 = 0x08;
 extern "C" {
     static mut idt: [u64; 512];
     static exc_stubs: [u64; 32];
-    /// timer, device, other, spurious, park (see boot.s).
-    static irq_stubs: [u64; 5];
+    /// timer, device, other, spurious (see boot.s).
+    static irq_stubs: [u64; 4];
 }
 
-fn gate(handler: u64, dpl: u64) -> (u64, u64) {
-    let attr = 0x8e | (dpl << 5); // present, 64-bit interrupt gate (clears IF)
+fn gate(handler: u64) -> (u64, u64) {
+    let attr = 0x8e; // present, 64-bit interrupt gate (clears IF)
     let lo = (handler & 0xffff)
         | (SEL_KCODE64 << 16)
         | (attr << 40)
@@ -27,17 +26,16 @@ fn gate(handler: u64, dpl: u64) -> (u64, u64) {
 pub fn init() {
     // SAFETY: read-only tables of stub addresses emitted by boot.s.
     let (exc, irq) = unsafe { (exc_stubs, irq_stubs) };
-    let [timer, device, other, spurious, park] = irq;
+    let [timer, device, other, spurious] = irq;
     for v in 0..256usize {
-        let (handler, dpl) = match v {
-            0..=31 => (exc[v], 0),
-            _ if v == usize::from(VEC_TIMER) => (timer, 0),
-            _ if v == usize::from(VEC_DEVICE) => (device, 0),
-            _ if v == usize::from(VEC_PARK) => (park, 3),
-            _ if v == usize::from(VEC_SPURIOUS) => (spurious, 0),
-            _ => (other, 0),
+        let handler = match v {
+            0..=31 => exc[v],
+            _ if v == usize::from(VEC_TIMER) => timer,
+            _ if v == usize::from(VEC_DEVICE) => device,
+            _ if v == usize::from(VEC_SPURIOUS) => spurious,
+            _ => other,
         };
-        let (lo, hi) = gate(handler, dpl);
+        let (lo, hi) = gate(handler);
         // SAFETY: only the BSP writes the IDT, once, before any other CPU
         // runs and before anything can raise an exception or interrupt.
         unsafe {
