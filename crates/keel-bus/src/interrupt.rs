@@ -23,9 +23,9 @@ pub enum Error {
     /// The underlying notification mechanism failed.
     #[error("interrupt delivery failed")]
     Io(#[source] io::Error),
-    /// The hypervisor refused a routing change.
-    #[error("interrupt routing update failed: {0}")]
-    Routing(String),
+    /// The hypervisor refused a change (a route, an irqfd or an ioeventfd).
+    #[error("the hypervisor refused: {0}")]
+    Hypervisor(String),
 }
 
 /// Result alias for interrupt operations.
@@ -115,4 +115,38 @@ impl<T: MsiSender + ?Sized> MsiSender for std::sync::Arc<T> {
     fn send(&self, msg: MsiMessage) -> Result<()> {
         (**self).send(msg)
     }
+}
+
+/// Where a guest write can be caught by an ioeventfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IoEventAddress {
+    /// An I/O port.
+    Pio(u64),
+    /// A guest physical address.
+    Mmio(u64),
+}
+
+/// Which writes an ioeventfd matches: any write, or writes of one value of one width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataMatch {
+    /// Any value, any width.
+    Any,
+    /// A 1-byte write of this value.
+    U8(u8),
+    /// A 2-byte write of this value.
+    U16(u16),
+    /// A 4-byte write of this value.
+    U32(u32),
+    /// An 8-byte write of this value.
+    U64(u64),
+}
+
+/// Registers eventfds that the hypervisor signals on guest writes, with no exit to the
+/// VMM (KVM's ioeventfd). Devices use it for doorbells such as virtqueue notifications;
+/// PCI uses it to move a device's doorbells when the guest relocates a BAR.
+pub trait IoEventRegistrar: Send + Sync {
+    /// Makes writes at `addr` that match `datamatch` signal `evt`.
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()>;
+    /// Undoes [`IoEventRegistrar::register`] with the same arguments.
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()>;
 }

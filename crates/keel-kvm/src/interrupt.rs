@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use vmm_sys_util::eventfd::EventFd;
 
 use keel_bus::interrupt::{
-    Error as IrqError, InterruptLine, MsiGroup, MsiMessage, MsiSender, Result as IrqResult,
+    DataMatch, Error as IrqError, InterruptLine, IoEventAddress, IoEventRegistrar, MsiGroup,
+    MsiMessage, MsiSender, Result as IrqResult,
 };
 
 use crate::vm::{self, Vm};
 
-fn routing(e: vm::Error) -> IrqError {
-    IrqError::Routing(format!(
+fn hypervisor(e: vm::Error) -> IrqError {
+    IrqError::Hypervisor(format!(
         "{e}: {}",
         std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
     ))
@@ -59,13 +60,28 @@ impl InterruptLine for IrqLine {
         self.irqfd.write(1).map_err(IrqError::Io)
     }
     fn set_level(&self, asserted: bool) -> IrqResult<()> {
-        self.vm.set_irq_line(self.gsi, asserted).map_err(routing)
+        self.vm.set_irq_line(self.gsi, asserted).map_err(hypervisor)
+    }
+}
+
+impl IoEventRegistrar for Vm {
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> IrqResult<()> {
+        self.register_ioevent(evt, addr, datamatch).map_err(hypervisor)
+    }
+    fn unregister(
+        &self,
+        evt: &EventFd,
+        addr: IoEventAddress,
+        datamatch: DataMatch,
+    ) -> IrqResult<()> {
+        self.unregister_ioevent(evt, addr, datamatch)
+            .map_err(hypervisor)
     }
 }
 
 impl MsiSender for Vm {
     fn send(&self, msg: MsiMessage) -> IrqResult<()> {
-        self.signal_msi(msg).map_err(routing)
+        self.signal_msi(msg).map_err(hypervisor)
     }
 }
 
@@ -156,15 +172,15 @@ impl MsiGroup for MsiIrqfdGroup {
     fn configure(&self, index: usize, msg: MsiMessage, masked: bool) -> IrqResult<()> {
         let mut v = self.vector(index)?;
         if !v.routed {
-            self.vm.add_msi_route(v.gsi, msg).map_err(routing)?;
+            self.vm.add_msi_route(v.gsi, msg).map_err(hypervisor)?;
             v.routed = true;
         } else if v.msg != msg {
-            self.vm.update_msi_route(v.gsi, msg).map_err(routing)?;
+            self.vm.update_msi_route(v.gsi, msg).map_err(hypervisor)?;
         }
         v.msg = msg;
         match (v.masked, masked) {
-            (true, false) => self.vm.register_irqfd(&v.irqfd, v.gsi).map_err(routing)?,
-            (false, true) => self.vm.unregister_irqfd(&v.irqfd, v.gsi).map_err(routing)?,
+            (true, false) => self.vm.register_irqfd(&v.irqfd, v.gsi).map_err(hypervisor)?,
+            (false, true) => self.vm.unregister_irqfd(&v.irqfd, v.gsi).map_err(hypervisor)?,
             _ => {}
         }
         v.masked = masked;

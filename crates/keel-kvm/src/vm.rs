@@ -92,29 +92,7 @@ pub struct MemorySlot {
     pub dirty_log: bool,
 }
 
-/// Where an ioeventfd listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IoEventAddr {
-    /// An I/O port.
-    Pio(u64),
-    /// A guest physical address.
-    Mmio(u64),
-}
-
-/// Which writes an ioeventfd matches: any write, or writes of one value of one width.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DataMatch {
-    /// Any value, any width.
-    Any,
-    /// A 1-byte write of this value.
-    U8(u8),
-    /// A 2-byte write of this value.
-    U16(u16),
-    /// A 4-byte write of this value.
-    U32(u32),
-    /// An 8-byte write of this value.
-    U64(u64),
-}
+pub use keel_bus::interrupt::{DataMatch, IoEventAddress as IoEventAddr};
 
 #[derive(Default)]
 struct State {
