@@ -69,8 +69,10 @@ pub trait MsiGroup: Send + Sync {
     /// Sets vector `index`'s message and whether it is masked. A masked vector does not
     /// deliver; the caller (the MSI-X model) tracks pending bits.
     fn configure(&self, index: usize, msg: MsiMessage, masked: bool) -> Result<()>;
-    /// Raises vector `index`.
+    /// Raises vector `index`. While it is masked, the signal is held as pending.
     fn trigger(&self, index: usize) -> Result<()>;
+    /// Whether vector `index` holds a signal raised while it was masked (its pending bit).
+    fn is_pending(&self, index: usize) -> Result<bool>;
     /// An event that raises vector `index` when signalled, if the implementation has one.
     fn notifier(&self, index: usize) -> Option<&EventFd>;
 }

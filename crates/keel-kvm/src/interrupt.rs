@@ -66,7 +66,8 @@ impl InterruptLine for IrqLine {
 
 impl IoEventRegistrar for Vm {
     fn register(&self, evt: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> IrqResult<()> {
-        self.register_ioevent(evt, addr, datamatch).map_err(hypervisor)
+        self.register_ioevent(evt, addr, datamatch)
+            .map_err(hypervisor)
     }
     fn unregister(
         &self,
@@ -85,12 +86,17 @@ impl MsiSender for Vm {
     }
 }
 
-struct Vector {
+/// A vector's routing state; its irqfd lives outside the lock because it never changes.
+struct Route {
     gsi: u32,
-    irqfd: EventFd,
     msg: MsiMessage,
     masked: bool,
     routed: bool,
+}
+
+struct Vector {
+    irqfd: EventFd,
+    route: Mutex<Route>,
 }
 
 /// MSI vectors backed by irqfds on MSI routes, one GSI each.
@@ -100,7 +106,7 @@ struct Vector {
 /// signal is pending, so no interrupt is lost or duplicated across a mask/unmask.
 pub struct MsiIrqfdGroup {
     vm: Arc<Vm>,
-    vectors: Vec<Mutex<Vector>>,
+    vectors: Vec<Vector>,
 }
 
 impl MsiIrqfdGroup {
@@ -110,32 +116,85 @@ impl MsiIrqfdGroup {
         let vectors = gsis
             .iter()
             .map(|&gsi| {
-                Ok(Mutex::new(Vector {
-                    gsi,
+                Ok(Vector {
                     irqfd: Vm::new_eventfd()?,
-                    msg: MsiMessage::default(),
-                    masked: true,
-                    routed: false,
-                }))
+                    route: Mutex::new(Route {
+                        gsi,
+                        msg: MsiMessage::default(),
+                        masked: true,
+                        routed: false,
+                    }),
+                })
             })
             .collect::<vm::Result<_>>()?;
         Ok(MsiIrqfdGroup { vm, vectors })
     }
 
-    fn vector(&self, index: usize) -> IrqResult<std::sync::MutexGuard<'_, Vector>> {
-        self.vectors
-            .get(index)
-            .map(|v| v.lock().unwrap_or_else(PoisonError::into_inner))
-            .ok_or(IrqError::InvalidVector {
-                index,
-                len: self.vectors.len(),
-            })
+    fn vector(&self, index: usize) -> IrqResult<&Vector> {
+        self.vectors.get(index).ok_or(IrqError::InvalidVector {
+            index,
+            len: self.vectors.len(),
+        })
+    }
+}
+
+impl Vector {
+    fn route(&self) -> std::sync::MutexGuard<'_, Route> {
+        self.route.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for MsiIrqfdGroup {
+    fn drop(&mut self) {
+        for v in &self.vectors {
+            let r = v.route();
+            if r.routed {
+                if !r.masked {
+                    let _ = self.vm.unregister_irqfd(&v.irqfd, r.gsi);
+                }
+                let _ = self.vm.remove_msi_route(r.gsi);
+            }
+        }
+    }
+}
+
+impl MsiGroup for MsiIrqfdGroup {
+    fn len(&self) -> usize {
+        self.vectors.len()
     }
 
-    /// Whether vector `index` has a signal waiting behind its mask.
-    pub fn is_pending(&self, index: usize) -> IrqResult<bool> {
+    fn configure(&self, index: usize, msg: MsiMessage, masked: bool) -> IrqResult<()> {
         let v = self.vector(index)?;
-        if !v.masked {
+        let mut r = v.route();
+        if !r.routed {
+            self.vm.add_msi_route(r.gsi, msg).map_err(hypervisor)?;
+            r.routed = true;
+        } else if r.msg != msg {
+            self.vm.update_msi_route(r.gsi, msg).map_err(hypervisor)?;
+        }
+        r.msg = msg;
+        match (r.masked, masked) {
+            (true, false) => self
+                .vm
+                .register_irqfd(&v.irqfd, r.gsi)
+                .map_err(hypervisor)?,
+            (false, true) => self
+                .vm
+                .unregister_irqfd(&v.irqfd, r.gsi)
+                .map_err(hypervisor)?,
+            _ => {}
+        }
+        r.masked = masked;
+        Ok(())
+    }
+
+    fn trigger(&self, index: usize) -> IrqResult<()> {
+        self.vector(index)?.irqfd.write(1).map_err(IrqError::Io)
+    }
+
+    fn is_pending(&self, index: usize) -> IrqResult<bool> {
+        let v = self.vector(index)?;
+        if !v.route().masked {
             return Ok(false);
         }
         // Peek without consuming: poll the eventfd for readability.
@@ -148,59 +207,8 @@ impl MsiIrqfdGroup {
         let n = unsafe { libc::poll(&mut pfd, 1, 0) };
         Ok(n == 1 && pfd.revents & libc::POLLIN != 0)
     }
-}
-
-impl Drop for MsiIrqfdGroup {
-    fn drop(&mut self) {
-        for v in &self.vectors {
-            let v = v.lock().unwrap_or_else(PoisonError::into_inner);
-            if v.routed {
-                if !v.masked {
-                    let _ = self.vm.unregister_irqfd(&v.irqfd, v.gsi);
-                }
-                let _ = self.vm.remove_msi_route(v.gsi);
-            }
-        }
-    }
-}
-
-impl MsiGroup for MsiIrqfdGroup {
-    fn len(&self) -> usize {
-        self.vectors.len()
-    }
-
-    fn configure(&self, index: usize, msg: MsiMessage, masked: bool) -> IrqResult<()> {
-        let mut v = self.vector(index)?;
-        if !v.routed {
-            self.vm.add_msi_route(v.gsi, msg).map_err(hypervisor)?;
-            v.routed = true;
-        } else if v.msg != msg {
-            self.vm.update_msi_route(v.gsi, msg).map_err(hypervisor)?;
-        }
-        v.msg = msg;
-        match (v.masked, masked) {
-            (true, false) => self.vm.register_irqfd(&v.irqfd, v.gsi).map_err(hypervisor)?,
-            (false, true) => self.vm.unregister_irqfd(&v.irqfd, v.gsi).map_err(hypervisor)?,
-            _ => {}
-        }
-        v.masked = masked;
-        Ok(())
-    }
-
-    fn trigger(&self, index: usize) -> IrqResult<()> {
-        let v = self.vector(index)?;
-        v.irqfd.write(1).map_err(IrqError::Io)
-    }
 
     fn notifier(&self, index: usize) -> Option<&EventFd> {
-        // The EventFd itself never moves; the lock only guards routing state. Hand out a
-        // reference to it without holding the lock.
-        let v = self.vectors.get(index)?;
-        let guard = v.lock().unwrap_or_else(PoisonError::into_inner);
-        let ptr: *const EventFd = &guard.irqfd;
-        drop(guard);
-        // SAFETY: `irqfd` is never replaced after construction, and the vector lives as long
-        // as `self`, which the returned reference borrows.
-        Some(unsafe { &*ptr })
+        self.vectors.get(index).map(|v| &v.irqfd)
     }
 }
