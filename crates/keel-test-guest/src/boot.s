@@ -328,6 +328,7 @@ irq_stubs:                          /* order matches idt.rs */
 /* writable; the top GiB (LAPIC, IOAPIC, other MMIO) uncached.           */
     .section .data.pagetables, "aw", @progbits
     .balign 4096
+    .global pdpt
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0

@@ -65,6 +65,12 @@ pub fn finish(outcome: Outcome) -> ! {
     let pm1b = PM1B_CNT.load(Ordering::Relaxed);
     let ctl = SLEEP_CTL.load(Ordering::Relaxed);
     let mut tried_acpi = false;
+    if pm1a != 0 || ctl != 0 {
+        println!(
+            "keel-test: debug-exit port {DEBUG_EXIT_PORT:#x} did not end the VM; ACPI S5 (SLP_TYP {slp_typ}, \
+             PM1a_CNT {pm1a:#x}, sleep control {ctl:#x})"
+        );
+    }
     if pm1a != 0 {
         // SAFETY: PM1a_CNT from the FADT: SLP_TYP(S5) | SLP_EN powers off.
         unsafe { outw(pm1a, (slp_typ << 10) | (1 << 13)) };
@@ -93,6 +99,7 @@ pub fn finish(outcome: Outcome) -> ! {
         // reset fallback (a reset would reboot a VMM that does both).
         arch::wait_for(4 * arch::TIMEOUT_CYCLES, || false);
     }
+    println!("keel-test: trying an i8042 reset");
     // SAFETY: i8042 pulse-reset command; ends the VM in VMMs that stop on reset.
     unsafe { outb(0x64, 0xfe) };
     arch::wait_for(arch::TIMEOUT_CYCLES, || false);
