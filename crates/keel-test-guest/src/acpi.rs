@@ -21,6 +21,8 @@ pub struct Acpi {
     pub slp_typ_s5: u8,
     pub slp_typ_from_dsdt: bool,
     pub found_madt: bool,
+    /// Where `cpus` came from: "MADT", "MP table" or "" (nowhere).
+    pub cpu_source: &'static str,
     pub lapic_addr: u64,
     /// APIC IDs of enabled local APICs, in MADT order.
     pub cpus: [u32; MAX_CPUS],
@@ -77,8 +79,15 @@ fn find_rsdp(hint: u64) -> Option<u64> {
     // Legacy search: the EBDA's first KiB, then 0xE0000-0xFFFFF.
     // SAFETY: the BDA word at 0x40e is in identity-mapped low memory.
     let ebda = u64::from(unsafe { core::ptr::read_volatile(0x40e as *const u16) }) << 4;
-    let ebda_range = if (0x80000..0xa0000).contains(&ebda) { ebda..ebda + 1024 } else { 0..0 };
-    ebda_range.chain(0xe0000..0x100000).step_by(16).find(|&a| rsdp_ok(a))
+    let ebda_range = if (0x80000..0xa0000).contains(&ebda) {
+        ebda..ebda + 1024
+    } else {
+        0..0
+    };
+    ebda_range
+        .chain(0xe0000..0x100000)
+        .step_by(16)
+        .find(|&a| rsdp_ok(a))
 }
 
 impl Acpi {
@@ -93,6 +102,7 @@ impl Acpi {
             slp_typ_s5: 5,
             slp_typ_from_dsdt: false,
             found_madt: false,
+            cpu_source: "",
             lapic_addr: 0xfee0_0000,
             cpus: [0; MAX_CPUS],
             ncpus: 0,
@@ -101,8 +111,18 @@ impl Acpi {
             ioapic_gsi_base: 0,
             isa_override: [None; 16],
         };
+        a.parse_acpi(rsdp_hint);
+        if !a.found_madt {
+            // Firecracker before ACPI support, SeaBIOS without ACPI, ...
+            a.parse_mptable();
+        }
+        a
+    }
+
+    fn parse_acpi(&mut self, rsdp_hint: u64) {
+        let a = self;
         let Some(rsdp) = find_rsdp(rsdp_hint) else {
-            return a;
+            return;
         };
         a.rsdp = rsdp;
         // SAFETY: RSDP validated above; the v2 part is 36 bytes.
@@ -113,10 +133,14 @@ impl Acpi {
             (table(u64::from(le32(r, 16))), 4)
         };
         let Some(sdt) = sdt else {
-            return a;
+            return;
         };
         for off in (36..sdt.len() - entry + 1).step_by(entry) {
-            let addr = if entry == 8 { le64(sdt, off) } else { u64::from(le32(sdt, off)) };
+            let addr = if entry == 8 {
+                le64(sdt, off)
+            } else {
+                u64::from(le32(sdt, off))
+            };
             let Some(t) = table(addr) else { continue };
             match &t[..4] {
                 b"FACP" => a.parse_fadt(t),
@@ -124,7 +148,77 @@ impl Acpi {
                 _ => {}
             }
         }
-        a
+    }
+
+    /// Intel MultiProcessor Specification table: the `_MP_` floating
+    /// pointer (EBDA, last KiB of base memory, or 0xF0000-0xFFFFF), then
+    /// the `PCMP` configuration table's processor and IOAPIC entries.
+    fn parse_mptable(&mut self) {
+        let mp_ok = |a: u64| {
+            // SAFETY: identity-mapped low memory below 1 MiB.
+            let f = unsafe { phys_slice(a, 16) };
+            &f[..4] == b"_MP_" && f[8] == 1 && checksum_ok(f)
+        };
+        // SAFETY: the BDA words at 0x40e (EBDA segment) and 0x413 (base KiB).
+        let (ebda, base_kib) = unsafe {
+            (
+                u64::from(core::ptr::read_volatile(0x40e as *const u16)) << 4,
+                u64::from(core::ptr::read_volatile(0x413 as *const u16)),
+            )
+        };
+        let ebda = if (0x80000..0xa0000).contains(&ebda) {
+            ebda..ebda + 1024
+        } else {
+            0..0
+        };
+        let top = if (512..=640).contains(&base_kib) {
+            base_kib * 1024 - 1024
+        } else {
+            0x9fc00
+        };
+        let Some(fp) = ebda
+            .chain(top..top + 1024)
+            .chain(0xf0000..0x100000)
+            .step_by(16)
+            .find(|&a| mp_ok(a))
+        else {
+            return;
+        };
+        // SAFETY: validated floating pointer structure.
+        let cfg = u64::from(le32(unsafe { phys_slice(fp, 16) }, 4));
+        if cfg == 0 || cfg >= (1 << 32) - 44 {
+            return;
+        }
+        // SAFETY: identity-mapped; the header is 44 bytes.
+        let hdr = unsafe { phys_slice(cfg, 44) };
+        let len = usize::from(le16(hdr, 4));
+        if &hdr[..4] != b"PCMP" || len < 44 {
+            return;
+        }
+        // SAFETY: as above, for the base table length the header gives.
+        let t = unsafe { phys_slice(cfg, len) };
+        if !checksum_ok(t) {
+            return;
+        }
+        self.cpu_source = "MP table";
+        self.lapic_addr = u64::from(le32(t, 36));
+        let mut off = 44;
+        while off < len {
+            match t[off] {
+                0 if off + 20 <= len => {
+                    self.add_cpu(u32::from(t[off + 1]), u32::from(t[off + 3] & 1));
+                    off += 20;
+                }
+                2 if off + 8 <= len => {
+                    if self.ioapic_addr == 0 && t[off + 3] & 1 != 0 {
+                        self.ioapic_addr = u64::from(le32(t, off + 4));
+                    }
+                    off += 8;
+                }
+                1 | 3 | 4 => off += 8,
+                _ => break,
+            }
+        }
     }
 
     fn parse_fadt(&mut self, f: &[u8]) {
@@ -138,7 +232,11 @@ impl Acpi {
             self.sleep_ctl_space = f[244];
             self.sleep_ctl = le64(f, 248);
         }
-        let dsdt = if f.len() >= 148 && le64(f, 140) != 0 { le64(f, 140) } else { u64::from(le32(f, 40)) };
+        let dsdt = if f.len() >= 148 && le64(f, 140) != 0 {
+            le64(f, 140)
+        } else {
+            u64::from(le32(f, 40))
+        };
         if let Some(typ) = table(dsdt).and_then(s5_slp_typ) {
             self.slp_typ_s5 = typ;
             self.slp_typ_from_dsdt = true;
@@ -147,6 +245,7 @@ impl Acpi {
 
     fn parse_madt(&mut self, m: &[u8]) {
         self.found_madt = true;
+        self.cpu_source = "MADT";
         if m.len() < 44 {
             return;
         }
@@ -202,7 +301,8 @@ fn s5_slp_typ(dsdt: &[u8]) -> Option<u8> {
     let aml = &dsdt[36..];
     let i = aml.windows(4).position(|w| w == b"_S5_")?;
     // Must be a NameOp (0x08), optionally with a root prefix '\'.
-    let named = (i >= 1 && aml[i - 1] == 0x08) || (i >= 2 && aml[i - 1] == b'\\' && aml[i - 2] == 0x08);
+    let named =
+        (i >= 1 && aml[i - 1] == 0x08) || (i >= 2 && aml[i - 1] == b'\\' && aml[i - 2] == 0x08);
     let rest = &aml[i + 4..];
     if !named || rest.first() != Some(&0x12) {
         return None;
@@ -211,8 +311,8 @@ fn s5_slp_typ(dsdt: &[u8]) -> Option<u8> {
     let pkg_len_bytes = 1 + usize::from(rest.get(1)? >> 6);
     let elems = rest.get(1 + pkg_len_bytes + 1..)?;
     match *elems.first()? {
-        0x00 => Some(0),              // ZeroOp
-        0x01 => Some(1),              // OneOp
+        0x00 => Some(0),               // ZeroOp
+        0x01 => Some(1),               // OneOp
         0x0a => elems.get(1).copied(), // BytePrefix
         b if b < 8 => Some(b),
         _ => None,

@@ -29,7 +29,7 @@ pub fn init() {
     let [timer, device, other, spurious] = irq;
     for v in 0..256usize {
         let handler = match v {
-            0..=31 => exc[v],
+            0..=31 => exc[v & 31],
             _ if v == usize::from(VEC_TIMER) => timer,
             _ if v == usize::from(VEC_DEVICE) => device,
             _ if v == usize::from(VEC_SPURIOUS) => spurious,

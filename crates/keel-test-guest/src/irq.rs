@@ -91,15 +91,25 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
     let me = apic_id();
 
     // Device interrupt: UART THRE -> IOAPIC -> VEC_DEVICE on this CPU.
-    let ioapic = IoApic(if acpi.ioapic_addr != 0 { acpi.ioapic_addr } else { IOAPIC_DEFAULT });
+    let ioapic = IoApic(if acpi.ioapic_addr != 0 {
+        acpi.ioapic_addr
+    } else {
+        IOAPIC_DEFAULT
+    });
     let (gsi, active_low, level) = acpi.isa_irq(SERIAL_ISA_IRQ);
     let ver = ioapic.read(1);
     if ver == u32::MAX {
-        crate::fail!("no IOAPIC at {:#x} (version register reads all ones)", ioapic.0);
+        crate::fail!(
+            "no IOAPIC at {:#x} (version register reads all ones)",
+            ioapic.0
+        );
     }
     let pins = ((ver >> 16) & 0xff) + 1;
     let Some(pin) = gsi.checked_sub(acpi.ioapic_gsi_base).filter(|&p| p < pins) else {
-        crate::fail!("serial GSI {gsi} is not on the IOAPIC at {:#x} ({pins} pins)", ioapic.0);
+        crate::fail!(
+            "serial GSI {gsi} is not on the IOAPIC at {:#x} ({pins} pins)",
+            ioapic.0
+        );
     };
     println!(
         "keel-test: irq: IOAPIC at {:#x} ({pins} pins), serial IRQ {SERIAL_ISA_IRQ} -> pin {pin}, \
@@ -117,7 +127,9 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
     let _ = serial::read_iir();
     ioapic.write(0x10 + 2 * pin, low | LVT_MASKED);
     if device {
-        println!("keel-test: irq: device interrupt arrived (UART THR empty, vector {VEC_DEVICE:#x})");
+        println!(
+            "keel-test: irq: device interrupt arrived (UART THR empty, vector {VEC_DEVICE:#x})"
+        );
     }
 
     // LAPIC timer: one-shot, divide by 1, 1,000,000 ticks.
@@ -139,8 +151,12 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
     }
     match (device, timer) {
         (true, true) => Ok(()),
-        (false, true) => crate::fail!("no device interrupt from the UART (IOAPIC pin {pin}) within the timeout"),
+        (false, true) => {
+            crate::fail!("no device interrupt from the UART (IOAPIC pin {pin}) within the timeout")
+        }
         (true, false) => crate::fail!("no LAPIC timer interrupt within the timeout"),
-        (false, false) => crate::fail!("neither the UART (IOAPIC pin {pin}) nor the LAPIC timer interrupt arrived"),
+        (false, false) => crate::fail!(
+            "neither the UART (IOAPIC pin {pin}) nor the LAPIC timer interrupt arrived"
+        ),
     }
 }

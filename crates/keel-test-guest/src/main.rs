@@ -12,6 +12,8 @@
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+// Failure reasons are small fixed-size strings returned by value: no heap.
+#![allow(clippy::result_large_err)]
 
 #[macro_use]
 mod serial;
@@ -88,13 +90,20 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
     exit::finish(outcome)
 }
 
+/// The precompiled `core` of the host target refers to this symbol from its
+/// unwind tables; without LTO (dev profile) the linker wants it. With
+/// `panic = "abort"` nothing ever calls it.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     serial::force_unlock();
     let mut t = Text::<160>::new();
     let _ = core::fmt::Write::write_fmt(&mut t, format_args!("panic: {}", info.message()));
     if let Some(loc) = info.location() {
-        let _ = core::fmt::Write::write_fmt(&mut t, format_args!(" at {}:{}", loc.file(), loc.line()));
+        let _ =
+            core::fmt::Write::write_fmt(&mut t, format_args!(" at {}:{}", loc.file(), loc.line()));
     }
     exit::finish(Err(t))
 }

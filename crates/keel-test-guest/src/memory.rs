@@ -22,7 +22,11 @@ extern "C" {
 
 fn pattern(addr: u64, pass: u32) -> u64 {
     let v = addr ^ 0x5a5a_a5a5_c3c3_3c3c ^ (addr << 32);
-    if pass == 0 { v } else { !v }
+    if pass == 0 {
+        v
+    } else {
+        !v
+    }
 }
 
 /// Write pass `pass` over `[start, end)` (8-byte aligned, mapped, unused).
@@ -66,7 +70,11 @@ fn pieces(start: u64, end: u64, holes: &[(u64, u64)]) -> [(u64, u64); 3] {
 /// Map RAM above 4 GiB with 2 MiB pages: one new page directory per GiB,
 /// taken from the top of the highest RAM range below 4 GiB. Returns the
 /// page directories' range (to exclude from the test).
-fn map_high(boot: &BootInfo, ram_end: u64, image: (u64, u64)) -> Result<(u64, u64), crate::text::Text<160>> {
+fn map_high(
+    boot: &BootInfo,
+    ram_end: u64,
+    image: (u64, u64),
+) -> Result<(u64, u64), crate::text::Text<160>> {
     if ram_end <= BOOT_MAPPED_END {
         return Ok((0, 0));
     }
@@ -81,12 +89,19 @@ fn map_high(boot: &BootInfo, ram_end: u64, image: (u64, u64)) -> Result<(u64, u6
         .memmap()
         .iter()
         .filter(|e| e.kind == 1)
-        .map(|e| (e.addr.max(image.1), e.addr.saturating_add(e.size).min(BOOT_MAPPED_END) & !0xfff))
+        .map(|e| {
+            (
+                e.addr.max(image.1),
+                e.addr.saturating_add(e.size).min(BOOT_MAPPED_END) & !0xfff,
+            )
+        })
         .filter(|&(s, t)| t >= s + bytes)
         .map(|(_, t)| t - bytes)
         .max()
     else {
-        crate::fail!("no room below 4 GiB for {count} page directories to map RAM up to {ram_end:#x}");
+        crate::fail!(
+            "no room below 4 GiB for {count} page directories to map RAM up to {ram_end:#x}"
+        );
     };
     for k in 0..count {
         let pd = base + k * 4096;
@@ -99,7 +114,12 @@ fn map_high(boot: &BootInfo, ram_end: u64, image: (u64, u64)) -> Result<(u64, u6
         // SAFETY: PDPT entries 4.. were not present, so no TLB or
         // paging-structure cache holds them: no flush is needed. Only the
         // BSP runs, and only it touches the page tables.
-        unsafe { (&raw mut pdpt).cast::<u64>().add((first + k) as usize).write_volatile(pd | 0x7) };
+        unsafe {
+            (&raw mut pdpt)
+                .cast::<u64>()
+                .add((first + k) as usize)
+                .write_volatile(pd | 0x7)
+        };
     }
     println!(
         "keel-test: memory: mapped {:#x}-{:#x} with {count} page directories at {base:#x}",
@@ -118,22 +138,39 @@ pub fn scenario(boot: &BootInfo) -> Outcome {
         );
     }
     if boot.memmap_truncated {
-        crate::fail!("memory map has more than {} entries", crate::pvh::MAX_MEMMAP);
+        crate::fail!(
+            "memory map has more than {} entries",
+            crate::pvh::MAX_MEMMAP
+        );
     }
-    let image = (&raw const __image_start as u64, &raw const __image_end as u64);
+    let image = (
+        &raw const __image_start as u64,
+        &raw const __image_end as u64,
+    );
     let ram = || boot.memmap().iter().filter(|e| e.kind == 1 && e.size != 0);
-    let ram_end = ram().map(|e| e.addr.saturating_add(e.size)).max().unwrap_or(0);
+    let ram_end = ram()
+        .map(|e| e.addr.saturating_add(e.size))
+        .max()
+        .unwrap_or(0);
     let tables = map_high(boot, ram_end, image)?;
     let mut holes = [image, tables];
     holes.sort_unstable();
-    println!("keel-test: memory: excluding the guest image {:#x}-{:#x}", image.0, image.1);
+    println!(
+        "keel-test: memory: excluding the guest image {:#x}-{:#x}",
+        image.0, image.1
+    );
 
     let mut ranges = [(0u64, 0u64); 3 * crate::pvh::MAX_MEMMAP];
     let mut n = 0;
     let mut total = 0u64;
     for e in ram() {
         let end = e.addr.saturating_add(e.size);
-        println!("keel-test: memory: RAM {:#x}-{:#x} ({} KiB)", e.addr, end, e.size >> 10);
+        println!(
+            "keel-test: memory: RAM {:#x}-{:#x} ({} KiB)",
+            e.addr,
+            end,
+            e.size >> 10
+        );
         for (s, t) in pieces((e.addr + 7) & !7, end & !7, &holes) {
             if s < t {
                 ranges[n] = (s, t);
@@ -155,7 +192,9 @@ pub fn scenario(boot: &BootInfo) -> Outcome {
         }
         for &(s, t) in &ranges[..n] {
             if let Err((at, want, got)) = verify(s, t, pass) {
-                crate::fail!("pass {pass}: mismatch at {at:#x}: wrote {want:#018x}, read {got:#018x}");
+                crate::fail!(
+                    "pass {pass}: mismatch at {at:#x}: wrote {want:#018x}, read {got:#018x}"
+                );
             }
         }
         cycles[pass as usize] = rdtsc() - t0;

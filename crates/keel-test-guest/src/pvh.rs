@@ -63,7 +63,9 @@ impl BootInfo {
             while info.cmdline_len < info.cmdline.len() {
                 // SAFETY: identity-mapped address below 4 GiB; the VMM put a
                 // NUL-terminated string there and we stop at the NUL.
-                let b = unsafe { core::ptr::read_volatile((cmdline + info.cmdline_len as u64) as *const u8) };
+                let b = unsafe {
+                    core::ptr::read_volatile((cmdline + info.cmdline_len as u64) as *const u8)
+                };
                 if b == 0 {
                     break;
                 }
@@ -78,7 +80,11 @@ impl BootInfo {
                 info.memmap_truncated = n > MAX_MEMMAP;
                 for i in 0..n.min(MAX_MEMMAP) {
                     let e = map + 24 * i as u64;
-                    info.memmap[i] = MemEntry { addr: read_u64(e, 0), size: read_u64(e, 8), kind: read_u32(e, 16) };
+                    info.memmap[i] = MemEntry {
+                        addr: read_u64(e, 0),
+                        size: read_u64(e, 8),
+                        kind: read_u32(e, 16),
+                    };
                 }
                 info.memmap_len = n.min(MAX_MEMMAP);
             }

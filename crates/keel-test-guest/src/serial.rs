@@ -113,6 +113,9 @@ pub fn scenario() -> Outcome {
         crate::fail!("no 16550 at 0x3f8: LSR reads 0xff");
     }
     let cs = crate::arch::cs();
-    println!("keel-test: hello from the keel test guest (CS={cs:#x}, CPL{})", cs & 3);
+    println!(
+        "keel-test: hello from the keel test guest (CS={cs:#x}, CPL{})",
+        cs & 3
+    );
     Ok(())
 }

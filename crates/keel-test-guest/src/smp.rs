@@ -26,28 +26,52 @@ fn send_ipi(dest: u32, low: u32) {
     lapic_write(LAPIC_ICR_HI, dest << 24);
     lapic_write(LAPIC_ICR_LO, low);
     // Delivery status (bit 12) clears once the IPI is sent.
-    arch::wait_for(arch::TIMEOUT_CYCLES, || lapic_read(LAPIC_ICR_LO) & (1 << 12) == 0);
+    arch::wait_for(arch::TIMEOUT_CYCLES, || {
+        lapic_read(LAPIC_ICR_LO) & (1 << 12) == 0
+    });
 }
 
 pub fn scenario(acpi: &Acpi) -> Outcome {
-    if !acpi.found_madt {
-        crate::fail!("no ACPI MADT (RSDP {:#x}): cannot enumerate the CPUs", acpi.rsdp);
+    if acpi.cpu_source.is_empty() {
+        crate::fail!(
+            "no ACPI MADT (RSDP {:#x}) and no MP table: cannot enumerate the CPUs",
+            acpi.rsdp
+        );
     }
     if acpi.cpus_dropped != 0 {
-        crate::fail!("{} CPUs in the MADT; this guest supports {MAX_CPUS}", acpi.ncpus + acpi.cpus_dropped);
+        crate::fail!(
+            "{} CPUs in the {}; this guest supports {MAX_CPUS}",
+            acpi.ncpus + acpi.cpus_dropped,
+            acpi.cpu_source
+        );
     }
     if acpi.lapic_addr != crate::irq::LAPIC_BASE {
-        crate::fail!("LAPIC at {:#x}; this guest supports only {:#x}", acpi.lapic_addr, crate::irq::LAPIC_BASE);
+        crate::fail!(
+            "LAPIC at {:#x}; this guest supports only {:#x}",
+            acpi.lapic_addr,
+            crate::irq::LAPIC_BASE
+        );
     }
     let cpus = &acpi.cpus[..acpi.ncpus];
     lapic_enable();
     let bsp = apic_id();
+    println!(
+        "keel-test: smp: {} CPUs in the {}",
+        cpus.len(),
+        acpi.cpu_source
+    );
     println!("keel-test: cpu {bsp} up (BSP)");
     if !cpus.contains(&bsp) {
-        crate::fail!("the BSP's APIC ID {bsp} is not among the MADT's {cpus:?}");
+        crate::fail!(
+            "the BSP's APIC ID {bsp} is not among the {}'s {cpus:?}",
+            acpi.cpu_source
+        );
     }
 
-    let (start, end) = (&raw const ap_tramp_start as u64, &raw const ap_tramp_end as u64);
+    let (start, end) = (
+        &raw const ap_tramp_start as u64,
+        &raw const ap_tramp_end as u64,
+    );
     let len = (end - start) as usize;
     assert!(len <= 4096, "trampoline larger than a page");
     // SAFETY: copies the trampoline into low RAM that nothing else uses
