@@ -15,6 +15,12 @@
 //!
 //! Requests whose buffer or offset do not meet an `O_DIRECT` file's
 //! alignment are served synchronously through the backend's bounce buffers.
+//!
+//! Limitation: for qcow2, an asynchronous transfer is not tracked once its
+//! clusters are mapped, so a discard or unmapping write-zeroes issued through
+//! the synchronous API while transfers to the same clusters are in flight may
+//! let those transfers land in freed clusters. Drain the queue before
+//! discarding (the synchronous API has no such window).
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
