@@ -59,6 +59,9 @@ pub fn finish(outcome: Outcome) -> ! {
     // SAFETY: 0xf4 is the debug-exit port; where nothing answers, the
     // write is dropped.
     unsafe { outl(DEBUG_EXIT_PORT, code) };
+    // A VMM may stop the VM asynchronously after the write (keel does);
+    // don't race it with an ACPI power-off that would report status 0.
+    arch::wait_for(arch::TIMEOUT_CYCLES / 2, || false);
 
     let slp_typ = SLP_TYP.load(Ordering::Relaxed) as u16 & 7;
     let pm1a = PM1A_CNT.load(Ordering::Relaxed);

@@ -78,6 +78,10 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
     // (below the image; boot data was copied out at start-up).
     unsafe { core::ptr::copy_nonoverlapping(start as *const u8, TRAMPOLINE as *mut u8, len) };
 
+    if let Some(big) = cpus.iter().find(|&&id| id > 255) {
+        crate::fail!("APIC ID {big} needs x2APIC, which this guest does not use");
+    }
+
     let mut idx = 1usize;
     for &id in cpus.iter().filter(|&&id| id != bsp) {
         // SAFETY: only the BSP writes this, before sending the SIPI; the AP
