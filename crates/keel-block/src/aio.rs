@@ -504,6 +504,79 @@ mod tests {
     }
 
     #[test]
+    fn two_uring_queues_share_one_qcow2() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("mq.qcow2");
+        std::fs::File::create(&q).unwrap();
+        let opts = RawOptions {
+            cache: CacheMode::None,
+            growable: true,
+            ..Default::default()
+        };
+        let f = RawFile::open(&q, opts).unwrap();
+        crate::qcow2::create(
+            &f,
+            &crate::qcow2::CreateOptions {
+                size: 64 << 20,
+                cluster_size: 65536,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let img = Arc::new(Qcow2::open(f, Default::default()).unwrap());
+        let workers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let img = img.clone();
+                std::thread::spawn(move || {
+                    let mut q = UringQueue::new(img, 16).unwrap();
+                    let n = 256usize;
+                    let mut bufs: Vec<AlignedBuf> =
+                        (0..n).map(|_| AlignedBuf::new(4096, 4096)).collect();
+                    for (i, b) in bufs.iter_mut().enumerate() {
+                        b.as_mut_slice().fill((t * 100 + i as u64 % 100) as u8);
+                        // Both queues allocate into the same clusters, in
+                        // different 4 KiB blocks.
+                        let req = AioRequest {
+                            op: AioOp::Write,
+                            offset: (i as u64 * 2 + t) * 4096,
+                            buf: b.as_mut_ptr(),
+                            len: 4096,
+                            user_data: i as u64,
+                        };
+                        // SAFETY: bufs outlive the completions reaped below.
+                        unsafe { q.submit(req).unwrap() };
+                        if q.in_flight() >= 16 {
+                            let mut out = Vec::new();
+                            q.wait(1, &mut out).unwrap();
+                            assert!(out.iter().all(|c| c.result.is_ok()));
+                        }
+                    }
+                    let mut out = Vec::new();
+                    while q.in_flight() > 0 {
+                        q.wait(1, &mut out).unwrap();
+                    }
+                    assert!(out.iter().all(|c| c.result.is_ok()));
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        for i in 0..512u64 {
+            let (t, k) = (i % 2, i / 2);
+            let mut b = vec![0u8; 4096];
+            img.read_at(&mut b, i * 4096).unwrap();
+            assert!(
+                b.iter().all(|&x| x == (t * 100 + k % 100) as u8),
+                "block {i}"
+            );
+        }
+        img.flush().unwrap();
+        let r = crate::qcow2::check(img.file(), crate::qcow2::Fix::None).unwrap();
+        assert_eq!(r.exit_code(), 0, "{:?}", r.messages);
+    }
+
+    #[test]
     fn uring_raw_and_qcow2_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let size = 4u64 << 20;
