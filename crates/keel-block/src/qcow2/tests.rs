@@ -214,7 +214,7 @@ fn hostile_headers_give_errors_not_panics() {
         Err(Error::InvalidImage(_))
     ));
     let mut b = good.clone();
-    b[48..56].copy_from_slice(&(u64::MAX & !0xfff).to_be_bytes()); // reftable offset
+    b[48..56].copy_from_slice(&(!0xfffu64).to_be_bytes()); // reftable offset
     assert!(Qcow2::open(MemBackend::new(b), Qcow2Options::default()).is_err());
     fuzz_image(&[]);
     fuzz_image(b"QFI\xfb");
