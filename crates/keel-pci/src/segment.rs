@@ -1,0 +1,406 @@
+//! A PCI segment: bus 0 with a host bridge, configuration access through CF8/CFC and
+//! ECAM, BAR placement and relocation on the VMM's buses.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+
+use keel_bus::{BusRange, MmioBus, MmioDevice, PioBus, PioDevice};
+use keel_memory::SystemAllocator;
+
+use crate::bar::BarKind;
+use crate::config::ConfigSpace;
+use crate::function::{BarChange, PciDevice, PciFunction};
+
+/// Device slots on a bus.
+pub const DEVICES_PER_BUS: usize = 32;
+/// The CONFIG_ADDRESS port of configuration mechanism #1; CONFIG_DATA is at +4.
+pub const CONFIG_IO_PORT: u64 = 0xcf8;
+/// Bytes of ECAM space per bus.
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+
+/// Errors from segment operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    /// Every device slot is taken.
+    #[error("no free device slot on bus 0")]
+    Full,
+    /// The slot is empty (or holds the host bridge, which cannot be removed).
+    #[error("no removable device in slot {0}")]
+    NoDevice(u8),
+    /// A BAR could not be given an address.
+    #[error("cannot place BAR {bar}")]
+    Placement {
+        /// BAR index.
+        bar: u8,
+        /// The allocator's error.
+        #[source]
+        source: keel_memory::AllocatorError,
+    },
+    /// A bus rejected a range.
+    #[error(transparent)]
+    Bus(#[from] keel_bus::Error),
+}
+
+/// What the VMM publishes in the ACPI MCFG table for this segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct McfgEntry {
+    /// ECAM base address.
+    pub base: u64,
+    /// PCI segment group number.
+    pub segment: u16,
+    /// First bus decoded.
+    pub start_bus: u8,
+    /// Last bus decoded.
+    pub end_bus: u8,
+}
+
+type Slot = Arc<Mutex<PciFunction>>;
+
+fn lock(f: &Slot) -> MutexGuard<'_, PciFunction> {
+    f.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A BAR's range on a bus, forwarding to its function.
+struct BarWindow {
+    function: Weak<Mutex<PciFunction>>,
+    bar: u8,
+}
+
+impl BarWindow {
+    fn with(&self, f: impl FnOnce(&mut PciFunction)) -> bool {
+        match self.function.upgrade() {
+            Some(func) => {
+                f(&mut lock(&func));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl MmioDevice for BarWindow {
+    fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        let mut out = vec![0xff; data.len()];
+        self.with(|f| f.bar_read(self.bar, offset, &mut out));
+        data.copy_from_slice(&out);
+    }
+    fn mmio_write(&self, offset: u64, data: &[u8]) {
+        self.with(|f| f.bar_write(self.bar, offset, data));
+    }
+}
+
+impl PioDevice for BarWindow {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        self.mmio_read(offset, data)
+    }
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        self.mmio_write(offset, data)
+    }
+}
+
+/// The host bridge's (empty) device model.
+struct HostBridge;
+impl PciDevice for HostBridge {
+    fn bar_read(&mut self, _: u8, _: u64, data: &mut [u8]) {
+        data.fill(0xff)
+    }
+    fn bar_write(&mut self, _: u8, _: u64, _: &[u8]) {}
+}
+
+/// Bus 0 of a PCI segment.
+pub struct PciSegment {
+    slots: RwLock<Vec<Option<Slot>>>,
+    config_address: Mutex<u32>,
+    ecam_base: u64,
+    mmio: Arc<MmioBus>,
+    pio: Arc<PioBus>,
+}
+
+/// The host bridge's vendor and device IDs (Red Hat's "QEMU PCIe host bridge", which
+/// guests know needs no driver).
+pub const HOST_BRIDGE_ID: (u16, u16) = (0x1b36, 0x0008);
+
+impl PciSegment {
+    /// A segment whose BARs go on `mmio` and `pio`, with ECAM at `ecam_base` (one bus),
+    /// and a host bridge in slot 0.
+    pub fn new(mmio: Arc<MmioBus>, pio: Arc<PioBus>, ecam_base: u64) -> Self {
+        let bridge = PciFunction::new(
+            ConfigSpace::new(HOST_BRIDGE_ID.0, HOST_BRIDGE_ID.1, 0x06, 0x00, 0x00),
+            Box::new(HostBridge),
+        );
+        let mut slots = vec![None; DEVICES_PER_BUS];
+        slots[0] = Some(Arc::new(Mutex::new(bridge)));
+        PciSegment {
+            slots: RwLock::new(slots),
+            config_address: Mutex::new(0),
+            ecam_base,
+            mmio,
+            pio,
+        }
+    }
+
+    /// The MCFG entry describing this segment's ECAM window.
+    pub fn mcfg(&self) -> McfgEntry {
+        McfgEntry {
+            base: self.ecam_base,
+            segment: 0,
+            start_bus: 0,
+            end_bus: 0,
+        }
+    }
+
+    /// Size of the ECAM window to place on the MMIO bus.
+    pub fn ecam_size(&self) -> u64 {
+        ECAM_BUS_SIZE
+    }
+
+    /// Places the CF8/CFC ports and the ECAM window of `segment` on its buses.
+    pub fn attach_config_access(segment: &Arc<PciSegment>) -> Result<(), SegmentError> {
+        segment.pio.insert(
+            BusRange::new(CONFIG_IO_PORT, 8)?,
+            Arc::new(ConfigIo(Arc::clone(segment))),
+        )?;
+        segment.mmio.insert(
+            BusRange::new(segment.ecam_base, ECAM_BUS_SIZE)?,
+            Arc::new(Ecam(Arc::clone(segment))),
+        )?;
+        Ok(())
+    }
+
+    fn slot(&self, device: usize) -> Option<Slot> {
+        self.slots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            .cloned()
+            .flatten()
+    }
+
+    /// Adds `function` in the first free slot: gives each BAR an address from `alloc`
+    /// (aligned to its size), turns decoding on as firmware would, and maps the BARs.
+    /// Returns the slot (device number).
+    pub fn add_device(
+        &self,
+        mut function: PciFunction,
+        alloc: &mut SystemAllocator,
+    ) -> Result<u8, SegmentError> {
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        let free = slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(SegmentError::Full)?;
+        let specs = *function.bars();
+        for (i, spec) in specs.iter().enumerate() {
+            let Some(spec) = spec else { continue };
+            let placed = match spec.kind {
+                BarKind::Io => alloc.allocate_pio(spec.size, spec.size),
+                BarKind::Memory32 { .. } => alloc.allocate_mmio32(spec.size, spec.size.max(4096)),
+                BarKind::Memory64 { .. } => alloc.allocate_mmio64(spec.size, spec.size.max(4096)),
+            }
+            .map_err(|source| SegmentError::Placement {
+                bar: i as u8,
+                source,
+            })?;
+            function.place_bar(i, placed.0);
+        }
+        function.enable_decoding();
+        let slot = Arc::new(Mutex::new(function));
+        {
+            let mut f = lock(&slot);
+            let changes = f.redecode();
+            self.apply(&slot, &mut f, &changes);
+        }
+        slots[free] = Some(slot);
+        Ok(free as u8)
+    }
+
+    /// Removes the device in slot `device` and unmaps its BARs.
+    pub fn remove_device(&self, device: u8) -> Result<PciFunction, SegmentError> {
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        let slot = match slots.get_mut(usize::from(device)) {
+            Some(s @ Some(_)) if device != 0 => s.take().expect("checked"),
+            _ => return Err(SegmentError::NoDevice(device)),
+        };
+        {
+            let mut f = lock(&slot);
+            let changes: Vec<BarChange> = f
+                .decoded()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| {
+                    let spec = f.bars()[i]?;
+                    d.map(|old| BarChange {
+                        bar: i as u8,
+                        kind: spec.kind,
+                        size: spec.size,
+                        old: Some(old),
+                        new: None,
+                    })
+                })
+                .collect();
+            self.apply(&slot, &mut f, &changes);
+        }
+        Ok(Arc::try_unwrap(slot)
+            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .unwrap_or_else(|_| unreachable!("BAR windows hold weak references only")))
+    }
+
+    /// Runs `f` on the function in slot `device` while holding its lock.
+    pub fn with_function<R>(&self, device: u8, f: impl FnOnce(&mut PciFunction) -> R) -> Option<R> {
+        self.slot(usize::from(device)).map(|s| f(&mut lock(&s)))
+    }
+
+    /// Moves bus ranges for `changes`: the device hears first (to move its doorbells,
+    /// new before old), then the bus switches atomically. A range that collides with
+    /// another device is left undecoded until the guest moves it again.
+    fn apply(&self, slot: &Slot, f: &mut PciFunction, changes: &[BarChange]) {
+        for ch in changes {
+            f.device_mut().bar_moved(ch.bar, ch.old, ch.new);
+            let result = if ch.kind.is_io() {
+                self.move_range(&self.pio, slot, ch, |w| w as Arc<dyn PioDevice>)
+            } else {
+                self.move_range(&self.mmio, slot, ch, |w| w as Arc<dyn MmioDevice>)
+            };
+            if let Err(e) = result {
+                log::warn!("BAR {} cannot decode at {:#x?}: {e}", ch.bar, ch.new);
+                f.mark_undecoded(ch.bar);
+                f.device_mut().bar_moved(ch.bar, ch.new, None);
+            }
+        }
+    }
+
+    fn move_range<D: ?Sized + keel_bus::Dispatch>(
+        &self,
+        bus: &keel_bus::Bus<D>,
+        slot: &Slot,
+        ch: &BarChange,
+        as_dev: impl Fn(Arc<BarWindow>) -> Arc<D>,
+    ) -> Result<(), keel_bus::Error> {
+        let new_range = ch.new.map(|a| BusRange::new(a, ch.size)).transpose()?;
+        bus.transaction(|t| {
+            match (ch.old, new_range) {
+                (Some(old), Some(new)) => t.relocate(old, new),
+                (None, Some(new)) => t.insert(
+                    new,
+                    as_dev(Arc::new(BarWindow {
+                        function: Arc::downgrade(slot),
+                        bar: ch.bar,
+                    })),
+                ),
+                (Some(old), None) => t.remove(old).map(drop),
+                (None, None) => Ok(()),
+            }
+            .inspect_err(|_| {
+                // Could not move: take the old range down too, so the BAR is cleanly
+                // undecoded rather than left where the guest no longer expects it.
+                if let Some(old) = ch.old {
+                    let _ = t.remove(old);
+                }
+            })
+        })
+    }
+
+    /// A configuration read of function `func` of device `device` on bus `bus`.
+    /// Absent functions read as all ones.
+    pub fn config_read(&self, bus: u8, device: u8, func: u8, offset: usize, data: &mut [u8]) {
+        match (bus, func, self.slot(usize::from(device))) {
+            (0, 0, Some(s)) => lock(&s).config_read(offset, data),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// A configuration write; BAR changes are applied to the buses before it returns.
+    pub fn config_write(&self, bus: u8, device: u8, func: u8, offset: usize, data: &[u8]) {
+        if let (0, 0, Some(s)) = (bus, func, self.slot(usize::from(device))) {
+            let mut f = lock(&s);
+            let changes = f.config_write(offset, data);
+            self.apply(&s, &mut f, &changes);
+        }
+    }
+}
+
+/// Configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc-0xcff.
+struct ConfigIo(Arc<PciSegment>);
+
+impl ConfigIo {
+    /// (bus, device, function, register) selected by CONFIG_ADDRESS, if enabled.
+    fn target(&self) -> Option<(u8, u8, u8, usize)> {
+        let a = *self
+            .0
+            .config_address
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (a & 0x8000_0000 != 0).then_some((
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 0x7) as u8,
+            (a & 0xfc) as usize,
+        ))
+    }
+}
+
+impl PioDevice for ConfigIo {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                let a = *self
+                    .0
+                    .config_address
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                data.copy_from_slice(&a.to_le_bytes());
+            }
+            4..=7 => match self.target() {
+                Some((b, d, f, r)) => self.0.config_read(b, d, f, r + (offset as usize - 4), data),
+                None => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        match offset {
+            // Only dword accesses reach CONFIG_ADDRESS (byte accesses to 0xcf8-0xcfb are
+            // other chipset registers on real hardware).
+            0 if data.len() == 4 => {
+                let v = u32::from_le_bytes(data.try_into().expect("4 bytes"));
+                *self
+                    .0
+                    .config_address
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = v & 0x80ff_fffc;
+            }
+            4..=7 => {
+                if let Some((b, d, f, r)) = self.target() {
+                    self.0
+                        .config_write(b, d, f, r + (offset as usize - 4), data)
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// PCI Express enhanced configuration access (memory-mapped, 4 KiB per function).
+struct Ecam(Arc<PciSegment>);
+
+impl Ecam {
+    fn decode(offset: u64) -> (u8, u8, u8, usize) {
+        (
+            (offset >> 20) as u8,
+            ((offset >> 15) & 0x1f) as u8,
+            ((offset >> 12) & 0x7) as u8,
+            (offset & 0xfff) as usize,
+        )
+    }
+}
+
+impl MmioDevice for Ecam {
+    fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        let (b, d, f, r) = Self::decode(offset);
+        self.0.config_read(b, d, f, r, data)
+    }
+    fn mmio_write(&self, offset: u64, data: &[u8]) {
+        let (b, d, f, r) = Self::decode(offset);
+        self.0.config_write(b, d, f, r, data)
+    }
+}
