@@ -17,7 +17,7 @@ pub struct MemEntry {
 pub struct BootInfo {
     pub version: u32,
     pub rsdp: u64,
-    cmdline: [u8; 512],
+    cmdline: [u8; 4096],
     cmdline_len: usize,
     memmap: [MemEntry; MAX_MEMMAP],
     memmap_len: usize,
@@ -25,8 +25,9 @@ pub struct BootInfo {
 }
 
 fn read_u32(base: u64, off: u64) -> u32 {
-    // SAFETY: `base` was checked to be below 4 GiB (identity-mapped); the
-    // start_info struct is at least 56 bytes for version 0.
+    // SAFETY: `base + off` is below 4 GiB (identity-mapped): callers read
+    // within the 40-byte version-0 struct, the 56-byte version-1 struct
+    // (only when version >= 1), or memory map entries the VMM described.
     unsafe { core::ptr::read_unaligned((base + off) as *const u32) }
 }
 
@@ -52,14 +53,14 @@ impl BootInfo {
         let mut info = BootInfo {
             version: read_u32(addr, 4),
             rsdp: read_u64(addr, 32),
-            cmdline: [0; 512],
+            cmdline: [0; 4096],
             cmdline_len: 0,
             memmap: [MemEntry::default(); MAX_MEMMAP],
             memmap_len: 0,
             memmap_truncated: false,
         };
         let cmdline = read_u64(addr, 24);
-        if cmdline != 0 && cmdline < (1 << 32) - 512 {
+        if cmdline != 0 && cmdline < (1 << 32) - 4096 {
             while info.cmdline_len < info.cmdline.len() {
                 // SAFETY: identity-mapped address below 4 GiB; the VMM put a
                 // NUL-terminated string there and we stop at the NUL.

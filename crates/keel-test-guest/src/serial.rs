@@ -49,7 +49,7 @@ fn putc(c: u8) {
     // Bounded wait: a VMM that never sets THRE must not hang the guest.
     let mut spins = 0u32;
     // SAFETY: LSR reads have no side effects relevant here (clears error bits).
-    while unsafe { inb(COM1 + LSR) } & LSR_THRE == 0 && spins < 100_000 {
+    while unsafe { inb(COM1 + LSR) } & LSR_THRE == 0 && spins < 10_000 {
         spins += 1;
         core::hint::spin_loop();
     }
