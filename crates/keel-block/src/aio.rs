@@ -7,6 +7,7 @@
 //!
 //! * [`SyncQueue`] runs each request inline on any [`BlockBackend`]; it is the
 //!   baseline every backend has.
+//! * [`ThreadQueue`] runs requests on worker threads, for any backend.
 //! * [`UringQueue`] submits data transfers to io_uring. It drives any
 //!   [`UringTarget`]: a [`RawFile`] maps guest offsets one to one, a
 //!   [`Qcow2`] over a [`RawFile`] maps them through its L1/L2 tables
@@ -142,6 +143,122 @@ impl<B: BlockBackend> AioQueue for SyncQueue<B> {
 
     fn in_flight(&self) -> usize {
         self.done.len()
+    }
+}
+
+/// A request handed to a worker thread.
+struct Job(AioRequest);
+
+// SAFETY: the raw buffer pointer in the request is only dereferenced by the
+// one worker that receives the job, and the submit contract keeps the buffer
+// valid and untouched by the submitter until the completion is returned.
+unsafe impl Send for Job {}
+
+/// Runs requests on a pool of worker threads, for backends io_uring cannot
+/// drive (any [`BlockBackend`]); like QEMU's `aio=threads`.
+pub struct ThreadQueue {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    completions: std::sync::mpsc::Receiver<Completion>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+    done: Vec<Completion>,
+}
+
+impl ThreadQueue {
+    /// A queue over `backend` served by `threads` worker threads.
+    pub fn new<B: BlockBackend + 'static>(backend: Arc<B>, threads: usize) -> Result<Self> {
+        let (jtx, jrx) = std::sync::mpsc::channel::<Job>();
+        let (ctx, crx) = std::sync::mpsc::channel::<Completion>();
+        let jrx = Arc::new(std::sync::Mutex::new(jrx));
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let (jrx, ctx, backend) = (jrx.clone(), ctx.clone(), backend.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("keel-aio-{i}"))
+                .spawn(move || loop {
+                    let job = {
+                        let rx = jrx.lock().unwrap_or_else(|p| p.into_inner());
+                        rx.recv()
+                    };
+                    let Ok(Job(req)) = job else { return };
+                    // SAFETY: the submitter upheld the AioQueue::submit contract.
+                    let result = unsafe { run_sync(&*backend, &req) };
+                    if ctx
+                        .send(Completion {
+                            user_data: req.user_data,
+                            result,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                })
+                .map_err(|e| Error::io("starting an I/O worker thread", e))?;
+            workers.push(h);
+        }
+        Ok(ThreadQueue {
+            jobs: Some(jtx),
+            completions: crx,
+            workers,
+            in_flight: 0,
+            done: Vec::new(),
+        })
+    }
+}
+
+impl AioQueue for ThreadQueue {
+    unsafe fn submit(&mut self, req: AioRequest) -> Result<()> {
+        let sent = self.jobs.as_ref().map(|tx| tx.send(Job(req)));
+        match sent {
+            Some(Ok(())) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            _ => Err(Error::io(
+                "submitting to the I/O worker threads",
+                std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+            )),
+        }
+    }
+
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()> {
+        while let Ok(c) = self.completions.try_recv() {
+            self.in_flight -= 1;
+            self.done.push(c);
+        }
+        while self.done.len() < min && self.in_flight > 0 {
+            match self.completions.recv() {
+                Ok(c) => {
+                    self.in_flight -= 1;
+                    self.done.push(c);
+                }
+                Err(_) => {
+                    return Err(Error::io(
+                        "waiting for the I/O worker threads",
+                        std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+                    ))
+                }
+            }
+        }
+        out.append(&mut self.done);
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.done.len()
+    }
+}
+
+impl Drop for ThreadQueue {
+    fn drop(&mut self) {
+        // Let in-flight requests finish so no worker touches a freed buffer
+        // after the owner has dropped the queue.
+        let mut sink = Vec::new();
+        let _ = self.wait(usize::MAX, &mut sink);
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
     }
 }
 
@@ -588,7 +705,8 @@ mod tests {
         };
         let raw = Arc::new(RawFile::open(&p, opts).unwrap());
         run_queue(&mut UringQueue::new(raw.clone(), 32).unwrap(), size);
-        run_queue(&mut SyncQueue::new(raw), size);
+        run_queue(&mut SyncQueue::new(raw.clone()), size);
+        run_queue(&mut ThreadQueue::new(raw, 4).unwrap(), size);
 
         let q = dir.path().join("a.qcow2");
         std::fs::File::create(&q).unwrap();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion, SyncQueue, UringQueue};
+use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::qcow2::{self, CreateOptions, Fix};
 use keel_block::{
@@ -112,7 +112,7 @@ enum Cmd {
         /// Same as -t none.
         #[arg(short = 'n')]
         nocache: bool,
-        /// AIO engine: io_uring or threads.
+        /// AIO engine: io_uring, or threads (a pool of `depth` worker threads).
         #[arg(short = 'i', default_value = "io_uring")]
         aio: String,
         /// Offset of the first request.
@@ -636,8 +636,8 @@ fn cmd_bench(
     let mut queue: Box<dyn AioQueue> = match (aio, &img) {
         ("io_uring", Image::Raw(r)) => Box::new(UringQueue::new(r.clone(), depth)?),
         ("io_uring", Image::Qcow2(q)) => Box::new(UringQueue::new(q.clone(), depth)?),
-        ("threads", Image::Raw(r)) => Box::new(SyncQueue::new(r.clone())),
-        ("threads", Image::Qcow2(q)) => Box::new(SyncQueue::new(q.clone())),
+        ("threads", Image::Raw(r)) => Box::new(ThreadQueue::new(r.clone(), depth as usize)?),
+        ("threads", Image::Qcow2(q)) => Box::new(ThreadQueue::new(q.clone(), depth as usize)?),
         (other, _) => {
             return Err(Error::Unsupported(format!(
                 "aio engine '{other}' (use io_uring or threads)"
