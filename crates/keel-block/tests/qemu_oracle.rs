@@ -42,7 +42,7 @@ fn qemu_made_images_read_back_exactly() {
     let mut configs = Vec::new();
     for cs in ["512", "4k", "64k", "2M"] {
         configs.push(format!("cluster_size={cs},compat=0.10"));
-        for rb in ["1", "16", "64"] {
+        for rb in ["1", "16", "32", "64"] {
             configs.push(format!("cluster_size={cs},compat=1.1,refcount_bits={rb}"));
         }
         configs.push(format!(
@@ -182,8 +182,9 @@ impl Workload {
 fn random_workloads_pass_qemu_check_and_compare() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
-    let configs: [(u64, u32, u32, bool); 6] = [
+    let configs: [(u64, u32, u32, bool); 7] = [
         (512, 3, 64, false),
+        (16384, 3, 32, false),
         (4096, 3, 2, false),
         (65536, 2, 16, false),
         (65536, 3, 16, true),
