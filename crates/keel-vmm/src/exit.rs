@@ -3,6 +3,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
+use keel_kvm::VcpuHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why the VM stopped.
@@ -52,11 +53,13 @@ impl VmExit {
     }
 }
 
-/// A one-shot exit request shared by devices and vCPU threads. The first request wins;
-/// the main thread waits on [`ExitSignal::event`].
+/// A one-shot exit request shared by devices and vCPU threads. The first request wins and
+/// stops every vCPU at once, so the guest runs no further than the instruction that asked
+/// (a debug-exit write, say); the main thread waits on [`ExitSignal::event`] to clean up.
 pub struct ExitSignal {
     reason: Mutex<Option<VmExit>>,
     event: EventFd,
+    vcpus: Mutex<Vec<VcpuHandle>>,
 }
 
 impl ExitSignal {
@@ -65,7 +68,13 @@ impl ExitSignal {
         Ok(ExitSignal {
             reason: Mutex::new(None),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
+            vcpus: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The vCPUs to stop when an exit is requested.
+    pub fn set_vcpus(&self, handles: Vec<VcpuHandle>) {
+        *self.vcpus.lock().unwrap_or_else(PoisonError::into_inner) = handles;
     }
 
     /// Requests that the VM stop for `why`. Later requests are ignored.
@@ -73,6 +82,15 @@ impl ExitSignal {
         let mut r = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
         if r.is_none() {
             *r = Some(why);
+            drop(r);
+            for h in self
+                .vcpus
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+            {
+                h.stop();
+            }
             // Writing an eventfd only fails on counter overflow, which one write cannot cause.
             let _ = self.event.write(1);
         }

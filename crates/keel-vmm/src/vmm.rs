@@ -227,6 +227,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         threads.push(t);
     }
 
+    exit.set_vcpus(handles.clone());
+    if exit.reason().is_some() {
+        // An exit was requested before the handles were known; stop everything now.
+        handles.iter().for_each(VcpuHandle::stop);
+    }
     let stdin = (cfg.serial == SerialMode::Stdio).then(std::io::stdin);
     // Restored when this function returns, whatever the outcome.
     let _raw = match stdin {

@@ -193,3 +193,20 @@ fn a_terminal_console_is_raw() {
     let out = keel.finish(LIMIT);
     assert_eq!(out.code(), Some(i32::from(b'A')), "stderr: {}", out.stderr);
 }
+
+/// The debug-exit write ends the guest at that instruction: nothing it would print after
+/// the write reaches the console.
+#[test]
+fn debug_exit_stops_the_guest_at_once() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let body = format!(
+        "{}    mov $3, %eax\n    out %eax, $0xf4\n{}1:  jmp 1b\n",
+        print("before\n"),
+        print("after\n")
+    );
+    let guest = pvh_guest(&dir, &body);
+    let out = run_keel(&["--kernel", guest.to_str().unwrap()], LIMIT);
+    assert_eq!(out.code(), Some(3));
+    assert_eq!(out.stdout, "before\n");
+}
