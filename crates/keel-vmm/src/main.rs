@@ -26,9 +26,10 @@ use vmm::{SerialMode, VmConfig};
 #[derive(Parser, Debug)]
 #[command(name = "keel", version)]
 struct Cli {
-    /// Kernel to boot: an ELF with a PVH note, a bzImage, or an ELF64 payload.
+    /// Kernel to boot: an ELF with a PVH note, a bzImage, or an ELF64 payload. Without it,
+    /// keel boots its built-in test guest (scenario chosen with --cmdline keel.test=NAME).
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
 
     /// Initial ramdisk to load.
     #[arg(long, value_name = "PATH")]

@@ -13,7 +13,7 @@ use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::{Buses, Vcpu, VcpuExitReason, VcpuHandle, Vm};
 use keel_memory::{MemoryLayout, MemoryOptions, MIB};
 
-use crate::boot::{self, BootSpec, Entry, BOOT_STACK};
+use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
     AcpiPm, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042,
     I8042_DATA_PORT, PM1A_CNT_PORT,
@@ -62,6 +62,10 @@ fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Os { what, source }
 }
 
+/// The project's bare-metal test guest (crates/keel-test-guest), built by build.rs: what
+/// keel boots when no kernel is given.
+pub const TEST_GUEST: &[u8] = include_bytes!(env!("KEEL_TEST_GUEST"));
+
 /// Where serial output goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialMode {
@@ -76,8 +80,8 @@ pub enum SerialMode {
 /// Everything needed to start a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// Kernel image.
-    pub kernel: PathBuf,
+    /// Kernel image; `None` boots the built-in test guest.
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
@@ -191,7 +195,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         &layout,
         cfg.vcpus,
         &BootSpec {
-            kernel: &cfg.kernel,
+            kernel: match &cfg.kernel {
+                Some(p) => KernelSource::Path(p),
+                None => KernelSource::Bytes(TEST_GUEST),
+            },
             initrd: cfg.initrd.as_deref(),
             cmdline: &cfg.cmdline,
         },

@@ -129,10 +129,18 @@ pub enum Entry {
     },
 }
 
+/// Where the kernel image comes from.
+pub enum KernelSource<'a> {
+    /// A file.
+    Path(&'a Path),
+    /// An image in memory (keel's built-in test guest).
+    Bytes(&'a [u8]),
+}
+
 /// What to boot.
 pub struct BootSpec<'a> {
     /// The kernel image.
-    pub kernel: &'a Path,
+    pub kernel: KernelSource<'a>,
     /// An optional initial ramdisk.
     pub initrd: Option<&'a Path>,
     /// The kernel command line.
@@ -152,10 +160,10 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
     })
 }
 
-fn sniff(f: &mut File, path: &Path) -> Result<Kind> {
+fn sniff<F: Read + Seek>(f: &mut F, name: &str) -> Result<Kind> {
     let err = |source| Error::Read {
         what: "kernel",
-        path: path.display().to_string(),
+        path: name.to_string(),
         source,
     };
     let mut head = [0u8; 0x206];
@@ -166,7 +174,7 @@ fn sniff(f: &mut File, path: &Path) -> Result<Kind> {
     } else if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
         Ok(Kind::BzImage)
     } else {
-        Err(Error::UnknownFormat(path.display().to_string()))
+        Err(Error::UnknownFormat(name.to_string()))
     }
 }
 
@@ -182,17 +190,26 @@ pub fn load(
     if !spec.cmdline.is_empty() {
         cmdline.insert_str(spec.cmdline).map_err(Error::Cmdline)?;
     }
-    let mut kf = open("kernel", spec.kernel)?;
-    let kind = sniff(&mut kf, spec.kernel)?;
+    let (kind, loaded, name) = match spec.kernel {
+        KernelSource::Path(p) => {
+            let mut f = open("kernel", p)?;
+            let name = p.display().to_string();
+            let kind = sniff(&mut f, &name)?;
+            let loaded = load_kernel(mem, &kind, &mut f, &name)?;
+            (kind, loaded, name)
+        }
+        KernelSource::Bytes(b) => {
+            let mut c = std::io::Cursor::new(b);
+            let name = "the built-in test guest".to_string();
+            let kind = sniff(&mut c, &name)?;
+            let loaded = load_kernel(mem, &kind, &mut c, &name)?;
+            (kind, loaded, name)
+        }
+    };
     let load_err = |source| Error::Load {
-        path: spec.kernel.display().to_string(),
+        path: name.clone(),
         source,
     };
-    let loaded = match kind {
-        Kind::Elf => Elf::load(mem, None, &mut kf, Some(GuestAddress(KERNEL_START))),
-        Kind::BzImage => BzImage::load(mem, None, &mut kf, Some(GuestAddress(KERNEL_START))),
-    }
-    .map_err(load_err)?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(load_err)?;
     let rsdp = acpi::write_tables(mem, vcpus)?;
 
@@ -255,6 +272,22 @@ pub fn load(
     Ok(Entry::Linux64 {
         entry,
         boot_params: ZERO_PAGE_START,
+    })
+}
+
+fn load_kernel<F: Read + Seek + vm_memory::ReadVolatile>(
+    mem: &GuestMemoryMmap,
+    kind: &Kind,
+    f: &mut F,
+    name: &str,
+) -> Result<linux_loader::loader::KernelLoaderResult> {
+    match kind {
+        Kind::Elf => Elf::load(mem, None, f, Some(GuestAddress(KERNEL_START))),
+        Kind::BzImage => BzImage::load(mem, None, f, Some(GuestAddress(KERNEL_START))),
+    }
+    .map_err(|source| Error::Load {
+        path: name.to_string(),
+        source,
     })
 }
 

@@ -1,0 +1,147 @@
+//! The project's bare-metal test guest (crates/keel-test-guest), built by keel-vmm's build
+//! script and embedded as keel's default kernel, run under keel and, as a peer, under QEMU.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use keel_testutil::require_kvm;
+use support::{run_keel, Outcome, Running};
+
+const GUEST: &str = env!("KEEL_TEST_GUEST");
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn verdict(out: &Outcome) -> Vec<&str> {
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("keel-test: PASS") || l.starts_with("keel-test: FAIL"))
+        .collect()
+}
+
+fn keel_scenario(scenario: &str, cpus: u8) -> Outcome {
+    let cmdline = format!("keel.test={scenario}");
+    let cpus = cpus.to_string();
+    // No --kernel: the built-in test guest.
+    run_keel(
+        &["--memory", "128", "--cpus", &cpus, "--cmdline", &cmdline],
+        LIMIT,
+    )
+}
+
+fn assert_pass(out: &Outcome, scenario: &str, status: i32) {
+    assert_eq!(
+        verdict(out),
+        vec![format!("keel-test: PASS {scenario}").as_str()],
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.code(), Some(status), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn serial_under_keel() {
+    require_kvm!();
+    let out = keel_scenario("serial", 1);
+    assert_pass(&out, "serial", 0);
+    assert!(out.stdout.contains("hello from the keel test guest"));
+}
+
+#[test]
+fn memory_under_keel() {
+    require_kvm!();
+    let out = keel_scenario("memory", 1);
+    assert_pass(&out, "memory", 0);
+    // The guest saw the RAM keel's e820 gives: below the EBDA and from 1 MiB to 128 MiB.
+    assert!(out.stdout.contains("RAM 0x0-0x9fc00"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("RAM 0x100000-0x8000000"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn irq_under_keel() {
+    require_kvm!();
+    let out = keel_scenario("irq", 1);
+    assert_pass(&out, "irq", 0);
+    assert!(out.stdout.contains("device interrupt arrived"));
+    assert!(out.stdout.contains("LAPIC timer interrupt arrived"));
+}
+
+#[test]
+fn smp_under_keel_prints_every_apic_id() {
+    require_kvm!();
+    for cpus in [2u8, 4] {
+        let out = keel_scenario("smp", cpus);
+        assert_pass(&out, "smp", 0);
+        for id in 1..cpus {
+            assert!(
+                out.stdout.contains(&format!("keel-test: cpu {id} up")),
+                "cpu {id} missing:\n{}",
+                out.stdout
+            );
+        }
+        assert!(out.stdout.contains("keel-test: cpu 0 up (BSP)"));
+        assert!(out
+            .stdout
+            .contains(&format!("smp: {cpus} of {cpus} CPUs up")));
+    }
+}
+
+#[test]
+fn an_unknown_scenario_fails_with_status_1() {
+    require_kvm!();
+    let out = keel_scenario("no-such-thing", 1);
+    assert_eq!(
+        verdict(&out),
+        vec!["keel-test: FAIL no-such-thing: unknown scenario"]
+    );
+    assert_eq!(out.code(), Some(1));
+}
+
+/// The same guest, the same scenarios, under QEMU microvm (the peer). isa-debug-exit at
+/// the same port makes QEMU exit with `(value << 1) | 1`: 1 for PASS.
+fn qemu_scenario(scenario: &str, cpus: u8) -> Outcome {
+    let qemu = "qemu-system-x86_64";
+    assert!(
+        Command::new(qemu).arg("--version").output().is_ok(),
+        "{qemu} is missing: scripts/install-tools installs it (Debian package qemu-system-x86)"
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-enable-kvm",
+        "-M",
+        "microvm",
+        "-cpu",
+        "kvm64",
+        "-m",
+        "128",
+        "-smp",
+        &cpus.to_string(),
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-kernel",
+        GUEST,
+        "-append",
+        &format!("keel.test={scenario}"),
+    ]);
+    Running::start(cmd).finish(LIMIT)
+}
+
+#[test]
+fn the_same_scenarios_pass_under_qemu() {
+    require_kvm!();
+    for (scenario, cpus) in [("serial", 1), ("memory", 1), ("irq", 1), ("smp", 2)] {
+        let out = qemu_scenario(scenario, cpus);
+        assert_pass(&out, scenario, 1);
+    }
+}
