@@ -1,0 +1,120 @@
+//! Boot benchmark: keel against QEMU (microvm) on the same guest, the project's test guest
+//! running its `serial` scenario.
+//!
+//! `cargo bench -p keel-vmm --bench boot [-- RUNS]` (default 20 runs each)
+//!
+//! For each run: the wall time from spawning the VMM to the first byte of guest serial
+//! output, the time to the VMM's exit, and the VMM's peak resident set size
+//! (`ru_maxrss` from `wait4`). Both VMMs get 128 MiB and run the same guest, which
+//! touches the same few pages, so the difference in peak RSS is the difference in what
+//! each VMM itself keeps resident. Medians are printed.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Sample {
+    first_byte: Duration,
+    exit: Duration,
+    max_rss_kib: i64,
+}
+
+fn run(cmd: &mut Command) -> Sample {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut byte = [0u8];
+    out.read_exact(&mut byte).expect("no serial output");
+    let first_byte = start.elapsed();
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid buffer for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; both out-pointers are valid.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let exit = start.elapsed();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("keel-test: PASS serial"),
+        "guest failed:\n{text}"
+    );
+    Sample {
+        first_byte,
+        exit,
+        max_rss_kib: usage.ru_maxrss,
+    }
+}
+
+fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn report(name: &str, samples: Vec<Sample>) {
+    let fb = median(samples.iter().map(|s| s.first_byte).collect());
+    let ex = median(samples.iter().map(|s| s.exit).collect());
+    let rss = median(samples.iter().map(|s| s.max_rss_kib).collect());
+    println!(
+        "{name:<6} first serial byte {:>7.2} ms   exit {:>7.2} ms   peak RSS {:>6} KiB",
+        fb.as_secs_f64() * 1e3,
+        ex.as_secs_f64() * 1e3,
+        rss
+    );
+}
+
+fn main() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("skipped: /dev/kvm unavailable");
+        return;
+    }
+    // `cargo bench` passes `--bench`; a number after it sets the run count.
+    let runs: usize = std::env::args()
+        .filter_map(|a| a.parse().ok())
+        .next()
+        .unwrap_or(20);
+    let guest = env!("KEEL_TEST_GUEST");
+    let keel = env!("CARGO_BIN_EXE_keel");
+    let keel_runs = (0..runs)
+        .map(|_| run(Command::new(keel).args(["--memory", "128", "--cmdline", "keel.test=serial"])))
+        .collect();
+    let qemu_runs = (0..runs)
+        .map(|_| {
+            run(Command::new("qemu-system-x86_64").args([
+                "-enable-kvm",
+                "-M",
+                "microvm",
+                "-cpu",
+                "kvm64",
+                "-m",
+                "128",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=4",
+                "-kernel",
+                guest,
+                "-append",
+                "keel.test=serial",
+            ]))
+        })
+        .collect();
+    println!("{runs} runs each, medians; guest: keel-test-guest, scenario serial, 128 MiB");
+    report("keel", keel_runs);
+    report("qemu", qemu_runs);
+}
