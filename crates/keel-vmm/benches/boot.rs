@@ -19,6 +19,8 @@ struct Sample {
     max_rss_kib: i64,
 }
 
+// The child is reaped with wait4 (for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 fn run(cmd: &mut Command) -> Sample {
     let start = Instant::now();
     let mut child = cmd
