@@ -153,15 +153,18 @@ impl PciSegment {
         ECAM_BUS_SIZE
     }
 
-    /// Places the CF8/CFC ports and the ECAM window of `segment` on its buses.
+    /// Places the CF8/CFC ports and the ECAM window of `segment` on its buses. The bus
+    /// entries refer to the segment weakly (the segment owns the buses' references to it
+    /// through its BAR windows, and a strong link back would be a cycle): keep the
+    /// `Arc<PciSegment>` alive for as long as the guest may access configuration space.
     pub fn attach_config_access(segment: &Arc<PciSegment>) -> Result<(), SegmentError> {
         segment.pio.insert(
             BusRange::new(CONFIG_IO_PORT, 8)?,
-            Arc::new(ConfigIo(Arc::clone(segment))),
+            Arc::new(ConfigIo(Arc::downgrade(segment))),
         )?;
         segment.mmio.insert(
             BusRange::new(segment.ecam_base, ECAM_BUS_SIZE)?,
-            Arc::new(Ecam(Arc::clone(segment))),
+            Arc::new(Ecam(Arc::downgrade(segment))),
         )?;
         Ok(())
     }
@@ -319,13 +322,12 @@ impl PciSegment {
 }
 
 /// Configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc-0xcff.
-struct ConfigIo(Arc<PciSegment>);
+struct ConfigIo(Weak<PciSegment>);
 
 impl ConfigIo {
     /// (bus, device, function, register) selected by CONFIG_ADDRESS, if enabled.
-    fn target(&self) -> Option<(u8, u8, u8, usize)> {
-        let a = *self
-            .0
+    fn target(seg: &PciSegment) -> Option<(u8, u8, u8, usize)> {
+        let a = *seg
             .config_address
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -340,17 +342,20 @@ impl ConfigIo {
 
 impl PioDevice for ConfigIo {
     fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        let Some(seg) = self.0.upgrade() else {
+            data.fill(0xff);
+            return;
+        };
         match offset {
             0 if data.len() == 4 => {
-                let a = *self
-                    .0
+                let a = *seg
                     .config_address
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 data.copy_from_slice(&a.to_le_bytes());
             }
-            4..=7 => match self.target() {
-                Some((b, d, f, r)) => self.0.config_read(b, d, f, r + (offset as usize - 4), data),
+            4..=7 => match Self::target(&seg) {
+                Some((b, d, f, r)) => seg.config_read(b, d, f, r + (offset as usize - 4), data),
                 None => data.fill(0xff),
             },
             _ => data.fill(0xff),
@@ -358,21 +363,21 @@ impl PioDevice for ConfigIo {
     }
 
     fn pio_write(&self, offset: u64, data: &[u8]) {
+        let Some(seg) = self.0.upgrade() else {
+            return;
+        };
         match offset {
             // Only dword accesses reach CONFIG_ADDRESS (byte accesses to 0xcf8-0xcfb are
             // other chipset registers on real hardware).
             0 if data.len() == 4 => {
                 let v = u32::from_le_bytes(data.try_into().expect("4 bytes"));
-                *self
-                    .0
-                    .config_address
+                *seg.config_address
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = v & 0x80ff_fffc;
             }
             4..=7 => {
-                if let Some((b, d, f, r)) = self.target() {
-                    self.0
-                        .config_write(b, d, f, r + (offset as usize - 4), data)
+                if let Some((b, d, f, r)) = Self::target(&seg) {
+                    seg.config_write(b, d, f, r + (offset as usize - 4), data)
                 }
             }
             _ => {}
@@ -381,7 +386,7 @@ impl PioDevice for ConfigIo {
 }
 
 /// PCI Express enhanced configuration access (memory-mapped, 4 KiB per function).
-struct Ecam(Arc<PciSegment>);
+struct Ecam(Weak<PciSegment>);
 
 impl Ecam {
     fn decode(offset: u64) -> (u8, u8, u8, usize) {
@@ -397,10 +402,15 @@ impl Ecam {
 impl MmioDevice for Ecam {
     fn mmio_read(&self, offset: u64, data: &mut [u8]) {
         let (b, d, f, r) = Self::decode(offset);
-        self.0.config_read(b, d, f, r, data)
+        match self.0.upgrade() {
+            Some(seg) => seg.config_read(b, d, f, r, data),
+            None => data.fill(0xff),
+        }
     }
     fn mmio_write(&self, offset: u64, data: &[u8]) {
         let (b, d, f, r) = Self::decode(offset);
-        self.0.config_write(b, d, f, r, data)
+        if let Some(seg) = self.0.upgrade() {
+            seg.config_write(b, d, f, r, data)
+        }
     }
 }
