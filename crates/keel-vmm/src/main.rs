@@ -47,6 +47,10 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=255))]
     cpus: u8,
 
+    /// Add a device (repeatable): `pci-test`, the PCI test device.
+    #[arg(long = "device", value_name = "KIND", value_enum)]
+    devices: Vec<vmm::DeviceKind>,
+
     /// Serial console: `stdio` (output to stdout, stdin to the guest), `file=PATH`, or `none`.
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialMode,
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         memory_mib: cli.memory,
         vcpus: cli.cpus,
         serial: cli.serial,
+        devices: cli.devices,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

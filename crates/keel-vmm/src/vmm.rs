@@ -9,14 +9,16 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 
 use keel_bus::{BusRange, PioDevice};
+use keel_kvm::interrupt::MsiIrqfdGroup;
 use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::{Buses, Vcpu, VcpuExitReason, VcpuHandle, Vm};
-use keel_memory::{MemoryLayout, MemoryOptions, MIB};
+use keel_memory::{MemoryLayout, MemoryOptions, SystemAllocator, MIB};
+use keel_pci::PciSegment;
 
 use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
-    AcpiPm, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042,
-    I8042_DATA_PORT, PM1A_CNT_PORT,
+    pci_test_function, AcpiPm, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
+    DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
 use crate::exit::{error_chain, ExitSignal, VmExit};
 use crate::signals::SignalFd;
@@ -52,6 +54,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An address pool ran out.
+    #[error(transparent)]
+    Allocator(keel_memory::AllocatorError),
+    /// The PCI segment refused a device.
+    #[error(transparent)]
+    Pci(keel_pci::segment::SegmentError),
+    /// A PCI function could not be built.
+    #[error(transparent)]
+    PciFunction(keel_pci::function::FunctionError),
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -92,6 +103,15 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Serial console.
     pub serial: SerialMode,
+    /// Extra devices.
+    pub devices: Vec<DeviceKind>,
+}
+
+/// Devices added with `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// The PCI test device (one MMIO BAR, MSI-X): see `devices::pci_test`.
+    PciTest,
 }
 
 /// Feeds stdin to the UART; ends the event loop when an exit is requested or a signal
@@ -190,6 +210,28 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
             .insert(BusRange::new(u64::from(port), len)?, dev)?;
     }
 
+    // PCI: the host bridge is in every VM; devices are added to it.
+    let mut alloc = SystemAllocator::new(&layout, 5).map_err(Error::Allocator)?;
+    let pci = Arc::new(PciSegment::new(
+        buses.mmio.clone(),
+        buses.pio.clone(),
+        keel_memory::x86::ECAM_START,
+    ));
+    PciSegment::attach_config_access(&pci).map_err(Error::Pci)?;
+    for dev in &cfg.devices {
+        match dev {
+            DeviceKind::PciTest => {
+                let gsis = (0..PCI_TEST_VECTORS)
+                    .map(|_| alloc.allocate_msi_gsi())
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(Error::Allocator)?;
+                let group = Arc::new(MsiIrqfdGroup::new(vm.clone(), &gsis)?);
+                let function = pci_test_function(group).map_err(Error::PciFunction)?;
+                pci.add_device(function, &mut alloc).map_err(Error::Pci)?;
+            }
+        }
+    }
+
     let entry = boot::load(
         &mem,
         &layout,
@@ -201,6 +243,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
             },
             initrd: cfg.initrd.as_deref(),
             cmdline: &cfg.cmdline,
+            pci: Some(pci.mcfg()),
         },
     )?;
     let tables = BootTables::default();

@@ -7,6 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use keel_memory::x86::{IOAPIC_START, LAPIC_START};
 use keel_memory::GuestMemoryMmap;
+use keel_pci::McfgEntry;
 
 use crate::devices::{I8042_CMD_PORT, PM1A_CNT_PORT, PM1A_EVT_PORT, SLP_TYP_S5};
 
@@ -167,9 +168,24 @@ fn madt(vcpus: u8) -> Vec<u8> {
     t.finish()
 }
 
-/// Writes the tables for a VM with `vcpus` vCPUs at [`ACPI_START`] and returns the RSDP's
-/// address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, GuestMemoryError> {
+fn mcfg(e: &McfgEntry) -> Vec<u8> {
+    let mut t = Sdt::new(b"MCFG", 1);
+    t.u64(0) // reserved
+        .u64(e.base)
+        .u16(e.segment)
+        .u8(e.start_bus)
+        .u8(e.end_bus)
+        .u32(0);
+    t.finish()
+}
+
+/// Writes the tables for a VM with `vcpus` vCPUs (and, with `pci`, the MCFG entry of its
+/// PCI segment) at [`ACPI_START`] and returns the RSDP's address.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    pci: Option<&McfgEntry>,
+) -> Result<GuestAddress, GuestMemoryError> {
     let rsdp_addr = ACPI_START;
     let mut next = ACPI_START + 64; // the RSDP is 36 bytes; keep tables 16-aligned
     let mut place = |bytes: &[u8]| -> Result<u64, GuestMemoryError> {
@@ -183,6 +199,9 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Gu
     let madt_addr = place(&madt(vcpus))?;
     let mut xsdt = Sdt::new(b"XSDT", 1);
     xsdt.u64(fadt_addr).u64(madt_addr);
+    if let Some(e) = pci {
+        xsdt.u64(place(&mcfg(e))?);
+    }
     let xsdt_addr = place(&xsdt.finish())?;
 
     let mut rsdp = Vec::with_capacity(36);
@@ -226,7 +245,13 @@ mod tests {
             .unwrap()
             .create_guest_memory(&MemoryOptions::default())
             .unwrap();
-        let rsdp = write_tables(&mem, 3).unwrap().0;
+        let pci = McfgEntry {
+            base: 0xe000_0000,
+            segment: 0,
+            start_bus: 0,
+            end_bus: 0,
+        };
+        let rsdp = write_tables(&mem, 3, Some(&pci)).unwrap().0;
         let r = read(&mem, rsdp, 36);
         assert_eq!(&r[..8], b"RSD PTR ");
         assert_eq!(r[..20].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
@@ -240,7 +265,16 @@ mod tests {
             .iter()
             .map(|&a| table(&mem, a)[..4].to_vec())
             .collect();
-        assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        assert_eq!(
+            sigs,
+            vec![b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]
+        );
+        let mcfg = table(&mem, entries[2]);
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            0xe000_0000
+        );
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0), "bus 0 only");
 
         let fadt = table(&mem, entries[0]);
         assert_eq!(fadt.len(), 276);

@@ -145,6 +145,8 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a Path>,
     /// The kernel command line.
     pub cmdline: &'a str,
+    /// The PCI segment's MCFG entry, for the ACPI tables.
+    pub pci: Option<keel_pci::McfgEntry>,
 }
 
 enum Kind {
@@ -211,7 +213,7 @@ pub fn load(
         source,
     };
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(load_err)?;
-    let rsdp = acpi::write_tables(mem, vcpus)?;
+    let rsdp = acpi::write_tables(mem, vcpus, spec.pci.as_ref())?;
 
     let kernel_end = loaded.kernel_end.max(loaded.kernel_load.raw_value());
     let initrd_max = loaded

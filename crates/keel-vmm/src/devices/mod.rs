@@ -7,6 +7,10 @@
 //! | 0x600-0x601 | ACPI PM1a control block: SLP_TYP=5 with SLP_EN powers off |
 //! | 0x604-0x607 | ACPI PM1a event block (status/enable; no events are raised) |
 //! | 0xf4-0xf7 | debug exit: the value written becomes keel's exit status |
+//! | 0xcf8-0xcff | PCI configuration mechanism #1 (keel-pci) |
+//!
+//! PCI: one segment, bus 0, a host bridge at 00.0, ECAM at 0xe0000000 (published in the
+//! ACPI MCFG table). `--device pci-test` adds [the test device](pci_test) to it.
 //!
 //! QEMU's `isa-debug-exit,iobase=0xf4,iosize=4` sits at the same port, so a guest can end
 //! itself the same way under both (QEMU reports `(value << 1) | 1`).
@@ -14,9 +18,11 @@
 mod acpi_pm;
 mod debug_exit;
 mod i8042;
+mod pci_test;
 mod serial;
 
 pub use acpi_pm::{AcpiPm, PM1A_CNT_PORT, PM1A_EVT_PORT, SLP_TYP_S5};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, I8042_CMD_PORT, I8042_DATA_PORT};
+pub use pci_test::{pci_test_function, PCI_TEST_VECTORS};
 pub use serial::{Serial, SerialOutput, COM1_IRQ, COM1_PORT};
