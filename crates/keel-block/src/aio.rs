@@ -17,11 +17,13 @@
 //! Requests whose buffer or offset do not meet an `O_DIRECT` file's
 //! alignment are served synchronously through the backend's bounce buffers.
 //!
-//! Limitation: for qcow2, an asynchronous transfer is not tracked once its
-//! clusters are mapped, so a discard or unmapping write-zeroes issued through
-//! the synchronous API while transfers to the same clusters are in flight may
-//! let those transfers land in freed clusters. Drain the queue before
-//! discarding (the synchronous API has no such window).
+//! Requests may overlap in any order, on one queue or across queues and the
+//! synchronous API, as an untrusted guest may issue them: a qcow2 host
+//! cluster with a transfer in flight is pinned by the request's [`Mapping`]
+//! until the transfer completes, so a discard or write-zeroes of the same
+//! range can free it but nothing can reuse it meanwhile. A late write lands
+//! in a free cluster and a late read returns the data it was issued for,
+//! never another guest offset's (see [`crate::qcow2::inflight`]).
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
@@ -32,7 +34,7 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::backend::{BlockBackend, WriteFlags};
 use crate::error::{Error, Result};
-use crate::qcow2::{ExtentKind, Qcow2};
+use crate::qcow2::{Extent, ExtentKind, Mapping, Qcow2};
 use crate::raw::RawFile;
 
 /// The operation of an [`AioRequest`].
@@ -269,8 +271,11 @@ pub trait UringTarget: BlockBackend {
     fn data_fd(&self) -> RawFd;
     /// Required alignment of offsets, lengths and buffers for `data_fd`.
     fn data_alignment(&self) -> u64;
-    /// Maps a device range to host extents, allocating for writes.
-    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Vec<(u64, ExtentKind)>>;
+    /// Maps a device range to host extents, allocating for writes. The
+    /// queue keeps the returned [`Mapping`] until every transfer to its
+    /// extents has completed, so implementations whose host offsets can
+    /// change owner must pin them in it (as [`Qcow2`] does).
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping>;
 }
 
 impl UringTarget for RawFile {
@@ -280,12 +285,15 @@ impl UringTarget for RawFile {
     fn data_alignment(&self) -> u64 {
         self.limits().request_alignment as u64
     }
-    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Vec<(u64, ExtentKind)>> {
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping> {
         if write && self.is_read_only() {
             return Err(Error::ReadOnly);
         }
         crate::backend::check_range(offset, len, self.size())?;
-        Ok(vec![(len, ExtentKind::Data(offset))])
+        Ok(Mapping::unpinned(vec![Extent {
+            len,
+            kind: ExtentKind::Data(offset),
+        }]))
     }
 }
 
@@ -296,13 +304,12 @@ impl UringTarget for Qcow2<RawFile> {
     fn data_alignment(&self) -> u64 {
         self.file().limits().request_alignment as u64
     }
-    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Vec<(u64, ExtentKind)>> {
-        let ext = if write {
-            self.map_write(offset, len)?
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping> {
+        if write {
+            self.map_write(offset, len)
         } else {
-            self.map_read(offset, len)?
-        };
-        Ok(ext.into_iter().map(|e| (e.len, e.kind)).collect())
+            self.map_read(offset, len)
+        }
     }
 }
 
@@ -310,6 +317,8 @@ struct Parent {
     user_data: u64,
     remaining: usize,
     error: Option<Error>,
+    /// Pins the host clusters until every piece has completed.
+    _mapping: Mapping,
 }
 
 struct Piece {
@@ -352,6 +361,8 @@ impl<T: UringTarget> UringQueue<T> {
         })
     }
 
+    /// Queues one transfer. On failure the piece is not queued (and its
+    /// parent is not charged for it).
     fn push_piece(&mut self, p: Piece) -> Result<()> {
         let idx = match self.free_pieces.pop() {
             Some(i) => i,
@@ -370,7 +381,6 @@ impl<T: UringTarget> UringQueue<T> {
                 .build()
         }
         .user_data(idx as u64);
-        self.pieces[idx] = Some(p);
         loop {
             // SAFETY: the buffer stays valid until the completion is reaped (the
             // submit contract), and the Piece describing it is kept in self.
@@ -378,11 +388,16 @@ impl<T: UringTarget> UringQueue<T> {
             if pushed.is_ok() {
                 break;
             }
-            self.ring
-                .submit()
-                .map_err(|e| Error::io("submitting to io_uring", e))?;
+            if let Err(e) = self.ring.submit() {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.free_pieces.push(idx);
+                return Err(Error::io("submitting to io_uring", e));
+            }
             self.unsubmitted = 0;
         }
+        self.pieces[idx] = Some(p);
         self.unsubmitted += 1;
         Ok(())
     }
@@ -399,6 +414,8 @@ impl<T: UringTarget> UringQueue<T> {
             None => false,
         };
         if done {
+            // Dropping the parent drops its Mapping: every transfer is done,
+            // so its host clusters may be reused.
             if let Some(p) = self.parents[parent].take() {
                 self.free_parents.push(parent);
                 self.in_flight -= 1;
@@ -413,7 +430,7 @@ impl<T: UringTarget> UringQueue<T> {
         }
     }
 
-    fn reap(&mut self) -> Result<()> {
+    fn reap(&mut self) {
         let cqes: Vec<(u64, i32)> = self
             .ring
             .completion()
@@ -425,19 +442,15 @@ impl<T: UringTarget> UringQueue<T> {
                 continue;
             };
             self.free_pieces.push(idx);
+            let parent = p.parent;
             if res < 0 {
-                let parent = p.parent;
-                self.finish_piece(
-                    parent,
-                    Some(Error::io(
-                        if p.write {
-                            "writing (io_uring)"
-                        } else {
-                            "reading (io_uring)"
-                        },
-                        std::io::Error::from_raw_os_error(-res),
-                    )),
-                );
+                let what = if p.write {
+                    "writing (io_uring)"
+                } else {
+                    "reading (io_uring)"
+                };
+                let e = Error::io(what, std::io::Error::from_raw_os_error(-res));
+                self.finish_piece(parent, Some(e));
                 continue;
             }
             let n = res as usize;
@@ -447,14 +460,11 @@ impl<T: UringTarget> UringQueue<T> {
                     // SAFETY: buf is valid for len bytes per the submit contract.
                     unsafe { std::ptr::write_bytes(p.buf, 0, p.len) };
                 } else if n == 0 {
-                    let parent = p.parent;
-                    self.finish_piece(
-                        parent,
-                        Some(Error::io(
-                            "writing (io_uring)",
-                            std::io::Error::from(std::io::ErrorKind::WriteZero),
-                        )),
+                    let e = Error::io(
+                        "writing (io_uring)",
+                        std::io::Error::from(std::io::ErrorKind::WriteZero),
                     );
+                    self.finish_piece(parent, Some(e));
                     continue;
                 } else {
                     // Short transfer: resubmit the remainder.
@@ -462,14 +472,14 @@ impl<T: UringTarget> UringQueue<T> {
                     p.buf = unsafe { p.buf.add(n) };
                     p.len -= n;
                     p.offset += n as u64;
-                    self.push_piece(p)?;
+                    if let Err(e) = self.push_piece(p) {
+                        self.finish_piece(parent, Some(e));
+                    }
                     continue;
                 }
             }
-            let parent = p.parent;
             self.finish_piece(parent, None);
         }
-        Ok(())
     }
 }
 
@@ -488,8 +498,9 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
             return Ok(());
         }
         let write = req.op == AioOp::Write;
-        let extents = match self.target.map(write, req.offset, req.len as u64) {
-            Ok(e) => e,
+        // The mapping pins the host clusters until the parent completes.
+        let mut mapping = match self.target.map(write, req.offset, req.len as u64) {
+            Ok(m) => m,
             Err(e) => {
                 self.done.push(Completion {
                     user_data: req.user_data,
@@ -498,6 +509,7 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
                 return Ok(());
             }
         };
+        let extents = mapping.take_extents();
         let pidx = match self.free_parents.pop() {
             Some(i) => i,
             None => {
@@ -510,42 +522,55 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
             user_data: req.user_data,
             remaining: 1,
             error: None,
+            _mapping: mapping,
         });
         self.in_flight += 1;
         let fd = self.target.data_fd();
         let mut pos = 0usize;
-        for (len, kind) in extents {
+        let mut failed = None;
+        for e in extents {
             // SAFETY: pos + len <= req.len, inside the caller's buffer.
             let buf = unsafe { req.buf.add(pos) };
-            match kind {
+            match e.kind {
                 ExtentKind::Data(host) => {
-                    if let Some(p) = self.parents[pidx].as_mut() {
-                        p.remaining += 1;
-                    }
-                    self.push_piece(Piece {
+                    let pushed = self.push_piece(Piece {
                         parent: pidx,
                         write,
                         fd,
                         buf,
-                        len: len as usize,
+                        len: e.len as usize,
                         offset: host,
-                    })?;
+                    });
+                    match pushed {
+                        Ok(()) => {
+                            if let Some(p) = self.parents[pidx].as_mut() {
+                                p.remaining += 1;
+                            }
+                        }
+                        Err(err) => {
+                            // Pieces already queued still use the buffer: the
+                            // error is reported by the completion, once they
+                            // are done.
+                            failed = Some(err);
+                            break;
+                        }
+                    }
                 }
                 ExtentKind::Zero | ExtentKind::Unallocated => {
                     // Only reads map to these.
                     // SAFETY: buf is valid for len bytes per the contract.
-                    unsafe { std::ptr::write_bytes(buf, 0, len as usize) };
+                    unsafe { std::ptr::write_bytes(buf, 0, e.len as usize) };
                 }
             }
-            pos += len as usize;
+            pos += e.len as usize;
         }
-        self.finish_piece(pidx, None);
+        self.finish_piece(pidx, failed);
         Ok(())
     }
 
     fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()> {
         loop {
-            self.reap()?;
+            self.reap();
             if self.done.len() >= min || self.in_flight == 0 {
                 break;
             }

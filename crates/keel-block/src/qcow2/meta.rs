@@ -9,11 +9,14 @@
 //! * the two dependencies are never pending at once: setting one first
 //!   writes out the other;
 //! * a freed cluster is reused only after the L2 change that freed it has
-//!   been written.
+//!   been written, and only once no data transfer to or from it is in flight
+//!   (see [`super::inflight`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::inflight::InFlight;
 use super::refcount;
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
@@ -177,6 +180,8 @@ pub(crate) struct Meta {
     pub(crate) read_only: bool,
     l2_offsets: HashSet<u64>,
     rb_offsets: HashSet<u64>,
+    /// Host clusters with data transfers in flight: never allocated.
+    pub(crate) inflight: Arc<InFlight>,
 }
 
 impl Meta {
@@ -225,6 +230,7 @@ impl Meta {
             l2_offsets,
             rb_offsets,
             hdr,
+            inflight: Arc::default(),
         }
     }
 
@@ -609,7 +615,9 @@ impl Meta {
                 c += take;
                 continue;
             }
-            if self.refcount(f, c)? == 0 {
+            // A free cluster with a transfer still in flight is not reused
+            // until the transfer is done.
+            if self.refcount(f, c)? == 0 && !self.inflight.skip_free(c) {
                 if run == 0 {
                     start = c;
                 }
@@ -630,6 +638,10 @@ impl Meta {
             self.flush_l2(f)?;
             self.barrier(f)?;
             self.rc_after_l2 = false;
+        }
+        if let Some(c) = self.inflight.take_idle() {
+            // A cluster passed over while pinned is free to use again.
+            self.free_hint = self.free_hint.min(c);
         }
         loop {
             let start = self.find_free_run(f, n)?;
@@ -690,8 +702,9 @@ impl Meta {
             return Ok(());
         }
         let off = entry & OFFSET_MASK;
-        if off != 0 && self.release(f, off)? {
-            // Give the space back to the host; discard is advisory.
+        if off != 0 && self.release(f, off)? && !self.inflight.is_pinned(off >> self.cb) {
+            // Give the space back to the host; discard is advisory. Not while
+            // a transfer is in flight: a late read still gets the old data.
             let _ = f.discard(off, self.cs);
         }
         Ok(())

@@ -15,17 +15,19 @@
 
 pub mod check;
 pub mod header;
+pub mod inflight;
 mod meta;
 pub mod refcount;
 
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::{check_range, iov_len, zero_iov, BlockBackend, Limits, WriteFlags};
 use crate::error::{Error, Result};
 pub use check::{check, CheckReport, Fix};
 pub use header::Header;
 use header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+pub use inflight::Mapping;
 use meta::{classify, L2State, Meta, COPIED, OFFSET_MASK, ZERO};
 
 /// How far ahead of an allocating write the file is extended.
@@ -120,7 +122,10 @@ pub struct ImageInfo {
 /// An open qcow2 image.
 ///
 /// Metadata is guarded by one mutex; data I/O to already allocated clusters
-/// runs outside it, so several queues can read and write in parallel.
+/// runs outside it, so several queues can read and write in parallel. Host
+/// clusters with data I/O in flight are pinned and never reallocated until
+/// the I/O completes, whatever discards or writes overlap it (see
+/// [`inflight`]).
 pub struct Qcow2<F: BlockBackend> {
     file: F,
     read_only: bool,
@@ -129,9 +134,6 @@ pub struct Qcow2<F: BlockBackend> {
     cb: u32,
     has_backing: bool,
     meta: Mutex<Meta>,
-    /// Held shared by reads and writes, exclusively by operations that free
-    /// clusters, so no data I/O can land in a cluster being freed.
-    io_lock: RwLock<()>,
 }
 
 fn read_u64s(f: &dyn BlockBackend, off: u64, n: usize) -> Result<Vec<u64>> {
@@ -229,7 +231,6 @@ impl<F: BlockBackend> Qcow2<F> {
             cb: hdr.cluster_bits,
             has_backing: hdr.backing_file.is_some(),
             meta: Mutex::new(meta),
-            io_lock: RwLock::new(()),
             file,
         })
     }
@@ -263,8 +264,14 @@ impl<F: BlockBackend> Qcow2<F> {
         info_from_header(&self.meta().hdr)
     }
 
-    /// Maps a guest range for reading.
-    pub fn map_read(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    /// Maps a guest range for reading. The host clusters of the data extents
+    /// are pinned (never reallocated) until the returned [`Mapping`] is
+    /// dropped: keep it until the reads from them have completed.
+    pub fn map_read(&self, offset: u64, len: u64) -> Result<Mapping> {
+        self.map_read_extents(offset, len, true)
+    }
+
+    fn map_read_extents(&self, offset: u64, len: u64, pin: bool) -> Result<Mapping> {
         check_range(offset, len, self.size)?;
         let f: &dyn BlockBackend = &self.file;
         let mut m = self.meta();
@@ -301,13 +308,19 @@ impl<F: BlockBackend> Qcow2<F> {
             push_extent(&mut out, n, kind);
             pos += n;
         }
-        Ok(out)
+        if !pin {
+            return Ok(Mapping::unpinned(out));
+        }
+        Ok(Mapping::pinned(out, &m.inflight, self.cb))
     }
 
     /// Maps a guest range for writing, allocating clusters as needed. Every
     /// returned extent is [`ExtentKind::Data`]; the caller writes the data
-    /// there. Partial clusters newly allocated are already zero-filled.
-    pub fn map_write(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    /// there. Clusters newly allocated read as zeroes until the data lands,
+    /// so an overlapping read racing the transfer sees zeroes or the new
+    /// data. The host clusters are pinned (never reallocated) until the returned
+    /// [`Mapping`] is dropped: keep it until the writes have completed.
+    pub fn map_write(&self, offset: u64, len: u64) -> Result<Mapping> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -322,21 +335,11 @@ impl<F: BlockBackend> Qcow2<F> {
         while pos < end {
             let in_off = pos & (cs - 1);
             let n = (cs - in_off).min(end - pos);
-            let host = self.map_write_cluster(&mut m, f, pos, in_off, n)?;
+            let host = self.map_write_cluster(&mut m, f, pos, n)?;
             push_extent(&mut out, n, ExtentKind::Data(host + in_off));
             pos += n;
         }
-        Ok(out)
-    }
-
-    fn fill_gaps(f: &dyn BlockBackend, host: u64, in_off: u64, n: u64, cs: u64) -> Result<()> {
-        if in_off > 0 {
-            f.write_zeroes(host, in_off, false)?;
-        }
-        if in_off + n < cs {
-            f.write_zeroes(host + in_off + n, cs - in_off - n, false)?;
-        }
-        Ok(())
+        Ok(Mapping::pinned(out, &m.inflight, self.cb))
     }
 
     fn map_write_cluster(
@@ -344,7 +347,6 @@ impl<F: BlockBackend> Qcow2<F> {
         m: &mut Meta,
         f: &dyn BlockBackend,
         pos: u64,
-        in_off: u64,
         n: u64,
     ) -> Result<u64> {
         let cs = 1u64 << self.cb;
@@ -373,7 +375,10 @@ impl<F: BlockBackend> Qcow2<F> {
                 check(m, h)?;
                 match m.refcount(f, h >> self.cb)? {
                     0 => Err(m.corrupt(f, format!("data cluster {h:#x} has refcount 0"))),
-                    1 => {
+                    // Sole owner now. Unless a transfer is in flight: it may
+                    // be a read through a former sharer, which must not see
+                    // this offset's new data, so copy as if still shared.
+                    1 if !m.inflight.is_pinned(h >> self.cb) => {
                         m.set_l2(slot, l2i, h | COPIED);
                         Ok(h)
                     }
@@ -390,9 +395,15 @@ impl<F: BlockBackend> Qcow2<F> {
                     }
                 }
             }
+            // A cluster newly linked for a write reads as zeroes in full
+            // before its L2 entry changes, not only outside the range being
+            // written: a read overlapping the write while its data is still
+            // in flight must see zeroes (the guest cluster's content before
+            // the write) or the new data, never what the host cluster held
+            // before (another guest offset's data, or data zeroed since).
             L2State::Zero(Some(h)) if e & COPIED != 0 => {
                 check(m, h)?;
-                Self::fill_gaps(f, h, in_off, n, cs)?;
+                f.write_zeroes(h, cs, false)?;
                 m.set_l2(slot, l2i, h | COPIED);
                 Ok(h)
             }
@@ -400,7 +411,7 @@ impl<F: BlockBackend> Qcow2<F> {
                 let (new, fresh) = m.alloc(f, 1)?;
                 check(m, new)?;
                 if !fresh {
-                    Self::fill_gaps(f, new, in_off, n, cs)?;
+                    f.write_zeroes(new, cs, false)?;
                 } else if n < cs && new + cs > m.prealloc_end {
                     // Extend the file ahead of the data (fallocate), so that the
                     // partial writes that follow do not each extend the file,
@@ -425,7 +436,6 @@ impl<F: BlockBackend> Qcow2<F> {
     /// `zero` selects write-zeroes (else discard).
     fn change_clusters(&self, offset: u64, len: u64, zero: bool, unmap: bool) -> Result<()> {
         let f: &dyn BlockBackend = &self.file;
-        let _io = self.io_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.meta();
         m.before_modify(f)?;
         let cs = 1u64 << self.cb;
@@ -471,7 +481,8 @@ impl<F: BlockBackend> Qcow2<F> {
     /// Whether the cluster containing `pos` reads as zeroes.
     fn reads_zero(&self, pos: u64, n: u64) -> Result<bool> {
         Ok(self
-            .map_read(pos, n)?
+            .map_read_extents(pos, n, false)?
+            .extents()
             .iter()
             .all(|e| !matches!(e.kind, ExtentKind::Data(_))))
     }
@@ -580,10 +591,10 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let len = iov_len(bufs);
-        let _io = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
-        let exts = self.map_read(offset, len)?;
+        // Pinned until the reads below are done.
+        let map = self.map_read(offset, len)?;
         let mut pos = 0;
-        for e in exts {
+        for e in map.extents() {
             match e.kind {
                 ExtentKind::Data(h) => {
                     let mut sub = slice_iov_mut(bufs, pos, e.len);
@@ -612,17 +623,17 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
                 Ok(())
             };
         }
-        let _io = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
-        let exts = self.map_write(offset, len)?;
+        // Pinned until the writes below are done.
+        let map = self.map_write(offset, len)?;
         let mut pos = 0;
-        for e in exts {
+        for e in map.extents() {
             if let ExtentKind::Data(h) = e.kind {
                 let sub = slice_iov(bufs, pos, e.len);
                 self.file.write_vectored_at(&sub, h, WriteFlags::NONE)?;
             }
             pos += e.len;
         }
-        drop(_io);
+        drop(map);
         if flags.fua {
             self.flush()?;
         }

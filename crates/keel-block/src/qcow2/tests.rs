@@ -219,3 +219,118 @@ fn hostile_headers_give_errors_not_panics() {
     fuzz_image(&[]);
     fuzz_image(b"QFI\xfb");
 }
+
+/// The host offset of a guest offset's data.
+fn host_of(img: &Qcow2<MemBackend>, guest: u64) -> u64 {
+    match img.map_read_extents(guest, 1, false).unwrap().extents()[0].kind {
+        ExtentKind::Data(h) => h,
+        k => panic!("guest {guest:#x} is {k:?}"),
+    }
+}
+
+#[test]
+fn pinned_clusters_are_reused_only_after_unpinning() {
+    let img = Qcow2::open(new_image(1 << 20, 4096, 16, 3), Qcow2Options::default()).unwrap();
+    img.write_at(&[1u8; 4096], 0).unwrap();
+    let h = host_of(&img, 0);
+    // A transfer from guest cluster 0 is in flight.
+    let read = img.map_read(0, 4096).unwrap();
+    assert_eq!(read.extents()[0].kind, ExtentKind::Data(h));
+    assert_eq!(img.meta().inflight.pinned_clusters(), 1);
+    img.discard(0, 4096).unwrap();
+    // Freed, but neither given to a data cluster nor to a new L2 table.
+    img.write_at(&[2u8; 4096], 8192).unwrap();
+    img.write_at(&[3u8; 4096], 1 << 19).unwrap();
+    assert_ne!(host_of(&img, 8192), h);
+    assert_ne!(host_of(&img, 1 << 19), h);
+    let mut b = [0u8; 4096];
+    img.file().read_at(&mut b, h).unwrap();
+    assert_eq!(b, [1u8; 4096], "the late read still finds its data");
+    // Once the transfer is done, the next allocation takes it.
+    drop(read);
+    assert_eq!(img.meta().inflight.pinned_clusters(), 0);
+    img.write_at(&[4u8; 4096], 16384).unwrap();
+    assert_eq!(host_of(&img, 16384), h);
+    clean(&img);
+}
+
+#[test]
+fn writes_pin_until_done_and_unpinned_clusters_are_not_skipped() {
+    let img = Qcow2::open(new_image(1 << 20, 4096, 16, 3), Qcow2Options::default()).unwrap();
+    let w = img.map_write(0, 4096).unwrap();
+    let ExtentKind::Data(h) = w.extents()[0].kind else {
+        panic!("write maps to data")
+    };
+    img.write_zeroes(0, 4096, true).unwrap();
+    img.write_at(&[5u8; 8192], 4096).unwrap();
+    assert_ne!(host_of(&img, 4096), h);
+    assert_ne!(host_of(&img, 8192), h);
+    // The late write lands in the free cluster and nobody sees it.
+    img.file().write_at(&[6u8; 4096], h).unwrap();
+    drop(w);
+    let mut b = [9u8; 4096];
+    img.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0u8; 4096]);
+    // Reused now, and zeroed in full before it is linked.
+    img.write_at(&[7u8; 512], 12288 + 512).unwrap();
+    assert_eq!(host_of(&img, 12288), h);
+    img.read_at(&mut b, 12288).unwrap();
+    assert!(b[..512].iter().all(|&x| x == 0));
+    assert!(b[512..1024].iter().all(|&x| x == 7));
+    assert!(b[1024..].iter().all(|&x| x == 0));
+    clean(&img);
+}
+
+/// Guest clusters 0 and 1 share one host cluster (refcount 2, COPIED clear),
+/// as in images written by other tools.
+fn shared_cluster_image() -> (Qcow2<MemBackend>, u64) {
+    let img = Qcow2::open(new_image(1 << 20, 4096, 16, 3), Qcow2Options::default()).unwrap();
+    img.write_at(&[1u8; 4096], 0).unwrap();
+    img.write_at(&[2u8; 4096], 4096).unwrap();
+    let (h0, h1) = (host_of(&img, 0), host_of(&img, 4096));
+    img.flush().unwrap();
+    let hdr = img.header();
+    let f = img.file();
+    let l2 = read_u64s(f, hdr.l1_table_offset, 1).unwrap()[0] & meta::OFFSET_MASK;
+    f.write_at(&h0.to_be_bytes(), l2).unwrap();
+    f.write_at(&h0.to_be_bytes(), l2 + 8).unwrap();
+    let rb = read_u64s(f, hdr.refcount_table_offset, 1).unwrap()[0];
+    f.write_at(&2u16.to_be_bytes(), rb + 2 * (h0 >> 12))
+        .unwrap();
+    f.write_at(&0u16.to_be_bytes(), rb + 2 * (h1 >> 12))
+        .unwrap();
+    let bytes = f.to_vec();
+    drop(img);
+    let img = Qcow2::open(MemBackend::new(bytes), Qcow2Options::default()).unwrap();
+    clean(&img);
+    (img, h0)
+}
+
+#[test]
+fn sole_owner_copies_on_write_while_a_former_sharer_reads() {
+    let (img, h) = shared_cluster_image();
+    // A read through guest cluster 0 is in flight; guest cluster 0 is then
+    // rewritten (copy on write), leaving guest cluster 1 the sole owner.
+    let read = img.map_read(0, 4096).unwrap();
+    img.write_at(&[3u8; 4096], 0).unwrap();
+    assert_ne!(host_of(&img, 0), h);
+    // Writing in place would show guest cluster 1's data to that read.
+    img.write_at(&[4u8; 4096], 4096).unwrap();
+    assert_ne!(host_of(&img, 4096), h);
+    let mut b = [0u8; 4096];
+    img.file().read_at(&mut b, h).unwrap();
+    assert_eq!(b, [1u8; 4096]);
+    drop(read);
+    for (g, v) in [(0, 3u8), (4096, 4)] {
+        img.read_at(&mut b, g).unwrap();
+        assert_eq!(b, [v; 4096]);
+    }
+    clean(&img);
+
+    // With nothing in flight the sole owner writes in place.
+    let (img, h) = shared_cluster_image();
+    img.write_at(&[3u8; 4096], 0).unwrap();
+    img.write_at(&[4u8; 4096], 4096).unwrap();
+    assert_eq!(host_of(&img, 4096), h);
+    clean(&img);
+}

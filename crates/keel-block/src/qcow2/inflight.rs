@@ -1,0 +1,257 @@
+//! Host clusters with data transfers in flight, and why that is enough to
+//! make discard safe against concurrent I/O.
+//!
+//! # The hazard
+//!
+//! A data transfer is split in two: the guest range is *mapped* to host
+//! clusters under the metadata lock, then the data moves without that lock,
+//! either inline (the synchronous [`BlockBackend`](crate::BlockBackend)
+//! methods, [`ThreadQueue`](crate::aio::ThreadQueue)) or long after the call
+//! returned ([`UringQueue`](crate::aio::UringQueue) hands it to the kernel).
+//! Between the two, a discard or an unmapping write-zeroes of the same guest
+//! range may drop the host cluster's last reference. If the allocator then
+//! handed that cluster to another guest offset, the late write would land in
+//! the other offset's data, and a late read would return it. The metadata
+//! stays consistent, so `check` cannot notice. Guests are untrusted and may
+//! overlap requests in any order, so this must be impossible, not unlikely.
+//!
+//! # The rule
+//!
+//! Every mapping of a guest range to host data clusters *pins* those
+//! clusters, atomically with the lookup (under the metadata lock), and the
+//! pin lasts until the transfer has completed: a [`Mapping`] owns it and
+//! releases it on drop. The allocator never hands out a pinned cluster:
+//! a cluster whose refcount dropped to zero while pinned stays free but
+//! unused until its last pin goes, and is then offered again. Refcounts
+//! themselves are always exact (decrements are not deferred), so the image
+//! on disk is consistent at every moment and nothing has to be caught up at
+//! flush, close or after a crash. The same rule covers every way a cluster
+//! changes owner:
+//!
+//! * discard and write-zeroes with unmap freeing a cluster with a write or a
+//!   read in flight (the late write lands in a free cluster; the late read
+//!   returns the old data);
+//! * a free cluster reused for an L2 table or a refcount block, which a late
+//!   data write would otherwise corrupt;
+//! * a cluster shared by several L2 entries (refcount above one) that one of
+//!   them copies away, leaving the other as the sole owner: if a read through
+//!   the old sharer is in flight, the new owner copies on write instead of
+//!   writing in place.
+//!
+//! A freed cluster that is pinned is not given back to the host (hole
+//! punched), so a late read still returns the data it was issued for.
+//!
+//! The converse race, a read overlapping an allocating write whose data has
+//! not landed yet, would see the new L2 entry and read whatever the host
+//! cluster held before: a previous owner's data. So a cluster newly linked
+//! for a write is zeroed in full before its L2 entry changes (not only the
+//! part outside the written range; on files this is one `fallocate`), and
+//! such a read gets zeroes, the guest cluster's content before the write.
+//! Copy on write copies the whole old cluster before linking, to the same
+//! effect.
+//!
+//! # Why not serialise overlapping requests
+//!
+//! QEMU waits: requests overlapping an in-flight allocation or discard are
+//! queued behind it. That needs a wait queue per range and a way for a
+//! completion-based engine to park a request, and it orders requests the
+//! guest did not ask to order. Here the only thing that must not happen is
+//! reuse of a cluster under a transfer, so only the allocator waits (by
+//! looking elsewhere), nothing blocks, and a discard racing a transfer to the
+//! same range gives one of the results the guest could expect from two
+//! overlapping requests in flight: the old data, the new data or zeroes,
+//! per block, never another offset's data.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::Extent;
+use super::ExtentKind;
+
+/// Counts of transfers in flight per host cluster.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    state: Mutex<State>,
+}
+
+/// Hashes cluster indices with one multiplication instead of SipHash. The
+/// keys come from L2 entries, which a crafted image chooses, but the tables
+/// only ever hold the clusters of requests in flight (bounded by the queue
+/// depths), so colliding keys cannot make them meaningfully slower.
+#[derive(Default)]
+struct ClusterHasher(u64);
+
+impl Hasher for ClusterHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type ClusterMap<V> = HashMap<u64, V, BuildHasherDefault<ClusterHasher>>;
+type ClusterSet = HashSet<u64, BuildHasherDefault<ClusterHasher>>;
+
+#[derive(Default)]
+struct State {
+    /// Pins per host cluster index; absent means zero.
+    pins: ClusterMap<u32>,
+    /// Free clusters the allocator passed over because they were pinned.
+    passed: ClusterSet,
+    /// The lowest passed-over cluster whose last pin has since gone.
+    idle: Option<u64>,
+}
+
+impl InFlight {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether host cluster `c` has transfers in flight.
+    pub(crate) fn is_pinned(&self, c: u64) -> bool {
+        self.state().pins.contains_key(&c)
+    }
+
+    /// For the allocator: whether free cluster `c` must be skipped. A
+    /// skipped cluster is reported by [`InFlight::take_idle`] once unpinned.
+    pub(crate) fn skip_free(&self, c: u64) -> bool {
+        let mut st = self.state();
+        if st.pins.contains_key(&c) {
+            st.passed.insert(c);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The lowest cluster skipped by the allocator that is free to use again.
+    pub(crate) fn take_idle(&self) -> Option<u64> {
+        self.state().idle.take()
+    }
+
+    fn pin(&self, ranges: &[(u64, u64)]) {
+        let mut st = self.state();
+        for &(first, n) in ranges {
+            for c in first..first + n {
+                *st.pins.entry(c).or_insert(0) += 1;
+            }
+        }
+    }
+
+    fn unpin(&self, ranges: &[(u64, u64)]) {
+        let mut st = self.state();
+        for &(first, n) in ranges {
+            for c in first..first + n {
+                let last = match st.pins.get_mut(&c) {
+                    Some(k) if *k > 1 => {
+                        *k -= 1;
+                        false
+                    }
+                    Some(_) => true,
+                    // Pins are balanced by construction; nothing to undo.
+                    None => false,
+                };
+                if last {
+                    st.pins.remove(&c);
+                    if st.passed.remove(&c) {
+                        st.idle = Some(st.idle.map_or(c, |i| i.min(c)));
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pinned_clusters(&self) -> usize {
+        self.state().pins.len()
+    }
+}
+
+/// A guest range mapped to host extents.
+///
+/// For qcow2 the host clusters holding the data are pinned until this value
+/// is dropped: however the guest range is discarded or rewritten meanwhile,
+/// they are not allocated to anything else. Keep the mapping alive until the
+/// data transfer to or from its extents has completed.
+#[must_use = "dropping a Mapping unpins its host clusters before the transfer is done"]
+pub struct Mapping {
+    extents: Vec<Extent>,
+    pin: Option<Pin>,
+}
+
+/// Pinned runs of host clusters, `(first, count)`, unpinned on drop.
+struct Pin {
+    set: Arc<InFlight>,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.set.unpin(&self.ranges);
+    }
+}
+
+impl Mapping {
+    /// A mapping that pins nothing, for backends whose host offsets never
+    /// change owner (a raw file maps every guest offset to itself).
+    pub fn unpinned(extents: Vec<Extent>) -> Mapping {
+        Mapping { extents, pin: None }
+    }
+
+    /// Pins the host clusters (of `1 << cluster_bits` bytes) of every data
+    /// extent. Call with the metadata lock held, so that no extent can be
+    /// freed and reallocated between the lookup and the pin.
+    pub(crate) fn pinned(extents: Vec<Extent>, set: &Arc<InFlight>, cluster_bits: u32) -> Mapping {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for e in &extents {
+            if let ExtentKind::Data(h) = e.kind {
+                if e.len == 0 {
+                    continue;
+                }
+                let first = h >> cluster_bits;
+                let n = ((h + e.len - 1) >> cluster_bits) - first + 1;
+                match ranges.last_mut() {
+                    Some((f, k)) if *f + *k == first => *k += n,
+                    _ => ranges.push((first, n)),
+                }
+            }
+        }
+        if ranges.is_empty() {
+            return Mapping::unpinned(extents);
+        }
+        set.pin(&ranges);
+        Mapping {
+            extents,
+            pin: Some(Pin {
+                set: set.clone(),
+                ranges,
+            }),
+        }
+    }
+
+    /// The extents, in guest order, covering the mapped range.
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    /// Moves the extents out, keeping the pin.
+    pub(crate) fn take_extents(&mut self) -> Vec<Extent> {
+        std::mem::take(&mut self.extents)
+    }
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("extents", &self.extents)
+            .field("pinned", &self.pin.as_ref().map(|p| &p.ranges))
+            .finish()
+    }
+}
