@@ -27,6 +27,36 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// qcow2 metadata cache sizes: QEMU's runtime options of the same names.
+#[derive(clap::Args, Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct CacheSizes {
+    /// qcow2 L2 table cache size (suffixes k, M, G). Default: enough to map
+    /// the whole image, at most 32 MiB. Rounded down to whole clusters, at
+    /// least 2.
+    #[arg(long = "l2-cache-size", value_name = "SIZE", value_parser = size_arg)]
+    l2: Option<u64>,
+    /// qcow2 refcount block cache size (suffixes k, M, G). Default: 4
+    /// clusters, at least 256 KiB. Rounded down to whole clusters, at least 2.
+    #[arg(long = "refcount-cache-size", value_name = "SIZE", value_parser = size_arg)]
+    refcount: Option<u64>,
+}
+
+impl CacheSizes {
+    fn is_set(&self) -> bool {
+        self.l2.is_some() || self.refcount.is_some()
+    }
+
+    /// Options for opening a qcow2 image with these cache sizes.
+    fn qcow2_options(&self, read_only: bool, cache: CacheMode) -> Qcow2Options {
+        Qcow2Options {
+            read_only,
+            write_through: cache.dsync(),
+            l2_cache_size: self.l2,
+            refcount_cache_size: self.refcount,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create an image: `create [-f fmt] [-o opts] FILE SIZE`.
@@ -90,6 +120,9 @@ enum Cmd {
         /// Output cache mode.
         #[arg(short = 't', default_value = "writeback")]
         cache: String,
+        /// Cache sizes of the qcow2 images (input and output).
+        #[command(flatten)]
+        sizes: CacheSizes,
         /// Input file.
         input: PathBuf,
         /// Output file.
@@ -139,6 +172,8 @@ enum Cmd {
         /// Quiet.
         #[arg(short = 'q')]
         quiet: bool,
+        #[command(flatten)]
+        sizes: CacheSizes,
         /// Image file.
         file: PathBuf,
     },
@@ -159,6 +194,8 @@ enum Cmd {
         /// Cache mode.
         #[arg(short = 't', default_value = "writeback")]
         cache: String,
+        #[command(flatten)]
+        sizes: CacheSizes,
         /// Image file.
         file: PathBuf,
         /// Offset.
@@ -174,6 +211,8 @@ enum Cmd {
         /// Format (probed if omitted).
         #[arg(short = 'f')]
         format: Option<String>,
+        #[command(flatten)]
+        sizes: CacheSizes,
         /// Image file.
         file: PathBuf,
         /// Offset.
@@ -186,6 +225,8 @@ enum Cmd {
         /// Format (probed if omitted).
         #[arg(short = 'f')]
         format: Option<String>,
+        #[command(flatten)]
+        sizes: CacheSizes,
         /// Image file.
         file: PathBuf,
         /// Offset.
@@ -201,6 +242,10 @@ fn parse_byte(s: &str) -> std::result::Result<u8, String> {
         None => s.parse::<u8>(),
     };
     r.map_err(|_| format!("'{s}' is not a byte value (0-255 or 0x00-0xff)"))
+}
+
+fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -292,11 +337,28 @@ fn probe_format(path: &Path) -> Result<String> {
     Ok(if qcow2::probe(&f) { "qcow2" } else { "raw" }.to_string())
 }
 
-fn open_image(path: &Path, fmt: Option<&str>, cache: CacheMode, read_only: bool) -> Result<Image> {
-    let fmt = match fmt {
-        Some(f) => f.to_string(),
-        None => probe_format(path)?,
-    };
+fn image_format(path: &Path, fmt: Option<&str>) -> Result<String> {
+    match fmt {
+        Some(f) => Ok(f.to_string()),
+        None => probe_format(path),
+    }
+}
+
+/// Opens an image. Cache sizes apply to qcow2 images only; setting them for
+/// any other format is an error.
+fn open_image(
+    path: &Path,
+    fmt: Option<&str>,
+    cache: CacheMode,
+    read_only: bool,
+    sizes: CacheSizes,
+) -> Result<Image> {
+    let fmt = image_format(path, fmt)?;
+    if fmt != "qcow2" && sizes.is_set() {
+        return Err(Error::InvalidArgument(format!(
+            "--l2-cache-size and --refcount-cache-size apply to qcow2 images, not {fmt}"
+        )));
+    }
     match fmt.as_str() {
         "raw" => Ok(Image::Raw(Arc::new(RawFile::open(
             path,
@@ -317,11 +379,7 @@ fn open_image(path: &Path, fmt: Option<&str>, cache: CacheMode, read_only: bool)
             )?;
             Ok(Image::Qcow2(Arc::new(Qcow2::open(
                 f,
-                Qcow2Options {
-                    read_only,
-                    write_through: cache.dsync(),
-                    ..Default::default()
-                },
+                sizes.qcow2_options(read_only, cache),
             )?)))
         }
         other => Err(Error::Unsupported(format!("image format '{other}'"))),
@@ -562,12 +620,32 @@ fn cmd_convert(
     ofmt: &str,
     opts: Option<&str>,
     cache: CacheMode,
+    sizes: CacheSizes,
     progress: bool,
 ) -> Result<i32> {
-    let src = open_image(input, ifmt, CacheMode::Writeback, true)?;
+    let ifmt = image_format(input, ifmt)?;
+    if sizes.is_set() && ifmt != "qcow2" && ofmt != "qcow2" {
+        return Err(Error::InvalidArgument(
+            "--l2-cache-size and --refcount-cache-size apply to qcow2 images".into(),
+        ));
+    }
+    let for_fmt = |f: &str| {
+        if f == "qcow2" {
+            sizes
+        } else {
+            CacheSizes::default()
+        }
+    };
+    let src = open_image(
+        input,
+        Some(&ifmt),
+        CacheMode::Writeback,
+        true,
+        for_fmt(&ifmt),
+    )?;
     let size = src.backend().size();
     create_image(output, ofmt, opts, size)?;
-    let dst = open_image(output, Some(ofmt), cache, false)?;
+    let dst = open_image(output, Some(ofmt), cache, false, for_fmt(ofmt))?;
     let chunk: u64 = 2 << 20;
     let mut buf = AlignedBuf::new(chunk as usize, 4096);
     let mut pos = 0;
@@ -619,8 +697,9 @@ fn cmd_bench(
     flush_interval: Option<u64>,
     no_drain: bool,
     quiet: bool,
+    sizes: CacheSizes,
 ) -> Result<i32> {
-    let img = open_image(file, fmt, cache, !write)?;
+    let img = open_image(file, fmt, cache, !write, sizes)?;
     let image_size = img.backend().size();
     if size == 0 || depth == 0 {
         return Err(Error::InvalidArgument(
@@ -711,9 +790,10 @@ fn cmd_rw(
     offset: u64,
     len: u64,
     op: RwOp,
+    sizes: CacheSizes,
 ) -> Result<i32> {
     let read_only = matches!(op, RwOp::Read(_));
-    let img = open_image(file, fmt, cache, read_only)?;
+    let img = open_image(file, fmt, cache, read_only, sizes)?;
     let b = img.backend();
     let result = match op {
         RwOp::Write(p) => {
@@ -812,6 +892,7 @@ fn run(cli: Cli) -> Result<i32> {
             output_format,
             options,
             cache,
+            sizes,
             input,
             output,
         } => cmd_convert(
@@ -821,6 +902,7 @@ fn run(cli: Cli) -> Result<i32> {
             &output_format,
             options.as_deref(),
             cache.parse()?,
+            sizes,
             progress,
         ),
         Cmd::Bench {
@@ -838,6 +920,7 @@ fn run(cli: Cli) -> Result<i32> {
             flush_interval,
             no_drain,
             quiet,
+            sizes,
             file,
         } => {
             let cache = if nocache {
@@ -865,6 +948,7 @@ fn run(cli: Cli) -> Result<i32> {
                 flush_interval,
                 no_drain,
                 quiet,
+                sizes,
             )
         }
         Cmd::Write {
@@ -873,6 +957,7 @@ fn run(cli: Cli) -> Result<i32> {
             unmap,
             format,
             cache,
+            sizes,
             file,
             offset,
             len,
@@ -889,11 +974,13 @@ fn run(cli: Cli) -> Result<i32> {
                 parse_size(&offset)?,
                 parse_size(&len)?,
                 op,
+                sizes,
             )
         }
         Cmd::Read {
             pattern,
             format,
+            sizes,
             file,
             offset,
             len,
@@ -904,9 +991,11 @@ fn run(cli: Cli) -> Result<i32> {
             parse_size(&offset)?,
             parse_size(&len)?,
             RwOp::Read(pattern),
+            sizes,
         ),
         Cmd::Discard {
             format,
+            sizes,
             file,
             offset,
             len,
@@ -917,6 +1006,7 @@ fn run(cli: Cli) -> Result<i32> {
             parse_size(&offset)?,
             parse_size(&len)?,
             RwOp::Discard,
+            sizes,
         ),
     }
 }
@@ -935,5 +1025,70 @@ fn main() -> ExitCode {
             eprintln!("{msg}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_size_flags_reach_the_qcow2_options() {
+        let cli = Cli::try_parse_from([
+            "keel-img",
+            "bench",
+            "--l2-cache-size",
+            "4M",
+            "--refcount-cache-size=128k",
+            "-t",
+            "none",
+            "disk.qcow2",
+        ])
+        .unwrap();
+        let Cmd::Bench { sizes, .. } = cli.cmd else {
+            panic!("parsed as another command")
+        };
+        assert_eq!(
+            sizes,
+            CacheSizes {
+                l2: Some(4 << 20),
+                refcount: Some(128 << 10)
+            }
+        );
+        let o = sizes.qcow2_options(false, CacheMode::DirectSync);
+        assert_eq!(o.l2_cache_size, Some(4 << 20));
+        assert_eq!(o.refcount_cache_size, Some(128 << 10));
+        assert!(o.write_through && !o.read_only);
+
+        for cmd in ["read", "write", "discard"] {
+            let cli =
+                Cli::try_parse_from(["keel-img", cmd, "--l2-cache-size=64k", "d.qcow2", "0", "4k"])
+                    .unwrap();
+            let sizes = match cli.cmd {
+                Cmd::Read { sizes, .. } | Cmd::Write { sizes, .. } | Cmd::Discard { sizes, .. } => {
+                    sizes
+                }
+                _ => panic!("{cmd} parsed as another command"),
+            };
+            assert_eq!(sizes.l2, Some(64 << 10), "{cmd}");
+            assert_eq!(sizes.refcount, None, "{cmd}");
+        }
+        let cli =
+            Cli::try_parse_from(["keel-img", "convert", "--refcount-cache-size=1M", "a", "b"])
+                .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Convert {
+                sizes: CacheSizes {
+                    l2: None,
+                    refcount: Some(0x10_0000)
+                },
+                ..
+            }
+        ));
+        let e = Cli::try_parse_from(["keel-img", "bench", "--l2-cache-size=lots", "d.qcow2"])
+            .err()
+            .expect("a bad size is refused");
+        assert!(e.to_string().contains("l2-cache-size"), "{e}");
     }
 }
