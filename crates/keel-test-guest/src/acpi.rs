@@ -5,6 +5,7 @@
 use crate::arch::phys_slice;
 
 pub const MAX_CPUS: usize = 32;
+pub const MAX_IOAPICS: usize = 4;
 
 #[derive(Clone, Copy)]
 pub struct Acpi {
@@ -31,6 +32,11 @@ pub struct Acpi {
     pub cpus_dropped: usize,
     pub ioapic_addr: u64,
     pub ioapic_gsi_base: u32,
+    /// Every IOAPIC in the MADT: (address, GSI base).
+    pub ioapics: [(u64, u32); MAX_IOAPICS],
+    pub nioapics: usize,
+    /// First MCFG entry: ECAM base, segment, start bus, end bus.
+    pub mcfg: Option<(u64, u16, u8, u8)>,
     /// ISA IRQ -> (GSI, MPS flags) from interrupt source overrides.
     pub isa_override: [Option<(u32, u16)>; 16],
 }
@@ -109,6 +115,9 @@ impl Acpi {
             cpus_dropped: 0,
             ioapic_addr: 0,
             ioapic_gsi_base: 0,
+            ioapics: [(0, 0); MAX_IOAPICS],
+            nioapics: 0,
+            mcfg: None,
             isa_override: [None; 16],
         };
         a.parse_acpi(rsdp_hint);
@@ -145,6 +154,11 @@ impl Acpi {
             match &t[..4] {
                 b"FACP" => a.parse_fadt(t),
                 b"APIC" => a.parse_madt(t),
+                // MCFG: header, 8 reserved bytes, then 16-byte entries
+                // {u64 base, u16 segment, u8 start bus, u8 end bus, u32 reserved}.
+                b"MCFG" if t.len() >= 60 && a.mcfg.is_none() => {
+                    a.mcfg = Some((le64(t, 44), le16(t, 52), t[54], t[55]));
+                }
                 _ => {}
             }
         }
@@ -212,6 +226,8 @@ impl Acpi {
                 2 if off + 8 <= len => {
                     if self.ioapic_addr == 0 && t[off + 3] & 1 != 0 {
                         self.ioapic_addr = u64::from(le32(t, off + 4));
+                        self.ioapics[0] = (self.ioapic_addr, 0);
+                        self.nioapics = 1;
                     }
                     off += 8;
                 }
@@ -260,9 +276,15 @@ impl Acpi {
             match kind {
                 0 if len >= 8 => self.add_cpu(u32::from(e[3]), le32(e, 4)),
                 9 if len >= 16 => self.add_cpu(le32(e, 4), le32(e, 8)),
-                1 if len >= 12 && self.ioapic_addr == 0 => {
-                    self.ioapic_addr = u64::from(le32(e, 4));
-                    self.ioapic_gsi_base = le32(e, 8);
+                1 if len >= 12 => {
+                    if self.ioapic_addr == 0 {
+                        self.ioapic_addr = u64::from(le32(e, 4));
+                        self.ioapic_gsi_base = le32(e, 8);
+                    }
+                    if self.nioapics < MAX_IOAPICS {
+                        self.ioapics[self.nioapics] = (u64::from(le32(e, 4)), le32(e, 8));
+                        self.nioapics += 1;
+                    }
                 }
                 2 if len >= 10 && e[2] == 0 && e[3] < 16 => {
                     self.isa_override[usize::from(e[3])] = Some((le32(e, 4), le16(e, 8)));

@@ -44,6 +44,64 @@ pub unsafe fn inb(port: u16) -> u8 {
     v
 }
 
+/// # Safety
+/// See [`inb`].
+pub unsafe fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: the caller vouches for the side effects of this port.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// # Safety
+/// See [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: the caller vouches for the side effects of this port.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// Read an 8-bit MMIO register.
+///
+/// # Safety
+/// `addr` must be a mapped device register (or RAM) below 4 GiB.
+pub unsafe fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: the caller guarantees `addr` is mapped (identity map).
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Write an 8-bit MMIO register.
+///
+/// # Safety
+/// `addr` must be a mapped device register and the write must be harmless.
+pub unsafe fn mmio_write8(addr: u64, v: u8) {
+    // SAFETY: the caller guarantees `addr` is mapped (identity map).
+    unsafe { core::ptr::write_volatile(addr as *mut u8, v) }
+}
+
+/// Read a 16-bit MMIO register.
+///
+/// # Safety
+/// `addr` must be a mapped device register (or RAM) below 4 GiB, aligned.
+pub unsafe fn mmio_read16(addr: u64) -> u16 {
+    // SAFETY: the caller guarantees `addr` is mapped (identity map) and aligned.
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+/// Write a 16-bit MMIO register.
+///
+/// # Safety
+/// `addr` must be a mapped device register and the write must be harmless.
+pub unsafe fn mmio_write16(addr: u64, v: u16) {
+    // SAFETY: the caller guarantees `addr` is mapped (identity map) and aligned.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, v) }
+}
+
 /// Read a 32-bit MMIO register.
 ///
 /// # Safety

@@ -10,7 +10,7 @@
  *   ap_entry32    APs continue here in 32-bit protected mode
  *   common32/long64  shared: long mode, TSS, IDT, `iretq` to CPL3
  *   exc_*         exceptions: record, then leave for CPL3 (keel_fault)
- *   irq_*         interrupts: count, EOI, iretq
+ *   irq_*         interrupts: count (one counter per vector for irq_vec_*), EOI, iretq
  *
  * Page tables, GDT and TSS are static data; the IDT is filled in by the
  * BSP at CPL3 (idt.rs) before anything can raise an exception.
@@ -257,6 +257,21 @@ irq_eoi:
 irq_spurious:
     iretq
 
+/* Vectors VEC_COUNTED..VEC_COUNTED+7 (MSI, MSI-X, virtio): one counter each. */
+    .macro IRQ_VEC n
+irq_vec_\n:
+    lock incq irq_vec_count + 8 * \n(%rip)
+    jmp irq_eoi
+    .endm
+    IRQ_VEC 0
+    IRQ_VEC 1
+    IRQ_VEC 2
+    IRQ_VEC 3
+    IRQ_VEC 4
+    IRQ_VEC 5
+    IRQ_VEC 6
+    IRQ_VEC 7
+
 /* ------------------------------------------------------------------ */
 /* CPL3 entry points.                                                    */
 bsp_user_entry:                     /* rbp = start_info */
@@ -314,7 +329,7 @@ ap_tramp_end:
 /* ------------------------------------------------------------------ */
     .section .rodata.keel_tables, "a", @progbits
     .balign 8
-    .global exc_stubs, irq_stubs
+    .global exc_stubs, irq_stubs, irq_vec_stubs
 exc_stubs:
     .quad exc_0, exc_1, exc_2, exc_3, exc_4, exc_5, exc_6, exc_7
     .quad exc_8, exc_9, exc_10, exc_11, exc_12, exc_13, exc_14, exc_15
@@ -322,6 +337,9 @@ exc_stubs:
     .quad exc_24, exc_25, exc_26, exc_27, exc_28, exc_29, exc_30, exc_31
 irq_stubs:                          /* order matches idt.rs */
     .quad irq_timer, irq_device, irq_other, irq_spurious
+irq_vec_stubs:                      /* VEC_COUNTED + i */
+    .quad irq_vec_0, irq_vec_1, irq_vec_2, irq_vec_3
+    .quad irq_vec_4, irq_vec_5, irq_vec_6, irq_vec_7
 
 /* ------------------------------------------------------------------ */
 /* Identity map of 0-4 GiB with 2 MiB pages, user-accessible (U/S),     */
@@ -375,7 +393,7 @@ idt_ptr:
     .quad idt
 
     .global ap_boot_index, fault_claimed, fault_info
-    .global irq_timer_count, irq_device_count, irq_other_count
+    .global irq_timer_count, irq_device_count, irq_other_count, irq_vec_count
     .balign 8
 ap_boot_index:      .long 0
 fault_claimed:      .long 0
@@ -383,6 +401,7 @@ fault_info:         .fill 6, 8, 0   /* vector, error, rip, cs, rsp, cr2 */
 irq_timer_count:    .quad 0
 irq_device_count:   .quad 0
 irq_other_count:    .quad 0
+irq_vec_count:      .fill 8, 8, 0
 
     .section .bss.keel_idt, "aw", @nobits
     .balign 4096

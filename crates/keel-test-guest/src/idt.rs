@@ -4,6 +4,10 @@
 pub const VEC_TIMER: u8 = 0x40;
 pub const VEC_DEVICE: u8 = 0x41;
 pub const VEC_SPURIOUS: u8 = 0xff;
+/// `VEC_COUNTED + i` for `i < COUNTED` each have their own counter
+/// (`irq::vec_count`): MSI-X and virtio interrupts.
+pub const VEC_COUNTED: u8 = 0x50;
+pub const COUNTED: usize = 8;
 
 const SEL_KCODE64: u64 = 0x08;
 
@@ -12,6 +16,8 @@ extern "C" {
     static exc_stubs: [u64; 32];
     /// timer, device, other, spurious (see boot.s).
     static irq_stubs: [u64; 4];
+    /// VEC_COUNTED + i (see boot.s).
+    static irq_vec_stubs: [u64; COUNTED];
 }
 
 fn gate(handler: u64) -> (u64, u64) {
@@ -25,7 +31,8 @@ fn gate(handler: u64) -> (u64, u64) {
 
 pub fn init() {
     // SAFETY: read-only tables of stub addresses emitted by boot.s.
-    let (exc, irq) = unsafe { (exc_stubs, irq_stubs) };
+    let (exc, irq, counted) = unsafe { (exc_stubs, irq_stubs, irq_vec_stubs) };
+    let first = usize::from(VEC_COUNTED);
     let [timer, device, other, spurious] = irq;
     for v in 0..256usize {
         let handler = match v {
@@ -33,6 +40,7 @@ pub fn init() {
             _ if v == usize::from(VEC_TIMER) => timer,
             _ if v == usize::from(VEC_DEVICE) => device,
             _ if v == usize::from(VEC_SPURIOUS) => spurious,
+            _ if (first..first + COUNTED).contains(&v) => counted[v - first],
             _ => other,
         };
         let (lo, hi) = gate(handler);

@@ -4,7 +4,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::acpi::Acpi;
 use crate::arch::{self, mmio_read32, mmio_write32};
-use crate::idt::{VEC_DEVICE, VEC_SPURIOUS, VEC_TIMER};
+use crate::idt::{COUNTED, VEC_DEVICE, VEC_SPURIOUS, VEC_TIMER};
 use crate::{serial, Outcome};
 
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
@@ -28,6 +28,13 @@ extern "C" {
     static irq_timer_count: AtomicU64;
     static irq_device_count: AtomicU64;
     static irq_other_count: AtomicU64;
+    static irq_vec_count: [AtomicU64; COUNTED];
+}
+
+/// Interrupts taken so far on vector `VEC_COUNTED + i`.
+pub fn vec_count(i: usize) -> u64 {
+    // SAFETY: atomics in .data, only ever accessed atomically.
+    unsafe { irq_vec_count[i].load(Ordering::SeqCst) }
 }
 
 fn timer_count() -> u64 {
@@ -65,23 +72,71 @@ pub fn lapic_enable() {
     lapic_write(LAPIC_SVR, 0x100 | u32::from(VEC_SPURIOUS));
 }
 
-struct IoApic(u64);
+pub struct IoApic(pub u64);
 
 impl IoApic {
-    fn read(&self, reg: u32) -> u32 {
+    pub fn read(&self, reg: u32) -> u32 {
         // SAFETY: IOREGSEL/IOWIN of the IOAPIC the MADT (or the PC default) names.
         unsafe {
             mmio_write32(self.0, reg);
             mmio_read32(self.0 + 0x10)
         }
     }
-    fn write(&self, reg: u32, v: u32) {
+    pub fn write(&self, reg: u32, v: u32) {
         // SAFETY: as read; callers only touch the redirection entry they own.
         unsafe {
             mmio_write32(self.0, reg);
             mmio_write32(self.0 + 0x10, v);
         }
     }
+}
+
+/// Route `gsi` to `vector` on this CPU (fixed delivery, physical
+/// destination), edge-triggered active-high or as given. Returns the
+/// IOAPIC address and pin, or why it cannot.
+pub fn route_gsi(
+    acpi: &Acpi,
+    gsi: u32,
+    vector: u8,
+    active_low: bool,
+    level: bool,
+) -> Result<(u64, u32), crate::text::Text<160>> {
+    let mut t = crate::text::Text::new();
+    let default = [(IOAPIC_DEFAULT, 0)];
+    let list = if acpi.nioapics == 0 {
+        &default[..]
+    } else {
+        &acpi.ioapics[..acpi.nioapics]
+    };
+    for &(addr, base) in list {
+        let io = IoApic(addr);
+        let ver = io.read(1);
+        if ver == u32::MAX {
+            continue;
+        }
+        let pins = ((ver >> 16) & 0xff) + 1;
+        if let Some(pin) = gsi.checked_sub(base).filter(|&p| p < pins) {
+            let low = u32::from(vector) | (u32::from(active_low) << 13) | (u32::from(level) << 15);
+            io.write(0x11 + 2 * pin, apic_id() << 24);
+            io.write(0x10 + 2 * pin, low);
+            return Ok((addr, pin));
+        }
+    }
+    let _ = core::fmt::Write::write_fmt(
+        &mut t,
+        format_args!(
+            "GSI {gsi} is on none of the {} IOAPICs the MADT lists",
+            acpi.nioapics
+        ),
+    );
+    Err(t)
+}
+
+/// Mask the IOAPIC pin `route_gsi` returned.
+pub fn mask_pin(ioapic: u64, pin: u32) {
+    let io = IoApic(ioapic);
+    let low = io.read(0x10 + 2 * pin);
+    io.write(0x10 + 2 * pin, low | LVT_MASKED);
 }
 
 /// Scenario `irq`: one interrupt from a device (the UART's THR-empty

@@ -23,6 +23,7 @@ mod exit;
 mod idt;
 mod irq;
 mod memory;
+mod pci;
 mod pvh;
 mod smp;
 mod text;
@@ -81,6 +82,7 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "memory" => memory::scenario(&boot),
         "irq" => irq::scenario(&acpi),
         "smp" => smp::scenario(&acpi),
+        "pci" => pci::scenario(&acpi),
         _ => {
             let mut t = Text::new();
             t.push_str("unknown scenario");
