@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{run_keel, Outcome, Running};
+use support::{run_keel, Outcome};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -74,5 +74,8 @@ fn pci_scenario_fails_without_the_test_device() {
     );
     assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
     // The bus itself is still there and enumerates the same both ways.
-    assert_lines(&out, &["pci: CF8/CFC and ECAM enumerate the same 1 functions"]);
+    assert_lines(
+        &out,
+        &["pci: CF8/CFC and ECAM enumerate the same 1 functions"],
+    );
 }

@@ -613,6 +613,7 @@ fn cmd_check(
     Ok(r.exit_code())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cmd_convert(
     input: &Path,
     ifmt: Option<&str>,
