@@ -1,0 +1,163 @@
+//! The echo device: the smallest complete virtio device, used to test transports end to
+//! end, and a model for writing others.
+//!
+//! - Device type [`ECHO_DEVICE_TYPE`] (0x3f, a project-local ID), one queue of up to 256.
+//! - Features: VERSION_1, EVENT_IDX, INDIRECT_DESC.
+//! - Configuration: `le32 magic` = [`ECHO_MAGIC`] at 0 (read-only), `u8 xor` at 4.
+//! - A request is a chain of device-readable descriptors (the payload, any split) followed
+//!   by device-writable ones; the device writes the payload back with every byte XORed
+//!   with `xor`, up to the writable capacity, and reports the bytes written as used
+//!   length. Writing `xor` raises a configuration-change interrupt.
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use keel_memory::GuestMemoryMmap;
+use virtio_queue::Queue;
+
+use crate::device::{
+    ActivateContext, ActivateError, InterruptKind, NeedsReset, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::worker::{drain_queue, QueueWorker};
+
+/// The echo device's virtio device type.
+pub const ECHO_DEVICE_TYPE: u32 = 0x3f;
+/// The value of the configuration's `magic` field ("ECHO").
+pub const ECHO_MAGIC: u32 = 0x4f48_4345;
+const QUEUE_SIZES: [u16; 1] = [256];
+
+/// The echo device.
+#[derive(Default)]
+pub struct Echo {
+    xor: Arc<Mutex<u8>>,
+    worker: Option<QueueWorker>,
+}
+
+impl Echo {
+    /// A new echo device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Handles one request chain; returns the bytes written.
+fn echo_chain(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    xor: u8,
+) -> u32 {
+    // Malformed chains (loops, out-of-memory addresses) make the reader or writer fail:
+    // the request completes with nothing written.
+    let Ok(mut reader) = chain.clone().reader(mem) else {
+        return 0;
+    };
+    let Ok(mut writer) = chain.writer(mem) else {
+        return 0;
+    };
+    let mut buf = [0u8; 512];
+    let mut written = 0u32;
+    loop {
+        let room = writer.available_bytes().min(buf.len());
+        if room == 0 {
+            break;
+        }
+        let n = match reader.read(&mut buf[..room]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for b in &mut buf[..n] {
+            *b ^= xor;
+        }
+        match writer.write(&buf[..n]) {
+            Ok(w) => written += w as u32,
+            Err(_) => break,
+        }
+    }
+    written
+}
+
+fn serve(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    xor: &Mutex<u8>,
+    interrupt: &dyn VirtioInterrupt,
+    needs_reset: &NeedsReset,
+) {
+    let x = *xor.lock().unwrap_or_else(PoisonError::into_inner);
+    match drain_queue(queue, mem, |chain| echo_chain(chain, mem, x)) {
+        Ok(true) => {
+            if let Err(e) = interrupt.trigger(InterruptKind::Queue(0)) {
+                log::warn!("echo: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            log::warn!("echo: {e}");
+            needs_reset.report();
+        }
+    }
+}
+
+impl VirtioDevice for Echo {
+    fn device_type(&self) -> u32 {
+        ECHO_DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; 8];
+        cfg[..4].copy_from_slice(&ECHO_MAGIC.to_le_bytes());
+        cfg[4] = *self.xor.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cfg.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        // Only `xor` is writable.
+        match (offset, data.first()) {
+            (4, Some(&v)) => {
+                *self.xor.lock().unwrap_or_else(PoisonError::into_inner) = v;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let mut queues = ctx.queues;
+        let Some(pos) = queues.iter().position(|q| q.index == 0) else {
+            return Err(ActivateError::MissingQueue(0));
+        };
+        let q = queues.swap_remove(pos);
+        let notifier = q.notifier.clone();
+        let mut queue = q.queue;
+        let (mem, xor, interrupt, needs_reset) =
+            (ctx.mem, self.xor.clone(), ctx.interrupt, ctx.needs_reset);
+        let worker = QueueWorker::spawn("keel-virtio-echo", vec![(0, notifier)], move |_| {
+            serve(&mut queue, &mem, &xor, interrupt.as_ref(), &needs_reset)
+        })
+        .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        *self.xor.lock().unwrap_or_else(PoisonError::into_inner) = 0;
+    }
+}

@@ -1,0 +1,31 @@
+//! Virtio for virtual machine monitors: the [`VirtioDevice`] trait device models implement,
+//! device status and feature negotiation as virtio 1.2 specifies them, the virtio-pci
+//! (modern) and virtio-mmio (version 2) transports, and queue plumbing on virtio-queue:
+//! rings validated against guest memory at DRIVER_OK, per-device worker threads woken by
+//! ioeventfds, notification suppression both ways (EVENT_IDX, NO_INTERRUPT, NO_NOTIFY),
+//! interrupts through keel-bus traits (MSI-X via irqfd, or a wired line).
+//!
+//! A device model sees neither KVM nor the transport: it gets its queues, guest memory and
+//! an interrupt handle when the driver sets DRIVER_OK, and is told to stop on reset.
+//! [`echo::Echo`] is a complete small device.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod echo;
+pub mod mmio;
+pub mod pci;
+pub mod state;
+pub mod worker;
+
+pub use device::{
+    ActivateContext, ActivateError, ActiveQueue, InterruptKind, NeedsReset, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+pub use mmio::VirtioMmio;
+pub use pci::virtio_pci_function;
+pub use state::VirtioState;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,476 @@
+//! The virtio-pci modern transport (virtio 1.2 section 4.1) on keel-pci.
+//!
+//! BAR 0 (32 KiB, 32-bit memory) holds every structure:
+//!
+//! | offset | structure |
+//! |---|---|
+//! | 0x0000 | common configuration |
+//! | 0x1000 | ISR status (1 byte, read clears) |
+//! | 0x2000 | device configuration |
+//! | 0x3000 | notifications: queue `n` at `0x3000 + 4 * n` (multiplier 4) |
+//! | 0x4000 | MSI-X table (one vector per queue plus one for configuration changes) |
+//! | 0x5000 | MSI-X PBA |
+//!
+//! Notifications go through one ioeventfd per queue, re-registered (new address first)
+//! whenever the guest moves the BAR; a notification that reaches the transport through an
+//! exit instead (no ioeventfd registered) signals the same eventfd.
+
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use keel_bus::interrupt::{DataMatch, IoEventAddress, IoEventRegistrar, MsiGroup};
+use keel_memory::GuestMemoryMmap;
+use keel_pci::bar::{BarError, BarSpec};
+use keel_pci::config::{cap_id, ConfigSpace};
+use keel_pci::function::FunctionError;
+use keel_pci::{MsixLayout, PciDevice, PciFunction};
+
+use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::state::{set_high, set_low, StateError, VirtioState};
+
+/// PCI vendor ID of virtio devices.
+pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+/// Modern virtio-pci device IDs are this plus the virtio device type.
+pub const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+/// "No MSI-X vector" in the vector registers.
+pub const NO_VECTOR: u16 = 0xffff;
+
+const BAR_SIZE: u64 = 0x8000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x40;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x1000;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u32 = 0x4000;
+const MSIX_PBA: u32 = 0x5000;
+
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+
+/// Errors from building a virtio-pci function.
+#[derive(Debug, thiserror::Error)]
+pub enum PciTransportError {
+    /// The virtio core could not be set up.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The PCI function could not be built.
+    #[error(transparent)]
+    Function(#[from] FunctionError),
+    /// The BAR could not be described.
+    #[error(transparent)]
+    Bar(#[from] BarError),
+    /// The interrupt group has fewer vectors than queues plus one.
+    #[error("the MSI-X group has {have} vectors, {need} are needed")]
+    Vectors {
+        /// Vectors needed.
+        need: usize,
+        /// Vectors in the group.
+        have: usize,
+    },
+}
+
+/// Routes virtio interrupts to the MSI-X vectors the driver chose.
+struct PciInterrupt {
+    msix: Arc<dyn MsiGroup>,
+    config_vector: AtomicU16,
+    queue_vectors: Vec<AtomicU16>,
+    isr: AtomicU8,
+}
+
+impl PciInterrupt {
+    fn vector_or_none(&self, v: u16) -> u16 {
+        if usize::from(v) < self.msix.len() {
+            v
+        } else {
+            NO_VECTOR
+        }
+    }
+    fn reset(&self) {
+        self.config_vector.store(NO_VECTOR, Ordering::SeqCst);
+        for q in &self.queue_vectors {
+            q.store(NO_VECTOR, Ordering::SeqCst);
+        }
+        self.isr.store(0, Ordering::SeqCst);
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn trigger(&self, kind: InterruptKind) -> Result<(), InterruptError> {
+        let (bit, vector) = match kind {
+            InterruptKind::Queue(i) => (
+                1,
+                self.queue_vectors
+                    .get(usize::from(i))
+                    .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst)),
+            ),
+            InterruptKind::Config => (2, self.config_vector.load(Ordering::SeqCst)),
+        };
+        self.isr.fetch_or(bit, Ordering::SeqCst);
+        if vector == NO_VECTOR {
+            // The driver asked for no interrupt on this source (or MSI-X is unused): the
+            // ISR bit records it for a polling driver.
+            return Ok(());
+        }
+        self.msix.trigger(usize::from(vector))
+    }
+}
+
+/// The virtio device model behind a PCI function.
+struct VirtioPci {
+    state: VirtioState,
+    interrupt: Arc<PciInterrupt>,
+    registrar: Option<Arc<dyn IoEventRegistrar>>,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+}
+
+/// One field of the common configuration structure.
+#[derive(Clone, Copy)]
+enum Field {
+    DeviceFeatureSelect,
+    DeviceFeature,
+    DriverFeatureSelect,
+    DriverFeature,
+    ConfigMsixVector,
+    NumQueues,
+    DeviceStatus,
+    ConfigGeneration,
+    QueueSelect,
+    QueueSize,
+    QueueMsixVector,
+    QueueEnable,
+    QueueNotifyOff,
+    QueueDescLo,
+    QueueDescHi,
+    QueueDriverLo,
+    QueueDriverHi,
+    QueueDeviceLo,
+    QueueDeviceHi,
+    QueueNotifyData,
+    QueueReset,
+}
+
+/// (offset, size, field) of every common configuration field.
+const FIELDS: &[(usize, usize, Field)] = &[
+    (0x00, 4, Field::DeviceFeatureSelect),
+    (0x04, 4, Field::DeviceFeature),
+    (0x08, 4, Field::DriverFeatureSelect),
+    (0x0c, 4, Field::DriverFeature),
+    (0x10, 2, Field::ConfigMsixVector),
+    (0x12, 2, Field::NumQueues),
+    (0x14, 1, Field::DeviceStatus),
+    (0x15, 1, Field::ConfigGeneration),
+    (0x16, 2, Field::QueueSelect),
+    (0x18, 2, Field::QueueSize),
+    (0x1a, 2, Field::QueueMsixVector),
+    (0x1c, 2, Field::QueueEnable),
+    (0x1e, 2, Field::QueueNotifyOff),
+    (0x20, 4, Field::QueueDescLo),
+    (0x24, 4, Field::QueueDescHi),
+    (0x28, 4, Field::QueueDriverLo),
+    (0x2c, 4, Field::QueueDriverHi),
+    (0x30, 4, Field::QueueDeviceLo),
+    (0x34, 4, Field::QueueDeviceHi),
+    (0x38, 2, Field::QueueNotifyData),
+    (0x3a, 2, Field::QueueReset),
+];
+
+impl VirtioPci {
+    fn field(&self, f: Field) -> u32 {
+        let q = self.state.selected();
+        let sel = usize::from(self.state.queue_select);
+        match f {
+            Field::DeviceFeatureSelect => self.device_feature_select,
+            Field::DeviceFeature => self.state.device_features(self.device_feature_select),
+            Field::DriverFeatureSelect => self.driver_feature_select,
+            Field::DriverFeature => match self.driver_feature_select {
+                0 => self.state.driver_features as u32,
+                1 => (self.state.driver_features >> 32) as u32,
+                _ => 0,
+            },
+            Field::ConfigMsixVector => {
+                u32::from(self.interrupt.config_vector.load(Ordering::SeqCst))
+            }
+            Field::NumQueues => u32::from(self.state.num_queues()),
+            Field::DeviceStatus => u32::from(self.state.status()),
+            Field::ConfigGeneration => u32::from(self.state.config_generation),
+            Field::QueueSelect => u32::from(self.state.queue_select),
+            Field::QueueSize => q.map_or(0, |q| u32::from(q.size)),
+            Field::QueueMsixVector => self
+                .interrupt
+                .queue_vectors
+                .get(sel)
+                .map_or(u32::from(NO_VECTOR), |v| {
+                    u32::from(v.load(Ordering::SeqCst))
+                }),
+            Field::QueueEnable => q.map_or(0, |q| u32::from(q.ready)),
+            Field::QueueNotifyOff | Field::QueueNotifyData => {
+                if q.is_some() {
+                    u32::from(self.state.queue_select)
+                } else {
+                    0
+                }
+            }
+            Field::QueueDescLo => q.map_or(0, |q| q.desc as u32),
+            Field::QueueDescHi => q.map_or(0, |q| (q.desc >> 32) as u32),
+            Field::QueueDriverLo => q.map_or(0, |q| q.avail as u32),
+            Field::QueueDriverHi => q.map_or(0, |q| (q.avail >> 32) as u32),
+            Field::QueueDeviceLo => q.map_or(0, |q| q.used as u32),
+            Field::QueueDeviceHi => q.map_or(0, |q| (q.used >> 32) as u32),
+            Field::QueueReset => 0,
+        }
+    }
+
+    fn set_field(&mut self, f: Field, v: u32) {
+        let sel = usize::from(self.state.queue_select);
+        match f {
+            Field::DeviceFeatureSelect => self.device_feature_select = v,
+            Field::DriverFeatureSelect => self.driver_feature_select = v,
+            Field::DriverFeature => self
+                .state
+                .set_driver_features(self.driver_feature_select, v),
+            Field::ConfigMsixVector => {
+                let vec = self.interrupt.vector_or_none(v as u16);
+                self.interrupt.config_vector.store(vec, Ordering::SeqCst);
+            }
+            Field::DeviceStatus => {
+                let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+                self.state.write_status(v as u8, &interrupt);
+                if v == 0 {
+                    self.interrupt.reset();
+                }
+            }
+            Field::QueueSelect => self.state.queue_select = v as u16,
+            Field::QueueMsixVector => {
+                let vec = self.interrupt.vector_or_none(v as u16);
+                if let Some(slot) = self.interrupt.queue_vectors.get(sel) {
+                    slot.store(vec, Ordering::SeqCst);
+                }
+            }
+            _ => {
+                let Some(q) = self.state.selected_mut() else {
+                    return;
+                };
+                match f {
+                    Field::QueueSize => q.size = v as u16,
+                    // The driver enables a queue; it cannot disable one (that is a reset).
+                    Field::QueueEnable => q.ready |= v == 1,
+                    Field::QueueDescLo => set_low(&mut q.desc, v),
+                    Field::QueueDescHi => set_high(&mut q.desc, v),
+                    Field::QueueDriverLo => set_low(&mut q.avail, v),
+                    Field::QueueDriverHi => set_high(&mut q.avail, v),
+                    Field::QueueDeviceLo => set_low(&mut q.used, v),
+                    Field::QueueDeviceHi => set_high(&mut q.used, v),
+                    // Read-only fields, and queue_reset (VIRTIO_F_RING_RESET is not offered).
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The common configuration structure as the driver would read it now.
+    fn snapshot(&self) -> [u8; COMMON_LEN as usize] {
+        let mut b = [0u8; COMMON_LEN as usize];
+        for &(off, size, f) in FIELDS {
+            b[off..off + size].copy_from_slice(&self.field(f).to_le_bytes()[..size]);
+        }
+        b
+    }
+
+    fn read_common(&self, offset: usize, data: &mut [u8]) {
+        let snap = self.snapshot();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = snap.get(offset + i).copied().unwrap_or(0);
+        }
+    }
+
+    /// A write of any width: overlay it on the current values, then apply each field it
+    /// touched, in address order (status last among them as it comes last).
+    fn write_common(&mut self, offset: usize, data: &[u8]) {
+        let mut snap = self.snapshot();
+        let end = offset + data.len();
+        for (i, d) in data.iter().enumerate() {
+            if let Some(slot) = snap.get_mut(offset + i) {
+                *slot = *d;
+            }
+        }
+        for &(off, size, f) in FIELDS {
+            if off < end && off + size > offset {
+                let mut v = [0u8; 4];
+                v[..size].copy_from_slice(&snap[off..off + size]);
+                self.set_field(f, u32::from_le_bytes(v));
+            }
+        }
+    }
+
+    fn notify_addr(base: u64, queue: u16) -> IoEventAddress {
+        IoEventAddress::Mmio(base + NOTIFY + u64::from(NOTIFY_MULTIPLIER) * u64::from(queue))
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn bar_read(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.read_common(o as usize, data),
+            ISR => {
+                // Reading the ISR acknowledges it.
+                if let Some(d) = data.first_mut() {
+                    *d = self.interrupt.isr.swap(0, Ordering::SeqCst);
+                }
+            }
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.state.device().read_config(o - DEVICE_CFG, data)
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_write(&mut self, _bar: u8, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.write_common(o as usize, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o)
+                && self.state.write_config(o - DEVICE_CFG, data) =>
+            {
+                if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
+                    log::warn!("virtio-pci: {e}");
+                }
+            }
+            o if o >= NOTIFY
+                && o < NOTIFY
+                    + u64::from(NOTIFY_MULTIPLIER) * u64::from(self.state.num_queues()) =>
+            {
+                // A notification that exited instead of hitting an ioeventfd.
+                let q = ((o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as u16;
+                if let Some(n) = self.state.notifier(q) {
+                    let _ = n.write(1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_moved(&mut self, bar: u8, old: Option<u64>, new: Option<u64>) {
+        let Some(reg) = &self.registrar else { return };
+        if bar != 0 {
+            return;
+        }
+        // New doorbells first, then the old ones go: no notification falls in a gap.
+        for q in 0..self.state.num_queues() {
+            let evt = self.state.notifier(q).expect("one per queue");
+            if let Some(n) = new {
+                if let Err(e) = reg.register(evt, Self::notify_addr(n, q), DataMatch::Any) {
+                    log::warn!("virtio-pci: queue {q} doorbell: {e}");
+                }
+            }
+            if let Some(o) = old {
+                if let Err(e) = reg.unregister(evt, Self::notify_addr(o, q), DataMatch::Any) {
+                    log::warn!("virtio-pci: queue {q} doorbell: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn vendor_cap(cfg_type: u8, offset: u32, length: u32, multiplier: Option<u32>) -> Vec<u8> {
+    // virtio_pci_cap after cap_vndr and cap_next: cap_len, cfg_type, bar, id, padding[2],
+    // offset, length (and notify_off_multiplier for the notify capability).
+    let len = if multiplier.is_some() { 20u8 } else { 16 };
+    let mut b = vec![len, cfg_type, 0, 0, 0, 0];
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(&length.to_le_bytes());
+    if let Some(m) = multiplier {
+        b.extend_from_slice(&m.to_le_bytes());
+    }
+    b
+}
+
+/// PCI class code for a virtio device type: block and network get their own, the rest
+/// "other".
+fn class_of(device_type: u32) -> (u8, u8) {
+    match device_type {
+        1 => (0x02, 0x00),
+        2 => (0x01, 0x00),
+        _ => (0xff, 0x00),
+    }
+}
+
+/// Builds a PCI function carrying `device` over virtio-pci. `msix` needs at least one
+/// vector per queue plus one; `registrar` places notification ioeventfds (`None`: every
+/// notification exits to the transport, which still works, more slowly).
+pub fn virtio_pci_function(
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    msix: Arc<dyn MsiGroup>,
+    registrar: Option<Arc<dyn IoEventRegistrar>>,
+) -> Result<PciFunction, PciTransportError> {
+    let state = VirtioState::new(device, mem)?;
+    let nq = state.num_queues();
+    let need = usize::from(nq) + 1;
+    if msix.len() < need {
+        return Err(PciTransportError::Vectors {
+            need,
+            have: msix.len(),
+        });
+    }
+    let ty = state.device_type();
+    let (class, subclass) = class_of(ty);
+    let mut cfg = ConfigSpace::new(
+        VIRTIO_PCI_VENDOR,
+        VIRTIO_PCI_DEVICE_BASE + ty as u16,
+        class,
+        subclass,
+        0,
+    );
+    cfg.set_u8(keel_pci::config::reg::REVISION, 1); // modern only
+    cfg.set_u16(
+        keel_pci::config::reg::SUBSYSTEM_VENDOR_ID,
+        VIRTIO_PCI_VENDOR,
+    );
+    cfg.set_u16(keel_pci::config::reg::SUBSYSTEM_ID, 0x40);
+    let interrupt = Arc::new(PciInterrupt {
+        msix: msix.clone(),
+        config_vector: AtomicU16::new(NO_VECTOR),
+        queue_vectors: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+        isr: AtomicU8::new(0),
+    });
+    let dev = VirtioPci {
+        state,
+        interrupt,
+        registrar,
+        device_feature_select: 0,
+        driver_feature_select: 0,
+    };
+    let mut f = PciFunction::new(cfg, Box::new(dev))
+        .with_bar(0, BarSpec::mem32(BAR_SIZE, false)?)?
+        .with_msix(
+            MsixLayout {
+                vectors: need as u16,
+                table_bar: 0,
+                table_offset: MSIX_TABLE,
+                pba_bar: 0,
+                pba_offset: MSIX_PBA,
+            },
+            msix,
+        )?;
+    let caps = [
+        vendor_cap(CAP_COMMON, COMMON as u32, COMMON_LEN as u32, None),
+        vendor_cap(
+            CAP_NOTIFY,
+            NOTIFY as u32,
+            NOTIFY_MULTIPLIER * u32::from(nq.max(1)),
+            Some(NOTIFY_MULTIPLIER),
+        ),
+        vendor_cap(CAP_ISR, ISR as u32, 1, None),
+        vendor_cap(CAP_DEVICE, DEVICE_CFG as u32, DEVICE_CFG_LEN as u32, None),
+    ];
+    for body in caps {
+        let zeros = vec![0u8; body.len()];
+        f.add_capability(cap_id::VENDOR, &body, &zeros)?;
+    }
+    Ok(f)
+}
