@@ -210,3 +210,127 @@ fn debug_exit_stops_the_guest_at_once() {
     assert_eq!(out.code(), Some(3));
     assert_eq!(out.stdout, "before\n");
 }
+
+#[test]
+fn sigint_stops_a_running_guest() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let guest = pvh_guest(&dir, &format!("{}1:  jmp 1b\n", print("spinning\n")));
+    let mut cmd = support::keel();
+    cmd.args(["--kernel", guest.to_str().unwrap()]);
+    let mut keel = Running::start(cmd);
+    keel.wait_for("the guest to start", LIMIT, |s| s.contains("spinning"));
+    keel.signal(2);
+    let out = keel.finish(LIMIT);
+    assert_eq!(out.code(), Some(128 + 2));
+    assert_eq!(out.stderr.trim(), "keel: stopped by signal 2");
+}
+
+#[test]
+fn serial_none_discards_output() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let guest = pvh_guest(&dir, &format!("{}    out %al, $0xf4\n", print("unseen\n")));
+    let out = run_keel(
+        &["--kernel", guest.to_str().unwrap(), "--serial", "none"],
+        LIMIT,
+    );
+    assert_eq!(out.stdout, "");
+    assert_eq!(out.code(), Some(10), "stderr: {}", out.stderr);
+}
+
+/// Writes a 37-byte initrd starting with "INRD".
+fn initrd(dir: &TempDir) -> std::path::PathBuf {
+    let path = dir.path().join("initrd.img");
+    let mut data = b"INRD".to_vec();
+    data.resize(37, 0xa5);
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// Prints the 4 bytes at the address in `reg` on COM1 (32- or 64-bit code alike).
+fn print_bytes_at(reg: &str) -> String {
+    let mut s = String::from("    mov $0x3f8, %dx\n");
+    for i in 0..4 {
+        s.push_str(&format!("    movb {i}(%{reg}), %al\n    out %al, %dx\n"));
+    }
+    s
+}
+
+#[test]
+fn pvh_guest_finds_the_initrd_in_its_module_list() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    // hvm_start_info (EBX): nr_modules at 12, modlist_paddr at 16; a module entry holds
+    // paddr at 0 and size at 8. Print the module's first bytes; exit with
+    // nr_modules * 64 + size.
+    let body = format!(
+        "    mov 16(%ebx), %esi\n    mov (%esi), %edi\n{}    mov 12(%ebx), %eax\n    shl $6, %eax\n    add 8(%esi), %eax\n    out %eax, $0xf4\n    hlt\n",
+        print_bytes_at("edi")
+    );
+    let guest = pvh_guest(&dir, &body);
+    let rd = initrd(&dir);
+    let out = run_keel(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--initrd",
+            rd.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.stdout, "INRD", "stderr: {}", out.stderr);
+    assert_eq!(out.code(), Some(64 + 37), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn boot_params_carry_the_initrd() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let path = dir.path().join("payload.elf");
+    // The zero page (RSI): ramdisk_image at 0x218, ramdisk_size at 0x21c.
+    support::assemble_elf(
+        &format!(
+            "    .text\n    .code64\n    .globl _start\n_start:\n    mov 0x218(%rsi), %edi\n{}    mov 0x21c(%rsi), %eax\n    out %eax, $0xf4\n    hlt\n",
+            print_bytes_at("rdi")
+        ),
+        0x20_0000,
+        &path,
+    );
+    let rd = initrd(&dir);
+    let out = run_keel(
+        &[
+            "--kernel",
+            path.to_str().unwrap(),
+            "--initrd",
+            rd.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.stdout, "INRD", "stderr: {}", out.stderr);
+    assert_eq!(out.code(), Some(37), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn a_missing_initrd_is_a_clear_error() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let guest = pvh_guest(&dir, "    hlt\n");
+    let out = run_keel(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
+    assert!(out.stderr.starts_with("keel: "), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("initrd") && out.stderr.contains("/nonexistent/initrd"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+}
