@@ -557,6 +557,55 @@ mod tests {
         ]
     }
 
+    /// The open flags each cache mode asks for are the ones the kernel shows for the fd
+    /// (where the file system takes O_DIRECT at all: tmpfs does not, and open then fails
+    /// with a clear error rather than silently caching).
+    #[test]
+    fn cache_modes_set_o_direct_and_o_dsync() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in modes() {
+            let p = dir.path().join(format!("flags-{}.raw", mode.as_str()));
+            RawFile::create(&p, 4096).unwrap();
+            let opts = RawOptions {
+                cache: mode,
+                ..Default::default()
+            };
+            let f = match RawFile::open(&p, opts) {
+                Ok(f) => f,
+                Err(e) => {
+                    assert!(mode.direct(), "{}: {e}", mode.as_str());
+                    assert!(
+                        e.to_string().contains("O_DIRECT") || e.to_string().contains("direct"),
+                        "{}: {e}",
+                        mode.as_str()
+                    );
+                    continue;
+                }
+            };
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.fd())).unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .map(|v| i64::from_str_radix(v.trim(), 8).unwrap())
+                .expect("flags in fdinfo");
+            let has = |bit: libc::c_int| flags & i64::from(bit) != 0;
+            assert_eq!(
+                has(libc::O_DIRECT),
+                mode.direct(),
+                "{}: O_DIRECT",
+                mode.as_str()
+            );
+            assert_eq!(
+                has(libc::O_DSYNC),
+                mode.dsync(),
+                "{}: O_DSYNC",
+                mode.as_str()
+            );
+        }
+        assert!(CacheMode::Unsafe.ignores_flush());
+        assert!(modes().iter().filter(|m| m.ignores_flush()).count() == 1);
+    }
+
     #[test]
     fn every_cache_mode_round_trips_unaligned_io() {
         let dir = tempfile::tempdir().unwrap();
