@@ -182,8 +182,10 @@ impl Workload {
 fn random_workloads_pass_qemu_check_and_compare() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
-    let configs: [(u64, u32, u32, bool); 7] = [
+    // refcount_bits 1, 2, 4, 8, 16, 32, 64: every refcount_order keel can write.
+    let configs: [(u64, u32, u32, bool); 8] = [
         (512, 3, 64, false),
+        (1024, 3, 4, false),
         (16384, 3, 32, false),
         (4096, 3, 2, false),
         (65536, 2, 16, false),
@@ -359,5 +361,51 @@ fn keel_created_images_are_valid_for_qemu() {
         // qemu-io writes into it; keel reads it back.
         ok("qemu-io", &["-c", "write -P 0x5a 100M 300k", p(&q)]);
         ok(KEEL_IMG, &["read", "-P", "0x5a", p(&q), "100M", "300k"]);
+    }
+}
+
+/// `keel-img bench` takes `qemu-img bench`'s flags and prints the same two lines, so
+/// scripts written for one run the other.
+#[test]
+fn bench_speaks_like_qemu_img_bench() {
+    require_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("b.raw");
+    let q = dir.path().join("b.qcow2");
+    let (raw, q) = (raw.to_str().unwrap(), q.to_str().unwrap());
+    ok("qemu-img", &["create", "-q", "-f", "raw", raw, "8M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", q, "8M"]);
+    let runs: [&[&str]; 5] = [
+        &["-c", "64", "-f", "raw", raw],
+        &["-c", "50", "-d", "4", "-s", "8192", "-w", "-f", "raw", raw],
+        &[
+            "-c", "30", "-o", "4096", "-S", "16384", "-t", "none", "-f", "raw", raw,
+        ],
+        &["-c", "40", "-d", "2", "-w", "-f", "qcow2", q],
+        &[
+            "-c",
+            "20",
+            "-d",
+            "4",
+            "-w",
+            "--flush-interval=5",
+            "-f",
+            "qcow2",
+            q,
+        ],
+    ];
+    for args in runs {
+        let mut all = vec!["bench"];
+        all.extend_from_slice(args);
+        let theirs = ok("qemu-img", &all);
+        let ours = ok(KEEL_IMG, &all);
+        let (t, o): (Vec<&str>, Vec<&str>) = (theirs.lines().collect(), ours.lines().collect());
+        assert_eq!(o.len(), 2, "{args:?}: {ours}");
+        assert_eq!(o[0], t[0], "{args:?}");
+        let secs = o[1]
+            .strip_prefix("Run completed in ")
+            .and_then(|r| r.strip_suffix(" seconds."))
+            .unwrap_or_else(|| panic!("{args:?}: {}", o[1]));
+        assert!(secs.parse::<f64>().is_ok() && secs.split('.').nth(1).map(str::len) == Some(3));
     }
 }
