@@ -47,9 +47,15 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=255))]
     cpus: u8,
 
-    /// Add a device (repeatable): `pci-test`, the PCI test device.
+    /// Add a device (repeatable): `pci-test`, the PCI test device; `virtio-echo`, the
+    /// virtio transport test device (on --transport).
     #[arg(long = "device", value_name = "KIND", value_enum)]
     devices: Vec<vmm::DeviceKind>,
+
+    /// How virtio devices are attached: `pci` (virtio-pci with MSI-X) or `mmio` (virtio-mmio,
+    /// announced on the kernel command line).
+    #[arg(long, value_name = "KIND", value_enum, default_value_t = vmm::Transport::Pci)]
+    transport: vmm::Transport,
 
     /// Serial console: `stdio` (output to stdout, stdin to the guest), `file=PATH`, or `none`.
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
         vcpus: cli.cpus,
         serial: cli.serial,
         devices: cli.devices,
+        transport: cli.transport,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

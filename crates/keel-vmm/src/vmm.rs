@@ -8,12 +8,15 @@ use std::sync::Arc;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 
+use keel_bus::interrupt::IoEventRegistrar;
 use keel_bus::{BusRange, PioDevice};
-use keel_kvm::interrupt::MsiIrqfdGroup;
+use keel_kvm::interrupt::{IrqLine, MsiIrqfdGroup};
 use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::{Buses, Vcpu, VcpuExitReason, VcpuHandle, Vm};
-use keel_memory::{MemoryLayout, MemoryOptions, SystemAllocator, MIB};
+use keel_memory::{GuestMemoryMmap, MemoryLayout, MemoryOptions, SystemAllocator, MIB};
 use keel_pci::PciSegment;
+use keel_virtio::mmio::MMIO_SIZE;
+use keel_virtio::{virtio_pci_function, VirtioDevice, VirtioMmio};
 
 use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
@@ -63,6 +66,15 @@ pub enum Error {
     /// A PCI function could not be built.
     #[error(transparent)]
     PciFunction(keel_pci::function::FunctionError),
+    /// A virtio-pci device could not be built.
+    #[error(transparent)]
+    VirtioPci(#[from] keel_virtio::pci::PciTransportError),
+    /// A virtio-mmio device could not be built.
+    #[error(transparent)]
+    VirtioMmio(#[from] keel_virtio::state::StateError),
+    /// A virtio device's doorbells could not be registered.
+    #[error("cannot register virtio doorbells")]
+    Doorbell(#[source] keel_bus::interrupt::Error),
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -105,6 +117,19 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// Extra devices.
     pub devices: Vec<DeviceKind>,
+    /// How virtio devices are attached.
+    pub transport: Transport,
+}
+
+/// The transport that carries virtio devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// virtio-pci (modern), on the PCI segment, with MSI-X.
+    #[default]
+    Pci,
+    /// virtio-mmio version 2 in the platform MMIO window, announced on the kernel command
+    /// line (`virtio_mmio.device=4K@BASE:IRQ`), interrupting on an IOAPIC pin.
+    Mmio,
 }
 
 /// Devices added with `--device`.
@@ -112,6 +137,8 @@ pub struct VmConfig {
 pub enum DeviceKind {
     /// The PCI test device (one MMIO BAR, MSI-X): see `devices::pci_test`.
     PciTest,
+    /// The virtio echo device (keel-virtio's transport test device), on `--transport`.
+    VirtioEcho,
 }
 
 /// Feeds stdin to the UART; ends the event loop when an exit is requested or a signal
@@ -172,6 +199,60 @@ fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
     exit.request(why);
 }
 
+/// An MSI-X vector group of `vectors` vectors, each on its own MSI route and irqfd.
+fn msi_group(
+    vm: &Arc<Vm>,
+    alloc: &mut SystemAllocator,
+    vectors: usize,
+) -> Result<Arc<MsiIrqfdGroup>, Error> {
+    let gsis = (0..vectors)
+        .map(|_| alloc.allocate_msi_gsi())
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(Error::Allocator)?;
+    Ok(Arc::new(MsiIrqfdGroup::new(vm.clone(), &gsis)?))
+}
+
+/// Puts `device` on the PCI segment over virtio-pci: one MSI-X vector per queue plus one
+/// for configuration changes, doorbells through ioeventfds.
+fn add_virtio_pci(
+    vm: &Arc<Vm>,
+    pci: &PciSegment,
+    alloc: &mut SystemAllocator,
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+) -> Result<(), Error> {
+    let group = msi_group(vm, alloc, device.queue_max_sizes().len() + 1)?;
+    let registrar: Arc<dyn IoEventRegistrar> = vm.clone();
+    let function = virtio_pci_function(device, mem.clone(), group, Some(registrar))?;
+    pci.add_device(function, alloc).map_err(Error::Pci)?;
+    Ok(())
+}
+
+/// Puts `device` in the platform MMIO window over virtio-mmio on a fresh IOAPIC pin, with
+/// doorbells through ioeventfds. Returns the command-line fragment that announces it.
+fn add_virtio_mmio(
+    vm: &Arc<Vm>,
+    buses: &Buses,
+    alloc: &mut SystemAllocator,
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+) -> Result<String, Error> {
+    let base = alloc
+        .allocate_platform_mmio(MMIO_SIZE, MMIO_SIZE)
+        .map_err(Error::Allocator)?
+        .0;
+    let irq = alloc.allocate_legacy_irq().map_err(Error::Allocator)?;
+    let line = Arc::new(IrqLine::new(vm.clone(), irq)?);
+    let transport = Arc::new(VirtioMmio::new(device, mem.clone(), base, irq, line)?);
+    transport
+        .register_ioeventfds(vm.as_ref())
+        .map_err(Error::Doorbell)?;
+    buses
+        .mmio
+        .insert(BusRange::new(base, MMIO_SIZE)?, transport.clone())?;
+    Ok(transport.cmdline_fragment())
+}
+
 /// Builds the VM described by `cfg`, runs it to the end, and returns why it ended.
 pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
     // Signals are handled by the event loop through a signalfd; blocking them here, before
@@ -218,16 +299,26 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         keel_memory::x86::ECAM_START,
     ));
     PciSegment::attach_config_access(&pci).map_err(Error::Pci)?;
+    let mut cmdline = cfg.cmdline.clone();
     for dev in &cfg.devices {
         match dev {
             DeviceKind::PciTest => {
-                let gsis = (0..PCI_TEST_VECTORS)
-                    .map(|_| alloc.allocate_msi_gsi())
-                    .collect::<Result<Vec<u32>, _>>()
-                    .map_err(Error::Allocator)?;
-                let group = Arc::new(MsiIrqfdGroup::new(vm.clone(), &gsis)?);
+                let group = msi_group(&vm, &mut alloc, usize::from(PCI_TEST_VECTORS))?;
                 let function = pci_test_function(group).map_err(Error::PciFunction)?;
                 pci.add_device(function, &mut alloc).map_err(Error::Pci)?;
+            }
+            DeviceKind::VirtioEcho => {
+                let device = Box::new(keel_virtio::echo::Echo::new());
+                match cfg.transport {
+                    Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
+                    Transport::Mmio => {
+                        let fragment = add_virtio_mmio(&vm, &buses, &mut alloc, &mem, device)?;
+                        if !cmdline.is_empty() {
+                            cmdline.push(' ');
+                        }
+                        cmdline.push_str(&fragment);
+                    }
+                }
             }
         }
     }
@@ -242,7 +333,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
                 None => KernelSource::Bytes(TEST_GUEST),
             },
             initrd: cfg.initrd.as_deref(),
-            cmdline: &cfg.cmdline,
+            cmdline: &cmdline,
             pci: Some(pci.mcfg()),
         },
     )?;

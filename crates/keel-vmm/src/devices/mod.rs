@@ -12,6 +12,12 @@
 //! PCI: one segment, bus 0, a host bridge at 00.0, ECAM at 0xe0000000 (published in the
 //! ACPI MCFG table). `--device pci-test` adds [the test device](pci_test) to it.
 //!
+//! Virtio devices (`--device virtio-echo`) go on that segment over virtio-pci (MSI-X, one
+//! vector per queue plus one for configuration, ioeventfd doorbells), or with
+//! `--transport mmio` over virtio-mmio: 4 KiB each in the platform MMIO window from
+//! 0xf0000000, IOAPIC pins from 5 up, announced by `virtio_mmio.device=4K@BASE:IRQ` words
+//! appended to the kernel command line.
+//!
 //! QEMU's `isa-debug-exit,iobase=0xf4,iosize=4` sits at the same port, so a guest can end
 //! itself the same way under both (QEMU reports `(value << 1) | 1`).
 
