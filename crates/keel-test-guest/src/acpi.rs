@@ -37,6 +37,9 @@ pub struct Acpi {
     pub nioapics: usize,
     /// First MCFG entry: ECAM base, segment, start bus, end bus.
     pub mcfg: Option<(u64, u16, u8, u8)>,
+    /// ECAM base from a DSDT `_CBA` (QEMU microvm describes its PCIe host
+    /// bridge only there, without an MCFG).
+    pub dsdt_cba: Option<u64>,
     /// ISA IRQ -> (GSI, MPS flags) from interrupt source overrides.
     pub isa_override: [Option<(u32, u16)>; 16],
 }
@@ -118,6 +121,7 @@ impl Acpi {
             ioapics: [(0, 0); MAX_IOAPICS],
             nioapics: 0,
             mcfg: None,
+            dsdt_cba: None,
             isa_override: [None; 16],
         };
         a.parse_acpi(rsdp_hint);
@@ -257,6 +261,7 @@ impl Acpi {
             self.slp_typ_s5 = typ;
             self.slp_typ_from_dsdt = true;
         }
+        self.dsdt_cba = table(dsdt).and_then(cba);
     }
 
     fn parse_madt(&mut self, m: &[u8]) {
@@ -337,6 +342,38 @@ fn s5_slp_typ(dsdt: &[u8]) -> Option<u8> {
         0x01 => Some(1),               // OneOp
         0x0a => elems.get(1).copied(), // BytePrefix
         b if b < 8 => Some(b),
+        _ => None,
+    }
+}
+
+/// The value of the first `_CBA` (PCIe ECAM base) in the DSDT's AML, as
+/// `Name(_CBA, n)` or `Method(_CBA) { Return (n) }`. A byte search like
+/// `s5_slp_typ`: enough for the AML QEMU generates (gpex-acpi.c).
+fn cba(dsdt: &[u8]) -> Option<u64> {
+    let aml = &dsdt[36..];
+    let i = aml.windows(4).position(|w| w == b"_CBA")?;
+    let rest = &aml[i + 4..];
+    let value = if i >= 1 && aml[i - 1] == 0x08 {
+        // NameOp _CBA DataObject
+        rest
+    } else if i >= 2 && aml[i - 2] == 0x14 && aml[i - 1] < 0x40 {
+        // MethodOp PkgLength(1 byte) _CBA MethodFlags ReturnOp DataObject
+        if rest.get(1) != Some(&0xa4) {
+            return None;
+        }
+        rest.get(2..)?
+    } else {
+        return None;
+    };
+    let int = |n: usize| -> Option<u64> {
+        let b = value.get(1..1 + n)?;
+        Some(b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)))
+    };
+    match *value.first()? {
+        0x0a => int(1), // BytePrefix
+        0x0b => int(2), // WordPrefix
+        0x0c => int(4), // DWordPrefix
+        0x0e => int(8), // QWordPrefix
         _ => None,
     }
 }

@@ -27,6 +27,8 @@ mod pci;
 mod pvh;
 mod smp;
 mod text;
+mod virtio;
+mod virtio_scenarios;
 
 use text::Text;
 
@@ -83,6 +85,9 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "irq" => irq::scenario(&acpi),
         "smp" => smp::scenario(&acpi),
         "pci" => pci::scenario(&acpi),
+        "virtio-pci" => virtio_scenarios::scenario_pci(&acpi),
+        "virtio-mmio" => virtio_scenarios::scenario_mmio(&boot, &acpi),
+        "virtio-rng" => virtio_scenarios::scenario_rng(&boot, &acpi),
         _ => {
             let mut t = Text::new();
             t.push_str("unknown scenario");

@@ -116,6 +116,7 @@ impl Func {
         }
     }
 
+    #[allow(dead_code)] // no user yet; kept with the other widths
     pub fn write8(&self, off: u16, v: u8) {
         match self.access {
             // SAFETY: configuration write to a function this guest drives.
@@ -268,9 +269,13 @@ pub fn ecam_base(acpi: &Acpi) -> Option<u64> {
         .map(|(base, ..)| base)
 }
 
-/// The best configuration access: ECAM when the MCFG names one, else ports.
+/// The best configuration access: ECAM when the MCFG names one, else ECAM
+/// at the DSDT's `_CBA` (QEMU microvm with `pcie=on` has neither an MCFG
+/// nor ports 0xcf8/0xcfc), else the ports.
 pub fn access(acpi: &Acpi) -> Access {
-    ecam_base(acpi).map_or(Access::Port, Access::Ecam)
+    ecam_base(acpi)
+        .or(acpi.dsdt_cba)
+        .map_or(Access::Port, Access::Ecam)
 }
 
 /// Where unassigned memory BARs are placed (the 32-bit MMIO window keel
