@@ -5,13 +5,11 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{run_keel, Outcome, Running};
+use support::{run_keel, Outcome};
 
-const GUEST: &str = env!("KEEL_TEST_GUEST");
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn verdict(out: &Outcome) -> Vec<&str> {
@@ -166,42 +164,6 @@ fn virtio_scenarios_fail_clearly_without_the_device() {
     assert_eq!(out.code(), Some(1));
 }
 
-/// The guest under QEMU microvm with `machine` options and `extra` arguments;
-/// isa-debug-exit makes QEMU exit with 1 for PASS.
-fn qemu_scenario(scenario: &str, machine: &str, extra: &[&str]) -> Outcome {
-    let qemu = "qemu-system-x86_64";
-    assert!(
-        Command::new(qemu).arg("--version").output().is_ok(),
-        "{qemu} is missing: scripts/install-tools installs it (Debian package qemu-system-x86)"
-    );
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-enable-kvm",
-        "-M",
-        machine,
-        "-cpu",
-        "kvm64",
-        "-m",
-        "128",
-        "-smp",
-        "1",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-        "-kernel",
-        GUEST,
-        "-append",
-        &format!("keel.test={scenario}"),
-    ]);
-    cmd.args(extra);
-    Running::start(cmd).finish(LIMIT)
-}
-
 /// The guest's virtio driver core against devices nobody here wrote: QEMU's virtio-rng
 /// over virtio-pci and over virtio-mmio (version 2; QEMU adds the command-line word
 /// only without ACPI).
@@ -226,7 +188,7 @@ fn the_virtio_driver_core_drives_qemus_virtio_rng_over_both_transports() {
         ),
     ];
     for (machine, extra, found) in runs {
-        let out = qemu_scenario("virtio-rng", machine, extra);
+        let out = support::qemu_guest("virtio-rng", machine, 1, true, extra, LIMIT);
         assert_pass(&out, "virtio-rng", 1);
         assert_lines(
             &out,

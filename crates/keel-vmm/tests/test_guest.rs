@@ -3,13 +3,11 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{run_keel, Outcome, Running};
+use support::{run_keel, Outcome};
 
-const GUEST: &str = env!("KEEL_TEST_GUEST");
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn verdict(out: &Outcome) -> Vec<&str> {
@@ -105,36 +103,7 @@ fn an_unknown_scenario_fails_with_status_1() {
 /// The same guest, the same scenarios, under QEMU microvm (the peer). isa-debug-exit at
 /// the same port makes QEMU exit with `(value << 1) | 1`: 1 for PASS.
 fn qemu_scenario(scenario: &str, cpus: u8) -> Outcome {
-    let qemu = "qemu-system-x86_64";
-    assert!(
-        Command::new(qemu).arg("--version").output().is_ok(),
-        "{qemu} is missing: scripts/install-tools installs it (Debian package qemu-system-x86)"
-    );
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-enable-kvm",
-        "-M",
-        "microvm",
-        "-cpu",
-        "kvm64",
-        "-m",
-        "128",
-        "-smp",
-        &cpus.to_string(),
-        "-display",
-        "none",
-        "-no-reboot",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-        "-kernel",
-        GUEST,
-        "-append",
-        &format!("keel.test={scenario}"),
-    ]);
-    Running::start(cmd).finish(LIMIT)
+    support::qemu_guest(scenario, "microvm", cpus, true, &[], LIMIT)
 }
 
 #[test]
@@ -143,5 +112,31 @@ fn the_same_scenarios_pass_under_qemu() {
     for (scenario, cpus) in [("serial", 1), ("memory", 1), ("irq", 1), ("smp", 2)] {
         let out = qemu_scenario(scenario, cpus);
         assert_pass(&out, scenario, 1);
+    }
+}
+
+/// Where no debug-exit port answers, the guest ends the VM itself: ACPI S5 through the
+/// FADT (microvm: the hardware-reduced sleep control register), else an i8042 reset (`-M pc`
+/// without ACPI; `-no-reboot` turns it into an exit). QEMU exits 0 either way.
+#[test]
+fn without_debug_exit_the_guest_ends_through_acpi_or_i8042() {
+    require_kvm!();
+    for (machine, how) in [
+        ("microvm", "ACPI S5 (SLP_TYP 5"),
+        ("pc,acpi=off", "trying an i8042 reset"),
+    ] {
+        let out = support::qemu_guest("serial", machine, 1, false, &[], LIMIT);
+        assert_eq!(
+            verdict(&out),
+            vec!["keel-test: PASS serial"],
+            "{machine}: {}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains(how),
+            "{machine}: no {how:?} in:\n{}",
+            out.stdout
+        );
+        assert_eq!(out.code(), Some(0), "{machine}: {}", out.stderr);
     }
 }

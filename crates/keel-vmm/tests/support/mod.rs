@@ -179,3 +179,46 @@ pub fn run_keel(args: &[&str], limit: Duration) -> Outcome {
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
+
+/// The built-in test guest's image (built by keel-vmm's build script).
+pub const GUEST: &str = env!("KEEL_TEST_GUEST");
+
+/// Runs the test guest's `scenario` under QEMU (the peer VMM): `-M machine`, `cpus`
+/// vCPUs, with isa-debug-exit at keel's port when `debug_exit` (QEMU then exits with
+/// `(value << 1) | 1`: 1 for PASS), plus `extra` arguments.
+pub fn qemu_guest(
+    scenario: &str,
+    machine: &str,
+    cpus: u8,
+    debug_exit: bool,
+    extra: &[&str],
+    limit: Duration,
+) -> Outcome {
+    let qemu = "qemu-system-x86_64";
+    assert!(
+        Command::new(qemu).arg("--version").output().is_ok(),
+        "{qemu} is missing: scripts/install-tools installs it (Debian package qemu-system-x86)"
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-enable-kvm", "-M", machine, "-cpu", "kvm64", "-m", "128"])
+        .args(["-smp", &cpus.to_string()])
+        .args([
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ]);
+    if debug_exit {
+        cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    }
+    cmd.args([
+        "-kernel",
+        GUEST,
+        "-append",
+        &format!("keel.test={scenario}"),
+    ])
+    .args(extra);
+    Running::start(cmd).finish(limit)
+}
