@@ -537,6 +537,8 @@ mod tests {
         let rc = unsafe { libc::mincore(host.cast(), region.len() as usize, vec.as_mut_ptr()) };
         assert_eq!(rc, 0);
         assert!(vec.iter().all(|b| b & 1 == 1), "not every page is resident");
+        // MADV_HUGEPAGE shows as "hg" in the mapping's VmFlags.
+        assert!(vm_flags(host as usize).contains(&"hg".to_string()));
         // Without prefault, a fresh mapping is not resident.
         let mem = l.create_guest_memory(&MemoryOptions::default()).unwrap();
         let region = mem.iter().next().unwrap();
@@ -547,5 +549,29 @@ mod tests {
         let rc = unsafe { libc::mincore(host.cast(), region.len() as usize, vec.as_mut_ptr()) };
         assert_eq!(rc, 0);
         assert!(vec.iter().any(|b| b & 1 == 0));
+        assert!(!vm_flags(host as usize).contains(&"hg".to_string()));
+    }
+
+    /// The VmFlags of the mapping holding `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((lo, hi)) = first.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(String::from).collect();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
     }
 }
