@@ -64,6 +64,20 @@ pub(crate) fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error
     move |source| Error::Ioctl { op, source }
 }
 
+/// Checks [`REQUIRED_CAPS`] with `has`; the error names every missing one.
+fn check_capabilities(has: impl Fn(Cap) -> bool) -> Result<()> {
+    let missing: Vec<&'static str> = REQUIRED_CAPS
+        .iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|&(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingCapabilities(missing))
+    }
+}
+
 /// The capabilities [`Vm::new`] checks for, with the names used in its error.
 pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -130,14 +144,7 @@ impl Vm {
         if api != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(Error::ApiVersion(api));
         }
-        let missing: Vec<&'static str> = REQUIRED_CAPS
-            .iter()
-            .filter(|(cap, _)| !kvm.check_extension(*cap))
-            .map(|&(_, name)| name)
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::MissingCapabilities(missing));
-        }
+        check_capabilities(|cap| kvm.check_extension(cap))?;
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         Ok(Vm {
             kvm,
@@ -457,5 +464,20 @@ impl Vm {
     /// A new eventfd suitable for irqfd and ioeventfd use (non-blocking).
     pub fn new_eventfd() -> Result<EventFd> {
         EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_capabilities_are_each_named() {
+        assert!(check_capabilities(|_| true).is_ok());
+        let e = check_capabilities(|c| !matches!(c, Cap::Irqfd | Cap::SignalMsi)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "KVM lacks required capabilities: KVM_CAP_IRQFD, KVM_CAP_SIGNAL_MSI"
+        );
     }
 }
