@@ -142,6 +142,12 @@ fn cpuid_is_normalised_per_vcpu_and_msrs_are_set() {
             |off: usize| u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[off + i] as u8));
         assert_eq!(reg(0x350) & 0x700, 0x700);
         assert_eq!(reg(0x360) & 0x700, 0x400);
+        // The x87 and SSE control words are at their reset values. (Read through XSAVE's
+        // legacy area: on these PVM hosts KVM_GET_FPU reports MXCSR as 0, and KVM_SET_FPU
+        // does not change the state XSAVE shows, so a stale value cannot be planted first.)
+        let xs = vcpu.fd().get_xsave().unwrap();
+        assert_eq!(xs.region[0] & 0xffff, 0x37f, "FCW");
+        assert_eq!(xs.region[6], 0x1f80, "MXCSR");
         let sregs = vcpu.sregs().unwrap();
         assert_eq!(sregs.cs.selector, 0x10, "__BOOT_CS");
         assert_eq!(sregs.ds.selector, 0x18, "__BOOT_DS");
