@@ -46,6 +46,21 @@ pub enum AioOp {
     Write,
     /// Make completed writes durable (`buf`, `len`, `offset` ignored).
     Flush,
+    /// Discard `len` bytes at `offset` (`buf` ignored).
+    Discard,
+    /// Zero `len` bytes at `offset`, deallocating where `unmap` allows and the
+    /// backend can (`buf` ignored).
+    WriteZeroes {
+        /// The device may deallocate instead of writing zeroes.
+        unmap: bool,
+    },
+}
+
+impl AioOp {
+    /// Whether the request transfers data through its buffer.
+    pub fn transfers_data(self) -> bool {
+        matches!(self, AioOp::Read | AioOp::Write)
+    }
 }
 
 /// One asynchronous request. The buffer is a raw pointer because it
@@ -124,6 +139,8 @@ unsafe fn run_sync<B: BlockBackend + ?Sized>(b: &B, req: &AioRequest) -> Result<
             b.write_vectored_at(&[IoSlice::new(s)], req.offset, WriteFlags::NONE)
         }
         AioOp::Flush => b.flush(),
+        AioOp::Discard => b.discard(req.offset, req.len as u64),
+        AioOp::WriteZeroes { unmap } => b.write_zeroes(req.offset, req.len as u64, unmap),
     }
 }
 
@@ -488,7 +505,10 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
         let a = self.target.data_alignment();
         let aligned =
             a <= 1 || (req.offset % a == 0 && req.len as u64 % a == 0 && (req.buf as u64) % a == 0);
-        if req.op == AioOp::Flush || !aligned {
+        // Flush, discard and write-zeroes are metadata operations for qcow2 (and
+        // a single fdatasync/fallocate for raw): they run inline and complete at
+        // once. Clusters that in-flight transfers use stay pinned meanwhile.
+        if !req.op.transfers_data() || !aligned {
             // SAFETY: forwarded caller contract.
             let result = unsafe { run_sync(&*self.target, &req) };
             self.done.push(Completion {
@@ -642,6 +662,51 @@ mod tests {
         }
         for (i, b) in bufs.iter().enumerate() {
             assert!(b.as_slice().iter().all(|&x| x == i as u8 + 1), "buffer {i}");
+        }
+        // Discard and write-zeroes go through the queue too. Write-zeroes ranges then
+        // read as zeroes; a discarded range reads as zeroes or as before (qcow2 drops
+        // whole clusters only, as QEMU does).
+        let ops = [
+            AioOp::Discard,
+            AioOp::WriteZeroes { unmap: false },
+            AioOp::WriteZeroes { unmap: true },
+        ];
+        out.clear();
+        for (i, op) in ops.into_iter().enumerate() {
+            let req = AioRequest {
+                op,
+                offset: (i as u64 * 4096 * 3) % size,
+                buf: std::ptr::null_mut(),
+                len: 4096,
+                user_data: 200 + i as u64,
+            };
+            // SAFETY: these operations touch no buffer.
+            unsafe { q.submit(req).unwrap() };
+        }
+        while out.len() < ops.len() {
+            q.wait(1, &mut out).unwrap();
+        }
+        assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
+        out.clear();
+        for (i, b) in bufs.iter_mut().enumerate().take(4) {
+            let req = AioRequest {
+                op: AioOp::Read,
+                offset: (i as u64 * 4096 * 3) % size,
+                buf: b.as_mut_ptr(),
+                len: 4096,
+                user_data: 300 + i as u64,
+            };
+            // SAFETY: as above.
+            unsafe { q.submit(req).unwrap() };
+        }
+        while out.len() < 4 {
+            q.wait(1, &mut out).unwrap();
+        }
+        let discarded = bufs[0].as_slice();
+        assert!(discarded.iter().all(|&x| x == 0) || discarded.iter().all(|&x| x == 1));
+        for (i, b) in bufs.iter().enumerate().take(4).skip(1) {
+            let want = if i < 3 { 0 } else { i as u8 + 1 };
+            assert!(b.as_slice().iter().all(|&x| x == want), "block {i} after zeroing");
         }
     }
 
