@@ -706,7 +706,10 @@ mod tests {
         assert!(discarded.iter().all(|&x| x == 0) || discarded.iter().all(|&x| x == 1));
         for (i, b) in bufs.iter().enumerate().take(4).skip(1) {
             let want = if i < 3 { 0 } else { i as u8 + 1 };
-            assert!(b.as_slice().iter().all(|&x| x == want), "block {i} after zeroing");
+            assert!(
+                b.as_slice().iter().all(|&x| x == want),
+                "block {i} after zeroing"
+            );
         }
     }
 
