@@ -52,3 +52,8 @@ pub use config::ConfigSpace;
 pub use function::{BarChange, PciDevice, PciFunction};
 pub use msix::MsixLayout;
 pub use segment::{McfgEntry, PciSegment};
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

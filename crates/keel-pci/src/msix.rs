@@ -62,16 +62,21 @@ pub struct Msix {
 
 impl Msix {
     /// Adds the capability to `cfg`. Vectors start masked, MSI-X disabled.
+    ///
+    /// The vector count must be 1 to [`MAX_VECTORS`] and at most the group's size, else
+    /// [`ConfigError::InvalidVectors`].
     pub fn new(
         cfg: &mut ConfigSpace,
         layout: MsixLayout,
         group: Arc<dyn MsiGroup>,
     ) -> Result<Self, ConfigError> {
-        assert!(
-            (1..=MAX_VECTORS).contains(&layout.vectors)
-                && usize::from(layout.vectors) <= group.len(),
-            "MSI-X vector count must be 1..=2048 and fit the interrupt group"
-        );
+        if !(1..=MAX_VECTORS).contains(&layout.vectors) || usize::from(layout.vectors) > group.len()
+        {
+            return Err(ConfigError::InvalidVectors {
+                count: u32::from(layout.vectors),
+                group: group.len(),
+            });
+        }
         let ctrl = layout.vectors - 1;
         let mut body = Vec::with_capacity(10);
         body.extend_from_slice(&ctrl.to_le_bytes());
@@ -238,5 +243,60 @@ impl Msix {
         } else if let Err(e) = self.group.trigger(v) {
             log::warn!("MSI-X vector {v}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_bus::interrupt::Result;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Group(usize);
+    impl MsiGroup for Group {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn configure(&self, _: usize, _: MsiMessage, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn trigger(&self, _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn is_pending(&self, _: usize) -> Result<bool> {
+            Ok(false)
+        }
+        fn notifier(&self, _: usize) -> Option<&EventFd> {
+            None
+        }
+    }
+
+    fn layout(vectors: u16) -> MsixLayout {
+        MsixLayout {
+            vectors,
+            table_bar: 0,
+            table_offset: 0,
+            pba_bar: 0,
+            pba_offset: 0x8000,
+        }
+    }
+
+    #[test]
+    fn bad_vector_counts_are_errors() {
+        let mut cfg = ConfigSpace::new(1, 2, 3, 4, 5);
+        for (vectors, group) in [(0, 4), (5, 4), (MAX_VECTORS + 1, 4096)] {
+            assert_eq!(
+                Msix::new(&mut cfg, layout(vectors), Arc::new(Group(group))).err(),
+                Some(ConfigError::InvalidVectors {
+                    count: u32::from(vectors),
+                    group
+                }),
+                "{vectors} vectors, group of {group}"
+            );
+        }
+        assert!(cfg.capabilities().is_empty(), "nothing added on error");
+        let m = Msix::new(&mut cfg, layout(MAX_VECTORS), Arc::new(Group(4096))).unwrap();
+        assert_eq!(cfg.capabilities(), vec![(m.cap_offset(), cap_id::MSIX)]);
+        assert_eq!(cfg.read_u16(m.cap_offset() + 2), MAX_VECTORS - 1);
     }
 }

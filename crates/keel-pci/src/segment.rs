@@ -35,6 +35,16 @@ pub enum SegmentError {
         #[source]
         source: keel_memory::AllocatorError,
     },
+    /// A removed device's BAR space could not be returned to the allocator (it is not the
+    /// allocator the device was added with).
+    #[error("cannot return the space of BAR {bar} to the allocator")]
+    Release {
+        /// BAR index.
+        bar: u8,
+        /// The allocator's error.
+        #[source]
+        source: keel_memory::AllocatorError,
+    },
     /// A bus rejected a range.
     #[error(transparent)]
     Bus(#[from] keel_bus::Error),
@@ -53,26 +63,34 @@ pub struct McfgEntry {
     pub end_bus: u8,
 }
 
-type Slot = Arc<Mutex<PciFunction>>;
+/// A function as the segment and its BAR windows share it. Accesses clone the `Arc` for
+/// their duration; removal takes the function out under the lock, so an access that
+/// raced with it finds `None` and behaves as if the slot were empty.
+type Slot = Arc<Mutex<Option<PciFunction>>>;
 
-fn lock(f: &Slot) -> MutexGuard<'_, PciFunction> {
+fn lock(f: &Slot) -> MutexGuard<'_, Option<PciFunction>> {
     f.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An occupied slot: the function, and what the allocator gave each of its BARs (given
+/// back on removal, wherever the guest has moved the BAR since).
+struct Entry {
+    function: Slot,
+    placed: Vec<(u8, BarKind, (u64, u64))>,
 }
 
 /// A BAR's range on a bus, forwarding to its function.
 struct BarWindow {
-    function: Weak<Mutex<PciFunction>>,
+    function: Weak<Mutex<Option<PciFunction>>>,
     bar: u8,
 }
 
 impl BarWindow {
-    fn with(&self, f: impl FnOnce(&mut PciFunction)) -> bool {
-        match self.function.upgrade() {
-            Some(func) => {
-                f(&mut lock(&func));
-                true
+    fn with(&self, f: impl FnOnce(&mut PciFunction)) {
+        if let Some(func) = self.function.upgrade() {
+            if let Some(function) = lock(&func).as_mut() {
+                f(function);
             }
-            None => false,
         }
     }
 }
@@ -108,7 +126,7 @@ impl PciDevice for HostBridge {
 
 /// Bus 0 of a PCI segment.
 pub struct PciSegment {
-    slots: RwLock<Vec<Option<Slot>>>,
+    slots: RwLock<Vec<Option<Entry>>>,
     config_address: Mutex<u32>,
     ecam_base: u64,
     mmio: Arc<MmioBus>,
@@ -127,8 +145,11 @@ impl PciSegment {
             ConfigSpace::new(HOST_BRIDGE_ID.0, HOST_BRIDGE_ID.1, 0x06, 0x00, 0x00),
             Box::new(HostBridge),
         );
-        let mut slots = vec![None; DEVICES_PER_BUS];
-        slots[0] = Some(Arc::new(Mutex::new(bridge)));
+        let mut slots: Vec<Option<Entry>> = (0..DEVICES_PER_BUS).map(|_| None).collect();
+        slots[0] = Some(Entry {
+            function: Arc::new(Mutex::new(Some(bridge))),
+            placed: Vec::new(),
+        });
         PciSegment {
             slots: RwLock::new(slots),
             config_address: Mutex::new(0),
@@ -174,13 +195,13 @@ impl PciSegment {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(device)
-            .cloned()
-            .flatten()
+            .and_then(Option::as_ref)
+            .map(|e| e.function.clone())
     }
 
     /// Adds `function` in the first free slot: gives each BAR an address from `alloc`
     /// (aligned to its size), turns decoding on as firmware would, and maps the BARs.
-    /// Returns the slot (device number).
+    /// Returns the slot (device number). On error nothing is kept from `alloc`.
     pub fn add_device(
         &self,
         mut function: PciFunction,
@@ -192,39 +213,69 @@ impl PciSegment {
             .position(Option::is_none)
             .ok_or(SegmentError::Full)?;
         let specs = *function.bars();
+        let mut placed = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
             let Some(spec) = spec else { continue };
-            let placed = match spec.kind {
+            let bar = i as u8;
+            let allocation = match spec.kind {
                 BarKind::Io => alloc.allocate_pio(spec.size, spec.size),
                 BarKind::Memory32 { .. } => alloc.allocate_mmio32(spec.size, spec.size.max(4096)),
                 BarKind::Memory64 { .. } => alloc.allocate_mmio64(spec.size, spec.size.max(4096)),
+            };
+            match allocation {
+                Ok(a) => {
+                    function.place_bar(i, a.0);
+                    placed.push((bar, spec.kind, a));
+                }
+                Err(source) => {
+                    // Give back what the BARs before this one got. Freeing a range just
+                    // handed out cannot fail; if it somehow did, the error that matters is
+                    // still the placement one.
+                    let _ = release(alloc, &placed);
+                    return Err(SegmentError::Placement { bar, source });
+                }
             }
-            .map_err(|source| SegmentError::Placement {
-                bar: i as u8,
-                source,
-            })?;
-            function.place_bar(i, placed.0);
         }
         function.enable_decoding();
-        let slot = Arc::new(Mutex::new(function));
+        let slot: Slot = Arc::new(Mutex::new(None));
         {
-            let mut f = lock(&slot);
+            let mut guard = lock(&slot);
+            let f = guard.insert(function);
             let changes = f.redecode();
-            self.apply(&slot, &mut f, &changes);
+            self.apply(&slot, f, &changes);
         }
-        slots[free] = Some(slot);
+        slots[free] = Some(Entry {
+            function: slot,
+            placed,
+        });
         Ok(free as u8)
     }
 
-    /// Removes the device in slot `device` and unmaps its BARs.
-    pub fn remove_device(&self, device: u8) -> Result<PciFunction, SegmentError> {
-        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
-        let slot = match slots.get_mut(usize::from(device)) {
-            Some(s @ Some(_)) if device != 0 => s.take().expect("checked"),
-            _ => return Err(SegmentError::NoDevice(device)),
-        };
-        {
-            let mut f = lock(&slot);
+    /// Removes the device in slot `device`, unmaps its BARs and returns their space to
+    /// `alloc` (the allocator it was added with). Configuration and BAR accesses in flight
+    /// on other threads are waited for; any that arrive later find an empty slot. Once
+    /// this returns the device model is no longer called.
+    ///
+    /// With the wrong allocator the device is still removed (and dropped) and
+    /// [`SegmentError::Release`] names the first BAR whose space could not be returned.
+    pub fn remove_device(
+        &self,
+        device: u8,
+        alloc: &mut SystemAllocator,
+    ) -> Result<PciFunction, SegmentError> {
+        let entry = {
+            let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+            match slots.get_mut(usize::from(device)) {
+                Some(e @ Some(_)) if device != 0 => e.take(),
+                _ => None,
+            }
+        }
+        .ok_or(SegmentError::NoDevice(device))?;
+        // The slot table is not held from here on: an access in flight may hold this
+        // function's lock while it reaches for another slot.
+        let function = {
+            let mut guard = lock(&entry.function);
+            let mut f = guard.take().ok_or(SegmentError::NoDevice(device))?;
             let changes: Vec<BarChange> = f
                 .decoded()
                 .iter()
@@ -240,16 +291,17 @@ impl PciSegment {
                     })
                 })
                 .collect();
-            self.apply(&slot, &mut f, &changes);
-        }
-        Ok(Arc::try_unwrap(slot)
-            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
-            .unwrap_or_else(|_| unreachable!("BAR windows hold weak references only")))
+            self.apply(&entry.function, &mut f, &changes);
+            f
+        };
+        release(alloc, &entry.placed)?;
+        Ok(function)
     }
 
     /// Runs `f` on the function in slot `device` while holding its lock.
     pub fn with_function<R>(&self, device: u8, f: impl FnOnce(&mut PciFunction) -> R) -> Option<R> {
-        self.slot(usize::from(device)).map(|s| f(&mut lock(&s)))
+        self.slot(usize::from(device))
+            .and_then(|s| lock(&s).as_mut().map(f))
     }
 
     /// Moves bus ranges for `changes`: the device hears first (to move its doorbells,
@@ -305,8 +357,13 @@ impl PciSegment {
     /// A configuration read of function `func` of device `device` on bus `bus`.
     /// Absent functions read as all ones.
     pub fn config_read(&self, bus: u8, device: u8, func: u8, offset: usize, data: &mut [u8]) {
-        match (bus, func, self.slot(usize::from(device))) {
-            (0, 0, Some(s)) => lock(&s).config_read(offset, data),
+        let slot = match (bus, func) {
+            (0, 0) => self.slot(usize::from(device)),
+            _ => None,
+        };
+        let guard = slot.as_ref().map(lock);
+        match guard.as_deref() {
+            Some(Some(f)) => f.config_read(offset, data),
             _ => data.fill(0xff),
         }
     }
@@ -314,11 +371,32 @@ impl PciSegment {
     /// A configuration write; BAR changes are applied to the buses before it returns.
     pub fn config_write(&self, bus: u8, device: u8, func: u8, offset: usize, data: &[u8]) {
         if let (0, 0, Some(s)) = (bus, func, self.slot(usize::from(device))) {
-            let mut f = lock(&s);
-            let changes = f.config_write(offset, data);
-            self.apply(&s, &mut f, &changes);
+            if let Some(f) = lock(&s).as_mut() {
+                let changes = f.config_write(offset, data);
+                self.apply(&s, f, &changes);
+            }
         }
     }
+}
+
+/// Returns BAR allocations to `alloc`, all of them even if one fails; the first failure is
+/// the error.
+fn release(
+    alloc: &mut SystemAllocator,
+    placed: &[(u8, BarKind, (u64, u64))],
+) -> Result<(), SegmentError> {
+    let mut result = Ok(());
+    for &(bar, kind, a) in placed {
+        let freed = match kind {
+            BarKind::Io => alloc.free_pio(a),
+            BarKind::Memory32 { .. } => alloc.free_mmio32(a),
+            BarKind::Memory64 { .. } => alloc.free_mmio64(a),
+        };
+        if let (Ok(()), Err(source)) = (&result, freed) {
+            result = Err(SegmentError::Release { bar, source });
+        }
+    }
+    result
 }
 
 /// Configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc-0xcff.

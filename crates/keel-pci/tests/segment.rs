@@ -11,7 +11,9 @@ use keel_bus::interrupt::{
 };
 use keel_bus::{MmioBus, PioBus};
 use keel_memory::{MemoryLayout, SystemAllocator, GIB};
-use keel_pci::config::{command, reg};
+use keel_pci::config::{command, reg, ConfigError};
+use keel_pci::function::FunctionError;
+use keel_pci::segment::SegmentError;
 use keel_pci::{BarSpec, ConfigSpace, MsixLayout, PciDevice, PciFunction, PciSegment};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -331,10 +333,17 @@ fn guest_sizes_and_reassigns_a_bar_and_the_bus_follows() {
     assert_eq!(r.mmio_u32(0xc900_0000), Some(0xabcd_0123));
 
     // Removal unmaps.
-    r.segment.remove_device(slot).unwrap();
+    r.segment.remove_device(slot, &mut r.alloc).unwrap();
     assert_eq!(r.mmio_u32(0xc900_0000), None);
     assert_eq!(r.ecam_read(slot, 0), 0xffff_ffff);
-    assert!(r.segment.remove_device(0).is_err(), "the host bridge stays");
+    assert!(
+        r.segment.remove_device(0, &mut r.alloc).is_err(),
+        "the host bridge stays"
+    );
+    // The space the allocator gave the BAR is back, though the guest had moved the BAR.
+    let (h, _) = r.device(0x7777_7777);
+    assert_eq!(r.segment.add_device(h, &mut r.alloc).unwrap(), slot);
+    assert_eq!(u64::from(r.ecam_read(slot, 0x10) & !0xf), initial);
 }
 
 #[test]
@@ -471,6 +480,35 @@ fn msix_masking_and_pending() {
     assert_eq!(r.mmio_u32(pba), Some(0));
     r.segment.with_function(slot, |f| f.trigger_msi(7));
     assert!(group.delivered().is_empty());
+}
+
+/// A vector count the capability cannot describe, or larger than the interrupt group, is
+/// an error from `with_msix`, not a panic.
+#[test]
+fn msix_vector_counts_are_checked() {
+    for (vectors, group) in [(0u16, 4usize), (4, 2)] {
+        let built = PciFunction::new(ConfigSpace::new(1, 2, 3, 4, 5), Box::new(HostlessDevice))
+            .with_bar(1, BarSpec::mem32(0x4000, false).unwrap())
+            .unwrap()
+            .with_msix(
+                MsixLayout {
+                    vectors,
+                    table_bar: 1,
+                    table_offset: 0x2000,
+                    pba_bar: 1,
+                    pba_offset: 0x3000,
+                },
+                Group::new(group),
+            );
+        assert!(
+            matches!(
+                built,
+                Err(FunctionError::Config(ConfigError::InvalidVectors { count, group: g }))
+                    if count == u32::from(vectors) && g == group
+            ),
+            "{vectors} vectors, group of {group}"
+        );
+    }
 }
 
 #[test]
@@ -632,4 +670,151 @@ fn relocation_under_concurrent_access() {
         doorbells.log.lock().unwrap().len(),
         1 + 2 + 2 * 2000 + 2 * 200
     );
+}
+
+/// A device is added and removed again and again while other threads hammer its
+/// configuration space (CF8/CFC, ECAM, `with_function`) and its BAR. Removal never panics
+/// and waits for accesses in flight: once it returns, the slot reads as empty, nothing
+/// decodes at the BAR and the doorbell is unregistered. The BAR's space goes back to the
+/// allocator, so every new device in the slot is placed at the same address.
+#[test]
+fn removal_under_concurrent_access() {
+    const SIG: u32 = 0x0bad_cafe;
+    let mut r = rig();
+    let mut alloc = std::mem::replace(
+        &mut r.alloc,
+        SystemAllocator::new(&MemoryLayout::new(GIB).unwrap(), 5).unwrap(),
+    );
+    let (f, _) = r.device(SIG);
+    let slot = r.segment.add_device(f, &mut alloc).unwrap();
+    let bar = u64::from(r.ecam_read(slot, 0x10) & !0xf);
+    let r = Arc::new(r);
+    let stop = Arc::new(AtomicBool::new(false));
+    let hits = Arc::new(AtomicU64::new(0));
+    let spawn = |body: Box<dyn Fn(&Rig) + Send>| {
+        let (r, stop) = (r.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                body(&r)
+            }
+        })
+    };
+    let present_or_absent = |v: u32, what: &str| {
+        assert!(
+            v == 0x0011_1234 || v == 0xffff_ffff,
+            "{what} read {v:#x}: neither the device nor an empty slot"
+        )
+    };
+    let hammers = [
+        spawn(Box::new(move |r| {
+            present_or_absent(r.cf8_read(slot, 0, 4), "CF8/CFC");
+            r.cf8_write(slot, 0x3c, 7, 1);
+        })),
+        spawn(Box::new(move |r| {
+            present_or_absent(r.ecam_read(slot, 0), "ECAM");
+            r.ecam_write(slot, reg::COMMAND as u64, u32::from(command::MEMORY));
+            if let Some(id) = r.segment.with_function(slot, |f| f.config().read_u32(0)) {
+                present_or_absent(id, "with_function");
+            }
+        })),
+        spawn(Box::new({
+            let hits = hits.clone();
+            move |r| {
+                match r.mmio_u32(bar) {
+                    Some(SIG) => drop(hits.fetch_add(1, Ordering::Relaxed)),
+                    // Dispatched just before the range went away, served after removal.
+                    Some(0xffff_ffff) | None => {}
+                    Some(v) => panic!("BAR read {v:#x}"),
+                }
+                let _ = r.mmio.write(bar + 0x10, &[1]);
+            }
+        })),
+    ];
+    for _ in 0..200 {
+        // Let the hammers reach the device before taking it away.
+        let seen = hits.load(Ordering::Relaxed);
+        while hits.load(Ordering::Relaxed) < seen + 3 {
+            assert!(
+                hammers.iter().all(|t| !t.is_finished()),
+                "a hammer thread failed"
+            );
+            std::thread::yield_now();
+        }
+        let removed = r.segment.remove_device(slot, &mut alloc).unwrap();
+        assert_eq!(removed.config().read_u32(0), 0x0011_1234);
+        assert_eq!(r.ecam_read(slot, 0), 0xffff_ffff);
+        assert_eq!(r.mmio_u32(bar), None);
+        assert!(r.registrar.live.lock().unwrap().is_empty());
+        let (f, _) = r.device(SIG);
+        assert_eq!(r.segment.add_device(f, &mut alloc).unwrap(), slot);
+        assert_eq!(
+            u64::from(r.ecam_read(slot, 0x10) & !0xf),
+            bar,
+            "BAR space reused"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in hammers {
+        t.join().expect("a hammer thread failed");
+    }
+}
+
+/// Every kind of BAR goes back to its pool on removal; a device that cannot be placed
+/// keeps nothing; the wrong allocator is reported, with the device removed all the same.
+#[test]
+fn bar_space_returns_to_the_allocator() {
+    let mut r = rig();
+    let function = || {
+        PciFunction::new(ConfigSpace::new(1, 2, 3, 4, 5), Box::new(HostlessDevice))
+            .with_bar(0, BarSpec::mem32(0x2000, false).unwrap())
+            .unwrap()
+            .with_bar(1, BarSpec::mem64(0x10_0000, true).unwrap())
+            .unwrap()
+            .with_bar(3, BarSpec::io(0x40).unwrap())
+            .unwrap()
+    };
+    let bars = |r: &Rig, slot: u8| {
+        (
+            r.ecam_read(slot, 0x10) & !0xf,
+            r.ecam_read(slot, 0x14) & !0xf,
+            r.ecam_read(slot, 0x18),
+            r.ecam_read(slot, 0x1c) & !0x3,
+        )
+    };
+    let slot = r.segment.add_device(function(), &mut r.alloc).unwrap();
+    let first = bars(&r, slot);
+    r.segment.remove_device(slot, &mut r.alloc).unwrap();
+    let slot = r.segment.add_device(function(), &mut r.alloc).unwrap();
+    assert_eq!(
+        bars(&r, slot),
+        first,
+        "every BAR placed where the first device was"
+    );
+    r.segment.remove_device(slot, &mut r.alloc).unwrap();
+
+    // The second BAR cannot fit after the first: the first one's space is given back.
+    let too_big = PciFunction::new(ConfigSpace::new(1, 2, 3, 4, 5), Box::new(HostlessDevice))
+        .with_bar(0, BarSpec::mem32(0x1000, false).unwrap())
+        .unwrap()
+        .with_bar(1, BarSpec::mem32(1 << 31, false).unwrap())
+        .unwrap();
+    assert!(matches!(
+        r.segment.add_device(too_big, &mut r.alloc),
+        Err(SegmentError::Placement { bar: 1, .. })
+    ));
+    let slot = r.segment.add_device(function(), &mut r.alloc).unwrap();
+    assert_eq!(
+        bars(&r, slot),
+        first,
+        "nothing leaked by the failed placement"
+    );
+
+    // Removal with an allocator that never gave out these ranges.
+    let mut other = SystemAllocator::new(&MemoryLayout::new(GIB).unwrap(), 5).unwrap();
+    assert!(matches!(
+        r.segment.remove_device(slot, &mut other),
+        Err(SegmentError::Release { bar: 0, .. })
+    ));
+    assert_eq!(r.ecam_read(slot, 0), 0xffff_ffff, "removed all the same");
+    assert_eq!(r.mmio_u32(u64::from(first.0)), None);
 }

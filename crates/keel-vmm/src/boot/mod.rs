@@ -145,7 +145,7 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a Path>,
     /// The kernel command line.
     pub cmdline: &'a str,
-    /// The PCI segment's MCFG entry, for the ACPI tables.
+    /// The PCI segment's MCFG entry, for the ACPI tables (MCFG and the DSDT's `\\_SB.PCI0`).
     pub pci: Option<keel_pci::McfgEntry>,
 }
 
@@ -213,7 +213,7 @@ pub fn load(
         source,
     };
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(load_err)?;
-    let rsdp = acpi::write_tables(mem, vcpus, spec.pci.as_ref())?;
+    let rsdp = acpi::write_tables(mem, layout, vcpus, spec.pci.as_ref())?;
 
     let kernel_end = loaded.kernel_end.max(loaded.kernel_load.raw_value());
     let initrd_max = loaded
