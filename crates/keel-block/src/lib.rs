@@ -8,6 +8,7 @@ pub mod error;
 pub mod mem;
 pub mod qcow2;
 pub mod raw;
+pub mod throttle;
 
 pub use backend::{BlockBackend, Limits, WriteFlags};
 pub use error::{Error, Result};
