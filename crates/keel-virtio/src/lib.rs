@@ -15,6 +15,8 @@ pub mod echo;
 pub mod mmio;
 pub mod pci;
 pub mod state;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod worker;
 
 pub use device::{

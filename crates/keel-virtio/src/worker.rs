@@ -142,6 +142,13 @@ pub fn drain_queue(
     if !used_any {
         return Ok(false);
     }
+    should_interrupt(queue, mem)
+}
+
+/// After adding used buffers: whether the driver asked to be interrupted (its used_event
+/// with EVENT_IDX, else the absence of VIRTQ_AVAIL_F_NO_INTERRUPT). With EVENT_IDX, call
+/// it once per batch: it also resets virtio-queue's count of buffers added since.
+pub fn should_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
     if queue.event_idx_enabled() {
         return queue.needs_notification(mem).map_err(QueueError::Broken);
     }

@@ -2,18 +2,17 @@
 //! the ISR and doorbell relocation; the virtio-mmio identification registers, access
 //! widths, QueueNotify ioeventfds and the command-line fragment.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 
-use common::*;
 use keel_bus::interrupt::{DataMatch, IoEventAddress};
 use keel_bus::MmioDevice;
+use keel_virtio::echo::Echo;
 use keel_virtio::pci::{NO_VECTOR, VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR};
+use keel_virtio::testing::*;
 
 #[test]
 fn pci_function_identifies_as_a_modern_virtio_device() {
-    let d = PciDriver::new();
+    let d = PciDriver::new(Box::new(Echo::new()));
     let f = d.f.lock().unwrap();
     let mut id = [0u8; 4];
     f.config_read(0, &mut id);
@@ -42,7 +41,7 @@ fn pci_function_identifies_as_a_modern_virtio_device() {
 
 #[test]
 fn pci_queue_and_config_interrupts_use_the_vectors_the_driver_chose() {
-    let d = PciDriver::new();
+    let d = PciDriver::new(Box::new(Echo::new()));
     let mem = d.mem.clone();
     let mut ring = Ring::new(&mem, QUEUE_SIZE);
     d.start(VERSION_1, &ring);
@@ -99,7 +98,7 @@ fn pci_queue_and_config_interrupts_use_the_vectors_the_driver_chose() {
 
 #[test]
 fn pci_queue_configuration_is_read_only_after_driver_ok() {
-    let d = PciDriver::new();
+    let d = PciDriver::new(Box::new(Echo::new()));
     let mem = d.mem.clone();
     let ring = Ring::new(&mem, QUEUE_SIZE);
     d.start(VERSION_1, &ring);
@@ -119,7 +118,7 @@ fn pci_queue_configuration_is_read_only_after_driver_ok() {
 
 #[test]
 fn pci_doorbells_follow_the_bar_new_before_old() {
-    let d = PciDriver::new();
+    let d = PciDriver::new(Box::new(Echo::new()));
     let mut f = d.f.lock().unwrap();
     f.device_mut().bar_moved(0, None, Some(0xc000_0000));
     f.device_mut()
@@ -140,7 +139,7 @@ fn pci_doorbells_follow_the_bar_new_before_old() {
 
 #[test]
 fn mmio_identifies_and_ignores_partial_register_accesses() {
-    let d = MmioDriver::new();
+    let d = MmioDriver::new(Box::new(Echo::new()));
     assert_eq!(d.r(mmio_reg::MAGIC), 0x7472_6976);
     assert_eq!(d.r(mmio_reg::VERSION), 2);
     assert_eq!(d.r(mmio_reg::DEVICE_ID), 0x3f);
@@ -160,7 +159,7 @@ fn mmio_identifies_and_ignores_partial_register_accesses() {
 
 #[test]
 fn mmio_ioeventfds_match_the_queue_index_and_the_cmdline_names_the_device() {
-    let d = MmioDriver::new();
+    let d = MmioDriver::new(Box::new(Echo::new()));
     let reg = RecordingRegistrar::default();
     d.dev.register_ioeventfds(&reg).unwrap();
     assert_eq!(
@@ -179,7 +178,7 @@ fn mmio_ioeventfds_match_the_queue_index_and_the_cmdline_names_the_device() {
 
 #[test]
 fn mmio_interrupt_ack_clears_only_the_acknowledged_causes() {
-    let d = MmioDriver::new();
+    let d = MmioDriver::new(Box::new(Echo::new()));
     let mem = d.mem.clone();
     let mut ring = Ring::new(&mem, QUEUE_SIZE);
     d.start(VERSION_1, &ring);

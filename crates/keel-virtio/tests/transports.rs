@@ -3,15 +3,14 @@
 //! ways, configuration changes, reset in the middle of I/O, malformed set-up and broken
 //! rings. Every test runs over virtio-mmio and virtio-pci.
 
-mod common;
-
-use common::*;
+use keel_virtio::echo::Echo;
 use keel_virtio::echo::ECHO_MAGIC;
+use keel_virtio::testing::*;
 
 /// Runs `test` once per transport.
 fn both(test: impl Fn(&dyn Driver)) {
-    test(&MmioDriver::new());
-    test(&PciDriver::new());
+    test(&MmioDriver::new(Box::new(Echo::new())));
+    test(&PciDriver::new(Box::new(Echo::new())));
 }
 
 #[test]

@@ -1,46 +1,76 @@
-//! A driver-side harness for the transport tests: guest memory, rings laid out by
-//! virtio-queue's `MockSplitQueue`, mock interrupt sinks, and one `Driver` trait that both
-//! transports implement so every behaviour is checked over both.
-#![allow(dead_code)]
+//! A driver-side harness for testing virtio devices and transports without a VM (feature
+//! `test-utils`): guest memory, split rings laid out by virtio-queue's `MockSplitQueue`,
+//! interrupt sinks that count, and one [`Driver`] trait that both transports implement,
+//! so a device's tests can run over virtio-mmio and virtio-pci alike.
+//!
+//! ```
+//! use keel_virtio::echo::Echo;
+//! use keel_virtio::testing::*;
+//!
+//! let d = MmioDriver::new(Box::new(Echo::new()));
+//! let mem = d.mem().clone();
+//! let mut ring = Ring::new(&mem, QUEUE_SIZE);
+//! d.start(VERSION_1, &ring);
+//! let (_, out) = ring.request(b"hi", 1, 16, DATA_BASE);
+//! d.notify(0);
+//! ring.wait_used(1);
+//! assert_eq!(read_bytes(&mem, out, 2), b"hi");
+//! ```
 
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::device::VirtioDevice;
+use crate::mmio::VirtioMmio;
+use crate::pci::virtio_pci_function;
 use keel_bus::interrupt::{
     DataMatch, InterruptLine, IoEventAddress, IoEventRegistrar, MsiGroup, MsiMessage, Result,
 };
 use keel_bus::MmioDevice;
 use keel_memory::GuestMemoryMmap;
 use keel_pci::PciFunction;
-use keel_virtio::echo::Echo;
-use keel_virtio::mmio::VirtioMmio;
-use keel_virtio::virtio_pci_function;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+/// Size of the test guest memory (2 MiB from address 0).
 pub const MEM_SIZE: usize = 0x20_0000;
+/// Where [`Ring`] lays out its descriptor table.
 pub const RING_BASE: u64 = 0x1000;
+/// A convenient place for request buffers, clear of the rings.
 pub const DATA_BASE: u64 = 0x10_0000;
+/// The queue size tests use.
 pub const QUEUE_SIZE: u16 = 16;
 
+/// Device status: ACKNOWLEDGE.
 pub const ACKNOWLEDGE: u8 = 1;
+/// Device status: DRIVER.
 pub const DRIVER: u8 = 2;
+/// Device status: DRIVER_OK.
 pub const DRIVER_OK: u8 = 4;
+/// Device status: FEATURES_OK.
 pub const FEATURES_OK: u8 = 8;
+/// Device status: DEVICE_NEEDS_RESET.
 pub const NEEDS_RESET: u8 = 64;
 
+/// Feature: VIRTIO_F_VERSION_1.
 pub const VERSION_1: u64 = 1 << 32;
+/// Feature: VIRTIO_RING_F_INDIRECT_DESC.
 pub const INDIRECT: u64 = 1 << 28;
+/// Feature: VIRTIO_RING_F_EVENT_IDX.
 pub const EVENT_IDX: u64 = 1 << 29;
 
+/// Descriptor flag: NEXT.
 pub const VRING_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: WRITE (device-writable).
 pub const VRING_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: INDIRECT.
 pub const VRING_DESC_F_INDIRECT: u16 = 4;
 
+/// Guest memory of [`MEM_SIZE`] bytes.
 pub fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
 }
@@ -75,15 +105,18 @@ impl InterruptLine for CountingLine {
 
 /// An MSI-X group that counts triggers per vector.
 pub struct CountingMsi {
+    /// Triggers per vector.
     pub counts: Vec<AtomicUsize>,
 }
 
 impl CountingMsi {
+    /// A group of `n` vectors.
     pub fn new(n: usize) -> Self {
         CountingMsi {
             counts: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         }
     }
+    /// Triggers of vector `v` so far.
     pub fn count(&self, v: usize) -> usize {
         self.counts[v].load(Ordering::SeqCst)
     }
@@ -111,6 +144,7 @@ impl MsiGroup for CountingMsi {
 /// Records ioeventfd registrations in order.
 #[derive(Default)]
 pub struct RecordingRegistrar {
+    /// (register?, address, datamatch) in call order.
     pub log: Mutex<Vec<(bool, IoEventAddress, DataMatch)>>,
 }
 
@@ -127,19 +161,31 @@ impl IoEventRegistrar for RecordingRegistrar {
 
 /// What the tests need from a transport, at the level a guest driver sees it.
 pub trait Driver {
+    /// Guest memory.
     fn mem(&self) -> &GuestMemoryMmap;
+    /// Reads the device status.
     fn status(&self) -> u8;
+    /// Writes the device status.
     fn set_status(&self, s: u8);
+    /// Reads all 64 device feature bits.
     fn device_features(&self) -> u64;
+    /// Writes all 64 driver feature bits.
     fn set_driver_features(&self, f: u64);
+    /// Maximum size of queue `q` (0 if it does not exist).
     fn queue_max(&self, q: u16) -> u16;
     /// Sets size and ring addresses of queue `q` (without enabling it).
     fn configure_queue(&self, q: u16, size: u16, desc: u64, avail: u64, used: u64);
+    /// Enables queue `q`.
     fn enable_queue(&self, q: u16);
+    /// Whether queue `q` reads as enabled.
     fn queue_enabled(&self, q: u16) -> bool;
+    /// Notifies queue `q`.
     fn notify(&self, q: u16);
+    /// Reads device configuration.
     fn read_config(&self, off: u64, data: &mut [u8]);
+    /// Writes device configuration.
     fn write_config(&self, off: u64, data: &[u8]);
+    /// Reads the configuration generation.
     fn config_generation(&self) -> u8;
     /// Interrupts delivered so far (any cause).
     fn irqs(&self) -> usize;
@@ -176,58 +222,83 @@ pub trait Driver {
 
 /// The echo device over virtio-mmio.
 pub struct MmioDriver {
+    /// Guest memory.
     pub mem: GuestMemoryMmap,
+    /// The transport under test.
     pub dev: VirtioMmio,
+    /// Its interrupt line.
     pub line: Arc<CountingLine>,
 }
 
+/// virtio-mmio register offsets.
 pub mod mmio_reg {
+    /// Register `MAGIC`.
     pub const MAGIC: u64 = 0x000;
+    /// Register `VERSION`.
     pub const VERSION: u64 = 0x004;
+    /// Register `DEVICE_ID`.
     pub const DEVICE_ID: u64 = 0x008;
+    /// Register `DEVICE_FEATURES`.
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// Register `DEVICE_FEATURES_SEL`.
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// Register `DRIVER_FEATURES`.
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// Register `DRIVER_FEATURES_SEL`.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// Register `QUEUE_SEL`.
     pub const QUEUE_SEL: u64 = 0x030;
+    /// Register `QUEUE_NUM_MAX`.
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// Register `QUEUE_NUM`.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// Register `QUEUE_READY`.
     pub const QUEUE_READY: u64 = 0x044;
+    /// Register `QUEUE_NOTIFY`.
     pub const QUEUE_NOTIFY: u64 = 0x050;
+    /// Register `INTERRUPT_STATUS`.
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// Register `INTERRUPT_ACK`.
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// Register `STATUS`.
     pub const STATUS: u64 = 0x070;
+    /// Register `QUEUE_DESC_LOW`.
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// Register `QUEUE_DESC_HIGH`.
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// Register `QUEUE_DRIVER_LOW`.
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// Register `QUEUE_DRIVER_HIGH`.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// Register `QUEUE_DEVICE_LOW`.
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// Register `QUEUE_DEVICE_HIGH`.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// Register `CONFIG_GENERATION`.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// Register `CONFIG`.
     pub const CONFIG: u64 = 0x100;
 }
 
 impl MmioDriver {
+    /// Where the device sits.
     pub const BASE: u64 = 0xd000_0000;
 
-    pub fn new() -> Self {
+    /// `device` over virtio-mmio at [`MmioDriver::BASE`], IRQ 5.
+    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let mem = memory();
         let line = Arc::new(CountingLine::default());
-        let dev = VirtioMmio::new(
-            Box::new(Echo::new()),
-            mem.clone(),
-            Self::BASE,
-            5,
-            line.clone(),
-        )
-        .expect("transport");
+        let dev =
+            VirtioMmio::new(device, mem.clone(), Self::BASE, 5, line.clone()).expect("transport");
         MmioDriver { mem, dev, line }
     }
+    /// Reads a 32-bit register.
     pub fn r(&self, off: u64) -> u32 {
         let mut b = [0u8; 4];
         self.dev.mmio_read(off, &mut b);
         u32::from_le_bytes(b)
     }
+    /// Writes a 32-bit register.
     pub fn w(&self, off: u64, v: u32) {
         self.dev.mmio_write(off, &v.to_le_bytes());
     }
@@ -302,35 +373,60 @@ impl Driver for MmioDriver {
 
 /// The echo device over virtio-pci (BAR 0 accessed directly, as the bus would).
 pub struct PciDriver {
+    /// Guest memory.
     pub mem: GuestMemoryMmap,
+    /// The PCI function.
     pub f: Mutex<PciFunction>,
+    /// Its MSI-X vectors.
     pub msi: Arc<CountingMsi>,
+    /// Its doorbell registrations.
     pub registrar: Arc<RecordingRegistrar>,
     /// (BAR offset) of the common, notify, ISR and device structures, and the notify
     /// multiplier, found by walking the capability list.
     pub common: u64,
+    /// BAR offset of the notification area.
     pub notify: u64,
+    /// The notify offset multiplier.
     pub multiplier: u64,
+    /// BAR offset of the ISR.
     pub isr: u64,
+    /// BAR offset of the device configuration.
     pub device: u64,
 }
 
+/// virtio-pci common configuration offsets.
 pub mod common_cfg {
+    /// Field `DEVICE_FEATURE_SELECT`.
     pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    /// Field `DEVICE_FEATURE`.
     pub const DEVICE_FEATURE: u64 = 0x04;
+    /// Field `DRIVER_FEATURE_SELECT`.
     pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    /// Field `DRIVER_FEATURE`.
     pub const DRIVER_FEATURE: u64 = 0x0c;
+    /// Field `CONFIG_MSIX_VECTOR`.
     pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    /// Field `NUM_QUEUES`.
     pub const NUM_QUEUES: u64 = 0x12;
+    /// Field `DEVICE_STATUS`.
     pub const DEVICE_STATUS: u64 = 0x14;
+    /// Field `CONFIG_GENERATION`.
     pub const CONFIG_GENERATION: u64 = 0x15;
+    /// Field `QUEUE_SELECT`.
     pub const QUEUE_SELECT: u64 = 0x16;
+    /// The queue size tests use.
     pub const QUEUE_SIZE: u64 = 0x18;
+    /// Field `QUEUE_MSIX_VECTOR`.
     pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    /// Field `QUEUE_ENABLE`.
     pub const QUEUE_ENABLE: u64 = 0x1c;
+    /// Field `QUEUE_NOTIFY_OFF`.
     pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    /// Field `QUEUE_DESC` (64 bits).
     pub const QUEUE_DESC: u64 = 0x20;
+    /// Field `QUEUE_DRIVER` (64 bits).
     pub const QUEUE_DRIVER: u64 = 0x28;
+    /// Field `QUEUE_DEVICE` (64 bits).
     pub const QUEUE_DEVICE: u64 = 0x30;
 }
 
@@ -366,17 +462,14 @@ pub fn virtio_caps(f: &PciFunction) -> Vec<(u8, u8, u32, u32, u32)> {
 }
 
 impl PciDriver {
-    pub fn new() -> Self {
+    /// `device` over virtio-pci, its structures found through the capability list;
+    /// one vector per queue plus one for configuration.
+    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let mem = memory();
-        let msi = Arc::new(CountingMsi::new(2));
+        let msi = Arc::new(CountingMsi::new(device.queue_max_sizes().len() + 1));
         let registrar = Arc::new(RecordingRegistrar::default());
-        let f = virtio_pci_function(
-            Box::new(Echo::new()),
-            mem.clone(),
-            msi.clone(),
-            Some(registrar.clone()),
-        )
-        .expect("function");
+        let f = virtio_pci_function(device, mem.clone(), msi.clone(), Some(registrar.clone()))
+            .expect("function");
         let caps = virtio_caps(&f);
         let find = |t: u8| {
             let c = caps
@@ -398,41 +491,50 @@ impl PciDriver {
             isr: u64::from(isr.2),
             device: u64::from(device.2),
         };
-        // Vectors: config on 0, queue 0 on 1.
+        // Vectors: config on 0, queue n on n + 1.
         d.w16(common_cfg::CONFIG_MSIX_VECTOR, 0);
         d
     }
 
+    /// Reads BAR 0.
     pub fn read(&self, off: u64, data: &mut [u8]) {
         self.f.lock().unwrap().bar_read(0, off, data)
     }
+    /// Writes BAR 0.
     pub fn write(&self, off: u64, data: &[u8]) {
         self.f.lock().unwrap().bar_write(0, off, data)
     }
+    /// Reads 8 bits of common configuration.
     pub fn r8(&self, off: u64) -> u8 {
         let mut b = [0u8; 1];
         self.read(self.common + off, &mut b);
         b[0]
     }
+    /// Reads 16 bits of common configuration.
     pub fn r16(&self, off: u64) -> u16 {
         let mut b = [0u8; 2];
         self.read(self.common + off, &mut b);
         u16::from_le_bytes(b)
     }
+    /// Reads 32 bits of common configuration.
     pub fn r32(&self, off: u64) -> u32 {
         let mut b = [0u8; 4];
         self.read(self.common + off, &mut b);
         u32::from_le_bytes(b)
     }
+    /// Writes 8 bits of common configuration.
     pub fn w8(&self, off: u64, v: u8) {
         self.write(self.common + off, &[v])
     }
+    /// Writes 16 bits of common configuration.
     pub fn w16(&self, off: u64, v: u16) {
         self.write(self.common + off, &v.to_le_bytes())
     }
+    /// Writes 32 bits of common configuration.
     pub fn w32(&self, off: u64, v: u32) {
         self.write(self.common + off, &v.to_le_bytes())
     }
+    /// Writes 64 bits of common configuration, low half first.
     pub fn w64(&self, off: u64, v: u64) {
         self.w32(off, v as u32);
         self.w32(off + 4, (v >> 32) as u32);
@@ -476,7 +578,7 @@ impl Driver for PciDriver {
         self.w64(common_cfg::QUEUE_DESC, desc);
         self.w64(common_cfg::QUEUE_DRIVER, avail);
         self.w64(common_cfg::QUEUE_DEVICE, used);
-        self.w16(common_cfg::QUEUE_MSIX_VECTOR, 1);
+        self.w16(common_cfg::QUEUE_MSIX_VECTOR, q + 1);
     }
     fn enable_queue(&self, q: u16) {
         self.w16(common_cfg::QUEUE_SELECT, q);
@@ -501,7 +603,7 @@ impl Driver for PciDriver {
         self.r8(common_cfg::CONFIG_GENERATION)
     }
     fn irqs(&self) -> usize {
-        self.msi.count(0) + self.msi.count(1)
+        (0..self.msi.counts.len()).map(|v| self.msi.count(v)).sum()
     }
     fn ack(&self) -> u32 {
         let mut b = [0u8; 1];
@@ -513,17 +615,24 @@ impl Driver for PciDriver {
 /// A split virtqueue in guest memory, laid out by `MockSplitQueue`, driven from the driver
 /// side: descriptors are handed out in order and the avail ring is published with a fence.
 pub struct Ring<'a> {
+    /// The mock that laid the ring out.
     pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    /// Guest memory.
     pub mem: &'a GuestMemoryMmap,
+    /// Queue size.
     pub size: u16,
+    /// Descriptor table address.
     pub desc: u64,
+    /// Available ring address.
     pub avail: u64,
+    /// Used ring address.
     pub used: u64,
     next_desc: u16,
     avail_idx: u16,
 }
 
 impl<'a> Ring<'a> {
+    /// A ring of `size` entries at [`RING_BASE`].
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
         let mock = MockSplitQueue::create(mem, GuestAddress(RING_BASE), size);
         let (desc, avail, used) = (
@@ -602,9 +711,11 @@ impl<'a> Ring<'a> {
         (head, out)
     }
 
+    /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
     }
+    /// The used ring's flags.
     pub fn used_flags(&self) -> u16 {
         self.mem.read_obj(GuestAddress(self.used)).unwrap()
     }
@@ -628,20 +739,24 @@ impl<'a> Ring<'a> {
             .write_obj(v, GuestAddress(self.avail + 4 + 2 * u64::from(self.size)))
             .unwrap();
     }
+    /// Writes the available ring's flags.
     pub fn set_avail_flags(&self, v: u16) {
         self.mem.write_obj(v, GuestAddress(self.avail)).unwrap();
     }
+    /// Waits until the used index reaches `n`.
     pub fn wait_used(&self, n: u16) {
         eventually(&format!("used index {n}"), || self.used_idx() == n);
     }
 }
 
+/// Reads `len` bytes of guest memory at `at`.
 pub fn read_bytes(mem: &GuestMemoryMmap, at: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     mem.read_slice(&mut v, GuestAddress(at)).unwrap();
     v
 }
 
+/// `payload` with every byte XORed with `x` (what the echo device returns).
 pub fn xored(payload: &[u8], x: u8) -> Vec<u8> {
     payload.iter().map(|b| b ^ x).collect()
 }
