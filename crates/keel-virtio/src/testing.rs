@@ -634,7 +634,12 @@ pub struct Ring<'a> {
 impl<'a> Ring<'a> {
     /// A ring of `size` entries at [`RING_BASE`].
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
-        let mock = MockSplitQueue::create(mem, GuestAddress(RING_BASE), size);
+        Self::at(mem, RING_BASE, size)
+    }
+
+    /// A ring of `size` entries laid out from `base` (for a second queue).
+    pub fn at(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
         let (desc, avail, used) = (
             mock.desc_table_addr().0,
             mock.avail_addr().0,

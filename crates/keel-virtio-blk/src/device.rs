@@ -1,0 +1,345 @@
+//! The virtio-blk device: configuration space, features, and one worker thread per queue
+//! that parses requests and runs them asynchronously on a keel-block I/O engine.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use keel_block::aio::{AioQueue, UringQueue, UringTarget};
+use keel_block::throttle::Throttle;
+use keel_block::BlockBackend;
+use keel_virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use keel_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::virtio_blk::*;
+
+use crate::request::{ID_BYTES, SECTOR_SIZE};
+use crate::worker::{QueueContext, Worker};
+
+/// The virtio device type of block devices.
+pub const BLOCK_DEVICE_TYPE: u32 = 2;
+
+/// Makes the I/O engine for one queue (called on that queue's worker thread).
+pub type EngineFactory = dyn Fn() -> keel_block::Result<Box<dyn AioQueue>> + Send + Sync;
+
+/// A disk as the device sees it: the backend (for size, limits, read-only) and how each
+/// queue gets its own asynchronous I/O engine over it.
+#[derive(Clone)]
+pub struct Disk {
+    pub(crate) backend: Arc<dyn BlockBackend>,
+    pub(crate) engine: Arc<EngineFactory>,
+    pub(crate) id: [u8; ID_BYTES],
+}
+
+impl Disk {
+    /// A disk served by io_uring (raw files, and qcow2 over a raw file).
+    pub fn uring<T: UringTarget + 'static>(target: Arc<T>, depth: u32) -> Disk {
+        let t = target.clone();
+        Disk {
+            backend: target,
+            engine: Arc::new(move || {
+                Ok(Box::new(UringQueue::new(t.clone(), depth)?) as Box<dyn AioQueue>)
+            }),
+            id: [0; ID_BYTES],
+        }
+    }
+
+    /// A disk over any backend, each queue served by `threads` worker threads (like
+    /// QEMU's `aio=threads`).
+    pub fn threads<B: BlockBackend + 'static>(backend: Arc<B>, threads: usize) -> Disk {
+        let b = backend.clone();
+        Disk {
+            backend,
+            engine: Arc::new(move || {
+                Ok(
+                    Box::new(keel_block::aio::ThreadQueue::new(b.clone(), threads)?)
+                        as Box<dyn AioQueue>,
+                )
+            }),
+            id: [0; ID_BYTES],
+        }
+    }
+
+    /// A disk over any backend, each request run inline on the queue's worker: the
+    /// baseline, deterministic (tests, fuzzing).
+    pub fn synchronous<B: BlockBackend + 'static>(backend: Arc<B>) -> Disk {
+        let b = backend.clone();
+        Disk {
+            backend,
+            engine: Arc::new(move || {
+                Ok(Box::new(keel_block::aio::SyncQueue::new(b.clone())) as Box<dyn AioQueue>)
+            }),
+            id: [0; ID_BYTES],
+        }
+    }
+
+    /// Sets the ID GET_ID returns (up to 20 bytes; longer IDs are cut).
+    pub fn with_id(mut self, id: &str) -> Disk {
+        self.id = [0; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        self.id[..n].copy_from_slice(&id.as_bytes()[..n]);
+        self
+    }
+}
+
+/// Device options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockOptions {
+    /// Number of request queues (1-64).
+    pub queues: u16,
+    /// Maximum size of each queue (a power of two up to 32768).
+    pub queue_size: u16,
+    /// Initial state of the guest-visible write cache (CONFIG_WCE): with `false` every
+    /// write is followed by a flush before it completes.
+    pub writeback: bool,
+    /// Requests per second (0: unlimited).
+    pub iops: u64,
+    /// Bytes per second (0: unlimited).
+    pub bps: u64,
+}
+
+impl Default for BlockOptions {
+    fn default() -> Self {
+        BlockOptions {
+            queues: 1,
+            queue_size: 256,
+            writeback: true,
+            iops: 0,
+            bps: 0,
+        }
+    }
+}
+
+/// Errors from building a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The queue count is outside 1-64.
+    #[error("{0} queues: a virtio-blk device has 1 to 64")]
+    Queues(u16),
+    /// The queue size is not a power of two from 2 to 32768.
+    #[error("queue size {0} is not a power of two from 2 to 32768")]
+    QueueSize(u16),
+    /// The disk is not a whole number of sectors.
+    #[error("the disk's size {0} is not a multiple of 512")]
+    Size(u64),
+}
+
+/// Sectors per discard / write-zeroes segment the device accepts (2 GiB - 512).
+const MAX_RANGE_SECTORS: u32 = (u32::MAX >> 9) >> 1;
+/// Segments per discard / write-zeroes request.
+const MAX_RANGE_SEGS: u32 = 32;
+
+/// The virtio-blk device model.
+pub struct Block {
+    disk: Disk,
+    opts: BlockOptions,
+    sizes: Vec<u16>,
+    writeback: Arc<AtomicBool>,
+    throttle: Option<Arc<Mutex<Throttle>>>,
+    workers: Vec<Worker>,
+}
+
+impl Block {
+    /// A device for `disk` with `opts`.
+    pub fn new(disk: Disk, opts: BlockOptions) -> Result<Block, Error> {
+        if !(1..=64).contains(&opts.queues) {
+            return Err(Error::Queues(opts.queues));
+        }
+        if !opts.queue_size.is_power_of_two() || opts.queue_size < 2 {
+            return Err(Error::QueueSize(opts.queue_size));
+        }
+        let size = disk.backend.size();
+        if size % SECTOR_SIZE != 0 {
+            return Err(Error::Size(size));
+        }
+        let throttle = (opts.iops > 0 || opts.bps > 0).then(|| {
+            Arc::new(Mutex::new(Throttle::new(
+                opts.iops,
+                opts.bps,
+                Instant::now(),
+            )))
+        });
+        Ok(Block {
+            writeback: Arc::new(AtomicBool::new(opts.writeback)),
+            sizes: vec![opts.queue_size; usize::from(opts.queues)],
+            disk,
+            opts,
+            throttle,
+            workers: Vec::new(),
+        })
+    }
+
+    /// Changes the I/O limits at run time (0: unlimited); applies to requests not yet
+    /// started.
+    pub fn set_limits(&mut self, iops: u64, bps: u64) {
+        match &self.throttle {
+            Some(t) => t
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .reconfigure(iops, bps, Instant::now()),
+            None if iops > 0 || bps > 0 => {
+                // Takes effect at the next activation (workers hold the throttle).
+                self.throttle = Some(Arc::new(Mutex::new(Throttle::new(
+                    iops,
+                    bps,
+                    Instant::now(),
+                ))));
+            }
+            None => {}
+        }
+        self.opts.iops = iops;
+        self.opts.bps = bps;
+    }
+
+    fn capacity(&self) -> u64 {
+        self.disk.backend.size() / SECTOR_SIZE
+    }
+
+    fn read_only(&self) -> bool {
+        self.disk.backend.is_read_only()
+    }
+
+    fn limits(&self) -> crate::request::Limits {
+        let (seg, sectors) = if self.read_only() {
+            (0, 0)
+        } else {
+            (MAX_RANGE_SEGS, MAX_RANGE_SECTORS)
+        };
+        crate::request::Limits {
+            capacity: self.capacity(),
+            read_only: self.read_only(),
+            max_discard_seg: seg,
+            max_discard_sectors: sectors,
+            max_write_zeroes_seg: seg,
+            max_write_zeroes_sectors: sectors,
+        }
+    }
+
+    /// The configuration space (virtio 1.2 section 5.2.4), 60 bytes.
+    fn config(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        let lim = self.disk.backend.limits();
+        let put32 = |c: &mut [u8; 60], off: usize, v: u32| {
+            c[off..off + 4].copy_from_slice(&v.to_le_bytes())
+        };
+        c[0..8].copy_from_slice(&self.capacity().to_le_bytes());
+        put32(&mut c, 8, lim.max_transfer); // size_max
+        put32(&mut c, 12, u32::from(self.opts.queue_size) - 2); // seg_max
+        put32(&mut c, 20, SECTOR_SIZE as u32); // blk_size
+                                               // Topology: physical block = request alignment (O_DIRECT files: 512 or 4096).
+        let phys = lim.request_alignment.max(SECTOR_SIZE as u32);
+        c[24] = (phys / SECTOR_SIZE as u32).trailing_zeros() as u8;
+        c[26..28].copy_from_slice(&((phys / SECTOR_SIZE as u32) as u16).to_le_bytes());
+        c[32] = u8::from(self.writeback.load(Ordering::SeqCst));
+        c[34..36].copy_from_slice(&self.opts.queues.to_le_bytes());
+        let lm = self.limits();
+        put32(&mut c, 36, lm.max_discard_sectors);
+        put32(&mut c, 40, lm.max_discard_seg);
+        let gran = (lim.discard_granularity as u64 / SECTOR_SIZE).max(1) as u32;
+        put32(&mut c, 44, gran);
+        put32(&mut c, 48, lm.max_write_zeroes_sectors);
+        put32(&mut c, 52, lm.max_write_zeroes_seg);
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn stop_workers(&mut self) {
+        for w in &mut self.workers {
+            w.stop();
+        }
+        self.workers.clear();
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        BLOCK_DEVICE_TYPE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
+        for bit in [
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+        ] {
+            f |= 1 << bit;
+        }
+        if self.opts.queues > 1 {
+            f |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        if self.read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| c.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        // Only `writeback` (offset 32) is writable, and only with CONFIG_WCE.
+        if let (32, Some(&v)) = (offset, data.first()) {
+            self.writeback.store(v != 0, Ordering::SeqCst);
+        }
+        false
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.is_empty() {
+            return Err(ActivateError::MissingQueue(0));
+        }
+        let limits = self.limits();
+        for q in ctx.queues {
+            let qc = QueueContext {
+                index: q.index,
+                queue: q.queue,
+                kick: q.notifier,
+                mem: ctx.mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+                needs_reset: ctx.needs_reset.clone(),
+                limits,
+                id: self.disk.id,
+                engine: self.disk.engine.clone(),
+                writeback: self.writeback.clone(),
+                throttle: self.throttle.clone(),
+            };
+            match Worker::spawn(qc) {
+                Ok(w) => self.workers.push(w),
+                Err(e) => {
+                    self.stop_workers();
+                    return Err(ActivateError::Worker(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+        self.writeback.store(self.opts.writeback, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}

@@ -1,0 +1,23 @@
+//! The virtio-blk device model (virtio 1.2 section 5.2) over any keel-block backend.
+//!
+//! - Requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES (with UNMAP), parsed from
+//!   the byte streams of a chain, so any split of header, data and status across
+//!   descriptors works ([`request`]); every guest value is checked before the disk is
+//!   touched, and malformed requests get VIRTIO_BLK_S_IOERR or UNSUPP. A ring the driver
+//!   broke sets DEVICE_NEEDS_RESET. Nothing the guest sends can panic the device or make
+//!   it write outside the request's own buffers.
+//! - Configuration: capacity, size_max, seg_max, blk_size, topology, num_queues, discard
+//!   and write-zeroes limits, and the CONFIG_WCE write-cache toggle; read-only disks offer
+//!   VIRTIO_BLK_F_RO and fail writes with IOERR.
+//! - One worker thread per queue, each with its own asynchronous engine (io_uring for raw
+//!   and qcow2 files, worker threads or inline execution for any backend); completions in
+//!   any order, straight into guest memory; optional ops/s and bytes/s limits.
+//!
+//! The device sits on any keel-virtio transport.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod request;
+mod worker;
+
+pub use device::{Block, BlockOptions, Disk, Error, BLOCK_DEVICE_TYPE};

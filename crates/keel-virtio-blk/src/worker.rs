@@ -1,0 +1,493 @@
+//! One worker thread per queue: takes chains off the available ring, parses them, runs
+//! them on the queue's own asynchronous I/O engine, and completes them (status byte, used
+//! ring, interrupt) in whatever order the engine finishes them.
+//!
+//! While requests are in flight the worker keeps driver notifications off and polls the
+//! available ring after each completion; when idle it turns them on, re-checks the ring
+//! (so no kick is lost) and sleeps on the queue's notifier. Data moves straight between
+//! the disk and guest memory: each data segment becomes one engine request whose buffer
+//! is the guest's own. On stop (device reset) the worker waits for every request in
+//! flight before it exits, so nothing lands in guest memory afterwards.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion};
+use keel_block::throttle::Throttle;
+use keel_memory::GuestMemoryMmap;
+use keel_virtio::device::{InterruptKind, NeedsReset, VirtioInterrupt};
+use keel_virtio::worker::should_interrupt;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::EngineFactory;
+use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
+
+/// Everything a queue's worker needs.
+pub(crate) struct QueueContext {
+    pub index: u16,
+    pub queue: Queue,
+    pub kick: Arc<EventFd>,
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub needs_reset: NeedsReset,
+    pub limits: Limits,
+    pub id: [u8; ID_BYTES],
+    pub engine: Arc<EngineFactory>,
+    pub writeback: Arc<AtomicBool>,
+    pub throttle: Option<Arc<Mutex<Throttle>>>,
+}
+
+/// A running queue worker.
+pub(crate) struct Worker {
+    stop: Arc<AtomicBool>,
+    wake: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(ctx: QueueContext) -> std::io::Result<Worker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let (s, w) = (stop.clone(), wake.try_clone()?);
+        let thread = std::thread::Builder::new()
+            .name(format!("keel-blk-q{}", ctx.index))
+            .spawn(move || {
+                let index = ctx.index;
+                if let Err(e) = run(ctx, &s, &w) {
+                    log::warn!("virtio-blk queue {index}: {e}");
+                }
+            })?;
+        Ok(Worker {
+            stop,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the worker and waits for it (and its requests in flight).
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = self.wake.write(1);
+            if t.join().is_err() {
+                log::error!("virtio-blk: a queue worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Why a worker stopped early.
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    #[error("cannot start its I/O engine: {0}")]
+    Engine(#[source] keel_block::Error),
+    #[error("epoll: {0}")]
+    Epoll(#[source] std::io::Error),
+    #[error("the I/O engine failed: {0}")]
+    Wait(#[source] keel_block::Error),
+}
+
+/// A request in flight.
+struct InFlight {
+    head: u16,
+    status_addr: GuestAddress,
+    /// Bytes the device writes into the chain on success (data plus status).
+    used_len: u32,
+    /// Engine requests not yet completed.
+    pending: usize,
+    status: Status,
+    /// A write that still needs a flush before it completes (write cache off).
+    flush_after: bool,
+}
+
+struct Slots {
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+}
+
+impl Slots {
+    fn insert(&mut self, f: InFlight) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(f);
+                i
+            }
+            None => {
+                self.slots.push(Some(f));
+                self.slots.len() - 1
+            }
+        }
+    }
+    fn take(&mut self, i: usize) -> Option<InFlight> {
+        let f = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(f)
+    }
+}
+
+struct State {
+    ctx: QueueContext,
+    aio: Box<dyn AioQueue>,
+    slots: Slots,
+    /// Used buffers added since the last interrupt decision.
+    used: bool,
+    broken: bool,
+}
+
+const KICK: u64 = 0;
+const WAKE: u64 = 1;
+
+fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), WorkerError> {
+    let aio = match (ctx.engine)() {
+        Ok(a) => a,
+        Err(e) => {
+            ctx.needs_reset.report();
+            return Err(WorkerError::Engine(e));
+        }
+    };
+    let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+    for (fd, token) in [(ctx.kick.as_raw_fd(), KICK), (wake.as_raw_fd(), WAKE)] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(WorkerError::Epoll)?;
+    }
+    let mut st = State {
+        ctx,
+        aio,
+        slots: Slots {
+            slots: Vec::new(),
+            free: Vec::new(),
+        },
+        used: false,
+        broken: false,
+    };
+    let mut events = [EpollEvent::default(); 2];
+    let mut done = Vec::new();
+    let result = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        let busy = st.aio.in_flight() > 0;
+        if !st.broken {
+            st.take_requests(!busy);
+        }
+        st.signal();
+        if st.aio.in_flight() > 0 {
+            done.clear();
+            if let Err(e) = st.aio.wait(1, &mut done) {
+                break Err(WorkerError::Wait(e));
+            }
+            for c in done.drain(..) {
+                st.complete(c);
+            }
+            st.signal();
+            continue;
+        }
+        // Idle: sleep until the driver kicks or the device stops.
+        match epoll.wait(-1, &mut events) {
+            Ok(n) => {
+                for ev in &events[..n] {
+                    let fd = if ev.data() == KICK {
+                        &*st.ctx.kick
+                    } else {
+                        wake
+                    };
+                    let _ = fd.read();
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(WorkerError::Epoll(e)),
+        }
+    };
+    // Whatever is in flight finishes before the guest memory may be reused.
+    let mut sink = Vec::new();
+    while st.aio.in_flight() > 0 {
+        sink.clear();
+        if st.aio.wait(usize::MAX, &mut sink).is_err() {
+            break;
+        }
+    }
+    result
+}
+
+impl State {
+    /// Starts every available request. With `idle` the worker is about to sleep: driver
+    /// notifications go back on, and the ring is checked once more afterwards.
+    fn take_requests(&mut self, idle: bool) {
+        let mem = self.ctx.mem.clone();
+        loop {
+            if let Err(e) = self.ctx.queue.disable_notification(&mem) {
+                self.broken(&e);
+                return;
+            }
+            loop {
+                let chain = match self.ctx.queue.iter(&mem) {
+                    Ok(mut it) => it.next(),
+                    Err(e) => {
+                        self.broken(&e);
+                        return;
+                    }
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let parsed = request::parse(&mem, chain.clone(), &self.ctx.limits);
+                if let (Some(t), Ok(r)) = (&self.ctx.throttle, &parsed) {
+                    // Waits for the request's turn (operations and bytes).
+                    Throttle::admit(t, r.data_len());
+                }
+                match parsed {
+                    Ok(req) => self.start(head, req),
+                    Err(request::Error::NoStatus) => {
+                        log::debug!("virtio-blk: chain {head} has no status byte");
+                        self.add_used(head, 0);
+                    }
+                    Err(e) => {
+                        log::debug!("virtio-blk: chain {head}: {e}");
+                        match request::status_address(chain) {
+                            Some(at) => self.finish(head, at, e.status(), 1),
+                            None => self.add_used(head, 0),
+                        }
+                    }
+                }
+            }
+            if !idle || self.aio.in_flight() > 0 {
+                return;
+            }
+            match self.ctx.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    self.broken(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn broken(&mut self, e: &virtio_queue::Error) {
+        log::warn!(
+            "virtio-blk queue {}: the ring is broken: {e}",
+            self.ctx.index
+        );
+        self.broken = true;
+        self.ctx.needs_reset.report();
+    }
+
+    fn add_used(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.ctx.queue.add_used(&self.ctx.mem, head, len) {
+            self.broken(&e);
+        } else {
+            self.used = true;
+        }
+    }
+
+    fn finish(&mut self, head: u16, status_addr: GuestAddress, status: Status, len: u32) {
+        if self.ctx.mem.write_obj(status as u8, status_addr).is_err() {
+            // The parser saw this byte in a device-writable descriptor of guest memory;
+            // if it is gone, nothing can be reported there.
+            log::debug!(
+                "virtio-blk: status byte at {:#x} is not in guest memory",
+                status_addr.0
+            );
+        }
+        self.add_used(head, len);
+    }
+
+    /// Interrupts the driver if something was used and it wants to hear.
+    fn signal(&mut self) {
+        if !self.used {
+            return;
+        }
+        self.used = false;
+        match should_interrupt(&mut self.ctx.queue, &self.ctx.mem) {
+            Ok(true) => {
+                if let Err(e) = self
+                    .ctx
+                    .interrupt
+                    .trigger(InterruptKind::Queue(self.ctx.index))
+                {
+                    log::warn!("virtio-blk queue {}: {e}", self.ctx.index);
+                }
+            }
+            Ok(false) => {}
+            Err(keel_virtio::worker::QueueError::Broken(e)) => self.broken(&e),
+        }
+    }
+
+    /// Host pointers for the data segments (a segment may span memory regions).
+    fn host_pieces(&self, req: &Request) -> Option<Vec<(*mut u8, usize)>> {
+        let mut out = Vec::new();
+        for s in &req.data {
+            let len = usize::try_from(s.len).ok()?;
+            for slice in GuestMemoryBackend::get_slices(&self.ctx.mem, s.addr, len) {
+                let slice = slice.ok()?;
+                out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+            }
+        }
+        Some(out)
+    }
+
+    fn start(&mut self, head: u16, req: Request) {
+        let data_len = req.data_len();
+        match req.op {
+            Op::GetId => {
+                let mut written = 0u64;
+                for s in &req.data {
+                    let from = written as usize;
+                    let n = s.len as usize;
+                    if self
+                        .ctx
+                        .mem
+                        .write_slice(&self.ctx.id[from..from + n], s.addr)
+                        .is_err()
+                    {
+                        return self.finish(head, req.status, Status::IoErr, 1);
+                    }
+                    written += s.len;
+                }
+                self.finish(head, req.status, Status::Ok, written as u32 + 1)
+            }
+            Op::Read { offset } | Op::Write { offset } => {
+                let write = matches!(req.op, Op::Write { .. });
+                let Some(pieces) = self.host_pieces(&req) else {
+                    log::debug!("virtio-blk: chain {head}: data outside guest memory");
+                    return self.finish(head, req.status, Status::IoErr, 1);
+                };
+                let used_len = if write {
+                    1
+                } else {
+                    u32::try_from(data_len + 1).unwrap_or(u32::MAX)
+                };
+                let flush_after = write && !self.ctx.writeback.load(Ordering::SeqCst);
+                let slot = self.open(head, req.status, used_len, flush_after);
+                let op = if write { AioOp::Write } else { AioOp::Read };
+                let mut off = offset;
+                for (buf, len) in pieces {
+                    self.submit(slot, op, off, buf, len);
+                    off += len as u64;
+                }
+                self.close(slot);
+            }
+            Op::Flush => {
+                let slot = self.open(head, req.status, 1, false);
+                self.submit(slot, AioOp::Flush, 0, std::ptr::null_mut(), 0);
+                self.close(slot);
+            }
+            Op::Discard(ref ranges) | Op::WriteZeroes(ref ranges) => {
+                let zeroes = matches!(req.op, Op::WriteZeroes(_));
+                let slot = self.open(head, req.status, 1, false);
+                for r in ranges.iter() {
+                    let op = if zeroes {
+                        AioOp::WriteZeroes { unmap: r.unmap }
+                    } else {
+                        AioOp::Discard
+                    };
+                    let len = usize::try_from(r.len).unwrap_or(usize::MAX);
+                    self.submit(slot, op, r.offset, std::ptr::null_mut(), len);
+                }
+                self.close(slot);
+            }
+        }
+    }
+
+    /// Opens a request slot; it holds one extra count until [`State::close`].
+    fn open(
+        &mut self,
+        head: u16,
+        status_addr: GuestAddress,
+        used_len: u32,
+        flush_after: bool,
+    ) -> usize {
+        self.slots.insert(InFlight {
+            head,
+            status_addr,
+            used_len,
+            pending: 1,
+            status: Status::Ok,
+            flush_after,
+        })
+    }
+
+    fn close(&mut self, slot: usize) {
+        self.piece_done(slot);
+    }
+
+    fn submit(&mut self, slot: usize, op: AioOp, offset: u64, buf: *mut u8, len: usize) {
+        let req = AioRequest {
+            op,
+            offset,
+            buf,
+            len,
+            user_data: slot as u64,
+        };
+        // SAFETY: `buf` points into guest memory that `self.ctx.mem` keeps mapped for as
+        // long as the worker runs, and the worker waits for every request in flight
+        // before it exits. The guest may change the bytes meanwhile; that is its own
+        // data race, and the engine only copies them.
+        match unsafe { self.aio.submit(req) } {
+            Ok(()) => {
+                if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
+                    f.pending += 1;
+                }
+            }
+            Err(e) => {
+                log::warn!("virtio-blk: cannot submit: {e}");
+                if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
+                    f.status = Status::IoErr;
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let slot = c.user_data as usize;
+        if let Err(e) = &c.result {
+            log::debug!("virtio-blk: request failed: {e}");
+            if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
+                f.status = Status::IoErr;
+            }
+        }
+        self.piece_done(slot);
+    }
+
+    fn piece_done(&mut self, slot: usize) {
+        let Some(Some(f)) = self.slots.slots.get_mut(slot) else {
+            return;
+        };
+        f.pending -= 1;
+        if f.pending > 0 {
+            return;
+        }
+        if f.flush_after && f.status == Status::Ok {
+            // Write cache off: the write completes once it is durable.
+            f.flush_after = false;
+            f.pending = 1;
+            self.submit(slot, AioOp::Flush, 0, std::ptr::null_mut(), 0);
+            self.piece_done(slot);
+            return;
+        }
+        if let Some(f) = self.slots.take(slot) {
+            let len = if f.status == Status::Ok {
+                f.used_len
+            } else {
+                1
+            };
+            self.finish(f.head, f.status_addr, f.status, len);
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! The virtio-blk device driven from the driver side (keel-virtio's test harness, rings
+//! from MockSplitQueue) over both transports: every request type, any descriptor split,
+//! malformed requests, read-only disks, the write-cache toggle, several queues, real
+//! files through io_uring, and throttling.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use keel_block::backend::{BlockBackend, Limits, WriteFlags};
+use keel_block::{MemBackend, RawFile, RawOptions};
+use keel_virtio::testing::*;
+use keel_virtio_blk::{Block, BlockOptions, Disk};
+use vm_memory::{Bytes, GuestAddress};
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const W: u16 = VRING_DESC_F_WRITE;
+
+const DISK: usize = 1 << 20;
+/// Queue size of the test rings: room for every descriptor a test uses.
+const Q: u16 = 256;
+
+/// A backend that counts flushes.
+struct Counting {
+    inner: MemBackend,
+    flushes: AtomicUsize,
+}
+
+impl BlockBackend for Counting {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn read_vectored_at(&self, b: &mut [IoSliceMut<'_>], o: u64) -> keel_block::Result<()> {
+        self.inner.read_vectored_at(b, o)
+    }
+    fn write_vectored_at(
+        &self,
+        b: &[IoSlice<'_>],
+        o: u64,
+        f: WriteFlags,
+    ) -> keel_block::Result<()> {
+        self.inner.write_vectored_at(b, o, f)
+    }
+    fn flush(&self) -> keel_block::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.inner.flush()
+    }
+    fn discard(&self, o: u64, l: u64) -> keel_block::Result<()> {
+        self.inner.discard(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> keel_block::Result<()> {
+        self.inner.write_zeroes(o, l, u)
+    }
+}
+
+fn counting(read_only: bool) -> Arc<Counting> {
+    let inner = if read_only {
+        MemBackend::read_only(vec![0x11; DISK])
+    } else {
+        MemBackend::new(vec![0x11; DISK])
+    };
+    Arc::new(Counting {
+        inner,
+        flushes: AtomicUsize::new(0),
+    })
+}
+
+fn block(b: Arc<Counting>, opts: BlockOptions) -> Box<Block> {
+    Box::new(Block::new(Disk::synchronous(b).with_id("keel-disk-0"), opts).unwrap())
+}
+
+/// Runs `test` over virtio-mmio and virtio-pci, each with a fresh disk.
+fn both(opts: BlockOptions, read_only: bool, test: impl Fn(&dyn Driver, &Counting)) {
+    let b = counting(read_only);
+    test(&MmioDriver::new(block(b.clone(), opts)), &b);
+    let b = counting(read_only);
+    test(&PciDriver::new(block(b.clone(), opts)), &b);
+}
+
+fn header(mem: &keel_memory::GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+    mem.write_obj(kind, GuestAddress(at)).unwrap();
+    mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+    mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+}
+
+fn status(mem: &keel_memory::GuestMemoryMmap, at: u64) -> u8 {
+    mem.read_obj(GuestAddress(at)).unwrap()
+}
+
+const FEATURES: u64 = VERSION_1 | EVENT_IDX | INDIRECT;
+
+/// A malformed-request case: header type, sector, data descriptors, expected status.
+type Case = (u32, u64, Vec<(u64, u32, u16)>, u8);
+
+#[test]
+fn configuration_describes_the_disk() {
+    both(BlockOptions::default(), false, |d, _| {
+        let f = d.device_features();
+        for bit in [1, 2, 6, 9, 10, 11, 13, 14] {
+            assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
+        }
+        assert_eq!(f & (1 << 5), 0, "RO offered for a writable disk");
+        assert_eq!(f & (1 << 12), 0, "MQ offered for one queue");
+        let mut c = [0u8; 60];
+        d.read_config(0, &mut c);
+        let le32 = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (DISK / 512) as u64
+        );
+        assert_eq!(le32(12), 254, "seg_max");
+        assert_eq!(le32(20), 512, "blk_size");
+        assert_eq!(c[32], 1, "writeback");
+        assert_eq!(u16::from_le_bytes([c[34], c[35]]), 1, "num_queues");
+        assert!(le32(36) > 0 && le32(40) > 0, "discard limits");
+        assert!(
+            le32(48) > 0 && le32(52) > 0 && c[56] == 1,
+            "write-zeroes limits"
+        );
+        // Only the writeback byte is writable.
+        d.write_config(0, &[0xff; 8]);
+        d.write_config(32, &[0]);
+        d.read_config(0, &mut c);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (DISK / 512) as u64
+        );
+        assert_eq!(c[32], 0);
+    });
+}
+
+#[test]
+fn reads_and_writes_with_any_descriptor_split() {
+    both(BlockOptions::default(), false, |d, b| {
+        let mem = d.mem().clone();
+        let mut ring = Ring::new(&mem, Q);
+        d.start(FEATURES, &ring);
+        let data: Vec<u8> = (0..2048u32).map(|i| (i * 7 + 3) as u8).collect();
+        mem.write_slice(&data, GuestAddress(DATA_BASE + 0x1000))
+            .unwrap();
+        // OUT: header, data in two pieces, status.
+        header(&mem, DATA_BASE, T_OUT, 16);
+        let h = ring.add_descriptors(&[
+            (DATA_BASE, 16, 0),
+            (DATA_BASE + 0x1000, 1000, 0),
+            (DATA_BASE + 0x1000 + 1000, 1048, 0),
+            (DATA_BASE + 0x100, 1, W),
+        ]);
+        ring.publish(h);
+        // OUT: header and data in one buffer.
+        header(&mem, DATA_BASE + 0x4000, T_OUT, 40);
+        mem.write_slice(&[0xcd; 512], GuestAddress(DATA_BASE + 0x4010))
+            .unwrap();
+        let h2 =
+            ring.add_descriptors(&[(DATA_BASE + 0x4000, 16 + 512, 0), (DATA_BASE + 0x101, 1, W)]);
+        ring.publish(h2);
+        d.notify(0);
+        ring.wait_used(2);
+        assert_eq!(status(&mem, DATA_BASE + 0x100), S_OK);
+        assert_eq!(status(&mem, DATA_BASE + 0x101), S_OK);
+        assert_eq!(ring.used_elem(0), (u32::from(h), 1));
+        let mut disk = vec![0u8; 2048];
+        b.read_at(&mut disk, 16 * 512).unwrap();
+        assert_eq!(disk, data);
+        b.read_at(&mut disk[..512], 40 * 512).unwrap();
+        assert_eq!(&disk[..512], &[0xcd; 512]);
+
+        // IN: data and status in one writable buffer, header split in two.
+        header(&mem, DATA_BASE + 0x200, T_IN, 16);
+        let out = DATA_BASE + 0x8000;
+        mem.write_slice(&[0xee; 2049 + 16], GuestAddress(out))
+            .unwrap();
+        let h = ring.add_descriptors(&[
+            (DATA_BASE + 0x200, 6, 0),
+            (DATA_BASE + 0x206, 10, 0),
+            (out, 2049, W),
+        ]);
+        ring.publish(h);
+        d.notify(0);
+        ring.wait_used(3);
+        assert_eq!(ring.used_elem(2), (u32::from(h), 2049));
+        assert_eq!(read_bytes(&mem, out, 2048), data);
+        assert_eq!(status(&mem, out + 2048), S_OK);
+        // Nothing past the chain's end was touched.
+        assert_eq!(read_bytes(&mem, out + 2049, 16), vec![0xee; 16]);
+        d.set_status(0);
+    });
+}
+
+#[test]
+fn get_id_flush_discard_and_write_zeroes() {
+    both(BlockOptions::default(), false, |d, b| {
+        let mem = d.mem().clone();
+        let mut ring = Ring::new(&mem, Q);
+        d.start(FEATURES, &ring);
+        header(&mem, DATA_BASE, T_GET_ID, 0);
+        let h = ring.add_descriptors(&[
+            (DATA_BASE, 16, 0),
+            (DATA_BASE + 0x100, 20, W),
+            (DATA_BASE + 0x200, 1, W),
+        ]);
+        ring.publish(h);
+        header(&mem, DATA_BASE + 0x10, T_FLUSH, 0);
+        let h = ring.add_descriptors(&[(DATA_BASE + 0x10, 16, 0), (DATA_BASE + 0x201, 1, W)]);
+        ring.publish(h);
+        // Discard 4 KiB at sector 8; write-zeroes with UNMAP at sector 64 and without at
+        // sector 128.
+        header(&mem, DATA_BASE + 0x20, T_DISCARD, 0);
+        mem.write_obj(8u64, GuestAddress(DATA_BASE + 0x300))
+            .unwrap();
+        mem.write_obj(8u32, GuestAddress(DATA_BASE + 0x308))
+            .unwrap();
+        mem.write_obj(0u32, GuestAddress(DATA_BASE + 0x30c))
+            .unwrap();
+        let h = ring.add_descriptors(&[
+            (DATA_BASE + 0x20, 16, 0),
+            (DATA_BASE + 0x300, 16, 0),
+            (DATA_BASE + 0x202, 1, W),
+        ]);
+        ring.publish(h);
+        header(&mem, DATA_BASE + 0x30, T_WRITE_ZEROES, 0);
+        for (i, (sector, flags)) in [(64u64, 1u32), (128, 0)].into_iter().enumerate() {
+            let at = DATA_BASE + 0x400 + 16 * i as u64;
+            mem.write_obj(sector, GuestAddress(at)).unwrap();
+            mem.write_obj(8u32, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        }
+        let h = ring.add_descriptors(&[
+            (DATA_BASE + 0x30, 16, 0),
+            (DATA_BASE + 0x400, 32, 0),
+            (DATA_BASE + 0x203, 1, W),
+        ]);
+        ring.publish(h);
+        let flushes = b.flushes.load(Ordering::SeqCst);
+        d.notify(0);
+        ring.wait_used(4);
+        assert_eq!(read_bytes(&mem, DATA_BASE + 0x100, 11), b"keel-disk-0");
+        assert_eq!(ring.used_elem(0).1, 21);
+        assert_eq!(read_bytes(&mem, DATA_BASE + 0x200, 4), vec![S_OK; 4]);
+        assert_eq!(b.flushes.load(Ordering::SeqCst), flushes + 1);
+        let mut buf = vec![0xffu8; 4096];
+        for sector in [64u64, 128] {
+            b.read_at(&mut buf, sector * 512).unwrap();
+            assert!(buf.iter().all(|&x| x == 0), "sector {sector} not zeroed");
+        }
+        // Untouched neighbours.
+        b.read_at(&mut buf[..512], 72 * 512).unwrap();
+        assert!(buf[..512].iter().all(|&x| x == 0x11));
+        d.set_status(0);
+    });
+}
+
+#[test]
+fn malformed_requests_fail_cleanly_and_the_device_goes_on() {
+    both(BlockOptions::default(), false, |d, b| {
+        let mem = d.mem().clone();
+        let mut ring = Ring::new(&mem, Q);
+        d.start(FEATURES, &ring);
+        let st = DATA_BASE + 0x100;
+        mem.write_slice(&[0xaa; 64], GuestAddress(st)).unwrap();
+        // (header type, sector, data descriptors, expected status)
+        let cases: [Case; 6] = [
+            (0xff, 0, vec![], S_UNSUPP),
+            (
+                T_IN,
+                (DISK / 512) as u64 - 1,
+                vec![(DATA_BASE + 0x1000, 1024, W)],
+                S_IOERR,
+            ),
+            (T_IN, 0, vec![(DATA_BASE + 0x1000, 100, W)], S_IOERR),
+            (
+                T_OUT,
+                u64::MAX / 256,
+                vec![(DATA_BASE + 0x1000, 512, 0)],
+                S_IOERR,
+            ),
+            // Data outside guest memory.
+            (T_IN, 0, vec![(MEM_SIZE as u64 - 256, 512, W)], S_IOERR),
+            // Discard with UNMAP (a write-zeroes-only flag).
+            (T_DISCARD, 0, vec![(DATA_BASE + 0x300, 16, 0)], S_UNSUPP),
+        ];
+        mem.write_obj(0u64, GuestAddress(DATA_BASE + 0x300))
+            .unwrap();
+        mem.write_obj(8u32, GuestAddress(DATA_BASE + 0x308))
+            .unwrap();
+        mem.write_obj(1u32, GuestAddress(DATA_BASE + 0x30c))
+            .unwrap();
+        for (i, (kind, sector, data, _)) in cases.iter().enumerate() {
+            let hdr = DATA_BASE + 0x10 * i as u64;
+            header(&mem, hdr, *kind, *sector);
+            let mut descs = vec![(hdr, 16, 0)];
+            descs.extend(data.iter().copied());
+            descs.push((st + i as u64, 1, W));
+            let h = ring.add_descriptors(&descs);
+            ring.publish(h);
+        }
+        // A chain with no writable byte at all: returned with nothing written.
+        header(&mem, DATA_BASE + 0x80, T_IN, 0);
+        let h = ring.add_descriptors(&[(DATA_BASE + 0x80, 16, 0)]);
+        ring.publish(h);
+        d.notify(0);
+        ring.wait_used(7);
+        for (i, (.., want)) in cases.iter().enumerate() {
+            assert_eq!(status(&mem, st + i as u64), *want, "case {i}");
+            assert_eq!(ring.used_elem(i as u16).1, 1, "case {i}");
+        }
+        assert_eq!(ring.used_elem(6), (u32::from(h), 0));
+        assert_eq!(
+            read_bytes(&mem, st + 6, 8),
+            vec![0xaa; 8],
+            "wrote past the statuses"
+        );
+        assert_eq!(d.status() & NEEDS_RESET, 0);
+        // The disk is unchanged, and the device still works.
+        let mut buf = vec![0u8; DISK];
+        b.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&x| x == 0x11));
+        header(&mem, DATA_BASE, T_IN, 0);
+        let h = ring.add_descriptors(&[
+            (DATA_BASE, 16, 0),
+            (DATA_BASE + 0x1000, 512, W),
+            (st + 20, 1, W),
+        ]);
+        ring.publish(h);
+        d.notify(0);
+        ring.wait_used(8);
+        assert_eq!(status(&mem, st + 20), S_OK);
+        d.set_status(0);
+    });
+}
+
+#[test]
+fn a_read_only_disk_offers_ro_and_refuses_writes() {
+    both(BlockOptions::default(), true, |d, b| {
+        let f = d.device_features();
+        assert_ne!(f & (1 << 5), 0, "RO");
+        assert_eq!(
+            f & ((1 << 13) | (1 << 14)),
+            0,
+            "discard/write-zeroes offered"
+        );
+        let mem = d.mem().clone();
+        let mut ring = Ring::new(&mem, Q);
+        d.start(FEATURES, &ring);
+        header(&mem, DATA_BASE, T_OUT, 0);
+        header(&mem, DATA_BASE + 0x10, T_IN, 0);
+        header(&mem, DATA_BASE + 0x20, T_WRITE_ZEROES, 0);
+        for (i, data) in [
+            (DATA_BASE + 0x1000, 512, 0),
+            (DATA_BASE + 0x2000, 512, W),
+            (DATA_BASE + 0x3000, 16, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let hdr = DATA_BASE + 0x10 * i as u64;
+            let h =
+                ring.add_descriptors(&[(hdr, 16, 0), data, (DATA_BASE + 0x100 + i as u64, 1, W)]);
+            ring.publish(h);
+        }
+        d.notify(0);
+        ring.wait_used(3);
+        assert_eq!(
+            read_bytes(&mem, DATA_BASE + 0x100, 3),
+            vec![S_IOERR, S_OK, S_UNSUPP]
+        );
+        assert_eq!(read_bytes(&mem, DATA_BASE + 0x2000, 512), vec![0x11; 512]);
+        let mut buf = vec![0u8; 512];
+        b.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![0x11; 512]);
+        d.set_status(0);
+    });
+}
+
+#[test]
+fn with_the_write_cache_off_every_write_is_flushed() {
+    let opts = BlockOptions {
+        writeback: false,
+        ..Default::default()
+    };
+    both(opts, false, |d, b| {
+        let mem = d.mem().clone();
+        let mut c = [0u8; 1];
+        d.read_config(32, &mut c);
+        assert_eq!(c[0], 0);
+        let mut ring = Ring::new(&mem, Q);
+        d.start(FEATURES, &ring);
+        let before = b.flushes.load(Ordering::SeqCst);
+        for i in 0..3u64 {
+            header(&mem, DATA_BASE + 0x10 * i, T_OUT, i);
+            let h = ring.add_descriptors(&[
+                (DATA_BASE + 0x10 * i, 16, 0),
+                (DATA_BASE + 0x1000, 512, 0),
+                (DATA_BASE + 0x100 + i, 1, W),
+            ]);
+            ring.publish(h);
+        }
+        d.notify(0);
+        ring.wait_used(3);
+        assert_eq!(b.flushes.load(Ordering::SeqCst), before + 3);
+        // The driver turns the cache on: no more flushes per write.
+        d.write_config(32, &[1]);
+        header(&mem, DATA_BASE, T_OUT, 9);
+        let h = ring.add_descriptors(&[
+            (DATA_BASE, 16, 0),
+            (DATA_BASE + 0x1000, 512, 0),
+            (DATA_BASE + 0x100, 1, W),
+        ]);
+        ring.publish(h);
+        d.notify(0);
+        ring.wait_used(4);
+        assert_eq!(b.flushes.load(Ordering::SeqCst), before + 3);
+        // Reset restores the configured state.
+        d.set_status(0);
+        d.read_config(32, &mut c);
+        assert_eq!(c[0], 0);
+    });
+}
+
+#[test]
+fn several_queues_each_serve_their_own_requests() {
+    let opts = BlockOptions {
+        queues: 2,
+        ..Default::default()
+    };
+    both(opts, false, |d, b| {
+        assert_ne!(d.device_features() & (1 << 12), 0, "MQ");
+        let mut c = [0u8; 2];
+        d.read_config(34, &mut c);
+        assert_eq!(u16::from_le_bytes(c), 2);
+        let mem = d.mem().clone();
+        let mut r0 = Ring::new(&mem, Q);
+        let mut r1 = Ring::at(&mem, 0x8000, Q);
+        assert_ne!(d.negotiate(FEATURES) & FEATURES_OK, 0);
+        for (q, r) in [(0u16, &r0), (1, &r1)] {
+            d.configure_queue(q, r.size, r.desc, r.avail, r.used);
+            d.enable_queue(q);
+        }
+        d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_eq!(d.status() & NEEDS_RESET, 0);
+        for (q, r) in [(0u64, &mut r0), (1, &mut r1)] {
+            for i in 0..8u64 {
+                let base = DATA_BASE + q * 0x8000 + i * 0x800;
+                header(&mem, base, T_OUT, q * 64 + i);
+                mem.write_slice(&[(q * 16 + i) as u8; 512], GuestAddress(base + 0x100))
+                    .unwrap();
+                let h = r.add_descriptors(&[
+                    (base, 16, 0),
+                    (base + 0x100, 512, 0),
+                    (base + 0x400, 1, W),
+                ]);
+                r.publish(h);
+            }
+        }
+        d.notify(0);
+        d.notify(1);
+        r0.wait_used(8);
+        r1.wait_used(8);
+        let mut buf = vec![0u8; 512];
+        for q in 0..2u64 {
+            for i in 0..8u64 {
+                b.read_at(&mut buf, (q * 64 + i) * 512).unwrap();
+                assert!(
+                    buf.iter().all(|&x| x == (q * 16 + i) as u8),
+                    "queue {q} request {i}"
+                );
+            }
+        }
+        d.set_status(0);
+    });
+}
+
+#[test]
+fn io_uring_on_a_real_file_completes_deep_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("disk.raw");
+    RawFile::create(&p, DISK as u64).unwrap();
+    let raw = Arc::new(RawFile::open(&p, RawOptions::default()).unwrap());
+    let d = MmioDriver::new(Box::new(
+        Block::new(Disk::uring(raw.clone(), 64), BlockOptions::default()).unwrap(),
+    ));
+    let mem = d.mem().clone();
+    let mut ring = Ring::new(&mem, Q);
+    d.start(FEATURES, &ring);
+    let n = 64u64;
+    for round in 0..4u64 {
+        for i in 0..n {
+            let base = DATA_BASE + i * 0x2000;
+            header(&mem, base, T_OUT, (round * n + i) * 8);
+            mem.write_slice(
+                &[((round * n + i) % 250) as u8 + 1; 4096],
+                GuestAddress(base + 0x1000),
+            )
+            .unwrap();
+            let h = ring.add_descriptors(&[
+                (base, 16, 0),
+                (base + 0x1000, 4096, 0),
+                (base + 0x20, 1, W),
+            ]);
+            ring.publish(h);
+        }
+        d.notify(0);
+        ring.wait_used(((round + 1) * n) as u16);
+    }
+    for i in 0..4 * n {
+        let mut buf = vec![0u8; 4096];
+        raw.read_at(&mut buf, i * 4096).unwrap();
+        assert!(buf.iter().all(|&x| x == (i % 250) as u8 + 1), "block {i}");
+    }
+    d.set_status(0);
+}
+
+#[test]
+fn iops_limits_hold_the_device_back() {
+    let opts = BlockOptions {
+        iops: 100,
+        ..Default::default()
+    };
+    let d = MmioDriver::new(block(counting(false), opts));
+    let mem = d.mem().clone();
+    let mut ring = Ring::new(&mem, Q);
+    d.start(FEATURES, &ring);
+    let start = Instant::now();
+    // A burst of 10 (and one more on credit), then 9 more at 100/s: at least 0.09 s.
+    for round in 0..2u16 {
+        for i in 0..10u64 {
+            header(&mem, DATA_BASE + i * 0x20, T_IN, i);
+            let h = ring.add_descriptors(&[
+                (DATA_BASE + i * 0x20, 16, 0),
+                (DATA_BASE + 0x1000, 512, W),
+                (DATA_BASE + 0x400 + i, 1, W),
+            ]);
+            ring.publish(h);
+        }
+        d.notify(0);
+        ring.wait_used(10 * (round + 1));
+    }
+    let t = start.elapsed().as_secs_f64();
+    assert!(t >= 0.085, "20 requests in {t:.3} s at 100 IOPS");
+    d.set_status(0);
+}
