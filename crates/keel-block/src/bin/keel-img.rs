@@ -5,16 +5,14 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
+use keel_block::image::{Format, Image, OpenOptions as ImageOptions};
 use keel_block::qcow2::{self, CreateOptions, Fix};
-use keel_block::{
-    BlockBackend, CacheMode, Error, Qcow2, Qcow2Options, RawFile, RawOptions, Result,
-};
+use keel_block::{BlockBackend, CacheMode, Error, RawFile, RawOptions, Result};
 
 #[derive(Parser)]
 #[command(
@@ -46,11 +44,11 @@ impl CacheSizes {
         self.l2.is_some() || self.refcount.is_some()
     }
 
-    /// Options for opening a qcow2 image with these cache sizes.
-    fn qcow2_options(&self, read_only: bool, cache: CacheMode) -> Qcow2Options {
-        Qcow2Options {
+    /// Options for opening an image with these cache sizes.
+    fn open_options(&self, read_only: bool, cache: CacheMode) -> ImageOptions {
+        ImageOptions {
+            cache,
             read_only,
-            write_through: cache.dsync(),
             l2_cache_size: self.l2,
             refcount_cache_size: self.refcount,
         }
@@ -306,41 +304,10 @@ fn parse_create_opts(opts: Option<&str>, size: u64) -> Result<CreateOptions> {
     Ok(o)
 }
 
-enum Image {
-    Raw(Arc<RawFile>),
-    Qcow2(Arc<Qcow2<RawFile>>),
-}
-
-impl Image {
-    fn backend(&self) -> &dyn BlockBackend {
-        match self {
-            Image::Raw(r) => &**r,
-            Image::Qcow2(q) => &**q,
-        }
-    }
-    fn close(&self) -> Result<()> {
-        match self {
-            Image::Raw(r) => r.flush(),
-            Image::Qcow2(q) => q.close(),
-        }
-    }
-}
-
-fn probe_format(path: &Path) -> Result<String> {
-    let f = RawFile::open(
-        path,
-        RawOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
-    Ok(if qcow2::probe(&f) { "qcow2" } else { "raw" }.to_string())
-}
-
 fn image_format(path: &Path, fmt: Option<&str>) -> Result<String> {
     match fmt {
         Some(f) => Ok(f.to_string()),
-        None => probe_format(path),
+        None => Ok(Format::probe(path)?.to_string()),
     }
 }
 
@@ -354,36 +321,13 @@ fn open_image(
     sizes: CacheSizes,
 ) -> Result<Image> {
     let fmt = image_format(path, fmt)?;
-    if fmt != "qcow2" && sizes.is_set() {
+    let format: Format = fmt.parse()?;
+    if format != Format::Qcow2 && sizes.is_set() {
         return Err(Error::InvalidArgument(format!(
             "--l2-cache-size and --refcount-cache-size apply to qcow2 images, not {fmt}"
         )));
     }
-    match fmt.as_str() {
-        "raw" => Ok(Image::Raw(Arc::new(RawFile::open(
-            path,
-            RawOptions {
-                cache,
-                read_only,
-                growable: false,
-            },
-        )?))),
-        "qcow2" => {
-            let f = RawFile::open(
-                path,
-                RawOptions {
-                    cache,
-                    read_only,
-                    growable: true,
-                },
-            )?;
-            Ok(Image::Qcow2(Arc::new(Qcow2::open(
-                f,
-                sizes.qcow2_options(read_only, cache),
-            )?)))
-        }
-        other => Err(Error::Unsupported(format!("image format '{other}'"))),
-    }
+    Image::open(path, format, sizes.open_options(read_only, cache))
 }
 
 fn create_image(path: &Path, fmt: &str, opts: Option<&str>, size: u64) -> Result<()> {
@@ -444,7 +388,7 @@ fn disk_usage(path: &Path) -> u64 {
 fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
     let fmt = match fmt {
         Some(f) => f.to_string(),
-        None => probe_format(file)?,
+        None => Format::probe(file)?.to_string(),
     };
     let raw = RawFile::open(
         file,
@@ -528,7 +472,7 @@ fn cmd_check(
 ) -> Result<i32> {
     let fmt = match fmt {
         Some(f) => f.to_string(),
-        None => probe_format(file)?,
+        None => Format::probe(file)?.to_string(),
     };
     if fmt != "qcow2" {
         eprintln!("keel-img: This image format does not support checks");
@@ -1056,10 +1000,10 @@ mod tests {
                 refcount: Some(128 << 10)
             }
         );
-        let o = sizes.qcow2_options(false, CacheMode::DirectSync);
+        let o = sizes.open_options(false, CacheMode::DirectSync);
         assert_eq!(o.l2_cache_size, Some(4 << 20));
         assert_eq!(o.refcount_cache_size, Some(128 << 10));
-        assert!(o.write_through && !o.read_only);
+        assert!(o.cache.dsync() && !o.read_only);
 
         for cmd in ["read", "write", "discard"] {
             let cli =
