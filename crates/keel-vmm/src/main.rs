@@ -6,6 +6,7 @@
 
 mod boot;
 mod devices;
+mod disk;
 mod exit;
 mod signals;
 mod tty;
@@ -51,6 +52,12 @@ struct Cli {
     /// virtio transport test device (on --transport).
     #[arg(long = "device", value_name = "KIND", value_enum)]
     devices: Vec<vmm::DeviceKind>,
+
+    /// A virtio-blk disk (repeatable):
+    /// `path=FILE[,format=raw|qcow2][,readonly=on][,cache=none|writeback|writethrough|directsync|unsafe][,queues=N][,iops=N][,bps=N]`.
+    /// Without `format` the image is probed (qcow2 magic, else raw).
+    #[arg(long = "disk", value_name = "OPTIONS", value_parser = disk::parse_disk)]
+    disks: Vec<disk::DiskSpec>,
 
     /// How virtio devices are attached: `pci` (virtio-pci with MSI-X) or `mmio` (virtio-mmio,
     /// announced on the kernel command line).
@@ -102,6 +109,7 @@ fn main() -> ExitCode {
         serial: cli.serial,
         devices: cli.devices,
         transport: cli.transport,
+        disks: cli.disks,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

@@ -23,6 +23,7 @@ use crate::devices::{
     pci_test_function, AcpiPm, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
     DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
+use crate::disk::DiskSpec;
 use crate::exit::{error_chain, ExitSignal, VmExit};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
@@ -75,6 +76,9 @@ pub enum Error {
     /// A virtio device's doorbells could not be registered.
     #[error("cannot register virtio doorbells")]
     Doorbell(#[source] keel_bus::interrupt::Error),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::Error),
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -119,6 +123,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceKind>,
     /// How virtio devices are attached.
     pub transport: Transport,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// The transport that carries virtio devices.
@@ -300,6 +306,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
     ));
     PciSegment::attach_config_access(&pci).map_err(Error::Pci)?;
     let mut cmdline = cfg.cmdline.clone();
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for dev in &cfg.devices {
         match dev {
             DeviceKind::PciTest => {
@@ -307,18 +314,24 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
                 let function = pci_test_function(group).map_err(Error::PciFunction)?;
                 pci.add_device(function, &mut alloc).map_err(Error::Pci)?;
             }
-            DeviceKind::VirtioEcho => {
-                let device = Box::new(keel_virtio::echo::Echo::new());
-                match cfg.transport {
-                    Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
-                    Transport::Mmio => {
-                        let fragment = add_virtio_mmio(&vm, &buses, &mut alloc, &mem, device)?;
-                        if !cmdline.is_empty() {
-                            cmdline.push(' ');
-                        }
-                        cmdline.push_str(&fragment);
-                    }
+            DeviceKind::VirtioEcho => virtio.push(Box::new(keel_virtio::echo::Echo::new())),
+        }
+    }
+    let mut images = Vec::new();
+    for (i, spec) in cfg.disks.iter().enumerate() {
+        let (block, image) = crate::disk::open(spec, i)?;
+        virtio.push(block);
+        images.push(image);
+    }
+    for device in virtio {
+        match cfg.transport {
+            Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
+            Transport::Mmio => {
+                let fragment = add_virtio_mmio(&vm, &buses, &mut alloc, &mem, device)?;
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
                 }
+                cmdline.push_str(&fragment);
             }
         }
     }
@@ -399,5 +412,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         let _ = t.join();
     }
     let _ = serial.flush();
+    // Disks: data flushed, qcow2 images marked clean.
+    for image in &images {
+        if let Err(e) = image.close() {
+            eprintln!("keel: closing a disk: {}", error_chain(&e));
+        }
+    }
     Ok(exit.reason().expect("the loop ends only on a request"))
 }
