@@ -128,6 +128,24 @@ const MAX_RANGE_SECTORS: u32 = (u32::MAX >> 9) >> 1;
 /// Segments per discard / write-zeroes request.
 const MAX_RANGE_SEGS: u32 = 32;
 
+/// What the parser enforces for `disk`.
+pub(crate) fn limits_for(disk: &Disk) -> crate::request::Limits {
+    let read_only = disk.backend.is_read_only();
+    let (seg, sectors) = if read_only {
+        (0, 0)
+    } else {
+        (MAX_RANGE_SEGS, MAX_RANGE_SECTORS)
+    };
+    crate::request::Limits {
+        capacity: disk.backend.size() / SECTOR_SIZE,
+        read_only,
+        max_discard_seg: seg,
+        max_discard_sectors: sectors,
+        max_write_zeroes_seg: seg,
+        max_write_zeroes_sectors: sectors,
+    }
+}
+
 /// The virtio-blk device model.
 pub struct Block {
     disk: Disk,
@@ -199,19 +217,7 @@ impl Block {
     }
 
     fn limits(&self) -> crate::request::Limits {
-        let (seg, sectors) = if self.read_only() {
-            (0, 0)
-        } else {
-            (MAX_RANGE_SEGS, MAX_RANGE_SECTORS)
-        };
-        crate::request::Limits {
-            capacity: self.capacity(),
-            read_only: self.read_only(),
-            max_discard_seg: seg,
-            max_discard_sectors: sectors,
-            max_write_zeroes_seg: seg,
-            max_write_zeroes_sectors: sectors,
-        }
+        limits_for(&self.disk)
     }
 
     /// The configuration space (virtio 1.2 section 5.2.4), 60 bytes.

@@ -21,3 +21,4 @@ pub mod request;
 mod worker;
 
 pub use device::{Block, BlockOptions, Disk, Error, BLOCK_DEVICE_TYPE};
+pub use worker::SyncServer;

@@ -145,6 +145,78 @@ struct State {
     broken: bool,
 }
 
+/// Serves one queue on the calling thread: for tests and fuzzers that want determinism
+/// (with a synchronous [`crate::Disk`]). Devices use a worker thread per queue instead.
+pub struct SyncServer {
+    state: State,
+}
+
+impl SyncServer {
+    /// A server for `queue` (already configured and validated) over `disk`, with the
+    /// device limits `Block` would use for it.
+    pub fn new(
+        queue: Queue,
+        mem: GuestMemoryMmap,
+        disk: &crate::Disk,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        needs_reset: NeedsReset,
+    ) -> keel_block::Result<SyncServer> {
+        let limits = crate::device::limits_for(disk);
+        Ok(SyncServer {
+            state: State {
+                aio: (disk.engine)()?,
+                ctx: QueueContext {
+                    index: 0,
+                    queue,
+                    kick: Arc::new(
+                        EventFd::new(libc::EFD_NONBLOCK)
+                            .map_err(|e| keel_block::Error::io("creating an eventfd", e))?,
+                    ),
+                    mem,
+                    interrupt,
+                    needs_reset,
+                    limits,
+                    id: disk.id,
+                    engine: disk.engine.clone(),
+                    writeback: Arc::new(AtomicBool::new(true)),
+                    throttle: None,
+                },
+                slots: Slots {
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                },
+                used: false,
+                broken: false,
+            },
+        })
+    }
+
+    /// Serves every available request and waits for all of them to complete.
+    pub fn run_until_idle(&mut self) -> keel_block::Result<()> {
+        let st = &mut self.state;
+        let mut done = Vec::new();
+        loop {
+            if !st.broken {
+                st.take_requests(true);
+            }
+            st.signal();
+            if st.aio.in_flight() == 0 {
+                return Ok(());
+            }
+            done.clear();
+            st.aio.wait(1, &mut done)?;
+            for c in done.drain(..) {
+                st.complete(c);
+            }
+        }
+    }
+
+    /// The queue (to inspect its indices).
+    pub fn queue(&self) -> &Queue {
+        &self.state.ctx.queue
+    }
+}
+
 const KICK: u64 = 0;
 const WAKE: u64 = 1;
 

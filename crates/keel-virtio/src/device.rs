@@ -42,6 +42,16 @@ pub struct NeedsReset {
 }
 
 impl NeedsReset {
+    /// A reporter that sets `flag` and raises a configuration interrupt through
+    /// `interrupt` (transports make their own; this is for running a device's queues
+    /// outside a transport, in tests and fuzzers).
+    pub fn new(
+        flag: Arc<std::sync::atomic::AtomicBool>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Self {
+        NeedsReset { flag, interrupt }
+    }
+
     /// Reports the failure.
     pub fn report(&self) {
         if !self.flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
