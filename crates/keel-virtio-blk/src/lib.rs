@@ -22,3 +22,8 @@ mod worker;
 
 pub use device::{Block, BlockOptions, Disk, Error, BLOCK_DEVICE_TYPE};
 pub use worker::SyncServer;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
