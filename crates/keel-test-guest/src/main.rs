@@ -19,11 +19,14 @@
 mod serial;
 mod acpi;
 mod arch;
+mod blk;
+mod blk_scenarios;
 mod exit;
 mod idt;
 mod irq;
 mod memory;
 mod pci;
+mod pit;
 mod pvh;
 mod smp;
 mod text;
@@ -88,6 +91,9 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "virtio-pci" => virtio_scenarios::scenario_pci(&acpi),
         "virtio-mmio" => virtio_scenarios::scenario_mmio(&boot, &acpi),
         "virtio-rng" => virtio_scenarios::scenario_rng(&boot, &acpi),
+        "blk" => blk_scenarios::scenario_blk(&boot, &acpi),
+        "blk-ro" => blk_scenarios::scenario_blk_ro(&boot, &acpi),
+        "blk-bench" => blk_scenarios::scenario_blk_bench(&boot, &acpi),
         _ => {
             let mut t = Text::new();
             t.push_str("unknown scenario");

@@ -642,6 +642,20 @@ impl Transport {
         unsafe { mmio_read32(self.config_addr(off)) }
     }
 
+    /// A 16-bit device configuration field (`off` 2-byte aligned).
+    pub fn config_read16(&self, off: u64) -> u16 {
+        // SAFETY: as config_read32, an aligned 16-bit access for a 16-bit
+        // field.
+        unsafe { mmio_read16(self.config_addr(off)) }
+    }
+
+    /// A 64-bit device configuration field as two 32-bit reads, low half
+    /// first (virtio-mmio allows nothing wider; section 4.2.2.2). Callers
+    /// read it inside `config_consistent`.
+    pub fn config_read64(&self, off: u64) -> u64 {
+        u64::from(self.config_read32(off)) | (u64::from(self.config_read32(off + 4)) << 32)
+    }
+
     pub fn config_read8(&self, off: u64) -> u8 {
         // SAFETY: as config_read32, an 8-bit access for an 8-bit field.
         unsafe { mmio_read8(self.config_addr(off)) }
@@ -1076,6 +1090,33 @@ impl Vq {
         );
         self.put_avail(id);
         Some(id)
+    }
+
+    /// One ring descriptor pointing at an indirect table of `entries`
+    /// descriptors at guest-physical `table` (16-byte aligned), which the
+    /// caller wrote in memory it owns and keeps until the head is used.
+    pub fn add_indirect_at(&mut self, table: u64, entries: usize) -> Option<u16> {
+        if self.nfree == 0 || entries == 0 || entries > usize::from(self.size) || table % 16 != 0 {
+            return None;
+        }
+        self.nfree -= 1;
+        let id = self.free[self.nfree];
+        self.write_desc_at(
+            self.desc_addr() + 16 * u64::from(id),
+            table,
+            16 * entries as u32,
+            DESC_INDIRECT,
+            0,
+        );
+        self.put_avail(id);
+        Some(id)
+    }
+
+    /// Without EVENT_IDX: ask the device not to interrupt (avail->flags
+    /// bit 0, VIRTQ_AVAIL_F_NO_INTERRUPT), or to interrupt again.
+    pub fn set_no_interrupt(&self, quiet: bool) {
+        self.put16(self.avail_addr(), u16::from(quiet));
+        fence(Ordering::SeqCst);
     }
 
     /// Ask for an interrupt once the used index passes `v` (EVENT_IDX:

@@ -45,7 +45,7 @@ macro_rules! say {
 
 /// Where a transport's interrupts are counted.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Irqs {
+pub(crate) enum Irqs {
     /// MSI-X: configuration on counter 0, queue 0 on counter 1.
     Pci,
     /// One IOAPIC pin on counter 2; InterruptStatus says why.
@@ -53,7 +53,7 @@ enum Irqs {
 }
 
 impl Irqs {
-    fn queue_counter(self) -> usize {
+    pub(crate) fn queue_counter(self) -> usize {
         match self {
             Irqs::Pci => usize::from(MSIX_QUEUE),
             Irqs::Mmio => MMIO_COUNTER,
@@ -65,13 +65,13 @@ impl Irqs {
             Irqs::Mmio => MMIO_COUNTER,
         }
     }
-    fn queue(self) -> u64 {
+    pub(crate) fn queue(self) -> u64 {
         irq::vec_count(self.queue_counter())
     }
     fn config(self) -> u64 {
         irq::vec_count(self.config_counter())
     }
-    fn queue_vector(self) -> u8 {
+    pub(crate) fn queue_vector(self) -> u8 {
         VEC_COUNTED + self.queue_counter() as u8
     }
     fn config_vector(self) -> u8 {
@@ -81,16 +81,16 @@ impl Irqs {
 
 /// One scenario's view: its name (the progress-line prefix), the
 /// transport and where its interrupts land.
-struct Ctx<'a> {
-    name: &'static str,
-    t: &'a Transport,
-    irqs: Irqs,
+pub(crate) struct Ctx<'a> {
+    pub(crate) name: &'static str,
+    pub(crate) t: &'a Transport,
+    pub(crate) irqs: Irqs,
 }
 
 // ---------------------------------------------------------------------
 // Discovery and interrupt routing per transport.
 
-fn open_pci(name: &'static str, f: crate::pci::Func) -> Result<PciTransport, Text<160>> {
+pub(crate) fn open_pci(name: &'static str, f: crate::pci::Func) -> Result<PciTransport, Text<160>> {
     let p = PciTransport::open(f)?;
     say!(
         name,
@@ -136,7 +136,7 @@ fn open_pci(name: &'static str, f: crate::pci::Func) -> Result<PciTransport, Tex
     Ok(p)
 }
 
-fn describe_mmio(name: &'static str, m: &MmioTransport) {
+pub(crate) fn describe_mmio(name: &'static str, m: &MmioTransport) {
     say!(
         name,
         "found virtio-mmio version 2 at {:#x} (size {:#x}, IRQ {}, vendor {:#x}, device type {:#x})",
@@ -148,7 +148,11 @@ fn describe_mmio(name: &'static str, m: &MmioTransport) {
     );
 }
 
-fn route_mmio(name: &'static str, acpi: &Acpi, m: &MmioTransport) -> Result<(u64, u32), Text<160>> {
+pub(crate) fn route_mmio(
+    name: &'static str,
+    acpi: &Acpi,
+    m: &MmioTransport,
+) -> Result<(u64, u32), Text<160>> {
     let vector = Irqs::Mmio.queue_vector();
     let (ioapic, pin) = irq::route_gsi(acpi, m.irq, vector, false, false)?;
     say!(
@@ -160,7 +164,7 @@ fn route_mmio(name: &'static str, acpi: &Acpi, m: &MmioTransport) -> Result<(u64
 }
 
 /// PCI: the configuration interrupt on MSI-X entry 0 (read back).
-fn config_vector(c: &Ctx) -> Outcome {
+pub(crate) fn config_vector(c: &Ctx) -> Outcome {
     if c.irqs == Irqs::Pci {
         let back = c.t.set_config_vector(MSIX_CONFIG);
         if back != MSIX_CONFIG {
@@ -173,13 +177,13 @@ fn config_vector(c: &Ctx) -> Outcome {
     Ok(())
 }
 
-fn queue_vector(c: &Ctx) -> Option<u16> {
+pub(crate) fn queue_vector(c: &Ctx) -> Option<u16> {
     (c.irqs == Irqs::Pci).then_some(MSIX_QUEUE)
 }
 
 /// After a queue interrupt was counted: on virtio-mmio, InterruptStatus
 /// must say "used buffer", and InterruptACK must clear it.
-fn check_used_status(c: &Ctx) -> Result<u32, Text<160>> {
+pub(crate) fn check_used_status(c: &Ctx) -> Result<u32, Text<160>> {
     if c.irqs != Irqs::Mmio {
         return Ok(0);
     }
@@ -197,7 +201,7 @@ fn check_used_status(c: &Ctx) -> Result<u32, Text<160>> {
 
 /// Let interrupts still in flight land, then acknowledge what the
 /// virtio-mmio status shows, so the next count starts clean.
-fn settle(c: &Ctx) {
+pub(crate) fn settle(c: &Ctx) {
     arch::wait_for(QUIET_CYCLES, || false);
     let s = c.t.interrupt_status();
     if s != 0 {

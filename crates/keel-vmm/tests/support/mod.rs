@@ -222,3 +222,36 @@ pub fn qemu_guest(
     .args(extra);
     Running::start(cmd).finish(limit)
 }
+
+/// Like [`qemu_guest`], with the whole kernel command line given (`keel.test=NAME` and any
+/// further words, e.g. a scenario's parameters).
+pub fn qemu_guest_cmdline(
+    cmdline: &str,
+    machine: &str,
+    cpus: u8,
+    debug_exit: bool,
+    extra: &[&str],
+    limit: Duration,
+) -> Outcome {
+    let qemu = "qemu-system-x86_64";
+    assert!(
+        Command::new(qemu).arg("--version").output().is_ok(),
+        "{qemu} is missing: scripts/install-tools installs it (Debian package qemu-system-x86)"
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-enable-kvm", "-M", machine, "-cpu", "kvm64", "-m", "128"])
+        .args(["-smp", &cpus.to_string()])
+        .args([
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ]);
+    if debug_exit {
+        cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    }
+    cmd.args(["-kernel", GUEST, "-append", cmdline]).args(extra);
+    Running::start(cmd).finish(limit)
+}

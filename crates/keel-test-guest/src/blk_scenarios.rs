@@ -1,0 +1,842 @@
+//! Scenarios on the virtio-blk driver (blk.rs), on the first virtio-blk
+//! device (PCI bus 0, else virtio-mmio from the command line):
+//!
+//! * `blk`: configuration, GET_ID, a pattern written over the first 8 MiB
+//!   and read back (depth 1, then the full queue), FLUSH, DISCARD,
+//!   WRITE_ZEROES with and without UNMAP, an unsupported type and reads
+//!   past the end. The disk's final content is documented (README) so the
+//!   host can check the image.
+//! * `blk-ro`: a read-only disk holding what `blk` leaves: reads work,
+//!   writes fail with IOERR and change nothing.
+//! * `blk-bench`: 4 KiB random reads and writes at depth 1 and 32; the
+//!   host times each row by its begin/end lines.
+
+use core::fmt::Write;
+
+use crate::acpi::Acpi;
+use crate::arch::{self, rdtsc, TIMEOUT_CYCLES};
+use crate::blk::{
+    self, Blk, Done, Req, Shape, Split, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, SECTOR, S_IOERR,
+    S_OK, S_UNSUPP, T_DISCARD, T_WRITE_ZEROES, WZ_UNMAP,
+};
+use crate::irq;
+use crate::pvh::BootInfo;
+use crate::text::Text;
+use crate::virtio::{self, Transport, F_INDIRECT_DESC};
+use crate::virtio_scenarios::{self as vs, Ctx, Irqs};
+use crate::Outcome;
+
+macro_rules! say {
+    ($name:expr, $($arg:tt)*) => {
+        println!("keel-test: {}: {}", $name, format_args!($($arg)*))
+    };
+}
+
+/// The pattern's unit: 4 KiB blocks.
+const BLOCK: u32 = 4096;
+const SECTORS_PER_BLOCK: u64 = BLOCK as u64 / SECTOR;
+/// `blk` writes the first 8 MiB: blocks 0-2047.
+const PATTERN_BLOCKS: u32 = 2048;
+/// The first blocks are written one request at a time.
+const DEPTH1_BLOCKS: u32 = 64;
+/// Discarded and then zeroed with WRITE_ZEROES and UNMAP.
+const ZERO_UNMAP: (u32, u32) = (16, 32);
+/// Zeroed with WRITE_ZEROES without UNMAP.
+const ZERO_KEEP: (u32, u32) = (48, 64);
+
+/// Every byte of block `b` as `blk` writes it.
+pub fn pattern(b: u32) -> u8 {
+    (b % 251 + 1) as u8
+}
+
+/// Every byte of block `b` (< 2048) once `blk` has passed.
+fn final_byte(b: u32) -> u8 {
+    let inside = |(lo, hi): (u32, u32)| (lo..hi).contains(&b);
+    if inside(ZERO_UNMAP) || inside(ZERO_KEEP) {
+        0
+    } else {
+        pattern(b)
+    }
+}
+
+fn sector_of(b: u32) -> u64 {
+    u64::from(b) * SECTORS_PER_BLOCK
+}
+
+/// Run `body` on the first virtio-blk device.
+fn with_device(
+    name: &'static str,
+    boot: &BootInfo,
+    acpi: &Acpi,
+    body: impl FnOnce(&Ctx) -> Outcome,
+) -> Outcome {
+    irq::lapic_enable();
+    if let Some(f) = virtio::find_pci(acpi, blk::BLK_TYPE) {
+        let p = vs::open_pci(name, f)?;
+        let t = Transport::Pci(p);
+        return body(&Ctx {
+            name,
+            t: &t,
+            irqs: Irqs::Pci,
+        });
+    }
+    let s = virtio::find_mmio(name, boot.cmdline(), u32::from(blk::BLK_TYPE))?;
+    let Some(m) = s.found else {
+        crate::fail!(
+            "no virtio-blk device: none on PCI bus 0 (1af4:1042, 1af4:1001) nor among the {} virtio_mmio.device= entries (keel: --disk)",
+            s.words
+        );
+    };
+    vs::describe_mmio(name, &m);
+    let (ioapic, pin) = vs::route_mmio(name, acpi, &m)?;
+    let t = Transport::Mmio(m);
+    let r = body(&Ctx {
+        name,
+        t: &t,
+        irqs: Irqs::Mmio,
+    });
+    irq::mask_pin(ioapic, pin);
+    r
+}
+
+/// `Some(v)` as a number, `None` as "not offered".
+struct Opt<T>(Option<T>);
+
+impl<T: core::fmt::Display> core::fmt::Display for Opt<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match &self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("not offered"),
+        }
+    }
+}
+
+/// Negotiate, set up the queue and print what the device is.
+fn open<'a>(c: &Ctx<'a>) -> Result<Blk<'a>, Text<160>> {
+    let name = c.name;
+    let config_entry = (c.irqs == Irqs::Pci).then_some(0);
+    let b = Blk::open(c.t, config_entry, vs::queue_vector(c))?;
+    if let Transport::Pci(p) = c.t {
+        if p.device == 0x1001 {
+            say!(
+                name,
+                "transitional device 1af4:1001, driven as a modern one (VERSION_1 offered)"
+            );
+        }
+    }
+    say!(
+        name,
+        "negotiated features {:#x} ({}); device offers {:#x}",
+        b.features,
+        blk::feature_names(b.features),
+        b.offered
+    );
+    let g = &b.cfg;
+    say!(
+        name,
+        "capacity {} sectors ({} MiB), blk_size {}, seg_max {}, size_max {}, num_queues {}",
+        g.capacity,
+        (g.capacity * SECTOR) >> 20,
+        Opt(g.blk_size),
+        Opt(g.seg_max),
+        Opt(g.size_max),
+        Opt(g.num_queues)
+    );
+    if let Some((cyl, heads, sectors)) = g.geometry {
+        say!(
+            name,
+            "geometry: {cyl} cylinders, {heads} heads, {sectors} sectors"
+        );
+    }
+    if let Some((exp, align, min_io, opt_io)) = g.topology {
+        say!(
+            name,
+            "topology: physical_block_exp {exp}, alignment_offset {align}, min_io_size {min_io}, opt_io_size {opt_io}"
+        );
+    }
+    match g.discard {
+        Some(l) => say!(
+            name,
+            "discard: max_discard_sectors {}, max_discard_seg {}, discard_sector_alignment {}",
+            l.max_sectors,
+            l.max_seg,
+            l.extra
+        ),
+        None => say!(name, "discard: not offered"),
+    }
+    match g.write_zeroes {
+        Some(l) => say!(
+            name,
+            "write zeroes: max_write_zeroes_sectors {}, max_write_zeroes_seg {}, write_zeroes_may_unmap {}",
+            l.max_sectors,
+            l.max_seg,
+            l.extra
+        ),
+        None => say!(name, "write zeroes: not offered"),
+    }
+    match g.writeback {
+        Some(w) => say!(name, "writeback {w} (CONFIG_WCE)"),
+        None => say!(name, "writeback: CONFIG_WCE not offered"),
+    }
+    say!(
+        name,
+        "queue 0: {} entries (device maximum {}), at most {} descriptors a request; DRIVER_OK",
+        b.vq.size,
+        b.vq.max,
+        b.max_pieces
+    );
+    Ok(b)
+}
+
+/// GET_ID: the 20-byte ID as printable text (up to the first NUL).
+fn get_id(b: &mut Blk) -> Result<Text<24>, Text<160>> {
+    b.one(
+        &Req::get_id(),
+        Shape::SEPARATE,
+        |p| p[..blk::ID_BYTES as usize].fill(0xff),
+        |d, p| {
+            if d.status != S_OK {
+                crate::fail!("GET_ID: status {}, expected 0 (OK)", d.status);
+            }
+            let mut t = Text::<24>::new();
+            for &ch in p[..blk::ID_BYTES as usize]
+                .iter()
+                .take_while(|&&ch| ch != 0)
+            {
+                let ch = if ch.is_ascii_graphic() || ch == b' ' {
+                    ch
+                } else {
+                    b'?'
+                };
+                let _ = t.write_char(char::from(ch));
+            }
+            Ok(t)
+        },
+    )
+}
+
+/// Layouts cycled through: each split directly and through an indirect
+/// table (when INDIRECT_DESC was negotiated).
+fn mixed_shape(i: u32) -> Shape {
+    Shape {
+        split: split_of(i),
+        indirect: (i / 3) % 2 == 1,
+    }
+}
+
+/// Each split in turn, all through indirect tables, so that one ring
+/// descriptor per request lets the whole queue be in flight.
+fn indirect_shape(i: u32) -> Shape {
+    Shape {
+        split: split_of(i),
+        indirect: true,
+    }
+}
+
+fn split_of(i: u32) -> Split {
+    match i % 3 {
+        0 => Split::Separate,
+        1 => Split::Merged,
+        _ => Split::Scattered(i.wrapping_mul(0x9e37_79b9) ^ 0x6b65_656c),
+    }
+}
+
+/// Describe what a phase sent: "N requests, at most M in flight, ...".
+fn phase_text(st: &blk::Stats) -> Text<160> {
+    let mut t = Text::new();
+    let _ = write!(
+        t,
+        "{} requests, at most {} in flight, {} through indirect tables, {} split other than header/data/status",
+        st.requests, st.max_in_flight, st.indirect, st.unusual
+    );
+    t
+}
+
+fn expect(d: &Done, want: u8) -> Outcome {
+    if d.status != want {
+        crate::fail!(
+            "{} at sector {} ({} bytes{}): status {} (used.len {}), expected {want}",
+            blk::type_name(d.req.ty),
+            d.req.sector,
+            d.req.len,
+            if d.indirect { ", indirect" } else { "" },
+            d.status,
+            d.used_len
+        );
+    }
+    Ok(())
+}
+
+/// Check that 4 KiB block `b` read back as all `want`.
+fn check_block(b: u32, p: &[u8], want: u8, what: &str) -> Outcome {
+    if let Some(k) = p[..BLOCK as usize].iter().position(|&x| x != want) {
+        crate::fail!(
+            "block {b} (sector {}) read back byte {k} as {:#04x}, expected {want:#04x} ({what})",
+            sector_of(b),
+            p[k]
+        );
+    }
+    Ok(())
+}
+
+/// Write blocks `first..end`, every byte of block b = `byte(b)`, at most
+/// `depth` in flight, laid out as `shape(i)`.
+fn write_blocks(
+    b: &mut Blk,
+    first: u32,
+    end: u32,
+    depth: usize,
+    byte: fn(u32) -> u8,
+    shape: fn(u32) -> Shape,
+) -> Outcome {
+    b.pipeline(
+        end - first,
+        depth,
+        &mut |i, p| {
+            let blk = first + i;
+            p[..BLOCK as usize].fill(byte(blk));
+            Ok((Req::write(sector_of(blk), BLOCK), shape(i)))
+        },
+        &mut |d, _| expect(d, S_OK),
+    )
+}
+
+/// Read blocks `first..end` and check each is all `byte(b)`. The buffer
+/// is filled with the complement first, so a block the device did not
+/// write shows.
+fn read_blocks(
+    b: &mut Blk,
+    first: u32,
+    end: u32,
+    depth: usize,
+    byte: fn(u32) -> u8,
+    shape: fn(u32) -> Shape,
+    what: &str,
+) -> Outcome {
+    b.pipeline(
+        end - first,
+        depth,
+        &mut |i, p| {
+            p[..BLOCK as usize].fill(!byte(first + i));
+            Ok((Req::read(sector_of(first + i), BLOCK), shape(i)))
+        },
+        &mut |d, p| {
+            expect(d, S_OK)?;
+            let blk = first + d.tag;
+            check_block(blk, p, byte(blk), what)
+        },
+    )
+}
+
+/// DISCARD or WRITE_ZEROES over blocks `first..end` with segment `flags`,
+/// within the device's limits: segments of at most max sectors (kept on
+/// the discard alignment), split in two when the limits allow it so that
+/// multi-segment payloads are exercised, packed max_seg to a request.
+/// Returns (requests, segments).
+fn ranged(
+    b: &mut Blk,
+    ty: u32,
+    first: u32,
+    end: u32,
+    flags: u32,
+    lim: blk::RangeLimits,
+) -> Result<(u32, u32), Text<160>> {
+    let start = sector_of(first);
+    let total = sector_of(end) - start;
+    let align = if ty == T_DISCARD {
+        u64::from(lim.extra.max(1))
+    } else {
+        1
+    };
+    let mut most = u64::from(lim.max_sectors);
+    if most >= align {
+        most -= most % align;
+    }
+    let half = total / 2;
+    if lim.max_seg >= 2 && total <= most && half % align == 0 {
+        most = half;
+    }
+    let per_req = lim.max_seg.min(256) as usize;
+    let mut segs = [(0u64, 0u32); 64];
+    let mut n = 0;
+    let mut at = start;
+    while at < start + total {
+        if n == segs.len() {
+            crate::fail!(
+                "{} over {total} sectors needs more than 64 segments (max {} sectors each)",
+                blk::type_name(ty),
+                lim.max_sectors
+            );
+        }
+        let len = most.min(start + total - at);
+        segs[n] = (at, len as u32);
+        n += 1;
+        at += len;
+    }
+    let mut requests = 0;
+    for (k, chunk) in segs[..n].chunks(per_req).enumerate() {
+        let shape = Shape {
+            split: if k == 0 {
+                Split::Merged
+            } else {
+                Split::Separate
+            },
+            indirect: false,
+        };
+        b.one(
+            &Req::ranged(ty, chunk.len() as u32),
+            shape,
+            |p| {
+                for (j, &(sector, sectors)) in chunk.iter().enumerate() {
+                    let s = &mut p[16 * j..16 * j + 16];
+                    s[..8].copy_from_slice(&sector.to_le_bytes());
+                    s[8..12].copy_from_slice(&sectors.to_le_bytes());
+                    s[12..].copy_from_slice(&flags.to_le_bytes());
+                }
+            },
+            |d, _| expect(d, S_OK),
+        )?;
+        requests += 1;
+    }
+    Ok((requests, n as u32))
+}
+
+fn flush(b: &mut Blk, name: &str, again: &str) -> Outcome {
+    if !b.has(F_FLUSH) {
+        say!(
+            name,
+            "FLUSH not offered: skipped{again} (the device writes through)"
+        );
+        return Ok(());
+    }
+    b.one(
+        &Req::flush(),
+        Shape::SEPARATE,
+        |_| {},
+        |d, _| expect(d, S_OK),
+    )?;
+    say!(name, "FLUSH: OK{again}");
+    Ok(())
+}
+
+/// Interrupts on the queue so far.
+fn queue_irqs(c: &Ctx) -> u64 {
+    c.irqs.queue()
+}
+
+/// One read with used_event at the used index: the queue interrupt must
+/// come (virtio-mmio: InterruptStatus bit 0, acknowledged).
+fn interrupt_check(c: &Ctx, b: &mut Blk) -> Outcome {
+    vs::settle(c);
+    let before = queue_irqs(c);
+    b.want_interrupt();
+    b.one(
+        &Req::read(0, BLOCK),
+        Shape::SEPARATE,
+        |_| {},
+        |d, _| expect(d, S_OK),
+    )?;
+    if !arch::wait_for(TIMEOUT_CYCLES, || queue_irqs(c) > before) {
+        crate::fail!(
+            "no queue interrupt (vector {:#x}) after a read with used_event at the used index",
+            c.irqs.queue_vector()
+        );
+    }
+    vs::check_used_status(c)?;
+    b.quiet();
+    say!(
+        c.name,
+        "queue interrupt arrived when asked for (vector {:#x})",
+        c.irqs.queue_vector()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// blk
+
+/// Scenario `blk`.
+pub fn scenario_blk(boot: &BootInfo, acpi: &Acpi) -> Outcome {
+    with_device("blk", boot, acpi, blk_steps)
+}
+
+fn blk_steps(c: &Ctx) -> Outcome {
+    let name = c.name;
+    let mut b = open(c)?;
+    let id = get_id(&mut b)?;
+    say!(name, "ID \"{id}\"");
+    if b.has(F_RO) {
+        crate::fail!("the disk is read-only (VIRTIO_BLK_F_RO); blk writes to it");
+    }
+    let cap = b.cfg.capacity;
+    if cap < sector_of(PATTERN_BLOCKS) {
+        crate::fail!(
+            "capacity {cap} sectors is below the {} (8 MiB) blk writes",
+            sector_of(PATTERN_BLOCKS)
+        );
+    }
+    if let Some(w) = b.cfg.writeback {
+        let other = u8::from(w == 0);
+        let back = blk::set_writeback(c.t, other)?;
+        if back != other {
+            crate::fail!("writeback {w}: wrote {other}, reads back {back}");
+        }
+        let back = blk::set_writeback(c.t, w)?;
+        if back != w {
+            crate::fail!("writeback: wrote {w} back, reads {back}");
+        }
+        say!(name, "writeback toggled to {other} and back to {w}");
+    }
+    if !b.has(F_INDIRECT_DESC) {
+        say!(
+            name,
+            "INDIRECT_DESC not offered: every request is a direct chain"
+        );
+    }
+    let irqs0 = queue_irqs(c);
+    let full = b.depth_max();
+
+    // (a) The pattern: depth 1, then the whole queue.
+    b.stats = blk::Stats::default();
+    write_blocks(&mut b, 0, DEPTH1_BLOCKS, 1, pattern, mixed_shape)?;
+    say!(
+        name,
+        "wrote blocks 0-{} at depth 1: {}",
+        DEPTH1_BLOCKS - 1,
+        phase_text(&b.stats)
+    );
+    b.stats = blk::Stats::default();
+    write_blocks(
+        &mut b,
+        DEPTH1_BLOCKS,
+        PATTERN_BLOCKS,
+        full,
+        pattern,
+        indirect_shape,
+    )?;
+    say!(
+        name,
+        "wrote blocks {}-{} at depth {full}: {}",
+        DEPTH1_BLOCKS,
+        PATTERN_BLOCKS - 1,
+        phase_text(&b.stats)
+    );
+
+    // (b) Read everything back.
+    b.stats = blk::Stats::default();
+    read_blocks(
+        &mut b,
+        0,
+        PATTERN_BLOCKS,
+        full,
+        pattern,
+        mixed_shape,
+        "the pattern",
+    )?;
+    say!(
+        name,
+        "read back and verified blocks 0-{} at depth {full}: {}",
+        PATTERN_BLOCKS - 1,
+        phase_text(&b.stats)
+    );
+
+    // (c)
+    flush(&mut b, name, "")?;
+
+    // (d)
+    let (zlo, zhi) = ZERO_UNMAP;
+    match b.cfg.discard {
+        Some(l) => {
+            let (r, s) = ranged(&mut b, T_DISCARD, zlo, zhi, 0, l)?;
+            say!(
+                name,
+                "DISCARD blocks {zlo}-{}: OK ({r} request(s), {s} segment(s))",
+                zhi - 1
+            );
+        }
+        None => say!(name, "DISCARD not offered: skipped"),
+    }
+
+    // (e)
+    let (klo, khi) = ZERO_KEEP;
+    match b.cfg.write_zeroes {
+        Some(l) => {
+            let (r1, s1) = ranged(&mut b, T_WRITE_ZEROES, zlo, zhi, WZ_UNMAP, l)?;
+            let (r2, s2) = ranged(&mut b, T_WRITE_ZEROES, klo, khi, 0, l)?;
+            say!(
+                name,
+                "WRITE_ZEROES blocks {zlo}-{} with UNMAP and {klo}-{} without: OK ({} request(s), {} segment(s))",
+                zhi - 1,
+                khi - 1,
+                r1 + r2,
+                s1 + s2
+            );
+        }
+        None => {
+            write_blocks(&mut b, zlo, zhi, full, |_| 0, mixed_shape)?;
+            write_blocks(&mut b, klo, khi, full, |_| 0, mixed_shape)?;
+            say!(
+                name,
+                "WRITE_ZEROES not offered: wrote zeroes over blocks {zlo}-{} and {klo}-{} with OUT",
+                zhi - 1,
+                khi - 1
+            );
+        }
+    }
+    read_blocks(&mut b, zlo, zhi, full, |_| 0, mixed_shape, "zeroed")?;
+    read_blocks(&mut b, klo, khi, full, |_| 0, mixed_shape, "zeroed")?;
+    say!(
+        name,
+        "blocks {zlo}-{} and {klo}-{} read back as zeroes",
+        zhi - 1,
+        khi - 1
+    );
+
+    // (f)
+    flush(&mut b, name, " (again)")?;
+
+    // (g) Errors.
+    b.one(
+        &Req::bare(0xff),
+        Shape::SEPARATE,
+        |_| {},
+        |d, _| expect(d, S_UNSUPP),
+    )?;
+    say!(name, "request type 0xff: UNSUPP");
+    for (sector, what) in [(cap, "past the end"), (cap - 1, "across the end")] {
+        b.one(
+            &Req::read(sector, BLOCK),
+            Shape::SEPARATE,
+            |_| {},
+            |d, _| expect(d, S_IOERR),
+        )?;
+        say!(name, "IN of 4 KiB at sector {sector} ({what}): IOERR");
+    }
+    read_blocks(&mut b, 0, 1, 1, final_byte, mixed_shape, "the pattern")?;
+    say!(name, "block 0 still reads back after the errors");
+
+    // Notifications and interrupts.
+    say!(
+        name,
+        "{} notifications, {} suppressed by avail_event; {} queue interrupts while polling",
+        b.vq.kicks,
+        b.vq.kicks_suppressed,
+        queue_irqs(c) - irqs0
+    );
+    interrupt_check(c, &mut b)?;
+
+    c.t.reset()?;
+    say!(name, "reset: status reads 0");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// blk-ro
+
+/// Blocks `blk-ro` reads and checks: the zeroed ranges and the pattern
+/// around them.
+const RO_BLOCKS: u32 = 64;
+
+/// Scenario `blk-ro`.
+pub fn scenario_blk_ro(boot: &BootInfo, acpi: &Acpi) -> Outcome {
+    with_device("blk-ro", boot, acpi, blk_ro_steps)
+}
+
+fn blk_ro_steps(c: &Ctx) -> Outcome {
+    let name = c.name;
+    let mut b = open(c)?;
+    let id = get_id(&mut b)?;
+    say!(name, "ID \"{id}\"");
+    if !b.has(F_RO) {
+        crate::fail!("the device does not offer VIRTIO_BLK_F_RO (keel: --disk ...,readonly=on)");
+    }
+    if b.cfg.capacity < sector_of(PATTERN_BLOCKS) {
+        crate::fail!(
+            "capacity {} sectors is below the 8 MiB blk-ro reads",
+            b.cfg.capacity
+        );
+    }
+    let full = b.depth_max();
+    read_blocks(
+        &mut b,
+        0,
+        RO_BLOCKS,
+        full,
+        final_byte,
+        mixed_shape,
+        "what blk leaves",
+    )?;
+    read_blocks(
+        &mut b,
+        PATTERN_BLOCKS - 1,
+        PATTERN_BLOCKS,
+        1,
+        final_byte,
+        mixed_shape,
+        "what blk leaves",
+    )?;
+    say!(
+        name,
+        "read blocks 0-{} and {}: the content blk leaves",
+        RO_BLOCKS - 1,
+        PATTERN_BLOCKS - 1
+    );
+    b.one(
+        &Req::write(0, BLOCK),
+        Shape::SEPARATE,
+        |p| p[..BLOCK as usize].fill(0xee),
+        |d, _| expect(d, S_IOERR),
+    )?;
+    say!(name, "OUT to block 0: IOERR");
+    // One segment over block RO_BLOCKS (checked unchanged below).
+    let range = |b: &mut Blk, ty: u32, flags: u32| {
+        b.one(
+            &Req::ranged(ty, 1),
+            Shape::SEPARATE,
+            |p| {
+                p[..8].copy_from_slice(&sector_of(RO_BLOCKS).to_le_bytes());
+                p[8..12].copy_from_slice(&(SECTORS_PER_BLOCK as u32).to_le_bytes());
+                p[12..16].copy_from_slice(&flags.to_le_bytes());
+            },
+            |d, _| Ok(*d),
+        )
+    };
+    if b.has(F_WRITE_ZEROES) {
+        let d = range(&mut b, T_WRITE_ZEROES, WZ_UNMAP)?;
+        expect(&d, S_IOERR)?;
+        say!(name, "WRITE_ZEROES of block {RO_BLOCKS}: IOERR");
+    }
+    if b.has(F_DISCARD) {
+        // A discard leaves the content undefined, so a device may also
+        // complete it without effect (QEMU does); the block must not
+        // change either way.
+        let d = range(&mut b, T_DISCARD, 0)?;
+        match d.status {
+            S_IOERR => say!(name, "DISCARD of block {RO_BLOCKS}: IOERR"),
+            S_OK => say!(
+                name,
+                "DISCARD of block {RO_BLOCKS}: OK (must have had no effect: checked below)"
+            ),
+            _ => expect(&d, S_IOERR)?,
+        }
+    }
+    flush(&mut b, name, "")?;
+    read_blocks(
+        &mut b,
+        0,
+        RO_BLOCKS + 1,
+        full,
+        final_byte,
+        mixed_shape,
+        "unchanged after the refused writes",
+    )?;
+    say!(
+        name,
+        "blocks 0-{RO_BLOCKS} unchanged after the refused writes"
+    );
+    c.t.reset()?;
+    say!(name, "reset: status reads 0");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// blk-bench
+
+/// Requests per row unless `keel.blk_n=` says otherwise.
+const BENCH_N: u32 = 20_000;
+/// The LCG's seed, the same for every row.
+const BENCH_SEED: u64 = 0x6b65_656c_626c_6b21;
+/// Bytes of every block the write rows write.
+const BENCH_BYTE: u8 = 0x5a;
+
+/// Knuth's MMIX LCG; the block is the high 32 bits modulo the blocks.
+fn lcg(x: u64) -> u64 {
+    x.wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407)
+}
+
+/// Scenario `blk-bench`.
+pub fn scenario_blk_bench(boot: &BootInfo, acpi: &Acpi) -> Outcome {
+    let n = match boot
+        .cmdline()
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix("keel.blk_n="))
+    {
+        None => BENCH_N,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            _ => crate::fail!("keel.blk_n={v}: expected a number of requests from 1 to 2^32-1"),
+        },
+    };
+    with_device("blk-bench", boot, acpi, |c| bench_steps(c, n))
+}
+
+fn bench_steps(c: &Ctx, n: u32) -> Outcome {
+    let name = c.name;
+    let mut b = open(c)?;
+    let blocks = b.cfg.capacity / SECTORS_PER_BLOCK;
+    if blocks == 0 {
+        crate::fail!("capacity {} sectors holds no 4 KiB block", b.cfg.capacity);
+    }
+    let hz = crate::pit::tsc_hz();
+    match hz {
+        Some(hz) => say!(
+            name,
+            "TSC {} MHz (calibrated against PIT channel 0)",
+            hz / 1_000_000
+        ),
+        None => say!(
+            name,
+            "TSC not calibrated (PIT channel 0 did not count consistently): no guest-measured IOPS"
+        ),
+    }
+    say!(
+        name,
+        "{n} requests per row, 4 KiB each, blocks from an LCG (seed {BENCH_SEED:#x}) over {blocks} blocks"
+    );
+    for (write, depth) in [(false, 1), (true, 1), (false, 32), (true, 32)] {
+        let kind = if write { "randwrite" } else { "randread" };
+        if depth > b.depth_max() {
+            crate::fail!(
+                "depth {depth} is more than the queue's {} entries",
+                b.vq.size
+            );
+        }
+        let mut x = BENCH_SEED;
+        say!(name, "begin {kind} depth {depth}");
+        let t0 = rdtsc();
+        b.pipeline(
+            n,
+            depth,
+            &mut |_, p| {
+                x = lcg(x);
+                let sector = ((x >> 32) % blocks) * SECTORS_PER_BLOCK;
+                Ok(if write {
+                    p[..BLOCK as usize].fill(BENCH_BYTE);
+                    (Req::write(sector, BLOCK), Shape::SEPARATE)
+                } else {
+                    (Req::read(sector, BLOCK), Shape::SEPARATE)
+                })
+            },
+            &mut |d, _| expect(d, S_OK),
+        )?;
+        let cycles = rdtsc().wrapping_sub(t0);
+        say!(name, "end {kind} depth {depth} requests {n}");
+        if let Some(hz) = hz {
+            let iops = u128::from(n) * u128::from(hz) / u128::from(cycles.max(1));
+            let us = u128::from(cycles) * 1_000_000 / u128::from(hz);
+            say!(
+                name,
+                "{kind} depth {depth}: {n} requests in {us} us (guest TSC), {iops} IOPS"
+            );
+        }
+    }
+    say!(
+        name,
+        "{} notifications, {} suppressed by avail_event",
+        b.vq.kicks,
+        b.vq.kicks_suppressed
+    );
+    c.t.reset()?;
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! virtio-blk end to end with the test guest (crates/keel-test-guest, scenarios `blk`,
+//! `blk-ro` and `blk-bench`): under QEMU (the peer; virtio-blk-pci and virtio-blk-device)
+//! and under keel (`--disk`, virtio-pci and `--transport mmio`), on raw and qcow2 images.
+//!
+//! Every image starts as `initial_byte` everywhere. After `blk` passes, the image must hold
+//! exactly the content the guest's README documents (`final_byte`): `qemu-img check` finds
+//! no errors (qcow2) and `qemu-img compare` against a raw reference built here says the
+//! images are identical.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use keel_testutil::require_kvm;
+use support::{run_keel, Outcome, TempDir};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// The image: 16 MiB, so that the 8 MiB the guest writes are followed by 8 MiB it must
+/// not touch.
+const DISK_BYTES: usize = 16 << 20;
+const BLOCK: usize = 4096;
+/// `blk` writes blocks 0-2047 (the first 8 MiB).
+const PATTERN_BLOCKS: usize = 2048;
+/// The ID QEMU's device gets (`serial=`); keel names its first disk `keel-disk0`.
+const QEMU_SERIAL: &str = "keel-blk-test";
+
+/// Every byte of 4 KiB block `b` before the guest runs: 0xfc-0xff, values the guest's
+/// pattern (1-251) and zeroes never take.
+fn initial_byte(b: usize) -> u8 {
+    0xfc | (b & 3) as u8
+}
+
+/// Every byte of block `b` after `blk` (crates/keel-test-guest/README.md, "virtio-blk"):
+/// `b % 251 + 1` in the first 8 MiB, except blocks 16-31 and 48-63 which are zero; the
+/// rest untouched.
+fn final_byte(b: usize) -> u8 {
+    if b >= PATTERN_BLOCKS {
+        initial_byte(b)
+    } else if (16..32).contains(&b) || (48..64).contains(&b) {
+        0
+    } else {
+        (b % 251 + 1) as u8
+    }
+}
+
+fn write_image(path: &Path, byte: impl Fn(usize) -> u8) {
+    let mut data = vec![0u8; DISK_BYTES];
+    for (b, block) in data.chunks_mut(BLOCK).enumerate() {
+        block.fill(byte(b));
+    }
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Runs `qemu-img` and returns its stdout; panics with everything if it fails.
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img (Debian package qemu-utils): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 temp path")
+}
+
+/// An image in `format` holding `byte(b)` in every block, and a raw reference holding
+/// what it must hold after the run (`expected`).
+struct Disk {
+    _dir: TempDir,
+    image: PathBuf,
+    reference: PathBuf,
+    format: &'static str,
+}
+
+impl Disk {
+    fn new(
+        tag: &str,
+        format: &'static str,
+        byte: fn(usize) -> u8,
+        expected: fn(usize) -> u8,
+    ) -> Disk {
+        let dir = TempDir::new(tag);
+        let raw = dir.path().join("initial.raw");
+        write_image(&raw, byte);
+        let image = match format {
+            "raw" => raw,
+            "qcow2" => {
+                let q = dir.path().join("disk.qcow2");
+                qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&q)]);
+                std::fs::remove_file(&raw).unwrap();
+                q
+            }
+            _ => unreachable!("format {format}"),
+        };
+        let reference = dir.path().join("reference.raw");
+        write_image(&reference, expected);
+        Disk {
+            _dir: dir,
+            image,
+            reference,
+            format,
+        }
+    }
+
+    /// `qemu-img check` (qcow2) is clean and `qemu-img compare` finds the image identical
+    /// to the reference.
+    fn assert_content(&self) {
+        if self.format == "qcow2" {
+            let out = qemu_img(&["check", "-f", "qcow2", s(&self.image)]);
+            assert!(
+                out.contains("No errors were found on the image."),
+                "qemu-img check:\n{out}"
+            );
+        }
+        let out = qemu_img(&[
+            "compare",
+            "-f",
+            self.format,
+            "-F",
+            "raw",
+            s(&self.image),
+            s(&self.reference),
+        ]);
+        assert!(
+            out.contains("Images are identical."),
+            "qemu-img compare:\n{out}"
+        );
+    }
+}
+
+fn verdict(out: &Outcome) -> Vec<&str> {
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("keel-test: PASS") || l.starts_with("keel-test: FAIL"))
+        .collect()
+}
+
+fn assert_pass(out: &Outcome, scenario: &str, status: i32) {
+    assert_eq!(
+        verdict(out),
+        vec![format!("keel-test: PASS {scenario}").as_str()],
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.code(), Some(status), "stderr: {}", out.stderr);
+}
+
+/// Each of `lines` begins a line `keel-test: SCENARIO: ...`; one ending in `$` is the
+/// whole line.
+fn assert_lines(out: &Outcome, scenario: &str, lines: &[&str]) {
+    for l in lines {
+        let (l, whole) = match l.strip_suffix('$') {
+            Some(l) => (l, true),
+            None => (*l, false),
+        };
+        let l = format!("keel-test: {scenario}: {l}");
+        let found = out.stdout.lines().map(str::trim_end).any(|x| {
+            if whole {
+                x == l
+            } else {
+                x.starts_with(&l)
+            }
+        });
+        assert!(found, "missing {l:?} in:\n{}", out.stdout);
+    }
+}
+
+/// What `blk` prints whatever the VMM, for a 16 MiB disk with a 256-entry queue and
+/// DISCARD and WRITE_ZEROES offered.
+const BLK_LINES: &[&str] = &[
+    "capacity 32768 sectors (16 MiB), blk_size 512,",
+    "wrote blocks 0-63 at depth 1: 64 requests, at most 1 in flight,",
+    "wrote blocks 64-2047 at depth 256: 1984 requests, at most 256 in flight, 1984 through indirect tables",
+    "read back and verified blocks 0-2047 at depth 256: 2048 requests,",
+    "FLUSH: OK$",
+    "DISCARD blocks 16-31: OK",
+    "WRITE_ZEROES blocks 16-31 with UNMAP and 48-63 without: OK",
+    "blocks 16-31 and 48-63 read back as zeroes",
+    "FLUSH: OK (again)",
+    "request type 0xff: UNSUPP",
+    "IN of 4 KiB at sector 32768 (past the end): IOERR",
+    "IN of 4 KiB at sector 32767 (across the end): IOERR",
+    "block 0 still reads back after the errors",
+    "queue interrupt arrived when asked for",
+    "reset: status reads 0",
+];
+
+/// What `blk-ro` prints on the disk `blk` leaves.
+const BLK_RO_LINES: &[&str] = &[
+    "read blocks 0-63 and 2047: the content blk leaves",
+    "OUT to block 0: IOERR",
+    "blocks 0-64 unchanged after the refused writes",
+    "reset: status reads 0",
+];
+
+// ---------------------------------------------------------------------
+// QEMU: the peer, which checks the guest's driver.
+
+/// QEMU's machine and device for a transport.
+fn qemu_transport(mmio: bool) -> (&'static str, Vec<&'static str>) {
+    if mmio {
+        (
+            "microvm,acpi=off",
+            vec![
+                "-global",
+                "virtio-mmio.force-legacy=false",
+                "-device",
+                "virtio-blk-device,drive=d0,serial=keel-blk-test",
+            ],
+        )
+    } else {
+        (
+            "microvm,pcie=on",
+            vec!["-device", "virtio-blk-pci,drive=d0,serial=keel-blk-test"],
+        )
+    }
+}
+
+fn qemu_blk(cmdline: &str, disk: &Disk, mmio: bool, read_only: bool) -> Outcome {
+    let (machine, device) = qemu_transport(mmio);
+    let drive = format!(
+        "file={},if=none,id=d0,format={},cache=none,aio=io_uring{}",
+        s(&disk.image),
+        disk.format,
+        if read_only { ",readonly=on" } else { "" }
+    );
+    let mut extra = vec!["-drive", &drive];
+    extra.extend(device);
+    support::qemu_guest_cmdline(cmdline, machine, 1, true, &extra, LIMIT)
+}
+
+fn qemu_blk_case(mmio: bool, format: &'static str) {
+    let disk = Disk::new("blk-qemu", format, initial_byte, final_byte);
+    let out = qemu_blk("keel.test=blk", &disk, mmio, false);
+    assert_pass(&out, "blk", 1);
+    let found = if mmio {
+        "found virtio-mmio version 2 at "
+    } else {
+        "found 1af4:1001 at 00:01.0 (device type 0x2)"
+    };
+    let id = format!("ID \"{QEMU_SERIAL}\"");
+    let mut lines = vec![found, id.as_str(), "writeback toggled to 0 and back to 1"];
+    lines.extend_from_slice(BLK_LINES);
+    assert_lines(&out, "blk", &lines);
+    disk.assert_content();
+}
+
+#[test]
+fn blk_passes_under_qemu_virtio_pci_raw() {
+    require_kvm!();
+    qemu_blk_case(false, "raw");
+}
+
+#[test]
+fn blk_passes_under_qemu_virtio_pci_qcow2() {
+    require_kvm!();
+    qemu_blk_case(false, "qcow2");
+}
+
+#[test]
+fn blk_passes_under_qemu_virtio_mmio_raw() {
+    require_kvm!();
+    qemu_blk_case(true, "raw");
+}
+
+#[test]
+fn blk_passes_under_qemu_virtio_mmio_qcow2() {
+    require_kvm!();
+    qemu_blk_case(true, "qcow2");
+}
+
+/// `blk-ro` against QEMU's read-only drive (which completes a DISCARD without effect).
+#[test]
+fn blk_ro_passes_under_qemu_over_both_transports() {
+    require_kvm!();
+    for (mmio, format) in [(false, "raw"), (true, "qcow2")] {
+        let disk = Disk::new("blk-ro-qemu", format, final_byte, final_byte);
+        let out = qemu_blk("keel.test=blk-ro", &disk, mmio, true);
+        assert_pass(&out, "blk-ro", 1);
+        assert_lines(&out, "blk-ro", BLK_RO_LINES);
+        assert_lines(&out, "blk-ro", &["WRITE_ZEROES of block 64: IOERR"]);
+        disk.assert_content();
+    }
+}
+
+/// Every row of `blk-bench` runs (a few requests each; the figures are for benchmarks).
+#[test]
+fn blk_bench_runs_every_row_under_qemu() {
+    require_kvm!();
+    let disk = Disk::new("blk-bench-qemu", "raw", initial_byte, initial_byte);
+    let out = qemu_blk("keel.test=blk-bench keel.blk_n=300", &disk, false, false);
+    assert_pass(&out, "blk-bench", 1);
+    assert_bench_rows(&out, 300);
+}
+
+fn assert_bench_rows(out: &Outcome, n: u32) {
+    let rows: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("keel-test: blk-bench: begin ")
+                || l.starts_with("keel-test: blk-bench: end ")
+        })
+        .collect();
+    let mut want = Vec::new();
+    for (kind, depth) in [
+        ("randread", 1),
+        ("randwrite", 1),
+        ("randread", 32),
+        ("randwrite", 32),
+    ] {
+        want.push(format!("keel-test: blk-bench: begin {kind} depth {depth}"));
+        want.push(format!(
+            "keel-test: blk-bench: end {kind} depth {depth} requests {n}"
+        ));
+    }
+    assert_eq!(rows, want, "stdout:\n{}", out.stdout);
+}
+
+// ---------------------------------------------------------------------
+// keel.
+
+fn keel_blk(cmdline: &str, disk_opts: &str, mmio: bool) -> Outcome {
+    let mut args = vec!["--memory", "128", "--cmdline", cmdline, "--disk", disk_opts];
+    if mmio {
+        args.extend(["--transport", "mmio"]);
+    }
+    run_keel(&args, LIMIT)
+}
+
+fn keel_blk_case(mmio: bool, format: &'static str) {
+    let disk = Disk::new("blk-keel", format, initial_byte, final_byte);
+    let opts = format!("path={},format={format}", s(&disk.image));
+    let out = keel_blk("keel.test=blk", &opts, mmio);
+    assert_pass(&out, "blk", 0);
+    let found = if mmio {
+        "found virtio-mmio version 2 at "
+    } else {
+        "found 1af4:1042 at 00:01.0 (device type 0x2)"
+    };
+    let mut lines = vec![
+        found,
+        "ID \"keel-disk0\"",
+        "writeback toggled to 0 and back to 1",
+    ];
+    lines.extend_from_slice(BLK_LINES);
+    assert_lines(&out, "blk", &lines);
+    disk.assert_content();
+}
+
+#[test]
+fn blk_passes_under_keel_virtio_pci_raw() {
+    require_kvm!();
+    keel_blk_case(false, "raw");
+}
+
+#[test]
+fn blk_passes_under_keel_virtio_pci_qcow2() {
+    require_kvm!();
+    keel_blk_case(false, "qcow2");
+}
+
+#[test]
+fn blk_passes_under_keel_virtio_mmio_raw() {
+    require_kvm!();
+    keel_blk_case(true, "raw");
+}
+
+#[test]
+fn blk_passes_under_keel_virtio_mmio_qcow2() {
+    require_kvm!();
+    keel_blk_case(true, "qcow2");
+}
+
+#[test]
+fn blk_ro_passes_under_keel_over_both_transports() {
+    require_kvm!();
+    for mmio in [false, true] {
+        let disk = Disk::new("blk-ro-keel", "raw", final_byte, final_byte);
+        let opts = format!("path={},format=raw,readonly=on", s(&disk.image));
+        let out = keel_blk("keel.test=blk-ro", &opts, mmio);
+        assert_pass(&out, "blk-ro", 0);
+        assert_lines(&out, "blk-ro", BLK_RO_LINES);
+        disk.assert_content();
+    }
+}
+
+#[test]
+fn blk_bench_runs_every_row_under_keel() {
+    require_kvm!();
+    let disk = Disk::new("blk-bench-keel", "raw", initial_byte, initial_byte);
+    let opts = format!("path={},format=raw", s(&disk.image));
+    let out = keel_blk("keel.test=blk-bench keel.blk_n=300", &opts, false);
+    assert_pass(&out, "blk-bench", 0);
+    assert_bench_rows(&out, 300);
+}
