@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion};
 use keel_block::throttle::Throttle;
@@ -40,6 +41,8 @@ pub(crate) struct QueueContext {
     pub engine: Arc<EngineFactory>,
     pub writeback: Arc<AtomicBool>,
     pub throttle: Option<Arc<Mutex<Throttle>>>,
+    /// How long to keep watching the ring after the last activity, in microseconds.
+    pub poll_us: u32,
 }
 
 /// A running queue worker.
@@ -180,6 +183,7 @@ impl SyncServer {
                     engine: disk.engine.clone(),
                     writeback: Arc::new(AtomicBool::new(true)),
                     throttle: None,
+                    poll_us: 0,
                 },
                 slots: Slots {
                     slots: Vec::new(),
@@ -250,13 +254,14 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
     };
     let mut events = [EpollEvent::default(); 2];
     let mut done = Vec::new();
+    let poll = std::time::Duration::from_micros(u64::from(st.ctx.poll_us));
+    let mut last_active = Instant::now();
     let result = loop {
         if stop.load(Ordering::SeqCst) {
             break Ok(());
         }
-        let busy = st.aio.in_flight() > 0;
         if !st.broken {
-            st.take_requests(!busy);
+            st.take_requests(false);
         }
         st.signal();
         if st.aio.in_flight() > 0 {
@@ -268,9 +273,21 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
                 st.complete(c);
             }
             st.signal();
+            last_active = Instant::now();
             continue;
         }
-        // Idle: sleep until the driver kicks or the device stops.
+        // Idle. For a short while after the last activity, watch the ring with driver
+        // notifications still off: a driver that submits its next request at once does
+        // not have to kick (a VM exit) and the worker does not have to wake up.
+        if !st.broken && !poll.is_zero() && st.poll_avail(last_active + poll, stop) {
+            continue;
+        }
+        // Notifications back on, one more look, then sleep.
+        if !st.broken && st.take_requests(true) > 0 {
+            st.signal();
+            last_active = Instant::now();
+            continue;
+        }
         match epoll.wait(-1, &mut events) {
             Ok(n) => {
                 for ev in &events[..n] {
@@ -285,6 +302,7 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => break Err(WorkerError::Epoll(e)),
         }
+        last_active = Instant::now();
     };
     // Whatever is in flight finishes before the guest memory may be reused.
     let mut sink = Vec::new();
@@ -298,24 +316,27 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
 }
 
 impl State {
-    /// Starts every available request. With `idle` the worker is about to sleep: driver
-    /// notifications go back on, and the ring is checked once more afterwards.
-    fn take_requests(&mut self, idle: bool) {
+    /// Starts every available request; returns how many chains it took. With `idle` the
+    /// worker is about to sleep: driver notifications go back on, and the ring is checked
+    /// once more afterwards.
+    fn take_requests(&mut self, idle: bool) -> usize {
         let mem = self.ctx.mem.clone();
+        let mut taken = 0;
         loop {
             if let Err(e) = self.ctx.queue.disable_notification(&mem) {
                 self.broken(&e);
-                return;
+                return taken;
             }
             loop {
                 let chain = match self.ctx.queue.iter(&mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => {
                         self.broken(&e);
-                        return;
+                        return taken;
                     }
                 };
                 let Some(chain) = chain else { break };
+                taken += 1;
                 let head = chain.head_index();
                 let parsed = request::parse(&mem, chain.clone(), &self.ctx.limits);
                 if let (Some(t), Ok(r)) = (&self.ctx.throttle, &parsed) {
@@ -338,16 +359,34 @@ impl State {
                 }
             }
             if !idle || self.aio.in_flight() > 0 {
-                return;
+                return taken;
             }
             match self.ctx.queue.enable_notification(&mem) {
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => return taken,
                 Err(e) => {
                     self.broken(&e);
-                    return;
+                    return taken;
                 }
             }
+        }
+    }
+
+    /// Spins until the driver makes a request available (true), `deadline` passes or the
+    /// worker is told to stop (false).
+    fn poll_avail(&mut self, deadline: Instant, stop: &AtomicBool) -> bool {
+        let next = self.ctx.queue.next_avail();
+        loop {
+            match self.ctx.queue.avail_idx(&self.ctx.mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != next => return true,
+                Ok(_) => {}
+                // Let take_requests see and report it.
+                Err(_) => return true,
+            }
+            if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 

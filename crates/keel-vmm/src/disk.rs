@@ -1,4 +1,4 @@
-//! `--disk path=P[,format=raw|qcow2][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N]`:
+//! `--disk path=P[,format=raw|qcow2][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N][,poll=US]`:
 //! parsing the option and opening the disk behind a virtio-blk device.
 
 use std::path::PathBuf;
@@ -24,6 +24,8 @@ pub struct DiskSpec {
     pub iops: u64,
     /// Bytes per second (0: unlimited).
     pub bps: u64,
+    /// Microseconds a queue keeps polling after its last request (0: off).
+    pub poll_us: u32,
 }
 
 /// Parses the option's value.
@@ -36,6 +38,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         queues: 1,
         iops: 0,
         bps: 0,
+        poll_us: BlockOptions::default().poll_us,
     };
     let number = |k: &str, v: &str| {
         v.parse::<u64>()
@@ -74,6 +77,12 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             },
             "iops" => spec.iops = number(k, v)?,
             "bps" => spec.bps = number(k, v)?,
+            "poll" => {
+                spec.poll_us = u32::try_from(number(k, v)?)
+                    .ok()
+                    .filter(|&us| us <= 1_000_000)
+                    .ok_or_else(|| format!("poll={v}: expected 0 to 1000000 microseconds"))?
+            }
             _ => return Err(format!("'{part}': unknown disk option")),
         }
     }
@@ -145,6 +154,7 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
             writeback: !spec.cache.dsync(),
             iops: spec.iops,
             bps: spec.bps,
+            poll_us: spec.poll_us,
         },
     )
     .map_err(|source| Error::Device {
@@ -161,7 +171,7 @@ mod tests {
     #[test]
     fn disk_options_parse() {
         let d = parse_disk(
-            "path=/tmp/a.qcow2,format=qcow2,readonly=on,cache=none,queues=4,iops=100,bps=1048576",
+            "path=/tmp/a.qcow2,format=qcow2,readonly=on,cache=none,queues=4,iops=100,bps=1048576,poll=0",
         )
         .unwrap();
         assert_eq!(
@@ -174,6 +184,7 @@ mod tests {
                 queues: 4,
                 iops: 100,
                 bps: 1 << 20,
+                poll_us: 0,
             }
         );
         let d = parse_disk("path=x").unwrap();
@@ -190,6 +201,7 @@ mod tests {
             ("path=x,queues=65", "queues=65"),
             ("path=x,iops=lots", "iops=lots"),
             ("path=x,colour=blue", "unknown disk option"),
+            ("path=x,poll=2000000", "poll=2000000"),
             ("path=x,oops", "expected KEY=VALUE"),
         ] {
             let e = parse_disk(bad).unwrap_err();
