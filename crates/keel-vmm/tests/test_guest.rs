@@ -140,3 +140,27 @@ fn without_debug_exit_the_guest_ends_through_acpi_or_i8042() {
         assert_eq!(out.code(), Some(0), "{machine}: {}", out.stderr);
     }
 }
+
+/// The issue's own command: the guest given as a file with --kernel, as any other kernel.
+#[test]
+fn the_guest_file_boots_with_kernel() {
+    require_kvm!();
+    let out = run_keel(
+        &[
+            "--kernel",
+            support::GUEST,
+            "--cmdline",
+            "keel.test=smp",
+            "--cpus",
+            "2",
+        ],
+        LIMIT,
+    );
+    assert_pass(&out, "smp", 0);
+    assert!(
+        out.stdout.contains("keel-test: cpu 0 up (BSP)"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("keel-test: cpu 1 up"), "{}", out.stdout);
+}
