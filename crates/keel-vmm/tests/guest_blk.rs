@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{run_keel, Outcome, TempDir};
+use support::{assert_pass, run_keel, Outcome, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -137,24 +137,6 @@ impl Disk {
             "qemu-img compare:\n{out}"
         );
     }
-}
-
-fn verdict(out: &Outcome) -> Vec<&str> {
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("keel-test: PASS") || l.starts_with("keel-test: FAIL"))
-        .collect()
-}
-
-fn assert_pass(out: &Outcome, scenario: &str, status: i32) {
-    assert_eq!(
-        verdict(out),
-        vec![format!("keel-test: PASS {scenario}").as_str()],
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout,
-        out.stderr
-    );
-    assert_eq!(out.code(), Some(status), "stderr: {}", out.stderr);
 }
 
 /// Each of `lines` begins a line `keel-test: SCENARIO: ...`; one ending in `$` is the

@@ -8,16 +8,9 @@ mod support;
 use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{run_keel, Outcome};
+use support::{assert_pass, run_keel, verdict, Outcome};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn verdict(out: &Outcome) -> Vec<&str> {
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("keel-test: PASS") || l.starts_with("keel-test: FAIL"))
-        .collect()
-}
 
 /// Runs the built-in test guest under keel with `scenario` and `extra` arguments.
 fn keel_scenario(scenario: &str, extra: &[&str]) -> Outcome {
@@ -25,17 +18,6 @@ fn keel_scenario(scenario: &str, extra: &[&str]) -> Outcome {
     let mut args = vec!["--memory", "128", "--cmdline", &cmdline];
     args.extend_from_slice(extra);
     run_keel(&args, LIMIT)
-}
-
-fn assert_pass(out: &Outcome, scenario: &str, status: i32) {
-    assert_eq!(
-        verdict(out),
-        vec![format!("keel-test: PASS {scenario}").as_str()],
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout,
-        out.stderr
-    );
-    assert_eq!(out.code(), Some(status), "stderr: {}", out.stderr);
 }
 
 fn assert_lines(out: &Outcome, lines: &[&str]) {

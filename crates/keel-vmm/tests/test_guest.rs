@@ -6,16 +6,9 @@ mod support;
 use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{run_keel, Outcome};
+use support::{assert_pass, run_keel, verdict, Outcome};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn verdict(out: &Outcome) -> Vec<&str> {
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("keel-test: PASS") || l.starts_with("keel-test: FAIL"))
-        .collect()
-}
 
 fn keel_scenario(scenario: &str, cpus: u8) -> Outcome {
     let cmdline = format!("keel.test={scenario}");
@@ -25,17 +18,6 @@ fn keel_scenario(scenario: &str, cpus: u8) -> Outcome {
         &["--memory", "128", "--cpus", &cpus, "--cmdline", &cmdline],
         LIMIT,
     )
-}
-
-fn assert_pass(out: &Outcome, scenario: &str, status: i32) {
-    assert_eq!(
-        verdict(out),
-        vec![format!("keel-test: PASS {scenario}").as_str()],
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout,
-        out.stderr
-    );
-    assert_eq!(out.code(), Some(status), "stderr: {}", out.stderr);
 }
 
 #[test]

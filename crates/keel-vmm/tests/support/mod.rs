@@ -194,33 +194,8 @@ pub fn qemu_guest(
     extra: &[&str],
     limit: Duration,
 ) -> Outcome {
-    let qemu = "qemu-system-x86_64";
-    assert!(
-        Command::new(qemu).arg("--version").output().is_ok(),
-        "{qemu} is missing: scripts/install-tools installs it (Debian package qemu-system-x86)"
-    );
-    let mut cmd = Command::new(qemu);
-    cmd.args(["-enable-kvm", "-M", machine, "-cpu", "kvm64", "-m", "128"])
-        .args(["-smp", &cpus.to_string()])
-        .args([
-            "-display",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ]);
-    if debug_exit {
-        cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
-    }
-    cmd.args([
-        "-kernel",
-        GUEST,
-        "-append",
-        &format!("keel.test={scenario}"),
-    ])
-    .args(extra);
-    Running::start(cmd).finish(limit)
+    let cmdline = format!("keel.test={scenario}");
+    qemu_guest_cmdline(&cmdline, machine, cpus, debug_exit, extra, limit)
 }
 
 /// Like [`qemu_guest`], with the whole kernel command line given (`keel.test=NAME` and any
@@ -254,4 +229,24 @@ pub fn qemu_guest_cmdline(
     }
     cmd.args(["-kernel", GUEST, "-append", cmdline]).args(extra);
     Running::start(cmd).finish(limit)
+}
+
+/// The test guest's verdict lines (`keel-test: PASS ...` / `keel-test: FAIL ...`).
+pub fn verdict(out: &Outcome) -> Vec<&str> {
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("keel-test: PASS") || l.starts_with("keel-test: FAIL"))
+        .collect()
+}
+
+/// Asserts exactly one verdict, PASS of `scenario`, and the exit status.
+pub fn assert_pass(out: &Outcome, scenario: &str, status: i32) {
+    assert_eq!(
+        verdict(out),
+        vec![format!("keel-test: PASS {scenario}").as_str()],
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.code(), Some(status), "stderr: {}", out.stderr);
 }
