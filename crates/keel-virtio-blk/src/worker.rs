@@ -265,15 +265,27 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
         }
         st.signal();
         if st.aio.in_flight() > 0 {
+            // Within the polling window, reap completions without sleeping (a wait for
+            // none submits what is queued and returns what is done); past it, sleep until
+            // one arrives.
+            // With many requests in flight completions come anyway: sleep, and leave the
+            // CPU to the kernel's completion work.
+            let min = usize::from(
+                poll.is_zero() || st.aio.in_flight() > 4 || last_active.elapsed() >= poll,
+            );
             done.clear();
-            if let Err(e) = st.aio.wait(1, &mut done) {
+            if let Err(e) = st.aio.wait(min, &mut done) {
                 break Err(WorkerError::Wait(e));
             }
-            for c in done.drain(..) {
-                st.complete(c);
+            if !done.is_empty() {
+                for c in done.drain(..) {
+                    st.complete(c);
+                }
+                st.signal();
+                last_active = Instant::now();
+            } else {
+                std::hint::spin_loop();
             }
-            st.signal();
-            last_active = Instant::now();
             continue;
         }
         // Idle. For a short while after the last activity, watch the ring with driver
