@@ -529,6 +529,22 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
                 return Ok(());
             }
         };
+        // Backing-file and compressed data go through the driver's own read
+        // path (another image, or decompression), inline like metadata ops.
+        let direct = mapping
+            .extents()
+            .iter()
+            .all(|e| !matches!(e.kind, ExtentKind::Backing | ExtentKind::Compressed { .. }));
+        if !direct {
+            drop(mapping);
+            // SAFETY: forwarded caller contract.
+            let result = unsafe { run_sync(&*self.target, &req) };
+            self.done.push(Completion {
+                user_data: req.user_data,
+                result,
+            });
+            return Ok(());
+        }
         let extents = mapping.take_extents();
         let pidx = match self.free_parents.pop() {
             Some(i) => i,
@@ -575,6 +591,9 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
                             break;
                         }
                     }
+                }
+                ExtentKind::Backing | ExtentKind::Compressed { .. } => {
+                    // Served synchronously above; never reached.
                 }
                 ExtentKind::Zero | ExtentKind::Unallocated => {
                     // Only reads map to these.

@@ -47,6 +47,23 @@ pub enum Error {
     /// A caller passed an invalid argument.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A backing file of an image could not be opened or used.
+    #[error("backing file {path}")]
+    Backing {
+        /// The backing file, as resolved.
+        path: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+    /// An image's backing chain is refused (missing format, loop, too deep).
+    #[error("backing chain of {image}: {reason}")]
+    BackingChain {
+        /// The image naming the backing file.
+        image: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -70,7 +87,8 @@ impl Error {
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly => libc::EROFS,
             Error::Unsupported(_) => libc::ENOTSUP,
-            Error::InvalidImage(_) | Error::Corrupt(_) => libc::EIO,
+            Error::InvalidImage(_) | Error::Corrupt(_) | Error::BackingChain { .. } => libc::EIO,
+            Error::Backing { source, .. } => source.errno(),
         }
     }
 }

@@ -73,6 +73,9 @@ pub struct OpenOptions {
     pub l2_cache_size: Option<u64>,
     /// qcow2 refcount cache size in bytes (`None`: the default).
     pub refcount_cache_size: Option<u64>,
+    /// Follow qcow2 backing files whose format the image does not state,
+    /// probing it (off by default; see [`qcow2::backing`]).
+    pub allow_probed_backing: bool,
 }
 
 /// An open image.
@@ -94,14 +97,15 @@ impl Image {
         match format {
             Format::Raw => Ok(Image::Raw(Arc::new(RawFile::open(path, raw(false))?))),
             Format::Qcow2 => {
-                let f = RawFile::open(path, raw(true))?;
-                let q = Qcow2::open(
-                    f,
+                let q = qcow2::backing::open_path(
+                    path,
+                    raw(true),
                     Qcow2Options {
                         read_only: opts.read_only,
                         write_through: opts.cache.dsync(),
                         l2_cache_size: opts.l2_cache_size,
                         refcount_cache_size: opts.refcount_cache_size,
+                        allow_probed_backing: opts.allow_probed_backing,
                     },
                 )?;
                 Ok(Image::Qcow2(Arc::new(q)))

@@ -221,37 +221,41 @@ fn libc_eio() -> i32 {
 }
 
 /// Unknown incompatible features, encryption and external data files are
-/// refused with an error naming the feature.
+/// refused with an error naming the feature; compressed clusters and
+/// snapshots are supported.
 #[test]
 fn refused_features_are_named() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("f.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&q), "16M"]);
-    write_u64(&q, 72, 1 << 4);
+    write_u64(&q, 72, 1 << 5);
     let o = run(KEEL_IMG, &["read", p(&q), "0", "512"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("extended L2 entries"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown incompatible feature bit 5"));
     write_u64(&q, 72, 1 << 17);
     let o = run(KEEL_IMG, &["read", p(&q), "0", "512"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("bit 17"));
 
     let e = dir.path().join("enc.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=s0,data=pw",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            p(&e),
-            "16M",
-        ],
-    );
+    // qemu-img's PBKDF benchmark sometimes fails on these hosts ("Unable to
+    // get accurate CPU usage"): retry it.
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100",
+        p(&e),
+        "16M",
+    ];
+    let made = (0..10).any(|_| run("qemu-img", &args).status.success());
+    if !made {
+        ok("qemu-img", &args);
+    }
     let o = run(KEEL_IMG, &["read", p(&e), "0", "512"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -279,7 +283,7 @@ fn refused_features_are_named() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("external data file"));
 
-    // Compressed clusters are refused by name when read.
+    // Compressed clusters are read (and checked like QEMU does).
     let src = dir.path().join("src.raw");
     let c = dir.path().join("comp.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "raw", p(&src), "1M"]);
@@ -288,20 +292,19 @@ fn refused_features_are_named() {
         "qemu-img",
         &["convert", "-c", "-f", "raw", "-O", "qcow2", p(&src), p(&c)],
     );
-    let o = run(KEEL_IMG, &["read", p(&c), "0", "512"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("compressed clusters"));
+    ok(KEEL_IMG, &["read", "-P", "3", p(&c), "0", "64k"]);
     assert_eq!(keel_check(&c), qemu_check(&c));
 
-    // Snapshots: read-only works, read-write is refused.
+    // Snapshots: read-only and read-write both work (writes copy shared
+    // clusters first).
     let s = dir.path().join("snap.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&s), "16M"]);
     ok("qemu-io", &["-c", "write -P 7 0 64k", p(&s)]);
     ok("qemu-img", &["snapshot", "-c", "s1", p(&s)]);
     ok(KEEL_IMG, &["read", "-P", "7", p(&s), "0", "64k"]);
-    let o = run(KEEL_IMG, &["write", p(&s), "0", "512"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("snapshots"));
+    ok(KEEL_IMG, &["write", "-P", "8", p(&s), "0", "512"]);
     assert_eq!(keel_check(&s), qemu_check(&s));
+    assert_eq!(qemu_check(&s), (0, 0, 0, 0));
 }
 
 /// Kill keel-img at random points during allocating writes: qemu-img check

@@ -210,6 +210,7 @@ fn random_workloads_pass_qemu_check_and_compare() {
                 version,
                 refcount_bits,
                 lazy_refcounts: lazy,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -37,6 +37,11 @@ struct CacheSizes {
     /// clusters, at least 256 KiB. Rounded down to whole clusters, at least 2.
     #[arg(long = "refcount-cache-size", value_name = "SIZE", value_parser = size_arg)]
     refcount: Option<u64>,
+    /// Follow qcow2 backing files whose format the image does not state,
+    /// probing it. Off by default: a guest could write a qcow2 header naming
+    /// any host file into its raw disk.
+    #[arg(long = "allow-probed-backing")]
+    allow_probed_backing: bool,
 }
 
 impl CacheSizes {
@@ -51,6 +56,7 @@ impl CacheSizes {
             read_only,
             l2_cache_size: self.l2,
             refcount_cache_size: self.refcount,
+            allow_probed_backing: self.allow_probed_backing,
         }
     }
 }
@@ -62,16 +68,35 @@ enum Cmd {
         /// Format: raw or qcow2.
         #[arg(short = 'f', default_value = "raw")]
         format: String,
-        /// qcow2 options: cluster_size, compat (0.10/1.1), refcount_bits, lazy_refcounts.
+        /// qcow2 options: cluster_size, compat (0.10/1.1), refcount_bits,
+        /// lazy_refcounts, compression_type (zlib/zstd), extended_l2.
         #[arg(short = 'o')]
         options: Option<String>,
+        /// Backing file (qcow2 only), stored as given: a relative name is
+        /// resolved against the new image's directory.
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format (raw or qcow2); required with -b.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
         /// Quiet.
         #[arg(short = 'q')]
         quiet: bool,
         /// Image file.
         file: PathBuf,
-        /// Size (suffixes k, M, G, T).
-        size: String,
+        /// Size (suffixes k, M, G, T); default with -b: the backing file's.
+        size: Option<String>,
+    },
+    /// List internal snapshots: `snapshot -l FILE`.
+    Snapshot {
+        /// List the snapshots (the only operation supported).
+        #[arg(short = 'l')]
+        list: bool,
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Image file.
+        file: PathBuf,
     },
     /// Show information about an image.
     Info {
@@ -115,6 +140,10 @@ enum Cmd {
         /// Output qcow2 options, as for create.
         #[arg(short = 'o')]
         options: Option<String>,
+        /// Compress the output (qcow2): clusters that do not shrink are
+        /// stored uncompressed.
+        #[arg(short = 'c')]
+        compress: bool,
         /// Output cache mode.
         #[arg(short = 't', default_value = "writeback")]
         cache: String,
@@ -297,6 +326,20 @@ fn parse_create_opts(opts: Option<&str>, size: u64) -> Result<CreateOptions> {
                     .map_err(|_| Error::InvalidArgument(format!("bad refcount_bits '{v}'")))?
             }
             "lazy_refcounts" => o.lazy_refcounts = matches!(v, "on" | "true" | "yes"),
+            "extended_l2" => o.extended_l2 = matches!(v, "on" | "true" | "yes"),
+            "compression_type" => {
+                o.compression_type = match v {
+                    "zlib" => 0,
+                    "zstd" => 1,
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "unknown compression_type '{v}' (zlib or zstd)"
+                        )))
+                    }
+                }
+            }
+            "backing_file" => o.backing_file = Some(v.to_string()),
+            "backing_fmt" => o.backing_format = Some(v.to_string()),
             "size" => o.size = parse_size(v)?,
             _ => return Err(Error::InvalidArgument(format!("unsupported option '{k}'"))),
         }
@@ -330,9 +373,20 @@ fn open_image(
     Image::open(path, format, sizes.open_options(read_only, cache))
 }
 
-fn create_image(path: &Path, fmt: &str, opts: Option<&str>, size: u64) -> Result<()> {
+fn create_image(
+    path: &Path,
+    fmt: &str,
+    opts: Option<&str>,
+    size: u64,
+    backing: Option<(&str, &str)>,
+) -> Result<()> {
     match fmt {
         "raw" => {
+            if backing.is_some() {
+                return Err(Error::InvalidArgument(
+                    "raw images have no backing file".into(),
+                ));
+            }
             if opts.is_some() {
                 return Err(Error::InvalidArgument(
                     "raw images take no -o options".into(),
@@ -341,7 +395,12 @@ fn create_image(path: &Path, fmt: &str, opts: Option<&str>, size: u64) -> Result
             RawFile::create(path, size)
         }
         "qcow2" => {
-            let o = parse_create_opts(opts, size)?;
+            // Like QEMU: qcow2 sizes are whole 512-byte sectors.
+            let mut o = parse_create_opts(opts, size.div_ceil(512) * 512)?;
+            if let Some((name, bfmt)) = backing {
+                o.backing_file = Some(name.to_string());
+                o.backing_format = Some(bfmt.to_string());
+            }
             OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -385,6 +444,33 @@ fn disk_usage(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+fn cmd_snapshot(file: &Path, fmt: Option<&str>, list: bool) -> Result<i32> {
+    if !list {
+        return Err(Error::Unsupported(
+            "snapshot operations other than -l (list)".into(),
+        ));
+    }
+    let fmt = image_format(file, fmt)?;
+    if fmt != "qcow2" {
+        return Err(Error::InvalidArgument(format!(
+            "{fmt} images have no snapshots"
+        )));
+    }
+    let raw = RawFile::open(
+        file,
+        RawOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
+    let h = qcow2::read_header(&raw)?;
+    let snaps = qcow2::snapshot::read_snapshots(&raw, &h)?;
+    if !snaps.is_empty() {
+        print!("{}", qcow2::snapshot::listing(&snaps));
+    }
+    Ok(0)
+}
+
 fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
     let fmt = match fmt {
         Some(f) => f.to_string(),
@@ -423,11 +509,14 @@ fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
             if i.version == 3 {
                 data["lazy-refcounts"] = i.lazy_refcounts.into();
                 data["corrupt"] = i.corrupt.into();
-                data["extended-l2"] = false.into();
+                data["extended-l2"] = i.extended_l2.into();
             }
             v["format-specific"] = serde_json::json!({"type": "qcow2", "data": data});
             if let Some(b) = &i.backing_file {
                 v["backing-filename"] = b.clone().into();
+            }
+            if let Some(b) = &i.backing_format {
+                v["backing-filename-format"] = b.clone().into();
             }
         }
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -440,6 +529,9 @@ fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
             println!("cluster_size: {}", i.cluster_size);
             if let Some(b) = &i.backing_file {
                 println!("backing file: {b}");
+            }
+            if let Some(b) = &i.backing_format {
+                println!("backing file format: {b}");
             }
             println!("Format specific information:");
             println!(
@@ -564,6 +656,7 @@ fn cmd_convert(
     output: &Path,
     ofmt: &str,
     opts: Option<&str>,
+    compress: bool,
     cache: CacheMode,
     sizes: CacheSizes,
     progress: bool,
@@ -589,9 +682,22 @@ fn cmd_convert(
         for_fmt(&ifmt),
     )?;
     let size = src.backend().size();
-    create_image(output, ofmt, opts, size)?;
+    create_image(output, ofmt, opts, size, None)?;
     let dst = open_image(output, Some(ofmt), cache, false, for_fmt(ofmt))?;
-    let chunk: u64 = 2 << 20;
+    let compressed = match (&dst, compress) {
+        (Image::Qcow2(q), true) => Some(q.clone()),
+        (_, false) => None,
+        (_, true) => {
+            return Err(Error::InvalidArgument(
+                "-c (compression) needs -O qcow2".into(),
+            ))
+        }
+    };
+    // Compressed writes take whole clusters.
+    let chunk: u64 = match &compressed {
+        Some(q) => q.cluster_size().max(64 << 10),
+        None => 2 << 20,
+    };
     let mut buf = AlignedBuf::new(chunk as usize, 4096);
     let mut pos = 0;
     let mut last_pct = -1.0f64;
@@ -606,8 +712,17 @@ fn cmd_convert(
         let n = (size - pos).min(chunk) as usize;
         let b = &mut buf.as_mut_slice()[..n];
         src.backend().read_at(b, pos)?;
-        if b.iter().any(|&x| x != 0) {
-            dst.backend().write_at(b, pos)?;
+        match &compressed {
+            Some(q) => {
+                let cs = q.cluster_size() as usize;
+                for (k, c) in b.chunks(cs).enumerate() {
+                    if c.iter().any(|&x| x != 0) {
+                        q.write_compressed(pos + (k * cs) as u64, c)?;
+                    }
+                }
+            }
+            None if b.iter().any(|&x| x != 0) => dst.backend().write_at(b, pos)?,
+            None => {}
         }
         pos += n as u64;
         if progress {
@@ -808,12 +923,45 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Create {
             format,
             options,
+            backing,
+            backing_format,
             quiet,
             file,
             size,
         } => {
-            let size = parse_size(&size)?;
-            create_image(&file, &format, options.as_deref(), size)?;
+            let backing = match (&backing, &backing_format) {
+                (Some(b), Some(f)) => Some((b.as_str(), f.as_str())),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(Error::InvalidArgument(
+                        "-b needs -F FMT: keel-img does not create images whose backing format must be probed".into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(Error::InvalidArgument("-F needs -b FILE".into()))
+                }
+            };
+            let size = match (&size, backing) {
+                (Some(s), _) => parse_size(s)?,
+                (None, Some((name, fmt))) => {
+                    let path = keel_block::qcow2::backing::resolve(&file, name.as_bytes());
+                    let img = Image::open(
+                        &path,
+                        fmt.parse()?,
+                        ImageOptions {
+                            read_only: true,
+                            ..Default::default()
+                        },
+                    )?;
+                    img.backend().size()
+                }
+                (None, None) => {
+                    return Err(Error::InvalidArgument(
+                        "an image size is required (or -b to take the backing file's)".into(),
+                    ))
+                }
+            };
+            create_image(&file, &format, options.as_deref(), size, backing)?;
             if !quiet {
                 println!("Formatting '{}', fmt={format} size={size}", file.display());
             }
@@ -831,11 +979,13 @@ fn run(cli: Cli) -> Result<i32> {
             quiet,
             file,
         } => cmd_check(&file, format.as_deref(), repair.as_deref(), &output, quiet),
+        Cmd::Snapshot { list, format, file } => cmd_snapshot(&file, format.as_deref(), list),
         Cmd::Convert {
             progress,
             input_format,
             output_format,
             options,
+            compress,
             cache,
             sizes,
             input,
@@ -846,6 +996,7 @@ fn run(cli: Cli) -> Result<i32> {
             &output,
             &output_format,
             options.as_deref(),
+            compress,
             cache.parse()?,
             sizes,
             progress,
@@ -997,7 +1148,8 @@ mod tests {
             sizes,
             CacheSizes {
                 l2: Some(4 << 20),
-                refcount: Some(128 << 10)
+                refcount: Some(128 << 10),
+                allow_probed_backing: false,
             }
         );
         let o = sizes.open_options(false, CacheMode::DirectSync);
@@ -1026,7 +1178,8 @@ mod tests {
             Cmd::Convert {
                 sizes: CacheSizes {
                     l2: None,
-                    refcount: Some(0x10_0000)
+                    refcount: Some(0x10_0000),
+                    ..
                 },
                 ..
             }

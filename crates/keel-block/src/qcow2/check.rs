@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 
-use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use super::header::{
+    Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+};
 use super::meta::{
     classify, compressed_range, L2State, COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK,
     REFT_RESERVED,
@@ -152,7 +154,11 @@ impl<'a> Walk<'a> {
                 self.active_l2.push((i, off));
             }
             let l2 = self.read_table(off, (self.cs / 8) as usize)?;
-            for (j, &le) in l2.iter().enumerate() {
+            let ext = self.h.incompatible_features & INCOMPAT_EXTL2 != 0;
+            let stride = 1 + ext as usize;
+            for (j, w) in l2.chunks_exact(stride).enumerate() {
+                let le = w[0];
+                let bitmap = if ext { w[1] } else { 0 };
                 let host = le & OFFSET_MASK;
                 if le & COMPRESSED == 0 && host % self.cs != 0 && le & L2_RESERVED == 0 {
                     // Like qemu-img: report it, and count the reference to the
@@ -164,17 +170,17 @@ impl<'a> Walk<'a> {
                     self.add(host, self.cs, false, "data cluster");
                     if active {
                         self.allocated += 1;
-                        self.bad_l2.push((off, j));
+                        self.bad_l2.push((off, j * stride));
                     }
                     continue;
                 }
-                match classify(le, self.h.version, self.cb) {
+                match classify(le, self.h.version, self.cb, ext, bitmap) {
                     Err(msg) => {
                         self.corruptions += 1;
                         self.msgs
                             .push(format!("ERROR {msg} (L2 table {off:#x} index {j})"));
                         if active {
-                            self.bad_l2.push((off, j));
+                            self.bad_l2.push((off, j * stride));
                         }
                     }
                     Ok(L2State::Normal(h)) => {
@@ -442,12 +448,17 @@ fn compare(w: &Walk<'_>) -> Result<Findings> {
             fd.copied_l1.push((i, rc));
         }
         let l2 = w.read_table(off, (w.cs / 8) as usize)?;
-        for (j, &e) in l2.iter().enumerate() {
-            if let Ok(L2State::Normal(h) | L2State::Zero(Some(h))) = classify(e, w.h.version, w.cb)
+        let ext = w.h.incompatible_features & INCOMPAT_EXTL2 != 0;
+        let stride = 1 + ext as usize;
+        for (j, words) in l2.chunks_exact(stride).enumerate() {
+            let e = words[0];
+            let bitmap = if ext { words[1] } else { 0 };
+            if let Ok(L2State::Normal(h) | L2State::Zero(Some(h))) =
+                classify(e, w.h.version, w.cb, ext, bitmap)
             {
                 let rc = w.stored(&mut cache, h >> w.cb)?;
                 if (rc == 1) != (e & COPIED != 0) {
-                    fd.copied_l2.push((off, j, rc));
+                    fd.copied_l2.push((off, j * stride, rc));
                 }
             }
         }
@@ -536,8 +547,12 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
             write_u64(f, w.h.l1_table_offset + i as u64 * 8, 0)?;
             changed = true;
         }
+        let ext = w.h.incompatible_features & INCOMPAT_EXTL2 != 0;
         for &(off, j) in &w.bad_l2 {
             write_u64(f, off + j as u64 * 8, 0)?;
+            if ext {
+                write_u64(f, off + j as u64 * 8 + 8, 0)?;
+            }
             changed = true;
         }
         if changed {

@@ -228,6 +228,17 @@ impl Header {
         Ok(h)
     }
 
+    /// The backing file format the backing-format extension states, if any.
+    pub fn backing_format(&self) -> Option<String> {
+        self.extensions
+            .iter()
+            .find(|e| e.kind == EXT_BACKING_FORMAT)
+            .map(|e| {
+                let end = e.data.iter().position(|&c| c == 0).unwrap_or(e.data.len());
+                String::from_utf8_lossy(&e.data[..end]).into_owned()
+            })
+    }
+
     /// Name of an incompatible feature bit, from the image's feature table or
     /// the specification.
     pub fn feature_name(&self, bit: u32) -> String {
@@ -264,7 +275,7 @@ impl Header {
                 self.crypt_method
             )));
         }
-        let supported = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
+        let supported = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
         let bad = self.incompatible_features & !supported;
         if bad != 0 {
             let names: Vec<String> = (0..64)
@@ -287,6 +298,12 @@ impl Header {
                     "compression type {t} does not match the compression feature bit"
                 )))
             }
+        }
+        if self.incompatible_features & INCOMPAT_EXTL2 != 0 && self.cluster_bits < 14 {
+            return Err(invalid(format!(
+                "extended L2 entries need clusters of at least 16 KiB (cluster_bits {})",
+                self.cluster_bits
+            )));
         }
         let aligned = |o: u64| o % cs == 0;
         if !aligned(self.l1_table_offset) || !aligned(self.refcount_table_offset) {
@@ -312,7 +329,8 @@ impl Header {
                 self.l1_size
             )));
         }
-        let l2_bits = self.cluster_bits - 3;
+        let l2_bits =
+            self.cluster_bits - 3 - (self.incompatible_features & INCOMPAT_EXTL2 != 0) as u32;
         let per_l1 = 1u128 << (self.cluster_bits + l2_bits);
         if (self.l1_size as u128) * per_l1 < self.size as u128 {
             return Err(invalid("L1 table too small for the disk size"));
@@ -458,10 +476,10 @@ mod tests {
     #[test]
     fn unknown_incompatible_bits_are_named() {
         let mut h = sample();
-        h.incompatible_features = INCOMPAT_EXTL2 | (1 << 40);
+        h.incompatible_features = INCOMPAT_DATA_FILE | (1 << 40);
         let b = h.to_bytes().unwrap();
         let e = Header::parse(&b, 4 << 16).unwrap_err().to_string();
-        assert!(e.contains("extended L2 entries"), "{e}");
+        assert!(e.contains("external data file"), "{e}");
         assert!(e.contains("unknown incompatible feature bit 40"), "{e}");
         h.incompatible_features = INCOMPAT_DATA_FILE;
         let e = Header::parse(&h.to_bytes().unwrap(), 4 << 16).unwrap_err();

@@ -206,17 +206,22 @@ impl Mapping {
     }
 
     /// Pins the host clusters (of `1 << cluster_bits` bytes) of every data
-    /// extent. Call with the metadata lock held, so that no extent can be
+    /// and compressed extent. Call with the metadata lock held, so that no extent can be
     /// freed and reallocated between the lookup and the pin.
     pub(crate) fn pinned(extents: Vec<Extent>, set: &Arc<InFlight>, cluster_bits: u32) -> Mapping {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for e in &extents {
-            if let ExtentKind::Data(h) = e.kind {
-                if e.len == 0 {
+            let (h, len) = match e.kind {
+                ExtentKind::Data(h) => (h, e.len),
+                ExtentKind::Compressed { host, len } => (host, len),
+                _ => continue,
+            };
+            {
+                if len == 0 {
                     continue;
                 }
                 let first = h >> cluster_bits;
-                let n = ((h + e.len - 1) >> cluster_bits) - first + 1;
+                let n = ((h + len - 1) >> cluster_bits) - first + 1;
                 match ranges.last_mut() {
                     Some((f, k)) if *f + *k == first => *k += n,
                     _ => ranges.push((first, n)),

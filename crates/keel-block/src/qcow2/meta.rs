@@ -49,18 +49,35 @@ pub enum L2State {
     Compressed,
 }
 
-/// Decodes an L2 entry, validating reserved bits.
+/// Decodes an L2 entry, validating reserved bits. With extended L2 entries
+/// (`ext`), `bitmap` is the entry's subcluster bitmap; the cluster is then
+/// only ever `Unallocated`, `Normal` or `Compressed`, and the per-subcluster
+/// state comes from the bitmap.
 pub fn classify(
     entry: u64,
     version: u32,
     cluster_bits: u32,
+    ext: bool,
+    bitmap: u64,
 ) -> std::result::Result<L2State, String> {
     if entry & COMPRESSED != 0 {
         return Ok(L2State::Compressed);
     }
     let mut reserved = L2_RESERVED;
-    if version < 3 {
+    if version < 3 || ext {
         reserved |= ZERO;
+    }
+    if ext {
+        if bitmap & (bitmap >> 32) != 0 {
+            return Err(format!(
+                "L2 bitmap {bitmap:#018x} marks subclusters both allocated and zero"
+            ));
+        }
+        if entry & OFFSET_MASK == 0 && bitmap & 0xffff_ffff != 0 {
+            return Err(format!(
+                "L2 bitmap {bitmap:#018x} allocates subclusters of an unallocated cluster"
+            ));
+        }
     }
     if entry & reserved != 0 {
         return Err(format!("L2 entry {entry:#018x} has reserved bits set"));
@@ -157,6 +174,8 @@ impl<T> Cache<T> {
 /// Mutable metadata state of an open image, guarded by one mutex.
 pub(crate) struct Meta {
     pub(crate) hdr: Header,
+    /// Extended L2 entries (two words per entry).
+    pub(crate) ext: bool,
     pub(crate) cb: u32,
     pub(crate) cs: u64,
     l2_bits: u32,
@@ -180,6 +199,15 @@ pub(crate) struct Meta {
     pub(crate) read_only: bool,
     l2_offsets: HashSet<u64>,
     rb_offsets: HashSet<u64>,
+    /// Snapshot table and inactive L1 tables: (offset, length, what).
+    pub(crate) fixed: Vec<(u64, u64, &'static str)>,
+    /// Next free byte of the host cluster compressed clusters are packed
+    /// into (0: none).
+    cbyte: u64,
+    /// Bumped whenever a compressed cluster's host range is released, so a
+    /// cached decompressed cluster is never used after its range may have
+    /// been reused.
+    pub(crate) cgen: u64,
     /// Host clusters with data transfers in flight: never allocated.
     pub(crate) inflight: Arc<InFlight>,
 }
@@ -209,10 +237,12 @@ impl Meta {
         let lazy = !read_only
             && hdr.version >= 3
             && hdr.compatible_features & super::header::COMPAT_LAZY_REFCOUNTS != 0;
+        let ext = hdr.incompatible_features & super::header::INCOMPAT_EXTL2 != 0;
         Meta {
+            ext,
             cb,
             cs,
-            l2_bits: cb - 3,
+            l2_bits: cb - 3 - ext as u32,
             rb_bits: cb + 3 - hdr.refcount_order,
             l2: Cache::new((l2_cache_bytes / cs) as usize),
             rb: Cache::new((rc_cache_bytes / cs) as usize),
@@ -229,6 +259,9 @@ impl Meta {
             read_only,
             l2_offsets,
             rb_offsets,
+            fixed: Vec::new(),
+            cbyte: 0,
+            cgen: 0,
             hdr,
             inflight: Arc::default(),
         }
@@ -265,6 +298,11 @@ impl Meta {
             h.refcount_table_clusters as u64 * self.cs,
         ) {
             return Some("refcount table");
+        }
+        for &(s, l, what) in &self.fixed {
+            if hits(s, l) {
+                return Some(what);
+            }
         }
         let mut c = off & !(self.cs - 1);
         while c < end {
@@ -472,16 +510,7 @@ impl Meta {
         }
         let e = self.l1[l1i];
         if e & OFFSET_MASK != 0 {
-            let off = self.check_l2_offset(f, l1i, e)?;
-            if e & COPIED == 0 {
-                if self.refcount(f, off >> self.cb)? != 1 {
-                    return Err(Error::Unsupported(
-                        "copy-on-write of a shared L2 table (internal snapshots)".into(),
-                    ));
-                }
-                self.set_l1(f, l1i, off | COPIED)?;
-            }
-            return self.l2_slot(f, off);
+            return self.l2_writable(f, l1i, e);
         }
         // Allocate a new L2 table: refcount, then table, then L1 entry.
         let (off, _) = self.alloc(f, 1)?;
@@ -502,17 +531,145 @@ impl Meta {
         Ok(self.l2.place(victim, off, table, false))
     }
 
+    /// The L2 slot for a guest offset about to be modified, or `None` if its
+    /// L1 entry is empty. A shared table is copied first.
+    pub(crate) fn l2_for_change(
+        &mut self,
+        f: &dyn BlockBackend,
+        guest: u64,
+    ) -> Result<Option<usize>> {
+        let (l1i, _) = self.split(guest);
+        let e = match self.l1.get(l1i) {
+            Some(&e) => e,
+            None => return Ok(None),
+        };
+        if e & OFFSET_MASK == 0 {
+            if e & L1_RESERVED != 0 {
+                return Err(self.corrupt(f, format!("L1 entry {l1i} ({e:#x}) is invalid")));
+            }
+            return Ok(None);
+        }
+        self.l2_writable(f, l1i, e).map(Some)
+    }
+
+    /// Makes the existing L2 table of L1 entry `l1i` (value `e`) writable:
+    /// a table whose refcount is above one (shared with an internal
+    /// snapshot) is copied to a new cluster and the L1 entry repointed, so
+    /// the snapshot never changes.
+    fn l2_writable(&mut self, f: &dyn BlockBackend, l1i: usize, e: u64) -> Result<usize> {
+        let off = self.check_l2_offset(f, l1i, e)?;
+        if e & COPIED != 0 {
+            return self.l2_slot(f, off);
+        }
+        match self.refcount(f, off >> self.cb)? {
+            0 => Err(self.corrupt(f, format!("L2 table at {off:#x} has refcount 0"))),
+            1 => {
+                self.set_l1(f, l1i, off | COPIED)?;
+                self.l2_slot(f, off)
+            }
+            _ => {
+                let slot = self.l2_slot(f, off)?;
+                let mut table = self.l2.slots[slot].data.clone();
+                // Every cluster the table names is now referenced by both
+                // copies, so none has refcount one.
+                let stride = 1usize << self.ext as u32;
+                for w in table.iter_mut().step_by(stride) {
+                    if *w & COMPRESSED == 0 {
+                        *w &= !COPIED;
+                    }
+                }
+                // Refcount of the copy, then the copy, then the L1 entry,
+                // then the old table's refcount.
+                let (new, _) = self.alloc(f, 1)?;
+                self.flush_rb(f)?;
+                self.barrier(f)?;
+                self.l2_after_rc = false;
+                f.write_at(&Self::encode_l2(&table), new)?;
+                self.barrier(f)?;
+                self.set_l1(f, l1i, new | COPIED)?;
+                self.l2_offsets.remove(&off);
+                self.l2_offsets.insert(new);
+                self.barrier(f)?;
+                self.adjust(f, off >> self.cb, -1)?;
+                let victim = self.l2.victim();
+                if let Some(v) = victim {
+                    if self.l2.slots[v].dirty {
+                        self.write_l2_slot(f, v)?;
+                    }
+                }
+                Ok(self.l2.place(victim, new, table, false))
+            }
+        }
+    }
+
+    /// Allocates `len` bytes (at most a cluster) for compressed data, packing
+    /// them after the previous compressed cluster when they fit in its host
+    /// cluster. Each compressed cluster holds one reference to the host
+    /// cluster it lies in.
+    pub(crate) fn alloc_bytes(&mut self, f: &dyn BlockBackend, len: u64) -> Result<u64> {
+        if len == 0 || len > self.cs {
+            return Err(Error::InvalidArgument(format!(
+                "compressed data of {len} bytes for {}-byte clusters",
+                self.cs
+            )));
+        }
+        if self.cbyte != 0 {
+            let c = self.cbyte >> self.cb;
+            let room = ((c + 1) << self.cb) - self.cbyte;
+            let rc = self.refcount(f, c)?;
+            if len <= room && rc > 0 && rc < refcount::max_value(self.hdr.refcount_order) {
+                if self.rc_after_l2 {
+                    self.flush_l2(f)?;
+                    self.barrier(f)?;
+                    self.rc_after_l2 = false;
+                }
+                self.adjust(f, c, 1)?;
+                self.l2_after_rc = true;
+                let off = self.cbyte;
+                self.cbyte = if len == room { 0 } else { off + len };
+                return Ok(off);
+            }
+        }
+        let (start, _) = self.alloc(f, 1)?;
+        self.cbyte = if len == self.cs { 0 } else { start + len };
+        Ok(start)
+    }
+
     fn set_l1(&mut self, f: &dyn BlockBackend, i: usize, e: u64) -> Result<()> {
         f.write_at(&e.to_be_bytes(), self.hdr.l1_table_offset + i as u64 * 8)?;
         self.l1[i] = e;
         Ok(())
     }
 
+    /// An L2 entry (the first word of an extended entry).
+    pub(crate) fn l2_get(&self, slot: usize, idx: usize) -> u64 {
+        self.l2.slots[slot].data[idx << self.ext as u32]
+    }
+
+    /// The subcluster bitmap of an extended L2 entry (0 without extended L2).
+    pub(crate) fn l2_bitmap(&self, slot: usize, idx: usize) -> u64 {
+        if self.ext {
+            self.l2.slots[slot].data[(idx << 1) + 1]
+        } else {
+            0
+        }
+    }
+
     /// Changes an L2 entry in the cache.
     pub(crate) fn set_l2(&mut self, slot: usize, idx: usize, e: u64) {
+        let w = idx << self.ext as u32;
         let s = &mut self.l2.slots[slot];
-        s.data[idx] = e;
+        s.data[w] = e;
         s.dirty = true;
+    }
+
+    /// Changes the subcluster bitmap of an extended L2 entry in the cache.
+    pub(crate) fn set_l2_bitmap(&mut self, slot: usize, idx: usize, b: u64) {
+        if self.ext {
+            let s = &mut self.l2.slots[slot];
+            s.data[(idx << 1) + 1] = b;
+            s.dirty = true;
+        }
     }
 
     fn rb_slot(&mut self, f: &dyn BlockBackend, ti: usize) -> Result<Option<usize>> {
@@ -686,6 +843,10 @@ impl Meta {
         self.rc_after_l2 = true;
         if v == 0 {
             self.free_hint = self.free_hint.min(c);
+            if self.cbyte >> self.cb == c {
+                // The packing cluster is free: it may be reused for anything.
+                self.cbyte = 0;
+            }
         }
         Ok(v == 0)
     }
@@ -693,6 +854,7 @@ impl Meta {
     /// Releases the host clusters referenced by an L2 entry.
     pub(crate) fn release_entry(&mut self, f: &dyn BlockBackend, entry: u64) -> Result<()> {
         if entry & COMPRESSED != 0 {
+            self.cgen += 1;
             let (s, e) = compressed_range(entry, self.cb);
             let mut c = s >> self.cb;
             while c << self.cb < e {

@@ -1,0 +1,143 @@
+//! Compressed clusters: raw deflate (RFC 1951, 4 KiB window, as QEMU writes
+//! it) and zstd, selected by the header's compression type.
+//!
+//! A compressed cluster's data is read from the host range named by its L2
+//! entry; the range is sector-granular, so it may end with bytes that belong
+//! to the next compressed cluster. Decompression therefore stops as soon as
+//! the cluster is full, exactly like QEMU, and fails if the data does not
+//! fill it.
+
+use std::io::Read;
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use crate::error::{Error, Result};
+
+/// Compression type field value: deflate.
+pub const TYPE_DEFLATE: u8 = 0;
+/// Compression type field value: zstd.
+pub const TYPE_ZSTD: u8 = 1;
+
+/// Window size QEMU uses for deflate (2^12 bytes); its decompressor accepts
+/// nothing larger, so compress with the same window.
+const DEFLATE_WINDOW_BITS: u8 = 12;
+
+/// Name of a compression type, as `qemu-img info` shows it.
+pub fn type_name(t: u8) -> &'static str {
+    match t {
+        TYPE_ZSTD => "zstd",
+        _ => "zlib",
+    }
+}
+
+fn bad(host: u64, what: &str) -> Error {
+    Error::Corrupt(format!(
+        "compressed cluster at host offset {host:#x}: {what}"
+    ))
+}
+
+/// Decompresses `src` (read from host offset `host`, for messages) into
+/// `out`, which must be filled exactly.
+pub fn decompress(ctype: u8, src: &[u8], out: &mut [u8], host: u64) -> Result<()> {
+    match ctype {
+        TYPE_DEFLATE => {
+            let mut d = Decompress::new_with_window_bits(false, 15);
+            let r = d.decompress(src, out, FlushDecompress::Finish);
+            match r {
+                // The sector-granular input may be cut short or padded: what
+                // counts is that the cluster is full.
+                Ok(Status::StreamEnd | Status::Ok | Status::BufError)
+                    if d.total_out() == out.len() as u64 =>
+                {
+                    Ok(())
+                }
+                Ok(_) => Err(bad(host, "deflate data is shorter than a cluster")),
+                Err(e) => Err(bad(host, &format!("invalid deflate data ({e})"))),
+            }
+        }
+        TYPE_ZSTD => {
+            let mut dec = zstd::stream::read::Decoder::with_buffer(src)
+                .map_err(|e| bad(host, &format!("zstd decoder ({e})")))?
+                .single_frame();
+            dec.read_exact(out)
+                .map_err(|e| bad(host, &format!("invalid or short zstd data ({e})")))?;
+            // A frame holding more than a cluster is damaged (as QEMU says).
+            let mut extra = [0u8; 1];
+            match dec.read(&mut extra) {
+                Ok(0) => Ok(()),
+                Ok(_) => Err(bad(host, "zstd frame larger than a cluster")),
+                Err(e) => Err(bad(host, &format!("invalid zstd data ({e})"))),
+            }
+        }
+        t => Err(Error::Unsupported(format!("compression type {t}"))),
+    }
+}
+
+/// Compresses one cluster. Returns `None` when the result would not be
+/// smaller than the cluster (such clusters are stored uncompressed).
+pub fn compress(ctype: u8, src: &[u8]) -> Result<Option<Vec<u8>>> {
+    let limit = src.len().saturating_sub(1);
+    match ctype {
+        TYPE_DEFLATE => {
+            let mut c =
+                Compress::new_with_window_bits(Compression::default(), false, DEFLATE_WINDOW_BITS);
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(src, &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => Ok(Some(out)),
+                // Out of room: not worth compressing.
+                Ok(_) => Ok(None),
+                Err(e) => Err(Error::io(
+                    "compressing a cluster (deflate)",
+                    std::io::Error::other(e),
+                )),
+            }
+        }
+        TYPE_ZSTD => {
+            let out = zstd::bulk::compress(src, 0)
+                .map_err(|e| Error::io("compressing a cluster (zstd)", e))?;
+            Ok((out.len() <= limit).then_some(out))
+        }
+        t => Err(Error::Unsupported(format!("compression type {t}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_damage() {
+        let mut src = vec![0u8; 65536];
+        for (i, b) in src.iter_mut().enumerate() {
+            *b = (i / 100 % 7) as u8;
+        }
+        for t in [TYPE_DEFLATE, TYPE_ZSTD] {
+            let mut c = compress(t, &src).unwrap().expect("compressible");
+            assert!(c.len() < src.len());
+            // Trailing bytes of the last sector belong to someone else.
+            c.extend_from_slice(&[0xa5; 300]);
+            let mut out = vec![0u8; src.len()];
+            decompress(t, &c, &mut out, 0).unwrap();
+            assert_eq!(out, src);
+            // Too short for the cluster.
+            let mut big = vec![0u8; src.len() * 2];
+            assert!(decompress(t, &c, &mut big, 0).is_err());
+            // Truncated data.
+            assert!(decompress(t, &c[..c.len() / 4], &mut out, 0).is_err());
+            // Garbage never panics.
+            let _ = decompress(t, &[0xff; 64], &mut out, 0);
+        }
+        // Random data does not shrink.
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        assert!(compress(TYPE_DEFLATE, &noise).unwrap().is_none());
+        assert!(compress(TYPE_ZSTD, &noise).unwrap().is_none());
+    }
+}
