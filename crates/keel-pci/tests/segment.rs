@@ -638,6 +638,15 @@ fn relocation_under_concurrent_access() {
             })
         })
         .collect();
+    // The readers are running before the moves start (on two cores the spawn can lag).
+    let started = std::time::Instant::now();
+    while hits.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the readers never read the BAR"
+        );
+        std::thread::yield_now();
+    }
     // Moves only: the doorbell must never be unregistered everywhere.
     for i in 0..2000 {
         r.ecam_write(slot, 0x10, if i % 2 == 0 { b } else { a } as u32);
