@@ -104,6 +104,25 @@ fn random_writes(img: &dyn BlockBackend, mirror: &Path, rng: &mut Rng, n: usize)
     ok("qemu-io", &a);
 }
 
+/// `qemu-img convert -c -f raw -O qcow2 -o OPTS SRC DST`.
+fn qemu_convert_compressed(src: &Path, dst: &Path, opts: &str) {
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            p(src),
+            p(dst),
+        ],
+    );
+}
+
 #[test]
 fn qemu_compressed_images_read_exactly() {
     require_qemu();
@@ -115,21 +134,7 @@ fn qemu_compressed_images_read_exactly() {
         for cs in ["4k", "64k", "2M"] {
             let q = dir.path().join(format!("{ctype}-{cs}.qcow2"));
             let opts = format!("compression_type={ctype},cluster_size={cs}");
-            ok(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-c",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    &opts,
-                    p(&raw),
-                    p(&q),
-                ],
-            );
+            qemu_convert_compressed(&raw, &q, &opts);
             let img = open_image(&q, true);
             assert_eq!(
                 img.backend().size(),
@@ -157,21 +162,7 @@ fn writes_over_compressed_clusters_leave_qemu_check_clean() {
         let q = dir.path().join(format!("{ctype}-{cs}.qcow2"));
         let mirror = dir.path().join(format!("{ctype}-{cs}.raw"));
         let opts = format!("compression_type={ctype},cluster_size={cs}");
-        ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &opts,
-                p(&raw),
-                p(&q),
-            ],
-        );
+        qemu_convert_compressed(&raw, &q, &opts);
         ok(
             "qemu-img",
             &["convert", "-f", "qcow2", "-O", "raw", p(&q), p(&mirror)],
