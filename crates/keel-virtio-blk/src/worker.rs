@@ -120,6 +120,10 @@ struct Slots {
 }
 
 impl Slots {
+    fn live(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
     fn insert(&mut self, f: InFlight) -> usize {
         match self.free.pop() {
             Some(i) => {
@@ -340,6 +344,12 @@ impl State {
                 return taken;
             }
             loop {
+                // A driver never has more requests outstanding than the queue holds; one
+                // that reuses descriptors to make more available is held to that, so it
+                // cannot grow the worker's state or starve completions.
+                if self.slots.live() >= usize::from(self.ctx.queue.size()) {
+                    return taken;
+                }
                 let chain = match self.ctx.queue.iter(&mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => {
