@@ -412,6 +412,12 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         let _ = t.join();
     }
     let _ = serial.flush();
+    // Devices go before their disks: dropping the buses and the PCI segment drops every
+    // device, and a virtio device's drop stops its workers after the requests they have
+    // in flight (a guest stopped by a signal may have been in the middle of I/O).
+    drop(events);
+    drop(pci);
+    drop(buses);
     // Disks: data flushed, qcow2 images marked clean.
     for image in &images {
         if let Err(e) = image.close() {
