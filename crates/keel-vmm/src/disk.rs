@@ -104,6 +104,15 @@ pub enum Error {
         #[source]
         source: keel_block::Error,
     },
+    /// The format was probed as qcow2 and the image names a backing file.
+    #[error(
+        "disk {path}: probed as qcow2 with a backing file; give format=qcow2 to follow it \
+         (a raw image a guest wrote could name any host file as its backing file)"
+    )]
+    ProbedBacking {
+        /// The image.
+        path: String,
+    },
     /// The device refused the options.
     #[error("disk {path}")]
     Device {
@@ -113,6 +122,18 @@ pub enum Error {
         #[source]
         source: keel_virtio_blk::Error,
     },
+}
+
+/// Whether the qcow2 image at `path` names a backing file.
+fn names_backing_file(path: &std::path::Path) -> keel_block::Result<bool> {
+    let f = keel_block::RawFile::open(
+        path,
+        keel_block::RawOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(keel_block::qcow2::read_header(&f)?.backing_file_offset != 0)
 }
 
 /// io_uring depth per queue: the queue size, so a full ring never waits for room.
@@ -128,7 +149,15 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
     };
     let format = match spec.format {
         Some(f) => f,
-        None => Format::probe(&spec.path).map_err(open)?,
+        None => {
+            let f = Format::probe(&spec.path).map_err(open)?;
+            if f == Format::Qcow2 && names_backing_file(&spec.path).map_err(open)? {
+                // A raw image the guest wrote can hold a qcow2 header naming any host
+                // file as its backing file: only an explicit format follows it.
+                return Err(Error::ProbedBacking { path });
+            }
+            f
+        }
     };
     let image = Image::open(
         &spec.path,

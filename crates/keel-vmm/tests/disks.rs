@@ -1,5 +1,6 @@
-//! A VM stopped by a signal in the middle of disk I/O leaves a consistent image: keel stops
-//! the virtio-blk workers (after their requests in flight) before it closes the disks.
+//! keel's disks: a VM stopped by a signal in the middle of disk I/O leaves a consistent
+//! image (keel stops the virtio-blk workers, after their requests in flight, before it
+//! closes the disks); a probed format never follows a backing file.
 
 mod support;
 
@@ -7,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{Running, TempDir};
+use support::{run_keel, Running, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -64,4 +65,56 @@ fn sigterm_during_writes_leaves_a_clean_qcow2() {
         !info.contains("\"dirty-flag\": true") && !info.contains("\"corrupt\": true"),
         "{info}"
     );
+}
+
+/// A raw image a guest wrote can hold a qcow2 header naming any host file: with the format
+/// probed, keel refuses to follow a backing file; with `format=qcow2` it follows it.
+#[test]
+fn a_probed_qcow2_with_a_backing_file_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("disk-probe");
+    let base = dir.path().join("base.raw");
+    let top = dir.path().join("top.qcow2");
+    for args in [
+        vec!["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"],
+        vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            top.to_str().unwrap(),
+        ],
+    ] {
+        assert!(Command::new("qemu-img")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let probed = format!("path={}", top.display());
+    let out = run_keel(&["--memory", "64", "--disk", &probed], LIMIT);
+    assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("probed as qcow2 with a backing file; give format=qcow2"),
+        "{}",
+        out.stderr
+    );
+    let stated = format!("path={},format=qcow2", top.display());
+    let out = run_keel(
+        &[
+            "--memory",
+            "64",
+            "--cmdline",
+            "keel.test=serial",
+            "--disk",
+            &stated,
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
 }
