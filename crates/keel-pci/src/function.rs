@@ -30,6 +30,13 @@ pub trait PciDevice: Send {
     fn config_written(&mut self, cfg: &ConfigSpace, offset: usize, len: usize) {
         let _ = (cfg, offset, len);
     }
+    /// The guest reads `data.len()` bytes of configuration space at `offset`; `data` holds
+    /// what the function reads there. A device with registers in its own capabilities
+    /// whose value is computed at read time (virtio's PCI configuration access window, for
+    /// example) replaces those bytes.
+    fn config_read(&mut self, cfg: &ConfigSpace, offset: usize, data: &mut [u8]) {
+        let _ = (cfg, offset, data);
+    }
 }
 
 /// A BAR that changed where it decodes.
@@ -191,7 +198,7 @@ impl PciFunction {
     }
 
     /// A guest configuration read.
-    pub fn config_read(&self, offset: usize, data: &mut [u8]) {
+    pub fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.cfg.read(offset, data);
         if let Some(msi) = &self.msi {
             // The MSI pending bits are computed, not stored.
@@ -203,6 +210,7 @@ impl PciFunction {
                 }
             }
         }
+        self.device.config_read(&self.cfg, offset, data);
     }
 
     /// A guest configuration write. Returns the BARs whose decoding changed; the segment

@@ -361,8 +361,8 @@ impl PciSegment {
             (0, 0) => self.slot(usize::from(device)),
             _ => None,
         };
-        let guard = slot.as_ref().map(lock);
-        match guard.as_deref() {
+        let mut guard = slot.as_ref().map(lock);
+        match guard.as_deref_mut() {
             Some(Some(f)) => f.config_read(offset, data),
             _ => data.fill(0xff),
         }

@@ -11,11 +11,15 @@
 //! | 0x4000 | MSI-X table (one vector per queue plus one for configuration changes) |
 //! | 0x5000 | MSI-X PBA |
 //!
+//! A PCI configuration access capability (VIRTIO_PCI_CAP_PCI_CFG) gives firmware-style
+//! access to the common, ISR, device and notification structures through configuration
+//! space (the MSI-X table and PBA are not reachable through it).
+//!
 //! Notifications go through one ioeventfd per queue, re-registered (new address first)
 //! whenever the guest moves the BAR; a notification that reaches the transport through an
 //! exit instead (no ioeventfd registered) signals the same eventfd.
 
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use keel_bus::interrupt::{DataMatch, IoEventAddress, IoEventRegistrar, MsiGroup};
@@ -50,6 +54,9 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// Offset of `pci_cfg_data` in the PCI configuration access capability.
+const PCI_CFG_DATA: usize = 16;
 
 /// Errors from building a virtio-pci function.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +133,9 @@ struct VirtioPci {
     registrar: Option<Arc<dyn IoEventRegistrar>>,
     device_feature_select: u32,
     driver_feature_select: u32,
+    /// Where the PCI configuration access capability sits in configuration space (set
+    /// once the function is built; 0 before).
+    pci_cfg: Arc<AtomicUsize>,
 }
 
 /// One field of the common configuration structure.
@@ -307,6 +317,19 @@ impl VirtioPci {
         }
     }
 
+    /// The BAR window the PCI configuration access capability selects: (offset, length)
+    /// when `cap.bar` is 0 and `cap.length` is 1, 2 or 4 with `cap.offset` aligned to it
+    /// and inside the BAR (virtio 1.2 section 4.1.4.9); other selections are ignored.
+    fn pci_cfg_window(cfg: &ConfigSpace, cap: usize) -> Option<(u64, usize)> {
+        let mut bar = [0u8; 1];
+        cfg.read(cap + 4, &mut bar);
+        let off = u64::from(cfg.read_u32(cap + 8));
+        let len = cfg.read_u32(cap + 12) as usize;
+        (bar[0] == 0 && matches!(len, 1 | 2 | 4) && off % len as u64 == 0)
+            .then_some((off, len))
+            .filter(|&(o, l)| o + l as u64 <= BAR_SIZE)
+    }
+
     fn notify_addr(base: u64, queue: u16) -> IoEventAddress {
         IoEventAddress::Mmio(base + NOTIFY + u64::from(NOTIFY_MULTIPLIER) * u64::from(queue))
     }
@@ -352,6 +375,38 @@ impl PciDevice for VirtioPci {
             }
             _ => {}
         }
+    }
+
+    fn config_read(&mut self, cfg: &ConfigSpace, offset: usize, data: &mut [u8]) {
+        let cap = self.pci_cfg.load(Ordering::Relaxed);
+        let field = cap + PCI_CFG_DATA;
+        if cap == 0 || offset >= field + 4 || offset + data.len() <= field {
+            return;
+        }
+        let Some((off, len)) = Self::pci_cfg_window(cfg, cap) else {
+            return;
+        };
+        let mut buf = [0u8; 4];
+        self.bar_read(0, off, &mut buf[..len]);
+        for (i, d) in data.iter_mut().enumerate() {
+            if let Some(k) = (offset + i).checked_sub(field).filter(|&k| k < len) {
+                *d = buf[k];
+            }
+        }
+    }
+
+    fn config_written(&mut self, cfg: &ConfigSpace, offset: usize, len: usize) {
+        let cap = self.pci_cfg.load(Ordering::Relaxed);
+        let field = cap + PCI_CFG_DATA;
+        if cap == 0 || offset >= field + 4 || offset + len <= field {
+            return;
+        }
+        let Some((off, n)) = Self::pci_cfg_window(cfg, cap) else {
+            return;
+        };
+        let mut buf = [0u8; 4];
+        cfg.read(field, &mut buf);
+        self.bar_write(0, off, &buf[..n]);
     }
 
     fn bar_moved(&mut self, bar: u8, old: Option<u64>, new: Option<u64>) {
@@ -438,12 +493,14 @@ pub fn virtio_pci_function(
         queue_vectors: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
         isr: AtomicU8::new(0),
     });
+    let pci_cfg = Arc::new(AtomicUsize::new(0));
     let dev = VirtioPci {
         state,
         interrupt,
         registrar,
         device_feature_select: 0,
         driver_feature_select: 0,
+        pci_cfg: pci_cfg.clone(),
     };
     let mut f = PciFunction::new(cfg, Box::new(dev))
         .with_bar(0, BarSpec::mem32(BAR_SIZE, false)?)?
@@ -472,5 +529,14 @@ pub fn virtio_pci_function(
         let zeros = vec![0u8; body.len()];
         f.add_capability(cap_id::VENDOR, &body, &zeros)?;
     }
+    // The PCI configuration access capability: cap.bar, cap.offset, cap.length and
+    // pci_cfg_data are the driver's to write.
+    let mut body = vendor_cap(CAP_PCI_CFG, 0, 0, Some(0));
+    body[0] = (PCI_CFG_DATA + 4) as u8;
+    let mut writable = vec![0u8; body.len()];
+    writable[2] = 0xff;
+    writable[6..18].fill(0xff);
+    let at = f.add_capability(cap_id::VENDOR, &body, &writable)?;
+    pci_cfg.store(at, Ordering::Relaxed);
     Ok(f)
 }

@@ -431,8 +431,8 @@ pub mod common_cfg {
 }
 
 /// Every vendor capability: (cfg_type, bar, offset, length, extra dword).
-pub fn virtio_caps(f: &PciFunction) -> Vec<(u8, u8, u32, u32, u32)> {
-    let rd = |off: usize, n: usize| {
+pub fn virtio_caps(f: &mut PciFunction) -> Vec<(u8, u8, u32, u32, u32)> {
+    let mut rd = |off: usize, n: usize| {
         let mut b = [0u8; 4];
         f.config_read(off, &mut b[..n]);
         u32::from_le_bytes(b)
@@ -470,7 +470,8 @@ impl PciDriver {
         let registrar = Arc::new(RecordingRegistrar::default());
         let f = virtio_pci_function(device, mem.clone(), msi.clone(), Some(registrar.clone()))
             .expect("function");
-        let caps = virtio_caps(&f);
+        let mut f = f;
+        let caps = virtio_caps(&mut f);
         let find = |t: u8| {
             let c = caps
                 .iter()

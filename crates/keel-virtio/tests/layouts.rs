@@ -13,7 +13,7 @@ use keel_virtio::testing::*;
 #[test]
 fn pci_function_identifies_as_a_modern_virtio_device() {
     let d = PciDriver::new(Box::new(Echo::new()));
-    let f = d.f.lock().unwrap();
+    let mut f = d.f.lock().unwrap();
     let mut id = [0u8; 4];
     f.config_read(0, &mut id);
     assert_eq!(u16::from_le_bytes([id[0], id[1]]), VIRTIO_PCI_VENDOR);
@@ -24,11 +24,15 @@ fn pci_function_identifies_as_a_modern_virtio_device() {
     let mut rev = [0u8; 1];
     f.config_read(8, &mut rev);
     assert_eq!(rev[0], 1, "modern devices have revision 1 or more");
-    let caps = virtio_caps(&f);
+    let caps = virtio_caps(&mut f);
     let types: Vec<u8> = caps.iter().map(|c| c.0).collect();
-    assert_eq!(types, [1, 2, 3, 4], "common, notify, ISR, device");
+    assert_eq!(
+        types,
+        [1, 2, 3, 4, 5],
+        "common, notify, ISR, device, PCI access"
+    );
     // Each structure lies inside BAR 0 and they do not overlap.
-    let mut spans: Vec<(u32, u32)> = caps.iter().map(|c| (c.2, c.2 + c.3)).collect();
+    let mut spans: Vec<(u32, u32)> = caps[..4].iter().map(|c| (c.2, c.2 + c.3)).collect();
     spans.sort();
     for w in spans.windows(2) {
         assert!(w[0].1 <= w[1].0, "structures overlap: {spans:x?}");
@@ -192,5 +196,62 @@ fn mmio_interrupt_ack_clears_only_the_acknowledged_causes() {
     assert_eq!(d.r(mmio_reg::INTERRUPT_STATUS), 2);
     d.w(mmio_reg::INTERRUPT_ACK, 2);
     assert_eq!(d.r(mmio_reg::INTERRUPT_STATUS), 0);
+    d.set_status(0);
+}
+
+/// The PCI configuration access capability reaches BAR 0 through configuration space, as
+/// firmware uses it: status written and read back, the magic read, the ISR cleared by a
+/// read through the window; bad selections are ignored.
+#[test]
+fn pci_cfg_capability_reaches_the_bar_through_configuration_space() {
+    let d = PciDriver::new(Box::new(Echo::new()));
+    let cap = {
+        let f = d.f.lock().unwrap();
+        let mut ptr = f.config().read_u32(0x34) as usize & 0xfc;
+        loop {
+            let mut b = [0u8; 4];
+            f.config().read(ptr, &mut b);
+            if b[0] == 0x09 && b[3] == 5 {
+                break ptr;
+            }
+            ptr = b[1] as usize & 0xfc;
+            assert_ne!(ptr, 0, "no PCI configuration access capability");
+        }
+    };
+    let select = |bar: u8, off: u32, len: u32| {
+        let mut f = d.f.lock().unwrap();
+        f.config_write(cap + 4, &[bar]);
+        f.config_write(cap + 8, &off.to_le_bytes());
+        f.config_write(cap + 12, &len.to_le_bytes());
+    };
+    let data_write = |v: &[u8]| {
+        d.f.lock().unwrap().config_write(cap + 16, v);
+    };
+    let data_read = || {
+        let mut b = [0u8; 4];
+        d.f.lock().unwrap().config_read(cap + 16, &mut b);
+        u32::from_le_bytes(b)
+    };
+    // Device status through the window.
+    select(0, (d.common + common_cfg::DEVICE_STATUS) as u32, 1);
+    data_write(&[ACKNOWLEDGE]);
+    assert_eq!(d.status(), ACKNOWLEDGE);
+    d.set_status(ACKNOWLEDGE | DRIVER);
+    assert_eq!(data_read() & 0xff, u32::from(ACKNOWLEDGE | DRIVER));
+    // A 4-byte read of the device configuration: the echo device's magic.
+    select(0, d.device as u32, 4);
+    assert_eq!(data_read(), keel_virtio::echo::ECHO_MAGIC);
+    // Misaligned, a bad length, another BAR, past the BAR: ignored.
+    let before = d.status();
+    for (bar, off, len) in [
+        (0, (d.common + common_cfg::DEVICE_STATUS) as u32 + 1, 2),
+        (0, (d.common + common_cfg::DEVICE_STATUS) as u32, 3),
+        (1, (d.common + common_cfg::DEVICE_STATUS) as u32, 1),
+        (0, 0x10_0000, 4),
+    ] {
+        select(bar, off, len);
+        data_write(&[0, 0, 0, 0]);
+        assert_eq!(d.status(), before, "{bar} {off:#x} {len}");
+    }
     d.set_status(0);
 }
