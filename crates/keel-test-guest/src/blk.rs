@@ -1,7 +1,8 @@
 //! A virtio-blk driver (virtio 1.2 section 5.2) on the driver core in
 //! virtio.rs, over either transport: feature negotiation, the device
 //! configuration, and an engine that keeps up to a queue's worth of
-//! requests in flight on queue 0 and polls the used ring.
+//! requests in flight on queue 0 (and, with MQ, on queue 1 as well, its
+//! rings in the driver core's small ring area) and polls the used rings.
 //!
 //! Every request lives in one slot of `SLOT_MEM` (in `.bss`, 8 KiB a slot)
 //! as one contiguous run of bytes: the 16-byte header ends at the slot's
@@ -24,8 +25,13 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::text::Text;
 use crate::virtio::{
-    Res, Transport, Vq, DESC_NEXT, DESC_WRITE, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, QMAX,
+    QueueMem, Res, Transport, Vq, DESC_NEXT, DESC_WRITE, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
+    QMAX,
 };
+
+/// Most queues this driver sets up (queue 0 in the main ring area, queue
+/// 1 in the small one).
+pub const MAX_QUEUES: usize = 2;
 
 /// The virtio device type of a block device.
 pub const BLK_TYPE: u16 = 2;
@@ -451,6 +457,8 @@ static SLOTS_CLAIMED: AtomicBool = AtomicBool::new(false);
 /// A completed request.
 #[derive(Clone, Copy)]
 pub struct Done {
+    /// The queue it went through.
+    pub queue: usize,
     pub slot: usize,
     /// The caller's number for the request.
     pub tag: u32,
@@ -473,6 +481,9 @@ pub struct Stats {
 
 /// Describes request `i` of a pipeline and fills its payload.
 pub type MakeReq<'f> = dyn FnMut(u32, &mut [u8]) -> Res<(Req, Shape)> + 'f;
+/// Describes request `i` of queue `q` of a multi-queue pipeline
+/// (`q`, `i`, payload).
+pub type MakeReqOn<'f> = dyn FnMut(usize, u32, &mut [u8]) -> Res<(Req, Shape)> + 'f;
 /// Judges one completion of a pipeline (with the slot's payload).
 pub type CheckDone<'f> = dyn FnMut(&Done, &[u8]) -> Res<()> + 'f;
 
@@ -485,18 +496,24 @@ struct Waiting {
     shape: Shape,
 }
 
-/// A virtio-blk device with queue 0 set up.
+/// A virtio-blk device with queue 0 (and perhaps queue 1) set up.
 pub struct Blk<'a> {
     pub t: &'a Transport,
+    /// Queue 0.
     pub vq: Vq,
+    /// Queue 1, when `open_queues` was asked for two.
+    pub vq1: Option<Vq>,
     pub offered: u64,
     pub features: u64,
     pub cfg: Config,
     /// Longest chain or indirect table a request may use.
     pub max_pieces: usize,
     pub stats: Stats,
+    /// The same counters for each queue (`max_in_flight`: on that queue).
+    pub queue_stats: [Stats; MAX_QUEUES],
     mem: u64,
-    head_slot: [u16; QMAX],
+    /// Per queue: the slot of each head in flight.
+    head_slot: [[u16; QMAX]; MAX_QUEUES],
     slot_req: [Req; QMAX],
     slot_tag: [u32; QMAX],
     slot_indirect: [bool; QMAX],
@@ -506,7 +523,8 @@ pub struct Blk<'a> {
     busy: [bool; QMAX],
     free: [u16; QMAX],
     nfree: usize,
-    in_flight: usize,
+    /// Requests in flight, per queue.
+    in_flight: [usize; MAX_QUEUES],
 }
 
 impl Drop for Blk<'_> {
@@ -524,14 +542,20 @@ const NONE: u16 = u16::MAX;
 
 impl<'a> Blk<'a> {
     /// Negotiate (VERSION_1 plus whatever of `F_WANTED` the device
-    /// offers), read the configuration, set up queue 0 and set DRIVER_OK.
-    /// On PCI, configuration changes go to MSI-X entry `config_entry` and
-    /// queue 0 to `queue_entry`.
-    pub fn open(
+    /// offers), read the configuration, set up one queue per element of
+    /// `queue_entries` (1 or 2) and set DRIVER_OK. On PCI, configuration
+    /// changes go to MSI-X entry `config_entry` and queue q to
+    /// `queue_entries[q]`. More than one queue needs VIRTIO_BLK_F_MQ and
+    /// `num_queues` at least as large.
+    pub fn open_queues(
         t: &'a Transport,
         config_entry: Option<u16>,
-        queue_entry: Option<u16>,
+        queue_entries: &[Option<u16>],
     ) -> Res<Blk<'a>> {
+        let nq = queue_entries.len();
+        if !(1..=MAX_QUEUES).contains(&nq) {
+            crate::fail!("{nq} queues asked for; this driver sets up 1 to {MAX_QUEUES}");
+        }
         t.begin()?;
         let offered = t.device_features();
         if offered & F_VERSION_1 == 0 {
@@ -557,6 +581,17 @@ impl<'a> Blk<'a> {
         if let Some(s) = cfg.blk_size {
             if !s.is_power_of_two() || !(512..=4096).contains(&s) {
                 crate::fail!("blk_size {s}: this driver needs a power of two from 512 to 4096");
+            }
+        }
+        if nq > 1 {
+            match cfg.num_queues {
+                None => crate::fail!(
+                    "the device does not offer VIRTIO_BLK_F_MQ (features {offered:#x}); {nq} queues needed (keel: --disk ...,queues=2; QEMU: num-queues=2)"
+                ),
+                Some(n) if usize::from(n) < nq => crate::fail!(
+                    "num_queues is {n} with VIRTIO_BLK_F_MQ; {nq} queues needed (num_queues >= {nq}) (keel: --disk ...,queues=2; QEMU: num-queues=2)"
+                ),
+                Some(_) => {}
             }
         }
         if cfg.seg_max == Some(0) {
@@ -585,11 +620,17 @@ impl<'a> Blk<'a> {
                 crate::fail!("config_msix_vector {e} refused (reads {back:#x})");
             }
         }
-        let vq = t.setup_queue(0, queue_entry, features & F_EVENT_IDX != 0)?;
+        let event_idx = features & F_EVENT_IDX != 0;
+        let vq = t.setup_queue(0, queue_entries[0], event_idx)?;
+        let vq1 = match queue_entries.get(1) {
+            Some(&e) => Some(t.setup_queue_in(QueueMem::Small, 1, e, event_idx)?),
+            None => None,
+        };
         if SLOTS_CLAIMED.swap(true, Ordering::AcqRel) {
             crate::fail!("the virtio-blk slot memory is already in use");
         }
-        let mut max_pieces = MAX_PIECES.min(usize::from(vq.size));
+        let smallest = vq1.as_ref().map_or(vq.size, |v| v.size.min(vq.size));
+        let mut max_pieces = MAX_PIECES.min(usize::from(smallest));
         if let Some(s) = cfg.seg_max {
             // seg_max counts data segments; header and status come on top.
             max_pieces = max_pieces.min(s as usize + 2);
@@ -601,13 +642,15 @@ impl<'a> Blk<'a> {
         let blk = Blk {
             t,
             vq,
+            vq1,
             offered,
             features,
             cfg,
             max_pieces,
             stats: Stats::default(),
+            queue_stats: [Stats::default(); MAX_QUEUES],
             mem: SLOT_MEM.0.get() as u64,
-            head_slot: [NONE; QMAX],
+            head_slot: [[NONE; QMAX]; MAX_QUEUES],
             slot_req: [Req::bare(0); QMAX],
             slot_tag: [0; QMAX],
             slot_indirect: [false; QMAX],
@@ -615,7 +658,7 @@ impl<'a> Blk<'a> {
             busy: [false; QMAX],
             free,
             nfree: QMAX,
-            in_flight: 0,
+            in_flight: [0; MAX_QUEUES],
         };
         blk.quiet();
         t.driver_ok()?;
@@ -630,6 +673,32 @@ impl<'a> Blk<'a> {
     /// as many as the largest queue).
     pub fn depth_max(&self) -> usize {
         usize::from(self.vq.size)
+    }
+
+    /// Queues set up (1 or 2).
+    pub fn queues(&self) -> usize {
+        1 + usize::from(self.vq1.is_some())
+    }
+
+    /// Queue `q` (0 or 1, when set up).
+    pub fn queue(&self, q: usize) -> &Vq {
+        match (q, &self.vq1) {
+            (0, _) => &self.vq,
+            (1, Some(v)) => v,
+            _ => panic!("queue {q} is not set up"),
+        }
+    }
+
+    fn queue_mut(&mut self, q: usize) -> &mut Vq {
+        match (q, &mut self.vq1) {
+            (0, _) => &mut self.vq,
+            (1, Some(v)) => v,
+            _ => panic!("queue {q} is not set up"),
+        }
+    }
+
+    fn in_flight_total(&self) -> usize {
+        self.in_flight.iter().sum()
     }
 
     fn slot_base(&self, slot: usize) -> u64 {
@@ -743,12 +812,19 @@ impl<'a> Blk<'a> {
         p
     }
 
-    /// Start request `r` in `slot` (allocated, payload filled): write the
+    /// Start request `r` on queue `q` in `slot` (allocated, payload filled): write the
     /// header, preset the status, lay the descriptors out as `shape` says
     /// (falling back to `Split::Separate` if the device's limits do not
     /// allow it) and put the head on the avail ring, unpublished.
     /// `Ok(false)`: not enough free descriptors now.
-    pub fn start(&mut self, slot: usize, tag: u32, r: &Req, shape: Shape) -> Res<bool> {
+    pub fn start_on(
+        &mut self,
+        q: usize,
+        slot: usize,
+        tag: u32,
+        r: &Req,
+        shape: Shape,
+    ) -> Res<bool> {
         if r.len as usize > PAYLOAD_MAX {
             crate::fail!("a {}-byte payload does not fit a slot", r.len);
         }
@@ -772,7 +848,7 @@ impl<'a> Blk<'a> {
             );
         }
         let ring = if shape.indirect { 1 } else { p.n };
-        if self.vq.free_descriptors() < ring {
+        if self.queue(q).free_descriptors() < ring {
             return Ok(false);
         }
         let hdr = self.hdr_addr(slot);
@@ -804,45 +880,54 @@ impl<'a> Blk<'a> {
                     core::ptr::write_volatile((at + 14) as *mut u16, next);
                 }
             }
-            self.vq.add_indirect_at(table, p.n)
+            self.queue_mut(q).add_indirect_at(table, p.n)
         } else {
-            self.vq.add(&p.p[..p.n])
+            self.queue_mut(q).add(&p.p[..p.n])
         };
         let Some(head) = head else {
             crate::fail!(
                 "the queue refused a chain of {ring} descriptor(s) although they were free"
             );
         };
-        if self.head_slot[usize::from(head)] != NONE {
-            crate::fail!("descriptor {head} handed out twice");
+        let heads = &mut self.head_slot[q];
+        if heads[usize::from(head)] != NONE {
+            crate::fail!("queue {q}: descriptor {head} handed out twice");
         }
-        self.head_slot[usize::from(head)] = slot as u16;
+        heads[usize::from(head)] = slot as u16;
         self.slot_req[slot] = *r;
         self.slot_tag[slot] = tag;
         self.slot_indirect[slot] = shape.indirect;
         self.started[slot] = true;
-        self.in_flight += 1;
-        self.stats.requests += 1;
-        self.stats.indirect += u32::from(shape.indirect);
-        self.stats.unusual += u32::from(shape.split != Split::Separate);
-        self.stats.max_in_flight = self.stats.max_in_flight.max(self.in_flight);
+        self.in_flight[q] += 1;
+        let total = self.in_flight_total();
+        let in_q = self.in_flight[q];
+        for (st, now) in [(&mut self.stats, total), (&mut self.queue_stats[q], in_q)] {
+            st.requests += 1;
+            st.indirect += u32::from(shape.indirect);
+            st.unusual += u32::from(shape.split != Split::Separate);
+            st.max_in_flight = st.max_in_flight.max(now);
+        }
         Ok(true)
     }
 
-    /// Publish what was started and notify the device unless its
-    /// `avail_event` says it need not be.
-    pub fn publish(&mut self) -> bool {
-        self.vq.submit(self.t)
+    /// Publish what was started on queue `q` and notify the device unless
+    /// its `avail_event` says it need not be.
+    pub fn publish_on(&mut self, q: usize) -> bool {
+        let t = self.t;
+        self.queue_mut(q).submit(t)
     }
 
-    /// Polling: keep the device from interrupting (EVENT_IDX: `used_event`
-    /// half the index space ahead; else VIRTQ_AVAIL_F_NO_INTERRUPT).
+    /// Polling: keep the device from interrupting on any queue (EVENT_IDX:
+    /// `used_event` half the index space ahead; else
+    /// VIRTQ_AVAIL_F_NO_INTERRUPT).
     pub fn quiet(&self) {
-        if self.vq.event_idx {
-            self.vq
-                .set_used_event(self.vq.last_used().wrapping_add(0x8000));
-        } else {
-            self.vq.set_no_interrupt(true);
+        for q in 0..self.queues() {
+            let vq = self.queue(q);
+            if vq.event_idx {
+                vq.set_used_event(vq.last_used().wrapping_add(0x8000));
+            } else {
+                vq.set_no_interrupt(true);
+            }
         }
     }
 
@@ -850,30 +935,38 @@ impl<'a> Blk<'a> {
     /// after it has published the used buffer, so keep the request in
     /// place (no `quiet`) until the interrupt has arrived.
     pub fn want_interrupt(&self) {
-        if self.vq.event_idx {
-            self.vq.set_used_event(self.vq.last_used());
+        self.want_interrupt_on(0);
+    }
+
+    /// `want_interrupt` on queue `q`.
+    pub fn want_interrupt_on(&self, q: usize) {
+        let vq = self.queue(q);
+        if vq.event_idx {
+            vq.set_used_event(vq.last_used());
         } else {
-            self.vq.set_no_interrupt(false);
+            vq.set_no_interrupt(false);
         }
     }
 
-    /// Take one used buffer, if any: check its id, status byte and length,
+    /// Take one used buffer of queue `q`, if any: check its id, status byte and length,
     /// and free its descriptors and slot (the payload stays readable until
     /// the slot is allocated again).
-    pub fn poll(&mut self) -> Res<Option<Done>> {
-        let Some((id, used_len)) = self.vq.pop_used() else {
+    pub fn poll_on(&mut self, q: usize) -> Res<Option<Done>> {
+        let Some((id, used_len)) = self.queue_mut(q).pop_used() else {
             return Ok(None);
         };
         let slot = usize::try_from(id)
             .ok()
-            .and_then(|i| self.head_slot.get(i).copied())
+            .and_then(|i| self.head_slot[q].get(i).copied())
             .unwrap_or(NONE);
-        if slot == NONE || !self.vq.complete(id) {
-            crate::fail!("used id {id} (len {used_len}) is not the head of a request in flight");
+        if slot == NONE || !self.queue_mut(q).complete(id) {
+            crate::fail!(
+                "queue {q}: used id {id} (len {used_len}) is not the head of a request in flight"
+            );
         }
         let slot = usize::from(slot);
-        self.head_slot[id as usize] = NONE;
-        self.in_flight -= 1;
+        self.head_slot[q][id as usize] = NONE;
+        self.in_flight[q] -= 1;
         let r = self.slot_req[slot];
         let tag = self.slot_tag[slot];
         let indirect = self.slot_indirect[slot];
@@ -884,7 +977,8 @@ impl<'a> Blk<'a> {
         let what = |t: &mut Text<160>| {
             let _ = write!(
                 t,
-                "request {tag} ({} sector {} len {}{})",
+                "{}request {tag} ({} sector {} len {}{})",
+                if q == 0 { "" } else { "queue 1: " },
                 type_name(r.ty),
                 r.sector,
                 r.len,
@@ -911,6 +1005,7 @@ impl<'a> Blk<'a> {
             return Err(t);
         }
         Ok(Some(Done {
+            queue: q,
             slot,
             tag,
             req: r,
@@ -922,25 +1017,29 @@ impl<'a> Blk<'a> {
 
     /// Why nothing came back: for failure reasons.
     fn stuck(&self, t: &mut Text<160>) {
-        let _ = write!(
-            t,
-            "{} in flight, avail idx {}, used idx {}, avail_event {}",
-            self.in_flight,
-            self.vq.avail_idx(),
-            self.vq.used_idx(),
-            self.vq.avail_event()
-        );
+        for q in 0..self.queues() {
+            let vq = self.queue(q);
+            let _ = write!(
+                t,
+                "{}{} in flight, avail idx {}, used idx {}, avail_event {}",
+                if q == 0 { "" } else { "; queue 1: " },
+                self.in_flight[q],
+                vq.avail_idx(),
+                vq.used_idx(),
+                vq.avail_event()
+            );
+        }
     }
 
-    /// Wait (bounded) for a used buffer and take it.
-    pub fn wait(&mut self) -> Res<Done> {
-        if !self.vq.wait_used(1, IO_TIMEOUT_CYCLES) {
+    /// Wait (bounded) for a used buffer on queue `q` and take it.
+    pub fn wait_on(&mut self, q: usize) -> Res<Done> {
+        if !self.queue(q).wait_used(1, IO_TIMEOUT_CYCLES) {
             let mut t = Text::new();
-            t.push_str("no request completed within the timeout: ");
+            let _ = write!(t, "queue {q}: no request completed within the timeout: ");
             self.stuck(&mut t);
             return Err(t);
         }
-        match self.poll()? {
+        match self.poll_on(q)? {
             Some(d) => Ok(d),
             None => crate::fail!("the used ring lost an entry"),
         }
@@ -956,18 +1055,30 @@ impl<'a> Blk<'a> {
         fill: impl FnOnce(&mut [u8]),
         check: impl FnOnce(&Done, &[u8]) -> Res<T>,
     ) -> Res<T> {
-        if self.in_flight != 0 {
-            crate::fail!("{} requests still in flight", self.in_flight);
+        self.one_on(0, r, shape, fill, check)
+    }
+
+    /// `one` on queue `q`.
+    pub fn one_on<T>(
+        &mut self,
+        q: usize,
+        r: &Req,
+        shape: Shape,
+        fill: impl FnOnce(&mut [u8]),
+        check: impl FnOnce(&Done, &[u8]) -> Res<T>,
+    ) -> Res<T> {
+        if self.in_flight_total() != 0 {
+            crate::fail!("{} requests still in flight", self.in_flight_total());
         }
         let Some(slot) = self.alloc() else {
             crate::fail!("no free slot on an idle queue");
         };
         fill(self.payload_mut(slot));
-        if !self.start(slot, 0, r, shape)? {
+        if !self.start_on(q, slot, 0, r, shape)? {
             crate::fail!("{} does not fit an idle queue", type_name(r.ty));
         }
-        self.publish();
-        let d = self.wait()?;
+        self.publish_on(q);
+        let d = self.wait_on(q)?;
         // used_event stays where it was: moving it now could withdraw an
         // interrupt the caller asked for before the device decided on it.
         check(&d, self.payload(d.slot))
@@ -984,57 +1095,87 @@ impl<'a> Blk<'a> {
         make: &mut MakeReq,
         check: &mut CheckDone,
     ) -> Res<()> {
-        let depth = depth.clamp(1, self.depth_max());
-        let mut next = 0u32;
-        let mut done = 0u32;
-        let mut waiting: Option<Waiting> = None;
-        while done < count {
-            let mut started = 0;
-            while self.in_flight < depth {
-                let w = match waiting.take() {
-                    Some(w) => w,
-                    None if next < count => {
-                        let Some(slot) = self.alloc() else { break };
-                        let (req, shape) = make(next, self.payload_mut(slot))?;
-                        next += 1;
-                        Waiting {
-                            slot,
-                            tag: next - 1,
-                            req,
-                            shape,
+        self.pipeline_queues(&[count], depth, &mut |_, i, p| make(i, p), check)
+    }
+
+    /// `pipeline` on every queue at once: `counts[q]` requests on queue
+    /// `q`, at most `depth` in flight on each. `make(q, i, payload)`
+    /// describes request `i` of queue `q` (its `Done::tag` is `i`). Each
+    /// round fills and publishes every queue before waiting, so requests
+    /// are in flight on all of them together; the wait ends when any
+    /// queue has a completion, and then every queue is drained.
+    pub fn pipeline_queues(
+        &mut self,
+        counts: &[u32],
+        depth: usize,
+        make: &mut MakeReqOn,
+        check: &mut CheckDone,
+    ) -> Res<()> {
+        let nq = counts.len();
+        if nq == 0 || nq > self.queues() {
+            crate::fail!("a pipeline over {nq} queues; {} are set up", self.queues());
+        }
+        let mut next = [0u32; MAX_QUEUES];
+        let mut waiting: [Option<Waiting>; MAX_QUEUES] = [None; MAX_QUEUES];
+        let total: u32 = counts.iter().sum();
+        let mut finished = 0u32;
+        while finished < total {
+            for q in 0..nq {
+                let depth = depth.clamp(1, usize::from(self.queue(q).size));
+                let mut started = 0;
+                while self.in_flight[q] < depth {
+                    let w = match waiting[q].take() {
+                        Some(w) => w,
+                        None if next[q] < counts[q] => {
+                            let Some(slot) = self.alloc() else { break };
+                            let i = next[q];
+                            let (req, shape) = make(q, i, self.payload_mut(slot))?;
+                            next[q] += 1;
+                            Waiting {
+                                slot,
+                                tag: i,
+                                req,
+                                shape,
+                            }
                         }
+                        None => break,
+                    };
+                    if !self.start_on(q, w.slot, w.tag, &w.req, w.shape)? {
+                        waiting[q] = Some(w);
+                        break;
                     }
-                    None => break,
-                };
-                if !self.start(w.slot, w.tag, &w.req, w.shape)? {
-                    waiting = Some(w);
-                    break;
+                    started += 1;
                 }
-                started += 1;
+                if started > 0 {
+                    self.publish_on(q);
+                }
+                if self.in_flight[q] == 0 && waiting[q].is_some() {
+                    crate::fail!(
+                        "queue {q}: request {} ({}) does not fit an idle queue of {}",
+                        next[q].saturating_sub(1),
+                        waiting[q].map_or("?", |w| type_name(w.req.ty)),
+                        self.queue(q).size
+                    );
+                }
             }
-            if started > 0 {
-                self.publish();
+            if self.in_flight_total() == 0 {
+                crate::fail!("{finished} of {total} requests completed and none is in flight");
             }
-            if self.in_flight == 0 {
-                crate::fail!(
-                    "request {} ({}) does not fit an idle queue of {}",
-                    next.saturating_sub(1),
-                    waiting.map_or("?", |w| type_name(w.req.ty)),
-                    self.vq.size
-                );
-            }
-            if !self.vq.wait_used(1, IO_TIMEOUT_CYCLES) {
+            let any = || (0..nq).any(|q| self.queue(q).used_pending() > 0);
+            if !crate::arch::wait_for(IO_TIMEOUT_CYCLES, any) {
                 let mut t = Text::new();
                 let _ = write!(
                     t,
-                    "{done} of {count} requests completed, then none within the timeout: "
+                    "{finished} of {total} requests completed, then none within the timeout: "
                 );
                 self.stuck(&mut t);
                 return Err(t);
             }
-            while let Some(d) = self.poll()? {
-                check(&d, self.payload(d.slot))?;
-                done += 1;
+            for q in 0..nq {
+                while let Some(d) = self.poll_on(q)? {
+                    check(&d, self.payload(d.slot))?;
+                    finished += 1;
+                }
             }
             self.quiet();
         }

@@ -10,6 +10,11 @@
 //!   writes fail with IOERR and change nothing.
 //! * `blk-bench`: 4 KiB random reads and writes at depth 1 and 32; the
 //!   host times each row by its begin/end lines.
+//! * `blk-mq`: queues 0 and 1 of a multi-queue device (VIRTIO_BLK_F_MQ)
+//!   at once: disjoint halves of the first 2 MiB written through each,
+//!   then every block read back through the other queue; an interrupt on
+//!   each queue's own MSI-X vector (virtio-pci) or on the one line with
+//!   InterruptStatus (virtio-mmio).
 
 use core::fmt::Write;
 
@@ -19,6 +24,7 @@ use crate::blk::{
     self, Blk, Done, Req, Shape, Split, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, SECTOR, S_IOERR,
     S_OK, S_UNSUPP, T_DISCARD, T_WRITE_ZEROES, WZ_UNMAP,
 };
+use crate::idt::VEC_COUNTED;
 use crate::irq;
 use crate::pvh::BootInfo;
 use crate::text::Text;
@@ -113,9 +119,15 @@ impl<T: core::fmt::Display> core::fmt::Display for Opt<T> {
 
 /// Negotiate, set up the queue and print what the device is.
 fn open<'a>(c: &Ctx<'a>) -> Result<Blk<'a>, Text<160>> {
+    open_queues(c, &[vs::queue_vector(c)])
+}
+
+/// `open` with one queue per element of `queue_entries` (their MSI-X
+/// entries on PCI).
+fn open_queues<'a>(c: &Ctx<'a>, queue_entries: &[Option<u16>]) -> Result<Blk<'a>, Text<160>> {
     let name = c.name;
     let config_entry = (c.irqs == Irqs::Pci).then_some(0);
-    let b = Blk::open(c.t, config_entry, vs::queue_vector(c))?;
+    let b = Blk::open_queues(c.t, config_entry, queue_entries)?;
     if let Transport::Pci(p) = c.t {
         if p.device == 0x1001 {
             say!(
@@ -178,13 +190,21 @@ fn open<'a>(c: &Ctx<'a>) -> Result<Blk<'a>, Text<160>> {
         Some(w) => say!(name, "writeback {w} (CONFIG_WCE)"),
         None => say!(name, "writeback: CONFIG_WCE not offered"),
     }
-    say!(
-        name,
-        "queue 0: {} entries (device maximum {}), at most {} descriptors a request; DRIVER_OK",
-        b.vq.size,
-        b.vq.max,
-        b.max_pieces
-    );
+    for q in 0..b.queues() {
+        let vq = b.queue(q);
+        say!(
+            name,
+            "queue {q}: {} entries (device maximum {}), at most {} descriptors a request{}",
+            vq.size,
+            vq.max,
+            b.max_pieces,
+            if q + 1 == b.queues() {
+                "; DRIVER_OK"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(b)
 }
 
@@ -838,5 +858,217 @@ fn bench_steps(c: &Ctx, n: u32) -> Outcome {
         b.vq.kicks_suppressed
     );
     c.t.reset()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// blk-mq
+
+/// `blk-mq` writes the first 2 MiB: blocks 0-511.
+const MQ_BLOCKS: u32 = 512;
+/// Requests in flight on each queue (at most the queue's size).
+const MQ_DEPTH: usize = 16;
+/// PCI: queue 1 interrupts through MSI-X entry 2, counted on
+/// VEC_COUNTED + 3 (entries 0 and 1, and the virtio-mmio line, take
+/// counters 0-2).
+const MSIX_QUEUE1: u16 = 2;
+const QUEUE1_COUNTER: usize = 3;
+
+/// Every byte of 512-byte sector `s` (of the first 2 MiB) as `blk-mq`
+/// writes it.
+pub fn mq_byte(s: u64) -> u8 {
+    (s % 251 + 1) as u8
+}
+
+/// Queue `q`'s share: block `2i + q` is written through queue `q` and read
+/// back through queue `1 - q`.
+fn mq_block(q: usize, i: u32) -> u32 {
+    2 * i + q as u32
+}
+
+/// Fill a 4 KiB block's payload with what `blk-mq` writes to block `b`
+/// (`invert`: the complement, so a block the device did not write shows).
+fn mq_fill(b: u32, p: &mut [u8], invert: bool) {
+    for (k, sector) in p[..BLOCK as usize].chunks_mut(SECTOR as usize).enumerate() {
+        let v = mq_byte(sector_of(b) + k as u64);
+        sector.fill(if invert { !v } else { v });
+    }
+}
+
+/// Scenario `blk-mq`.
+pub fn scenario_blk_mq(boot: &BootInfo, acpi: &Acpi) -> Outcome {
+    with_device("blk-mq", boot, acpi, mq_steps)
+}
+
+/// Where queue `q`'s interrupts are counted.
+fn mq_counter(c: &Ctx, q: usize) -> usize {
+    match (c.irqs, q) {
+        (Irqs::Pci, 1) => QUEUE1_COUNTER,
+        _ => c.irqs.queue_counter(),
+    }
+}
+
+fn mq_steps(c: &Ctx) -> Outcome {
+    let name = c.name;
+    // MQ first, so that a single-queue device fails for what it lacks
+    // (open_queues checks num_queues once the features are negotiated).
+    c.t.begin()?;
+    let offered = c.t.device_features();
+    if offered & blk::F_MQ == 0 {
+        crate::fail!(
+            "the device does not offer VIRTIO_BLK_F_MQ (features {offered:#x}); blk-mq needs num_queues >= 2 (keel: --disk ...,queues=2; QEMU: num-queues=2)"
+        );
+    }
+    let mut entry1 = None;
+    if let Transport::Pci(p) = c.t {
+        if p.msix.vectors < 3 {
+            crate::fail!(
+                "MSI-X has {} vectors; two queues and configuration changes need 3",
+                p.msix.vectors
+            );
+        }
+        let vector = VEC_COUNTED + QUEUE1_COUNTER as u8;
+        p.route(MSIX_QUEUE1, vector);
+        say!(
+            name,
+            "MSI-X entry {MSIX_QUEUE1} -> vector {vector:#x} (queue 1)"
+        );
+        entry1 = Some(MSIX_QUEUE1);
+    }
+    let mut b = open_queues(c, &[vs::queue_vector(c), entry1])?;
+    if b.has(F_RO) {
+        crate::fail!("the disk is read-only (VIRTIO_BLK_F_RO); blk-mq writes to it");
+    }
+    if b.cfg.capacity < sector_of(MQ_BLOCKS) {
+        crate::fail!(
+            "capacity {} sectors is below the {} (2 MiB) blk-mq writes",
+            b.cfg.capacity,
+            sector_of(MQ_BLOCKS)
+        );
+    }
+    let indirect = b.has(F_INDIRECT_DESC);
+    let half = MQ_BLOCKS / 2;
+    let counts = [half, half];
+    let last = MQ_BLOCKS - 1;
+
+    // Writes: even blocks through queue 0, odd blocks through queue 1,
+    // both queues filled before every wait. Through indirect tables when
+    // offered (one ring descriptor a request), else three-descriptor
+    // chains (16 of them fit a 64-entry queue).
+    b.stats = blk::Stats::default();
+    b.queue_stats = [blk::Stats::default(); 2];
+    b.pipeline_queues(
+        &counts,
+        MQ_DEPTH,
+        &mut |q, i, p| {
+            let blk = mq_block(q, i);
+            mq_fill(blk, p, false);
+            let shape = if indirect {
+                indirect_shape(i)
+            } else {
+                Shape::SEPARATE
+            };
+            Ok((Req::write(sector_of(blk), BLOCK), shape))
+        },
+        &mut |d, _| expect(d, S_OK),
+    )?;
+    let w = b.queue_stats;
+    say!(
+        name,
+        "wrote blocks 0-{last}: the even ones through queue 0 ({} requests, at most {} in flight), the odd ones through queue 1 ({} requests, at most {} in flight); at most {} in flight on both together",
+        w[0].requests,
+        w[0].max_in_flight,
+        w[1].requests,
+        w[1].max_in_flight,
+        b.stats.max_in_flight
+    );
+    let writes_together = b.stats.max_in_flight;
+
+    // Reads: every block through the other queue, direct chains.
+    b.stats = blk::Stats::default();
+    b.queue_stats = [blk::Stats::default(); 2];
+    b.pipeline_queues(
+        &counts,
+        MQ_DEPTH,
+        &mut |q, i, p| {
+            let blk = mq_block(1 - q, i);
+            mq_fill(blk, p, true);
+            Ok((Req::read(sector_of(blk), BLOCK), Shape::SEPARATE))
+        },
+        &mut |d, p| {
+            expect(d, S_OK)?;
+            let blk = mq_block(1 - d.queue, d.tag);
+            if let Some(k) = (0..BLOCK as usize).find(|&k| {
+                p[k] != mq_byte(sector_of(blk) + (k as u64) / SECTOR)
+            }) {
+                crate::fail!(
+                    "block {blk} read back through queue {} (written through queue {}): byte {k} is {:#04x}, expected {:#04x}",
+                    d.queue,
+                    1 - d.queue,
+                    p[k],
+                    mq_byte(sector_of(blk) + (k as u64) / SECTOR)
+                );
+            }
+            Ok(())
+        },
+    )?;
+    let r = b.queue_stats;
+    let reads_together = b.stats.max_in_flight;
+    let (a, bb) = (
+        w[0].max_in_flight.max(r[0].max_in_flight),
+        w[1].max_in_flight.max(r[1].max_in_flight),
+    );
+    if writes_together.max(reads_together) <= a.max(bb) {
+        crate::fail!(
+            "requests were never in flight on both queues at once (at most {a} and {bb}, {} together)",
+            writes_together.max(reads_together)
+        );
+    }
+    say!(
+        name,
+        "2 queues; queue 0: {} requests, queue 1: {} requests, at most {a} and {bb} in flight at once",
+        w[0].requests + r[0].requests,
+        w[1].requests + r[1].requests
+    );
+    say!(name, "every block read back through the other queue");
+
+    // An interrupt on each queue when asked for: on its own MSI-X vector,
+    // or on the one virtio-mmio line with InterruptStatus bit 0.
+    for q in 0..2 {
+        vs::settle(c);
+        let counter = mq_counter(c, q);
+        let other = mq_counter(c, 1 - q);
+        let (before, other_before) = (irq::vec_count(counter), irq::vec_count(other));
+        b.want_interrupt_on(q);
+        b.one_on(
+            q,
+            &Req::read(0, BLOCK),
+            Shape::SEPARATE,
+            |_| {},
+            |d, _| expect(d, S_OK),
+        )?;
+        let vector = VEC_COUNTED + counter as u8;
+        if !arch::wait_for(TIMEOUT_CYCLES, || irq::vec_count(counter) > before) {
+            crate::fail!(
+                "no interrupt for queue {q} (vector {vector:#x}) after a read with used_event at the used index"
+            );
+        }
+        vs::check_used_status(c)?;
+        if other != counter && irq::vec_count(other) != other_before {
+            crate::fail!(
+                "a completion on queue {q} also raised vector {:#x}, queue {}'s",
+                VEC_COUNTED + other as u8,
+                1 - q
+            );
+        }
+        b.quiet();
+        say!(
+            name,
+            "queue {q} interrupt arrived when asked for (vector {vector:#x})"
+        );
+    }
+    flush(&mut b, name, "")?;
+    c.t.reset()?;
+    say!(name, "reset: status reads 0");
     Ok(())
 }

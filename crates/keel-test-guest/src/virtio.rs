@@ -3,8 +3,10 @@
 //! configuration, notifications, MSI-X) and virtio-mmio version 2 (section
 //! 4.2, announced on the command line as Linux's
 //! `virtio_mmio.device=<size>@<base>:<irq>`). Above the transports: device
-//! status, feature negotiation, queue set-up and one split virtqueue
-//! (section 2.7) in static memory, polled at CPL3.
+//! status, feature negotiation, queue set-up and split virtqueues
+//! (section 2.7) in static memory, polled at CPL3: one in the main area
+//! (rings of up to 256 entries, indirect tables, buffer pools) and one in
+//! a small ring-only area (up to 64 entries, for a second queue).
 //!
 //! The virtqueue and the buffers live in this guest's `.bss`. The guest is
 //! linked at 1 MiB as a non-PIE image (link.ld) and runs on the identity map
@@ -718,10 +720,22 @@ impl Transport {
         }
     }
 
-    /// Set up queue `index` in `vq`'s memory (section 4.1.5.1.3 / 4.2.3.2):
-    /// select it, read its maximum size, choose a size, write the three
-    /// addresses, the MSI-X vector (PCI, `vector`), and enable it.
+    /// Set up queue `index` in the main virtqueue memory (section
+    /// 4.1.5.1.3 / 4.2.3.2): select it, read its maximum size, choose a
+    /// size, write the three addresses, the MSI-X vector (PCI, `vector`),
+    /// and enable it.
     pub fn setup_queue(&self, index: u16, vector: Option<u16>, event_idx: bool) -> Res<Vq> {
+        self.setup_queue_in(QueueMem::Main, index, vector, event_idx)
+    }
+
+    /// `setup_queue` with the rings in `mem` (which also caps the size).
+    pub fn setup_queue_in(
+        &self,
+        mem: QueueMem,
+        index: u16,
+        vector: Option<u16>,
+        event_idx: bool,
+    ) -> Res<Vq> {
         let max = match self {
             Transport::Pci(p) => {
                 let n = p.r16(common::NUM_QUEUES);
@@ -746,9 +760,9 @@ impl Transport {
             crate::fail!("queue {index} is not available (maximum size 0)");
         }
         // The largest power of two the device and our memory allow.
-        let cap = max.min(QMAX as u16);
+        let cap = max.min(mem.capacity() as u16);
         let size = 1u16 << (15 - cap.leading_zeros());
-        let mut vq = Vq::claim(index, size, event_idx)?;
+        let mut vq = Vq::claim(mem, index, size, event_idx)?;
         vq.max = max;
         let (desc, driver, device) = (vq.desc_addr(), vq.avail_addr(), vq.used_addr());
         match self {
@@ -847,6 +861,66 @@ struct Shared(UnsafeCell<VqMem>);
 // that holds the claim (`VQ_CLAIMED`), and by the device.
 unsafe impl Sync for Shared {}
 
+/// Largest queue the small ring area holds.
+pub const QMAX_SMALL: usize = 64;
+/// The small area's layout in its one page: descriptor table (64 x 16
+/// bytes), then the avail ring (4 + 2 x 64 + 2 bytes), then the used ring
+/// (4 + 8 x 64 + 2 bytes).
+const SMALL_AVAIL: u64 = 1024;
+const SMALL_USED: u64 = 2048;
+
+/// The rings of a second queue (no indirect area, no pools), one page.
+#[repr(C, align(4096))]
+struct SmallMem([u8; 4096]);
+
+struct SmallShared(UnsafeCell<SmallMem>);
+
+// SAFETY: as `Shared`, with `SMALL_CLAIMED`.
+unsafe impl Sync for SmallShared {}
+
+static SMALL_MEM: SmallShared = SmallShared(UnsafeCell::new(SmallMem([0; 4096])));
+static SMALL_CLAIMED: AtomicBool = AtomicBool::new(false);
+
+/// Where a virtqueue's rings live.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum QueueMem {
+    /// Rings of up to `QMAX` entries, the indirect area and the two buffer
+    /// pools.
+    Main,
+    /// Rings only, of up to `QMAX_SMALL` entries (for a second queue).
+    Small,
+}
+
+impl QueueMem {
+    /// Largest queue the area holds.
+    pub fn capacity(self) -> usize {
+        match self {
+            QueueMem::Main => QMAX,
+            QueueMem::Small => QMAX_SMALL,
+        }
+    }
+    fn claim_flag(self) -> &'static AtomicBool {
+        match self {
+            QueueMem::Main => &VQ_CLAIMED,
+            QueueMem::Small => &SMALL_CLAIMED,
+        }
+    }
+    /// Addresses of the descriptor table, avail ring and used ring, and the
+    /// bytes the three span.
+    fn rings(self) -> (u64, u64, u64, usize) {
+        match self {
+            QueueMem::Main => {
+                let b = VQ_MEM.0.get() as u64;
+                (b, b + 4096, b + 2 * 4096, 3 * 4096)
+            }
+            QueueMem::Small => {
+                let b = SMALL_MEM.0.get() as u64;
+                (b, b + SMALL_AVAIL, b + SMALL_USED, 4096)
+            }
+        }
+    }
+}
+
 static VQ_MEM: Shared = Shared(UnsafeCell::new(VqMem {
     desc: [0; 4096],
     avail: [0; 4096],
@@ -874,6 +948,11 @@ pub struct Vq {
     pub max: u16,
     pub event_idx: bool,
     notify_addr: u64,
+    /// Which ring area the queue claimed.
+    pub area: QueueMem,
+    desc: u64,
+    avail: u64,
+    used: u64,
     mem: *mut VqMem,
     free: [u16; QMAX],
     nfree: usize,
@@ -890,7 +969,7 @@ pub struct Vq {
 
 impl Drop for Vq {
     fn drop(&mut self) {
-        VQ_CLAIMED.store(false, Ordering::Release);
+        self.area.claim_flag().store(false, Ordering::Release);
     }
 }
 
@@ -901,15 +980,19 @@ pub fn need_event(event: u16, new: u16, old: u16) -> bool {
 }
 
 impl Vq {
-    fn claim(index: u16, size: u16, event_idx: bool) -> Res<Vq> {
-        if VQ_CLAIMED.swap(true, Ordering::AcqRel) {
-            crate::fail!("the virtqueue memory is already in use");
+    fn claim(area: QueueMem, index: u16, size: u16, event_idx: bool) -> Res<Vq> {
+        if usize::from(size) > area.capacity() {
+            crate::fail!("queue {index}: {size} entries do not fit the {area:?} ring area");
         }
-        let mem = VQ_MEM.0.get();
+        if area.claim_flag().swap(true, Ordering::AcqRel) {
+            crate::fail!("the {area:?} virtqueue memory is already in use");
+        }
+        let (desc, avail, used, span) = area.rings();
         // SAFETY: we hold the claim, so nothing else (the device included:
-        // the queue is not enabled yet) uses the rings; zero all three.
+        // the queue is not enabled yet) uses the rings; zero all three
+        // (`span` bytes of the claimed static from `desc`).
         unsafe {
-            core::ptr::write_bytes((&raw mut (*mem).desc).cast::<u8>(), 0, 3 * 4096);
+            core::ptr::write_bytes(desc as *mut u8, 0, span);
         }
         let mut free = [0u16; QMAX];
         for (i, f) in free.iter_mut().enumerate().take(usize::from(size)) {
@@ -922,7 +1005,11 @@ impl Vq {
             max: 0,
             event_idx,
             notify_addr: 0,
-            mem,
+            area,
+            desc,
+            avail,
+            used,
+            mem: VQ_MEM.0.get(),
             free,
             nfree: usize::from(size),
             busy: [false; QMAX],
@@ -934,17 +1021,24 @@ impl Vq {
         })
     }
 
+    /// The main area's base; only a queue in it has the indirect area
+    /// and the pools.
     fn base(&self) -> u64 {
+        assert!(
+            self.area == QueueMem::Main,
+            "queue {}: the small ring area has no indirect area or pools",
+            self.index
+        );
         self.mem as u64
     }
     pub fn desc_addr(&self) -> u64 {
-        self.base()
+        self.desc
     }
     pub fn avail_addr(&self) -> u64 {
-        self.base() + 4096
+        self.avail
     }
     pub fn used_addr(&self) -> u64 {
-        self.base() + 2 * 4096
+        self.used
     }
     pub fn indirect_addr(&self) -> u64 {
         self.base() + 3 * 4096

@@ -1,6 +1,7 @@
 //! virtio-blk end to end with the test guest (crates/keel-test-guest, scenarios `blk`,
-//! `blk-ro` and `blk-bench`): under QEMU (the peer; virtio-blk-pci and virtio-blk-device)
-//! and under keel (`--disk`, virtio-pci and `--transport mmio`), on raw and qcow2 images.
+//! `blk-ro`, `blk-bench` and `blk-mq`): under QEMU (the peer; virtio-blk-pci and
+//! virtio-blk-device) and under keel (`--disk`, virtio-pci and `--transport mmio`), on raw
+//! and qcow2 images.
 //!
 //! Every image starts as `initial_byte` everywhere. After `blk` passes, the image must hold
 //! exactly the content the guest's README documents (`final_byte`): `qemu-img check` finds
@@ -387,4 +388,149 @@ fn blk_bench_runs_every_row_under_keel() {
     let out = keel_blk("keel.test=blk-bench keel.blk_n=300", &opts, false);
     assert_pass(&out, "blk-bench", 0);
     assert_bench_rows(&out, 300);
+}
+
+// ---------------------------------------------------------------------
+// blk-mq: queues 0 and 1 of a multi-queue device at once.
+
+/// `blk-mq` writes blocks 0-511 (the first 2 MiB): the even ones through queue 0, the odd
+/// ones through queue 1, then reads every block back through the other queue.
+const MQ_BLOCKS: usize = 512;
+const SECTOR: usize = 512;
+
+/// Every byte of 512-byte sector `s` of the first 2 MiB after `blk-mq`
+/// (crates/keel-test-guest/README.md, "blk-mq"): `s % 251 + 1`.
+fn mq_byte(s: usize) -> u8 {
+    (s % 251 + 1) as u8
+}
+
+/// An image holding `initial_byte` and a raw reference of what `blk-mq` leaves: the
+/// sector pattern over the first 2 MiB, the rest untouched.
+fn mq_disk(tag: &str) -> Disk {
+    let disk = Disk::new(tag, "raw", initial_byte, initial_byte);
+    let mut data = vec![0u8; DISK_BYTES];
+    for (b, block) in data.chunks_mut(BLOCK).enumerate() {
+        block.fill(initial_byte(b));
+    }
+    for (sector, bytes) in data[..MQ_BLOCKS * BLOCK].chunks_mut(SECTOR).enumerate() {
+        bytes.fill(mq_byte(sector));
+    }
+    std::fs::write(&disk.reference, data).expect("write the blk-mq reference");
+    disk
+}
+
+/// What `blk-mq` prints whatever the VMM and transport.
+const BLK_MQ_LINES: &[&str] = &[
+    "capacity 32768 sectors (16 MiB), blk_size 512,",
+    "queue 1: 64 entries",
+    "wrote blocks 0-511: the even ones through queue 0 (256 requests, at most 16 in flight), the odd ones through queue 1 (256 requests, at most 16 in flight); at most 32 in flight on both together$",
+    "2 queues; queue 0: 512 requests, queue 1: 512 requests, at most 16 and 16 in flight at once$",
+    "every block read back through the other queue$",
+    "reset: status reads 0",
+];
+
+/// The lines that differ by transport: each queue's own MSI-X vector, or the one line.
+fn mq_transport_lines(mmio: bool) -> &'static [&'static str] {
+    if mmio {
+        &[
+            "queue 0 interrupt arrived when asked for (vector 0x52)$",
+            "queue 1 interrupt arrived when asked for (vector 0x52)$",
+        ]
+    } else {
+        &[
+            "MSI-X entry 2 -> vector 0x53 (queue 1)$",
+            "queue 0 interrupt arrived when asked for (vector 0x51)$",
+            "queue 1 interrupt arrived when asked for (vector 0x53)$",
+        ]
+    }
+}
+
+fn assert_mq_lines(out: &Outcome, mmio: bool) {
+    assert_lines(out, "blk-mq", BLK_MQ_LINES);
+    assert_lines(out, "blk-mq", mq_transport_lines(mmio));
+    // The num_queues field shows in the configuration line.
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("keel-test: blk-mq: capacity ")
+                && l.trim_end().ends_with(", num_queues 2")),
+        "num_queues 2 missing in:\n{}",
+        out.stdout
+    );
+}
+
+fn keel_blk_mq_case(mmio: bool) {
+    let disk = mq_disk("blk-mq-keel");
+    let opts = format!("path={},format=raw,queues=2", s(&disk.image));
+    let out = keel_blk("keel.test=blk-mq", &opts, mmio);
+    assert_pass(&out, "blk-mq", 0);
+    assert_mq_lines(&out, mmio);
+    disk.assert_content();
+}
+
+#[test]
+fn blk_mq_passes_under_keel_virtio_pci() {
+    require_kvm!();
+    keel_blk_mq_case(false);
+}
+
+#[test]
+fn blk_mq_passes_under_keel_virtio_mmio() {
+    require_kvm!();
+    keel_blk_mq_case(true);
+}
+
+fn qemu_blk_mq_case(mmio: bool) {
+    let disk = mq_disk("blk-mq-qemu");
+    let drive = format!(
+        "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
+        s(&disk.image)
+    );
+    let (machine, device) = if mmio {
+        (
+            "microvm,acpi=off",
+            "virtio-blk-device,drive=d0,num-queues=2",
+        )
+    } else {
+        ("microvm,pcie=on", "virtio-blk-pci,drive=d0,num-queues=2")
+    };
+    let mut extra = vec!["-drive", drive.as_str(), "-device", device];
+    if mmio {
+        extra.extend(["-global", "virtio-mmio.force-legacy=false"]);
+    }
+    let out = support::qemu_guest_cmdline("keel.test=blk-mq", machine, 1, true, &extra, LIMIT);
+    assert_pass(&out, "blk-mq", 1);
+    assert_mq_lines(&out, mmio);
+    disk.assert_content();
+}
+
+#[test]
+fn blk_mq_passes_under_qemu_virtio_pci() {
+    require_kvm!();
+    qemu_blk_mq_case(false);
+}
+
+#[test]
+fn blk_mq_passes_under_qemu_virtio_mmio() {
+    require_kvm!();
+    qemu_blk_mq_case(true);
+}
+
+/// Without MQ (one queue), `blk-mq` fails and says why.
+#[test]
+fn blk_mq_fails_clearly_without_mq_under_keel() {
+    require_kvm!();
+    let disk = Disk::new("blk-mq-1q", "raw", initial_byte, initial_byte);
+    let opts = format!("path={},format=raw", s(&disk.image));
+    let out = keel_blk("keel.test=blk-mq", &opts, false);
+    let v = support::verdict(&out);
+    assert!(
+        v.len() == 1
+            && v[0]
+                .starts_with("keel-test: FAIL blk-mq: the device does not offer VIRTIO_BLK_F_MQ"),
+        "verdict {v:?} in:\n{}",
+        out.stdout
+    );
+    assert_eq!(out.code(), Some(1), "stdout:\n{}", out.stdout);
+    disk.assert_content();
 }
