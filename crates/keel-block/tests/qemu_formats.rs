@@ -123,6 +123,18 @@ fn qemu_convert_compressed(src: &Path, dst: &Path, opts: &str) {
     );
 }
 
+/// keel writes `n` random requests into the qcow2 image `q` and its raw mirror; then
+/// `qemu-img check` is clean and the two compare equal.
+fn keel_writes_then_qemu_agrees(q: &Path, mirror: &Path, seed: u64, n: usize) {
+    {
+        let img = open_image(q, false);
+        random_writes(img.backend(), mirror, &mut Rng(seed), n);
+        img.close().unwrap();
+    }
+    assert_qemu_clean(q);
+    assert_same(q, "qcow2", mirror, "raw");
+}
+
 #[test]
 fn qemu_compressed_images_read_exactly() {
     require_qemu();
@@ -241,13 +253,7 @@ fn keel_compressed_images_pass_qemu_check_and_compare() {
                     .unwrap(),
             ],
         );
-        {
-            let img = open_image(&q, false);
-            random_writes(img.backend(), &mirror, &mut Rng(99), 30);
-            img.close().unwrap();
-        }
-        assert_qemu_clean(&q);
-        assert_same(&q, "qcow2", &mirror, "raw");
+        keel_writes_then_qemu_agrees(&q, &mirror, 99, 30);
     }
 }
 
@@ -667,13 +673,7 @@ fn extended_l2_images_read_and_write_both_ways() {
         assert!(info.contains("extended l2: true"), "{info}");
         let kr = dir.path().join(format!("k{cs}.raw"));
         ok("qemu-img", &["convert", "-O", "raw", p(&base), p(&kr)]);
-        {
-            let img = open_image(&k, false);
-            random_writes(img.backend(), &kr, &mut Rng(41), 60);
-            img.close().unwrap();
-        }
-        assert_qemu_clean(&k);
-        assert_same(&k, "qcow2", &kr, "raw");
+        keel_writes_then_qemu_agrees(&k, &kr, 41, 60);
     }
 }
 

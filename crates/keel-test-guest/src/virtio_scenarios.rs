@@ -674,10 +674,21 @@ pub fn scenario_mmio(boot: &BootInfo, acpi: &Acpi) -> Outcome {
             s.words
         );
     };
+    over_mmio(name, acpi, m, echo)
+}
+
+/// Runs `body` on the virtio-mmio device `m`: described, its interrupt routed through the
+/// IOAPIC for the run and masked again afterwards.
+fn over_mmio(
+    name: &'static str,
+    acpi: &Acpi,
+    m: MmioTransport,
+    body: fn(&Ctx) -> Outcome,
+) -> Outcome {
     describe_mmio(name, &m);
     let (ioapic, pin) = route_mmio(name, acpi, &m)?;
     let t = Transport::Mmio(m);
-    let r = echo(&Ctx {
+    let r = body(&Ctx {
         name,
         t: &t,
         irqs: Irqs::Mmio,
@@ -950,16 +961,7 @@ pub fn scenario_rng(boot: &BootInfo, acpi: &Acpi) -> Outcome {
             s.words
         );
     };
-    describe_mmio(name, &m);
-    let (ioapic, pin) = route_mmio(name, acpi, &m)?;
-    let t = Transport::Mmio(m);
-    let r = rng(&Ctx {
-        name,
-        t: &t,
-        irqs: Irqs::Mmio,
-    });
-    irq::mask_pin(ioapic, pin);
-    r
+    over_mmio(name, acpi, m, rng)
 }
 
 const RNG_BYTES: usize = 64;

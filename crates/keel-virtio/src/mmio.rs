@@ -25,31 +25,55 @@ pub const VENDOR_ID: u32 = 0x4c45_454b;
 const INT_USED: u32 = 1;
 const INT_CONFIG: u32 = 2;
 
-/// Register offsets.
-mod reg {
+/// Register offsets of the virtio-mmio version 2 register file (virtio 1.2 section 4.2.2).
+pub mod reg {
+    /// `MAGIC` (offset 0x000).
     pub const MAGIC: u64 = 0x000;
+    /// `VERSION` (offset 0x004).
     pub const VERSION: u64 = 0x004;
+    /// `DEVICE_ID` (offset 0x008).
     pub const DEVICE_ID: u64 = 0x008;
+    /// `VENDOR_ID` (offset 0x00c).
     pub const VENDOR_ID: u64 = 0x00c;
+    /// `DEVICE_FEATURES` (offset 0x010).
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// `DEVICE_FEATURES_SEL` (offset 0x014).
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// `DRIVER_FEATURES` (offset 0x020).
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// `DRIVER_FEATURES_SEL` (offset 0x024).
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// `QUEUE_SEL` (offset 0x030).
     pub const QUEUE_SEL: u64 = 0x030;
+    /// `QUEUE_NUM_MAX` (offset 0x034).
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// `QUEUE_NUM` (offset 0x038).
     pub const QUEUE_NUM: u64 = 0x038;
+    /// `QUEUE_READY` (offset 0x044).
     pub const QUEUE_READY: u64 = 0x044;
+    /// `QUEUE_NOTIFY` (offset 0x050).
     pub const QUEUE_NOTIFY: u64 = 0x050;
+    /// `INTERRUPT_STATUS` (offset 0x060).
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// `INTERRUPT_ACK` (offset 0x064).
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// `STATUS` (offset 0x070).
     pub const STATUS: u64 = 0x070;
+    /// `QUEUE_DESC_LOW` (offset 0x080).
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// `QUEUE_DESC_HIGH` (offset 0x084).
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// `QUEUE_DRIVER_LOW` (offset 0x090).
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// `QUEUE_DRIVER_HIGH` (offset 0x094).
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// `QUEUE_DEVICE_LOW` (offset 0x0a0).
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// `QUEUE_DEVICE_HIGH` (offset 0x0a4).
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// `CONFIG_GENERATION` (offset 0x0fc).
     pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// `CONFIG` (offset 0x100).
     pub const CONFIG: u64 = 0x100;
 }
 

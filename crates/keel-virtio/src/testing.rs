@@ -231,54 +231,7 @@ pub struct MmioDriver {
 }
 
 /// virtio-mmio register offsets.
-pub mod mmio_reg {
-    /// Register `MAGIC`.
-    pub const MAGIC: u64 = 0x000;
-    /// Register `VERSION`.
-    pub const VERSION: u64 = 0x004;
-    /// Register `DEVICE_ID`.
-    pub const DEVICE_ID: u64 = 0x008;
-    /// Register `DEVICE_FEATURES`.
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    /// Register `DEVICE_FEATURES_SEL`.
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    /// Register `DRIVER_FEATURES`.
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    /// Register `DRIVER_FEATURES_SEL`.
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    /// Register `QUEUE_SEL`.
-    pub const QUEUE_SEL: u64 = 0x030;
-    /// Register `QUEUE_NUM_MAX`.
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    /// Register `QUEUE_NUM`.
-    pub const QUEUE_NUM: u64 = 0x038;
-    /// Register `QUEUE_READY`.
-    pub const QUEUE_READY: u64 = 0x044;
-    /// Register `QUEUE_NOTIFY`.
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    /// Register `INTERRUPT_STATUS`.
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    /// Register `INTERRUPT_ACK`.
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    /// Register `STATUS`.
-    pub const STATUS: u64 = 0x070;
-    /// Register `QUEUE_DESC_LOW`.
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    /// Register `QUEUE_DESC_HIGH`.
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    /// Register `QUEUE_DRIVER_LOW`.
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    /// Register `QUEUE_DRIVER_HIGH`.
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    /// Register `QUEUE_DEVICE_LOW`.
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    /// Register `QUEUE_DEVICE_HIGH`.
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    /// Register `CONFIG_GENERATION`.
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    /// Register `CONFIG`.
-    pub const CONFIG: u64 = 0x100;
-}
+pub use crate::mmio::reg as mmio_reg;
 
 impl MmioDriver {
     /// Where the device sits.

@@ -483,10 +483,19 @@ impl Meta {
         f: &dyn BlockBackend,
         guest: u64,
     ) -> Result<Option<usize>> {
+        let Some((l1i, e)) = self.l1_entry(f, guest)? else {
+            return Ok(None);
+        };
+        let off = self.check_l2_offset(f, l1i, e)?;
+        self.l2_slot(f, off).map(Some)
+    }
+
+    /// The L1 index and entry for a guest offset, `None` past the table or where the
+    /// entry points at no L2 table.
+    fn l1_entry(&mut self, f: &dyn BlockBackend, guest: u64) -> Result<Option<(usize, u64)>> {
         let (l1i, _) = self.split(guest);
-        let e = match self.l1.get(l1i) {
-            Some(&e) => e,
-            None => return Ok(None),
+        let Some(&e) = self.l1.get(l1i) else {
+            return Ok(None);
         };
         if e & OFFSET_MASK == 0 {
             if e & L1_RESERVED != 0 {
@@ -494,8 +503,7 @@ impl Meta {
             }
             return Ok(None);
         }
-        let off = self.check_l2_offset(f, l1i, e)?;
-        self.l2_slot(f, off).map(Some)
+        Ok(Some((l1i, e)))
     }
 
     /// The L2 slot for a guest offset, allocating the table if needed.
@@ -538,18 +546,10 @@ impl Meta {
         f: &dyn BlockBackend,
         guest: u64,
     ) -> Result<Option<usize>> {
-        let (l1i, _) = self.split(guest);
-        let e = match self.l1.get(l1i) {
-            Some(&e) => e,
-            None => return Ok(None),
-        };
-        if e & OFFSET_MASK == 0 {
-            if e & L1_RESERVED != 0 {
-                return Err(self.corrupt(f, format!("L1 entry {l1i} ({e:#x}) is invalid")));
-            }
-            return Ok(None);
+        match self.l1_entry(f, guest)? {
+            Some((l1i, e)) => self.l2_writable(f, l1i, e).map(Some),
+            None => Ok(None),
         }
-        self.l2_writable(f, l1i, e).map(Some)
     }
 
     /// Makes the existing L2 table of L1 entry `l1i` (value `e`) writable:
