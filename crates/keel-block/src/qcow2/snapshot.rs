@@ -179,17 +179,18 @@ fn local_time(secs: u32) -> String {
     )
 }
 
-/// The listing `qemu-img snapshot -l` prints, line for line.
+/// The listing `qemu-img snapshot -l` prints, line for line, in the layout of current
+/// QEMU (10.x: `VM_SIZE`, `VM_CLOCK` with four-digit hours).
 pub fn listing(snaps: &[Snapshot]) -> String {
     let mut s = String::from("Snapshot list:\n");
     s.push_str(&format!(
-        "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}\n",
-        "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
     ));
     for sn in snaps {
         let secs = sn.vm_clock_nsec / 1_000_000_000;
         let clock = format!(
-            "{:02}:{:02}:{:02}.{:03}",
+            "{:04}:{:02}:{:02}.{:03}",
             secs / 3600,
             (secs / 60) % 60,
             secs % 60,
@@ -197,7 +198,7 @@ pub fn listing(snaps: &[Snapshot]) -> String {
         );
         let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
         s.push_str(&format!(
-            "{:<9} {:<16} {:>8}{:>20}{:>13}{:>11}\n",
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
             sn.id,
             sn.name,
             size_str(sn.vm_state_size),
