@@ -6,13 +6,17 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use keel_memory::GuestMemoryMmap;
+use virtio_bindings::{virtio_config, virtio_ring};
 
-/// Feature bit: the device conforms to virtio 1.0 or later. Required of every driver here.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Feature bit: descriptors may point at indirect tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// Feature bit: used/avail event indices suppress notifications.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Feature mask of [`virtio_config::VIRTIO_F_VERSION_1`]: the device conforms to virtio 1.0
+/// or later. Required of every driver here.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+/// Feature mask of [`virtio_ring::VIRTIO_RING_F_INDIRECT_DESC`]: descriptors may point at
+/// indirect tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// Feature mask of [`virtio_ring::VIRTIO_RING_F_EVENT_IDX`]: used/avail event indices
+/// suppress notifications.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Which interrupt a device raises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +107,7 @@ pub struct ActivateContext {
 
 /// A virtio device model, independent of the transport that carries it.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (1 net, 2 block, 5 balloon, ...).
+    /// The virtio device ID (`virtio_bindings::virtio_ids`: 1 net, 2 block, 5 balloon, ...).
     fn device_type(&self) -> u32;
     /// Features offered; [`VIRTIO_F_VERSION_1`] is added by the transport if missing.
     fn features(&self) -> u64;

@@ -21,7 +21,8 @@ use crate::device::{
 };
 use crate::worker::{drain_queue, QueueWorker};
 
-/// The echo device's virtio device type.
+/// The echo device's virtio device type: a project-local ID, not in
+/// `virtio_bindings::virtio_ids` (virtio 1.2 section 5 assigns none to 0x3f).
 pub const ECHO_DEVICE_TYPE: u32 = 0x3f;
 /// The value of the configuration's `magic` field ("ECHO").
 pub const ECHO_MAGIC: u32 = 0x4f48_4345;

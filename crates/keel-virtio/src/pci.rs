@@ -29,18 +29,112 @@ use keel_pci::config::{cap_id, ConfigSpace};
 use keel_pci::function::FunctionError;
 use keel_pci::{MsixLayout, PciDevice, PciFunction};
 
+use virtio_bindings::virtio_ids;
+
 use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
 use crate::state::{set_high, set_low, StateError, VirtioState};
 
-/// PCI vendor ID of virtio devices.
+// virtio-bindings 0.2 has no virtio_pci module: the PCI transport's constants are written
+// here, each citing the virtio 1.2 section that defines it.
+
+/// PCI vendor ID of virtio devices (virtio 1.2 section 4.1.2).
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
-/// Modern virtio-pci device IDs are this plus the virtio device type.
+/// Modern virtio-pci device IDs are this plus the virtio device type (virtio 1.2 section
+/// 4.1.2).
 pub const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
-/// "No MSI-X vector" in the vector registers.
+/// The PCI subsystem ID of non-transitional devices: 0x40 or higher (virtio 1.2 section
+/// 4.1.2.1).
+const VIRTIO_PCI_SUBSYSTEM_ID: u16 = 0x40;
+/// "No MSI-X vector" in the vector registers (`VIRTIO_MSI_NO_VECTOR`, virtio 1.2 section
+/// 4.1.5.1.2).
 pub const NO_VECTOR: u16 = 0xffff;
+
+/// `cfg_type` of the virtio vendor capabilities (`VIRTIO_PCI_CAP_*`, virtio 1.2 section
+/// 4.1.4).
+pub mod cap_type {
+    /// Common configuration.
+    pub const COMMON_CFG: u8 = 1;
+    /// Notifications.
+    pub const NOTIFY_CFG: u8 = 2;
+    /// ISR status.
+    pub const ISR_CFG: u8 = 3;
+    /// Device-specific configuration.
+    pub const DEVICE_CFG: u8 = 4;
+    /// PCI configuration access.
+    pub const PCI_CFG: u8 = 5;
+}
+
+/// Byte offsets of the fields of a virtio vendor capability from its start (`struct
+/// virtio_pci_cap` and its extensions, virtio 1.2 sections 4.1.4, 4.1.4.4 and 4.1.4.9).
+pub mod cap_field {
+    /// `cap_len` (u8).
+    pub const CAP_LEN: usize = 2;
+    /// `cfg_type` (u8), one of [`super::cap_type`].
+    pub const CFG_TYPE: usize = 3;
+    /// `bar` (u8).
+    pub const BAR: usize = 4;
+    /// `offset` within the BAR (le32).
+    pub const OFFSET: usize = 8;
+    /// `length` of the structure (le32).
+    pub const LENGTH: usize = 12;
+    /// `notify_off_multiplier` (le32) of the notification capability.
+    pub const NOTIFY_OFF_MULTIPLIER: usize = 16;
+    /// `pci_cfg_data` (4 bytes) of the PCI configuration access capability.
+    pub const PCI_CFG_DATA: usize = 16;
+}
+
+/// Offsets of the fields of the common configuration structure (`struct
+/// virtio_pci_common_cfg`, virtio 1.2 section 4.1.4.3).
+pub mod common_cfg {
+    /// `device_feature_select` (le32).
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    /// `device_feature` (le32).
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    /// `driver_feature_select` (le32).
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    /// `driver_feature` (le32).
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    /// `config_msix_vector` (le16).
+    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    /// `num_queues` (le16).
+    pub const NUM_QUEUES: u64 = 0x12;
+    /// `device_status` (u8).
+    pub const DEVICE_STATUS: u64 = 0x14;
+    /// `config_generation` (u8).
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    /// `queue_select` (le16).
+    pub const QUEUE_SELECT: u64 = 0x16;
+    /// `queue_size` (le16).
+    pub const QUEUE_SIZE: u64 = 0x18;
+    /// `queue_msix_vector` (le16).
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    /// `queue_enable` (le16).
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    /// `queue_notify_off` (le16).
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    /// `queue_desc` (le64, written as two le32 halves, low first).
+    pub const QUEUE_DESC: u64 = 0x20;
+    /// `queue_driver` (le64): the available ring.
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    /// `queue_device` (le64): the used ring.
+    pub const QUEUE_DEVICE: u64 = 0x30;
+    /// `queue_notify_data` (le16).
+    pub const QUEUE_NOTIFY_DATA: u64 = 0x38;
+    /// `queue_reset` (le16).
+    pub const QUEUE_RESET: u64 = 0x3a;
+}
+
+/// Bits of the ISR status byte (virtio 1.2 section 4.1.4.5).
+pub mod isr {
+    /// Buffers were used on a queue.
+    pub const QUEUE: u8 = 1;
+    /// The device configuration changed.
+    pub const CONFIG: u8 = 2;
+}
 
 const BAR_SIZE: u64 = 0x8000;
 const COMMON: u64 = 0x0000;
+/// The window given to the common configuration structure (0x3c bytes), rounded up.
 const COMMON_LEN: u64 = 0x40;
 const ISR: u64 = 0x1000;
 const DEVICE_CFG: u64 = 0x2000;
@@ -49,14 +143,6 @@ const NOTIFY: u64 = 0x3000;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE: u32 = 0x4000;
 const MSIX_PBA: u32 = 0x5000;
-
-const CAP_COMMON: u8 = 1;
-const CAP_NOTIFY: u8 = 2;
-const CAP_ISR: u8 = 3;
-const CAP_DEVICE: u8 = 4;
-const CAP_PCI_CFG: u8 = 5;
-/// Offset of `pci_cfg_data` in the PCI configuration access capability.
-const PCI_CFG_DATA: usize = 16;
 
 /// Errors from building a virtio-pci function.
 #[derive(Debug, thiserror::Error)]
@@ -109,12 +195,12 @@ impl VirtioInterrupt for PciInterrupt {
     fn trigger(&self, kind: InterruptKind) -> Result<(), InterruptError> {
         let (bit, vector) = match kind {
             InterruptKind::Queue(i) => (
-                1,
+                isr::QUEUE,
                 self.queue_vectors
                     .get(usize::from(i))
                     .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst)),
             ),
-            InterruptKind::Config => (2, self.config_vector.load(Ordering::SeqCst)),
+            InterruptKind::Config => (isr::CONFIG, self.config_vector.load(Ordering::SeqCst)),
         };
         self.isr.fetch_or(bit, Ordering::SeqCst);
         if vector == NO_VECTOR {
@@ -165,29 +251,40 @@ enum Field {
 }
 
 /// (offset, size, field) of every common configuration field.
-const FIELDS: &[(usize, usize, Field)] = &[
-    (0x00, 4, Field::DeviceFeatureSelect),
-    (0x04, 4, Field::DeviceFeature),
-    (0x08, 4, Field::DriverFeatureSelect),
-    (0x0c, 4, Field::DriverFeature),
-    (0x10, 2, Field::ConfigMsixVector),
-    (0x12, 2, Field::NumQueues),
-    (0x14, 1, Field::DeviceStatus),
-    (0x15, 1, Field::ConfigGeneration),
-    (0x16, 2, Field::QueueSelect),
-    (0x18, 2, Field::QueueSize),
-    (0x1a, 2, Field::QueueMsixVector),
-    (0x1c, 2, Field::QueueEnable),
-    (0x1e, 2, Field::QueueNotifyOff),
-    (0x20, 4, Field::QueueDescLo),
-    (0x24, 4, Field::QueueDescHi),
-    (0x28, 4, Field::QueueDriverLo),
-    (0x2c, 4, Field::QueueDriverHi),
-    (0x30, 4, Field::QueueDeviceLo),
-    (0x34, 4, Field::QueueDeviceHi),
-    (0x38, 2, Field::QueueNotifyData),
-    (0x3a, 2, Field::QueueReset),
-];
+const FIELDS: &[(usize, usize, Field)] = {
+    use common_cfg as c;
+    &[
+        (
+            c::DEVICE_FEATURE_SELECT as usize,
+            4,
+            Field::DeviceFeatureSelect,
+        ),
+        (c::DEVICE_FEATURE as usize, 4, Field::DeviceFeature),
+        (
+            c::DRIVER_FEATURE_SELECT as usize,
+            4,
+            Field::DriverFeatureSelect,
+        ),
+        (c::DRIVER_FEATURE as usize, 4, Field::DriverFeature),
+        (c::CONFIG_MSIX_VECTOR as usize, 2, Field::ConfigMsixVector),
+        (c::NUM_QUEUES as usize, 2, Field::NumQueues),
+        (c::DEVICE_STATUS as usize, 1, Field::DeviceStatus),
+        (c::CONFIG_GENERATION as usize, 1, Field::ConfigGeneration),
+        (c::QUEUE_SELECT as usize, 2, Field::QueueSelect),
+        (c::QUEUE_SIZE as usize, 2, Field::QueueSize),
+        (c::QUEUE_MSIX_VECTOR as usize, 2, Field::QueueMsixVector),
+        (c::QUEUE_ENABLE as usize, 2, Field::QueueEnable),
+        (c::QUEUE_NOTIFY_OFF as usize, 2, Field::QueueNotifyOff),
+        (c::QUEUE_DESC as usize, 4, Field::QueueDescLo),
+        (c::QUEUE_DESC as usize + 4, 4, Field::QueueDescHi),
+        (c::QUEUE_DRIVER as usize, 4, Field::QueueDriverLo),
+        (c::QUEUE_DRIVER as usize + 4, 4, Field::QueueDriverHi),
+        (c::QUEUE_DEVICE as usize, 4, Field::QueueDeviceLo),
+        (c::QUEUE_DEVICE as usize + 4, 4, Field::QueueDeviceHi),
+        (c::QUEUE_NOTIFY_DATA as usize, 2, Field::QueueNotifyData),
+        (c::QUEUE_RESET as usize, 2, Field::QueueReset),
+    ]
+};
 
 impl VirtioPci {
     fn field(&self, f: Field) -> u32 {
@@ -322,9 +419,9 @@ impl VirtioPci {
     /// and inside the BAR (virtio 1.2 section 4.1.4.9); other selections are ignored.
     fn pci_cfg_window(cfg: &ConfigSpace, cap: usize) -> Option<(u64, usize)> {
         let mut bar = [0u8; 1];
-        cfg.read(cap + 4, &mut bar);
-        let off = u64::from(cfg.read_u32(cap + 8));
-        let len = cfg.read_u32(cap + 12) as usize;
+        cfg.read(cap + cap_field::BAR, &mut bar);
+        let off = u64::from(cfg.read_u32(cap + cap_field::OFFSET));
+        let len = cfg.read_u32(cap + cap_field::LENGTH) as usize;
         (bar[0] == 0 && matches!(len, 1 | 2 | 4) && off % len as u64 == 0)
             .then_some((off, len))
             .filter(|&(o, l)| o + l as u64 <= BAR_SIZE)
@@ -379,7 +476,7 @@ impl PciDevice for VirtioPci {
 
     fn config_read(&mut self, cfg: &ConfigSpace, offset: usize, data: &mut [u8]) {
         let cap = self.pci_cfg.load(Ordering::Relaxed);
-        let field = cap + PCI_CFG_DATA;
+        let field = cap + cap_field::PCI_CFG_DATA;
         if cap == 0 || offset >= field + 4 || offset + data.len() <= field {
             return;
         }
@@ -397,7 +494,7 @@ impl PciDevice for VirtioPci {
 
     fn config_written(&mut self, cfg: &ConfigSpace, offset: usize, len: usize) {
         let cap = self.pci_cfg.load(Ordering::Relaxed);
-        let field = cap + PCI_CFG_DATA;
+        let field = cap + cap_field::PCI_CFG_DATA;
         if cap == 0 || offset >= field + 4 || offset + len <= field {
             return;
         }
@@ -448,8 +545,8 @@ fn vendor_cap(cfg_type: u8, offset: u32, length: u32, multiplier: Option<u32>) -
 /// "other".
 fn class_of(device_type: u32) -> (u8, u8) {
     match device_type {
-        1 => (0x02, 0x00),
-        2 => (0x01, 0x00),
+        virtio_ids::VIRTIO_ID_NET => (0x02, 0x00),
+        virtio_ids::VIRTIO_ID_BLOCK => (0x01, 0x00),
         _ => (0xff, 0x00),
     }
 }
@@ -486,7 +583,7 @@ pub fn virtio_pci_function(
         keel_pci::config::reg::SUBSYSTEM_VENDOR_ID,
         VIRTIO_PCI_VENDOR,
     );
-    cfg.set_u16(keel_pci::config::reg::SUBSYSTEM_ID, 0x40);
+    cfg.set_u16(keel_pci::config::reg::SUBSYSTEM_ID, VIRTIO_PCI_SUBSYSTEM_ID);
     let interrupt = Arc::new(PciInterrupt {
         msix: msix.clone(),
         config_vector: AtomicU16::new(NO_VECTOR),
@@ -515,15 +612,20 @@ pub fn virtio_pci_function(
             msix,
         )?;
     let caps = [
-        vendor_cap(CAP_COMMON, COMMON as u32, COMMON_LEN as u32, None),
+        vendor_cap(cap_type::COMMON_CFG, COMMON as u32, COMMON_LEN as u32, None),
         vendor_cap(
-            CAP_NOTIFY,
+            cap_type::NOTIFY_CFG,
             NOTIFY as u32,
             NOTIFY_MULTIPLIER * u32::from(nq.max(1)),
             Some(NOTIFY_MULTIPLIER),
         ),
-        vendor_cap(CAP_ISR, ISR as u32, 1, None),
-        vendor_cap(CAP_DEVICE, DEVICE_CFG as u32, DEVICE_CFG_LEN as u32, None),
+        vendor_cap(cap_type::ISR_CFG, ISR as u32, 1, None),
+        vendor_cap(
+            cap_type::DEVICE_CFG,
+            DEVICE_CFG as u32,
+            DEVICE_CFG_LEN as u32,
+            None,
+        ),
     ];
     for body in caps {
         let zeros = vec![0u8; body.len()];
@@ -531,11 +633,13 @@ pub fn virtio_pci_function(
     }
     // The PCI configuration access capability: cap.bar, cap.offset, cap.length and
     // pci_cfg_data are the driver's to write.
-    let mut body = vendor_cap(CAP_PCI_CFG, 0, 0, Some(0));
-    body[0] = (PCI_CFG_DATA + 4) as u8;
+    let mut body = vendor_cap(cap_type::PCI_CFG, 0, 0, Some(0));
+    body[0] = (cap_field::PCI_CFG_DATA + 4) as u8;
+    // The body starts after cap_vndr and cap_next.
+    let field = |f: usize| f - 2;
     let mut writable = vec![0u8; body.len()];
-    writable[2] = 0xff;
-    writable[6..18].fill(0xff);
+    writable[field(cap_field::BAR)] = 0xff;
+    writable[field(cap_field::OFFSET)..field(cap_field::PCI_CFG_DATA + 4)].fill(0xff);
     let at = f.add_capability(cap_id::VENDOR, &body, &writable)?;
     pci_cfg.store(at, Ordering::Relaxed);
     Ok(f)

@@ -15,20 +15,23 @@ use crate::device::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 
-/// Device status bits.
+/// Device status bits (virtio 1.2 section 2.1), as the 8-bit register holds them: the
+/// `VIRTIO_CONFIG_S_*` values of [`virtio_bindings::virtio_config`].
 pub mod status {
+    use virtio_bindings::virtio_config as c;
+
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u8 = 1;
+    pub const ACKNOWLEDGE: u8 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
     /// The guest knows how to drive it.
-    pub const DRIVER: u8 = 2;
+    pub const DRIVER: u8 = c::VIRTIO_CONFIG_S_DRIVER as u8;
     /// The driver is ready.
-    pub const DRIVER_OK: u8 = 4;
+    pub const DRIVER_OK: u8 = c::VIRTIO_CONFIG_S_DRIVER_OK as u8;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
+    pub const FEATURES_OK: u8 = c::VIRTIO_CONFIG_S_FEATURES_OK as u8;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    pub const DEVICE_NEEDS_RESET: u8 = c::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
     /// The guest gave up on the device.
-    pub const FAILED: u8 = 128;
+    pub const FAILED: u8 = c::VIRTIO_CONFIG_S_FAILED as u8;
 }
 
 /// One queue as the driver configured it through the transport. Registers read back what
