@@ -9,6 +9,7 @@ use keel_memory::SystemAllocator;
 use crate::bar::BarKind;
 use crate::config::ConfigSpace;
 use crate::function::{BarChange, PciDevice, PciFunction};
+use crate::report::Chain;
 
 /// Device slots on a bus.
 pub const DEVICES_PER_BUS: usize = 32;
@@ -19,6 +20,7 @@ pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 
 /// Errors from segment operations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SegmentError {
     /// Every device slot is taken.
     #[error("no free device slot on bus 0")]
@@ -45,9 +47,18 @@ pub enum SegmentError {
         #[source]
         source: keel_memory::AllocatorError,
     },
-    /// A bus rejected a range.
-    #[error(transparent)]
-    Bus(#[from] keel_bus::Error),
+    /// The PIO bus refused the CONFIG_ADDRESS/CONFIG_DATA ports.
+    #[error("cannot place the configuration ports 0xcf8-0xcff on the PIO bus")]
+    ConfigPorts(#[source] keel_bus::Error),
+    /// The MMIO bus refused the ECAM window.
+    #[error("cannot place the ECAM window at {base:#x} on the MMIO bus")]
+    Ecam {
+        /// Where the window was to go.
+        base: u64,
+        /// The bus's error.
+        #[source]
+        source: keel_bus::Error,
+    },
 }
 
 /// What the VMM publishes in the ACPI MCFG table for this segment.
@@ -179,14 +190,21 @@ impl PciSegment {
     /// through its BAR windows, and a strong link back would be a cycle): keep the
     /// `Arc<PciSegment>` alive for as long as the guest may access configuration space.
     pub fn attach_config_access(segment: &Arc<PciSegment>) -> Result<(), SegmentError> {
-        segment.pio.insert(
-            BusRange::new(CONFIG_IO_PORT, 8)?,
-            Arc::new(ConfigIo(Arc::downgrade(segment))),
-        )?;
-        segment.mmio.insert(
-            BusRange::new(segment.ecam_base, ECAM_BUS_SIZE)?,
-            Arc::new(Ecam(Arc::downgrade(segment))),
-        )?;
+        BusRange::new(CONFIG_IO_PORT, 8)
+            .and_then(|r| {
+                segment
+                    .pio
+                    .insert(r, Arc::new(ConfigIo(Arc::downgrade(segment))))
+            })
+            .map_err(SegmentError::ConfigPorts)?;
+        let base = segment.ecam_base;
+        BusRange::new(base, ECAM_BUS_SIZE)
+            .and_then(|r| {
+                segment
+                    .mmio
+                    .insert(r, Arc::new(Ecam(Arc::downgrade(segment))))
+            })
+            .map_err(|source| SegmentError::Ecam { base, source })?;
         Ok(())
     }
 
@@ -316,7 +334,12 @@ impl PciSegment {
                 self.move_range(&self.mmio, slot, ch, |w| w as Arc<dyn MmioDevice>)
             };
             if let Err(e) = result {
-                log::warn!("BAR {} cannot decode at {:#x?}: {e}", ch.bar, ch.new);
+                log::warn!(
+                    "BAR {} cannot decode at {:#x?}: {}",
+                    ch.bar,
+                    ch.new,
+                    Chain(&e)
+                );
                 f.mark_undecoded(ch.bar);
                 f.device_mut().bar_moved(ch.bar, ch.new, None);
             }

@@ -6,6 +6,8 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use keel_memory::GuestMemoryMmap;
+
+use crate::report::Chain;
 use virtio_bindings::{virtio_config, virtio_ring};
 
 /// Feature mask of [`virtio_config::VIRTIO_F_VERSION_1`]: the device conforms to virtio 1.0
@@ -60,7 +62,7 @@ impl NeedsReset {
     pub fn report(&self) {
         if !self.flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                log::warn!("virtio: cannot signal DEVICE_NEEDS_RESET: {e}");
+                log::warn!("virtio: cannot signal DEVICE_NEEDS_RESET: {}", Chain(&e));
             }
         }
     }
@@ -68,6 +70,7 @@ impl NeedsReset {
 
 /// Errors from activating a device.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ActivateError {
     /// The device needs a queue the driver did not enable.
     #[error("queue {0} is required but was not enabled")]
@@ -75,9 +78,15 @@ pub enum ActivateError {
     /// A worker thread could not be started.
     #[error("cannot start the device's worker")]
     Worker(#[source] std::io::Error),
-    /// Something else the device could not set up.
-    #[error("{0}")]
-    Other(String),
+    /// A step particular to the device failed (opening a backend, say).
+    #[error("cannot {step}")]
+    Device {
+        /// What the device was doing, as a verb phrase ("open the disk image").
+        step: &'static str,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// One queue handed to the device at activation.

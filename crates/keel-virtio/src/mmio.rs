@@ -14,6 +14,7 @@ use keel_memory::GuestMemoryMmap;
 use virtio_bindings::virtio_mmio;
 
 use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::report::Chain;
 use crate::state::{set_high, set_low, StateError, VirtioState};
 
 /// Size of the register window.
@@ -255,7 +256,7 @@ impl MmioDevice for VirtioMmio {
             if inner.state.write_config(offset - reg::CONFIG, data) {
                 drop(inner);
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::warn!("virtio-mmio: {e}");
+                    log::warn!("virtio-mmio: {}", Chain(&e));
                 }
             }
             return;

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use keel_bus::interrupt::{DataMatch, IoEventAddress, IoEventRegistrar, MsiGroup};
 use keel_memory::GuestMemoryMmap;
-use keel_pci::bar::{BarError, BarSpec};
+use keel_pci::bar::BarSpec;
 use keel_pci::config::{cap_id, ConfigSpace};
 use keel_pci::function::FunctionError;
 use keel_pci::{MsixLayout, PciDevice, PciFunction};
@@ -32,6 +32,7 @@ use keel_pci::{MsixLayout, PciDevice, PciFunction};
 use virtio_bindings::virtio_ids;
 
 use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::report::Chain;
 use crate::state::{set_high, set_low, StateError, VirtioState};
 
 // virtio-bindings 0.2 has no virtio_pci module: the PCI transport's constants are written
@@ -146,16 +147,26 @@ const MSIX_PBA: u32 = 0x5000;
 
 /// Errors from building a virtio-pci function.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PciTransportError {
     /// The virtio core could not be set up.
-    #[error(transparent)]
+    #[error("cannot set up the virtio device")]
     State(#[from] StateError),
-    /// The PCI function could not be built.
-    #[error(transparent)]
-    Function(#[from] FunctionError),
-    /// The BAR could not be described.
-    #[error(transparent)]
-    Bar(#[from] BarError),
+    /// BAR 0, which holds every structure, could not be defined.
+    #[error("cannot define BAR 0")]
+    Bar(#[source] FunctionError),
+    /// The MSI-X capability could not be added.
+    #[error("cannot add the MSI-X capability")]
+    Msix(#[source] FunctionError),
+    /// A virtio vendor capability could not be added.
+    #[error("cannot add the virtio capability of type {cfg_type}")]
+    Capability {
+        /// Its `cfg_type` (see [`cap_type`]).
+        cfg_type: u8,
+        /// Why.
+        #[source]
+        source: FunctionError,
+    },
     /// The interrupt group has fewer vectors than queues plus one.
     #[error("the MSI-X group has {have} vectors, {need} are needed")]
     Vectors {
@@ -457,7 +468,7 @@ impl PciDevice for VirtioPci {
                 && self.state.write_config(o - DEVICE_CFG, data) =>
             {
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::warn!("virtio-pci: {e}");
+                    log::warn!("virtio-pci: {}", Chain(&e));
                 }
             }
             o if o >= NOTIFY
@@ -516,12 +527,12 @@ impl PciDevice for VirtioPci {
             let evt = self.state.notifier(q).expect("one per queue");
             if let Some(n) = new {
                 if let Err(e) = reg.register(evt, Self::notify_addr(n, q), DataMatch::Any) {
-                    log::warn!("virtio-pci: queue {q} doorbell: {e}");
+                    log::warn!("virtio-pci: queue {q} doorbell: {}", Chain(&e));
                 }
             }
             if let Some(o) = old {
                 if let Err(e) = reg.unregister(evt, Self::notify_addr(o, q), DataMatch::Any) {
-                    log::warn!("virtio-pci: queue {q} doorbell: {e}");
+                    log::warn!("virtio-pci: queue {q} doorbell: {}", Chain(&e));
                 }
             }
         }
@@ -599,8 +610,10 @@ pub fn virtio_pci_function(
         driver_feature_select: 0,
         pci_cfg: pci_cfg.clone(),
     };
+    let bar = BarSpec::mem32(BAR_SIZE, false).map_err(|e| PciTransportError::Bar(e.into()))?;
     let mut f = PciFunction::new(cfg, Box::new(dev))
-        .with_bar(0, BarSpec::mem32(BAR_SIZE, false)?)?
+        .with_bar(0, bar)
+        .map_err(PciTransportError::Bar)?
         .with_msix(
             MsixLayout {
                 vectors: need as u16,
@@ -610,26 +623,29 @@ pub fn virtio_pci_function(
                 pba_offset: MSIX_PBA,
             },
             msix,
-        )?;
+        )
+        .map_err(PciTransportError::Msix)?;
     let caps = [
-        vendor_cap(cap_type::COMMON_CFG, COMMON as u32, COMMON_LEN as u32, None),
-        vendor_cap(
+        (cap_type::COMMON_CFG, COMMON, COMMON_LEN as u32, None),
+        (
             cap_type::NOTIFY_CFG,
-            NOTIFY as u32,
+            NOTIFY,
             NOTIFY_MULTIPLIER * u32::from(nq.max(1)),
             Some(NOTIFY_MULTIPLIER),
         ),
-        vendor_cap(cap_type::ISR_CFG, ISR as u32, 1, None),
-        vendor_cap(
+        (cap_type::ISR_CFG, ISR, 1, None),
+        (
             cap_type::DEVICE_CFG,
-            DEVICE_CFG as u32,
+            DEVICE_CFG,
             DEVICE_CFG_LEN as u32,
             None,
         ),
     ];
-    for body in caps {
+    for (cfg_type, offset, length, multiplier) in caps {
+        let body = vendor_cap(cfg_type, offset as u32, length, multiplier);
         let zeros = vec![0u8; body.len()];
-        f.add_capability(cap_id::VENDOR, &body, &zeros)?;
+        f.add_capability(cap_id::VENDOR, &body, &zeros)
+            .map_err(|source| PciTransportError::Capability { cfg_type, source })?;
     }
     // The PCI configuration access capability: cap.bar, cap.offset, cap.length and
     // pci_cfg_data are the driver's to write.
@@ -640,7 +656,12 @@ pub fn virtio_pci_function(
     let mut writable = vec![0u8; body.len()];
     writable[field(cap_field::BAR)] = 0xff;
     writable[field(cap_field::OFFSET)..field(cap_field::PCI_CFG_DATA + 4)].fill(0xff);
-    let at = f.add_capability(cap_id::VENDOR, &body, &writable)?;
+    let at = f
+        .add_capability(cap_id::VENDOR, &body, &writable)
+        .map_err(|source| PciTransportError::Capability {
+            cfg_type: cap_type::PCI_CFG,
+            source,
+        })?;
     pci_cfg.store(at, Ordering::Relaxed);
     Ok(f)
 }

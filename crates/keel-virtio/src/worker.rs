@@ -100,11 +100,12 @@ impl Drop for QueueWorker {
 
 /// Why draining a queue stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum QueueError {
     /// The ring itself is broken (an available index beyond the queue size, rings
     /// outside guest memory): the device needs a reset.
-    #[error("the virtqueue is broken: {0}")]
-    Broken(virtio_queue::Error),
+    #[error("the virtqueue is broken")]
+    Broken(#[source] virtio_queue::Error),
 }
 
 /// Handles every available chain with `f` (which returns the number of bytes it wrote to
