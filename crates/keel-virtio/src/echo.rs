@@ -1,5 +1,5 @@
 //! The echo device: the smallest complete virtio device, used to test transports end to
-//! end, and a model for writing others.
+//! end, and a model for writing others. A test device, behind the `test-utils` feature.
 //!
 //! - Device type [`ECHO_DEVICE_TYPE`] (0x3f, a project-local ID), one queue of up to 256.
 //! - Features: VERSION_1, EVENT_IDX, INDIRECT_DESC.
