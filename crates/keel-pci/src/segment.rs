@@ -151,6 +151,30 @@ pub const HOST_BRIDGE_ID: (u16, u16) = (0x1b36, 0x0008);
 impl PciSegment {
     /// A segment whose BARs go on `mmio` and `pio`, with ECAM at `ecam_base` (one bus),
     /// and a host bridge in slot 0.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keel_bus::{MmioBus, PioBus};
+    /// use keel_pci::config::reg;
+    /// use keel_pci::segment::{PciSegment, CONFIG_IO_PORT, HOST_BRIDGE_ID};
+    ///
+    /// let (mmio, pio) = (Arc::new(MmioBus::new()), Arc::new(PioBus::new()));
+    /// let segment = Arc::new(PciSegment::new(mmio.clone(), pio.clone(), 0xe000_0000));
+    /// PciSegment::attach_config_access(&segment)?;
+    /// assert_eq!(segment.mcfg().base, 0xe000_0000);
+    ///
+    /// // The host bridge's IDs, through ECAM (bus 0, device 0) and through CF8/CFC.
+    /// let mut id = [0u8; 4];
+    /// mmio.read(0xe000_0000 + reg::VENDOR_ID as u64, &mut id)?;
+    /// let bridge = u32::from(HOST_BRIDGE_ID.0) | u32::from(HOST_BRIDGE_ID.1) << 16;
+    /// assert_eq!(u32::from_le_bytes(id), bridge);
+    /// pio.write(CONFIG_IO_PORT, &0x8000_0000u32.to_le_bytes())?;
+    /// pio.read(CONFIG_IO_PORT + 4, &mut id)?;
+    /// assert_eq!(u32::from_le_bytes(id), bridge);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(mmio: Arc<MmioBus>, pio: Arc<PioBus>, ecam_base: u64) -> Self {
         let bridge = PciFunction::new(
             ConfigSpace::new(HOST_BRIDGE_ID.0, HOST_BRIDGE_ID.1, 0x06, 0x00, 0x00),

@@ -121,6 +121,42 @@ pub struct VirtioMmio {
 impl VirtioMmio {
     /// A transport for `device` at guest address `base`, interrupting on `line`, which
     /// the guest knows as interrupt `irq` (an IOAPIC pin on x86).
+    ///
+    /// # Examples
+    ///
+    /// The echo device and an interrupt line that counts (both from the `test-utils`
+    /// feature; a VMM passes its own device and an irqfd-backed line from keel-kvm), on an
+    /// MMIO bus as the VMM places it:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keel_bus::{BusRange, MmioBus};
+    /// use keel_memory::GuestMemoryMmap;
+    /// use keel_virtio::echo::{Echo, ECHO_DEVICE_TYPE};
+    /// use keel_virtio::mmio::{reg, VirtioMmio, MMIO_SIZE};
+    /// use keel_virtio::testing::CountingLine;
+    /// use vm_memory::GuestAddress;
+    ///
+    /// let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+    /// let base = 0xd000_0000;
+    /// let dev = Arc::new(VirtioMmio::new(
+    ///     Box::new(Echo::new()),
+    ///     mem,
+    ///     base,
+    ///     5,
+    ///     Arc::new(CountingLine::default()),
+    /// )?);
+    /// let bus = MmioBus::new();
+    /// bus.insert(BusRange::new(base, MMIO_SIZE)?, dev.clone())?;
+    /// let mut r = [0u8; 4];
+    /// bus.read(base + reg::MAGIC, &mut r)?;
+    /// assert_eq!(&r, b"virt");
+    /// bus.read(base + reg::DEVICE_ID, &mut r)?;
+    /// assert_eq!(u32::from_le_bytes(r), ECHO_DEVICE_TYPE);
+    /// // What the guest kernel is told.
+    /// assert_eq!(dev.cmdline_fragment(), "virtio_mmio.device=4K@0xd0000000:5");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,

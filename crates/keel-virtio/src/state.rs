@@ -235,7 +235,53 @@ pub fn set_high(v: &mut u64, high: u32) {
     *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
 }
 
-/// The virtio state every transport shares.
+/// The virtio state every transport shares: device status, feature negotiation and queue
+/// configuration, and the device started at DRIVER_OK. A transport maps its registers onto
+/// these calls.
+///
+/// # Examples
+///
+/// A driver's initialisation (virtio 1.2 section 3.1.1) done directly, with the echo
+/// device (feature `test-utils`):
+///
+/// ```
+/// use std::sync::Arc;
+/// use keel_memory::GuestMemoryMmap;
+/// use keel_virtio::device::{InterruptError, InterruptKind, VirtioInterrupt};
+/// use keel_virtio::echo::Echo;
+/// use keel_virtio::state::status::*;
+/// use keel_virtio::{VirtioState, VIRTIO_F_VERSION_1};
+/// use vm_memory::GuestAddress;
+///
+/// struct NoInterrupts;
+/// impl VirtioInterrupt for NoInterrupts {
+///     fn trigger(&self, _: InterruptKind) -> Result<(), InterruptError> {
+///         Ok(())
+///     }
+/// }
+/// let irq: Arc<dyn VirtioInterrupt> = Arc::new(NoInterrupts);
+///
+/// let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)])?;
+/// let mut state = VirtioState::new(Box::new(Echo::new()), mem)?;
+/// state.write_status(ACKNOWLEDGE | DRIVER, &irq);
+/// assert_eq!(state.device_features(1), (VIRTIO_F_VERSION_1 >> 32) as u32);
+/// state.set_driver_features(1, (VIRTIO_F_VERSION_1 >> 32) as u32);
+/// state.write_status(ACKNOWLEDGE | DRIVER | FEATURES_OK, &irq);
+/// assert_eq!(state.status(), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+///
+/// // Queue 0: 16 entries, its three parts in guest memory, enabled.
+/// state.queue_select = 0;
+/// let q = state.selected_mut().expect("queue 0 exists");
+/// (q.size, q.desc, q.avail, q.used, q.ready) = (16, 0x1000, 0x2000, 0x3000, true);
+/// state.write_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK, &irq);
+/// assert!(state.activated());
+///
+/// // A write of 0 resets the device: its worker stops.
+/// state.write_status(0, &irq);
+/// assert!(!state.activated());
+/// assert_eq!(state.status(), 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct VirtioState {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
