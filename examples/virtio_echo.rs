@@ -11,7 +11,10 @@ use keel_bus::interrupt::{InterruptLine, Result as IrqResult};
 use keel_bus::MmioDevice;
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::echo::Echo;
-use keel_virtio::VirtioMmio;
+use keel_virtio::mmio::reg;
+use keel_virtio::state::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+use keel_virtio::{VirtioMmio, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
 struct PrintLine;
@@ -42,27 +45,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!(
         "magic {:#x}, version {}, device type {:#x}",
-        r(0),
-        r(4),
-        r(8)
+        r(reg::MAGIC),
+        r(reg::VERSION),
+        r(reg::DEVICE_ID)
     );
 
-    // Status: ACKNOWLEDGE, DRIVER; features: VERSION_1 (bit 32); FEATURES_OK.
-    w(0x70, 1);
-    w(0x70, 3);
-    w(0x24, 1);
-    w(0x20, 1);
-    w(0x70, 11);
-    assert_eq!(r(0x70), 11, "FEATURES_OK refused");
+    // Status: ACKNOWLEDGE, DRIVER; features: VERSION_1 (bit 32, the high word); FEATURES_OK.
+    let status = |s: u8| w(reg::STATUS, u32::from(s));
+    status(ACKNOWLEDGE);
+    status(ACKNOWLEDGE | DRIVER);
+    w(reg::DRIVER_FEATURES_SEL, 1);
+    w(reg::DRIVER_FEATURES, (VIRTIO_F_VERSION_1 >> 32) as u32);
+    status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_eq!(
+        r(reg::STATUS),
+        u32::from(ACKNOWLEDGE | DRIVER | FEATURES_OK),
+        "FEATURES_OK refused"
+    );
     // Queue 0: 4 entries; descriptors at 0x1000, available ring at 0x2000, used at 0x3000.
-    w(0x30, 0);
-    w(0x38, 4);
-    w(0x80, 0x1000);
-    w(0x90, 0x2000);
-    w(0xa0, 0x3000);
-    w(0x44, 1);
-    dev.mmio_write(0x104, &[0x20]); // the echo's xor byte: flip ASCII case
-    w(0x70, 15); // DRIVER_OK
+    w(reg::QUEUE_SEL, 0);
+    w(reg::QUEUE_NUM, 4);
+    w(reg::QUEUE_DESC_LOW, 0x1000);
+    w(reg::QUEUE_DRIVER_LOW, 0x2000);
+    w(reg::QUEUE_DEVICE_LOW, 0x3000);
+    w(reg::QUEUE_READY, 1);
+    dev.mmio_write(reg::CONFIG + 4, &[0x20]); // the echo's xor byte: flip ASCII case
+    status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
 
     // One request: "hello" readable at 0x10000, 16 writable bytes at 0x11000.
     mem.write_slice(b"hello", GuestAddress(0x10000))?;
@@ -78,11 +86,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mem.write_obj(flags, GuestAddress(at.0 + 12))?;
         mem.write_obj(next, GuestAddress(at.0 + 14))
     };
-    desc(0, 0x10000, 5, 1, 1)?; // NEXT
-    desc(1, 0x11000, 16, 2, 0)?; // WRITE
+    desc(0, 0x10000, 5, VRING_DESC_F_NEXT as u16, 1)?;
+    desc(1, 0x11000, 16, VRING_DESC_F_WRITE as u16, 0)?;
     mem.write_obj(0u16, GuestAddress(0x2004))?; // ring[0] = head 0
     mem.write_obj(1u16, GuestAddress(0x2002))?; // avail idx = 1
-    w(0x50, 0); // QueueNotify
+    w(reg::QUEUE_NOTIFY, 0);
 
     let end = Instant::now() + Duration::from_secs(5);
     while mem.read_obj::<u16>(GuestAddress(0x3002))? != 1 {
@@ -94,6 +102,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     mem.read_slice(&mut out, GuestAddress(0x11000))?;
     println!("echoed {len} bytes: {}", String::from_utf8_lossy(&out));
     assert_eq!(out, b"HELLO");
-    w(0x70, 0); // reset: the device's worker stops
+    status(0); // reset: the device's worker stops
     Ok(())
 }

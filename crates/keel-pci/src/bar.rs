@@ -35,6 +35,7 @@ impl BarKind {
 
 /// Errors in a BAR description.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BarError {
     /// Sizes are powers of two: memory at least 16 bytes, I/O 4 to 256 bytes, 32-bit
     /// memory at most 2 GiB.

@@ -79,6 +79,7 @@ const FIRST_CAP: usize = 0x40;
 
 /// Errors from building a configuration space.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The capability does not fit in conventional configuration space.
     #[error("capability {id:#x} of {len} bytes does not fit (next free offset {at:#x})")]

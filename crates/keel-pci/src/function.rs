@@ -8,6 +8,7 @@ use crate::bar::{BarError, BarKind, BarSpec, NUM_BARS};
 use crate::config::{command, reg, status, ConfigError, ConfigSpace};
 use crate::msi::Msi;
 use crate::msix::{Msix, MsixLayout};
+use crate::report::Chain;
 
 /// The device-specific part of a PCI function.
 ///
@@ -56,12 +57,13 @@ pub struct BarChange {
 
 /// Errors while building a function.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FunctionError {
-    /// A BAR description is invalid.
-    #[error(transparent)]
+    /// A BAR could not be defined.
+    #[error("cannot define the BAR")]
     Bar(#[from] BarError),
-    /// A capability does not fit.
-    #[error(transparent)]
+    /// A capability (MSI, MSI-X or the device's own) could not be added.
+    #[error("cannot add the capability to configuration space")]
     Config(#[from] ConfigError),
     /// The MSI-X table or PBA lies outside its BAR, or in an undefined or I/O BAR.
     #[error("the MSI-X table or PBA does not fit in its memory BAR")]
@@ -323,7 +325,7 @@ impl PciFunction {
         self.cfg.set_u16(reg::STATUS, st);
         let level = i.asserted && self.cfg.command() & command::INTX_DISABLE == 0;
         if let Err(e) = i.line.set_level(level) {
-            log::warn!("INTx: {e}");
+            log::warn!("INTx: {}", Chain(&e));
         }
     }
 }

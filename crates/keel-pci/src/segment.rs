@@ -9,6 +9,7 @@ use keel_memory::SystemAllocator;
 use crate::bar::BarKind;
 use crate::config::ConfigSpace;
 use crate::function::{BarChange, PciDevice, PciFunction};
+use crate::report::Chain;
 
 /// Device slots on a bus.
 pub const DEVICES_PER_BUS: usize = 32;
@@ -19,6 +20,7 @@ pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 
 /// Errors from segment operations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SegmentError {
     /// Every device slot is taken.
     #[error("no free device slot on bus 0")]
@@ -45,9 +47,18 @@ pub enum SegmentError {
         #[source]
         source: keel_memory::AllocatorError,
     },
-    /// A bus rejected a range.
-    #[error(transparent)]
-    Bus(#[from] keel_bus::Error),
+    /// The PIO bus refused the CONFIG_ADDRESS/CONFIG_DATA ports.
+    #[error("cannot place the configuration ports 0xcf8-0xcff on the PIO bus")]
+    ConfigPorts(#[source] keel_bus::Error),
+    /// The MMIO bus refused the ECAM window.
+    #[error("cannot place the ECAM window at {base:#x} on the MMIO bus")]
+    Ecam {
+        /// Where the window was to go.
+        base: u64,
+        /// The bus's error.
+        #[source]
+        source: keel_bus::Error,
+    },
 }
 
 /// What the VMM publishes in the ACPI MCFG table for this segment.
@@ -140,6 +151,30 @@ pub const HOST_BRIDGE_ID: (u16, u16) = (0x1b36, 0x0008);
 impl PciSegment {
     /// A segment whose BARs go on `mmio` and `pio`, with ECAM at `ecam_base` (one bus),
     /// and a host bridge in slot 0.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keel_bus::{MmioBus, PioBus};
+    /// use keel_pci::config::reg;
+    /// use keel_pci::segment::{PciSegment, CONFIG_IO_PORT, HOST_BRIDGE_ID};
+    ///
+    /// let (mmio, pio) = (Arc::new(MmioBus::new()), Arc::new(PioBus::new()));
+    /// let segment = Arc::new(PciSegment::new(mmio.clone(), pio.clone(), 0xe000_0000));
+    /// PciSegment::attach_config_access(&segment)?;
+    /// assert_eq!(segment.mcfg().base, 0xe000_0000);
+    ///
+    /// // The host bridge's IDs, through ECAM (bus 0, device 0) and through CF8/CFC.
+    /// let mut id = [0u8; 4];
+    /// mmio.read(0xe000_0000 + reg::VENDOR_ID as u64, &mut id)?;
+    /// let bridge = u32::from(HOST_BRIDGE_ID.0) | u32::from(HOST_BRIDGE_ID.1) << 16;
+    /// assert_eq!(u32::from_le_bytes(id), bridge);
+    /// pio.write(CONFIG_IO_PORT, &0x8000_0000u32.to_le_bytes())?;
+    /// pio.read(CONFIG_IO_PORT + 4, &mut id)?;
+    /// assert_eq!(u32::from_le_bytes(id), bridge);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(mmio: Arc<MmioBus>, pio: Arc<PioBus>, ecam_base: u64) -> Self {
         let bridge = PciFunction::new(
             ConfigSpace::new(HOST_BRIDGE_ID.0, HOST_BRIDGE_ID.1, 0x06, 0x00, 0x00),
@@ -179,14 +214,21 @@ impl PciSegment {
     /// through its BAR windows, and a strong link back would be a cycle): keep the
     /// `Arc<PciSegment>` alive for as long as the guest may access configuration space.
     pub fn attach_config_access(segment: &Arc<PciSegment>) -> Result<(), SegmentError> {
-        segment.pio.insert(
-            BusRange::new(CONFIG_IO_PORT, 8)?,
-            Arc::new(ConfigIo(Arc::downgrade(segment))),
-        )?;
-        segment.mmio.insert(
-            BusRange::new(segment.ecam_base, ECAM_BUS_SIZE)?,
-            Arc::new(Ecam(Arc::downgrade(segment))),
-        )?;
+        BusRange::new(CONFIG_IO_PORT, 8)
+            .and_then(|r| {
+                segment
+                    .pio
+                    .insert(r, Arc::new(ConfigIo(Arc::downgrade(segment))))
+            })
+            .map_err(SegmentError::ConfigPorts)?;
+        let base = segment.ecam_base;
+        BusRange::new(base, ECAM_BUS_SIZE)
+            .and_then(|r| {
+                segment
+                    .mmio
+                    .insert(r, Arc::new(Ecam(Arc::downgrade(segment))))
+            })
+            .map_err(|source| SegmentError::Ecam { base, source })?;
         Ok(())
     }
 
@@ -316,7 +358,12 @@ impl PciSegment {
                 self.move_range(&self.mmio, slot, ch, |w| w as Arc<dyn MmioDevice>)
             };
             if let Err(e) = result {
-                log::warn!("BAR {} cannot decode at {:#x?}: {e}", ch.bar, ch.new);
+                log::warn!(
+                    "BAR {} cannot decode at {:#x?}: {}",
+                    ch.bar,
+                    ch.new,
+                    Chain(&e)
+                );
                 f.mark_undecoded(ch.bar);
                 f.device_mut().bar_moved(ch.bar, ch.new, None);
             }

@@ -459,6 +459,11 @@ impl State {
             }
             Ok(false) => {}
             Err(keel_virtio::worker::QueueError::Broken(e)) => self.broken(&e),
+            Err(e) => {
+                log::warn!("virtio-blk queue {}: {e}", self.ctx.index);
+                self.broken = true;
+                self.ctx.needs_reset.report();
+            }
         }
     }
 

@@ -7,12 +7,18 @@ use vmm_sys_util::eventfd::EventFd;
 
 use keel_memory::GuestMemoryMmap;
 
-/// Feature bit: the device conforms to virtio 1.0 or later. Required of every driver here.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Feature bit: descriptors may point at indirect tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// Feature bit: used/avail event indices suppress notifications.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+use crate::report::Chain;
+use virtio_bindings::{virtio_config, virtio_ring};
+
+/// Feature mask of [`virtio_config::VIRTIO_F_VERSION_1`]: the device conforms to virtio 1.0
+/// or later. Required of every driver here.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+/// Feature mask of [`virtio_ring::VIRTIO_RING_F_INDIRECT_DESC`]: descriptors may point at
+/// indirect tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// Feature mask of [`virtio_ring::VIRTIO_RING_F_EVENT_IDX`]: used/avail event indices
+/// suppress notifications.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Which interrupt a device raises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +62,7 @@ impl NeedsReset {
     pub fn report(&self) {
         if !self.flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                log::warn!("virtio: cannot signal DEVICE_NEEDS_RESET: {e}");
+                log::warn!("virtio: cannot signal DEVICE_NEEDS_RESET: {}", Chain(&e));
             }
         }
     }
@@ -64,6 +70,7 @@ impl NeedsReset {
 
 /// Errors from activating a device.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ActivateError {
     /// The device needs a queue the driver did not enable.
     #[error("queue {0} is required but was not enabled")]
@@ -71,9 +78,15 @@ pub enum ActivateError {
     /// A worker thread could not be started.
     #[error("cannot start the device's worker")]
     Worker(#[source] std::io::Error),
-    /// Something else the device could not set up.
-    #[error("{0}")]
-    Other(String),
+    /// A step particular to the device failed (opening a backend, say).
+    #[error("cannot {step}")]
+    Device {
+        /// What the device was doing, as a verb phrase ("open the disk image").
+        step: &'static str,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// One queue handed to the device at activation.
@@ -103,7 +116,7 @@ pub struct ActivateContext {
 
 /// A virtio device model, independent of the transport that carries it.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (1 net, 2 block, 5 balloon, ...).
+    /// The virtio device ID (`virtio_bindings::virtio_ids`: 1 net, 2 block, 5 balloon, ...).
     fn device_type(&self) -> u32;
     /// Features offered; [`VIRTIO_F_VERSION_1`] is added by the transport if missing.
     fn features(&self) -> u64;

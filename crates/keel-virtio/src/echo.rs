@@ -1,5 +1,5 @@
 //! The echo device: the smallest complete virtio device, used to test transports end to
-//! end, and a model for writing others.
+//! end, and a model for writing others. A test device, behind the `test-utils` feature.
 //!
 //! - Device type [`ECHO_DEVICE_TYPE`] (0x3f, a project-local ID), one queue of up to 256.
 //! - Features: VERSION_1, EVENT_IDX, INDIRECT_DESC.
@@ -19,9 +19,11 @@ use crate::device::{
     ActivateContext, ActivateError, InterruptKind, NeedsReset, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::report::Chain;
 use crate::worker::{drain_queue, QueueWorker};
 
-/// The echo device's virtio device type.
+/// The echo device's virtio device type: a project-local ID, not in
+/// `virtio_bindings::virtio_ids` (virtio 1.2 section 5 assigns none to 0x3f).
 pub const ECHO_DEVICE_TYPE: u32 = 0x3f;
 /// The value of the configuration's `magic` field ("ECHO").
 pub const ECHO_MAGIC: u32 = 0x4f48_4345;
@@ -88,12 +90,12 @@ fn serve(
     match drain_queue(queue, mem, |chain| echo_chain(chain, mem, x)) {
         Ok(true) => {
             if let Err(e) = interrupt.trigger(InterruptKind::Queue(0)) {
-                log::warn!("echo: {e}");
+                log::warn!("echo: {}", Chain(&e));
             }
         }
         Ok(false) => {}
         Err(e) => {
-            log::warn!("echo: {e}");
+            log::warn!("echo: {}", Chain(&e));
             needs_reset.report();
         }
     }

@@ -7,13 +7,18 @@
 //!
 //! A device model sees neither KVM nor the transport: it gets its queues, guest memory and
 //! an interrupt handle when the driver sets DRIVER_OK, and is told to stop on reset.
-//! [`echo::Echo`] is a complete small device.
+//!
+//! The `test-utils` feature adds what tests of transports and devices need: `echo::Echo`,
+//! a complete small device (a model for writing others), and `testing`, a driver-side
+//! harness over both transports.
 #![deny(missing_docs)]
 
 pub mod device;
+#[cfg(feature = "test-utils")]
 pub mod echo;
 pub mod mmio;
 pub mod pci;
+mod report;
 pub mod state;
 #[cfg(feature = "test-utils")]
 pub mod testing;

@@ -11,70 +11,81 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use keel_bus::interrupt::{DataMatch, InterruptLine, IoEventAddress, IoEventRegistrar};
 use keel_bus::MmioDevice;
 use keel_memory::GuestMemoryMmap;
+use virtio_bindings::virtio_mmio;
 
 use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::report::Chain;
 use crate::state::{set_high, set_low, StateError, VirtioState};
 
 /// Size of the register window.
 pub const MMIO_SIZE: u64 = 0x1000;
-const MAGIC: u32 = 0x7472_6976; // "virt"
+/// The `MagicValue` register's contents, "virt" in little-endian (virtio 1.2 section
+/// 4.2.2; virtio-bindings has the register's offset but not its value).
+const MAGIC: u32 = 0x7472_6976;
+/// The `Version` register's contents: 2, the non-legacy interface (virtio 1.2 section
+/// 4.2.2; not in virtio-bindings either).
 const VERSION: u32 = 2;
 /// Vendor ID reported in the VendorID register ("KEEL").
 pub const VENDOR_ID: u32 = 0x4c45_454b;
 
-const INT_USED: u32 = 1;
-const INT_CONFIG: u32 = 2;
+const INT_USED: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
+const INT_CONFIG: u32 = virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
-/// Register offsets of the virtio-mmio version 2 register file (virtio 1.2 section 4.2.2).
+/// Register offsets of the virtio-mmio version 2 register file (virtio 1.2 section 4.2.2):
+/// the `VIRTIO_MMIO_*` offsets of [`virtio_bindings::virtio_mmio`] as bus offsets, named as
+/// the specification names the registers (`QueueDriver` is Linux's `QUEUE_AVAIL`,
+/// `QueueDevice` its `QUEUE_USED`).
 pub mod reg {
-    /// `MAGIC` (offset 0x000).
-    pub const MAGIC: u64 = 0x000;
-    /// `VERSION` (offset 0x004).
-    pub const VERSION: u64 = 0x004;
-    /// `DEVICE_ID` (offset 0x008).
-    pub const DEVICE_ID: u64 = 0x008;
-    /// `VENDOR_ID` (offset 0x00c).
-    pub const VENDOR_ID: u64 = 0x00c;
-    /// `DEVICE_FEATURES` (offset 0x010).
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    /// `DEVICE_FEATURES_SEL` (offset 0x014).
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    /// `DRIVER_FEATURES` (offset 0x020).
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    /// `DRIVER_FEATURES_SEL` (offset 0x024).
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    /// `QUEUE_SEL` (offset 0x030).
-    pub const QUEUE_SEL: u64 = 0x030;
-    /// `QUEUE_NUM_MAX` (offset 0x034).
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    /// `QUEUE_NUM` (offset 0x038).
-    pub const QUEUE_NUM: u64 = 0x038;
-    /// `QUEUE_READY` (offset 0x044).
-    pub const QUEUE_READY: u64 = 0x044;
-    /// `QUEUE_NOTIFY` (offset 0x050).
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    /// `INTERRUPT_STATUS` (offset 0x060).
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    /// `INTERRUPT_ACK` (offset 0x064).
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    /// `STATUS` (offset 0x070).
-    pub const STATUS: u64 = 0x070;
-    /// `QUEUE_DESC_LOW` (offset 0x080).
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    /// `QUEUE_DESC_HIGH` (offset 0x084).
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    /// `QUEUE_DRIVER_LOW` (offset 0x090).
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    /// `QUEUE_DRIVER_HIGH` (offset 0x094).
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    /// `QUEUE_DEVICE_LOW` (offset 0x0a0).
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    /// `QUEUE_DEVICE_HIGH` (offset 0x0a4).
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    /// `CONFIG_GENERATION` (offset 0x0fc).
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    /// `CONFIG` (offset 0x100).
-    pub const CONFIG: u64 = 0x100;
+    use virtio_bindings::virtio_mmio as m;
+
+    /// `MagicValue`.
+    pub const MAGIC: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
+    /// `Version`.
+    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
+    /// `DeviceID`.
+    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
+    /// `VendorID`.
+    pub const VENDOR_ID: u64 = m::VIRTIO_MMIO_VENDOR_ID as u64;
+    /// `DeviceFeatures`.
+    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+    /// `DeviceFeaturesSel`.
+    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+    /// `DriverFeatures`.
+    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+    /// `DriverFeaturesSel`.
+    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+    /// `QueueSel`.
+    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
+    /// `QueueNumMax`.
+    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+    /// `QueueNum`.
+    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
+    /// `QueueReady`.
+    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
+    /// `QueueNotify`.
+    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+    /// `InterruptStatus`.
+    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+    /// `InterruptACK`.
+    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+    /// `Status`.
+    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
+    /// `QueueDescLow`.
+    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+    /// `QueueDescHigh`.
+    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+    /// `QueueDriverLow` (`VIRTIO_MMIO_QUEUE_AVAIL_LOW`).
+    pub const QUEUE_DRIVER_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+    /// `QueueDriverHigh` (`VIRTIO_MMIO_QUEUE_AVAIL_HIGH`).
+    pub const QUEUE_DRIVER_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+    /// `QueueDeviceLow` (`VIRTIO_MMIO_QUEUE_USED_LOW`).
+    pub const QUEUE_DEVICE_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+    /// `QueueDeviceHigh` (`VIRTIO_MMIO_QUEUE_USED_HIGH`).
+    pub const QUEUE_DEVICE_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+    /// `ConfigGeneration`.
+    pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+    /// `Config`: device configuration space starts here.
+    pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
 }
 
 struct MmioInterrupt {
@@ -110,6 +121,42 @@ pub struct VirtioMmio {
 impl VirtioMmio {
     /// A transport for `device` at guest address `base`, interrupting on `line`, which
     /// the guest knows as interrupt `irq` (an IOAPIC pin on x86).
+    ///
+    /// # Examples
+    ///
+    /// The echo device and an interrupt line that counts (both from the `test-utils`
+    /// feature; a VMM passes its own device and an irqfd-backed line from keel-kvm), on an
+    /// MMIO bus as the VMM places it:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keel_bus::{BusRange, MmioBus};
+    /// use keel_memory::GuestMemoryMmap;
+    /// use keel_virtio::echo::{Echo, ECHO_DEVICE_TYPE};
+    /// use keel_virtio::mmio::{reg, VirtioMmio, MMIO_SIZE};
+    /// use keel_virtio::testing::CountingLine;
+    /// use vm_memory::GuestAddress;
+    ///
+    /// let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+    /// let base = 0xd000_0000;
+    /// let dev = Arc::new(VirtioMmio::new(
+    ///     Box::new(Echo::new()),
+    ///     mem,
+    ///     base,
+    ///     5,
+    ///     Arc::new(CountingLine::default()),
+    /// )?);
+    /// let bus = MmioBus::new();
+    /// bus.insert(BusRange::new(base, MMIO_SIZE)?, dev.clone())?;
+    /// let mut r = [0u8; 4];
+    /// bus.read(base + reg::MAGIC, &mut r)?;
+    /// assert_eq!(&r, b"virt");
+    /// bus.read(base + reg::DEVICE_ID, &mut r)?;
+    /// assert_eq!(u32::from_le_bytes(r), ECHO_DEVICE_TYPE);
+    /// // What the guest kernel is told.
+    /// assert_eq!(dev.cmdline_fragment(), "virtio_mmio.device=4K@0xd0000000:5");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
@@ -245,7 +292,7 @@ impl MmioDevice for VirtioMmio {
             if inner.state.write_config(offset - reg::CONFIG, data) {
                 drop(inner);
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::warn!("virtio-mmio: {e}");
+                    log::warn!("virtio-mmio: {}", Chain(&e));
                 }
             }
             return;

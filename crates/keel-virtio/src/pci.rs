@@ -24,23 +24,118 @@ use std::sync::Arc;
 
 use keel_bus::interrupt::{DataMatch, IoEventAddress, IoEventRegistrar, MsiGroup};
 use keel_memory::GuestMemoryMmap;
-use keel_pci::bar::{BarError, BarSpec};
+use keel_pci::bar::BarSpec;
 use keel_pci::config::{cap_id, ConfigSpace};
 use keel_pci::function::FunctionError;
 use keel_pci::{MsixLayout, PciDevice, PciFunction};
 
+use virtio_bindings::virtio_ids;
+
 use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::report::Chain;
 use crate::state::{set_high, set_low, StateError, VirtioState};
 
-/// PCI vendor ID of virtio devices.
+// virtio-bindings 0.2 has no virtio_pci module: the PCI transport's constants are written
+// here, each citing the virtio 1.2 section that defines it.
+
+/// PCI vendor ID of virtio devices (virtio 1.2 section 4.1.2).
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
-/// Modern virtio-pci device IDs are this plus the virtio device type.
+/// Modern virtio-pci device IDs are this plus the virtio device type (virtio 1.2 section
+/// 4.1.2).
 pub const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
-/// "No MSI-X vector" in the vector registers.
+/// The PCI subsystem ID of non-transitional devices: 0x40 or higher (virtio 1.2 section
+/// 4.1.2.1).
+const VIRTIO_PCI_SUBSYSTEM_ID: u16 = 0x40;
+/// "No MSI-X vector" in the vector registers (`VIRTIO_MSI_NO_VECTOR`, virtio 1.2 section
+/// 4.1.5.1.2).
 pub const NO_VECTOR: u16 = 0xffff;
+
+/// `cfg_type` of the virtio vendor capabilities (`VIRTIO_PCI_CAP_*`, virtio 1.2 section
+/// 4.1.4).
+pub mod cap_type {
+    /// Common configuration.
+    pub const COMMON_CFG: u8 = 1;
+    /// Notifications.
+    pub const NOTIFY_CFG: u8 = 2;
+    /// ISR status.
+    pub const ISR_CFG: u8 = 3;
+    /// Device-specific configuration.
+    pub const DEVICE_CFG: u8 = 4;
+    /// PCI configuration access.
+    pub const PCI_CFG: u8 = 5;
+}
+
+/// Byte offsets of the fields of a virtio vendor capability from its start (`struct
+/// virtio_pci_cap` and its extensions, virtio 1.2 sections 4.1.4, 4.1.4.4 and 4.1.4.9).
+pub mod cap_field {
+    /// `cap_len` (u8).
+    pub const CAP_LEN: usize = 2;
+    /// `cfg_type` (u8), one of [`super::cap_type`].
+    pub const CFG_TYPE: usize = 3;
+    /// `bar` (u8).
+    pub const BAR: usize = 4;
+    /// `offset` within the BAR (le32).
+    pub const OFFSET: usize = 8;
+    /// `length` of the structure (le32).
+    pub const LENGTH: usize = 12;
+    /// `notify_off_multiplier` (le32) of the notification capability.
+    pub const NOTIFY_OFF_MULTIPLIER: usize = 16;
+    /// `pci_cfg_data` (4 bytes) of the PCI configuration access capability.
+    pub const PCI_CFG_DATA: usize = 16;
+}
+
+/// Offsets of the fields of the common configuration structure (`struct
+/// virtio_pci_common_cfg`, virtio 1.2 section 4.1.4.3).
+pub mod common_cfg {
+    /// `device_feature_select` (le32).
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    /// `device_feature` (le32).
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    /// `driver_feature_select` (le32).
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    /// `driver_feature` (le32).
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    /// `config_msix_vector` (le16).
+    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    /// `num_queues` (le16).
+    pub const NUM_QUEUES: u64 = 0x12;
+    /// `device_status` (u8).
+    pub const DEVICE_STATUS: u64 = 0x14;
+    /// `config_generation` (u8).
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    /// `queue_select` (le16).
+    pub const QUEUE_SELECT: u64 = 0x16;
+    /// `queue_size` (le16).
+    pub const QUEUE_SIZE: u64 = 0x18;
+    /// `queue_msix_vector` (le16).
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    /// `queue_enable` (le16).
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    /// `queue_notify_off` (le16).
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    /// `queue_desc` (le64, written as two le32 halves, low first).
+    pub const QUEUE_DESC: u64 = 0x20;
+    /// `queue_driver` (le64): the available ring.
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    /// `queue_device` (le64): the used ring.
+    pub const QUEUE_DEVICE: u64 = 0x30;
+    /// `queue_notify_data` (le16).
+    pub const QUEUE_NOTIFY_DATA: u64 = 0x38;
+    /// `queue_reset` (le16).
+    pub const QUEUE_RESET: u64 = 0x3a;
+}
+
+/// Bits of the ISR status byte (virtio 1.2 section 4.1.4.5).
+pub mod isr {
+    /// Buffers were used on a queue.
+    pub const QUEUE: u8 = 1;
+    /// The device configuration changed.
+    pub const CONFIG: u8 = 2;
+}
 
 const BAR_SIZE: u64 = 0x8000;
 const COMMON: u64 = 0x0000;
+/// The window given to the common configuration structure (0x3c bytes), rounded up.
 const COMMON_LEN: u64 = 0x40;
 const ISR: u64 = 0x1000;
 const DEVICE_CFG: u64 = 0x2000;
@@ -50,26 +145,28 @@ const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_TABLE: u32 = 0x4000;
 const MSIX_PBA: u32 = 0x5000;
 
-const CAP_COMMON: u8 = 1;
-const CAP_NOTIFY: u8 = 2;
-const CAP_ISR: u8 = 3;
-const CAP_DEVICE: u8 = 4;
-const CAP_PCI_CFG: u8 = 5;
-/// Offset of `pci_cfg_data` in the PCI configuration access capability.
-const PCI_CFG_DATA: usize = 16;
-
 /// Errors from building a virtio-pci function.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PciTransportError {
     /// The virtio core could not be set up.
-    #[error(transparent)]
+    #[error("cannot set up the virtio device")]
     State(#[from] StateError),
-    /// The PCI function could not be built.
-    #[error(transparent)]
-    Function(#[from] FunctionError),
-    /// The BAR could not be described.
-    #[error(transparent)]
-    Bar(#[from] BarError),
+    /// BAR 0, which holds every structure, could not be defined.
+    #[error("cannot define BAR 0")]
+    Bar(#[source] FunctionError),
+    /// The MSI-X capability could not be added.
+    #[error("cannot add the MSI-X capability")]
+    Msix(#[source] FunctionError),
+    /// A virtio vendor capability could not be added.
+    #[error("cannot add the virtio capability of type {cfg_type}")]
+    Capability {
+        /// Its `cfg_type` (see [`cap_type`]).
+        cfg_type: u8,
+        /// Why.
+        #[source]
+        source: FunctionError,
+    },
     /// The interrupt group has fewer vectors than queues plus one.
     #[error("the MSI-X group has {have} vectors, {need} are needed")]
     Vectors {
@@ -109,12 +206,12 @@ impl VirtioInterrupt for PciInterrupt {
     fn trigger(&self, kind: InterruptKind) -> Result<(), InterruptError> {
         let (bit, vector) = match kind {
             InterruptKind::Queue(i) => (
-                1,
+                isr::QUEUE,
                 self.queue_vectors
                     .get(usize::from(i))
                     .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst)),
             ),
-            InterruptKind::Config => (2, self.config_vector.load(Ordering::SeqCst)),
+            InterruptKind::Config => (isr::CONFIG, self.config_vector.load(Ordering::SeqCst)),
         };
         self.isr.fetch_or(bit, Ordering::SeqCst);
         if vector == NO_VECTOR {
@@ -165,29 +262,40 @@ enum Field {
 }
 
 /// (offset, size, field) of every common configuration field.
-const FIELDS: &[(usize, usize, Field)] = &[
-    (0x00, 4, Field::DeviceFeatureSelect),
-    (0x04, 4, Field::DeviceFeature),
-    (0x08, 4, Field::DriverFeatureSelect),
-    (0x0c, 4, Field::DriverFeature),
-    (0x10, 2, Field::ConfigMsixVector),
-    (0x12, 2, Field::NumQueues),
-    (0x14, 1, Field::DeviceStatus),
-    (0x15, 1, Field::ConfigGeneration),
-    (0x16, 2, Field::QueueSelect),
-    (0x18, 2, Field::QueueSize),
-    (0x1a, 2, Field::QueueMsixVector),
-    (0x1c, 2, Field::QueueEnable),
-    (0x1e, 2, Field::QueueNotifyOff),
-    (0x20, 4, Field::QueueDescLo),
-    (0x24, 4, Field::QueueDescHi),
-    (0x28, 4, Field::QueueDriverLo),
-    (0x2c, 4, Field::QueueDriverHi),
-    (0x30, 4, Field::QueueDeviceLo),
-    (0x34, 4, Field::QueueDeviceHi),
-    (0x38, 2, Field::QueueNotifyData),
-    (0x3a, 2, Field::QueueReset),
-];
+const FIELDS: &[(usize, usize, Field)] = {
+    use common_cfg as c;
+    &[
+        (
+            c::DEVICE_FEATURE_SELECT as usize,
+            4,
+            Field::DeviceFeatureSelect,
+        ),
+        (c::DEVICE_FEATURE as usize, 4, Field::DeviceFeature),
+        (
+            c::DRIVER_FEATURE_SELECT as usize,
+            4,
+            Field::DriverFeatureSelect,
+        ),
+        (c::DRIVER_FEATURE as usize, 4, Field::DriverFeature),
+        (c::CONFIG_MSIX_VECTOR as usize, 2, Field::ConfigMsixVector),
+        (c::NUM_QUEUES as usize, 2, Field::NumQueues),
+        (c::DEVICE_STATUS as usize, 1, Field::DeviceStatus),
+        (c::CONFIG_GENERATION as usize, 1, Field::ConfigGeneration),
+        (c::QUEUE_SELECT as usize, 2, Field::QueueSelect),
+        (c::QUEUE_SIZE as usize, 2, Field::QueueSize),
+        (c::QUEUE_MSIX_VECTOR as usize, 2, Field::QueueMsixVector),
+        (c::QUEUE_ENABLE as usize, 2, Field::QueueEnable),
+        (c::QUEUE_NOTIFY_OFF as usize, 2, Field::QueueNotifyOff),
+        (c::QUEUE_DESC as usize, 4, Field::QueueDescLo),
+        (c::QUEUE_DESC as usize + 4, 4, Field::QueueDescHi),
+        (c::QUEUE_DRIVER as usize, 4, Field::QueueDriverLo),
+        (c::QUEUE_DRIVER as usize + 4, 4, Field::QueueDriverHi),
+        (c::QUEUE_DEVICE as usize, 4, Field::QueueDeviceLo),
+        (c::QUEUE_DEVICE as usize + 4, 4, Field::QueueDeviceHi),
+        (c::QUEUE_NOTIFY_DATA as usize, 2, Field::QueueNotifyData),
+        (c::QUEUE_RESET as usize, 2, Field::QueueReset),
+    ]
+};
 
 impl VirtioPci {
     fn field(&self, f: Field) -> u32 {
@@ -322,9 +430,9 @@ impl VirtioPci {
     /// and inside the BAR (virtio 1.2 section 4.1.4.9); other selections are ignored.
     fn pci_cfg_window(cfg: &ConfigSpace, cap: usize) -> Option<(u64, usize)> {
         let mut bar = [0u8; 1];
-        cfg.read(cap + 4, &mut bar);
-        let off = u64::from(cfg.read_u32(cap + 8));
-        let len = cfg.read_u32(cap + 12) as usize;
+        cfg.read(cap + cap_field::BAR, &mut bar);
+        let off = u64::from(cfg.read_u32(cap + cap_field::OFFSET));
+        let len = cfg.read_u32(cap + cap_field::LENGTH) as usize;
         (bar[0] == 0 && matches!(len, 1 | 2 | 4) && off % len as u64 == 0)
             .then_some((off, len))
             .filter(|&(o, l)| o + l as u64 <= BAR_SIZE)
@@ -360,7 +468,7 @@ impl PciDevice for VirtioPci {
                 && self.state.write_config(o - DEVICE_CFG, data) =>
             {
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::warn!("virtio-pci: {e}");
+                    log::warn!("virtio-pci: {}", Chain(&e));
                 }
             }
             o if o >= NOTIFY
@@ -379,7 +487,7 @@ impl PciDevice for VirtioPci {
 
     fn config_read(&mut self, cfg: &ConfigSpace, offset: usize, data: &mut [u8]) {
         let cap = self.pci_cfg.load(Ordering::Relaxed);
-        let field = cap + PCI_CFG_DATA;
+        let field = cap + cap_field::PCI_CFG_DATA;
         if cap == 0 || offset >= field + 4 || offset + data.len() <= field {
             return;
         }
@@ -397,7 +505,7 @@ impl PciDevice for VirtioPci {
 
     fn config_written(&mut self, cfg: &ConfigSpace, offset: usize, len: usize) {
         let cap = self.pci_cfg.load(Ordering::Relaxed);
-        let field = cap + PCI_CFG_DATA;
+        let field = cap + cap_field::PCI_CFG_DATA;
         if cap == 0 || offset >= field + 4 || offset + len <= field {
             return;
         }
@@ -419,12 +527,12 @@ impl PciDevice for VirtioPci {
             let evt = self.state.notifier(q).expect("one per queue");
             if let Some(n) = new {
                 if let Err(e) = reg.register(evt, Self::notify_addr(n, q), DataMatch::Any) {
-                    log::warn!("virtio-pci: queue {q} doorbell: {e}");
+                    log::warn!("virtio-pci: queue {q} doorbell: {}", Chain(&e));
                 }
             }
             if let Some(o) = old {
                 if let Err(e) = reg.unregister(evt, Self::notify_addr(o, q), DataMatch::Any) {
-                    log::warn!("virtio-pci: queue {q} doorbell: {e}");
+                    log::warn!("virtio-pci: queue {q} doorbell: {}", Chain(&e));
                 }
             }
         }
@@ -448,8 +556,8 @@ fn vendor_cap(cfg_type: u8, offset: u32, length: u32, multiplier: Option<u32>) -
 /// "other".
 fn class_of(device_type: u32) -> (u8, u8) {
     match device_type {
-        1 => (0x02, 0x00),
-        2 => (0x01, 0x00),
+        virtio_ids::VIRTIO_ID_NET => (0x02, 0x00),
+        virtio_ids::VIRTIO_ID_BLOCK => (0x01, 0x00),
         _ => (0xff, 0x00),
     }
 }
@@ -457,6 +565,39 @@ fn class_of(device_type: u32) -> (u8, u8) {
 /// Builds a PCI function carrying `device` over virtio-pci. `msix` needs at least one
 /// vector per queue plus one; `registrar` places notification ioeventfds (`None`: every
 /// notification exits to the transport, which still works, more slowly).
+///
+/// # Examples
+///
+/// The echo device with a stand-in MSI-X group (both from the `test-utils` feature; a VMM
+/// passes its own device and keel-kvm's MSI routes), then placed on a PCI segment:
+///
+/// ```
+/// use std::sync::Arc;
+/// use keel_bus::{MmioBus, PioBus};
+/// use keel_memory::{GuestMemoryMmap, MemoryLayout, SystemAllocator, GIB};
+/// use keel_pci::PciSegment;
+/// use keel_virtio::echo::{Echo, ECHO_DEVICE_TYPE};
+/// use keel_virtio::pci::{virtio_pci_function, VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR};
+/// use keel_virtio::testing::CountingMsi;
+/// use vm_memory::GuestAddress;
+///
+/// let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+/// // One queue: two vectors, one for it and one for configuration changes.
+/// let msix = Arc::new(CountingMsi::new(2));
+/// let function = virtio_pci_function(Box::new(Echo::new()), mem, msix, None)?;
+/// let mut id = [0u8; 4];
+/// function.config().read(0, &mut id);
+/// assert_eq!(u16::from_le_bytes([id[0], id[1]]), VIRTIO_PCI_VENDOR);
+/// let device_id = VIRTIO_PCI_DEVICE_BASE + ECHO_DEVICE_TYPE as u16;
+/// assert_eq!(u16::from_le_bytes([id[2], id[3]]), device_id);
+///
+/// let mut alloc = SystemAllocator::new(&MemoryLayout::new(GIB)?, 5)?;
+/// let (mmio, pio) = (Arc::new(MmioBus::new()), Arc::new(PioBus::new()));
+/// let segment = PciSegment::new(mmio, pio, 0xe000_0000);
+/// let slot = segment.add_device(function, &mut alloc)?;
+/// assert_eq!(slot, 1, "slot 0 holds the host bridge");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn virtio_pci_function(
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
@@ -486,7 +627,7 @@ pub fn virtio_pci_function(
         keel_pci::config::reg::SUBSYSTEM_VENDOR_ID,
         VIRTIO_PCI_VENDOR,
     );
-    cfg.set_u16(keel_pci::config::reg::SUBSYSTEM_ID, 0x40);
+    cfg.set_u16(keel_pci::config::reg::SUBSYSTEM_ID, VIRTIO_PCI_SUBSYSTEM_ID);
     let interrupt = Arc::new(PciInterrupt {
         msix: msix.clone(),
         config_vector: AtomicU16::new(NO_VECTOR),
@@ -502,8 +643,10 @@ pub fn virtio_pci_function(
         driver_feature_select: 0,
         pci_cfg: pci_cfg.clone(),
     };
+    let bar = BarSpec::mem32(BAR_SIZE, false).map_err(|e| PciTransportError::Bar(e.into()))?;
     let mut f = PciFunction::new(cfg, Box::new(dev))
-        .with_bar(0, BarSpec::mem32(BAR_SIZE, false)?)?
+        .with_bar(0, bar)
+        .map_err(PciTransportError::Bar)?
         .with_msix(
             MsixLayout {
                 vectors: need as u16,
@@ -513,30 +656,45 @@ pub fn virtio_pci_function(
                 pba_offset: MSIX_PBA,
             },
             msix,
-        )?;
+        )
+        .map_err(PciTransportError::Msix)?;
     let caps = [
-        vendor_cap(CAP_COMMON, COMMON as u32, COMMON_LEN as u32, None),
-        vendor_cap(
-            CAP_NOTIFY,
-            NOTIFY as u32,
+        (cap_type::COMMON_CFG, COMMON, COMMON_LEN as u32, None),
+        (
+            cap_type::NOTIFY_CFG,
+            NOTIFY,
             NOTIFY_MULTIPLIER * u32::from(nq.max(1)),
             Some(NOTIFY_MULTIPLIER),
         ),
-        vendor_cap(CAP_ISR, ISR as u32, 1, None),
-        vendor_cap(CAP_DEVICE, DEVICE_CFG as u32, DEVICE_CFG_LEN as u32, None),
+        (cap_type::ISR_CFG, ISR, 1, None),
+        (
+            cap_type::DEVICE_CFG,
+            DEVICE_CFG,
+            DEVICE_CFG_LEN as u32,
+            None,
+        ),
     ];
-    for body in caps {
+    for (cfg_type, offset, length, multiplier) in caps {
+        let body = vendor_cap(cfg_type, offset as u32, length, multiplier);
         let zeros = vec![0u8; body.len()];
-        f.add_capability(cap_id::VENDOR, &body, &zeros)?;
+        f.add_capability(cap_id::VENDOR, &body, &zeros)
+            .map_err(|source| PciTransportError::Capability { cfg_type, source })?;
     }
     // The PCI configuration access capability: cap.bar, cap.offset, cap.length and
     // pci_cfg_data are the driver's to write.
-    let mut body = vendor_cap(CAP_PCI_CFG, 0, 0, Some(0));
-    body[0] = (PCI_CFG_DATA + 4) as u8;
+    let mut body = vendor_cap(cap_type::PCI_CFG, 0, 0, Some(0));
+    body[0] = (cap_field::PCI_CFG_DATA + 4) as u8;
+    // The body starts after cap_vndr and cap_next.
+    let field = |f: usize| f - 2;
     let mut writable = vec![0u8; body.len()];
-    writable[2] = 0xff;
-    writable[6..18].fill(0xff);
-    let at = f.add_capability(cap_id::VENDOR, &body, &writable)?;
+    writable[field(cap_field::BAR)] = 0xff;
+    writable[field(cap_field::OFFSET)..field(cap_field::PCI_CFG_DATA + 4)].fill(0xff);
+    let at = f
+        .add_capability(cap_id::VENDOR, &body, &writable)
+        .map_err(|source| PciTransportError::Capability {
+            cfg_type: cap_type::PCI_CFG,
+            source,
+        })?;
     pci_cfg.store(at, Ordering::Relaxed);
     Ok(f)
 }

@@ -23,13 +23,15 @@ use std::time::{Duration, Instant};
 
 use crate::device::VirtioDevice;
 use crate::mmio::VirtioMmio;
-use crate::pci::virtio_pci_function;
+use crate::pci::{cap_field, cap_type, virtio_pci_function};
 use keel_bus::interrupt::{
     DataMatch, InterruptLine, IoEventAddress, IoEventRegistrar, MsiGroup, MsiMessage, Result,
 };
 use keel_bus::MmioDevice;
 use keel_memory::GuestMemoryMmap;
+use keel_pci::config::{cap_id, reg as pci_reg};
 use keel_pci::PciFunction;
+use virtio_bindings::virtio_ring;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -45,30 +47,23 @@ pub const DATA_BASE: u64 = 0x10_0000;
 /// The queue size tests use.
 pub const QUEUE_SIZE: u16 = 16;
 
-/// Device status: ACKNOWLEDGE.
-pub const ACKNOWLEDGE: u8 = 1;
-/// Device status: DRIVER.
-pub const DRIVER: u8 = 2;
-/// Device status: DRIVER_OK.
-pub const DRIVER_OK: u8 = 4;
-/// Device status: FEATURES_OK.
-pub const FEATURES_OK: u8 = 8;
-/// Device status: DEVICE_NEEDS_RESET.
-pub const NEEDS_RESET: u8 = 64;
+pub use crate::state::status::{
+    ACKNOWLEDGE, DEVICE_NEEDS_RESET as NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK,
+};
 
 /// Feature: VIRTIO_F_VERSION_1.
-pub const VERSION_1: u64 = 1 << 32;
+pub const VERSION_1: u64 = crate::device::VIRTIO_F_VERSION_1;
 /// Feature: VIRTIO_RING_F_INDIRECT_DESC.
-pub const INDIRECT: u64 = 1 << 28;
+pub const INDIRECT: u64 = crate::device::VIRTIO_RING_F_INDIRECT_DESC;
 /// Feature: VIRTIO_RING_F_EVENT_IDX.
-pub const EVENT_IDX: u64 = 1 << 29;
+pub const EVENT_IDX: u64 = crate::device::VIRTIO_RING_F_EVENT_IDX;
 
 /// Descriptor flag: NEXT.
-pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: WRITE (device-writable).
-pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
 /// Descriptor flag: INDIRECT.
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
+pub const VRING_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// Guest memory of [`MEM_SIZE`] bytes.
 pub fn memory() -> GuestMemoryMmap {
@@ -348,40 +343,7 @@ pub struct PciDriver {
 }
 
 /// virtio-pci common configuration offsets.
-pub mod common_cfg {
-    /// Field `DEVICE_FEATURE_SELECT`.
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    /// Field `DEVICE_FEATURE`.
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    /// Field `DRIVER_FEATURE_SELECT`.
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    /// Field `DRIVER_FEATURE`.
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    /// Field `CONFIG_MSIX_VECTOR`.
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    /// Field `NUM_QUEUES`.
-    pub const NUM_QUEUES: u64 = 0x12;
-    /// Field `DEVICE_STATUS`.
-    pub const DEVICE_STATUS: u64 = 0x14;
-    /// Field `CONFIG_GENERATION`.
-    pub const CONFIG_GENERATION: u64 = 0x15;
-    /// Field `QUEUE_SELECT`.
-    pub const QUEUE_SELECT: u64 = 0x16;
-    /// The queue size tests use.
-    pub const QUEUE_SIZE: u64 = 0x18;
-    /// Field `QUEUE_MSIX_VECTOR`.
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    /// Field `QUEUE_ENABLE`.
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    /// Field `QUEUE_NOTIFY_OFF`.
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    /// Field `QUEUE_DESC` (64 bits).
-    pub const QUEUE_DESC: u64 = 0x20;
-    /// Field `QUEUE_DRIVER` (64 bits).
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    /// Field `QUEUE_DEVICE` (64 bits).
-    pub const QUEUE_DEVICE: u64 = 0x30;
-}
+pub use crate::pci::common_cfg;
 
 /// Every vendor capability: (cfg_type, bar, offset, length, extra dword).
 pub fn virtio_caps(f: &mut PciFunction) -> Vec<(u8, u8, u32, u32, u32)> {
@@ -391,19 +353,19 @@ pub fn virtio_caps(f: &mut PciFunction) -> Vec<(u8, u8, u32, u32, u32)> {
         u32::from_le_bytes(b)
     };
     let mut caps = Vec::new();
-    let mut ptr = rd(0x34, 1) as usize & 0xfc;
+    let mut ptr = rd(pci_reg::CAPABILITIES, 1) as usize & 0xfc;
     let mut hops = 0;
     while ptr >= 0x40 {
         hops += 1;
         assert!(hops < 48, "capability list loops");
-        if rd(ptr, 1) == 0x09 {
+        if rd(ptr, 1) == u32::from(cap_id::VENDOR) {
             caps.push((
-                rd(ptr + 3, 1) as u8,
-                rd(ptr + 4, 1) as u8,
-                rd(ptr + 8, 4),
-                rd(ptr + 12, 4),
-                if rd(ptr + 2, 1) >= 20 {
-                    rd(ptr + 16, 4)
+                rd(ptr + cap_field::CFG_TYPE, 1) as u8,
+                rd(ptr + cap_field::BAR, 1) as u8,
+                rd(ptr + cap_field::OFFSET, 4),
+                rd(ptr + cap_field::LENGTH, 4),
+                if rd(ptr + cap_field::CAP_LEN, 1) >= 20 {
+                    rd(ptr + cap_field::NOTIFY_OFF_MULTIPLIER, 4)
                 } else {
                     0
                 },
@@ -433,7 +395,12 @@ impl PciDriver {
             assert_eq!(c.1, 0, "structure {t} is not in BAR 0");
             *c
         };
-        let (common, notify, isr, device) = (find(1), find(2), find(3), find(4));
+        let (common, notify, isr, device) = (
+            find(cap_type::COMMON_CFG),
+            find(cap_type::NOTIFY_CFG),
+            find(cap_type::ISR_CFG),
+            find(cap_type::DEVICE_CFG),
+        );
         let d = PciDriver {
             mem,
             f: Mutex::new(f),

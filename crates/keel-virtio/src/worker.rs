@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use keel_memory::GuestMemoryMmap;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use vm_memory::{Bytes, GuestAddress};
 
 /// A thread that calls `handle(queue_index)` whenever one of its queues is notified, once
@@ -99,11 +100,12 @@ impl Drop for QueueWorker {
 
 /// Why draining a queue stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum QueueError {
     /// The ring itself is broken (an available index beyond the queue size, rings
     /// outside guest memory): the device needs a reset.
-    #[error("the virtqueue is broken: {0}")]
-    Broken(virtio_queue::Error),
+    #[error("the virtqueue is broken")]
+    Broken(#[source] virtio_queue::Error),
 }
 
 /// Handles every available chain with `f` (which returns the number of bytes it wrote to
@@ -111,7 +113,7 @@ pub enum QueueError {
 /// disabled while draining and re-enabled at the end, then the ring is checked once more,
 /// as virtio 1.2 section 2.7.10 requires to avoid losing a kick. Returns whether the
 /// driver should be interrupted: something was used and the driver asked for it (its
-/// used_event with EVENT_IDX, else the absence of VIRTQ_AVAIL_F_NO_INTERRUPT).
+/// used_event with EVENT_IDX, else the absence of VRING_AVAIL_F_NO_INTERRUPT).
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -146,20 +148,17 @@ pub fn drain_queue(
 }
 
 /// After adding used buffers: whether the driver asked to be interrupted (its used_event
-/// with EVENT_IDX, else the absence of VIRTQ_AVAIL_F_NO_INTERRUPT). With EVENT_IDX, call
+/// with EVENT_IDX, else the absence of VRING_AVAIL_F_NO_INTERRUPT). With EVENT_IDX, call
 /// it once per batch: it also resets virtio-queue's count of buffers added since.
 pub fn should_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
     if queue.event_idx_enabled() {
         return queue.needs_notification(mem).map_err(QueueError::Broken);
     }
-    // virtio-queue leaves VIRTQ_AVAIL_F_NO_INTERRUPT to the device (virtio 1.2 2.7.7.2):
+    // virtio-queue leaves VRING_AVAIL_F_NO_INTERRUPT to the device (virtio 1.2 2.7.7.2):
     // read the driver's flags after the used entries are visible.
     fence(Ordering::SeqCst);
     let flags: u16 = mem
         .load(GuestAddress(queue.avail_ring()), Ordering::Acquire)
         .map_err(|e| QueueError::Broken(virtio_queue::Error::GuestMemory(e)))?;
-    Ok(flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
+    Ok(u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
 }
-
-/// The driver's "do not interrupt me" flag in the available ring (without EVENT_IDX).
-pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
