@@ -10,7 +10,8 @@ use keel_kvm::x86::msr;
 use keel_kvm::{Buses, DirtyLog, VcpuExitReason, Vm};
 use keel_memory::{x86, MemoryLayout, MemoryOptions, MIB};
 use support::{assemble, load, vm_with_memory};
-use vm_memory::GuestAddress;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Registering memory after the irqchip is slower than before it, but legal: keel-kvm
 /// leaves the order to the VMM.
@@ -78,9 +79,12 @@ fn msi_route_bookkeeping_rejects_bad_gsis() {
 fn dirty_log_reports_the_pages_a_guest_wrote() {
     require_kvm!();
     let layout = MemoryLayout::new(4 * MIB).unwrap();
-    let mem = layout
-        .create_guest_memory(&MemoryOptions::default())
-        .unwrap();
+    // Both logs: KVM's for the guest's writes, the memory's bitmap for the VMM's.
+    let opts = MemoryOptions {
+        track_dirty_pages: true,
+        ..Default::default()
+    };
+    let mem = layout.create_guest_memory(&opts).unwrap();
     let vm = Vm::new().unwrap();
     vm.register_memory(&mem, DirtyLog::On).unwrap();
     let code = assemble(
@@ -98,10 +102,14 @@ fn dirty_log_reports_the_pages_a_guest_wrote() {
     vcpu.setup_real_mode(0x1000).unwrap();
     // Host writes (loading the code) are not logged by KVM; drain anything already set.
     vm.dirty_pages().unwrap();
+    // They are in the memory's bitmap, which sees only them.
+    let region = mem.find_region(GuestAddress(0x1000)).unwrap();
+    assert!(region.bitmap().dirty_at(0x1000));
     assert_eq!(vcpu.run(&Buses::default()).unwrap(), VcpuExitReason::Halted);
     let pages = vm.dirty_pages().unwrap();
     for p in [0x3000, 0x5000, 0x9000] {
         assert!(pages.contains(&GuestAddress(p)), "{p:#x} not in {pages:?}");
+        assert!(!region.bitmap().dirty_at(p as usize), "{p:#x}");
     }
     assert!(!pages.contains(&GuestAddress(0x7000)));
     // Reading clears the log.
