@@ -21,6 +21,7 @@ use crate::x86::msr;
 
 /// Errors from vCPU set-up and running.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A KVM vCPU ioctl failed.
     #[error("{op} failed on vCPU {vcpu}")]
@@ -72,9 +73,26 @@ pub enum Error {
         /// Guest RIP.
         rip: u64,
     },
-    /// A VM-level operation needed by vCPU set-up failed.
-    #[error("VM operation failed")]
-    Vm(#[source] Box<crate::vm::Error>),
+    /// More MSRs were asked for at once than one KVM call takes.
+    #[error("cannot build a list of {count} MSRs for vCPU {vcpu}")]
+    MsrList {
+        /// vCPU index.
+        vcpu: u8,
+        /// MSRs asked for.
+        count: usize,
+        /// vmm-sys-util's error.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// Reading the CPUID KVM supports, which vCPU set-up starts from, failed.
+    #[error("cannot read the supported CPUID for vCPU {vcpu}")]
+    SupportedCpuid {
+        /// vCPU index.
+        vcpu: u8,
+        /// The VM's error.
+        #[source]
+        source: Box<crate::vm::Error>,
+    },
     /// Registering the kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -321,7 +339,10 @@ impl Vcpu {
     /// `vcpu_count` vCPUs, the boot MSRs, a reset FPU, and (with an in-kernel irqchip) LINT0
     /// as ExtINT and LINT1 as NMI.
     pub fn configure(&self, vm: &Vm, vcpu_count: u8, irqchip: bool) -> Result<()> {
-        let mut cpuid = vm.supported_cpuid().map_err(|e| Error::Vm(Box::new(e)))?;
+        let mut cpuid = vm.supported_cpuid().map_err(|e| Error::SupportedCpuid {
+            vcpu: self.id,
+            source: Box::new(e),
+        })?;
         cpuid::normalize(
             cpuid.as_mut_slice(),
             Topology {
@@ -355,11 +376,10 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrRejected {
+        let msrs = Msrs::from_entries(&entries).map_err(|source| Error::MsrList {
             vcpu: self.id,
-            msr: values
-                .get(kvm_bindings::KVM_MAX_MSR_ENTRIES)
-                .map_or(0, |m| m.0),
+            count: entries.len(),
+            source,
         })?;
         let set = self
             .fd
@@ -380,9 +400,10 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrRejected {
+        let mut msrs = Msrs::from_entries(&entries).map_err(|source| Error::MsrList {
             vcpu: self.id,
-            msr: 0,
+            count: entries.len(),
+            source,
         })?;
         let got = self
             .fd

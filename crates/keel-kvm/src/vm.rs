@@ -22,6 +22,7 @@ use crate::vcpu::Vcpu;
 
 /// Errors from VM operations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm")]
@@ -50,6 +51,15 @@ pub enum Error {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The GSI routing table could not be built (more routes than KVM takes).
+    #[error("cannot build a GSI routing table of {entries} entries")]
+    RoutingTable {
+        /// Entries the table would have held.
+        entries: usize,
+        /// vmm-sys-util's error.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
 }
 
 /// Result alias for VM operations.
@@ -314,10 +324,11 @@ impl Vm {
             e.u.msi.data = msg.data;
             entries.push(e);
         }
-        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::Ioctl {
-            op: "building the GSI routing table",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
+        let table =
+            KvmIrqRouting::from_entries(&entries).map_err(|source| Error::RoutingTable {
+                entries: entries.len(),
+                source,
+            })?;
         self.fd
             .set_gsi_routing(&table)
             .map_err(ioctl("KVM_SET_GSI_ROUTING"))

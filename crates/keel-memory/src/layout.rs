@@ -10,6 +10,7 @@ use crate::{DirtyBitmap, GuestMemoryMmap, GIB, MIB};
 
 /// Errors from building a layout or the guest memory it describes.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The RAM size is below the minimum, above the maximum, or not page-aligned.
     #[error(

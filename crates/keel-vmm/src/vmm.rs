@@ -31,6 +31,7 @@ use crate::tty::RawTerminal;
 
 /// Errors while building or running the VM.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The memory layout or its mapping failed.
     #[error(transparent)]
@@ -45,7 +46,7 @@ pub enum Error {
     #[error(transparent)]
     Boot(#[from] boot::Error),
     /// A device could not be placed on a bus.
-    #[error("cannot place a device: {0}")]
+    #[error("cannot place a device on a bus")]
     Bus(#[from] keel_bus::Error),
     /// Writing boot tables failed.
     #[error("cannot write boot tables")]
@@ -81,8 +82,14 @@ pub enum Error {
     #[error(transparent)]
     Disk(#[from] crate::disk::Error),
     /// The event loop failed.
-    #[error("event loop: {0:?}")]
-    EventLoop(event_manager::Error),
+    #[error("{op} failed")]
+    EventLoop {
+        /// The step: creating the loop, or running it.
+        op: &'static str,
+        /// event-manager's error.
+        #[source]
+        source: event_manager::Error,
+    },
 }
 
 fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -200,8 +207,8 @@ fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
             vcpu: id,
             rip: vcpu.regs().map(|r| r.rip).unwrap_or(u64::MAX),
         },
-        Ok(other) => VmExit::VcpuError(format!("vCPU {id} stopped: {other:?}")),
-        Err(e) => VmExit::VcpuError(error_chain(&e)),
+        Ok(reason) => VmExit::VcpuStopped { vcpu: id, reason },
+        Err(e) => VmExit::VcpuFailed(Arc::new(e)),
     };
     exit.request(why);
 }
@@ -395,8 +402,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         Some(_) => RawTerminal::enable().map_err(os("cannot put the terminal in raw mode"))?,
         None => None,
     };
-    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
-        EventManager::new().map_err(Error::EventLoop)?;
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> = EventManager::new()
+        .map_err(|source| Error::EventLoop {
+            op: "creating the event loop",
+            source,
+        })?;
     events.add_subscriber(Box::new(Control {
         exit: exit.clone(),
         serial: serial.clone(),
@@ -404,7 +414,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         signals: signalfd,
     }));
     while exit.reason().is_none() {
-        events.run().map_err(Error::EventLoop)?;
+        events.run().map_err(|source| Error::EventLoop {
+            op: "running the event loop",
+            source,
+        })?;
     }
 
     // Orderly shutdown: stop every vCPU, wait for the threads, flush output.
