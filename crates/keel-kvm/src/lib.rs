@@ -36,8 +36,8 @@ pub use vcpu::{
 };
 pub use vm::{DataMatch, DirtyLog, Error, IoEventAddr, MemorySlot, Result, Vm, REQUIRED_CAPS};
 
-/// Whether `/dev/kvm` can be opened read-write: tests use this to print one clear skip line
-/// on hosts without KVM.
+/// Whether `/dev/kvm` can be opened read-write: a VMM, test or benchmark can check this to
+/// say in one clear line that the host has no KVM (keel-testutil's `require_kvm!` does).
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
