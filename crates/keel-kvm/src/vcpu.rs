@@ -529,6 +529,46 @@ impl Vcpu {
     /// thread stops it. PIO and MMIO exits go to `buses`; an access no device claims reads
     /// as all ones and writes are dropped (as on real hardware). Pausing parks the thread
     /// inside this call.
+    ///
+    /// # Examples
+    ///
+    /// Real-mode code that writes a byte to port 0x10, where a device records it, then
+    /// halts.
+    ///
+    /// ```no_run
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use keel_bus::{BusRange, PioDevice};
+    /// use keel_kvm::{Buses, DirtyLog, VcpuExitReason, Vm};
+    /// use keel_memory::{MemoryLayout, MemoryOptions, MIB};
+    /// use vm_memory::{Bytes, GuestAddress};
+    ///
+    /// #[derive(Default)]
+    /// struct Port(Mutex<Vec<u8>>);
+    /// impl PioDevice for Port {
+    ///     fn pio_read(&self, _offset: u64, data: &mut [u8]) {
+    ///         data.fill(0);
+    ///     }
+    ///     fn pio_write(&self, _offset: u64, data: &[u8]) {
+    ///         self.0.lock().unwrap().extend_from_slice(data);
+    ///     }
+    /// }
+    ///
+    /// let mem = MemoryLayout::new(2 * MIB)?.create_guest_memory(&MemoryOptions::default())?;
+    /// // mov $0x2a, %al; out %al, $0x10; hlt
+    /// mem.write_slice(&[0xb0, 0x2a, 0xe6, 0x10, 0xf4], GuestAddress(0x1000))?;
+    /// let vm = Vm::new()?;
+    /// vm.register_memory(&mem, DirtyLog::Off)?;
+    /// let mut vcpu = vm.create_vcpu(0)?;
+    /// vcpu.setup_real_mode(0x1000)?;
+    ///
+    /// let port = Arc::new(Port::default());
+    /// let buses = Buses::default();
+    /// buses.pio.insert(BusRange::new(0x10, 1)?, port.clone())?;
+    /// assert_eq!(vcpu.run(&buses)?, VcpuExitReason::Halted);
+    /// assert_eq!(*port.0.lock().unwrap(), [0x2a]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn run(&mut self, buses: &Buses) -> Result<VcpuExitReason> {
         install_kick_handler()?;
         let ie = self.immediate_exit_ptr();

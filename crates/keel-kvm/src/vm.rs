@@ -162,6 +162,29 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     /// Opens `/dev/kvm`, checks every capability in [`REQUIRED_CAPS`] (the error names each
     /// missing one) and creates a VM.
+    ///
+    /// # Examples
+    ///
+    /// A VM with 64 MiB of RAM, an in-kernel irqchip and one vCPU; memory goes in before
+    /// the irqchip, the faster order.
+    ///
+    /// ```no_run
+    /// use keel_kvm::{DirtyLog, Vm};
+    /// use keel_memory::{x86, MemoryLayout, MemoryOptions, MIB};
+    /// use vm_memory::GuestAddress;
+    ///
+    /// let layout = MemoryLayout::new(64 * MIB)?;
+    /// let mem = layout.create_guest_memory(&MemoryOptions::default())?;
+    /// let vm = Vm::new()?;
+    /// vm.register_memory(&mem, DirtyLog::Off)?;
+    /// vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))?;
+    /// vm.set_tss_address(GuestAddress(x86::TSS_START))?;
+    /// vm.setup_irqchip()?;
+    /// let vcpu = vm.create_vcpu(0)?;
+    /// vcpu.configure(&vm, 1, true)?;
+    /// assert_eq!(vm.memory_slots().len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new() -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let api = kvm.get_api_version();

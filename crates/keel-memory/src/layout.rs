@@ -171,6 +171,35 @@ impl MemoryLayout {
     pub const MAX_RAM: u64 = 512 * GIB;
 
     /// A layout with `ram_size` bytes of RAM and the default 64-bit MMIO window.
+    ///
+    /// # Examples
+    ///
+    /// 4 GiB of RAM: 3 GiB below the 32-bit MMIO hole, the rest above 4 GiB; the guest
+    /// memory is mapped from the layout, here with dirty-page tracking.
+    ///
+    /// ```
+    /// use keel_memory::{x86, MemoryLayout, MemoryOptions, RegionKind, GIB};
+    /// use vm_memory::bitmap::Bitmap;
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    ///
+    /// let layout = MemoryLayout::new(4 * GIB)?;
+    /// assert_eq!(
+    ///     layout.backed_ranges(),
+    ///     [(GuestAddress(0), 3 * GIB), (GuestAddress(x86::HIGH_MEMORY_START), GIB)]
+    /// );
+    /// let ecam = layout.region(RegionKind::Ecam).unwrap();
+    /// assert_eq!(ecam.base, x86::ECAM_START);
+    ///
+    /// let opts = MemoryOptions {
+    ///     track_dirty_pages: true,
+    ///     ..Default::default()
+    /// };
+    /// let mem = layout.create_guest_memory(&opts)?;
+    /// mem.write_obj(0x1234_u16, GuestAddress(x86::HIGH_MEMORY_START + 0x5000))?;
+    /// let high = mem.find_region(GuestAddress(x86::HIGH_MEMORY_START)).unwrap();
+    /// assert!(high.bitmap().dirty_at(0x5000));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(ram_size: u64) -> Result<Self> {
         Self::with_mmio64_size(ram_size, DEFAULT_MMIO64_SIZE)
     }
