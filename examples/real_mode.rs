@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use keel_bus::PioDevice;
-use keel_kvm::{Buses, Vm};
+use keel_kvm::{Buses, DirtyLog, Vm};
 use keel_memory::{MemoryLayout, MemoryOptions, MIB};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     mem.write_slice(&CODE, GuestAddress(0x1000))?;
 
     let vm = Vm::new()?;
-    vm.register_memory(&mem, &opts)?;
+    vm.register_memory(&mem, DirtyLog::Off)?;
     let mut vcpu = vm.create_vcpu(0)?;
     vcpu.setup_real_mode(0x1000)?;
 

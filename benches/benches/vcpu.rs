@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use keel_bus::{BusRange, PioDevice};
-use keel_kvm::{Buses, Vcpu, VcpuExitReason, VcpuHandle, Vm};
-use keel_memory::{MemoryLayout, MemoryOptions, MIB};
+use keel_kvm::{Buses, DirtyLog, Vcpu, VcpuExitReason, VcpuHandle, Vm};
+use keel_memory::{x86, MemoryLayout, MemoryOptions, MIB};
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -60,7 +60,7 @@ fn guest() -> (Vm, Vcpu) {
     let mem = layout.create_guest_memory(&opts).unwrap();
     mem.write_slice(&LOOP, GuestAddress(ENTRY)).unwrap();
     let vm = Vm::new().unwrap();
-    vm.register_memory(&mem, &opts).unwrap();
+    vm.register_memory(&mem, DirtyLog::Off).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     vcpu.setup_real_mode(ENTRY).unwrap();
     (vm, vcpu)
@@ -152,9 +152,12 @@ fn cold_start(c: &mut Criterion) {
                     let mem = layout.create_guest_memory(&opts).unwrap();
                     mem.write_slice(&LOOP, GuestAddress(ENTRY)).unwrap();
                     let vm = Vm::new().unwrap();
-                    vm.register_memory(&mem, &opts).unwrap();
+                    vm.register_memory(&mem, DirtyLog::Off).unwrap();
                     if irqchip {
-                        vm.setup_irqchip(&layout).unwrap();
+                        vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))
+                            .unwrap();
+                        vm.set_tss_address(GuestAddress(x86::TSS_START)).unwrap();
+                        vm.setup_irqchip().unwrap();
                     }
                     let mut vcpu = vm.create_vcpu(0).unwrap();
                     if irqchip {

@@ -7,6 +7,7 @@ use crate::device::{MmioDevice, PioDevice};
 
 /// Errors from bus set-up and dispatch.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Error {
     /// A range of zero length, or one whose end overflows `u64`.
     #[error("invalid bus range: base {base:#x}, length {len:#x}")]

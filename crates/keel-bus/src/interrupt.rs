@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Errors raised by interrupt implementations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The vector index is outside the group.
     #[error("interrupt vector {index} out of range (group has {len})")]
@@ -23,9 +24,28 @@ pub enum Error {
     /// The underlying notification mechanism failed.
     #[error("interrupt delivery failed")]
     Io(#[source] io::Error),
-    /// The hypervisor refused a change (a route, an irqfd or an ioeventfd).
-    #[error("the hypervisor refused: {0}")]
-    Hypervisor(String),
+    /// The hypervisor refused an operation (a route, an irqfd, an ioeventfd, a line level).
+    #[error("the hypervisor could not {op}")]
+    Hypervisor {
+        /// What was being done, as a verb phrase ("add an MSI route").
+        op: &'static str,
+        /// The hypervisor's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// A [`Error::Hypervisor`] for `op` caused by `source`.
+    pub fn hypervisor(
+        op: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Hypervisor {
+            op,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// Result alias for interrupt operations.
@@ -151,4 +171,19 @@ pub trait IoEventRegistrar: Send + Sync {
     fn register(&self, evt: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()>;
     /// Undoes [`IoEventRegistrar::register`] with the same arguments.
     fn unregister(&self, evt: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypervisor_errors_name_the_step_and_keep_the_cause() {
+        let cause = io::Error::from(io::ErrorKind::InvalidInput);
+        let cause_text = cause.to_string();
+        let e = Error::hypervisor("add an MSI route", cause);
+        assert_eq!(e.to_string(), "the hypervisor could not add an MSI route");
+        let source = std::error::Error::source(&e).expect("the cause is the source");
+        assert_eq!(source.to_string(), cause_text);
+    }
 }

@@ -12,11 +12,9 @@ use keel_bus::interrupt::{
 
 use crate::vm::{self, Vm};
 
-fn hypervisor(e: vm::Error) -> IrqError {
-    IrqError::Hypervisor(format!(
-        "{e}: {}",
-        std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
-    ))
+/// Maps a VM error to keel-bus's, naming the step `op`; the VM error stays the source.
+fn hypervisor(op: &'static str) -> impl FnOnce(vm::Error) -> IrqError {
+    move |e| IrqError::hypervisor(op, e)
 }
 
 /// An IOAPIC/PIC input: edges through an irqfd (no ioctl on the hot path), levels through
@@ -60,14 +58,16 @@ impl InterruptLine for IrqLine {
         self.irqfd.write(1).map_err(IrqError::Io)
     }
     fn set_level(&self, asserted: bool) -> IrqResult<()> {
-        self.vm.set_irq_line(self.gsi, asserted).map_err(hypervisor)
+        self.vm
+            .set_irq_line(self.gsi, asserted)
+            .map_err(hypervisor("set an interrupt line's level"))
     }
 }
 
 impl IoEventRegistrar for Vm {
     fn register(&self, evt: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> IrqResult<()> {
         self.register_ioevent(evt, addr, datamatch)
-            .map_err(hypervisor)
+            .map_err(hypervisor("register an ioeventfd"))
     }
     fn unregister(
         &self,
@@ -76,13 +76,13 @@ impl IoEventRegistrar for Vm {
         datamatch: DataMatch,
     ) -> IrqResult<()> {
         self.unregister_ioevent(evt, addr, datamatch)
-            .map_err(hypervisor)
+            .map_err(hypervisor("unregister an ioeventfd"))
     }
 }
 
 impl MsiSender for Vm {
     fn send(&self, msg: MsiMessage) -> IrqResult<()> {
-        self.signal_msi(msg).map_err(hypervisor)
+        self.signal_msi(msg).map_err(hypervisor("send an MSI"))
     }
 }
 
@@ -167,21 +167,25 @@ impl MsiGroup for MsiIrqfdGroup {
         let v = self.vector(index)?;
         let mut r = v.route();
         if !r.routed {
-            self.vm.add_msi_route(r.gsi, msg).map_err(hypervisor)?;
+            self.vm
+                .add_msi_route(r.gsi, msg)
+                .map_err(hypervisor("add an MSI route"))?;
             r.routed = true;
         } else if r.msg != msg {
-            self.vm.update_msi_route(r.gsi, msg).map_err(hypervisor)?;
+            self.vm
+                .update_msi_route(r.gsi, msg)
+                .map_err(hypervisor("update an MSI route"))?;
         }
         r.msg = msg;
         match (r.masked, masked) {
             (true, false) => self
                 .vm
                 .register_irqfd(&v.irqfd, r.gsi)
-                .map_err(hypervisor)?,
+                .map_err(hypervisor("attach an unmasked vector's irqfd"))?,
             (false, true) => self
                 .vm
                 .unregister_irqfd(&v.irqfd, r.gsi)
-                .map_err(hypervisor)?,
+                .map_err(hypervisor("detach a masked vector's irqfd"))?,
             _ => {}
         }
         r.masked = masked;

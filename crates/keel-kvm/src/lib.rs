@@ -1,7 +1,7 @@
 //! A typed wrapper over kvm-ioctls for x86_64 VMMs.
 //!
 //! [`Vm`] opens `/dev/kvm`, checks the capabilities Keel needs and owns the VM: memory
-//! slots registered from a keel-memory layout, the in-kernel irqchip and PIT, irqfds,
+//! slots registered from vm-memory's `GuestMemoryMmap`, the in-kernel irqchip and PIT, irqfds,
 //! ioeventfds, the GSI routing table and dirty logging. [`Vcpu`] sets up x86 CPU state
 //! (CPUID, MSRs, FPU, LAPIC, and the register states of real mode, the Linux 64-bit boot
 //! protocol and PVH) and runs the guest, dispatching port and MMIO exits to keel-bus
@@ -9,7 +9,7 @@
 //! [`interrupt`] implements keel-bus's interrupt traits over irqfd and MSI routes.
 //!
 //! ```no_run
-//! use keel_kvm::{Buses, Vm, VcpuExitReason};
+//! use keel_kvm::{Buses, DirtyLog, Vm, VcpuExitReason};
 //! use keel_memory::{MemoryLayout, MemoryOptions, MIB};
 //! use vm_memory::{Bytes, GuestAddress};
 //!
@@ -17,7 +17,7 @@
 //! let mem = layout.create_guest_memory(&MemoryOptions::default())?;
 //! mem.write_slice(&[0xf4], GuestAddress(0x1000))?; // hlt
 //! let vm = Vm::new()?;
-//! vm.register_memory(&mem, &MemoryOptions::default())?;
+//! vm.register_memory(&mem, DirtyLog::Off)?;
 //! let mut vcpu = vm.create_vcpu(0)?;
 //! vcpu.setup_real_mode(0x1000)?;
 //! assert_eq!(vcpu.run(&Buses::default())?, VcpuExitReason::Halted);
@@ -34,10 +34,10 @@ pub use vcpu::{
     kick_signal, Buses, Error as VcpuError, Result as VcpuResult, Vcpu, VcpuExitReason, VcpuHandle,
     VcpuState, VcpuThread,
 };
-pub use vm::{DataMatch, Error, IoEventAddr, MemorySlot, Result, Vm, REQUIRED_CAPS};
+pub use vm::{DataMatch, DirtyLog, Error, IoEventAddr, MemorySlot, Result, Vm, REQUIRED_CAPS};
 
-/// Whether `/dev/kvm` can be opened read-write: tests use this to print one clear skip line
-/// on hosts without KVM.
+/// Whether `/dev/kvm` can be opened read-write: a VMM, test or benchmark can check this to
+/// say in one clear line that the host has no KVM (keel-testutil's `require_kvm!` does).
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()
         .read(true)

@@ -21,6 +21,7 @@ use crate::x86::msr;
 
 /// Errors from vCPU set-up and running.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A KVM vCPU ioctl failed.
     #[error("{op} failed on vCPU {vcpu}")]
@@ -72,9 +73,26 @@ pub enum Error {
         /// Guest RIP.
         rip: u64,
     },
-    /// A VM-level operation needed by vCPU set-up failed.
-    #[error("VM operation failed")]
-    Vm(#[source] Box<crate::vm::Error>),
+    /// More MSRs were asked for at once than one KVM call takes.
+    #[error("cannot build a list of {count} MSRs for vCPU {vcpu}")]
+    MsrList {
+        /// vCPU index.
+        vcpu: u8,
+        /// MSRs asked for.
+        count: usize,
+        /// vmm-sys-util's error.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// Reading the CPUID KVM supports, which vCPU set-up starts from, failed.
+    #[error("cannot read the supported CPUID for vCPU {vcpu}")]
+    SupportedCpuid {
+        /// vCPU index.
+        vcpu: u8,
+        /// The VM's error.
+        #[source]
+        source: Box<crate::vm::Error>,
+    },
     /// Registering the kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -321,7 +339,10 @@ impl Vcpu {
     /// `vcpu_count` vCPUs, the boot MSRs, a reset FPU, and (with an in-kernel irqchip) LINT0
     /// as ExtINT and LINT1 as NMI.
     pub fn configure(&self, vm: &Vm, vcpu_count: u8, irqchip: bool) -> Result<()> {
-        let mut cpuid = vm.supported_cpuid().map_err(|e| Error::Vm(Box::new(e)))?;
+        let mut cpuid = vm.supported_cpuid().map_err(|e| Error::SupportedCpuid {
+            vcpu: self.id,
+            source: Box::new(e),
+        })?;
         cpuid::normalize(
             cpuid.as_mut_slice(),
             Topology {
@@ -355,11 +376,10 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrRejected {
+        let msrs = Msrs::from_entries(&entries).map_err(|source| Error::MsrList {
             vcpu: self.id,
-            msr: values
-                .get(kvm_bindings::KVM_MAX_MSR_ENTRIES)
-                .map_or(0, |m| m.0),
+            count: entries.len(),
+            source,
         })?;
         let set = self
             .fd
@@ -380,9 +400,10 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrRejected {
+        let mut msrs = Msrs::from_entries(&entries).map_err(|source| Error::MsrList {
             vcpu: self.id,
-            msr: 0,
+            count: entries.len(),
+            source,
         })?;
         let got = self
             .fd
@@ -508,6 +529,46 @@ impl Vcpu {
     /// thread stops it. PIO and MMIO exits go to `buses`; an access no device claims reads
     /// as all ones and writes are dropped (as on real hardware). Pausing parks the thread
     /// inside this call.
+    ///
+    /// # Examples
+    ///
+    /// Real-mode code that writes a byte to port 0x10, where a device records it, then
+    /// halts.
+    ///
+    /// ```no_run
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use keel_bus::{BusRange, PioDevice};
+    /// use keel_kvm::{Buses, DirtyLog, VcpuExitReason, Vm};
+    /// use keel_memory::{MemoryLayout, MemoryOptions, MIB};
+    /// use vm_memory::{Bytes, GuestAddress};
+    ///
+    /// #[derive(Default)]
+    /// struct Port(Mutex<Vec<u8>>);
+    /// impl PioDevice for Port {
+    ///     fn pio_read(&self, _offset: u64, data: &mut [u8]) {
+    ///         data.fill(0);
+    ///     }
+    ///     fn pio_write(&self, _offset: u64, data: &[u8]) {
+    ///         self.0.lock().unwrap().extend_from_slice(data);
+    ///     }
+    /// }
+    ///
+    /// let mem = MemoryLayout::new(2 * MIB)?.create_guest_memory(&MemoryOptions::default())?;
+    /// // mov $0x2a, %al; out %al, $0x10; hlt
+    /// mem.write_slice(&[0xb0, 0x2a, 0xe6, 0x10, 0xf4], GuestAddress(0x1000))?;
+    /// let vm = Vm::new()?;
+    /// vm.register_memory(&mem, DirtyLog::Off)?;
+    /// let mut vcpu = vm.create_vcpu(0)?;
+    /// vcpu.setup_real_mode(0x1000)?;
+    ///
+    /// let port = Arc::new(Port::default());
+    /// let buses = Buses::default();
+    /// buses.pio.insert(BusRange::new(0x10, 1)?, port.clone())?;
+    /// assert_eq!(vcpu.run(&buses)?, VcpuExitReason::Halted);
+    /// assert_eq!(*port.0.lock().unwrap(), [0x2a]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn run(&mut self, buses: &Buses) -> Result<VcpuExitReason> {
         install_kick_handler()?;
         let ie = self.immediate_exit_ptr();

@@ -10,16 +10,19 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use keel_bus::interrupt::MsiMessage;
-use keel_memory::{x86, GuestMemoryMmap, MemoryLayout, MemoryOptions, RegionKind};
 
 use crate::vcpu::Vcpu;
 
 /// Errors from VM operations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm")]
@@ -39,22 +42,24 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Memory must be registered before the irqchip is created (it is 6 ms faster, and
-    /// keel keeps one order so that cold start is predictable).
-    #[error("guest memory must be registered before the irqchip is created")]
-    MemoryAfterIrqchip,
     /// A memory slot index is unknown.
     #[error("no memory slot {0}")]
     NoSuchSlot(u32),
     /// A GSI is outside the routing table or already used.
     #[error("GSI {0} is invalid or already routed")]
     BadGsi(u32),
-    /// The layout has no range for KVM's identity map and TSS.
-    #[error("the memory layout has no KVM-private range for the TSS and identity map")]
-    NoKvmPrivateRegion,
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The GSI routing table could not be built (more routes than KVM takes).
+    #[error("cannot build a GSI routing table of {entries} entries")]
+    RoutingTable {
+        /// Entries the table would have held.
+        entries: usize,
+        /// vmm-sys-util's error.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
 }
 
 /// Result alias for VM operations.
@@ -106,16 +111,35 @@ pub struct MemorySlot {
     pub dirty_log: bool,
 }
 
+/// Whether KVM logs the pages the guest writes in a memory slot (`KVM_MEM_LOG_DIRTY_PAGES`).
+///
+/// KVM sees only writes made by the guest's vCPUs. Writes the VMM makes through vm-memory
+/// (device emulation) are tracked by the memory's own bitmap, when it has one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DirtyLog {
+    /// No logging (the default): the cheapest for the guest.
+    #[default]
+    Off,
+    /// Log every page the guest writes; read and clear the log with [`Vm::dirty_log`] or
+    /// [`Vm::dirty_pages`].
+    On,
+}
+
 pub use keel_bus::interrupt::{DataMatch, IoEventAddress as IoEventAddr};
+
+/// GSIs below this are the in-kernel IOAPIC's pins; MSI routes use the ones above.
+const IOAPIC_PINS: u32 = kvm_bindings::KVM_IOAPIC_NUM_PINS;
+/// The highest GSI KVM routes (`KVM_MAX_IRQ_ROUTES` - 1).
+const MAX_GSI: u32 = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32 - 1;
 
 #[derive(Default)]
 struct State {
-    irqchip: bool,
     slots: Vec<MemorySlot>,
     /// MSI routes by GSI; IOAPIC/PIC routes are fixed and added on every commit.
     msi_routes: BTreeMap<u32, MsiMessage>,
-    /// The registered guest memory, kept mapped for as long as KVM may access it.
-    memory: Vec<GuestMemoryMmap>,
+    /// Clones of the registered guest memory (sharing its mappings), kept so that every
+    /// mapping stays valid for as long as KVM may access it.
+    memory: Vec<Box<dyn Send>>,
 }
 
 /// A KVM virtual machine.
@@ -138,6 +162,29 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     /// Opens `/dev/kvm`, checks every capability in [`REQUIRED_CAPS`] (the error names each
     /// missing one) and creates a VM.
+    ///
+    /// # Examples
+    ///
+    /// A VM with 64 MiB of RAM, an in-kernel irqchip and one vCPU; memory goes in before
+    /// the irqchip, the faster order.
+    ///
+    /// ```no_run
+    /// use keel_kvm::{DirtyLog, Vm};
+    /// use keel_memory::{x86, MemoryLayout, MemoryOptions, MIB};
+    /// use vm_memory::GuestAddress;
+    ///
+    /// let layout = MemoryLayout::new(64 * MIB)?;
+    /// let mem = layout.create_guest_memory(&MemoryOptions::default())?;
+    /// let vm = Vm::new()?;
+    /// vm.register_memory(&mem, DirtyLog::Off)?;
+    /// vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))?;
+    /// vm.set_tss_address(GuestAddress(x86::TSS_START))?;
+    /// vm.setup_irqchip()?;
+    /// let vcpu = vm.create_vcpu(0)?;
+    /// vcpu.configure(&vm, 1, true)?;
+    /// assert_eq!(vm.memory_slots().len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new() -> Result<Self> {
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let api = kvm.get_api_version();
@@ -180,26 +227,28 @@ impl Vm {
         &self.fd
     }
 
-    /// Registers every region of `mem` as a memory slot. Call it before
-    /// [`Vm::setup_irqchip`]: registering memory after the irqchip costs about 6 ms.
+    /// Registers every region of `mem` as a memory slot, with KVM's dirty log as `log` says.
     ///
-    /// The VM keeps a reference to the mappings, so they stay valid for as long as KVM can
-    /// reach them, whatever the caller does with its own handle.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap, opts: &MemoryOptions) -> Result<()> {
+    /// Memory may be registered at any point KVM allows, but registering it before
+    /// [`Vm::setup_irqchip`] is the faster order: VM start-up measured about 6 ms shorter
+    /// that way on the hosts Keel is developed on, so keel-vmm registers memory first.
+    ///
+    /// The VM keeps a clone of `mem` (sharing its mappings), so they stay valid for as long
+    /// as KVM can reach them, whatever the caller does with its own handle.
+    pub fn register_memory<B>(&self, mem: &GuestMemoryMmap<B>, log: DirtyLog) -> Result<()>
+    where
+        B: Bitmap + Send + Sync + 'static,
+    {
         let mut st = self.state();
-        if st.irqchip {
-            return Err(Error::MemoryAfterIrqchip);
-        }
+        let (flags, dirty_log) = match log {
+            DirtyLog::Off => (0, false),
+            DirtyLog::On => (KVM_MEM_LOG_DIRTY_PAGES, true),
+        };
         for region in mem.iter() {
             let slot = st.slots.len() as u32;
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
                 .expect("offset 0 lies in every region");
-            let flags = if opts.dirty_log {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            };
             let desc = kvm_userspace_memory_region {
                 slot,
                 flags,
@@ -216,10 +265,10 @@ impl Vm {
                 slot,
                 guest_addr: desc.guest_phys_addr,
                 size: desc.memory_size,
-                dirty_log: opts.dirty_log,
+                dirty_log,
             });
         }
-        st.memory.push(mem.clone());
+        st.memory.push(Box::new(mem.clone()));
         Ok(())
     }
 
@@ -228,20 +277,31 @@ impl Vm {
         self.state().slots.clone()
     }
 
-    /// Sets the TSS and identity-map addresses from `layout`'s KVM-private range, creates
-    /// the in-kernel irqchip (PIC, IOAPIC, LAPICs) and the PIT, and installs the default
-    /// GSI routes.
-    pub fn setup_irqchip(&self, layout: &MemoryLayout) -> Result<()> {
-        let private = layout
-            .region(RegionKind::KvmPrivate)
-            .ok_or(Error::NoKvmPrivateRegion)?;
+    /// Places KVM's identity-map page (`KVM_SET_IDENTITY_MAP_ADDR`): one page of guest
+    /// physical address space that must not be RAM or a device. Intel hosts need it for
+    /// guests that run unpaged; call it before creating vCPUs.
+    pub fn set_identity_map_address(&self, addr: GuestAddress) -> Result<()> {
         self.fd
-            .set_identity_map_address(private.base)
-            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        // The TSS takes the three pages after the identity-map page.
+            .set_identity_map_address(addr.0)
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))
+    }
+
+    /// Places KVM's TSS (`KVM_SET_TSS_ADDR`): three pages of guest physical address space
+    /// that must not be RAM or a device. Intel hosts need it for real-mode guests; call it
+    /// before running vCPUs.
+    pub fn set_tss_address(&self, addr: GuestAddress) -> Result<()> {
+        // keel-kvm is x86_64-only: usize is 64 bits wide.
         self.fd
-            .set_tss_address((private.base + 0x1000) as usize)
-            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+            .set_tss_address(addr.0 as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))
+    }
+
+    /// Creates the in-kernel irqchip (PIC, IOAPIC, LAPICs) and the PIT, and installs the
+    /// default GSI routes.
+    ///
+    /// Register guest memory first if you can (see [`Vm::register_memory`]): it is the
+    /// faster order.
+    pub fn setup_irqchip(&self) -> Result<()> {
         self.fd
             .create_irq_chip()
             .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
@@ -250,8 +310,7 @@ impl Vm {
             ..Default::default()
         };
         self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        let mut st = self.state();
-        st.irqchip = true;
+        let st = self.state();
         self.commit_routes(&st)
     }
 
@@ -269,7 +328,7 @@ impl Vm {
         };
         // KVM's default routing: ISA IRQs 0-15 reach both PICs and the IOAPIC, 16-23 the
         // IOAPIC only. Setting a table replaces the default, so it is rebuilt here.
-        for gsi in 0..x86::IOAPIC_PINS {
+        for gsi in 0..IOAPIC_PINS {
             if gsi < 8 {
                 entries.push(chip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
             } else if gsi < 16 {
@@ -288,10 +347,11 @@ impl Vm {
             e.u.msi.data = msg.data;
             entries.push(e);
         }
-        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::Ioctl {
-            op: "building the GSI routing table",
-            source: kvm_ioctls::Error::new(libc::E2BIG),
-        })?;
+        let table =
+            KvmIrqRouting::from_entries(&entries).map_err(|source| Error::RoutingTable {
+                entries: entries.len(),
+                source,
+            })?;
         self.fd
             .set_gsi_routing(&table)
             .map_err(ioctl("KVM_SET_GSI_ROUTING"))
@@ -300,7 +360,7 @@ impl Vm {
     /// Routes `gsi` (above the IOAPIC pins) to an MSI with `msg`.
     pub fn add_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<()> {
         let mut st = self.state();
-        if !(x86::IOAPIC_PINS..=x86::MAX_GSI).contains(&gsi) || st.msi_routes.contains_key(&gsi) {
+        if !(IOAPIC_PINS..=MAX_GSI).contains(&gsi) || st.msi_routes.contains_key(&gsi) {
             return Err(Error::BadGsi(gsi));
         }
         st.msi_routes.insert(gsi, msg);

@@ -7,7 +7,21 @@ use crate::x86::{IOAPIC_PINS, MAX_GSI, PCI_PIO_SIZE, PCI_PIO_START};
 
 /// Errors from [`SystemAllocator`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AllocatorError {
+    /// A pool could not be set up over its range.
+    #[error("cannot create the {pool} pool over {first:#x}..={last:#x}")]
+    NewPool {
+        /// Which pool.
+        pool: &'static str,
+        /// First address or identifier.
+        first: u64,
+        /// Last address or identifier.
+        last: u64,
+        /// What vm-allocator reported.
+        #[source]
+        source: vm_allocator::Error,
+    },
     /// The named pool has no room for the request.
     #[error("cannot allocate {size:#x} bytes aligned to {align:#x} from the {pool} window")]
     Exhausted {
@@ -21,11 +35,22 @@ pub enum AllocatorError {
         #[source]
         source: vm_allocator::Error,
     },
-    /// No identifier is left in the named pool, or a freed one was not allocated.
-    #[error("{pool}: {source}")]
-    Id {
+    /// No identifier is left in the named pool.
+    #[error("cannot allocate from the {pool} pool")]
+    IdExhausted {
         /// Which pool.
         pool: &'static str,
+        /// What vm-allocator reported.
+        #[source]
+        source: vm_allocator::Error,
+    },
+    /// An identifier could not be freed (never allocated, or already freed).
+    #[error("cannot free {id} in the {pool} pool")]
+    FreeId {
+        /// Which pool.
+        pool: &'static str,
+        /// The identifier.
+        id: u32,
         /// What vm-allocator reported.
         #[source]
         source: vm_allocator::Error,
@@ -48,6 +73,14 @@ pub enum AllocatorError {
     },
 }
 
+// Pool names, as errors print them.
+const MMIO32: &str = "32-bit MMIO";
+const MMIO64: &str = "64-bit MMIO";
+const PLATFORM_MMIO: &str = "platform MMIO";
+const PIO: &str = "I/O port";
+const LEGACY_IRQ: &str = "legacy IRQ";
+const MSI_GSI: &str = "MSI GSI";
+
 /// A contiguous allocation: base and size.
 pub type Allocation = (u64, u64);
 
@@ -64,16 +97,28 @@ pub struct SystemAllocator {
     msi_gsi: IdAllocator,
 }
 
-fn window(layout: &MemoryLayout, kind: RegionKind) -> Result<AddressAllocator, AllocatorError> {
+fn address_pool(
+    pool: &'static str,
+    base: u64,
+    len: u64,
+) -> Result<AddressAllocator, AllocatorError> {
+    AddressAllocator::new(base, len).map_err(|source| AllocatorError::NewPool {
+        pool,
+        first: base,
+        last: base.wrapping_add(len).wrapping_sub(1),
+        source,
+    })
+}
+
+fn window(
+    layout: &MemoryLayout,
+    kind: RegionKind,
+    pool: &'static str,
+) -> Result<AddressAllocator, AllocatorError> {
     let r = layout
         .region(kind)
         .ok_or(AllocatorError::MissingRegion(kind))?;
-    AddressAllocator::new(r.base, r.len).map_err(|source| AllocatorError::Exhausted {
-        pool: "window",
-        size: r.len,
-        align: 1,
-        source,
-    })
+    address_pool(pool, r.base, r.len)
 }
 
 impl SystemAllocator {
@@ -81,23 +126,21 @@ impl SystemAllocator {
     /// (lines below it are the platform's: PIT, keyboard, serial ports, ...); MSI GSIs are
     /// every GSI above the IOAPIC pins up to [`MAX_GSI`].
     pub fn new(layout: &MemoryLayout, first_legacy_irq: u32) -> Result<Self, AllocatorError> {
-        let id = |pool, lo, hi| {
-            IdAllocator::new(lo, hi).map_err(|source| AllocatorError::Id { pool, source })
+        let id = |pool, first: u32, last: u32| {
+            IdAllocator::new(first, last).map_err(|source| AllocatorError::NewPool {
+                pool,
+                first: u64::from(first),
+                last: u64::from(last),
+                source,
+            })
         };
         Ok(SystemAllocator {
-            mmio32: window(layout, RegionKind::PciMmio32)?,
-            mmio64: window(layout, RegionKind::PciMmio64)?,
-            platform_mmio: window(layout, RegionKind::PlatformMmio)?,
-            pio: AddressAllocator::new(PCI_PIO_START, PCI_PIO_SIZE).map_err(|source| {
-                AllocatorError::Exhausted {
-                    pool: "pio",
-                    size: PCI_PIO_SIZE,
-                    align: 1,
-                    source,
-                }
-            })?,
-            legacy_irq: id("legacy IRQ", first_legacy_irq, IOAPIC_PINS - 1)?,
-            msi_gsi: id("MSI GSI", IOAPIC_PINS, MAX_GSI)?,
+            mmio32: window(layout, RegionKind::PciMmio32, MMIO32)?,
+            mmio64: window(layout, RegionKind::PciMmio64, MMIO64)?,
+            platform_mmio: window(layout, RegionKind::PlatformMmio, PLATFORM_MMIO)?,
+            pio: address_pool(PIO, PCI_PIO_START, PCI_PIO_SIZE)?,
+            legacy_irq: id(LEGACY_IRQ, first_legacy_irq, IOAPIC_PINS - 1)?,
+            msi_gsi: id(MSI_GSI, IOAPIC_PINS, MAX_GSI)?,
         })
     }
 
@@ -137,11 +180,11 @@ impl SystemAllocator {
 
     /// Allocates `size` bytes of 32-bit PCI MMIO space aligned to `align` (a power of two).
     pub fn allocate_mmio32(&mut self, size: u64, align: u64) -> Result<Allocation, AllocatorError> {
-        Self::alloc(&mut self.mmio32, "32-bit MMIO", size, align)
+        Self::alloc(&mut self.mmio32, MMIO32, size, align)
     }
     /// Allocates `size` bytes of 64-bit PCI MMIO space aligned to `align`.
     pub fn allocate_mmio64(&mut self, size: u64, align: u64) -> Result<Allocation, AllocatorError> {
-        Self::alloc(&mut self.mmio64, "64-bit MMIO", size, align)
+        Self::alloc(&mut self.mmio64, MMIO64, size, align)
     }
     /// Allocates `size` bytes in the platform MMIO window aligned to `align`.
     pub fn allocate_platform_mmio(
@@ -149,35 +192,35 @@ impl SystemAllocator {
         size: u64,
         align: u64,
     ) -> Result<Allocation, AllocatorError> {
-        Self::alloc(&mut self.platform_mmio, "platform MMIO", size, align)
+        Self::alloc(&mut self.platform_mmio, PLATFORM_MMIO, size, align)
     }
     /// Allocates `size` I/O ports aligned to `align`.
     pub fn allocate_pio(&mut self, size: u64, align: u64) -> Result<Allocation, AllocatorError> {
-        Self::alloc(&mut self.pio, "I/O port", size, align)
+        Self::alloc(&mut self.pio, PIO, size, align)
     }
     /// Returns a 32-bit MMIO allocation.
     pub fn free_mmio32(&mut self, a: Allocation) -> Result<(), AllocatorError> {
-        Self::release(&mut self.mmio32, "32-bit MMIO", a)
+        Self::release(&mut self.mmio32, MMIO32, a)
     }
     /// Returns a 64-bit MMIO allocation.
     pub fn free_mmio64(&mut self, a: Allocation) -> Result<(), AllocatorError> {
-        Self::release(&mut self.mmio64, "64-bit MMIO", a)
+        Self::release(&mut self.mmio64, MMIO64, a)
     }
     /// Returns a platform MMIO allocation.
     pub fn free_platform_mmio(&mut self, a: Allocation) -> Result<(), AllocatorError> {
-        Self::release(&mut self.platform_mmio, "platform MMIO", a)
+        Self::release(&mut self.platform_mmio, PLATFORM_MMIO, a)
     }
     /// Returns an I/O port allocation.
     pub fn free_pio(&mut self, a: Allocation) -> Result<(), AllocatorError> {
-        Self::release(&mut self.pio, "I/O port", a)
+        Self::release(&mut self.pio, PIO, a)
     }
 
     /// Allocates a legacy interrupt line (an IOAPIC pin).
     pub fn allocate_legacy_irq(&mut self) -> Result<u32, AllocatorError> {
         self.legacy_irq
             .allocate_id()
-            .map_err(|source| AllocatorError::Id {
-                pool: "legacy IRQ",
+            .map_err(|source| AllocatorError::IdExhausted {
+                pool: LEGACY_IRQ,
                 source,
             })
     }
@@ -185,8 +228,8 @@ impl SystemAllocator {
     pub fn allocate_msi_gsi(&mut self) -> Result<u32, AllocatorError> {
         self.msi_gsi
             .allocate_id()
-            .map_err(|source| AllocatorError::Id {
-                pool: "MSI GSI",
+            .map_err(|source| AllocatorError::IdExhausted {
+                pool: MSI_GSI,
                 source,
             })
     }
@@ -195,8 +238,9 @@ impl SystemAllocator {
         self.msi_gsi
             .free_id(gsi)
             .map(drop)
-            .map_err(|source| AllocatorError::Id {
-                pool: "MSI GSI",
+            .map_err(|source| AllocatorError::FreeId {
+                pool: MSI_GSI,
+                id: gsi,
                 source,
             })
     }

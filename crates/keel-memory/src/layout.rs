@@ -2,13 +2,15 @@
 
 use std::fmt;
 
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::x86::*;
-use crate::{GuestMemoryMmap, GIB, MIB};
+use crate::{DirtyBitmap, GuestMemoryMmap, GIB, MIB};
 
 /// Errors from building a layout or the guest memory it describes.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The RAM size is below the minimum, above the maximum, or not page-aligned.
     #[error(
@@ -147,9 +149,11 @@ pub struct MemoryOptions {
     /// Populate every page up front (`madvise(MADV_POPULATE_WRITE)`), so the guest never
     /// takes a first-touch fault.
     pub prefault: bool,
-    /// Ask the hypervisor to log dirty pages for these regions (keel-kvm registers the
-    /// memory slots with `KVM_MEM_LOG_DIRTY_PAGES`).
-    pub dirty_log: bool,
+    /// Give every region a dirty bitmap ([`DirtyBitmap::tracking`]), so that writes made
+    /// through vm-memory's accessors (by device models) mark the pages they touch. The
+    /// hypervisor's log of the guest's own writes is asked for separately, when the memory
+    /// is registered (keel-kvm's `DirtyLog::On`); a VMM migrating a guest wants both.
+    pub track_dirty_pages: bool,
 }
 
 /// The guest physical address map of an x86_64 VM.
@@ -167,6 +171,35 @@ impl MemoryLayout {
     pub const MAX_RAM: u64 = 512 * GIB;
 
     /// A layout with `ram_size` bytes of RAM and the default 64-bit MMIO window.
+    ///
+    /// # Examples
+    ///
+    /// 4 GiB of RAM: 3 GiB below the 32-bit MMIO hole, the rest above 4 GiB; the guest
+    /// memory is mapped from the layout, here with dirty-page tracking.
+    ///
+    /// ```
+    /// use keel_memory::{x86, MemoryLayout, MemoryOptions, RegionKind, GIB};
+    /// use vm_memory::bitmap::Bitmap;
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    ///
+    /// let layout = MemoryLayout::new(4 * GIB)?;
+    /// assert_eq!(
+    ///     layout.backed_ranges(),
+    ///     [(GuestAddress(0), 3 * GIB), (GuestAddress(x86::HIGH_MEMORY_START), GIB)]
+    /// );
+    /// let ecam = layout.region(RegionKind::Ecam).unwrap();
+    /// assert_eq!(ecam.base, x86::ECAM_START);
+    ///
+    /// let opts = MemoryOptions {
+    ///     track_dirty_pages: true,
+    ///     ..Default::default()
+    /// };
+    /// let mem = layout.create_guest_memory(&opts)?;
+    /// mem.write_obj(0x1234_u16, GuestAddress(x86::HIGH_MEMORY_START + 0x5000))?;
+    /// let high = mem.find_region(GuestAddress(x86::HIGH_MEMORY_START)).unwrap();
+    /// assert!(high.bitmap().dirty_at(0x5000));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(ram_size: u64) -> Result<Self> {
         Self::with_mmio64_size(ram_size, DEFAULT_MMIO64_SIZE)
     }
@@ -293,14 +326,34 @@ impl MemoryLayout {
             .unwrap_or(0)
     }
 
-    /// Maps the backed ranges in this process as guest memory.
+    /// Maps the backed ranges in this process as guest memory, one region per range, with
+    /// `opts` applied (dirty bitmaps, huge pages, prefaulting).
     pub fn create_guest_memory(&self, opts: &MemoryOptions) -> Result<GuestMemoryMmap> {
         let ranges: Vec<(GuestAddress, usize)> = self
             .backed_ranges()
             .into_iter()
             .map(|(a, l)| (a, l as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Mmap)?;
+        let regions = ranges
+            .iter()
+            .map(|&(addr, len)| {
+                let bitmap = if opts.track_dirty_pages {
+                    DirtyBitmap::tracking(len)
+                } else {
+                    DirtyBitmap::untracked()
+                };
+                // The mapping vm-memory's `from_ranges` makes, with the bitmap chosen here.
+                let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                    .build()
+                    .map_err(FromRangesError::from)?;
+                GuestRegionMmap::new(mapping, addr).ok_or(FromRangesError::InvalidGuestRegion)
+            })
+            .collect::<std::result::Result<Vec<_>, FromRangesError>>()
+            .map_err(Error::Mmap)?;
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| Error::Mmap(FromRangesError::from(e)))?;
         for region in mem.iter() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -523,7 +576,7 @@ mod tests {
             .create_guest_memory(&MemoryOptions {
                 transparent_huge_pages: true,
                 prefault: true,
-                dirty_log: false,
+                track_dirty_pages: false,
             })
             .unwrap();
         // Prefaulted memory is resident: mincore reports every page present.

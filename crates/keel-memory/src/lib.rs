@@ -21,15 +21,20 @@
 #![deny(missing_docs)]
 
 mod allocator;
+mod dirty;
 mod layout;
 
 pub use allocator::{AllocatorError, SystemAllocator};
+pub use dirty::DirtyBitmap;
 pub use layout::{
     E820Entry, E820Kind, Error, MemoryLayout, MemoryOptions, Region, RegionKind, Result,
 };
 
-/// The guest memory type every Keel crate uses.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type every Keel crate uses: vm-memory's mmap-backed memory whose
+/// regions carry a [`DirtyBitmap`], so that a VMM tracking dirty pages (for migration, say)
+/// sees the writes device models make through vm-memory's accessors. Tracking is off
+/// unless [`MemoryOptions::track_dirty_pages`] asks for it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
 /// One kibibyte.
 pub const KIB: u64 = 1 << 10;

@@ -6,14 +6,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Whether `/dev/kvm` can be opened read-write.
-pub fn kvm_available() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
+/// Whether `/dev/kvm` can be opened read-write: keel-kvm's check, the one every Keel test,
+/// example and benchmark uses.
+pub use keel_kvm::kvm_available;
 
 /// Returns from the calling test, printing `skipped: /dev/kvm unavailable`, when KVM is
 /// absent. Where it is present the test runs.

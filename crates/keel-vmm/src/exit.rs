@@ -1,13 +1,13 @@
 //! How the VM ends: devices and vCPU threads request an exit; the main thread acts on the
 //! first request.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use keel_kvm::VcpuHandle;
+use keel_kvm::{VcpuError, VcpuExitReason, VcpuHandle};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why the VM stopped.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum VmExit {
     /// The guest wrote `value` to the debug-exit port.
     DebugExit(u32),
@@ -22,8 +22,16 @@ pub enum VmExit {
         /// Guest RIP when it happened.
         rip: u64,
     },
-    /// A vCPU stopped with an error (KVM internal error, failed entry, ...).
-    VcpuError(String),
+    /// A vCPU stopped with an error (KVM internal error, failed entry, ...), which names
+    /// the vCPU. Shared: the exit is cloned for whoever asks.
+    VcpuFailed(Arc<VcpuError>),
+    /// A vCPU stopped for a reason keel does not act on (a crash the guest reported, say).
+    VcpuStopped {
+        /// vCPU index.
+        vcpu: u8,
+        /// Why it stopped.
+        reason: VcpuExitReason,
+    },
     /// keel received a termination signal.
     Signal(i32),
 }
@@ -35,7 +43,7 @@ impl VmExit {
             // Exit statuses are 8 bits: larger values saturate rather than wrap to success.
             VmExit::DebugExit(v) => (*v).min(255) as i32,
             VmExit::Reset | VmExit::PowerOff => 0,
-            VmExit::TripleFault { .. } | VmExit::VcpuError(_) => 1,
+            VmExit::TripleFault { .. } | VmExit::VcpuFailed(_) | VmExit::VcpuStopped { .. } => 1,
             VmExit::Signal(sig) => 128 + sig,
         }
     }
@@ -47,7 +55,10 @@ impl VmExit {
             VmExit::TripleFault { vcpu, rip } => Some(format!(
                 "keel: vCPU {vcpu} triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"
             )),
-            VmExit::VcpuError(e) => Some(format!("keel: {e}")),
+            VmExit::VcpuFailed(e) => Some(format!("keel: {}", error_chain(&**e))),
+            VmExit::VcpuStopped { vcpu, reason } => {
+                Some(format!("keel: vCPU {vcpu} stopped: {reason:?}"))
+            }
             VmExit::Signal(sig) => Some(format!("keel: stopped by signal {sig}")),
         }
     }

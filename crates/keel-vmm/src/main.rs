@@ -70,13 +70,18 @@ struct Cli {
     serial: SerialMode,
 }
 
-fn parse_serial(s: &str) -> Result<SerialMode, String> {
+/// A `--serial` value that is none of its forms.
+#[derive(Debug, thiserror::Error)]
+#[error("expected stdio, file=PATH or none")]
+struct BadSerialMode;
+
+fn parse_serial(s: &str) -> Result<SerialMode, BadSerialMode> {
     match s {
         "stdio" => Ok(SerialMode::Stdio),
         "none" => Ok(SerialMode::None),
         _ => match s.strip_prefix("file=") {
             Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
-            _ => Err("expected stdio, file=PATH or none".into()),
+            _ => Err(BadSerialMode),
         },
     }
 }

@@ -17,10 +17,9 @@
 //! | `pml4` (default 0x9000) .. +0x6000 | PML4, PDPT and 4 page directories mapping 0-4 GiB |
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use super::gdt::{gdt_entry, segment};
-use keel_memory::GuestMemoryMmap;
 
 /// 32-bit flat code segment (PVH entry).
 pub const SEL_CODE32: u16 = 0x08;
@@ -110,9 +109,9 @@ impl BootTables {
 
     /// Writes the GDT, a TSS whose RSP0 is `kernel_stack` with an I/O bitmap allowing every
     /// port, and a zeroed IDT.
-    pub fn write_descriptor_tables(
+    pub fn write_descriptor_tables<M: GuestMemory + ?Sized>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &M,
         kernel_stack: u64,
     ) -> Result<(), GuestMemoryError> {
         for (i, e) in self.gdt_entries().iter().enumerate() {
@@ -130,9 +129,9 @@ impl BootTables {
     /// (user-accessible with `user`). Do this once per VM, before any vCPU runs: the
     /// tables are shared by all vCPUs, and rewriting page tables under a running vCPU
     /// confuses shadow paging even when the bytes are unchanged.
-    pub fn write(
+    pub fn write<M: GuestMemory + ?Sized>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &M,
         kernel_stack: u64,
         user: bool,
     ) -> Result<(), GuestMemoryError> {
@@ -142,9 +141,9 @@ impl BootTables {
 
     /// Writes page tables identity-mapping 0-4 GiB with 2 MiB pages. With `user`, every
     /// page is accessible from CPL3 (for test guests whose code runs in user mode).
-    pub fn write_identity_page_tables(
+    pub fn write_identity_page_tables<M: GuestMemory + ?Sized>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &M,
         user: bool,
     ) -> Result<(), GuestMemoryError> {
         const PRESENT_RW: u64 = 0b11;
@@ -183,7 +182,11 @@ impl BootTables {
     }
 }
 
-fn write_table(mem: &GuestMemoryMmap, at: u64, t: &[u64; 512]) -> Result<(), GuestMemoryError> {
+fn write_table<M: GuestMemory + ?Sized>(
+    mem: &M,
+    at: u64,
+    t: &[u64; 512],
+) -> Result<(), GuestMemoryError> {
     let bytes: Vec<u8> = t.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(at))
 }

@@ -6,8 +6,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use keel_bus::{MmioDevice, PioDevice};
-use keel_kvm::Vm;
-use keel_memory::{GuestMemoryMmap, MemoryLayout, MemoryOptions, MIB};
+use keel_kvm::{DirtyLog, Vm};
+use keel_memory::{x86, GuestMemoryMmap, MemoryLayout, MemoryOptions, MIB};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use keel_testutil::assemble;
@@ -95,9 +95,12 @@ pub fn vm_with_memory(mib: u64, irqchip: bool) -> (Arc<Vm>, GuestMemoryMmap, Mem
     let opts = MemoryOptions::default();
     let mem = layout.create_guest_memory(&opts).unwrap();
     let vm = Vm::new().unwrap();
-    vm.register_memory(&mem, &opts).unwrap();
+    vm.register_memory(&mem, DirtyLog::Off).unwrap();
     if irqchip {
-        vm.setup_irqchip(&layout).unwrap();
+        vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))
+            .unwrap();
+        vm.set_tss_address(GuestAddress(x86::TSS_START)).unwrap();
+        vm.setup_irqchip().unwrap();
     }
     (Arc::new(vm), mem, layout)
 }

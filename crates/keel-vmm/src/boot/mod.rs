@@ -65,6 +65,7 @@ const MAX_E820: usize = 128;
 
 /// Errors while loading a kernel.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be opened or read.
     #[error("cannot read {what} {path}")]
@@ -77,20 +78,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The image is neither ELF nor bzImage.
-    #[error("{0} is not a kernel keel can boot (expected an ELF64 image or a bzImage)")]
-    UnknownFormat(String),
-    /// linux-loader refused the image.
-    #[error("cannot load kernel {path}: {source:?}")]
+    /// The image is neither ELF nor bzImage. (No cause: the first bytes are simply not a
+    /// known header.)
+    #[error("{image} is not a kernel keel can boot (expected an ELF64 image or a bzImage)")]
+    UnknownFormat {
+        /// Which image: its path, or "the built-in test guest".
+        image: String,
+    },
+    /// linux-loader refused the image, or its command line.
+    #[error("cannot load kernel {path}")]
     Load {
         /// Its path.
         path: String,
         /// linux-loader's error.
+        #[source]
         source: linux_loader::loader::Error,
     },
     /// The command line is too long or has invalid characters.
-    #[error("invalid kernel command line: {0:?}")]
-    Cmdline(linux_loader::cmdline::Error),
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
     /// The initrd does not fit in low memory.
     #[error("initrd of {size} bytes does not fit below {max:#x} after the kernel")]
     InitrdTooBig {
@@ -100,8 +106,8 @@ pub enum Error {
         max: u64,
     },
     /// Writing boot structures failed.
-    #[error("cannot write boot parameters: {0:?}")]
-    Params(linux_loader::configurator::Error),
+    #[error("cannot write the boot parameters")]
+    Params(#[source] linux_loader::configurator::Error),
     /// Writing into guest memory failed.
     #[error("cannot write into guest memory")]
     Memory(#[from] GuestMemoryError),
@@ -176,7 +182,9 @@ fn sniff<F: Read + Seek>(f: &mut F, name: &str) -> Result<Kind> {
     } else if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
         Ok(Kind::BzImage)
     } else {
-        Err(Error::UnknownFormat(name.to_string()))
+        Err(Error::UnknownFormat {
+            image: name.to_string(),
+        })
     }
 }
 

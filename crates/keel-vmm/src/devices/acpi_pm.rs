@@ -91,14 +91,14 @@ mod tests {
         let exit = Arc::new(ExitSignal::new().unwrap());
         let pm = AcpiPm::new(exit.clone());
         pm.pio_write(0, &((3u16 << 10) | SLP_EN).to_le_bytes()); // S3: not supported
-        assert_eq!(exit.reason(), None);
+        assert!(exit.reason().is_none());
         pm.pio_write(0, &(5u16 << 10).to_le_bytes()); // S5 without SLP_EN
-        assert_eq!(exit.reason(), None);
+        assert!(exit.reason().is_none());
         let mut v = [0u8; 2];
         pm.pio_read(0, &mut v);
         assert_eq!(u16::from_le_bytes(v), 5 << 10);
         pm.pio_write(0, &((5u16 << 10) | SLP_EN).to_le_bytes());
-        assert_eq!(exit.reason(), Some(VmExit::PowerOff));
+        assert!(matches!(exit.reason(), Some(VmExit::PowerOff)));
     }
 
     #[test]
@@ -107,6 +107,6 @@ mod tests {
         let pm = AcpiPm::new(exit.clone());
         let v = (5u16 << 10) | SLP_EN;
         pm.pio_write(1, &[(v >> 8) as u8]);
-        assert_eq!(exit.reason(), Some(VmExit::PowerOff));
+        assert!(matches!(exit.reason(), Some(VmExit::PowerOff)));
     }
 }

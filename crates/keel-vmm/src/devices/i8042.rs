@@ -63,8 +63,8 @@ mod tests {
         let exit = Arc::new(ExitSignal::new().unwrap());
         let dev = I8042::new(exit.clone());
         dev.pio_write(4, &[0x20]); // read command byte: harmless
-        assert_eq!(exit.reason(), None);
+        assert!(exit.reason().is_none());
         dev.pio_write(4, &[0xfe]);
-        assert_eq!(exit.reason(), Some(VmExit::Reset));
+        assert!(matches!(exit.reason(), Some(VmExit::Reset)));
     }
 }
