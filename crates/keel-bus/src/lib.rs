@@ -31,6 +31,8 @@
 mod bus;
 mod device;
 pub mod interrupt;
+mod report;
 
 pub use bus::{Bus, BusRange, BusTxn, Dispatch, Error, MmioBus, PioBus, Result};
 pub use device::{MmioDevice, MutMmioDevice, MutPioDevice, PioDevice};
+pub use report::ErrorChain;

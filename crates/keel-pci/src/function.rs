@@ -8,7 +8,7 @@ use crate::bar::{BarError, BarKind, BarSpec, NUM_BARS};
 use crate::config::{command, reg, status, ConfigError, ConfigSpace};
 use crate::msi::Msi;
 use crate::msix::{Msix, MsixLayout};
-use crate::report::Chain;
+use keel_bus::ErrorChain;
 
 /// The device-specific part of a PCI function.
 ///
@@ -325,7 +325,7 @@ impl PciFunction {
         self.cfg.set_u16(reg::STATUS, st);
         let level = i.asserted && self.cfg.command() & command::INTX_DISABLE == 0;
         if let Err(e) = i.line.set_level(level) {
-            log::warn!("INTx: {}", Chain(&e));
+            log::warn!("INTx: {}", ErrorChain(&e));
         }
     }
 }

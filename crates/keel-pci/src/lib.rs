@@ -45,7 +45,6 @@ pub mod config;
 pub mod function;
 pub mod msi;
 pub mod msix;
-mod report;
 pub mod segment;
 
 pub use bar::{BarKind, BarSpec};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use keel_bus::interrupt::{MsiGroup, MsiMessage};
 
 use crate::config::{cap_id, ConfigError, ConfigSpace};
-use crate::report::Chain;
+use keel_bus::ErrorChain;
 
 const CTRL_ENABLE: u16 = 1;
 const CTRL_64BIT: u16 = 1 << 7;
@@ -105,13 +105,13 @@ impl Msi {
                 .group
                 .configure(v as usize, self.message(cfg, v), masked)
             {
-                log::warn!("MSI vector {v}: {}", Chain(&e));
+                log::warn!("MSI vector {v}: {}", ErrorChain(&e));
             }
             let was = std::mem::replace(&mut self.masked[v as usize], masked);
             if was && !masked && self.pending & (1 << v) != 0 {
                 self.pending &= !(1 << v);
                 if let Err(e) = self.group.trigger(v as usize) {
-                    log::warn!("MSI vector {v}: {}", Chain(&e));
+                    log::warn!("MSI vector {v}: {}", ErrorChain(&e));
                 }
             }
         }
@@ -139,7 +139,7 @@ impl Msi {
         if self.masked(cfg, v) {
             self.pending |= 1 << v;
         } else if let Err(e) = self.group.trigger(v as usize) {
-            log::warn!("MSI vector {v}: {}", Chain(&e));
+            log::warn!("MSI vector {v}: {}", ErrorChain(&e));
         }
     }
 }

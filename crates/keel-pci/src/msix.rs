@@ -11,7 +11,7 @@ use std::sync::Arc;
 use keel_bus::interrupt::{MsiGroup, MsiMessage};
 
 use crate::config::{cap_id, ConfigError, ConfigSpace};
-use crate::report::Chain;
+use keel_bus::ErrorChain;
 
 /// Bytes per table entry.
 pub const ENTRY_SIZE: u64 = 16;
@@ -144,11 +144,11 @@ impl Msix {
     fn sync(&mut self, cfg: &ConfigSpace, v: usize) {
         let masked = self.effective_mask(cfg, v);
         if let Err(e) = self.group.configure(v, self.message(v), masked) {
-            log::warn!("MSI-X vector {v}: {}", Chain(&e));
+            log::warn!("MSI-X vector {v}: {}", ErrorChain(&e));
         }
         if self.masked[v] && !masked && std::mem::take(&mut self.pending[v]) {
             if let Err(e) = self.group.trigger(v) {
-                log::warn!("MSI-X vector {v}: {}", Chain(&e));
+                log::warn!("MSI-X vector {v}: {}", ErrorChain(&e));
             }
         }
         self.masked[v] = masked;
@@ -242,7 +242,7 @@ impl Msix {
         if self.effective_mask(cfg, v) {
             self.pending[v] = true;
         } else if let Err(e) = self.group.trigger(v) {
-            log::warn!("MSI-X vector {v}: {}", Chain(&e));
+            log::warn!("MSI-X vector {v}: {}", ErrorChain(&e));
         }
     }
 }

@@ -9,7 +9,7 @@ use keel_memory::SystemAllocator;
 use crate::bar::BarKind;
 use crate::config::ConfigSpace;
 use crate::function::{BarChange, PciDevice, PciFunction};
-use crate::report::Chain;
+use keel_bus::ErrorChain;
 
 /// Device slots on a bus.
 pub const DEVICES_PER_BUS: usize = 32;
@@ -362,7 +362,7 @@ impl PciSegment {
                     "BAR {} cannot decode at {:#x?}: {}",
                     ch.bar,
                     ch.new,
-                    Chain(&e)
+                    ErrorChain(&e)
                 );
                 f.mark_undecoded(ch.bar);
                 f.device_mut().bar_moved(ch.bar, ch.new, None);

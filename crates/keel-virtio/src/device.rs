@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use keel_memory::GuestMemoryMmap;
 
-use crate::report::Chain;
+use keel_bus::ErrorChain;
 use virtio_bindings::{virtio_config, virtio_ring};
 
 /// Feature mask of [`virtio_config::VIRTIO_F_VERSION_1`]: the device conforms to virtio 1.0
@@ -62,7 +62,10 @@ impl NeedsReset {
     pub fn report(&self) {
         if !self.flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                log::warn!("virtio: cannot signal DEVICE_NEEDS_RESET: {}", Chain(&e));
+                log::warn!(
+                    "virtio: cannot signal DEVICE_NEEDS_RESET: {}",
+                    ErrorChain(&e)
+                );
             }
         }
     }

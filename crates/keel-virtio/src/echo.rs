@@ -19,8 +19,8 @@ use crate::device::{
     ActivateContext, ActivateError, InterruptKind, NeedsReset, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::report::Chain;
 use crate::worker::{drain_queue, QueueWorker};
+use keel_bus::ErrorChain;
 
 /// The echo device's virtio device type: a project-local ID, not in
 /// `virtio_bindings::virtio_ids` (virtio 1.2 section 5 assigns none to 0x3f).
@@ -90,12 +90,12 @@ fn serve(
     match drain_queue(queue, mem, |chain| echo_chain(chain, mem, x)) {
         Ok(true) => {
             if let Err(e) = interrupt.trigger(InterruptKind::Queue(0)) {
-                log::warn!("echo: {}", Chain(&e));
+                log::warn!("echo: {}", ErrorChain(&e));
             }
         }
         Ok(false) => {}
         Err(e) => {
-            log::warn!("echo: {}", Chain(&e));
+            log::warn!("echo: {}", ErrorChain(&e));
             needs_reset.report();
         }
     }

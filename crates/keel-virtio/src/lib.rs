@@ -18,7 +18,6 @@ pub mod device;
 pub mod echo;
 pub mod mmio;
 pub mod pci;
-mod report;
 pub mod state;
 #[cfg(feature = "test-utils")]
 pub mod testing;

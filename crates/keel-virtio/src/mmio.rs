@@ -14,8 +14,8 @@ use keel_memory::GuestMemoryMmap;
 use virtio_bindings::virtio_mmio;
 
 use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
-use crate::report::Chain;
 use crate::state::{set_high, set_low, StateError, VirtioState};
+use keel_bus::ErrorChain;
 
 /// Size of the register window.
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -292,7 +292,7 @@ impl MmioDevice for VirtioMmio {
             if inner.state.write_config(offset - reg::CONFIG, data) {
                 drop(inner);
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::warn!("virtio-mmio: {}", Chain(&e));
+                    log::warn!("virtio-mmio: {}", ErrorChain(&e));
                 }
             }
             return;

@@ -32,8 +32,8 @@ use keel_pci::{MsixLayout, PciDevice, PciFunction};
 use virtio_bindings::virtio_ids;
 
 use crate::device::{InterruptError, InterruptKind, VirtioDevice, VirtioInterrupt};
-use crate::report::Chain;
 use crate::state::{set_high, set_low, StateError, VirtioState};
+use keel_bus::ErrorChain;
 
 // virtio-bindings 0.2 has no virtio_pci module: the PCI transport's constants are written
 // here, each citing the virtio 1.2 section that defines it.
@@ -468,7 +468,7 @@ impl PciDevice for VirtioPci {
                 && self.state.write_config(o - DEVICE_CFG, data) =>
             {
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::warn!("virtio-pci: {}", Chain(&e));
+                    log::warn!("virtio-pci: {}", ErrorChain(&e));
                 }
             }
             o if o >= NOTIFY
@@ -527,12 +527,12 @@ impl PciDevice for VirtioPci {
             let evt = self.state.notifier(q).expect("one per queue");
             if let Some(n) = new {
                 if let Err(e) = reg.register(evt, Self::notify_addr(n, q), DataMatch::Any) {
-                    log::warn!("virtio-pci: queue {q} doorbell: {}", Chain(&e));
+                    log::warn!("virtio-pci: queue {q} doorbell: {}", ErrorChain(&e));
                 }
             }
             if let Some(o) = old {
                 if let Err(e) = reg.unregister(evt, Self::notify_addr(o, q), DataMatch::Any) {
-                    log::warn!("virtio-pci: queue {q} doorbell: {}", Chain(&e));
+                    log::warn!("virtio-pci: queue {q} doorbell: {}", ErrorChain(&e));
                 }
             }
         }

@@ -15,7 +15,7 @@ use crate::device::{
     ActivateContext, ActivateError, ActiveQueue, NeedsReset, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::report::Chain;
+use keel_bus::ErrorChain;
 
 /// Device status bits (virtio 1.2 section 2.1), as the 8-bit register holds them: the
 /// `VIRTIO_CONFIG_S_*` values of [`virtio_bindings::virtio_config`].
@@ -461,7 +461,7 @@ impl VirtioState {
                 log::debug!("virtio: DRIVER_OK without FEATURES_OK; device not started");
                 new |= status::DEVICE_NEEDS_RESET;
             } else if let Err(why) = self.activate(interrupt) {
-                log::warn!("virtio: cannot start the device: {}", Chain(&why));
+                log::warn!("virtio: cannot start the device: {}", ErrorChain(&why));
                 new |= status::DEVICE_NEEDS_RESET;
             }
         }

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use keel_bus::ErrorChain;
 use keel_kvm::{VcpuError, VcpuExitReason, VcpuHandle};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -55,7 +56,7 @@ impl VmExit {
             VmExit::TripleFault { vcpu, rip } => Some(format!(
                 "keel: vCPU {vcpu} triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"
             )),
-            VmExit::VcpuFailed(e) => Some(format!("keel: {}", error_chain(&**e))),
+            VmExit::VcpuFailed(e) => Some(format!("keel: {}", ErrorChain(&**e))),
             VmExit::VcpuStopped { vcpu, reason } => {
                 Some(format!("keel: vCPU {vcpu} stopped: {reason:?}"))
             }
@@ -119,16 +120,4 @@ impl ExitSignal {
     pub fn event(&self) -> &EventFd {
         &self.event
     }
-}
-
-/// `e` and its chain of sources, joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }

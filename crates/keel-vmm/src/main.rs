@@ -125,7 +125,7 @@ fn main() -> ExitCode {
             ExitCode::from(why.status() as u8)
         }
         Err(e) => {
-            eprintln!("keel: {}", exit::error_chain(&e));
+            eprintln!("keel: {}", keel_bus::ErrorChain(&e));
             ExitCode::from(1)
         }
     }

@@ -25,9 +25,10 @@ use crate::devices::{
     DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
 use crate::disk::DiskSpec;
-use crate::exit::{error_chain, ExitSignal, VmExit};
+use crate::exit::{ExitSignal, VmExit};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
+use keel_bus::ErrorChain;
 
 /// Errors while building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -437,7 +438,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
     // Disks: data flushed, qcow2 images marked clean.
     for image in &images {
         if let Err(e) = image.close() {
-            eprintln!("keel: closing a disk: {}", error_chain(&e));
+            eprintln!("keel: closing a disk: {}", ErrorChain(&e));
         }
     }
     Ok(exit.reason().expect("the loop ends only on a request"))
