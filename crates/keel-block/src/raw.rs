@@ -13,7 +13,7 @@ use crate::backend::{
     check_range, copy_from_iov, copy_to_iov, iov_len, BlockBackend, Limits, WriteFlags,
 };
 use crate::buf::AlignedBuf;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidArgument, Result};
 
 /// Host cache mode, with the same names and meaning as QEMU's `cache=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,8 +66,8 @@ impl FromStr for CacheMode {
             "directsync" => CacheMode::DirectSync,
             "unsafe" => CacheMode::Unsafe,
             _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown cache mode '{s}' (expected none, writeback, writethrough, directsync or unsafe)"
+                return Err(Error::InvalidArgument(InvalidArgument::CacheMode(
+                    s.to_string(),
                 )))
             }
         })

@@ -3,52 +3,47 @@
 use super::header::{self, Header};
 use super::{refcount, CreateOptions};
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{InvalidArgument, Result};
 
 /// Formats `file` as a new, empty qcow2 image.
 pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
     let cs = o.cluster_size;
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-        return Err(Error::InvalidArgument(format!(
-            "cluster size {cs} must be a power of two from 512 to 2M"
-        )));
+        return Err(InvalidArgument::ClusterSize(cs).into());
     }
     if !o.refcount_bits.is_power_of_two() || o.refcount_bits > 64 {
-        return Err(Error::InvalidArgument(format!(
-            "refcount_bits {} must be a power of two up to 64",
-            o.refcount_bits
-        )));
+        return Err(InvalidArgument::RefcountBits(o.refcount_bits).into());
     }
     if o.version != 2 && o.version != 3 {
-        return Err(Error::InvalidArgument(format!(
-            "qcow2 version {}",
-            o.version
-        )));
+        return Err(InvalidArgument::Version(o.version).into());
     }
     if o.version == 2 && (o.refcount_bits != 16 || o.lazy_refcounts) {
-        return Err(Error::InvalidArgument(
-            "compat=0.10 images need refcount_bits=16 and no lazy refcounts".into(),
-        ));
+        return Err(InvalidArgument::Version2Features {
+            refcount_bits: o.refcount_bits,
+            lazy_refcounts: o.lazy_refcounts,
+        }
+        .into());
     }
     let cb = cs.trailing_zeros();
     let order = o.refcount_bits.trailing_zeros();
     if o.extended_l2 && (o.version < 3 || cb < 14) {
-        return Err(Error::InvalidArgument(
-            "extended_l2 needs compat=1.1 and clusters of at least 16 KiB".into(),
-        ));
+        return Err(InvalidArgument::ExtendedL2 {
+            version: o.version,
+            cluster_size: cs,
+        }
+        .into());
     }
     if o.compression_type > 1 || (o.compression_type != 0 && o.version < 3) {
-        return Err(Error::InvalidArgument(format!(
-            "compression type {} (0 zlib, 1 zstd; zstd needs compat=1.1)",
-            o.compression_type
-        )));
+        return Err(InvalidArgument::CompressionType {
+            compression_type: o.compression_type,
+            version: o.version,
+        }
+        .into());
     }
     let mut extensions = Vec::new();
     if let Some(fmt) = &o.backing_format {
         if fmt != "raw" && fmt != "qcow2" {
-            return Err(Error::InvalidArgument(format!(
-                "backing format '{fmt}' (use raw or qcow2)"
-            )));
+            return Err(InvalidArgument::BackingFormat(fmt.clone()).into());
         }
         extensions.push(header::Extension {
             kind: header::EXT_BACKING_FORMAT,
@@ -62,9 +57,11 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
     let per_l1 = 1u128 << (2 * cb - 3 - ext);
     let l1_size = (o.size as u128).div_ceil(per_l1);
     if l1_size * 8 > header::MAX_L1_BYTES as u128 || o.size > (1 << 62) {
-        return Err(Error::InvalidArgument(
-            "image too large for this cluster size (L1 table above 32 MiB)".into(),
-        ));
+        return Err(InvalidArgument::ImageSize {
+            size: o.size,
+            cluster_size: cs,
+        }
+        .into());
     }
     let l1_size = l1_size as u64;
     let l1_clusters = (l1_size * 8).div_ceil(cs);
@@ -136,19 +133,18 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
     let mut hb = hdr.to_bytes()?;
     if let Some(name) = &o.backing_file {
         if name.is_empty() || name.len() > 1023 {
-            return Err(Error::InvalidArgument(format!(
-                "backing file name of {} bytes (1 to 1023)",
-                name.len()
-            )));
+            return Err(InvalidArgument::BackingNameLength(name.len()).into());
         }
         hdr.backing_file_offset = hb.len() as u64;
         hdr.backing_file_size = name.len() as u32;
         hb = hdr.to_bytes()?;
         hb.extend_from_slice(name.as_bytes());
         if hb.len() as u64 > cs {
-            return Err(Error::InvalidArgument(
-                "header, extensions and backing file name do not fit in one cluster".into(),
-            ));
+            return Err(InvalidArgument::HeaderSize {
+                bytes: hb.len() as u64,
+                cluster_size: cs,
+            }
+            .into());
         }
     }
     hb.resize(cs as usize, 0);

@@ -34,7 +34,7 @@ mod write;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, InvalidArgument, Metadata, Result};
 pub use check::{check, CheckReport, Fix};
 pub use create::create;
 pub use extent::{Extent, ExtentKind};
@@ -140,14 +140,12 @@ impl<F: BlockBackend> Qcow2<F> {
         };
         if !read_only {
             if let (Some(name), None) = (&backing_name, &backing) {
-                return Err(Error::InvalidArgument(format!(
-                    "the image has backing file '{name}', which was not opened; open the image with its backing chain or read-only"
-                )));
+                return Err(Error::InvalidArgument(InvalidArgument::UnopenedBacking {
+                    name: name.clone(),
+                }));
             }
             if hdr.incompatible_features & INCOMPAT_CORRUPT != 0 {
-                return Err(Error::Corrupt(
-                    "the image is marked corrupt; open it read-only or repair it with `check -r all`".into(),
-                ));
+                return Err(Error::Corrupt(Corruption::MarkedCorrupt));
             }
             if hdr.version >= 3 && hdr.autoclear_features != 0 {
                 // We implement no autoclear feature: clear them all.
@@ -157,10 +155,10 @@ impl<F: BlockBackend> Qcow2<F> {
             if hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
                 let report = check::check(&file, Fix::All)?;
                 if report.corruptions > 0 || report.check_errors > 0 {
-                    return Err(Error::Corrupt(format!(
-                        "repairing the refcounts of a dirty image left {} corruptions",
-                        report.corruptions
-                    )));
+                    return Err(Error::Corrupt(Corruption::DirtyRepair {
+                        corruptions: report.corruptions,
+                        check_errors: report.check_errors,
+                    }));
                 }
                 hdr.incompatible_features &= !INCOMPAT_DIRTY;
                 file.write_at(&hdr.incompatible_features.to_be_bytes(), 72)?;
@@ -188,12 +186,13 @@ impl<F: BlockBackend> Qcow2<F> {
         let cs64 = cs;
         for sn in &snaps {
             let len = (sn.l1_size as u64 * 8).div_ceil(cs64) * cs64;
-            meta.fixed.push((sn.l1_offset, len, "snapshot L1 table"));
+            meta.fixed
+                .push((sn.l1_offset, len, Metadata::SnapshotL1Table));
         }
         if hdr.nb_snapshots > 0 {
             let len = snapshot::table_len(&snaps).div_ceil(cs64) * cs64;
             meta.fixed
-                .push((hdr.snapshots_offset, len, "snapshot table"));
+                .push((hdr.snapshots_offset, len, Metadata::SnapshotTable));
         }
         Ok(Qcow2 {
             read_only,

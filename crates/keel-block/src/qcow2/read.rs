@@ -9,7 +9,7 @@ use super::extent::push_extent;
 use super::meta::{classify, compressed_range, L2State, OFFSET_MASK};
 use super::{compress, DecompressedCluster, Extent, ExtentKind, Mapping, Qcow2};
 use crate::backend::{check_range, zero_iov, BlockBackend};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Result, Unsupported};
 
 impl<F: BlockBackend> Qcow2<F> {
     /// Maps a guest range for reading. The host clusters of the data and
@@ -31,9 +31,9 @@ impl<F: BlockBackend> Qcow2<F> {
         match (&self.backing, &self.backing_name) {
             (Some(_), _) => Ok(ExtentKind::Backing),
             (None, None) => Ok(ExtentKind::Unallocated),
-            (None, Some(name)) => Err(Error::Unsupported(format!(
-                "reading an unallocated cluster: the backing file '{name}' was not opened"
-            ))),
+            (None, Some(name)) => Err(Error::Unsupported(Unsupported::UnopenedBacking {
+                name: name.clone(),
+            })),
         }
     }
 
@@ -65,7 +65,15 @@ impl<F: BlockBackend> Qcow2<F> {
             let bitmap = m.l2_bitmap(slot, l2i);
             let st = match classify(e, m.hdr.version, self.cb, m.ext, bitmap) {
                 Ok(s) => s,
-                Err(msg) => return Err(m.corrupt(f, msg)),
+                Err(problem) => {
+                    return Err(m.corrupt(
+                        f,
+                        Corruption::L2Entry {
+                            guest: pos,
+                            problem,
+                        },
+                    ))
+                }
             };
             match st {
                 L2State::Unallocated if !m.ext => push_extent(&mut out, n, self.unallocated()?),
@@ -98,9 +106,10 @@ impl<F: BlockBackend> Qcow2<F> {
                     if s < cs || s >= fsize {
                         return Err(m.corrupt(
                             f,
-                            format!(
-                                "compressed cluster at {s:#x} (guest {pos:#x}) is outside the file"
-                            ),
+                            Corruption::CompressedOutsideFile {
+                                host: s,
+                                guest: pos,
+                            },
                         ));
                     }
                     // The last sector may run past the end of the file.

@@ -5,7 +5,7 @@ use super::extent::push_extent;
 use super::meta::{self, classify, compressed_range, L2State, Meta, COPIED, OFFSET_MASK, ZERO};
 use super::{compress, Extent, ExtentKind, Mapping, Qcow2};
 use crate::backend::{check_range, BlockBackend};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, InvalidArgument, Result, Unsupported};
 
 /// How far ahead of an allocating write the file is extended (zero-range fallocate, so
 /// O_DIRECT writers do not serialise on extending the file). Each later small write into
@@ -62,7 +62,10 @@ impl<F: BlockBackend> Qcow2<F> {
         if let Some(what) = m.overlap(new, cs) {
             return Err(m.corrupt(
                 f,
-                format!("data cluster at {new:#x} would overwrite the {what}"),
+                Corruption::DataOverlap {
+                    offset: new,
+                    metadata: what,
+                },
             ));
         }
         match old {
@@ -96,7 +99,15 @@ impl<F: BlockBackend> Qcow2<F> {
         let bitmap = m.l2_bitmap(slot, l2i);
         let st = match classify(e, m.hdr.version, self.cb, m.ext, bitmap) {
             Ok(s) => s,
-            Err(msg) => return Err(m.corrupt(f, msg)),
+            Err(problem) => {
+                return Err(m.corrupt(
+                    f,
+                    Corruption::L2Entry {
+                        guest: pos,
+                        problem,
+                    },
+                ))
+            }
         };
         if m.ext {
             return self.map_write_subclusters(m, f, slot, l2i, st, e, bitmap, pos, n);
@@ -105,7 +116,10 @@ impl<F: BlockBackend> Qcow2<F> {
             match m.overlap(host, cs) {
                 Some(what) => Err(m.corrupt(
                     f,
-                    format!("data cluster at {host:#x} would overwrite the {what}"),
+                    Corruption::DataOverlap {
+                        offset: host,
+                        metadata: what,
+                    },
                 )),
                 None => Ok(()),
             }
@@ -118,7 +132,7 @@ impl<F: BlockBackend> Qcow2<F> {
             L2State::Normal(h) => {
                 check(m, h)?;
                 match m.refcount(f, h >> self.cb)? {
-                    0 => Err(m.corrupt(f, format!("data cluster {h:#x} has refcount 0"))),
+                    0 => Err(m.corrupt(f, Corruption::DataRefcountZero { offset: h })),
                     // Sole owner now. Unless a transfer is in flight: it may
                     // be a read through a former sharer, which must not see
                     // this offset's new data, so copy as if still shared.
@@ -177,7 +191,7 @@ impl<F: BlockBackend> Qcow2<F> {
                 // Read-modify-write: decompress before allocating, so that a
                 // damaged cluster fails the write without leaking.
                 let old = if partial {
-                    Some(self.read_compressed_now(m, f, e)?)
+                    Some(self.read_compressed_now(m, f, e, pos)?)
                 } else {
                     None
                 };
@@ -191,15 +205,18 @@ impl<F: BlockBackend> Qcow2<F> {
 
     /// Decompresses the cluster of compressed L2 entry `e`, under the
     /// metadata lock (so its host range cannot be freed meanwhile).
-    fn read_compressed_now(&self, m: &mut Meta, f: &dyn BlockBackend, e: u64) -> Result<Vec<u8>> {
+    fn read_compressed_now(
+        &self,
+        m: &mut Meta,
+        f: &dyn BlockBackend,
+        e: u64,
+        guest: u64,
+    ) -> Result<Vec<u8>> {
         let cs = 1u64 << self.cb;
         let (s, ce) = compressed_range(e, self.cb);
         let fsize = f.size();
         if s < cs || s >= fsize {
-            return Err(m.corrupt(
-                f,
-                format!("compressed cluster at {s:#x} is outside the file"),
-            ));
+            return Err(m.corrupt(f, Corruption::CompressedOutsideFile { host: s, guest }));
         }
         let mut src = vec![0u8; (ce.min(fsize) - s) as usize];
         f.read_at(&mut src, s)?;
@@ -240,13 +257,16 @@ impl<F: BlockBackend> Qcow2<F> {
                 if let Some(what) = m.overlap(h, cs) {
                     return Err(m.corrupt(
                         f,
-                        format!("data cluster at {h:#x} would overwrite the {what}"),
+                        Corruption::DataOverlap {
+                            offset: h,
+                            metadata: what,
+                        },
                     ));
                 }
                 h
             }
             L2State::Normal(h) => match m.refcount(f, h >> self.cb)? {
-                0 => return Err(m.corrupt(f, format!("data cluster {h:#x} has refcount 0"))),
+                0 => return Err(m.corrupt(f, Corruption::DataRefcountZero { offset: h })),
                 1 if !m.inflight.is_pinned(h >> self.cb) => h,
                 _ => {
                     let mut buf = vec![0u8; cs as usize];
@@ -258,7 +278,7 @@ impl<F: BlockBackend> Qcow2<F> {
                 }
             },
             L2State::Compressed => {
-                let old = self.read_compressed_now(m, f, e)?;
+                let old = self.read_compressed_now(m, f, e, pos)?;
                 let new = self.alloc_filled(m, f, Some(&old), true)?;
                 m.set_l2(slot, l2i, new | COPIED);
                 m.set_l2_bitmap(slot, l2i, 0xffff_ffff);
@@ -305,9 +325,10 @@ impl<F: BlockBackend> Qcow2<F> {
         check_range(offset, len, self.size)?;
         let last = offset.saturating_add(cs) >= self.size;
         if offset % cs != 0 || (len != cs && !last) || len == 0 || len > cs {
-            return Err(Error::InvalidArgument(format!(
-                "compressed writes take one whole cluster ({len} bytes at {offset})"
-            )));
+            return Err(Error::InvalidArgument(InvalidArgument::CompressedWrite {
+                offset,
+                len,
+            }));
         }
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -325,20 +346,27 @@ impl<F: BlockBackend> Qcow2<F> {
         let (_, l2i) = m.split(offset);
         let old = m.l2_get(slot, l2i);
         let old_bitmap = m.l2_bitmap(slot, l2i);
-        if let Err(msg) = classify(old, m.hdr.version, self.cb, m.ext, old_bitmap) {
-            return Err(m.corrupt(f, msg));
+        if let Err(problem) = classify(old, m.hdr.version, self.cb, m.ext, old_bitmap) {
+            return Err(m.corrupt(
+                f,
+                Corruption::L2Entry {
+                    guest: offset,
+                    problem,
+                },
+            ));
         }
         let host = m.alloc_bytes(f, c.len() as u64)?;
         let x = 62 - (self.cb - 8);
         if host + c.len() as u64 > 1 << x {
-            return Err(Error::Unsupported(
-                "compressed data beyond the offsets a compressed L2 entry can hold".into(),
-            ));
+            return Err(Error::Unsupported(Unsupported::CompressedOffset { host }));
         }
         if let Some(what) = m.overlap(host, c.len() as u64) {
             return Err(m.corrupt(
                 f,
-                format!("compressed data at {host:#x} would overwrite the {what}"),
+                Corruption::CompressedOverlap {
+                    offset: host,
+                    metadata: what,
+                },
             ));
         }
         // Data, then (after the refcount) the L2 entry.
@@ -387,7 +415,15 @@ impl<F: BlockBackend> Qcow2<F> {
             let bitmap = m.l2_bitmap(slot, l2i);
             let st = match classify(e, m.hdr.version, self.cb, m.ext, bitmap) {
                 Ok(s) => s,
-                Err(msg) => return Err(m.corrupt(f, msg)),
+                Err(problem) => {
+                    return Err(m.corrupt(
+                        f,
+                        Corruption::L2Entry {
+                            guest: pos,
+                            problem,
+                        },
+                    ))
+                }
             };
             let keep = match st {
                 L2State::Normal(h) | L2State::Zero(Some(h)) if !unmap && e & COPIED != 0 => Some(h),
