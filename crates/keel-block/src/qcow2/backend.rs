@@ -1,13 +1,14 @@
-//! [`BlockBackend`] for [`Qcow2`]: guest I/O over the read and write
-//! mappings.
+//! The traits [`Qcow2`] implements for its users: [`MapExtents`] (the read
+//! and write mappings) and [`BlockBackend`] (guest I/O over them).
 
 use std::io::{IoSlice, IoSliceMut};
 
-use super::{ExtentKind, Qcow2};
+use super::Qcow2;
 use crate::backend::{
     check_range, copy_to_iov, iov_len, zero_iov, BlockBackend, Limits, WriteFlags,
 };
 use crate::error::{Error, Result};
+use crate::mapping::{ExtentKind, MapExtents, Mapping};
 
 pub(super) fn slice_iov<'a>(
     bufs: &'a [IoSlice<'a>],
@@ -116,7 +117,7 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
             };
         }
         // Pinned until the writes below are done.
-        let map = self.map_write(offset, len)?;
+        let map = self.map_write_inner(offset, len)?;
         let mut pos = 0;
         for e in map.extents() {
             if let ExtentKind::Data(h) = e.kind {
@@ -197,5 +198,30 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
         }
         zero_bytes(end_full, end - end_full)?;
         self.after_change()
+    }
+}
+
+impl<F: BlockBackend> MapExtents for Qcow2<F> {
+    /// Maps a guest range for reading. The host clusters of the data and
+    /// compressed extents are pinned (never reallocated) until the returned
+    /// [`Mapping`] is dropped: keep it until the reads from them have
+    /// completed. [`ExtentKind::Backing`] and [`ExtentKind::Compressed`]
+    /// extents cannot be read from the file directly; [`BlockBackend::read_vectored_at`]
+    /// serves them.
+    fn map_read(&self, offset: u64, len: u64) -> Result<Mapping> {
+        Ok(self.map_read_inner(offset, len, true)?.0)
+    }
+
+    /// Maps a guest range for writing, allocating clusters as needed. Every
+    /// returned extent is [`ExtentKind::Data`]; the caller writes the data
+    /// there. Clusters newly allocated read as zeroes, or as their previous
+    /// contents (copied from a backing image, a compressed cluster or a
+    /// cluster shared with a snapshot), until the data lands, so an
+    /// overlapping read racing the transfer sees the old contents, zeroes or
+    /// the new data. The host clusters are pinned (never reallocated) until
+    /// the returned [`Mapping`] is dropped: keep it until the writes have
+    /// completed.
+    fn map_write(&self, offset: u64, len: u64) -> Result<Mapping> {
+        self.map_write_inner(offset, len)
     }
 }

@@ -5,23 +5,13 @@ use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use super::backend::slice_iov_mut;
-use super::extent::push_extent;
 use super::meta::{classify, compressed_range, L2State, OFFSET_MASK};
-use super::{compress, DecompressedCluster, Extent, ExtentKind, Mapping, Qcow2};
+use super::{compress, DecompressedCluster, Qcow2};
 use crate::backend::{check_range, zero_iov, BlockBackend};
 use crate::error::{Corruption, Error, Result, Unsupported};
+use crate::mapping::{push_extent, Extent, ExtentKind, Mapping};
 
 impl<F: BlockBackend> Qcow2<F> {
-    /// Maps a guest range for reading. The host clusters of the data and
-    /// compressed extents are pinned (never reallocated) until the returned
-    /// [`Mapping`] is dropped: keep it until the reads from them have
-    /// completed. [`ExtentKind::Backing`] and [`ExtentKind::Compressed`]
-    /// extents cannot be read from the file directly; [`BlockBackend::read_vectored_at`]
-    /// serves them.
-    pub fn map_read(&self, offset: u64, len: u64) -> Result<Mapping> {
-        Ok(self.map_read_inner(offset, len, true)?.0)
-    }
-
     pub(super) fn map_read_extents(&self, offset: u64, len: u64, pin: bool) -> Result<Mapping> {
         Ok(self.map_read_inner(offset, len, pin)?.0)
     }

@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::error::{Corruption, HeaderField, InvalidImage};
+use crate::mapping::{ExtentKind, MapExtents};
 use crate::mem::MemBackend;
 
 fn new_image(size: u64, cluster_size: u64, refcount_bits: u32, version: u32) -> MemBackend {

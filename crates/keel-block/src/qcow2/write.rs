@@ -1,11 +1,11 @@
 //! Mapping guest ranges for writing (allocation, copy on write), compressed
 //! writes, and discard / write-zeroes at cluster granularity.
 
-use super::extent::push_extent;
 use super::meta::{self, classify, compressed_range, L2State, Meta, COPIED, OFFSET_MASK, ZERO};
-use super::{compress, Extent, ExtentKind, Mapping, Qcow2};
+use super::{compress, Qcow2};
 use crate::backend::{check_range, BlockBackend};
 use crate::error::{Corruption, Error, InvalidArgument, Result, Unsupported};
+use crate::mapping::{push_extent, Extent, ExtentKind, Mapping};
 
 /// How far ahead of an allocating write the file is extended (zero-range fallocate, so
 /// O_DIRECT writers do not serialise on extending the file). Each later small write into
@@ -16,16 +16,9 @@ use crate::error::{Corruption, Error, InvalidArgument, Result, Unsupported};
 const PREALLOC_BYTES: u64 = 256 << 10;
 
 impl<F: BlockBackend> Qcow2<F> {
-    /// Maps a guest range for writing, allocating clusters as needed. Every
-    /// returned extent is [`ExtentKind::Data`]; the caller writes the data
-    /// there. Clusters newly allocated read as zeroes, or as their previous
-    /// contents (copied from a backing image, a compressed cluster or a
-    /// cluster shared with a snapshot), until the data lands, so an
-    /// overlapping read racing the transfer sees the old contents, zeroes or
-    /// the new data. The host clusters are pinned (never reallocated) until
-    /// the returned [`Mapping`] is dropped: keep it until the writes have
-    /// completed.
-    pub fn map_write(&self, offset: u64, len: u64) -> Result<Mapping> {
+    /// Maps a guest range for writing, allocating as needed: the body of
+    /// [`MapExtents::map_write`](crate::mapping::MapExtents::map_write), documented there.
+    pub(super) fn map_write_inner(&self, offset: u64, len: u64) -> Result<Mapping> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
