@@ -75,7 +75,7 @@ impl FromStr for CacheMode {
 }
 
 /// How to open a [`RawFile`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RawOptions {
     /// Host cache mode.
     pub cache: CacheMode,

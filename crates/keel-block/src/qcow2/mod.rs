@@ -33,15 +33,16 @@ mod write;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::BlockBackend;
-use crate::error::{Corruption, Error, InvalidArgument, Metadata, Result};
+use crate::error::{Corruption, Error, InvalidArgument, Metadata, Result, Unsupported};
 pub use check::{check, CheckReport, Fix};
+pub use compress::CompressionType;
 pub use create::create;
 pub use fuzz::fuzz_image;
 pub use header::Header;
 use header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 pub use info::{info_from_header, ImageInfo};
 use meta::Meta;
-pub use options::{CreateOptions, Qcow2Options};
+pub use options::{CacheSizes, CreateOptions, Qcow2Options};
 
 /// An open qcow2 image.
 ///
@@ -56,8 +57,8 @@ pub struct Qcow2<F: BlockBackend> {
     write_through: bool,
     size: u64,
     cb: u32,
-    /// Compression type (0 deflate, 1 zstd).
-    ctype: u8,
+    /// Compression type of compressed clusters.
+    ctype: CompressionType,
     /// The backing file name the header names, if any.
     backing_name: Option<String>,
     /// The open backing image, if any.
@@ -163,6 +164,9 @@ impl<F: BlockBackend> Qcow2<F> {
                 hdr = read_header(&file)?;
             }
         }
+        // Header validation admits only the types there are.
+        let ctype = CompressionType::from_raw(hdr.compression_type)
+            .ok_or(Unsupported::CompressionType(hdr.compression_type))?;
         let snaps = snapshot::read_snapshots(&file, &hdr)?;
         let l1 = read_u64s(&file, hdr.l1_table_offset, hdr.l1_size as usize)?;
         let rt_entries = (hdr.refcount_table_clusters as u64 * hdr.cluster_size() / 8) as usize;
@@ -175,8 +179,8 @@ impl<F: BlockBackend> Qcow2<F> {
             l1,
             reftable,
             file.size(),
-            opts.l2_cache_size.unwrap_or(l2_default),
-            opts.refcount_cache_size.unwrap_or(rc_default),
+            opts.cache_sizes.l2.unwrap_or(l2_default),
+            opts.cache_sizes.refcount.unwrap_or(rc_default),
             read_only,
         );
         let mut meta = meta;
@@ -196,7 +200,7 @@ impl<F: BlockBackend> Qcow2<F> {
             write_through: opts.write_through,
             size: hdr.size,
             cb: hdr.cluster_bits,
-            ctype: hdr.compression_type,
+            ctype,
             backing_name,
             backing,
             dcache: Mutex::new(None),
