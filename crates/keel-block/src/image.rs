@@ -83,7 +83,33 @@ pub enum Image {
 }
 
 impl Image {
-    /// Opens `path` as `format`.
+    /// Opens `path` as `format`: a raw image directly, a qcow2 image over its
+    /// (growable) file with its whole backing chain.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::image::{Format, Image, ImageOptions};
+    /// use keel_block::qcow2::{self, CreateOptions};
+    /// use keel_block::{CacheMode, RawFile, RawOptions};
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("disk.qcow2");
+    /// RawFile::create(&path, 0)?;
+    /// let file = RawFile::open(&path, RawOptions { growable: true, ..Default::default() })?;
+    /// qcow2::create(&file, &CreateOptions { size: 1 << 30, ..Default::default() })?;
+    /// drop(file);
+    ///
+    /// let opts = ImageOptions {
+    ///     file: RawOptions { cache: CacheMode::Writethrough, ..Default::default() },
+    ///     ..Default::default()
+    /// };
+    /// let img = Image::open(&path, Format::probe(&path)?, opts)?;
+    /// assert_eq!(img.format(), Format::Qcow2);
+    /// img.backend().write_at(&[0x5a; 4096], 1 << 20)?;
+    /// img.close()?;
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn open(path: &Path, format: Format, opts: ImageOptions) -> Result<Image> {
         let file = opts.file;
         match format {

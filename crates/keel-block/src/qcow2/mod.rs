@@ -113,6 +113,42 @@ impl<F: BlockBackend> Qcow2<F> {
     /// that names a backing file opens read-only only, and reading one of its
     /// unallocated clusters fails; use [`Qcow2::open_with_backing`] or
     /// [`backing::open_path`] to follow the chain.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
+    /// use keel_block::{BlockBackend, MemBackend};
+    ///
+    /// let file = MemBackend::new(Vec::new());
+    /// qcow2::create(&file, &CreateOptions { size: 1 << 20, ..Default::default() })?;
+    ///
+    /// let img = Qcow2::open(file, Qcow2Options::default())?;
+    /// img.write_at(b"hello", 4096)?;
+    /// let mut buf = [0u8; 5];
+    /// img.read_at(&mut buf, 4096)?;
+    /// assert_eq!(&buf, b"hello");
+    /// img.close()?;
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
+    ///
+    /// With the image on disk, open its file as a growable [`RawFile`](crate::RawFile):
+    ///
+    /// ```no_run
+    /// use keel_block::qcow2::{CacheSizes, Qcow2, Qcow2Options};
+    /// use keel_block::{CacheMode, RawFile, RawOptions};
+    ///
+    /// let file = RawFile::open(
+    ///     "disk.qcow2",
+    ///     RawOptions { cache: CacheMode::None, growable: true, ..Default::default() },
+    /// )?;
+    /// let opts = Qcow2Options {
+    ///     cache_sizes: CacheSizes { l2: Some(4 << 20), ..Default::default() },
+    ///     ..Default::default()
+    /// };
+    /// let img = Qcow2::open(file, opts)?;
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn open(file: F, opts: Qcow2Options) -> Result<Qcow2<F>> {
         Self::open_with_backing(file, opts, None)
     }
@@ -120,6 +156,33 @@ impl<F: BlockBackend> Qcow2<F> {
     /// Opens the image stored in `file` over `backing`, the already opened
     /// image its unallocated clusters read from. `backing` is ignored if the
     /// header names no backing file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use keel_block::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
+    /// use keel_block::{BlockBackend, Format, MemBackend};
+    ///
+    /// let base: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(vec![7u8; 1 << 20]));
+    /// let file = MemBackend::new(Vec::new());
+    /// let opts = CreateOptions {
+    ///     size: 1 << 20,
+    ///     backing_file: Some("base.raw".into()),
+    ///     backing_format: Some(Format::Raw),
+    ///     ..Default::default()
+    /// };
+    /// qcow2::create(&file, &opts)?;
+    ///
+    /// let img = Qcow2::open_with_backing(file, Qcow2Options::default(), Some(base))?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// let mut buf = [0u8; 1024];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf[..512], [1; 512]); // written to the overlay
+    /// assert_eq!(buf[512..], [7; 512]); // from the backing image
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn open_with_backing(
         file: F,
         opts: Qcow2Options,
@@ -210,6 +273,28 @@ impl<F: BlockBackend> Qcow2<F> {
     }
 
     /// Formats `file` (which should be empty) as a new qcow2 image.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::qcow2::{CompressionType, CreateOptions, Qcow2, Qcow2Options};
+    /// use keel_block::{BlockBackend, MemBackend};
+    ///
+    /// let file = MemBackend::new(Vec::new());
+    /// let opts = CreateOptions {
+    ///     size: 64 << 20,
+    ///     cluster_size: 4096,
+    ///     compression_type: CompressionType::Zstd,
+    ///     ..Default::default()
+    /// };
+    /// Qcow2::create(&file, &opts)?;
+    ///
+    /// let img = Qcow2::open(file, Qcow2Options::default())?;
+    /// assert_eq!(img.size(), 64 << 20);
+    /// assert_eq!(img.cluster_size(), 4096);
+    /// assert_eq!(img.info().compression_type, CompressionType::Zstd);
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn create(file: &F, opts: &CreateOptions) -> Result<()> {
         create(file, opts)
     }

@@ -38,6 +38,31 @@ pub struct Qcow2Options {
 }
 
 /// Options for [`Qcow2::create`](super::Qcow2::create).
+///
+/// The defaults are `qemu-img create -f qcow2`'s: version 3 (compat=1.1),
+/// 64 KiB clusters, 16-bit refcounts, deflate compression.
+///
+/// # Examples
+///
+/// ```
+/// use keel_block::qcow2::{self, CreateOptions};
+/// use keel_block::{Format, MemBackend};
+///
+/// // An overlay over `base.qcow2`, like
+/// // `qemu-img create -f qcow2 -o cluster_size=4k -b base.qcow2 -F qcow2`.
+/// let opts = CreateOptions {
+///     size: 10 << 30,
+///     cluster_size: 4096,
+///     backing_file: Some("base.qcow2".into()),
+///     backing_format: Some(Format::Qcow2),
+///     ..Default::default()
+/// };
+/// let file = MemBackend::new(Vec::new());
+/// qcow2::create(&file, &opts)?;
+/// let hdr = qcow2::read_header(&file)?;
+/// assert_eq!(hdr.backing_format().as_deref(), Some("qcow2"));
+/// # Ok::<(), keel_block::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
     /// Backing file name, stored as given (relative names are resolved
