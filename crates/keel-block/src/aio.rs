@@ -34,7 +34,8 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::backend::{BlockBackend, WriteFlags};
 use crate::error::{Error, Result};
-use crate::qcow2::{Extent, ExtentKind, Mapping, Qcow2};
+use crate::mapping::{Extent, ExtentKind, MapExtents, Mapping};
+use crate::qcow2::Qcow2;
 use crate::raw::RawFile;
 
 /// The operation of an [`AioRequest`].

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod buf;
 pub mod error;
 pub mod image;
+pub mod mapping;
 pub mod mem;
 pub mod qcow2;
 pub mod raw;
@@ -13,7 +14,7 @@ pub mod throttle;
 
 pub use backend::{BlockBackend, Limits, WriteFlags};
 pub use error::{Error, Result};
-pub use image::{Format, Image, OpenOptions};
+pub use image::{Format, Image, ImageOptions};
 pub use mem::MemBackend;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::{CacheMode, RawFile, RawOptions};

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use super::{read_header, Qcow2, Qcow2Options};
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{ChainProblem, Error, Result};
+use crate::image::Format;
 use crate::raw::{RawFile, RawOptions};
 
 /// Most backing images below the top image of a chain.
@@ -43,10 +44,10 @@ pub fn open_path(path: &Path, raw: RawOptions, opts: Qcow2Options) -> Result<Qco
     open_level(path, raw, opts, 0, &mut seen)
 }
 
-fn chain_err(path: &Path, what: String) -> Error {
+fn chain_err(path: &Path, reason: ChainProblem) -> Error {
     Error::BackingChain {
-        image: path.display().to_string(),
-        reason: what,
+        image: path.to_path_buf(),
+        reason,
     }
 }
 
@@ -62,10 +63,7 @@ fn open_level(
         .map(|m| (m.dev(), m.ino()))
         .map_err(|e| Error::io(format!("reading the metadata of {}", path.display()), e))?;
     if seen.contains(&id) {
-        return Err(chain_err(
-            path,
-            "the backing chain contains a loop (this file is already in it)".into(),
-        ));
+        return Err(chain_err(path, ChainProblem::Loop));
     }
     seen.push(id);
     let hdr = read_header(&file)?;
@@ -77,13 +75,25 @@ fn open_level(
             if depth >= MAX_BACKING_DEPTH {
                 return Err(chain_err(
                     path,
-                    format!(
-                        "backing file '{shown}' would make the chain deeper than {MAX_BACKING_DEPTH} images"
-                    ),
+                    ChainProblem::TooDeep {
+                        name: shown,
+                        max: MAX_BACKING_DEPTH,
+                    },
                 ));
             }
             let fmt = match hdr.backing_format() {
-                Some(f) => f,
+                Some(f) => match f.parse::<Format>() {
+                    Ok(f) => f,
+                    Err(_) => {
+                        return Err(chain_err(
+                            path,
+                            ChainProblem::UnsupportedFormat {
+                                name: shown,
+                                format: f,
+                            },
+                        ))
+                    }
+                },
                 None if opts.allow_probed_backing => {
                     let probe = RawFile::open(
                         &bpath,
@@ -93,14 +103,16 @@ fn open_level(
                         },
                     )
                     .map_err(|e| backing_err(&bpath, e))?;
-                    if super::probe(&probe) { "qcow2" } else { "raw" }.to_string()
+                    if super::probe(&probe) {
+                        Format::Qcow2
+                    } else {
+                        Format::Raw
+                    }
                 }
                 None => {
                     return Err(chain_err(
                         path,
-                        format!(
-                            "the image does not state the format of its backing file '{shown}'; refusing to probe it (a guest could name any host file). Set the backing format (qemu-img rebase -u -F FMT, keel-img create -F) or allow probing explicitly (allow_probed_backing, keel-img --allow-probed-backing)"
-                        ),
+                        ChainProblem::UnstatedFormat { name: shown },
                     ))
                 }
             };
@@ -109,9 +121,11 @@ fn open_level(
                 growable: false,
                 ..raw
             };
-            let b: Arc<dyn BlockBackend> = match fmt.as_str() {
-                "raw" => Arc::new(RawFile::open(&bpath, braw).map_err(|e| backing_err(&bpath, e))?),
-                "qcow2" => {
+            let b: Arc<dyn BlockBackend> = match fmt {
+                Format::Raw => {
+                    Arc::new(RawFile::open(&bpath, braw).map_err(|e| backing_err(&bpath, e))?)
+                }
+                Format::Qcow2 => {
                     let bopts = Qcow2Options {
                         read_only: true,
                         ..opts
@@ -129,12 +143,6 @@ fn open_level(
                     .map_err(|e| backing_err(&bpath, e))?;
                     Arc::new(q)
                 }
-                other => {
-                    return Err(chain_err(
-                        path,
-                        format!("backing file '{shown}' has unsupported format '{other}'"),
-                    ))
-                }
             };
             Some(b)
         }
@@ -147,7 +155,7 @@ fn backing_err(path: &Path, e: Error) -> Error {
         // Already names the image it is about.
         e @ Error::BackingChain { .. } | e @ Error::Backing { .. } => e,
         e => Error::Backing {
-            path: path.display().to_string(),
+            path: path.to_path_buf(),
             source: Box::new(e),
         },
     }

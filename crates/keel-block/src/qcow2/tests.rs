@@ -1,6 +1,9 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::error::{Corruption, HeaderField, InvalidImage};
+use crate::image::Format;
+use crate::mapping::{ExtentKind, MapExtents};
 use crate::mem::MemBackend;
 
 fn new_image(size: u64, cluster_size: u64, refcount_bits: u32, version: u32) -> MemBackend {
@@ -65,8 +68,10 @@ fn refcount_table_grows_with_small_clusters() {
     let img = Qcow2::open(
         new_image(16 << 20, 512, 64, 3),
         Qcow2Options {
-            l2_cache_size: Some(2048),
-            refcount_cache_size: Some(1024),
+            cache_sizes: CacheSizes {
+                l2: Some(2048),
+                refcount: Some(1024),
+            },
             ..Default::default()
         },
     )
@@ -137,7 +142,7 @@ fn read_only_and_corrupt_images_refuse_writes() {
     c[79] |= 2;
     assert!(matches!(
         Qcow2::open(MemBackend::new(c.clone()), Qcow2Options::default()),
-        Err(Error::Corrupt(_))
+        Err(Error::Corrupt(Corruption::MarkedCorrupt))
     ));
     let ro = Qcow2::open(
         MemBackend::new(c),
@@ -212,7 +217,11 @@ fn hostile_headers_give_errors_not_panics() {
     b[36..40].copy_from_slice(&u32::MAX.to_be_bytes()); // l1_size
     assert!(matches!(
         Qcow2::open(MemBackend::new(b), Qcow2Options::default()),
-        Err(Error::InvalidImage(_))
+        Err(Error::InvalidImage(InvalidImage::HeaderField {
+            field: HeaderField::L1Size,
+            value: 0xffff_ffff,
+            ..
+        }))
     ));
     let mut b = good.clone();
     b[48..56].copy_from_slice(&(!0xfffu64).to_be_bytes()); // reftable offset
@@ -347,7 +356,11 @@ fn fuzz_image_covers_compressed_backing_and_extended_l2() {
         rng ^= rng << 17;
         rng
     };
-    for (ext, backing, ctype) in [(false, true, 0), (true, false, 1), (true, true, 0)] {
+    for (ext, backing, ctype) in [
+        (false, true, CompressionType::Deflate),
+        (true, false, CompressionType::Zstd),
+        (true, true, CompressionType::Deflate),
+    ] {
         let m = MemBackend::new(Vec::new());
         create(
             &m,
@@ -357,7 +370,7 @@ fn fuzz_image_covers_compressed_backing_and_extended_l2() {
                 extended_l2: ext,
                 compression_type: ctype,
                 backing_file: backing.then(|| "base".to_string()),
-                backing_format: backing.then(|| "raw".to_string()),
+                backing_format: backing.then_some(Format::Raw),
                 ..Default::default()
             },
         )
