@@ -14,6 +14,14 @@ pub struct Acpi {
     /// PM1a/PM1b control block ports (0 = none).
     pub pm1a_cnt: u16,
     pub pm1b_cnt: u16,
+    /// PM1a event block port (PM1_STS, then PM1_EN) and the block's length (0 = none).
+    pub pm1a_evt: u16,
+    pub pm1_evt_len: u8,
+    /// The SCI's ISA IRQ (FADT SCI_INT).
+    pub sci_int: u16,
+    /// SMI command port and the value that turns ACPI mode on (0 = always on).
+    pub smi_cmd: u16,
+    pub acpi_enable: u8,
     /// Hardware-reduced sleep control register (0 = none).
     pub sleep_ctl: u64,
     /// ACPI address space of `sleep_ctl`: 0 = memory, 1 = I/O.
@@ -106,6 +114,11 @@ impl Acpi {
             found_fadt: false,
             pm1a_cnt: 0,
             pm1b_cnt: 0,
+            pm1a_evt: 0,
+            pm1_evt_len: 0,
+            sci_int: 0,
+            smi_cmd: 0,
+            acpi_enable: 0,
             sleep_ctl: 0,
             sleep_ctl_space: 0,
             slp_typ_s5: 5,
@@ -246,6 +259,13 @@ impl Acpi {
         if f.len() >= 72 {
             self.pm1a_cnt = le32(f, 64) as u16;
             self.pm1b_cnt = le32(f, 68) as u16;
+            self.sci_int = le16(f, 46);
+            self.smi_cmd = le32(f, 48) as u16;
+            self.acpi_enable = f[52];
+            self.pm1a_evt = le32(f, 56) as u16;
+        }
+        if f.len() >= 89 {
+            self.pm1_evt_len = f[88];
         }
         // SLEEP_CONTROL_REG, a Generic Address Structure at 244 (ACPI 5+).
         if f.len() >= 256 && le64(f, 248) != 0 {

@@ -156,6 +156,18 @@ pub fn wait_for(cycles: u64, mut done: impl FnMut() -> bool) -> bool {
 extern "C" {
     /// boot.s: `hlt` at CPL3; the #GP handler halts the CPU at CPL0.
     fn keel_park() -> !;
+    /// boot.s: `hlt` at CPL3; the #GP handler waits for an interrupt at CPL0
+    /// (`sti; hlt`) and returns.
+    fn keel_idle_wait();
+}
+
+/// Wait for the next interrupt without spinning on the host (about ten
+/// emulated CPL0 instructions each way). An interrupt taken just before the
+/// wait is not seen by it: callers need a periodic interrupt to bound it.
+pub fn idle_wait() {
+    // SAFETY: keel_idle_wait takes no arguments, touches no memory and
+    // returns after an interrupt.
+    unsafe { keel_idle_wait() }
 }
 
 /// Stop this CPU for good without spinning on the host.

@@ -205,6 +205,9 @@ exc_common:                         /* rax, vector, error, rip, cs, rflags, rsp,
     leaq keel_park_hlt(%rip), %rax      /* #GP from keel_park's hlt: park */
     cmpq %rax, 24(%rsp)
     je park
+    leaq keel_idle_hlt(%rip), %rax      /* #GP from keel_idle_wait's hlt: wait */
+    cmpq %rax, 24(%rsp)
+    je idle_halt
     movl $1, %eax
     xchgl %eax, fault_claimed(%rip)
     testl %eax, %eax
@@ -230,6 +233,17 @@ exc_common:                         /* rax, vector, error, rip, cs, rflags, rsp,
     movq $SEL_UDATA, 56(%rsp)
     popq %rax
     addq $16, %rsp
+    iretq
+
+/* Wait for one interrupt with IF set, then return to CPL3 past the 1-byte
+ * hlt (reached from keel_idle_wait below). The interrupt's handler runs on
+ * this stack below the iretq frame. */
+idle_halt:
+    addq $1, 24(%rsp)
+    popq %rax
+    addq $16, %rsp
+    sti
+    hlt
     iretq
 
 /* Stop this CPU for good (reached from keel_park below). */
@@ -297,6 +311,12 @@ fault_user_entry:
 /* keel_park(): CPL3 cannot halt, and `int n` from native CPL3 raises #UD
  * under PVM, so a CPU parks by executing hlt at CPL3: the #GP lands in
  * exc_common, which recognises this address and halts the CPU at CPL0. */
+    .global keel_idle_wait
+keel_idle_wait:                     /* wait for the next interrupt (see idle_halt) */
+keel_idle_hlt:
+    hlt
+    ret
+
     .global keel_park
 keel_park:
 keel_park_hlt:

@@ -46,6 +46,51 @@ pub fn set_acpi_shutdown(acpi: &Acpi) {
     SLP_TYP.store(u32::from(acpi.slp_typ_s5), Ordering::Relaxed);
 }
 
+/// Power off through ACPI S5 (the PM1 control blocks, or the hardware-reduced
+/// sleep control register), as an OS does after its power button is
+/// pressed. If the VMM does not act on it, the run ends as a failure.
+pub fn power_off() -> ! {
+    if s5() {
+        arch::wait_for(4 * arch::TIMEOUT_CYCLES, || false);
+    }
+    let mut t = crate::text::Text::new();
+    t.push_str("ACPI S5 did not power the VM off");
+    finish(Err(t))
+}
+
+/// Write SLP_TYP(S5) | SLP_EN where the FADT says; false if it gives nowhere.
+fn s5() -> bool {
+    let slp_typ = SLP_TYP.load(Ordering::Relaxed) as u16 & 7;
+    let pm1a = PM1A_CNT.load(Ordering::Relaxed);
+    let pm1b = PM1B_CNT.load(Ordering::Relaxed);
+    let ctl = SLEEP_CTL.load(Ordering::Relaxed);
+    let mut tried = false;
+    if pm1a != 0 {
+        // SAFETY: PM1a_CNT from the FADT: SLP_TYP(S5) | SLP_EN powers off.
+        unsafe { outw(pm1a, (slp_typ << 10) | (1 << 13)) };
+        if pm1b != 0 {
+            // SAFETY: as above for the PM1b control block.
+            unsafe { outw(pm1b, (slp_typ << 10) | (1 << 13)) };
+        }
+        tried = true;
+    }
+    if ctl != 0 {
+        // Hardware-reduced ACPI: SLP_TYP in bits 2-4, SLP_EN is bit 5.
+        let v = ((slp_typ as u8) << 2) | (1 << 5);
+        match SLEEP_CTL_SPACE.load(Ordering::Relaxed) {
+            // SAFETY: the FADT's sleep control register; writing S5 powers off.
+            1 => unsafe { outb(ctl as u16, v) },
+            0 if ctl < (1 << 32) => {
+                // SAFETY: as above, memory-mapped (identity map covers 0-4 GiB).
+                unsafe { core::ptr::write_volatile(ctl as *mut u8, v) }
+            }
+            _ => {}
+        }
+        tried = true;
+    }
+    tried
+}
+
 /// Print the verdict and end the VM: debug-exit port, then ACPI S5, then
 /// an i8042 reset. A CPU that survives all three parks itself.
 pub fn finish(outcome: Outcome) -> ! {
@@ -65,38 +110,14 @@ pub fn finish(outcome: Outcome) -> ! {
 
     let slp_typ = SLP_TYP.load(Ordering::Relaxed) as u16 & 7;
     let pm1a = PM1A_CNT.load(Ordering::Relaxed);
-    let pm1b = PM1B_CNT.load(Ordering::Relaxed);
     let ctl = SLEEP_CTL.load(Ordering::Relaxed);
-    let mut tried_acpi = false;
     if pm1a != 0 || ctl != 0 {
         println!(
             "keel-test: debug-exit port {DEBUG_EXIT_PORT:#x} did not end the VM; ACPI S5 (SLP_TYP {slp_typ}, \
              PM1a_CNT {pm1a:#x}, sleep control {ctl:#x})"
         );
     }
-    if pm1a != 0 {
-        // SAFETY: PM1a_CNT from the FADT: SLP_TYP(S5) | SLP_EN powers off.
-        unsafe { outw(pm1a, (slp_typ << 10) | (1 << 13)) };
-        if pm1b != 0 {
-            // SAFETY: as above for the PM1b control block.
-            unsafe { outw(pm1b, (slp_typ << 10) | (1 << 13)) };
-        }
-        tried_acpi = true;
-    }
-    if ctl != 0 {
-        // Hardware-reduced ACPI: SLP_TYP in bits 2-4, SLP_EN is bit 5.
-        let v = ((slp_typ as u8) << 2) | (1 << 5);
-        match SLEEP_CTL_SPACE.load(Ordering::Relaxed) {
-            // SAFETY: the FADT's sleep control register; writing S5 powers off.
-            1 => unsafe { outb(ctl as u16, v) },
-            0 if ctl < (1 << 32) => {
-                // SAFETY: as above, memory-mapped (identity map covers 0-4 GiB).
-                unsafe { core::ptr::write_volatile(ctl as *mut u8, v) }
-            }
-            _ => {}
-        }
-        tried_acpi = true;
-    }
+    let tried_acpi = s5();
     if tried_acpi {
         // The VMM may act on S5 asynchronously; give it time before the
         // reset fallback (a reset would reboot a VMM that does both).

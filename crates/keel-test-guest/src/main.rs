@@ -22,11 +22,13 @@ mod arch;
 mod blk;
 mod blk_scenarios;
 mod exit;
+mod idle;
 mod idt;
 mod irq;
 mod memory;
 mod pci;
 mod pit;
+mod power;
 mod pvh;
 mod smp;
 mod text;
@@ -95,6 +97,7 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "blk-ro" => blk_scenarios::scenario_blk_ro(&boot, &acpi),
         "blk-bench" => blk_scenarios::scenario_blk_bench(&boot, &acpi),
         "blk-mq" => blk_scenarios::scenario_blk_mq(&boot, &acpi),
+        "idle" => idle::scenario(&acpi),
         _ => {
             let mut t = Text::new();
             t.push_str("unknown scenario");
