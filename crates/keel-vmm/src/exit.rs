@@ -35,6 +35,11 @@ pub enum VmExit {
     },
     /// keel received a termination signal.
     Signal(i32),
+    /// `quit` on the control socket.
+    Quit,
+    /// `system_reset` on the control socket: the VM is built again and boots again
+    /// (never the final outcome).
+    ResetRequested,
 }
 
 impl VmExit {
@@ -43,7 +48,7 @@ impl VmExit {
         match self {
             // Exit statuses are 8 bits: larger values saturate rather than wrap to success.
             VmExit::DebugExit(v) => (*v).min(255) as i32,
-            VmExit::Reset | VmExit::PowerOff => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Quit | VmExit::ResetRequested => 0,
             VmExit::TripleFault { .. } | VmExit::VcpuFailed(_) | VmExit::VcpuStopped { .. } => 1,
             VmExit::Signal(sig) => 128 + sig,
         }
@@ -52,7 +57,11 @@ impl VmExit {
     /// A one-line description for the user, or `None` for a clean end.
     pub fn message(&self) -> Option<String> {
         match self {
-            VmExit::DebugExit(_) | VmExit::Reset | VmExit::PowerOff => None,
+            VmExit::DebugExit(_)
+            | VmExit::Reset
+            | VmExit::PowerOff
+            | VmExit::Quit
+            | VmExit::ResetRequested => None,
             VmExit::TripleFault { vcpu, rip } => Some(format!(
                 "keel: vCPU {vcpu} triple fault (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}"
             )),

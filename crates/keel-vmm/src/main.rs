@@ -8,16 +8,20 @@ mod boot;
 mod devices;
 mod disk;
 mod exit;
+mod qmp;
 mod signals;
 mod tty;
 mod vmm;
 
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 
-use vmm::{SerialMode, VmConfig};
+use vmm::{QmpListen, SerialMode, VmConfig};
 
 /// Boot a kernel in a KVM virtual machine.
 ///
@@ -68,6 +72,51 @@ struct Cli {
     /// Serial console: `stdio` (output to stdout, stdin to the guest), `file=PATH`, or `none`.
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialMode,
+
+    /// QMP control socket: a Unix socket created at PATH (mode 0600, removed at exit) that
+    /// serves QEMU Machine Protocol clients (qmp-shell, libvirt, Python's qemu.qmp).
+    #[arg(long, value_name = "PATH", conflicts_with = "qmp_fd")]
+    qmp: Option<PathBuf>,
+
+    /// QMP control socket on an inherited, listening Unix socket descriptor.
+    #[arg(long, value_name = "N")]
+    qmp_fd: Option<RawFd>,
+
+    /// The VM's name, as `query-name` reports it.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+}
+
+/// A `--qmp-fd` that is not a listening Unix stream socket.
+#[derive(Debug, thiserror::Error)]
+#[error("--qmp-fd {fd}: not an open, listening Unix stream socket")]
+struct BadQmpFd {
+    fd: RawFd,
+}
+
+/// Takes ownership of the inherited descriptor `fd` after checking that it is a
+/// listening Unix stream socket. Runs before keel opens anything, so the number cannot
+/// be one of keel's own descriptors.
+fn inherited_listener(fd: RawFd) -> Result<UnixListener, BadQmpFd> {
+    let bad = BadQmpFd { fd };
+    let int_opt = |opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`; a bad descriptor fails.
+        let r =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &mut len) };
+        (r == 0).then_some(v)
+    };
+    if fd < 3
+        || int_opt(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+        || int_opt(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        || int_opt(libc::SO_ACCEPTCONN) != Some(1)
+    {
+        return Err(bad);
+    }
+    // SAFETY: `fd` is an open socket (getsockopt succeeded) that keel inherited and that
+    // nothing else in this process owns (keel has opened nothing yet).
+    Ok(UnixListener::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// A `--serial` value that is none of its forms.
@@ -106,6 +155,17 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    let qmp = match (cli.qmp, cli.qmp_fd) {
+        (Some(p), _) => Some(QmpListen::Path(p)),
+        (None, Some(fd)) => match inherited_listener(fd) {
+            Ok(l) => Some(QmpListen::Listener(Arc::new(l))),
+            Err(e) => {
+                eprintln!("keel: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => None,
+    };
     let cfg = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
@@ -116,6 +176,8 @@ fn main() -> ExitCode {
         devices: cli.devices,
         transport: cli.transport,
         disks: cli.disks,
+        name: cli.name,
+        qmp,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

@@ -35,6 +35,11 @@ impl SignalFd {
         Ok(SignalFd(unsafe { File::from_raw_fd(fd) }))
     }
 
+    /// A second descriptor for the same signalfd (one per VM the event loop runs).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(SignalFd(self.0.try_clone()?))
+    }
+
     /// The next pending signal, if any.
     pub fn read(&mut self) -> io::Result<Option<i32>> {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];

@@ -1,8 +1,11 @@
 //! Assembling and running a VM: memory, KVM, devices, boot, vCPU threads, event loop.
 
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicI32;
 use std::sync::Arc;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -19,6 +22,7 @@ use keel_pci::PciSegment;
 use keel_virtio::mmio::MMIO_SIZE;
 use keel_virtio::{virtio_pci_function, VirtioDevice, VirtioMmio};
 
+use crate::boot::acpi::SCI_IRQ;
 use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
     pci_test_function, AcpiPm, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
@@ -26,6 +30,7 @@ use crate::devices::{
 };
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
+use crate::qmp::{Boot, Machine};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
@@ -82,6 +87,9 @@ pub enum Error {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] crate::disk::Error),
+    /// The control socket could not be set up.
+    #[error("cannot set up the QMP socket")]
+    Qmp(#[source] keel_qmp::server::Error),
     /// The event loop failed.
     #[error("{op} failed")]
     EventLoop {
@@ -134,6 +142,19 @@ pub struct VmConfig {
     pub transport: Transport,
     /// virtio-blk disks.
     pub disks: Vec<DiskSpec>,
+    /// The VM's name (`query-name`).
+    pub name: Option<String>,
+    /// Where the QMP control socket listens, if anywhere.
+    pub qmp: Option<QmpListen>,
+}
+
+/// Where the QMP control socket listens.
+#[derive(Clone, Debug)]
+pub enum QmpListen {
+    /// A socket keel creates at this path (mode 0600) and removes at exit.
+    Path(PathBuf),
+    /// A listening socket keel inherited (`--qmp-fd`).
+    Listener(Arc<UnixListener>),
 }
 
 /// The transport that carries virtio devices.
@@ -198,7 +219,12 @@ impl MutEventSubscriber for Control {
     }
 }
 
-fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
+fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>, tid: &AtomicI32) {
+    // SAFETY: gettid has no preconditions.
+    tid.store(
+        unsafe { libc::gettid() },
+        std::sync::atomic::Ordering::SeqCst,
+    );
     let id = vcpu.id();
     let why = match vcpu.run(&buses) {
         Ok(VcpuExitReason::Stopped) => return,
@@ -268,13 +294,84 @@ fn add_virtio_mmio(
     Ok(transport.cmdline_fragment())
 }
 
-/// Builds the VM described by `cfg`, runs it to the end, and returns why it ended.
+/// Builds the VM described by `cfg`, runs it to the end, and returns why it ended. With a
+/// control socket, `system_reset` builds the VM again and boots it again.
 pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
     // Signals are handled by the event loop through a signalfd; blocking them here, before
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
         SignalFd::new(&[libc::SIGINT, libc::SIGTERM]).map_err(os("cannot create a signalfd"))?;
+    // Opened once: output goes on across reboots.
+    let serial_file = match &cfg.serial {
+        SerialMode::File(p) => {
+            Some(File::create(p).map_err(os(format!("cannot create {}", p.display())))?)
+        }
+        _ => None,
+    };
+    let machine = Arc::new(Machine::new(cfg.name.clone()));
+    let mut server = match &cfg.qmp {
+        None => None,
+        Some(listen) => {
+            let handler: Arc<dyn keel_qmp::Handler> = machine.clone();
+            let options = keel_qmp::Options {
+                version: keel_qmp::VersionInfo {
+                    qemu: keel_qmp::VersionTriple {
+                        major: 0,
+                        minor: 1,
+                        micro: 0,
+                    },
+                    package: format!("keel {}", env!("CARGO_PKG_VERSION")),
+                },
+                ..Default::default()
+            };
+            let server = match listen {
+                QmpListen::Path(p) => keel_qmp::Server::bind(p, handler, options),
+                QmpListen::Listener(l) => {
+                    let l = l
+                        .try_clone()
+                        .map_err(os("cannot use the --qmp-fd socket"))?;
+                    keel_qmp::Server::serve(l, handler, options)
+                }
+            }
+            .map_err(Error::Qmp)?;
+            machine.set_events(server.events());
+            Some(server)
+        }
+    };
+    let result = loop {
+        match boot_once(cfg, &machine, &signalfd, serial_file.as_ref()) {
+            Ok(VmExit::ResetRequested) => machine.emit(
+                "RESET",
+                Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
+            ),
+            other => break other,
+        }
+    };
+    if let Some(mut server) = server.take() {
+        // Every command in progress is answered (`quit` gets its reply), then SHUTDOWN:
+        // by now the disks are flushed and closed.
+        server.finish_commands();
+        if let Some(data) = result.as_ref().ok().and_then(Machine::shutdown_event) {
+            machine.emit("SHUTDOWN", Some(data));
+        }
+        server.close();
+        if let Some(QmpListen::Path(p)) = &cfg.qmp {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
+}
 
+/// Builds the VM, runs it until something ends it, and tears it down.
+fn boot_once(
+    cfg: &VmConfig,
+    machine: &Machine,
+    signalfd: &SignalFd,
+    serial_file: Option<&File>,
+) -> Result<VmExit, Error> {
+    let signalfd = signalfd
+        .try_clone()
+        .map_err(os("cannot duplicate the signalfd"))?;
     let layout = MemoryLayout::new(cfg.memory_mib * MIB)?;
     let mem = layout.create_guest_memory(&MemoryOptions::default())?;
     let vm = Arc::new(Vm::new()?);
@@ -287,19 +384,22 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
     let exit = Arc::new(ExitSignal::new().map_err(os("cannot create an eventfd"))?);
     let serial_irq = Vm::new_eventfd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let out = match &cfg.serial {
-        SerialMode::Stdio => SerialOutput::Stdout,
-        SerialMode::File(p) => SerialOutput::File(
-            std::fs::File::create(p).map_err(os(format!("cannot create {}", p.display())))?,
+    let out = match (&cfg.serial, serial_file) {
+        (SerialMode::Stdio, _) => SerialOutput::Stdout,
+        (SerialMode::File(p), Some(f)) => SerialOutput::File(
+            f.try_clone()
+                .map_err(os(format!("cannot reopen {}", p.display())))?,
         ),
-        SerialMode::None => SerialOutput::Sink,
+        _ => SerialOutput::Sink,
     };
     let serial = Arc::new(Serial::new(serial_irq, out));
     let buses = Buses::default();
+    let sci = Arc::new(IrqLine::new(vm.clone(), u32::from(SCI_IRQ))?);
+    let pm = Arc::new(AcpiPm::new(exit.clone(), sci));
     let pio: [(u16, u64, Arc<dyn PioDevice>); 4] = [
         (COM1_PORT, 8, serial.clone()),
         (I8042_DATA_PORT, 5, Arc::new(I8042::new(exit.clone()))),
-        (PM1A_CNT_PORT, 8, Arc::new(AcpiPm::new(exit.clone()))),
+        (PM1A_CNT_PORT, 8, pm.clone()),
         (DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))),
     ];
     for (port, len, dev) in pio {
@@ -380,14 +480,21 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         vcpus.push(vcpu);
     }
 
-    let mut handles: Vec<VcpuHandle> = Vec::new();
+    let handles: Vec<VcpuHandle> = vcpus.iter().map(Vcpu::handle).collect();
+    let thread_ids: Arc<[AtomicI32]> = vcpus.iter().map(|_| AtomicI32::new(0)).collect();
+    // Before the threads run: a stopped machine boots with its vCPUs parked.
+    machine.attach(Boot {
+        vcpus: handles.clone(),
+        thread_ids: thread_ids.clone(),
+        exit: exit.clone(),
+        pm,
+    });
     let mut threads = Vec::new();
-    for vcpu in vcpus {
-        handles.push(vcpu.handle());
-        let (buses, exit) = (buses.clone(), exit.clone());
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
         let t = std::thread::Builder::new()
             .name(format!("keel-vcpu{}", vcpu.id()))
-            .spawn(move || run_vcpu(vcpu, buses, exit))
+            .spawn(move || run_vcpu(vcpu, buses, exit, &ids[i]))
             .map_err(os("cannot spawn a vCPU thread"))?;
         threads.push(t);
     }
@@ -421,6 +528,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         })?;
     }
 
+    machine.detach();
     // Orderly shutdown: stop every vCPU, wait for the threads, flush output.
     for h in &handles {
         h.stop();

@@ -5,7 +5,7 @@
 //! | 0x3f8-0x3ff | 16550 UART (COM1), IRQ 4 |
 //! | 0x60, 0x64 | i8042 (keyboard controller): only the CPU reset line (0xfe to 0x64) |
 //! | 0x600-0x601 | ACPI PM1a control block: SLP_TYP=5 with SLP_EN powers off |
-//! | 0x604-0x607 | ACPI PM1a event block (status/enable; no events are raised) |
+//! | 0x604-0x607 | ACPI PM1a event block (status/enable): the power button (QMP `system_powerdown`) raises the SCI, IRQ 9 |
 //! | 0xf4-0xf7 | debug exit: the value written becomes keel's exit status |
 //! | 0xcf8-0xcff | PCI configuration mechanism #1 (keel-pci) |
 //!

@@ -1,0 +1,331 @@
+//! keel's control socket: the QMP commands keel implements on top of keel-qmp, and the
+//! events it sends.
+//!
+//! | command | what it does |
+//! |---|---|
+//! | `query-status`, `query-name`, `query-cpus-fast` | the run state, `--name`, the vCPUs and their threads |
+//! | `stop`, `cont` | park every vCPU thread / let them run (`STOP`, `RESUME`) |
+//! | `system_reset` | the VM is torn down and built again; the guest boots again (`RESET`) |
+//! | `system_powerdown` | presses the ACPI power button: PM1_STS.PWRBTN_STS and the SCI (`POWERDOWN`) |
+//! | `quit` | ends keel in order: vCPUs stopped, devices dropped, disks flushed and closed (`SHUTDOWN`) |
+//! | `query-balloon`, `balloon` | through [`Balloon`]; `DeviceNotActive` without a balloon |
+//!
+//! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
+//! keel gets a termination signal.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use keel_kvm::VcpuHandle;
+use keel_qmp::{Arguments, CommandError, ErrorClass, Events, Handler};
+use serde_json::{json, Value};
+
+use crate::devices::AcpiPm;
+use crate::exit::{ExitSignal, VmExit};
+
+/// What the balloon commands need from a balloon device (virtio-balloon lives on another
+/// branch; the VMM plugs it in with [`Machine::set_balloon`]).
+pub trait Balloon: Send + Sync {
+    /// The guest's memory as the balloon sees it (QAPI `BalloonInfo.actual`), in bytes:
+    /// RAM less the pages the balloon holds.
+    fn actual(&self) -> u64;
+    /// Asks the guest to give back or take memory until it has `target` bytes.
+    fn set_target(&self, target: u64);
+}
+
+/// One boot of the VM: what commands act on.
+pub struct Boot {
+    /// Every vCPU.
+    pub vcpus: Vec<VcpuHandle>,
+    /// Each vCPU thread's Linux thread ID, once it has started (0 before).
+    pub thread_ids: Arc<[AtomicI32]>,
+    /// How the VM is asked to end.
+    pub exit: Arc<ExitSignal>,
+    /// The PM block with the power button.
+    pub pm: Arc<AcpiPm>,
+}
+
+struct State {
+    paused: bool,
+    boot: Option<Boot>,
+    balloon: Option<Arc<dyn Balloon>>,
+}
+
+/// The machine as the control socket sees it, across reboots.
+pub struct Machine {
+    state: Mutex<State>,
+    events: OnceLock<Events>,
+    name: Option<String>,
+}
+
+impl Machine {
+    /// A machine called `name` (`--name`), running, not yet booted.
+    pub fn new(name: Option<String>) -> Self {
+        Machine {
+            state: Mutex::new(State {
+                paused: false,
+                boot: None,
+                balloon: None,
+            }),
+            events: OnceLock::new(),
+            name,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where events go (the server, once it exists).
+    pub fn set_events(&self, events: Events) {
+        let _ = self.events.set(events);
+    }
+
+    /// Sends an event, if there is a control socket.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        if let Some(e) = self.events.get() {
+            e.emit(name, data);
+        }
+    }
+
+    /// A boot's vCPUs and devices, before its vCPU threads run: if the machine is
+    /// stopped, they start parked.
+    pub fn attach(&self, boot: Boot) {
+        let mut st = self.state();
+        if st.paused {
+            boot.vcpus.iter().for_each(VcpuHandle::pause);
+        }
+        st.boot = Some(boot);
+    }
+
+    /// Forgets the boot (it is being torn down).
+    pub fn detach(&self) {
+        self.state().boot = None;
+    }
+
+    /// The balloon device the balloon commands act on.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn set_balloon(&self, balloon: Arc<dyn Balloon>) {
+        self.state().balloon = Some(balloon);
+    }
+
+    /// The `SHUTDOWN` event for how the VM ended, if it is one QEMU reports.
+    pub fn shutdown_event(why: &VmExit) -> Option<Value> {
+        let (guest, reason) = match why {
+            VmExit::PowerOff => (true, "guest-shutdown"),
+            VmExit::Reset | VmExit::TripleFault { .. } => (true, "guest-reset"),
+            VmExit::Quit => (false, "host-qmp-quit"),
+            VmExit::Signal(_) => (false, "host-signal"),
+            _ => return None,
+        };
+        Some(json!({"guest": guest, "reason": reason}))
+    }
+
+    fn stop(&self) {
+        let mut st = self.state();
+        if st.paused {
+            return;
+        }
+        st.paused = true;
+        if let Some(b) = &st.boot {
+            b.vcpus.iter().for_each(VcpuHandle::pause);
+        }
+        drop(st);
+        self.emit("STOP", None);
+    }
+
+    fn cont(&self) {
+        let mut st = self.state();
+        if !st.paused {
+            return;
+        }
+        st.paused = false;
+        if let Some(b) = &st.boot {
+            b.vcpus.iter().for_each(VcpuHandle::resume);
+        }
+        drop(st);
+        self.emit("RESUME", None);
+    }
+
+    fn request(&self, why: VmExit) {
+        if let Some(b) = &self.state().boot {
+            b.exit.request(why);
+        }
+    }
+
+    fn cpus(&self) -> Value {
+        let st = self.state();
+        let Some(b) = &st.boot else {
+            return json!([]);
+        };
+        let cpus = b.vcpus.iter().map(|v| {
+            let i = usize::from(v.id());
+            let tid = b.thread_ids.get(i).map_or(0, |t| t.load(Ordering::SeqCst));
+            json!({
+                "cpu-index": i,
+                "qom-path": format!("/machine/unattached/device[{i}]"),
+                "thread-id": tid,
+                "props": {"core-id": 0, "thread-id": 0, "socket-id": i},
+                "target": "x86_64",
+            })
+        });
+        Value::Array(cpus.collect())
+    }
+
+    fn balloon(&self) -> Result<Arc<dyn Balloon>, CommandError> {
+        self.state().balloon.clone().ok_or_else(|| {
+            CommandError::new(
+                ErrorClass::DeviceNotActive,
+                "No balloon device has been activated",
+            )
+        })
+    }
+}
+
+/// `balloon`'s arguments.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonArgs {
+    value: i64,
+}
+
+impl Handler for Machine {
+    fn commands(&self) -> &[&'static str] {
+        &[
+            "query-status",
+            "query-name",
+            "query-cpus-fast",
+            "stop",
+            "cont",
+            "system_reset",
+            "system_powerdown",
+            "quit",
+            "query-balloon",
+            "balloon",
+        ]
+    }
+
+    fn execute(&self, command: &str, args: Arguments) -> Result<Value, CommandError> {
+        if command == "balloon" {
+            let a: BalloonArgs = args.parse()?;
+            let b = self.balloon()?;
+            if a.value <= 0 {
+                return Err(CommandError::generic("Parameter 'target' expects a size"));
+            }
+            b.set_target(a.value as u64);
+            return Ok(json!({}));
+        }
+        args.none()?;
+        match command {
+            "query-status" => {
+                let paused = self.state().paused;
+                Ok(json!({
+                    "status": if paused { "paused" } else { "running" },
+                    "running": !paused,
+                }))
+            }
+            "query-name" => Ok(match &self.name {
+                Some(n) => json!({"name": n}),
+                None => json!({}),
+            }),
+            "query-cpus-fast" => Ok(self.cpus()),
+            "stop" => {
+                self.stop();
+                Ok(json!({}))
+            }
+            "cont" => {
+                self.cont();
+                Ok(json!({}))
+            }
+            "system_reset" => {
+                self.request(VmExit::ResetRequested);
+                Ok(json!({}))
+            }
+            "system_powerdown" => {
+                if let Some(b) = &self.state().boot {
+                    b.pm.press_power_button();
+                }
+                self.emit("POWERDOWN", None);
+                Ok(json!({}))
+            }
+            "quit" => {
+                self.request(VmExit::Quit);
+                Ok(json!({}))
+            }
+            "query-balloon" => Ok(json!({"actual": self.balloon()?.actual()})),
+            other => Err(CommandError::not_found(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    struct FakeBalloon(AtomicU64);
+    impl Balloon for FakeBalloon {
+        fn actual(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn set_target(&self, target: u64) {
+            self.0.store(target, Ordering::SeqCst);
+        }
+    }
+
+    fn run(m: &Machine, cmd: &str, args: Value) -> Result<Value, CommandError> {
+        let Value::Object(a) = args else { panic!() };
+        m.execute(cmd, Arguments(a))
+    }
+
+    #[test]
+    fn balloon_commands_need_a_balloon_and_check_their_argument() {
+        let m = Machine::new(None);
+        for (cmd, args) in [
+            ("query-balloon", json!({})),
+            ("balloon", json!({"value": 1 << 30})),
+        ] {
+            let e = run(&m, cmd, args).unwrap_err();
+            assert_eq!(e.class, ErrorClass::DeviceNotActive);
+            assert_eq!(e.desc, "No balloon device has been activated");
+        }
+        m.set_balloon(Arc::new(FakeBalloon(AtomicU64::new(128 << 20))));
+        assert_eq!(
+            run(&m, "query-balloon", json!({})).unwrap(),
+            json!({"actual": 128u64 << 20})
+        );
+        run(&m, "balloon", json!({"value": 64 << 20})).unwrap();
+        assert_eq!(
+            run(&m, "query-balloon", json!({})).unwrap()["actual"],
+            64 << 20
+        );
+        for bad in [json!({"value": 0}), json!({"value": "x"}), json!({})] {
+            assert_eq!(
+                run(&m, "balloon", bad).unwrap_err().class,
+                ErrorClass::GenericError
+            );
+        }
+    }
+
+    #[test]
+    fn status_and_name() {
+        let m = Machine::new(Some("vm0".into()));
+        assert_eq!(
+            run(&m, "query-status", json!({})).unwrap(),
+            json!({"status": "running", "running": true})
+        );
+        run(&m, "stop", json!({})).unwrap();
+        assert_eq!(
+            run(&m, "query-status", json!({})).unwrap()["status"],
+            "paused"
+        );
+        assert_eq!(
+            run(&m, "query-name", json!({})).unwrap(),
+            json!({"name": "vm0"})
+        );
+        assert_eq!(
+            run(&m, "cont", json!({"x": 1})).unwrap_err().desc,
+            "Parameter 'x' is unexpected"
+        );
+    }
+}
