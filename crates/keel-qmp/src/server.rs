@@ -261,7 +261,7 @@ fn listen_private(path: &Path) -> Result<UnixListener> {
         return Err(listen(io::Error::last_os_error()));
     }
     // SAFETY: listen(2) on our bound socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), 16) } < 0 {
+    if unsafe { libc::listen(fd.as_raw_fd(), libc::SOMAXCONN) } < 0 {
         return Err(listen(io::Error::last_os_error()));
     }
     Ok(UnixListener::from(fd))

@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Drives a VMM running the test guest's `idle` scenario through QMP with QEMU's own
+Python client (`qemu.qmp`, from PyPI), and checks what the VMM does.
+
+    qmp_test.py --target keel --vmm target/debug/keel --guest GUEST --workdir DIR
+    qmp_test.py --target qemu --guest GUEST --workdir DIR
+
+The same checks run against both: QEMU 10 (`-M pc`, whose PIIX4 ACPI power button the
+guest handles; `-qmp unix:PATH,server=on,wait=off`) proves the script, the script proves
+keel. QEMU's -qmp socket serves one client at a time, so the checks that need several
+clients at once run against keel only. Prints one line per check and `qmp-test: PASS`
+at the end; any failure raises.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+
+from qemu.qmp import QMPClient, ExecuteError
+
+# A guest tick is 100 ms; allow for slow, shared machines.
+BOOT_TIMEOUT = 60.0
+EVENT_TIMEOUT = 10.0
+
+
+def log(msg):
+    print(f"qmp-test: {msg}", flush=True)
+
+
+class Vm:
+    """One VMM process running the idle guest, with a serial log and a QMP socket."""
+
+    def __init__(self, args, tag, cpus=2, disk=None):
+        self.args = args
+        self.dir = os.path.join(args.workdir, tag)
+        os.makedirs(self.dir, exist_ok=True)
+        self.serial = os.path.join(self.dir, "serial.log")
+        self.sock = os.path.join(self.dir, "qmp.sock")
+        self.name = f"vm-{tag}"
+        self.cpus = cpus
+        if args.target == "keel":
+            cmd = [args.vmm, "--memory", "128", "--cpus", str(cpus),
+                   "--cmdline", "keel.test=idle", "--serial", f"file={self.serial}",
+                   "--qmp", self.sock, "--name", self.name]
+            if disk:
+                cmd += ["--disk", f"path={disk},format=qcow2"]
+        else:
+            # No -no-reboot: with it, QEMU 10 turns system_reset into a shutdown.
+            cmd = ["qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-cpu", "kvm64",
+                   "-m", "128", "-smp", str(cpus), "-display", "none", "-nodefaults", "-serial", f"file:{self.serial}", "-name", self.name,
+                   "-qmp", f"unix:{self.sock},server=on,wait=off",
+                   "-kernel", args.guest, "-append", "keel.test=idle"]
+            if disk:
+                cmd += ["-drive", f"file={disk},format=qcow2,if=none,id=disk0",
+                        "-device", "virtio-blk-pci,drive=disk0"]
+        self.stderr = open(os.path.join(self.dir, "stderr.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no QMP socket at {self.sock}: {self.stderr_text()}")
+            time.sleep(0.02)
+
+    def stderr_text(self):
+        self.stderr.flush()
+        with open(self.stderr.name) as f:
+            return f.read()
+
+    def output(self):
+        try:
+            with open(self.serial, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def ticks(self):
+        return [int(n) for n in re.findall(r"keel-test: tick (\d+)", self.output())]
+
+    async def wait_serial(self, what, cond, timeout=BOOT_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while not cond(self.output()):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"VMM exited ({self.proc.returncode}) waiting for {what}; "
+                                     f"serial:\n{self.output()}\nstderr:\n{self.stderr_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; serial:\n{self.output()}")
+            await asyncio.sleep(0.05)
+
+    async def wait_exit(self, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("the VMM did not exit")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def connect(vm):
+    qmp = QMPClient(vm.name)
+    await qmp.connect(vm.sock)
+    return qmp
+
+
+async def expect_error(qmp, cmd, args, cls):
+    try:
+        r = await qmp.execute(cmd, args)
+    except ExecuteError as e:
+        assert e.error_class == cls, f"{cmd} {args}: {e.error_class} ({e}), expected {cls}"
+        return str(e)
+    raise AssertionError(f"{cmd} {args} succeeded ({r}); expected {cls}")
+
+
+async def next_event(listener, name):
+    ev = await asyncio.wait_for(listener.get(), EVENT_TIMEOUT)
+    assert ev["event"] == name, f"expected {name}, got {ev}"
+    ts = ev["timestamp"]
+    assert ts["seconds"] > 1_600_000_000 and 0 <= ts["microseconds"] < 1_000_000, ev
+    return ev
+
+
+class Raw:
+    """A QMP client on a plain socket, for input qemu.qmp would never send."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(EVENT_TIMEOUT)
+        self.s.connect(path)
+        self.buf = b""
+        self.greeting = self.recv()
+        assert "QMP" in self.greeting, self.greeting
+
+    def recv(self):
+        while b"\n" not in self.buf:
+            data = self.s.recv(65536)
+            if not data:
+                raise EOFError
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def send(self, raw):
+        self.s.sendall(raw)
+        return self.recv()
+
+    def close(self):
+        self.s.close()
+
+
+def error_class(reply):
+    assert "error" in reply, reply
+    return reply["error"]["class"]
+
+
+async def check_queries(vm, qmp):
+    v = await qmp.execute("query-version")
+    assert all(isinstance(v["qemu"][k], int) for k in ("major", "minor", "micro")), v
+    names = {c["name"] for c in await qmp.execute("query-commands")}
+    wanted = {"qmp_capabilities", "query-version", "query-commands", "query-status",
+              "query-name", "query-cpus-fast", "query-balloon", "balloon", "stop", "cont",
+              "system_reset", "system_powerdown", "quit"}
+    assert wanted <= names, wanted - names
+    assert await qmp.execute("query-status") == {"status": "running", "running": True}
+    assert await qmp.execute("query-name") == {"name": vm.name}
+    cpus = await qmp.execute("query-cpus-fast")
+    assert [c["cpu-index"] for c in cpus] == list(range(vm.cpus)), cpus
+    assert all(c["thread-id"] > 0 and c["target"] == "x86_64" for c in cpus), cpus
+    log(f"queries: version {v['qemu']}, {len(names)} commands, {len(cpus)} vCPUs")
+
+
+async def check_stop_cont(vm, qmp):
+    await vm.wait_serial("tick 3", lambda out: "keel-test: tick 3" in out)
+    with qmp.listener() as events:
+        await qmp.execute("stop")
+        await next_event(events, "STOP")
+        assert await qmp.execute("query-status") == {"status": "paused", "running": False}
+        await asyncio.sleep(0.3)  # a line being written when the vCPU stopped
+        before = vm.ticks()
+        await asyncio.sleep(1.5)  # 15 ticks if it were running
+        after = vm.ticks()
+        assert before == after, f"ticks went on while paused: {before[-3:]} -> {after[-3:]}"
+        await qmp.execute("stop")  # already stopped: no event, still paused
+        assert (await qmp.execute("query-status"))["status"] == "paused"
+        await qmp.execute("cont")
+        await next_event(events, "RESUME")
+        assert await qmp.execute("query-status") == {"status": "running", "running": True}
+        last = after[-1]
+        await vm.wait_serial("ticks after cont",
+                             lambda out: f"keel-test: tick {last + 3}\n" in out, 10)
+    log(f"stop/cont: ticks stood still at {last} for 1.5 s while paused, then went on")
+
+
+async def check_balloon(qmp):
+    for cmd, args in (("query-balloon", None), ("balloon", {"value": 64 << 20})):
+        msg = await expect_error(qmp, cmd, args, "DeviceNotActive")
+        assert "No balloon device has been activated" in msg, msg
+    log("balloon: DeviceNotActive without a balloon device")
+
+
+async def check_bad_input(vm, qmp):
+    # Wrong argument types and unknown commands, through the real client.
+    await expect_error(qmp, "balloon", {"value": "lots"}, "GenericError")
+    await expect_error(qmp, "query-status", {"verbose": True}, "GenericError")
+    await expect_error(qmp, "no-such-command", None, "CommandNotFound")
+    # What qemu.qmp would never send, on a raw socket (QEMU serves one client at a
+    # time: the real client disconnects meanwhile).
+    await qmp.disconnect()
+    raw = Raw(vm.sock)
+    r = raw.send(b'{"execute": "query-status", "id": 1}')
+    assert error_class(r) == "CommandNotFound" and r["id"] == 1, r
+    assert raw.send(b'{"execute": "qmp_capabilities"}') == {"return": {}}
+    assert error_class(raw.send(b'{"execute": "qmp_capabilities"}')) == "CommandNotFound"
+    for bad in (b'{"execute": nonsense}', b'[1, 2]', b'"text"', b'{"arguments": {}}',
+                b'{"execute": 42}', b'{"execute": "query-status", "arguments": [1]}',
+                b'{"execute": "query-status", "colour": "blue"}'):
+        assert error_class(raw.send(bad)) == "GenericError", bad
+    r = raw.send(b'{"execute": "query-status", "id": {"any": ["json", 1]}}')
+    assert r["id"] == {"any": ["json", 1]} and r["return"]["running"], r
+    # A message over keel's size limit (1 MiB): an error; keel then drops the client.
+    # keel answers before the message ends and closes: sending then fails.
+    big = b'{"execute": "query-status", "arguments": {"pad": "' + b"x" * (2 << 20) + b'"}}'
+    try:
+        raw.s.sendall(big)
+    except (BrokenPipeError, ConnectionResetError):
+        assert vm.args.target == "keel"
+    assert error_class(raw.recv()) == "GenericError"
+    raw.close()
+    # Clients vanishing: mid-message, and right after a command.
+    for partial in (b'{"execute": "query-st', b'{"execute": "qmp_capabilities"}'
+                    b'{"execute": "query-status"}'):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(vm.sock)
+        s.sendall(partial)
+        s.close()
+        await asyncio.sleep(0.1)
+    qmp = await connect(vm)
+    assert (await qmp.execute("query-status"))["running"]
+    n = max(vm.ticks())
+    await vm.wait_serial("ticks after bad input",
+                         lambda out: f"keel-test: tick {n + 2}\n" in out, 10)
+    log("bad input: QMP errors for each, the VM ran on")
+    return qmp
+
+
+async def check_many_clients(vm, qmp):
+    """keel only: many clients at once, each negotiating on its own; events reach all."""
+    clients = [QMPClient(f"c{i}") for i in range(40)]
+    await asyncio.gather(*(c.connect(vm.sock) for c in clients))
+    statuses = await asyncio.gather(*(c.execute("query-status") for c in clients))
+    assert all(s["running"] for s in statuses)
+    raws = [Raw(vm.sock) for _ in range(10)]  # connected, never negotiated
+    with contextlib.ExitStack() as stack:
+        listeners = [stack.enter_context(c.listener("STOP")) for c in clients]
+        await qmp.execute("stop")
+        await asyncio.gather(*(next_event(listener, "STOP") for listener in listeners))
+    for r in raws:
+        # Not negotiated: no event; the next message is the reply to its own command.
+        assert error_class(r.send(b'{"execute": "query-status"}')) == "CommandNotFound"
+        r.close()
+    await qmp.execute("cont")
+    await asyncio.gather(*(c.disconnect() for c in clients))
+    log("many clients: 40 negotiated clients got STOP, 10 unnegotiated ones did not")
+
+
+async def check_reset(vm, qmp):
+    boots = vm.output().count("keel-test: scenario idle")
+    with qmp.listener("RESET") as events:
+        await qmp.execute("system_reset")
+        ev = await next_event(events, "RESET")
+    assert ev["data"] == {"guest": False, "reason": "host-qmp-system-reset"}, ev
+    await vm.wait_serial("the guest booting again",
+                         lambda out: out.count("keel-test: scenario idle") == boots + 1)
+    await vm.wait_serial("tick 2 after the reset",
+                         lambda out: "keel-test: tick 2\n" in out.rsplit("scenario idle", 1)[1])
+    assert await qmp.execute("query-status") == {"status": "running", "running": True}
+    log("system_reset: RESET, the guest booted again and counts from 0")
+
+
+async def check_powerdown(vm, qmp):
+    await vm.wait_serial("the power button armed", lambda out: "power button armed" in out)
+    with qmp.listener() as events:
+        await qmp.execute("system_powerdown")
+        await next_event(events, "POWERDOWN")
+        ev = await next_event(events, "SHUTDOWN")
+    assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}, ev
+    code = await vm.wait_exit()
+    assert code == 0, f"exit status {code}"
+    assert "power button pressed; powering off (S5)" in vm.output()
+    try:
+        await qmp.disconnect()
+    except EOFError:
+        pass  # the VMM is gone
+    log("system_powerdown: POWERDOWN, the guest powered off through S5, SHUTDOWN, exit 0")
+
+
+async def check_quit(args):
+    disk = os.path.join(args.workdir, "disk.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "16M"], check=True)
+    vm = Vm(args, "quit", cpus=1, disk=disk)
+    try:
+        qmp = await connect(vm)
+        await vm.wait_serial("tick 1", lambda out: "keel-test: tick 1\n" in out)
+        with qmp.listener("SHUTDOWN") as events:
+            assert await qmp.execute("quit") == {}
+            ev = await next_event(events, "SHUTDOWN")
+        assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}, ev
+        code = await vm.wait_exit()
+        assert code == 0, f"exit status {code}"
+        try:
+            await qmp.disconnect()
+        except EOFError:
+            pass
+        check = subprocess.run(["qemu-img", "check", disk], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        info = subprocess.run(["qemu-img", "info", "--output=json", disk],
+                              capture_output=True, text=True, check=True)
+        dirty = json.loads(info.stdout).get("dirty-flag", False)
+        assert not dirty, info.stdout
+        log("quit: reply, SHUTDOWN, exit 0; the disk is clean (qemu-img check)")
+    finally:
+        vm.kill()
+
+
+async def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--target", choices=["keel", "qemu"], required=True)
+    p.add_argument("--vmm", help="the keel binary (--target keel)")
+    p.add_argument("--guest", required=True, help="the test guest ELF (--target qemu)")
+    p.add_argument("--workdir", required=True)
+    args = p.parse_args()
+
+    vm = Vm(args, "main")
+    try:
+        qmp = await connect(vm)
+        await check_queries(vm, qmp)
+        await check_stop_cont(vm, qmp)
+        await check_balloon(qmp)
+        qmp = await check_bad_input(vm, qmp)
+        if args.target == "keel":
+            await check_many_clients(vm, qmp)
+        await check_reset(vm, qmp)
+        await check_powerdown(vm, qmp)
+    finally:
+        vm.kill()
+    await check_quit(args)
+    log("PASS")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
