@@ -48,6 +48,9 @@ pub struct Boot {
 struct State {
     paused: bool,
     boot: Option<Boot>,
+    /// An exit asked for while no boot was attached (before the first one, or during a
+    /// reset): the next boot ends at once.
+    pending_exit: Option<VmExit>,
     balloon: Option<Arc<dyn Balloon>>,
 }
 
@@ -65,6 +68,7 @@ impl Machine {
             state: Mutex::new(State {
                 paused: false,
                 boot: None,
+                pending_exit: None,
                 balloon: None,
             }),
             events: OnceLock::new(),
@@ -94,6 +98,9 @@ impl Machine {
         let mut st = self.state();
         if st.paused {
             boot.vcpus.iter().for_each(VcpuHandle::pause);
+        }
+        if let Some(why) = st.pending_exit.take() {
+            boot.exit.request(why);
         }
         st.boot = Some(boot);
     }
@@ -148,8 +155,15 @@ impl Machine {
     }
 
     fn request(&self, why: VmExit) {
-        if let Some(b) = &self.state().boot {
-            b.exit.request(why);
+        let mut st = self.state();
+        match &st.boot {
+            Some(b) => b.exit.request(why),
+            None => {
+                // A quit wins over a reset asked for earlier.
+                if !matches!(st.pending_exit, Some(VmExit::Quit)) {
+                    st.pending_exit = Some(why);
+                }
+            }
         }
     }
 

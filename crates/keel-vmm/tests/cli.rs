@@ -59,6 +59,9 @@ fn help_documents_every_flag() {
         "--memory",
         "--cpus",
         "--serial",
+        "--qmp",
+        "--qmp-fd",
+        "--name",
     ] {
         assert!(out.stdout.contains(flag), "{flag} missing from --help");
     }

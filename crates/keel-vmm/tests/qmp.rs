@@ -4,10 +4,14 @@
 
 mod support;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Command;
+use std::time::Duration;
 
 use keel_testutil::require_kvm;
-use support::{repo_root, TempDir, GUEST};
+use support::{keel, repo_root, run_keel, Running, TempDir, GUEST};
 
 /// Runs the script against `target` and asserts that it passed.
 fn run_script(target: &str) {
@@ -53,4 +57,67 @@ fn qmp_script_against_qemu() {
         "qemu-system-x86_64 is missing: scripts/install-tools installs it"
     );
     run_script("qemu");
+}
+
+#[test]
+fn qmp_fd_serves_an_inherited_listening_socket() {
+    require_kvm!();
+    let dir = TempDir::new("qmp-fd");
+    let path = dir.path().join("qmp.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: F_SETFD on a descriptor this test owns: clearing FD_CLOEXEC so keel inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let mut cmd = keel();
+    cmd.args([
+        "--memory",
+        "128",
+        "--cmdline",
+        "keel.test=idle",
+        "--serial",
+        "none",
+    ])
+    .args(["--qmp-fd", &fd.to_string()]);
+    let vm = Running::start(cmd);
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut lines = BufReader::new(client.try_clone().unwrap()).lines();
+    let mut replies = Vec::new();
+    client
+        .write_all(br#"{"execute":"qmp_capabilities"}{"execute":"quit","id":"q"}"#)
+        .unwrap();
+    for _ in 0..4 {
+        match lines.next() {
+            Some(Ok(l)) => replies.push(serde_json::from_str::<serde_json::Value>(&l).unwrap()),
+            _ => break,
+        }
+    }
+    let out = vm.finish(Duration::from_secs(30));
+    assert_eq!(
+        replies.len(),
+        4,
+        "replies {replies:?}; keel's stderr: {}",
+        out.stderr
+    );
+    assert!(replies[0]["QMP"]["version"].is_object());
+    assert_eq!(replies[1], serde_json::json!({"return": {}}));
+    assert_eq!(replies[2], serde_json::json!({"return": {}, "id": "q"}));
+    assert_eq!(replies[3]["data"]["reason"], "host-qmp-quit");
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn qmp_fd_must_be_a_listening_unix_socket() {
+    for fd in ["0", "999"] {
+        let out = run_keel(&["--qmp-fd", fd], Duration::from_secs(10));
+        assert_eq!(out.code(), Some(2), "--qmp-fd {fd}");
+        assert!(
+            out.stderr
+                .contains("not an open, listening Unix stream socket"),
+            "{}",
+            out.stderr
+        );
+    }
 }
