@@ -1072,3 +1072,48 @@ fn mq_steps(c: &Ctx) -> Outcome {
     say!(name, "reset: status reads 0");
     Ok(())
 }
+
+/// The disk a long-running scenario (`idle`) writes its tick to, so the host
+/// can see whether the guest's writes stand still (while the VM is stopped).
+pub struct TickDisk<'a> {
+    b: Blk<'a>,
+}
+
+impl TickDisk<'_> {
+    /// Writes block 0: `keel-test tick N\n` in ASCII, zero-padded to 4 KiB.
+    pub fn write_tick(&mut self, n: u64) -> Outcome {
+        let mut line = Text::<64>::new();
+        let _ = writeln!(line, "keel-test tick {n}");
+        self.b.one(
+            &Req::write(0, BLOCK),
+            Shape::SEPARATE,
+            |p| {
+                let text = line.as_str().as_bytes();
+                p[..BLOCK as usize].fill(0);
+                p[..text.len()].copy_from_slice(text);
+            },
+            |d, _| expect(d, S_OK),
+        )
+    }
+}
+
+/// Runs `body` with the first virtio-blk device (as `with_device` finds it)
+/// opened as a [`TickDisk`], or with `None` when there is no such device.
+pub fn with_tick_disk(
+    name: &'static str,
+    boot: &BootInfo,
+    acpi: &Acpi,
+    body: impl FnOnce(Option<&mut TickDisk>) -> Outcome,
+) -> Outcome {
+    let on_mmio = || {
+        virtio::find_mmio(name, boot.cmdline(), u32::from(blk::BLK_TYPE))
+            .is_ok_and(|s| s.found.is_some())
+    };
+    if virtio::find_pci(acpi, blk::BLK_TYPE).is_none() && !on_mmio() {
+        return body(None);
+    }
+    with_device(name, boot, acpi, |c| {
+        let mut disk = TickDisk { b: open(c)? };
+        body(Some(&mut disk))
+    })
+}

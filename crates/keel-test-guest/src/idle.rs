@@ -3,13 +3,17 @@
 //! `keel-test: tick N` every 100 ms (N from 0, timed by the TSC calibrated
 //! against the PIT), waits for interrupts in between (a 10 ms LAPIC timer
 //! bounds each wait), and powers off through ACPI S5 when the ACPI power
-//! button is pressed. It never passes or fails on its own.
+//! button is pressed. With a virtio-blk device it also writes each tick's
+//! line to the disk's block 0 (so the host can see the guest's writes stand
+//! still while the VM is stopped). It never passes or fails on its own.
 
 use crate::acpi::Acpi;
 use crate::arch::{self, rdtsc};
+use crate::blk_scenarios::{with_tick_disk, TickDisk};
 use crate::idt::VEC_TIMER;
 use crate::irq::{lapic_enable, lapic_write};
 use crate::power::PowerButton;
+use crate::pvh::BootInfo;
 use crate::{exit, pit, Outcome};
 
 const LAPIC_LVT_TIMER: u64 = 0x320;
@@ -20,7 +24,11 @@ const LVT_PERIODIC: u32 = 1 << 17;
 /// changes how often the guest wakes, not the tick period).
 const WAKE_COUNT: u32 = 10_000_000;
 
-pub fn scenario(acpi: &Acpi) -> Outcome {
+pub fn scenario(boot: &BootInfo, acpi: &Acpi) -> Outcome {
+    with_tick_disk("idle", boot, acpi, |disk| run(acpi, disk))
+}
+
+fn run(acpi: &Acpi, mut disk: Option<&mut TickDisk>) -> Outcome {
     lapic_enable();
     let Some(hz) = pit::tsc_hz() else {
         crate::fail!("cannot calibrate the TSC against the PIT");
@@ -40,6 +48,9 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
         }
         if rdtsc().wrapping_sub(start) >= n * period {
             println!("keel-test: tick {n}");
+            if let Some(d) = disk.as_deref_mut() {
+                d.write_tick(n)?;
+            }
             n += 1;
         }
         arch::idle_wait();

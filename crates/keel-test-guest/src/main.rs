@@ -97,7 +97,7 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "blk-ro" => blk_scenarios::scenario_blk_ro(&boot, &acpi),
         "blk-bench" => blk_scenarios::scenario_blk_bench(&boot, &acpi),
         "blk-mq" => blk_scenarios::scenario_blk_mq(&boot, &acpi),
-        "idle" => idle::scenario(&acpi),
+        "idle" => idle::scenario(&boot, &acpi),
         _ => {
             let mut t = Text::new();
             t.push_str("unknown scenario");

@@ -33,6 +33,18 @@ def log(msg):
     print(f"qmp-test: {msg}", flush=True)
 
 
+def disk_format(path):
+    return "qcow2" if path.endswith(".qcow2") else "raw"
+
+
+def disk_tick(path):
+    """The tick line the idle guest last wrote to block 0 of a raw image, or None."""
+    with open(path, "rb") as f:
+        block = f.read(4096)
+    m = re.match(rb"keel-test tick (\d+)\n", block)
+    return int(m.group(1)) if m else None
+
+
 class Vm:
     """One VMM process running the idle guest, with a serial log and a QMP socket."""
 
@@ -49,7 +61,7 @@ class Vm:
                    "--cmdline", "keel.test=idle", "--serial", f"file={self.serial}",
                    "--qmp", self.sock, "--name", self.name]
             if disk:
-                cmd += ["--disk", f"path={disk},format=qcow2"]
+                cmd += ["--disk", f"path={disk},format={disk_format(disk)}"]
         else:
             # No -no-reboot: with it, QEMU 10 turns system_reset into a shutdown.
             cmd = ["qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-cpu", "kvm64",
@@ -57,7 +69,7 @@ class Vm:
                    "-qmp", f"unix:{self.sock},server=on,wait=off",
                    "-kernel", args.guest, "-append", "keel.test=idle"]
             if disk:
-                cmd += ["-drive", f"file={disk},format=qcow2,if=none,id=disk0",
+                cmd += ["-drive", f"file={disk},format={disk_format(disk)},if=none,id=disk0",
                         "-device", "virtio-blk-pci,drive=disk0"]
         self.stderr = open(os.path.join(self.dir, "stderr.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr)
@@ -179,17 +191,19 @@ async def check_queries(vm, qmp):
     log(f"queries: version {v['qemu']}, {len(names)} commands, {len(cpus)} vCPUs")
 
 
-async def check_stop_cont(vm, qmp):
+async def check_stop_cont(vm, qmp, disk):
     await vm.wait_serial("tick 3", lambda out: "keel-test: tick 3" in out)
+    assert disk_tick(disk) is not None, "the guest does not write its ticks to the disk"
     with qmp.listener() as events:
         await qmp.execute("stop")
         await next_event(events, "STOP")
         assert await qmp.execute("query-status") == {"status": "paused", "running": False}
         await asyncio.sleep(0.3)  # a line being written when the vCPU stopped
-        before = vm.ticks()
+        before, on_disk = vm.ticks(), disk_tick(disk)
         await asyncio.sleep(1.5)  # 15 ticks if it were running
         after = vm.ticks()
         assert before == after, f"ticks went on while paused: {before[-3:]} -> {after[-3:]}"
+        assert disk_tick(disk) == on_disk, "the disk changed while paused"
         await qmp.execute("stop")  # already stopped: no event, still paused
         assert (await qmp.execute("query-status"))["status"] == "paused"
         await qmp.execute("cont")
@@ -198,7 +212,9 @@ async def check_stop_cont(vm, qmp):
         last = after[-1]
         await vm.wait_serial("ticks after cont",
                              lambda out: f"keel-test: tick {last + 3}\n" in out, 10)
-    log(f"stop/cont: ticks stood still at {last} for 1.5 s while paused, then went on")
+    assert disk_tick(disk) > on_disk, "the disk did not change after cont"
+    log(f"stop/cont: ticks (serial and disk) stood still at {last} for 1.5 s while paused, "
+        "then went on")
 
 
 async def check_balloon(qmp):
@@ -321,13 +337,19 @@ async def check_quit(args):
             await qmp.disconnect()
         except EOFError:
             pass
+        last = vm.ticks()[-1]
         check = subprocess.run(["qemu-img", "check", disk], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         info = subprocess.run(["qemu-img", "info", "--output=json", disk],
                               capture_output=True, text=True, check=True)
         dirty = json.loads(info.stdout).get("dirty-flag", False)
         assert not dirty, info.stdout
-        log("quit: reply, SHUTDOWN, exit 0; the disk is clean (qemu-img check)")
+        raw = os.path.join(args.workdir, "quit.raw")
+        subprocess.run(["qemu-img", "convert", "-O", "raw", disk, raw], check=True)
+        # The guest prints a tick, then writes it: quit may fall in between.
+        assert disk_tick(raw) in (last - 1, last), f"disk: tick {disk_tick(raw)}, serial {last}"
+        log(f"quit: reply, SHUTDOWN, exit 0; the disk is clean (qemu-img check) and holds "
+            f"the last tick")
     finally:
         vm.kill()
 
@@ -340,11 +362,14 @@ async def main():
     p.add_argument("--workdir", required=True)
     args = p.parse_args()
 
-    vm = Vm(args, "main")
+    disk = os.path.join(args.workdir, "disk.raw")
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    vm = Vm(args, "main", disk=disk)
     try:
         qmp = await connect(vm)
         await check_queries(vm, qmp)
-        await check_stop_cont(vm, qmp)
+        await check_stop_cont(vm, qmp, disk)
         await check_balloon(qmp)
         qmp = await check_bad_input(vm, qmp)
         if args.target == "keel":
