@@ -54,7 +54,7 @@ fn mib(b: u64) -> f64 {
 }
 
 /// Touch, inflate INFLATE_MIB, deflate and touch: RSS drops and comes back.
-fn inflate_deflate(mut vm: BalloonVm, pages_line: impl Fn(u64) -> String) {
+fn inflate_deflate(mut vm: BalloonVm) {
     vm.wait_line("balloon-service: touched", 1, LIMIT);
     let touched = vm.rss();
     assert!(
@@ -64,7 +64,7 @@ fn inflate_deflate(mut vm: BalloonVm, pages_line: impl Fn(u64) -> String) {
         mib(touched)
     );
     vm.set_target(INFLATE_MIB * MIB);
-    let line = vm.wait_line(&pages_line(INFLATE_MIB * 256), 1, LIMIT);
+    let line = vm.wait_line(&format!("inflated: actual {} pages", INFLATE_MIB * 256), 1, LIMIT);
     let inflated = vm.rss();
     let n = INFLATE_MIB * MIB;
     println!(
@@ -81,7 +81,7 @@ fn inflate_deflate(mut vm: BalloonVm, pages_line: impl Fn(u64) -> String) {
         mib(inflated)
     );
     vm.set_target(0);
-    let line = vm.wait_line(&pages_line(0), 1, LIMIT);
+    let line = vm.wait_line("deflated and touched: actual 0 pages", 1, LIMIT);
     let back = vm.rss();
     println!("{}: after deflating and touching {:.0} MiB ({line})", vm.what, mib(back));
     assert!(
@@ -97,7 +97,7 @@ fn inflate_deflate(mut vm: BalloonVm, pages_line: impl Fn(u64) -> String) {
         // The guest's statistics came through (every second, stats_period=1).
         let s = vm.stats();
         assert!(
-            s.contains(&format!("stat-total-memory=")) && s.contains("stat-free-memory="),
+            s.contains("stat-total-memory=") && s.contains("stat-free-memory="),
             "{s}"
         );
     } else {
@@ -137,10 +137,6 @@ fn reporting(vm: BalloonVm) {
     vm.stop();
 }
 
-fn keel_line(pages: u64) -> String {
-    format!("actual {pages} pages")
-}
-
 fn service_keel(transport: &str) {
     let vm = BalloonVm::keel(
         transport,
@@ -148,7 +144,7 @@ fn service_keel(transport: &str) {
         "stats_period=1",
         "keel.test=balloon-service",
     );
-    inflate_deflate(vm, keel_line);
+    inflate_deflate(vm);
 }
 
 fn reporting_keel(transport: &str) {
@@ -163,7 +159,7 @@ fn reporting_keel(transport: &str) {
 
 fn service_qemu() {
     let vm = BalloonVm::qemu(MEMORY_MIB, "", "keel.test=balloon-service");
-    inflate_deflate(vm, keel_line);
+    inflate_deflate(vm);
 }
 
 fn reporting_qemu() {

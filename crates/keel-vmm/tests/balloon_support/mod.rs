@@ -297,7 +297,9 @@ impl BalloonVm {
         let deadline = Instant::now() + limit;
         loop {
             let text = self.serial();
-            let hits: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+            // Whole lines only: the guest may be in the middle of one.
+            let done = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            let hits: Vec<&str> = done.lines().filter(|l| l.contains(needle)).collect();
             if hits.len() >= n {
                 return hits[n - 1].to_string();
             }
