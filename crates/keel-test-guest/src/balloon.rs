@@ -13,9 +13,7 @@ use core::cell::UnsafeCell;
 use crate::arch::{rdtsc, wait_for, TIMEOUT_CYCLES};
 use crate::pvh::BootInfo;
 use crate::text::Text;
-use crate::virtio::{
-    Pool, QueueMem, Res, Transport, Vq, F_VERSION_1, POOL,
-};
+use crate::virtio::{Pool, QueueMem, Res, Transport, Vq, F_VERSION_1, POOL};
 
 /// The virtio device type of a memory balloon.
 pub const BALLOON_TYPE: u16 = 5;
@@ -196,9 +194,14 @@ impl<'a> Balloon<'a> {
         } else {
             None
         };
-        for q in [Some(&inflate), Some(&deflate), stats.as_ref(), report.as_ref()]
-            .into_iter()
-            .flatten()
+        for q in [
+            Some(&inflate),
+            Some(&deflate),
+            stats.as_ref(),
+            report.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             // Polled: no interrupts wanted.
             q.set_no_interrupt(true);
@@ -246,22 +249,22 @@ impl<'a> Balloon<'a> {
     fn send_stats(&mut self) {
         let free = (self.ram.pages - self.held) * PAGE;
         let values: [u64; STAT_TAGS] = [
-            0,                          // SWAP_IN
-            0,                          // SWAP_OUT
-            0,                          // MAJFLT
-            self.deflated_total,        // MINFLT: deflated pages touched again
-            free,                       // MEMFREE
-            self.ram.pages * PAGE,      // MEMTOT
-            free,                       // AVAIL
-            0,                          // CACHES
-            0,                          // HTLB_PGALLOC
-            0,                          // HTLB_PGFAIL
-            0,                          // OOM_KILL
-            0,                          // ALLOC_STALL
-            self.inflated_total,        // ASYNC_SCAN
-            0,                          // DIRECT_SCAN
-            self.inflated_total,        // ASYNC_RECLAIM
-            0,                          // DIRECT_RECLAIM
+            0,                     // SWAP_IN
+            0,                     // SWAP_OUT
+            0,                     // MAJFLT
+            self.deflated_total,   // MINFLT: deflated pages touched again
+            free,                  // MEMFREE
+            self.ram.pages * PAGE, // MEMTOT
+            free,                  // AVAIL
+            0,                     // CACHES
+            0,                     // HTLB_PGALLOC
+            0,                     // HTLB_PGFAIL
+            0,                     // OOM_KILL
+            0,                     // ALLOC_STALL
+            self.inflated_total,   // ASYNC_SCAN
+            0,                     // DIRECT_SCAN
+            self.inflated_total,   // ASYNC_RECLAIM
+            0,                     // DIRECT_RECLAIM
         ];
         let Some(vq) = self.stats.as_mut() else {
             return;
@@ -308,7 +311,8 @@ impl<'a> Balloon<'a> {
         let mut k = from;
         let mut slot = 0usize;
         while k < to || self.queue(deflate).in_flight() > 0 {
-            let room = self.queue(deflate).in_flight() < ARRAYS.min(usize::from(self.queue(deflate).size));
+            let room =
+                self.queue(deflate).in_flight() < ARRAYS.min(usize::from(self.queue(deflate).size));
             if k < to && room {
                 let n = (to - k).min(PFNS_PER_BUFFER);
                 let array = self.inflate.pool_addr(Pool::Out, slot * 4096);

@@ -83,7 +83,10 @@ fn balloon_steps(b: &mut Balloon) -> Outcome {
         crate::fail!("the target (num_pages) is 0: nothing to inflate (keel: --balloon size=MiB)");
     }
     if target > b.ram.pages {
-        crate::fail!("the target {target} pages is more than the {} balloonable", b.ram.pages);
+        crate::fail!(
+            "the target {target} pages is more than the {} balloonable",
+            b.ram.pages
+        );
     }
     b.ram.touch(0, target, TOUCH);
     let c = b.inflate_by(target)?;
@@ -91,7 +94,11 @@ fn balloon_steps(b: &mut Balloon) -> Outcome {
     if u64::from(actual) != target {
         crate::fail!("inflated {target} pages, actual reads back {actual}");
     }
-    say!(name, "inflated to the target {target} pages in {} us; actual {actual}", us(c, hz));
+    say!(
+        name,
+        "inflated to the target {target} pages in {} us; actual {actual}",
+        us(c, hz)
+    );
     if b.has(F_STATS_VQ) {
         // The first statistics went at start; wait (up to ~3 s) for the
         // device to ask again, when it polls.
@@ -100,7 +107,11 @@ fn balloon_steps(b: &mut Balloon) -> Outcome {
             name,
             "statistics sent {} times{}",
             b.stats_sent,
-            if asked { "" } else { " (the device did not ask again within 3 s)" }
+            if asked {
+                ""
+            } else {
+                " (the device did not ask again within 3 s)"
+            }
         );
     }
     let c = b.deflate_by(target)?;
@@ -112,7 +123,11 @@ fn balloon_steps(b: &mut Balloon) -> Outcome {
     if actual != 0 {
         crate::fail!("deflated everything, actual reads back {actual}");
     }
-    say!(name, "deflated {target} pages in {} us, touched them again; actual 0", us(c, hz));
+    say!(
+        name,
+        "deflated {target} pages in {} us, touched them again; actual 0",
+        us(c, hz)
+    );
     if b.has(F_PAGE_REPORTING) {
         let top = b.ram.page_from_top(0) + 4096;
         let bytes = b.report_free(top - (target * 4096).min(16 << 20), top)?;

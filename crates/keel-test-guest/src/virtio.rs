@@ -900,8 +900,10 @@ struct ExtraShared(UnsafeCell<ExtraMem>);
 // SAFETY: as `Shared`, each page with its own flag in `EXTRA_CLAIMED`.
 unsafe impl Sync for ExtraShared {}
 
-static EXTRA_MEM: ExtraShared =
-    ExtraShared(UnsafeCell::new(ExtraMem([SmallMem([0; 4096]), SmallMem([0; 4096])])));
+static EXTRA_MEM: ExtraShared = ExtraShared(UnsafeCell::new(ExtraMem([
+    SmallMem([0; 4096]),
+    SmallMem([0; 4096]),
+])));
 static EXTRA_CLAIMED: [AtomicBool; EXTRA_AREAS] = [AtomicBool::new(false), AtomicBool::new(false)];
 
 /// Where a virtqueue's rings live.

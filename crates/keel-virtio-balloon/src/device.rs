@@ -263,7 +263,10 @@ impl Balloon {
         put(config::NUM_PAGES, self.shared.target.load(Ordering::SeqCst));
         put(config::ACTUAL, self.shared.actual.load(Ordering::SeqCst));
         put(config::FREE_PAGE_HINT_CMD_ID, 0);
-        put(config::POISON_VAL, self.shared.poison.load(Ordering::SeqCst));
+        put(
+            config::POISON_VAL,
+            self.shared.poison.load(Ordering::SeqCst),
+        );
         c
     }
 }
@@ -358,7 +361,9 @@ impl Worker {
         let queue = &mut self.queues[pos].2;
         let mut used_any = false;
         loop {
-            queue.disable_notification(mem).map_err(QueueError::Broken)?;
+            queue
+                .disable_notification(mem)
+                .map_err(QueueError::Broken)?;
             loop {
                 let chain = match queue.iter(mem) {
                     Ok(mut it) => it.next(),
@@ -457,8 +462,8 @@ fn serve_chain(
                 .clone()
                 .map(|d| (d.addr().0, u64::from(d.len())))
                 .collect();
-            let poisoned = features & feature::PAGE_POISON != 0
-                && shared.poison.load(Ordering::SeqCst) != 0;
+            let poisoned =
+                features & feature::PAGE_POISON != 0 && shared.poison.load(Ordering::SeqCst) != 0;
             pages.report(&ranges, poisoned);
         }
         Role::Stats => {}
@@ -514,7 +519,9 @@ impl VirtioDevice for Balloon {
             let mut bytes = value.load(Ordering::SeqCst).to_le_bytes();
             let mut touched = false;
             for (i, &b) in data.iter().enumerate() {
-                let Some(at) = offset.checked_add(i as u64) else { break };
+                let Some(at) = offset.checked_add(i as u64) else {
+                    break;
+                };
                 if (field..field + 4).contains(&at) {
                     bytes[(at - field) as usize] = b;
                     touched = true;
@@ -556,7 +563,11 @@ impl VirtioDevice for Balloon {
         };
         notifiers.push((STATS_KICK, kick.fd.clone()));
         let mut worker = Worker {
-            pages: PageTracker::new(&ctx.mem, self.releaser.clone(), self.shared.counters.clone()),
+            pages: PageTracker::new(
+                &ctx.mem,
+                self.releaser.clone(),
+                self.shared.counters.clone(),
+            ),
             mem: ctx.mem,
             features: ctx.features,
             queues,
@@ -566,8 +577,9 @@ impl VirtioDevice for Balloon {
             stats_head: None,
             stats_wanted: kick.wanted.clone(),
         };
-        let thread = QueueWorker::spawn("keel-virtio-balloon", notifiers, move |i| worker.handle(i))
-            .map_err(ActivateError::Worker)?;
+        let thread =
+            QueueWorker::spawn("keel-virtio-balloon", notifiers, move |i| worker.handle(i))
+                .map_err(ActivateError::Worker)?;
         let timer = match self.options.stats_period {
             Some(p) if ctx.features & feature::STATS_VQ != 0 && !p.is_zero() => {
                 Some(StatsTimer::spawn(p, kick.clone()).map_err(ActivateError::Worker)?)
@@ -593,10 +605,7 @@ impl VirtioDevice for Balloon {
         }
         self.shared.actual.store(0, Ordering::SeqCst);
         self.shared.poison.store(0, Ordering::SeqCst);
-        self.shared
-            .counters
-            .held_pages
-            .store(0, Ordering::Relaxed);
+        self.shared.counters.held_pages.store(0, Ordering::Relaxed);
     }
 }
 

@@ -252,7 +252,9 @@ impl PageTracker {
     /// The region and balloon-page index of `pfn`, if the whole page is RAM.
     fn locate(&self, pfn: u32) -> Option<(usize, u64)> {
         let gpa = u64::from(pfn) << PFN_SHIFT;
-        self.regions.iter().position(|r| gpa >= r.start && gpa + BALLOON_PAGE <= r.start + r.len)
+        self.regions
+            .iter()
+            .position(|r| gpa >= r.start && gpa + BALLOON_PAGE <= r.start + r.len)
             .map(|i| (i, (gpa - self.regions[i].start) / BALLOON_PAGE))
     }
 
@@ -328,7 +330,9 @@ impl PageTracker {
             r.set(i, false);
             removed += 1;
         }
-        self.counters.held_pages.fetch_sub(removed, Ordering::Relaxed);
+        self.counters
+            .held_pages
+            .fetch_sub(removed, Ordering::Relaxed);
         Ok(removed)
     }
 
@@ -379,7 +383,12 @@ mod tests {
         fn page_size(&self, _: &GuestMemoryMmap, _: GuestAddress) -> u64 {
             self.page_size
         }
-        fn release(&self, _: &GuestMemoryMmap, g: GuestAddress, l: u64) -> Result<(), ReleaseError> {
+        fn release(
+            &self,
+            _: &GuestMemoryMmap,
+            g: GuestAddress,
+            l: u64,
+        ) -> Result<(), ReleaseError> {
             self.log.lock().unwrap().push((g.0, l));
             Ok(())
         }
@@ -397,7 +406,11 @@ mod tests {
             log: Mutex::new(Vec::new()),
         });
         let counters = Arc::new(Counters::default());
-        (PageTracker::new(&mem, rec.clone(), counters.clone()), rec, counters)
+        (
+            PageTracker::new(&mem, rec.clone(), counters.clone()),
+            rec,
+            counters,
+        )
     }
 
     fn arr(pfns: impl IntoIterator<Item = u32>) -> Vec<u8> {
@@ -456,7 +469,12 @@ mod tests {
         t.report(&[(1 << 20, 3 << 20)], false);
         // Past the end of RAM, across the hole, overflowing, empty: ignored.
         t.report(
-            &[(11 << 20, 2 << 20), (3 << 20, 6 << 20), (u64::MAX - 10, 20), (0, 0)],
+            &[
+                (11 << 20, 2 << 20),
+                (3 << 20, 6 << 20),
+                (u64::MAX - 10, 20),
+                (0, 0),
+            ],
             false,
         );
         assert_eq!(*rec.log.lock().unwrap(), [(2 << 20, 2 << 20)]);

@@ -56,8 +56,12 @@ pub trait MemoryReleaser: Send + Sync {
     /// Releases `[gpa, gpa + len)`, a whole number of [`page_size`](Self::page_size)
     /// pages inside one region: the host may take the memory back, and the guest reads
     /// zeroes there until it writes again.
-    fn release(&self, mem: &GuestMemoryMmap, gpa: GuestAddress, len: u64)
-        -> Result<(), ReleaseError>;
+    fn release(
+        &self,
+        mem: &GuestMemoryMmap,
+        gpa: GuestAddress,
+        len: u64,
+    ) -> Result<(), ReleaseError>;
 }
 
 /// Releases keel-memory's mappings: anonymous memory with `MADV_DONTNEED`, file- or
@@ -134,10 +138,7 @@ impl MemoryReleaser for HostReleaser {
         gpa: GuestAddress,
         len: u64,
     ) -> Result<(), ReleaseError> {
-        let outside = || ReleaseError::OutsideMemory {
-            gpa: gpa.0,
-            len,
-        };
+        let outside = || ReleaseError::OutsideMemory { gpa: gpa.0, len };
         let (region, off) = mem.to_region_addr(gpa).ok_or_else(outside)?;
         let end = off.0.checked_add(len).ok_or_else(outside)?;
         if end > region.len() || len == 0 {
@@ -193,7 +194,8 @@ mod tests {
     #[test]
     fn anonymous_memory_reads_zero_after_release() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        mem.write_slice(&[0x5a; 0x3000], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0x5a; 0x3000], GuestAddress(0x1000))
+            .unwrap();
         HostReleaser::new()
             .release(&mem, GuestAddress(0x2000), 0x1000)
             .unwrap();

@@ -52,7 +52,11 @@ fn rings(mem: &keel_memory::GuestMemoryMmap, n: u16) -> Vec<Ring<'_>> {
 
 /// Negotiates `features`, sets up every ring and sets DRIVER_OK.
 fn start(d: &dyn Driver, features: u64, rings: &[Ring]) {
-    assert_ne!(d.negotiate(features) & FEATURES_OK, 0, "FEATURES_OK refused");
+    assert_ne!(
+        d.negotiate(features) & FEATURES_OK,
+        0,
+        "FEATURES_OK refused"
+    );
     for (i, r) in rings.iter().enumerate() {
         d.configure_queue(i as u16, r.size, r.desc, r.avail, r.used);
         d.enable_queue(i as u16);
@@ -102,8 +106,17 @@ fn inflate_releases_pages_and_deflate_gives_them_back() {
         let mut r = rings(&mem, 3);
         start(d, VERSION_1 | feature::STATS_VQ, &r);
         fill(d, PFN0..PFN0 + 8, 0xaa);
-        send(d, &mut r[0], INFLATE, &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 2]), DATA_BASE);
-        assert!(page_is(d, PFN0, 0) && page_is(d, PFN0 + 2, 0), "inflated pages are released");
+        send(
+            d,
+            &mut r[0],
+            INFLATE,
+            &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 2]),
+            DATA_BASE,
+        );
+        assert!(
+            page_is(d, PFN0, 0) && page_is(d, PFN0 + 2, 0),
+            "inflated pages are released"
+        );
         assert!(page_is(d, PFN0 + 3, 0xaa), "the next page is untouched");
         // The driver reports `actual`.
         d.write_config(4, &3u32.to_le_bytes());
@@ -111,11 +124,22 @@ fn inflate_releases_pages_and_deflate_gives_them_back() {
         assert_eq!(cfg32(d, 4), 3);
         assert_eq!(h.counters().held_pages, 3);
         assert_eq!(h.counters().released_bytes, 3 * 4096);
-        send(d, &mut r[1], DEFLATE, &pfn_bytes(&[PFN0 + 1]), DATA_BASE + 0x100);
+        send(
+            d,
+            &mut r[1],
+            DEFLATE,
+            &pfn_bytes(&[PFN0 + 1]),
+            DATA_BASE + 0x100,
+        );
         assert_eq!(h.counters().held_pages, 2);
         // A deflated page is the guest's again: it writes and reads it.
-        mem.write_obj(0x55u8, GuestAddress(u64::from(PFN0 + 1) << 12)).unwrap();
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(u64::from(PFN0 + 1) << 12)).unwrap(), 0x55);
+        mem.write_obj(0x55u8, GuestAddress(u64::from(PFN0 + 1) << 12))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(u64::from(PFN0 + 1) << 12))
+                .unwrap(),
+            0x55
+        );
         assert_eq!(d.status() & NEEDS_RESET, 0);
     });
 }
@@ -135,7 +159,11 @@ fn target_changes_raise_a_configuration_interrupt() {
             let before = d.irqs();
             h.set_target_pages(100);
             assert_eq!(d.irqs(), before + 1);
-            assert_ne!(d.ack() & 2, 0, "the interrupt's cause is a configuration change");
+            assert_ne!(
+                d.ack() & 2,
+                0,
+                "the interrupt's cause is a configuration change"
+            );
             assert_eq!(cfg32(d, 0), 100);
             h.set_target_pages(100);
             assert_eq!(d.irqs(), before + 1, "no interrupt when nothing changed");
@@ -255,7 +283,13 @@ fn malformed_input_is_ignored_and_counted() {
             let head = r[2].add_descriptors(&[(DATA_BASE, 13, 0)]);
             r[2].publish(head);
             d.notify(STATS);
-            send(d, &mut r[2], STATS, &stats_buffer(&[(0xffff, 5)]), DATA_BASE + 64);
+            send(
+                d,
+                &mut r[2],
+                STATS,
+                &stats_buffer(&[(0xffff, 5)]),
+                DATA_BASE + 64,
+            );
             // Reporting: a range past RAM, one overflowing.
             let head = r[3].add_descriptors(&[(MEM_SIZE as u64 - 0x1000, 0x2000, W)]);
             r[3].publish(head);
@@ -265,7 +299,10 @@ fn malformed_input_is_ignored_and_counted() {
             r[3].wait_used(2);
             let c = h.counters();
             assert_eq!(c.ignored_arrays, 2);
-            assert_eq!((c.held_pages, c.pfns_repeated, c.pfns_outside_ram), (1, 1, 3));
+            assert_eq!(
+                (c.held_pages, c.pfns_repeated, c.pfns_outside_ram),
+                (1, 1, 3)
+            );
             assert_eq!(c.pfns_not_inflated, 1);
             assert_eq!((c.ignored_stats_buffers, c.unknown_stat_tags), (1, 1));
             assert_eq!(c.ignored_report_ranges, 2);
@@ -291,12 +328,28 @@ fn deflate_on_oom_counts_pages_taken_back_below_the_target() {
                 assert_eq!(offered & feature::DEFLATE_ON_OOM != 0, oom);
                 let mem = d.mem().clone();
                 let mut r = rings(&mem, 3);
-                start(d, offered & (VERSION_1 | feature::STATS_VQ | feature::DEFLATE_ON_OOM), &r);
-                send(d, &mut r[0], INFLATE, &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 2, PFN0 + 3]), DATA_BASE);
+                start(
+                    d,
+                    offered & (VERSION_1 | feature::STATS_VQ | feature::DEFLATE_ON_OOM),
+                    &r,
+                );
+                send(
+                    d,
+                    &mut r[0],
+                    INFLATE,
+                    &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 2, PFN0 + 3]),
+                    DATA_BASE,
+                );
                 // The host lowers the target by one page: one page is asked for, the
                 // guest (out of memory) takes three.
                 h.set_target_pages(3);
-                send(d, &mut r[1], DEFLATE, &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 2]), DATA_BASE);
+                send(
+                    d,
+                    &mut r[1],
+                    DEFLATE,
+                    &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 2]),
+                    DATA_BASE,
+                );
                 let c = h.counters();
                 assert_eq!(c.held_pages, 1);
                 if oom {
@@ -345,7 +398,10 @@ fn free_page_reporting_releases_unless_the_guest_poisons() {
             d.write_config(12, &0xaaaa_aaaau32.to_le_bytes());
             assert_eq!(h.poison_value(), 0xaaaa_aaaa);
             report(d, &mut r[3], &[(PAGES + 0x5000, 0x3000)]);
-            assert!((PFN0 + 5..PFN0 + 8).all(|p| page_is(d, p, 0xaa)), "the poison survives");
+            assert!(
+                (PFN0 + 5..PFN0 + 8).all(|p| page_is(d, p, 0xaa)),
+                "the poison survives"
+            );
             assert_eq!(h.counters().poison_kept_bytes, 0x3000);
             assert_eq!(h.counters().reported_bytes, 0x3000);
             // Inflated pages are still released: the guest poisons them again when it
@@ -364,11 +420,23 @@ fn huge_pages_are_released_whole() {
         let mut r = rings(&mem, 3);
         start(d, VERSION_1 | feature::STATS_VQ, &r);
         fill(d, PFN0..PFN0 + 4, 0xaa);
-        send(d, &mut r[0], INFLATE, &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 3]), DATA_BASE);
-        assert!((PFN0..PFN0 + 4).all(|p| page_is(d, p, 0xaa)), "a partial page stays");
+        send(
+            d,
+            &mut r[0],
+            INFLATE,
+            &pfn_bytes(&[PFN0, PFN0 + 1, PFN0 + 3]),
+            DATA_BASE,
+        );
+        assert!(
+            (PFN0..PFN0 + 4).all(|p| page_is(d, p, 0xaa)),
+            "a partial page stays"
+        );
         assert_eq!(h.counters().released_bytes, 0);
         send(d, &mut r[0], INFLATE, &pfn_bytes(&[PFN0 + 2]), DATA_BASE);
-        assert!((PFN0..PFN0 + 4).all(|p| page_is(d, p, 0)), "the whole page goes");
+        assert!(
+            (PFN0..PFN0 + 4).all(|p| page_is(d, p, 0)),
+            "the whole page goes"
+        );
         assert_eq!(h.counters().released_bytes, 0x4000);
     });
 }
@@ -402,8 +470,18 @@ fn must_tell_host_deflates_complete_after_the_device_took_them() {
             assert_ne!(d.device_features() & feature::MUST_TELL_HOST, 0);
             let mem = d.mem().clone();
             let mut r = rings(&mem, 3);
-            start(d, VERSION_1 | feature::STATS_VQ | feature::MUST_TELL_HOST, &r);
-            send(d, &mut r[0], INFLATE, &pfn_bytes(&[PFN0, PFN0 + 1]), DATA_BASE);
+            start(
+                d,
+                VERSION_1 | feature::STATS_VQ | feature::MUST_TELL_HOST,
+                &r,
+            );
+            send(
+                d,
+                &mut r[0],
+                INFLATE,
+                &pfn_bytes(&[PFN0, PFN0 + 1]),
+                DATA_BASE,
+            );
             send(d, &mut r[1], DEFLATE, &pfn_bytes(&[PFN0]), DATA_BASE);
             // Used means the device has seen them: they are no longer held.
             assert_eq!(h.counters().held_pages, 1);

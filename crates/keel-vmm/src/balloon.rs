@@ -9,7 +9,9 @@ use keel_virtio_balloon::BalloonOptions;
 #[non_exhaustive]
 pub enum BalloonOptionError {
     /// A key this option does not have.
-    #[error("unknown key `{0}` (expected size, deflate_on_oom, free_page_reporting, stats_period)")]
+    #[error(
+        "unknown key `{0}` (expected size, deflate_on_oom, free_page_reporting, stats_period)"
+    )]
     UnknownKey(String),
     /// A key without `=value`.
     #[error("`{0}` needs a value")]

@@ -25,11 +25,11 @@ use crate::devices::{
     DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
 use crate::disk::DiskSpec;
-use keel_virtio_balloon::{Balloon, BalloonHandle, BalloonOptions};
 use crate::exit::{ExitSignal, VmExit};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
+use keel_virtio_balloon::{Balloon, BalloonHandle, BalloonOptions};
 
 /// Errors while building or running the VM.
 #[derive(Debug, thiserror::Error)]

@@ -43,7 +43,11 @@ fn self_test(transport: &str) {
         "deflated 8192 pages",
         "reported",
     ] {
-        assert!(out.stdout.contains(needle), "no `{needle}` in:\n{}", out.stdout);
+        assert!(
+            out.stdout.contains(needle),
+            "no `{needle}` in:\n{}",
+            out.stdout
+        );
     }
     // The device asked for statistics again within the guest's 3 s.
     assert!(!out.stdout.contains("did not ask again"), "{}", out.stdout);
@@ -64,7 +68,11 @@ fn inflate_deflate(mut vm: BalloonVm) {
         mib(touched)
     );
     vm.set_target(INFLATE_MIB * MIB);
-    let line = vm.wait_line(&format!("inflated: actual {} pages", INFLATE_MIB * 256), 1, LIMIT);
+    let line = vm.wait_line(
+        &format!("inflated: actual {} pages", INFLATE_MIB * 256),
+        1,
+        LIMIT,
+    );
     let inflated = vm.rss();
     let n = INFLATE_MIB * MIB;
     println!(
@@ -83,7 +91,11 @@ fn inflate_deflate(mut vm: BalloonVm) {
     vm.set_target(0);
     let line = vm.wait_line("deflated and touched: actual 0 pages", 1, LIMIT);
     let back = vm.rss();
-    println!("{}: after deflating and touching {:.0} MiB ({line})", vm.what, mib(back));
+    println!(
+        "{}: after deflating and touching {:.0} MiB ({line})",
+        vm.what,
+        mib(back)
+    );
     assert!(
         back.saturating_sub(inflated) >= n * 9 / 10,
         "{}: RSS went from {:.0} to {:.0} MiB after deflating and touching {INFLATE_MIB} MiB",
@@ -102,7 +114,10 @@ fn inflate_deflate(mut vm: BalloonVm) {
         );
     } else {
         let q = vm.query_balloon();
-        assert!(q.contains(&format!("\"actual\": {}", MEMORY_MIB * MIB)), "{q}");
+        assert!(
+            q.contains(&format!("\"actual\": {}", MEMORY_MIB * MIB)),
+            "{q}"
+        );
     }
     vm.stop();
 }
@@ -178,8 +193,12 @@ const TESTS: &[Test] = &[
     ("balloon_self_test_passes_over_mmio", || self_test("mmio")),
     ("rss_follows_the_balloon_over_pci", || service_keel("pci")),
     ("rss_follows_the_balloon_over_mmio", || service_keel("mmio")),
-    ("free_page_reporting_lowers_rss_over_pci", || reporting_keel("pci")),
-    ("free_page_reporting_lowers_rss_over_mmio", || reporting_keel("mmio")),
+    ("free_page_reporting_lowers_rss_over_pci", || {
+        reporting_keel("pci")
+    }),
+    ("free_page_reporting_lowers_rss_over_mmio", || {
+        reporting_keel("mmio")
+    }),
     ("rss_follows_the_balloon_under_qemu", service_qemu),
     ("free_page_reporting_lowers_rss_under_qemu", reporting_qemu),
 ];

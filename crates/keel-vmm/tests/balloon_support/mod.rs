@@ -80,7 +80,8 @@ pub fn child(args: &[String]) {
                     }
                     ["stats"] => match b.stats() {
                         Some(s) => {
-                            let mut r = format!("stats age_ms={}", s.received.elapsed().as_millis());
+                            let mut r =
+                                format!("stats age_ms={}", s.received.elapsed().as_millis());
                             for t in keel_virtio_balloon::StatTag::ALL {
                                 if let Some(v) = s.get(t) {
                                     r.push_str(&format!(" {}={v}", t.name()));
@@ -223,7 +224,11 @@ impl BalloonVm {
 
     fn qmp_line(&mut self) -> String {
         let mut line = String::new();
-        self.qmp.as_mut().unwrap().read_line(&mut line).expect("QMP");
+        self.qmp
+            .as_mut()
+            .unwrap()
+            .read_line(&mut line)
+            .expect("QMP");
         line
     }
 
