@@ -29,6 +29,7 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
+use keel_virtio_balloon::{Balloon, BalloonHandle, BalloonOptions};
 
 /// Errors while building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,27 @@ pub struct VmConfig {
     pub transport: Transport,
     /// virtio-blk disks.
     pub disks: Vec<DiskSpec>,
+    /// A virtio-balloon device.
+    pub balloon: Option<BalloonOptions>,
+}
+
+/// A running VM, as [`run_with`] hands it out: what the host can do while the guest runs.
+#[derive(Clone)]
+pub struct VmHandle {
+    balloon: Option<BalloonHandle>,
+    exit: Arc<ExitSignal>,
+}
+
+impl VmHandle {
+    /// The balloon's target, `actual` and statistics, if the VM has a balloon.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
+    }
+
+    /// Ends the VM as an ACPI power-off would: [`run_with`] returns `VmExit::PowerOff`.
+    pub fn power_off(&self) {
+        self.exit.request(VmExit::PowerOff);
+    }
 }
 
 /// The transport that carries virtio devices.
@@ -270,6 +292,41 @@ fn add_virtio_mmio(
 
 /// Builds the VM described by `cfg`, runs it to the end, and returns why it ended.
 pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
+    run_with(cfg, |_| {})
+}
+
+/// [`run`], calling `started` with a handle to the VM once its vCPUs run (from the calling
+/// thread; keep the handle to act on the VM from another thread).
+///
+/// # Examples
+///
+/// ```no_run
+/// use keel_vmm::vmm::{run_with, SerialMode, Transport, VmConfig};
+/// use keel_virtio_balloon::BalloonOptions;
+///
+/// let cfg = VmConfig {
+///     kernel: None,
+///     initrd: None,
+///     cmdline: "keel.test=balloon-service".into(),
+///     memory_mib: 256,
+///     vcpus: 1,
+///     serial: SerialMode::None,
+///     devices: vec![],
+///     transport: Transport::Pci,
+///     disks: vec![],
+///     balloon: Some(BalloonOptions::default()),
+/// };
+/// let exit = run_with(&cfg, |vm| {
+///     let vm = vm.clone();
+///     std::thread::spawn(move || {
+///         vm.balloon().unwrap().set_target_bytes(64 << 20);
+///         std::thread::sleep(std::time::Duration::from_secs(2));
+///         vm.power_off();
+///     });
+/// })
+/// .unwrap();
+/// ```
+pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExit, Error> {
     // Signals are handled by the event loop through a signalfd; blocking them here, before
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
@@ -334,6 +391,12 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         virtio.push(block);
         images.push(image);
     }
+    // The balloon after the disks: disks keep their places whether it is there or not.
+    let balloon = cfg.balloon.map(Balloon::new);
+    let balloon_handle = balloon.as_ref().map(Balloon::handle);
+    if let Some(b) = balloon {
+        virtio.push(Box::new(b));
+    }
     for device in virtio {
         match cfg.transport {
             Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
@@ -397,6 +460,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         // An exit was requested before the handles were known; stop everything now.
         handles.iter().for_each(VcpuHandle::stop);
     }
+    started(&VmHandle {
+        balloon: balloon_handle,
+        exit: exit.clone(),
+    });
     let stdin = (cfg.serial == SerialMode::Stdio).then(std::io::stdin);
     // Restored when this function returns, whatever the outcome.
     let _raw = match stdin {
