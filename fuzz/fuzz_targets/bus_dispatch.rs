@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use keel_bus::{BusRange, Error, PioDevice, PioBus};
+use keel_bus::{BusRange, Error, PioBus, PioDevice};
 use libfuzzer_sys::fuzz_target;
 
 /// Remembers the last offset it saw, and the access length.
@@ -74,7 +74,9 @@ fuzz_target!(|data: &[u8]| {
             }
             2 if !model.is_empty() => {
                 let i = (len as usize) % model.len();
-                let Ok(to) = BusRange::new(addr, model[i].0.len()) else { continue };
+                let Ok(to) = BusRange::new(addr, model[i].0.len()) else {
+                    continue;
+                };
                 let clash = model
                     .iter()
                     .enumerate()

@@ -85,17 +85,26 @@ fuzz_target!(|data: &[u8]| {
         let bytes = val.to_le_bytes();
         match op[0] % 6 {
             0 => {
-                let _ = pio.write(0xcf8, &((1u32 << 31) | (u32::from(dev) << 11) | (off as u32 & 0xfc)).to_le_bytes());
+                let _ = pio.write(
+                    0xcf8,
+                    &((1u32 << 31) | (u32::from(dev) << 11) | (off as u32 & 0xfc)).to_le_bytes(),
+                );
                 let _ = pio.write(0xcfc + (off & 3), &bytes[..size.min(4)]);
             }
             1 => {
                 let _ = pio.read(0xcfc + (off & 3), &mut buf[..size.min(4)]);
             }
             2 => {
-                let _ = mmio.write(ECAM + (u64::from(dev) << 15) + (off & 0xfff), &bytes[..size]);
+                let _ = mmio.write(
+                    ECAM + (u64::from(dev) << 15) + (off & 0xfff),
+                    &bytes[..size],
+                );
             }
             3 => {
-                let _ = mmio.read(ECAM + (u64::from(dev) << 15) + (off & 0xfff), &mut buf[..size]);
+                let _ = mmio.read(
+                    ECAM + (u64::from(dev) << 15) + (off & 0xfff),
+                    &mut buf[..size],
+                );
             }
             4 => {
                 // A BAR access wherever BAR n decodes now (or near it).
@@ -127,9 +136,15 @@ fuzz_target!(|data: &[u8]| {
         let mut spans = Vec::new();
         for (i, d) in decoded.iter().enumerate() {
             if let (Some(base), Some(spec)) = (d, bars[i]) {
-                let ranges = if spec.kind.is_io() { pio.ranges() } else { mmio.ranges() };
+                let ranges = if spec.kind.is_io() {
+                    pio.ranges()
+                } else {
+                    mmio.ranges()
+                };
                 assert!(
-                    ranges.iter().any(|r| r.base() == *base && r.len() == spec.size),
+                    ranges
+                        .iter()
+                        .any(|r| r.base() == *base && r.len() == spec.size),
                     "BAR {i} decodes at {base:#x} but the bus disagrees"
                 );
                 spans.push((spec.kind.is_io(), *base, base + spec.size));
@@ -137,7 +152,10 @@ fuzz_target!(|data: &[u8]| {
         }
         for (i, a) in spans.iter().enumerate() {
             for b in &spans[i + 1..] {
-                assert!(a.0 != b.0 || a.2 <= b.1 || b.2 <= a.1, "BARs overlap: {a:?} {b:?}");
+                assert!(
+                    a.0 != b.0 || a.2 <= b.1 || b.2 <= a.1,
+                    "BARs overlap: {a:?} {b:?}"
+                );
             }
         }
     }

@@ -73,7 +73,10 @@ fuzz_target!(|data: &[u8]| {
     // ring: the device stops and says so.
     let avail_now: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
     if !broken.load(Ordering::SeqCst) {
-        assert_eq!(used, avail_now, "every available chain answered exactly once");
+        assert_eq!(
+            used, avail_now,
+            "every available chain answered exactly once"
+        );
     }
     assert_eq!(backend.size(), DISK as u64);
 });

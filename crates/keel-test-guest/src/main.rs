@@ -19,6 +19,8 @@
 mod serial;
 mod acpi;
 mod arch;
+mod balloon;
+mod balloon_scenarios;
 mod blk;
 mod blk_scenarios;
 mod exit;
@@ -98,6 +100,8 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "blk-bench" => blk_scenarios::scenario_blk_bench(&boot, &acpi),
         "blk-mq" => blk_scenarios::scenario_blk_mq(&boot, &acpi),
         "idle" => idle::scenario(&boot, &acpi),
+        "balloon" => balloon_scenarios::scenario_balloon(&boot, &acpi),
+        "balloon-service" => balloon_scenarios::scenario_balloon_service(&boot, &acpi),
         _ => {
             let mut t = Text::new();
             t.push_str("unknown scenario");

@@ -669,6 +669,13 @@ impl Transport {
         unsafe { mmio_write8(self.config_addr(off), v) }
     }
 
+    /// Write a 32-bit device configuration field (`off` 4-byte aligned).
+    pub fn config_write32(&self, off: u64, v: u32) {
+        // SAFETY: as config_read32; the caller writes a field the device
+        // defines as writable.
+        unsafe { mmio_write32(self.config_addr(off), v) }
+    }
+
     /// Read device configuration consistently: repeat `read` until
     /// config_generation is the same before and after (section 2.5.1).
     pub fn config_consistent<T>(&self, mut read: impl FnMut(&Self) -> T) -> Res<T> {
@@ -881,6 +888,24 @@ unsafe impl Sync for SmallShared {}
 static SMALL_MEM: SmallShared = SmallShared(UnsafeCell::new(SmallMem([0; 4096])));
 static SMALL_CLAIMED: AtomicBool = AtomicBool::new(false);
 
+/// How many more small ring areas there are (for devices with up to four
+/// queues, such as the balloon).
+pub const EXTRA_AREAS: usize = 2;
+
+#[repr(C, align(4096))]
+struct ExtraMem([SmallMem; EXTRA_AREAS]);
+
+struct ExtraShared(UnsafeCell<ExtraMem>);
+
+// SAFETY: as `Shared`, each page with its own flag in `EXTRA_CLAIMED`.
+unsafe impl Sync for ExtraShared {}
+
+static EXTRA_MEM: ExtraShared = ExtraShared(UnsafeCell::new(ExtraMem([
+    SmallMem([0; 4096]),
+    SmallMem([0; 4096]),
+])));
+static EXTRA_CLAIMED: [AtomicBool; EXTRA_AREAS] = [AtomicBool::new(false), AtomicBool::new(false)];
+
 /// Where a virtqueue's rings live.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum QueueMem {
@@ -889,6 +914,9 @@ pub enum QueueMem {
     Main,
     /// Rings only, of up to `QMAX_SMALL` entries (for a second queue).
     Small,
+    /// Like `Small`, in extra area `n` (below `EXTRA_AREAS`), for a third
+    /// and fourth queue.
+    Extra(usize),
 }
 
 impl QueueMem {
@@ -896,13 +924,14 @@ impl QueueMem {
     pub fn capacity(self) -> usize {
         match self {
             QueueMem::Main => QMAX,
-            QueueMem::Small => QMAX_SMALL,
+            QueueMem::Small | QueueMem::Extra(_) => QMAX_SMALL,
         }
     }
     fn claim_flag(self) -> &'static AtomicBool {
         match self {
             QueueMem::Main => &VQ_CLAIMED,
             QueueMem::Small => &SMALL_CLAIMED,
+            QueueMem::Extra(n) => &EXTRA_CLAIMED[n % EXTRA_AREAS],
         }
     }
     /// Addresses of the descriptor table, avail ring and used ring, and the
@@ -915,6 +944,10 @@ impl QueueMem {
             }
             QueueMem::Small => {
                 let b = SMALL_MEM.0.get() as u64;
+                (b, b + SMALL_AVAIL, b + SMALL_USED, 4096)
+            }
+            QueueMem::Extra(n) => {
+                let b = EXTRA_MEM.0.get() as u64 + 4096 * (n % EXTRA_AREAS) as u64;
                 (b, b + SMALL_AVAIL, b + SMALL_USED, 4096)
             }
         }

@@ -4,15 +4,6 @@
 //! 16550 console, an i8042 (reset), ACPI power-off and a debug-exit port, on the in-kernel
 //! irqchip, one thread per vCPU.
 
-mod boot;
-mod devices;
-mod disk;
-mod exit;
-mod qmp;
-mod signals;
-mod tty;
-mod vmm;
-
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -21,7 +12,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use vmm::{QmpListen, SerialMode, VmConfig};
+use keel_vmm::vmm::{self, QmpListen, SerialMode, VmConfig};
+use keel_vmm::{balloon, disk};
 
 /// Boot a kernel in a KVM virtual machine.
 ///
@@ -63,6 +55,13 @@ struct Cli {
     /// Without `format` the image is probed (qcow2 magic, else raw).
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = disk::parse_disk)]
     disks: Vec<disk::DiskSpec>,
+
+    /// A virtio-balloon device:
+    /// `[size=MiB][,deflate_on_oom=on][,free_page_reporting=on][,stats_period=S]`.
+    /// `size`: the initial target (memory the guest should give back); `stats_period`:
+    /// seconds between statistics requests (0 or absent: none).
+    #[arg(long, value_name = "OPTIONS", value_parser = balloon::parse_balloon, num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<keel_virtio_balloon::BalloonOptions>,
 
     /// How virtio devices are attached: `pci` (virtio-pci with MSI-X) or `mmio` (virtio-mmio,
     /// announced on the kernel command line).
@@ -176,6 +175,7 @@ fn main() -> ExitCode {
         devices: cli.devices,
         transport: cli.transport,
         disks: cli.disks,
+        balloon: cli.balloon,
         name: cli.name,
         qmp,
     };

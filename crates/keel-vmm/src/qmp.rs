@@ -18,19 +18,42 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use keel_kvm::VcpuHandle;
 use keel_qmp::{Arguments, CommandError, ErrorClass, Events, Handler};
+use keel_virtio_balloon::spec::BALLOON_PAGE;
+use keel_virtio_balloon::BalloonHandle;
 use serde_json::{json, Value};
 
 use crate::devices::AcpiPm;
 use crate::exit::{ExitSignal, VmExit};
 
-/// What the balloon commands need from a balloon device (virtio-balloon lives on another
-/// branch; the VMM plugs it in with [`Machine::set_balloon`]).
+/// What the balloon commands need from a balloon device.
 pub trait Balloon: Send + Sync {
     /// The guest's memory as the balloon sees it (QAPI `BalloonInfo.actual`), in bytes:
     /// RAM less the pages the balloon holds.
     fn actual(&self) -> u64;
     /// Asks the guest to give back or take memory until it has `target` bytes.
     fn set_target(&self, target: u64);
+}
+
+/// keel's virtio-balloon as the balloon commands see it.
+pub struct GuestBalloon {
+    /// The device's handle.
+    pub handle: BalloonHandle,
+    /// The VM's RAM.
+    pub ram_bytes: u64,
+}
+
+impl Balloon for GuestBalloon {
+    fn actual(&self) -> u64 {
+        let held = u64::from(self.handle.actual_pages()) * BALLOON_PAGE;
+        self.ram_bytes.saturating_sub(held)
+    }
+
+    fn set_target(&self, target: u64) {
+        // QEMU's `balloon` value is the memory the guest keeps; the device's target is
+        // what the balloon holds.
+        self.handle
+            .set_target_bytes(self.ram_bytes.saturating_sub(target));
+    }
 }
 
 /// One boot of the VM: what commands act on.
@@ -43,6 +66,8 @@ pub struct Boot {
     pub exit: Arc<ExitSignal>,
     /// The PM block with the power button.
     pub pm: Arc<AcpiPm>,
+    /// The balloon device, if the VM has one.
+    pub balloon: Option<Arc<dyn Balloon>>,
 }
 
 struct State {
@@ -52,6 +77,8 @@ struct State {
     /// reset): the next boot ends at once.
     pending_exit: Option<VmExit>,
     balloon: Option<Arc<dyn Balloon>>,
+    /// `actual` when last polled, for `BALLOON_CHANGE`.
+    balloon_actual: Option<u64>,
 }
 
 /// The machine as the control socket sees it, across reboots.
@@ -70,6 +97,7 @@ impl Machine {
                 boot: None,
                 pending_exit: None,
                 balloon: None,
+                balloon_actual: None,
             }),
             events: OnceLock::new(),
             name,
@@ -102,6 +130,8 @@ impl Machine {
         if let Some(why) = st.pending_exit.take() {
             boot.exit.request(why);
         }
+        st.balloon = boot.balloon.clone();
+        st.balloon_actual = None;
         st.boot = Some(boot);
     }
 
@@ -110,10 +140,24 @@ impl Machine {
         self.state().boot = None;
     }
 
-    /// The balloon device the balloon commands act on.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub fn set_balloon(&self, balloon: Arc<dyn Balloon>) {
+    /// The balloon device the balloon commands act on (a boot brings its own).
+    #[cfg(test)]
+    fn set_balloon(&self, balloon: Arc<dyn Balloon>) {
         self.state().balloon = Some(balloon);
+    }
+
+    /// Sends `BALLOON_CHANGE` if the balloon's `actual` moved since the last call: called
+    /// periodically while a balloon exists (QEMU rate-limits this event too).
+    pub fn poll_balloon(&self) {
+        let mut st = self.state();
+        let Some(actual) = st.balloon.as_ref().map(|b| b.actual()) else {
+            return;
+        };
+        let last = st.balloon_actual.replace(actual);
+        drop(st);
+        if last.is_some_and(|l| l != actual) {
+            self.emit("BALLOON_CHANGE", Some(json!({"actual": actual})));
+        }
     }
 
     /// The `SHUTDOWN` event for how the VM ended, if it is one QEMU reports.

@@ -9,8 +9,10 @@ use std::sync::atomic::AtomicI32;
 use std::sync::Arc;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use std::time::Duration;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 use keel_bus::interrupt::IoEventRegistrar;
 use keel_bus::{BusRange, PioDevice};
@@ -30,10 +32,11 @@ use crate::devices::{
 };
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
-use crate::qmp::{Boot, Machine};
+use crate::qmp::{Boot, GuestBalloon, Machine};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
+use keel_virtio_balloon::{Balloon, BalloonHandle, BalloonOptions};
 
 /// Errors while building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,8 @@ pub struct VmConfig {
     pub transport: Transport,
     /// virtio-blk disks.
     pub disks: Vec<DiskSpec>,
+    /// A virtio-balloon device.
+    pub balloon: Option<BalloonOptions>,
     /// The VM's name (`query-name`).
     pub name: Option<String>,
     /// Where the QMP control socket listens, if anywhere.
@@ -155,6 +160,25 @@ pub enum QmpListen {
     Path(PathBuf),
     /// A listening socket keel inherited (`--qmp-fd`).
     Listener(Arc<UnixListener>),
+}
+
+/// A running VM, as [`run_with`] hands it out: what the host can do while the guest runs.
+#[derive(Clone)]
+pub struct VmHandle {
+    balloon: Option<BalloonHandle>,
+    exit: Arc<ExitSignal>,
+}
+
+impl VmHandle {
+    /// The balloon's target, `actual` and statistics, if the VM has a balloon.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
+    }
+
+    /// Ends the VM as an ACPI power-off would: [`run_with`] returns `VmExit::PowerOff`.
+    pub fn power_off(&self) {
+        self.exit.request(VmExit::PowerOff);
+    }
 }
 
 /// The transport that carries virtio devices.
@@ -179,6 +203,27 @@ pub enum DeviceKind {
 
 /// Feeds stdin to the UART; ends the event loop when an exit is requested or a signal
 /// arrives.
+/// Polls the balloon's `actual` for the control socket's `BALLOON_CHANGE` event (the
+/// device has no callback; QEMU also rate-limits the event).
+struct BalloonWatch {
+    timer: TimerFd,
+    machine: Arc<Machine>,
+}
+
+/// How often [`BalloonWatch`] looks.
+const BALLOON_POLL: Duration = Duration::from_millis(100);
+
+impl MutEventSubscriber for BalloonWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.timer, EventSet::IN));
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.machine.poll_balloon();
+    }
+}
+
 struct Control {
     exit: Arc<ExitSignal>,
     serial: Arc<Serial>,
@@ -297,6 +342,44 @@ fn add_virtio_mmio(
 /// Builds the VM described by `cfg`, runs it to the end, and returns why it ended. With a
 /// control socket, `system_reset` builds the VM again and boots it again.
 pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
+    run_with(cfg, |_| {})
+}
+
+/// [`run`], calling `started` with a handle to the VM once its vCPUs run (from the calling
+/// thread; keep the handle to act on the VM from another thread).
+///
+/// # Examples
+///
+/// ```no_run
+/// use keel_vmm::vmm::{run_with, SerialMode, Transport, VmConfig};
+/// use keel_virtio_balloon::BalloonOptions;
+///
+/// let cfg = VmConfig {
+///     kernel: None,
+///     initrd: None,
+///     cmdline: "keel.test=balloon-service".into(),
+///     memory_mib: 256,
+///     vcpus: 1,
+///     serial: SerialMode::None,
+///     devices: vec![],
+///     transport: Transport::Pci,
+///     disks: vec![],
+///     balloon: Some(BalloonOptions::default()),
+///     name: None,
+///     qmp: None,
+/// };
+/// let exit = run_with(&cfg, |vm| {
+///     let vm = vm.clone();
+///     std::thread::spawn(move || {
+///         vm.balloon().unwrap().set_target_bytes(64 << 20);
+///         std::thread::sleep(std::time::Duration::from_secs(2));
+///         vm.power_off();
+///     });
+/// })
+/// .unwrap();
+/// ```
+pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExit, Error> {
+    let mut started = Some(started);
     // Signals are handled by the event loop through a signalfd; blocking them here, before
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
@@ -339,7 +422,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
         }
     };
     let result = loop {
-        match boot_once(cfg, &machine, &signalfd, serial_file.as_ref()) {
+        match boot_once(cfg, &machine, &signalfd, serial_file.as_ref(), &mut started) {
             Ok(VmExit::ResetRequested) => machine.emit(
                 "RESET",
                 Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
@@ -362,12 +445,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
     result
 }
 
-/// Builds the VM, runs it until something ends it, and tears it down.
+/// Builds the VM, runs it until something ends it, and tears it down. `started` is called
+/// on the first boot.
 fn boot_once(
     cfg: &VmConfig,
-    machine: &Machine,
+    machine: &Arc<Machine>,
     signalfd: &SignalFd,
     serial_file: Option<&File>,
+    started: &mut Option<impl FnOnce(&VmHandle)>,
 ) -> Result<VmExit, Error> {
     let signalfd = signalfd
         .try_clone()
@@ -434,6 +519,12 @@ fn boot_once(
         virtio.push(block);
         images.push(image);
     }
+    // The balloon after the disks: disks keep their places whether it is there or not.
+    let balloon = cfg.balloon.map(Balloon::new);
+    let balloon_handle = balloon.as_ref().map(Balloon::handle);
+    if let Some(b) = balloon {
+        virtio.push(Box::new(b));
+    }
     for device in virtio {
         match cfg.transport {
             Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
@@ -488,6 +579,12 @@ fn boot_once(
         thread_ids: thread_ids.clone(),
         exit: exit.clone(),
         pm,
+        balloon: balloon_handle.clone().map(|handle| {
+            Arc::new(GuestBalloon {
+                handle,
+                ram_bytes: cfg.memory_mib * MIB,
+            }) as Arc<dyn crate::qmp::Balloon>
+        }),
     });
     let mut threads = Vec::new();
     for (i, vcpu) in vcpus.into_iter().enumerate() {
@@ -504,6 +601,12 @@ fn boot_once(
         // An exit was requested before the handles were known; stop everything now.
         handles.iter().for_each(VcpuHandle::stop);
     }
+    if let Some(started) = started.take() {
+        started(&VmHandle {
+            balloon: balloon_handle.clone(),
+            exit: exit.clone(),
+        });
+    }
     let stdin = (cfg.serial == SerialMode::Stdio).then(std::io::stdin);
     // Restored when this function returns, whatever the outcome.
     let _raw = match stdin {
@@ -515,6 +618,21 @@ fn boot_once(
             op: "creating the event loop",
             source,
         })?;
+    if balloon_handle.is_some() && cfg.qmp.is_some() {
+        let errno = |what: &'static str| {
+            move |e: vmm_sys_util::errno::Error| {
+                os(what)(std::io::Error::from_raw_os_error(e.errno()))
+            }
+        };
+        let mut timer = TimerFd::new().map_err(errno("cannot create a timerfd"))?;
+        timer
+            .reset(BALLOON_POLL, Some(BALLOON_POLL))
+            .map_err(errno("cannot arm a timerfd"))?;
+        events.add_subscriber(Box::new(BalloonWatch {
+            timer,
+            machine: machine.clone(),
+        }));
+    }
     events.add_subscriber(Box::new(Control {
         exit: exit.clone(),
         serial: serial.clone(),
