@@ -17,6 +17,7 @@
 
 use crate::acpi::Acpi;
 use crate::balloon::{self, Balloon, Ram, BALLOON_TYPE, F_PAGE_REPORTING, F_STATS_VQ};
+use crate::power::PowerButton;
 use crate::pvh::BootInfo;
 use crate::virtio::{self, Transport};
 use crate::virtio_scenarios as vs;
@@ -138,11 +139,13 @@ fn balloon_steps(b: &mut Balloon) -> Outcome {
 
 pub fn scenario_balloon_service(boot: &BootInfo, acpi: &Acpi) -> Outcome {
     let report = balloon::cmdline_has(boot, "report");
-    with_balloon("balloon-service", boot, acpi, |b| service(b, report))
+    with_balloon("balloon-service", boot, acpi, |b| service(b, acpi, report))
 }
 
-fn service(b: &mut Balloon, report: bool) -> Outcome {
+fn service(b: &mut Balloon, acpi: &Acpi, report: bool) -> Outcome {
     let name = "balloon-service";
+    crate::irq::lapic_enable();
+    let mut button = PowerButton::try_arm(acpi);
     let hz = hz();
     let t0 = crate::arch::rdtsc();
     b.ram.touch(0, b.ram.pages, TOUCH);
@@ -191,6 +194,10 @@ fn service(b: &mut Balloon, report: bool) -> Outcome {
                 us(c, hz)
             );
             last = Some(target);
+        }
+        if button.as_mut().is_some_and(PowerButton::pressed) {
+            say!(name, "power button pressed; powering off (S5)");
+            crate::exit::power_off();
         }
         b.poll_stats()?;
         balloon::spin_us(hz, 1000);

@@ -76,6 +76,18 @@ impl PowerButton {
         })
     }
 
+    /// [`PowerButton::arm`], or `None` (saying why) where the platform has
+    /// no fixed-feature power button (hardware-reduced ACPI, no ACPI).
+    pub fn try_arm(acpi: &Acpi) -> Option<PowerButton> {
+        match Self::arm(acpi) {
+            Ok(b) => Some(b),
+            Err(why) => {
+                println!("keel-test: no ACPI power button: {why}");
+                None
+            }
+        }
+    }
+
     /// Whether the button was pressed since the last call: looks only after an
     /// SCI, and acknowledges the status.
     pub fn pressed(&mut self) -> bool {

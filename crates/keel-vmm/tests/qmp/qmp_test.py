@@ -48,7 +48,7 @@ def disk_tick(path):
 class Vm:
     """One VMM process running the idle guest, with a serial log and a QMP socket."""
 
-    def __init__(self, args, tag, cpus=2, disk=None):
+    def __init__(self, args, tag, cpus=2, disk=None, scenario="idle", balloon=False):
         self.args = args
         self.dir = os.path.join(args.workdir, tag)
         os.makedirs(self.dir, exist_ok=True)
@@ -58,16 +58,20 @@ class Vm:
         self.cpus = cpus
         if args.target == "keel":
             cmd = [args.vmm, "--memory", "128", "--cpus", str(cpus),
-                   "--cmdline", "keel.test=idle", "--serial", f"file={self.serial}",
+                   "--cmdline", f"keel.test={scenario}", "--serial", f"file={self.serial}",
                    "--qmp", self.sock, "--name", self.name]
             if disk:
                 cmd += ["--disk", f"path={disk},format={disk_format(disk)}"]
+            if balloon:
+                cmd += ["--balloon"]
         else:
             # No -no-reboot: with it, QEMU 10 turns system_reset into a shutdown.
             cmd = ["qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-cpu", "kvm64",
                    "-m", "128", "-smp", str(cpus), "-display", "none", "-nodefaults", "-serial", f"file:{self.serial}", "-name", self.name,
                    "-qmp", f"unix:{self.sock},server=on,wait=off",
-                   "-kernel", args.guest, "-append", "keel.test=idle"]
+                   "-kernel", args.guest, "-append", f"keel.test={scenario}"]
+            if balloon:
+                cmd += ["-device", "virtio-balloon-pci"]
             if disk:
                 cmd += ["-drive", f"file={disk},format={disk_format(disk)},if=none,id=disk0",
                         "-device", "virtio-blk-pci,drive=disk0"]
@@ -354,6 +358,41 @@ async def check_quit(args):
         vm.kill()
 
 
+async def check_balloon_device(args):
+    vm = Vm(args, "balloon", cpus=1, scenario="balloon-service", balloon=True)
+    try:
+        qmp = await connect(vm)
+        await vm.wait_serial("the balloon service", lambda out: "power button armed" in out)
+        ram = 128 << 20
+        assert await qmp.execute("query-balloon") == {"actual": ram}
+        with qmp.listener("BALLOON_CHANGE") as events:
+            assert await qmp.execute("balloon", {"value": 96 << 20}) == {}
+            deadline = time.monotonic() + EVENT_TIMEOUT
+            while True:
+                ev = await next_event(events, "BALLOON_CHANGE")
+                if ev["data"]["actual"] == 96 << 20:
+                    break
+                assert time.monotonic() < deadline, f"no BALLOON_CHANGE to 96 MiB: {ev}"
+        assert await qmp.execute("query-balloon") == {"actual": 96 << 20}
+        await vm.wait_serial("the guest's inflate line",
+                             lambda out: "actual 8192 pages (32 MiB)" in out, EVENT_TIMEOUT)
+        await expect_error(qmp, "balloon", {"value": 0}, "GenericError")
+        with qmp.listener() as events:
+            await qmp.execute("system_powerdown")
+            await next_event(events, "POWERDOWN")
+            ev = await next_event(events, "SHUTDOWN")
+        assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}, ev
+        assert await vm.wait_exit() == 0
+        try:
+            await qmp.disconnect()
+        except EOFError:
+            pass
+        log("balloon: query-balloon, balloon to 96 MiB (the guest gave 32 MiB), "
+            "BALLOON_CHANGE; the balloon service powered off on the power button")
+    finally:
+        vm.kill()
+
+
 async def main():
     p = argparse.ArgumentParser()
     p.add_argument("--target", choices=["keel", "qemu"], required=True)
@@ -379,6 +418,7 @@ async def main():
     finally:
         vm.kill()
     await check_quit(args)
+    await check_balloon_device(args)
     log("PASS")
 
 
