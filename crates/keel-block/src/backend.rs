@@ -64,7 +64,9 @@ impl WriteFlags {
 ///
 /// Reads and writes are all-or-nothing from the caller's point of view: a
 /// successful call transferred every byte; there are no short transfers.
-/// Buffers are ordinary slices, so they may point straight into guest memory.
+/// Buffers are ordinary slices of host memory; requests over guest memory go
+/// through [`crate::aio`], whose engines copy them with volatile accesses (or
+/// hand them to io_uring), never forming slices over memory a guest may change.
 pub trait BlockBackend: Send + Sync {
     /// Size of the device in bytes.
     fn size(&self) -> u64;
