@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use keel_block::aio::{AioQueue, UringQueue, UringTarget};
+use keel_block::buf::GuestBuf;
 use keel_block::throttle::Throttle;
 use keel_block::BlockBackend;
+use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{ActivateContext, ActivateError, VirtioDevice};
 use keel_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_blk::*;
@@ -18,8 +20,12 @@ use crate::worker::{QueueContext, Worker};
 /// The virtio device type of block devices.
 pub const BLOCK_DEVICE_TYPE: u32 = 2;
 
+/// The buffer of a request's data, as the I/O engines see it: the request's guest ranges
+/// and the guest memory they are in, owned by the engine request until it completes.
+pub type DataBuf = GuestBuf<Arc<GuestMemoryMmap>>;
+
 /// Makes the I/O engine for one queue (called on that queue's worker thread).
-pub type EngineFactory = dyn Fn() -> keel_block::Result<Box<dyn AioQueue>> + Send + Sync;
+pub type EngineFactory = dyn Fn() -> keel_block::Result<Box<dyn AioQueue<DataBuf>>> + Send + Sync;
 
 /// A disk as the device sees it: the backend (for size, limits, read-only) and how each
 /// queue gets its own asynchronous I/O engine over it.
@@ -37,7 +43,7 @@ impl Disk {
         Disk {
             backend: target,
             engine: Arc::new(move || {
-                Ok(Box::new(UringQueue::new(t.clone(), depth)?) as Box<dyn AioQueue>)
+                Ok(Box::new(UringQueue::new(t.clone(), depth)?) as Box<dyn AioQueue<DataBuf>>)
             }),
             id: [0; ID_BYTES],
         }
@@ -52,7 +58,7 @@ impl Disk {
             engine: Arc::new(move || {
                 Ok(
                     Box::new(keel_block::aio::ThreadQueue::new(b.clone(), threads)?)
-                        as Box<dyn AioQueue>,
+                        as Box<dyn AioQueue<DataBuf>>,
                 )
             }),
             id: [0; ID_BYTES],
@@ -66,7 +72,8 @@ impl Disk {
         Disk {
             backend,
             engine: Arc::new(move || {
-                Ok(Box::new(keel_block::aio::SyncQueue::new(b.clone())) as Box<dyn AioQueue>)
+                Ok(Box::new(keel_block::aio::SyncQueue::new(b.clone()))
+                    as Box<dyn AioQueue<DataBuf>>)
             }),
             id: [0; ID_BYTES],
         }
@@ -319,12 +326,13 @@ impl VirtioDevice for Block {
             return Err(ActivateError::MissingQueue(0));
         }
         let limits = self.limits();
+        let mem = Arc::new(ctx.mem);
         for q in ctx.queues {
             let qc = QueueContext {
                 index: q.index,
                 queue: q.queue,
                 kick: q.notifier,
-                mem: ctx.mem.clone(),
+                mem: mem.clone(),
                 interrupt: ctx.interrupt.clone(),
                 needs_reset: ctx.needs_reset.clone(),
                 limits,

@@ -20,7 +20,7 @@ pub mod device;
 pub mod request;
 mod worker;
 
-pub use device::{Block, BlockOptions, Disk, Error, BLOCK_DEVICE_TYPE};
+pub use device::{Block, BlockOptions, DataBuf, Disk, Error, BLOCK_DEVICE_TYPE};
 pub use worker::SyncServer;
 
 /// The README's example, compiled and run as a doctest.
