@@ -157,10 +157,12 @@ struct State {
 
 /// Serves one queue on the calling thread: for tests and fuzzers that want determinism
 /// (with a synchronous [`crate::Disk`]). Devices use a worker thread per queue instead.
+#[cfg(feature = "test-utils")]
 pub struct SyncServer {
     state: State,
 }
 
+#[cfg(feature = "test-utils")]
 impl SyncServer {
     /// A server for `queue` (already configured and validated) over `disk`, with the
     /// device limits `Block` would use for it.
