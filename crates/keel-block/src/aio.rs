@@ -65,7 +65,8 @@ use vm_memory::Permissions;
 use crate::backend::{BlockBackend, WriteFlags};
 use crate::buf::{AlignedBuf, IoBuf};
 use crate::error::{Error, Result};
-use crate::qcow2::{Extent, ExtentKind, Mapping, Qcow2};
+use crate::mapping::{Extent, ExtentKind, MapExtents, Mapping};
+use crate::qcow2::Qcow2;
 use crate::raw::RawFile;
 
 /// The operation of an [`AioRequest`].

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unsupported};
 use crate::qcow2::{self, Qcow2, Qcow2Options};
 use crate::raw::{CacheMode, RawFile, RawOptions};
 
@@ -51,7 +51,7 @@ impl std::str::FromStr for Format {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
-            other => Err(Error::Unsupported(format!("image format '{other}'"))),
+            other => Err(Error::Unsupported(Unsupported::Format(other.to_string()))),
         }
     }
 }

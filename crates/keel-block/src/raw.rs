@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
 use crate::buf::AlignedBuf;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidArgument, Result};
 use crate::iov::Iov;
 
 /// Host cache mode, with the same names and meaning as QEMU's `cache=`.
@@ -65,8 +65,8 @@ impl FromStr for CacheMode {
             "directsync" => CacheMode::DirectSync,
             "unsafe" => CacheMode::Unsafe,
             _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown cache mode '{s}' (expected none, writeback, writethrough, directsync or unsafe)"
+                return Err(Error::InvalidArgument(InvalidArgument::CacheMode(
+                    s.to_string(),
                 )))
             }
         })

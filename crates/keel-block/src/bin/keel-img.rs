@@ -12,7 +12,125 @@ use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue}
 use keel_block::buf::AlignedBuf;
 use keel_block::image::{Format, Image, OpenOptions as ImageOptions};
 use keel_block::qcow2::{self, CreateOptions, Fix};
-use keel_block::{BlockBackend, CacheMode, Error, RawFile, RawOptions, Result};
+use keel_block::{BlockBackend, CacheMode, RawFile, RawOptions};
+
+/// keel-img's errors: the library's, and the command line's own.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// The library failed.
+    #[error(transparent)]
+    Block(#[from] keel_block::Error),
+    /// Creating the image file failed.
+    #[error("creating {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad command line.
+    #[error("invalid argument: {0}")]
+    Usage(Usage),
+    /// A command-line request keel-img does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(Unsupported),
+    /// A `refcount_bits` value that does not parse as a number.
+    #[error("invalid argument: bad refcount_bits '{value}'")]
+    RefcountBits {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// A pattern that does not parse as a byte.
+    #[error("'{value}' is not a byte value (0-255 or 0x00-0xff)")]
+    Byte {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
+/// What is wrong with the command line.
+#[derive(Debug)]
+enum Usage {
+    SizeSuffix(String),
+    SizeTooLarge(String),
+    Size(String),
+    Compat(String),
+    CompressionType(String),
+    CreateOption(String),
+    CacheSizesNeedQcow2(String),
+    CacheSizesNeedQcow2Image,
+    RawBacking,
+    RawOptions,
+    NoSnapshots(String),
+    RepairMode(String),
+    CompressNeedsQcow2,
+    NotPositive,
+    BackingNeedsFormat,
+    FormatNeedsBacking,
+    SizeRequired,
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Usage::SizeSuffix(s) => write!(f, "bad size suffix in '{s}'"),
+            Usage::SizeTooLarge(s) => write!(f, "size '{s}' too large"),
+            Usage::Size(s) => write!(f, "invalid size '{s}'"),
+            Usage::Compat(v) => write!(f, "unknown compat '{v}'"),
+            Usage::CompressionType(v) => {
+                write!(f, "unknown compression_type '{v}' (zlib or zstd)")
+            }
+            Usage::CreateOption(k) => write!(f, "unsupported option '{k}'"),
+            Usage::CacheSizesNeedQcow2(fmt) => write!(
+                f,
+                "--l2-cache-size and --refcount-cache-size apply to qcow2 images, not {fmt}"
+            ),
+            Usage::CacheSizesNeedQcow2Image => {
+                f.write_str("--l2-cache-size and --refcount-cache-size apply to qcow2 images")
+            }
+            Usage::RawBacking => f.write_str("raw images have no backing file"),
+            Usage::RawOptions => f.write_str("raw images take no -o options"),
+            Usage::NoSnapshots(fmt) => write!(f, "{fmt} images have no snapshots"),
+            Usage::RepairMode(m) => write!(f, "unknown repair mode '{m}'"),
+            Usage::CompressNeedsQcow2 => f.write_str("-c (compression) needs -O qcow2"),
+            Usage::NotPositive => f.write_str("request size and depth must be positive"),
+            Usage::BackingNeedsFormat => f.write_str(
+                "-b needs -F FMT: keel-img does not create images whose backing format must be probed",
+            ),
+            Usage::FormatNeedsBacking => f.write_str("-F needs -b FILE"),
+            Usage::SizeRequired => {
+                f.write_str("an image size is required (or -b to take the backing file's)")
+            }
+        }
+    }
+}
+
+/// A request keel-img does not implement.
+#[derive(Debug)]
+enum Unsupported {
+    SnapshotOperation,
+    AioEngine(String),
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unsupported::SnapshotOperation => {
+                f.write_str("snapshot operations other than -l (list)")
+            }
+            Unsupported::AioEngine(e) => write!(f, "aio engine '{e}' (use io_uring or threads)"),
+        }
+    }
+}
+
+impl From<Usage> for CliError {
+    fn from(u: Usage) -> Self {
+        CliError::Usage(u)
+    }
+}
+
+type Result<T> = std::result::Result<T, CliError>;
 
 #[derive(Parser)]
 #[command(
@@ -263,16 +381,19 @@ enum Cmd {
     },
 }
 
-fn parse_byte(s: &str) -> std::result::Result<u8, String> {
+fn parse_byte(s: &str) -> Result<u8> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(h) => u8::from_str_radix(h, 16),
         None => s.parse::<u8>(),
     };
-    r.map_err(|_| format!("'{s}' is not a byte value (0-255 or 0x00-0xff)"))
+    r.map_err(|source| CliError::Byte {
+        value: s.to_string(),
+        source,
+    })
 }
 
-fn size_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
+fn size_arg(s: &str) -> Result<u64> {
+    parse_size(s)
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -286,7 +407,7 @@ fn parse_size(s: &str) -> Result<u64> {
                 'g' => 1 << 30,
                 't' => 1 << 40,
                 'p' => 1 << 50,
-                _ => return Err(Error::InvalidArgument(format!("bad size suffix in '{s}'"))),
+                _ => return Err(Usage::SizeSuffix(s.to_string()).into()),
             };
             (&s[..s.len() - 1], m)
         }
@@ -295,11 +416,11 @@ fn parse_size(s: &str) -> Result<u64> {
     if let Ok(n) = num.parse::<u64>() {
         return n
             .checked_mul(mult)
-            .ok_or_else(|| Error::InvalidArgument(format!("size '{s}' too large")));
+            .ok_or_else(|| Usage::SizeTooLarge(s.to_string()).into());
     }
     match num.parse::<f64>() {
         Ok(f) if f >= 0.0 && f * (mult as f64) < 1.8e19 => Ok((f * mult as f64) as u64),
-        _ => Err(Error::InvalidArgument(format!("invalid size '{s}'"))),
+        _ => Err(Usage::Size(s.to_string()).into()),
     }
 }
 
@@ -317,13 +438,14 @@ fn parse_create_opts(opts: Option<&str>, size: u64) -> Result<CreateOptions> {
                 o.version = match v {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
-                    _ => return Err(Error::InvalidArgument(format!("unknown compat '{v}'"))),
+                    _ => return Err(Usage::Compat(v.to_string()).into()),
                 }
             }
             "refcount_bits" => {
-                o.refcount_bits = v
-                    .parse()
-                    .map_err(|_| Error::InvalidArgument(format!("bad refcount_bits '{v}'")))?
+                o.refcount_bits = v.parse().map_err(|source| CliError::RefcountBits {
+                    value: v.to_string(),
+                    source,
+                })?
             }
             "lazy_refcounts" => o.lazy_refcounts = matches!(v, "on" | "true" | "yes"),
             "extended_l2" => o.extended_l2 = matches!(v, "on" | "true" | "yes"),
@@ -331,17 +453,13 @@ fn parse_create_opts(opts: Option<&str>, size: u64) -> Result<CreateOptions> {
                 o.compression_type = match v {
                     "zlib" => 0,
                     "zstd" => 1,
-                    _ => {
-                        return Err(Error::InvalidArgument(format!(
-                            "unknown compression_type '{v}' (zlib or zstd)"
-                        )))
-                    }
+                    _ => return Err(Usage::CompressionType(v.to_string()).into()),
                 }
             }
             "backing_file" => o.backing_file = Some(v.to_string()),
             "backing_fmt" => o.backing_format = Some(v.to_string()),
             "size" => o.size = parse_size(v)?,
-            _ => return Err(Error::InvalidArgument(format!("unsupported option '{k}'"))),
+            _ => return Err(Usage::CreateOption(k.to_string()).into()),
         }
     }
     Ok(o)
@@ -366,11 +484,13 @@ fn open_image(
     let fmt = image_format(path, fmt)?;
     let format: Format = fmt.parse()?;
     if format != Format::Qcow2 && sizes.is_set() {
-        return Err(Error::InvalidArgument(format!(
-            "--l2-cache-size and --refcount-cache-size apply to qcow2 images, not {fmt}"
-        )));
+        return Err(Usage::CacheSizesNeedQcow2(fmt).into());
     }
-    Image::open(path, format, sizes.open_options(read_only, cache))
+    Ok(Image::open(
+        path,
+        format,
+        sizes.open_options(read_only, cache),
+    )?)
 }
 
 fn create_image(
@@ -383,16 +503,12 @@ fn create_image(
     match fmt {
         "raw" => {
             if backing.is_some() {
-                return Err(Error::InvalidArgument(
-                    "raw images have no backing file".into(),
-                ));
+                return Err(Usage::RawBacking.into());
             }
             if opts.is_some() {
-                return Err(Error::InvalidArgument(
-                    "raw images take no -o options".into(),
-                ));
+                return Err(Usage::RawOptions.into());
             }
-            RawFile::create(path, size)
+            Ok(RawFile::create(path, size)?)
         }
         "qcow2" => {
             // Like QEMU: qcow2 sizes are whole 512-byte sectors.
@@ -406,7 +522,10 @@ fn create_image(
                 .create(true)
                 .truncate(true)
                 .open(path)
-                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+                .map_err(|source| CliError::Create {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             let f = RawFile::open(
                 path,
                 RawOptions {
@@ -414,9 +533,14 @@ fn create_image(
                     ..Default::default()
                 },
             )?;
-            qcow2::create(&f, &o)
+            Ok(qcow2::create(&f, &o)?)
         }
-        other => Err(Error::Unsupported(format!("image format '{other}'"))),
+        other => Err(
+            keel_block::Error::Unsupported(keel_block::error::Unsupported::Format(
+                other.to_string(),
+            ))
+            .into(),
+        ),
     }
 }
 
@@ -446,15 +570,11 @@ fn disk_usage(path: &Path) -> u64 {
 
 fn cmd_snapshot(file: &Path, fmt: Option<&str>, list: bool) -> Result<i32> {
     if !list {
-        return Err(Error::Unsupported(
-            "snapshot operations other than -l (list)".into(),
-        ));
+        return Err(CliError::Unsupported(Unsupported::SnapshotOperation));
     }
     let fmt = image_format(file, fmt)?;
     if fmt != "qcow2" {
-        return Err(Error::InvalidArgument(format!(
-            "{fmt} images have no snapshots"
-        )));
+        return Err(Usage::NoSnapshots(fmt).into());
     }
     let raw = RawFile::open(
         file,
@@ -574,7 +694,7 @@ fn cmd_check(
         None => Fix::None,
         Some("leaks") => Fix::Leaks,
         Some("all") => Fix::All,
-        Some(o) => return Err(Error::InvalidArgument(format!("unknown repair mode '{o}'"))),
+        Some(o) => return Err(Usage::RepairMode(o.to_string()).into()),
     };
     let f = RawFile::open(
         file,
@@ -663,9 +783,7 @@ fn cmd_convert(
 ) -> Result<i32> {
     let ifmt = image_format(input, ifmt)?;
     if sizes.is_set() && ifmt != "qcow2" && ofmt != "qcow2" {
-        return Err(Error::InvalidArgument(
-            "--l2-cache-size and --refcount-cache-size apply to qcow2 images".into(),
-        ));
+        return Err(Usage::CacheSizesNeedQcow2Image.into());
     }
     let for_fmt = |f: &str| {
         if f == "qcow2" {
@@ -687,11 +805,7 @@ fn cmd_convert(
     let compressed = match (&dst, compress) {
         (Image::Qcow2(q), true) => Some(q.clone()),
         (_, false) => None,
-        (_, true) => {
-            return Err(Error::InvalidArgument(
-                "-c (compression) needs -O qcow2".into(),
-            ))
-        }
+        (_, true) => return Err(Usage::CompressNeedsQcow2.into()),
     };
     // Compressed writes take whole clusters.
     let chunk: u64 = match &compressed {
@@ -762,9 +876,7 @@ fn cmd_bench(
     let img = open_image(file, fmt, cache, !write, sizes)?;
     let image_size = img.backend().size();
     if size == 0 || depth == 0 {
-        return Err(Error::InvalidArgument(
-            "request size and depth must be positive".into(),
-        ));
+        return Err(Usage::NotPositive.into());
     }
     if !quiet {
         println!(
@@ -778,8 +890,8 @@ fn cmd_bench(
         ("threads", Image::Raw(r)) => Box::new(ThreadQueue::new(r.clone(), depth as usize)?),
         ("threads", Image::Qcow2(q)) => Box::new(ThreadQueue::new(q.clone(), depth as usize)?),
         (other, _) => {
-            return Err(Error::Unsupported(format!(
-                "aio engine '{other}' (use io_uring or threads)"
+            return Err(CliError::Unsupported(Unsupported::AioEngine(
+                other.to_string(),
             )))
         }
     };
@@ -928,14 +1040,8 @@ fn run(cli: Cli) -> Result<i32> {
             let backing = match (&backing, &backing_format) {
                 (Some(b), Some(f)) => Some((b.as_str(), f.as_str())),
                 (None, None) => None,
-                (Some(_), None) => {
-                    return Err(Error::InvalidArgument(
-                        "-b needs -F FMT: keel-img does not create images whose backing format must be probed".into(),
-                    ))
-                }
-                (None, Some(_)) => {
-                    return Err(Error::InvalidArgument("-F needs -b FILE".into()))
-                }
+                (Some(_), None) => return Err(Usage::BackingNeedsFormat.into()),
+                (None, Some(_)) => return Err(Usage::FormatNeedsBacking.into()),
             };
             let size = match (&size, backing) {
                 (Some(s), _) => parse_size(s)?,
@@ -951,11 +1057,7 @@ fn run(cli: Cli) -> Result<i32> {
                     )?;
                     img.backend().size()
                 }
-                (None, None) => {
-                    return Err(Error::InvalidArgument(
-                        "an image size is required (or -b to take the backing file's)".into(),
-                    ))
-                }
+                (None, None) => return Err(Usage::SizeRequired.into()),
             };
             create_image(&file, &format, options.as_deref(), size, backing)?;
             if !quiet {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use super::{read_header, Qcow2, Qcow2Options};
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{ChainProblem, Error, Result};
 use crate::raw::{RawFile, RawOptions};
 
 /// Most backing images below the top image of a chain.
@@ -43,10 +43,10 @@ pub fn open_path(path: &Path, raw: RawOptions, opts: Qcow2Options) -> Result<Qco
     open_level(path, raw, opts, 0, &mut seen)
 }
 
-fn chain_err(path: &Path, what: String) -> Error {
+fn chain_err(path: &Path, reason: ChainProblem) -> Error {
     Error::BackingChain {
-        image: path.display().to_string(),
-        reason: what,
+        image: path.to_path_buf(),
+        reason,
     }
 }
 
@@ -62,10 +62,7 @@ fn open_level(
         .map(|m| (m.dev(), m.ino()))
         .map_err(|e| Error::io(format!("reading the metadata of {}", path.display()), e))?;
     if seen.contains(&id) {
-        return Err(chain_err(
-            path,
-            "the backing chain contains a loop (this file is already in it)".into(),
-        ));
+        return Err(chain_err(path, ChainProblem::Loop));
     }
     seen.push(id);
     let hdr = read_header(&file)?;
@@ -77,9 +74,10 @@ fn open_level(
             if depth >= MAX_BACKING_DEPTH {
                 return Err(chain_err(
                     path,
-                    format!(
-                        "backing file '{shown}' would make the chain deeper than {MAX_BACKING_DEPTH} images"
-                    ),
+                    ChainProblem::TooDeep {
+                        name: shown,
+                        max: MAX_BACKING_DEPTH,
+                    },
                 ));
             }
             let fmt = match hdr.backing_format() {
@@ -98,9 +96,7 @@ fn open_level(
                 None => {
                     return Err(chain_err(
                         path,
-                        format!(
-                            "the image does not state the format of its backing file '{shown}'; refusing to probe it (a guest could name any host file). Set the backing format (qemu-img rebase -u -F FMT, keel-img create -F) or allow probing explicitly (allow_probed_backing, keel-img --allow-probed-backing)"
-                        ),
+                        ChainProblem::UnstatedFormat { name: shown },
                     ))
                 }
             };
@@ -132,7 +128,10 @@ fn open_level(
                 other => {
                     return Err(chain_err(
                         path,
-                        format!("backing file '{shown}' has unsupported format '{other}'"),
+                        ChainProblem::UnsupportedFormat {
+                            name: shown,
+                            format: other.to_string(),
+                        },
                     ))
                 }
             };
@@ -147,7 +146,7 @@ fn backing_err(path: &Path, e: Error) -> Error {
         // Already names the image it is about.
         e @ Error::BackingChain { .. } | e @ Error::Backing { .. } => e,
         e => Error::Backing {
-            path: path.display().to_string(),
+            path: path.to_path_buf(),
             source: Box::new(e),
         },
     }

@@ -20,8 +20,9 @@ use super::refcount;
 
 /// Header extension: persistent dirty bitmaps.
 const EXT_BITMAPS: u32 = 0x2385_2875;
+use super::snapshot::MAX_EXTRA;
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidImage, Result, SnapshotProblem, Unsupported};
 
 /// What `check` may repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,9 +214,10 @@ impl<'a> Walk<'a> {
         let fsize = self.f.size();
         for k in 0..self.h.nb_snapshots {
             if off.saturating_add(40) > fsize {
-                return Err(Error::InvalidImage(format!(
-                    "snapshot {k} past the end of the file"
-                )));
+                return Err(Error::InvalidImage(InvalidImage::Snapshot {
+                    index: k,
+                    problem: SnapshotProblem::PastEnd,
+                }));
             }
             let mut fixed = [0u8; 40];
             self.f.read_at(&mut fixed, off)?;
@@ -224,10 +226,14 @@ impl<'a> Walk<'a> {
             let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as u64;
             let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
             let extra = u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])) as u64;
-            if extra > 1024 {
-                return Err(Error::InvalidImage(format!(
-                    "snapshot {k} has too much extra data"
-                )));
+            if extra > MAX_EXTRA {
+                return Err(Error::InvalidImage(InvalidImage::Snapshot {
+                    index: k,
+                    problem: SnapshotProblem::ExtraData {
+                        len: extra,
+                        limit: MAX_EXTRA,
+                    },
+                }));
             }
             if l1_off % self.cs != 0
                 || l1_size as u64 * 8 > MAX_L1_BYTES
@@ -342,7 +348,10 @@ impl<'a> Walk<'a> {
         let cs = h.cluster_size();
         let file_clusters = f.size().div_ceil(cs);
         if file_clusters > MAX_CHECK_CLUSTERS {
-            return Err(Error::Unsupported("image too large to check".into()));
+            return Err(Error::Unsupported(Unsupported::CheckSize {
+                clusters: file_clusters,
+                limit: MAX_CHECK_CLUSTERS,
+            }));
         }
         let mut w = Walk {
             f,
@@ -490,9 +499,10 @@ fn rebuild(w: &Walk<'_>) -> Result<()> {
         t = nt;
     }
     if t * cs > MAX_REFTABLE_BYTES {
-        return Err(Error::Unsupported(
-            "the rebuilt refcount table would exceed 8 MiB".into(),
-        ));
+        return Err(Error::Unsupported(Unsupported::RebuiltRefcountTable {
+            bytes: t * cs,
+            limit: MAX_REFTABLE_BYTES,
+        }));
     }
     let max = refcount::max_value(order);
     let mut table = vec![0u8; (t * cs) as usize];

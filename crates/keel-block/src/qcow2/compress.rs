@@ -11,7 +11,7 @@ use std::io::Read;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-use crate::error::{Error, Result};
+use crate::error::{DecompressError, Error, Result, Unsupported};
 
 /// Compression type field value: deflate.
 pub const TYPE_DEFLATE: u8 = 0;
@@ -30,10 +30,8 @@ pub fn type_name(t: u8) -> &'static str {
     }
 }
 
-fn bad(host: u64, what: &str) -> Error {
-    Error::Corrupt(format!(
-        "compressed cluster at host offset {host:#x}: {what}"
-    ))
+fn bad(host: u64, source: DecompressError) -> Error {
+    Error::CompressedData { host, source }
 }
 
 /// Decompresses `src` (read from host offset `host`, for messages) into
@@ -51,25 +49,25 @@ pub fn decompress(ctype: u8, src: &[u8], out: &mut [u8], host: u64) -> Result<()
                 {
                     Ok(())
                 }
-                Ok(_) => Err(bad(host, "deflate data is shorter than a cluster")),
-                Err(e) => Err(bad(host, &format!("invalid deflate data ({e})"))),
+                Ok(_) => Err(bad(host, DecompressError::ShortDeflate)),
+                Err(e) => Err(bad(host, DecompressError::Deflate(e))),
             }
         }
         TYPE_ZSTD => {
             let mut dec = zstd::stream::read::Decoder::with_buffer(src)
-                .map_err(|e| bad(host, &format!("zstd decoder ({e})")))?
+                .map_err(|e| bad(host, DecompressError::ZstdDecoder(e)))?
                 .single_frame();
             dec.read_exact(out)
-                .map_err(|e| bad(host, &format!("invalid or short zstd data ({e})")))?;
+                .map_err(|e| bad(host, DecompressError::Zstd(e)))?;
             // A frame holding more than a cluster is damaged (as QEMU says).
             let mut extra = [0u8; 1];
             match dec.read(&mut extra) {
                 Ok(0) => Ok(()),
-                Ok(_) => Err(bad(host, "zstd frame larger than a cluster")),
-                Err(e) => Err(bad(host, &format!("invalid zstd data ({e})"))),
+                Ok(_) => Err(bad(host, DecompressError::ZstdTooLarge)),
+                Err(e) => Err(bad(host, DecompressError::ZstdTail(e))),
             }
         }
-        t => Err(Error::Unsupported(format!("compression type {t}"))),
+        t => Err(Error::Unsupported(Unsupported::CompressionType(t))),
     }
 }
 
@@ -97,7 +95,7 @@ pub fn compress(ctype: u8, src: &[u8]) -> Result<Option<Vec<u8>>> {
                 .map_err(|e| Error::io("compressing a cluster (zstd)", e))?;
             Ok((out.len() <= limit).then_some(out))
         }
-        t => Err(Error::Unsupported(format!("compression type {t}"))),
+        t => Err(Error::Unsupported(Unsupported::CompressionType(t))),
     }
 }
 

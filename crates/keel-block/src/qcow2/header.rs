@@ -1,6 +1,8 @@
 //! qcow2 header parsing, validation and creation.
 
-use crate::error::{Error, Result};
+use crate::error::{
+    Error, HeaderField, InvalidArgument, InvalidImage, Metadata, Result, Unsupported,
+};
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -100,8 +102,17 @@ fn be64(b: &[u8], o: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn invalid(msg: impl Into<String>) -> Error {
-    Error::InvalidImage(msg.into())
+fn invalid(kind: InvalidImage) -> Error {
+    Error::InvalidImage(kind)
+}
+
+fn field(field: HeaderField, value: impl Into<u64>, min: u64, max: u64) -> Error {
+    invalid(InvalidImage::HeaderField {
+        field,
+        value: value.into(),
+        min,
+        max,
+    })
 }
 
 const KNOWN_INCOMPAT: [(u32, &str); 5] = [
@@ -123,20 +134,27 @@ impl Header {
     /// `file_size` is the size of the image file.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
         if buf.len() < 72 {
-            return Err(invalid("file too short for a qcow2 header"));
+            return Err(invalid(InvalidImage::TooShort {
+                len: buf.len() as u64,
+                needed: 72,
+            }));
         }
-        if be32(buf, 0) != MAGIC {
-            return Err(invalid("not a qcow2 image (bad magic)"));
+        let magic = be32(buf, 0);
+        if magic != MAGIC {
+            return Err(invalid(InvalidImage::BadMagic { magic }));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
-            return Err(Error::Unsupported(format!("qcow2 version {version}")));
+            return Err(Unsupported::Version(version).into());
         }
         let cluster_bits = be32(buf, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(invalid(format!(
-                "cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
-            )));
+            return Err(field(
+                HeaderField::ClusterBits,
+                cluster_bits,
+                MIN_CLUSTER_BITS.into(),
+                MAX_CLUSTER_BITS.into(),
+            ));
         }
         let cs = 1u64 << cluster_bits;
         let mut h = Header {
@@ -163,41 +181,36 @@ impl Header {
         };
         if version == 3 {
             if buf.len() < 104 {
-                return Err(invalid("file too short for a version 3 header"));
+                return Err(invalid(InvalidImage::TooShort {
+                    len: buf.len() as u64,
+                    needed: 104,
+                }));
             }
             h.incompatible_features = be64(buf, 72);
             h.compatible_features = be64(buf, 80);
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < 104 {
-                return Err(invalid(format!(
-                    "header_length {} below 104",
-                    h.header_length
-                )));
-            }
-            if h.header_length as u64 > cs || h.header_length as usize > buf.len() {
-                return Err(invalid(format!(
-                    "header_length {} larger than the first cluster",
-                    h.header_length
-                )));
+            let max = cs.min(buf.len() as u64);
+            if h.header_length < 104 || h.header_length as u64 > max {
+                return Err(field(HeaderField::HeaderLength, h.header_length, 104, max));
             }
             if h.header_length > 104 {
                 h.compression_type = buf[104];
             }
         }
         if h.refcount_order > 6 {
-            return Err(invalid(format!(
-                "refcount_order {} above 6",
-                h.refcount_order
-            )));
+            return Err(field(HeaderField::RefcountOrder, h.refcount_order, 0, 6));
         }
         // Extensions live between the header and the end of cluster 0.
         let limit = (cs as usize).min(buf.len());
         let mut off = h.header_length as usize;
         loop {
             if off + 8 > limit {
-                return Err(invalid("header extensions run past the first cluster"));
+                return Err(invalid(InvalidImage::ExtensionPastCluster {
+                    kind: None,
+                    len: 0,
+                }));
             }
             let kind = be32(buf, off);
             let len = be32(buf, off + 4) as usize;
@@ -206,9 +219,10 @@ impl Header {
                 break;
             }
             if len > limit - off {
-                return Err(invalid(format!(
-                    "header extension {kind:#x} of {len} bytes runs past the first cluster"
-                )));
+                return Err(invalid(InvalidImage::ExtensionPastCluster {
+                    kind: Some(kind),
+                    len: len as u64,
+                }));
             }
             h.extensions.push(Extension {
                 kind,
@@ -220,7 +234,10 @@ impl Header {
             let bo = h.backing_file_offset;
             let bl = h.backing_file_size as u64;
             if bl > 1023 || bo > limit as u64 || bl > limit as u64 - bo {
-                return Err(invalid("backing file name is not inside the first cluster"));
+                return Err(invalid(InvalidImage::BackingNamePastCluster {
+                    offset: bo,
+                    len: h.backing_file_size,
+                }));
             }
             h.backing_file = Some(buf[bo as usize..(bo + bl) as usize].to_vec());
         }
@@ -265,15 +282,10 @@ impl Header {
     fn validate(&self, file_size: u64) -> Result<()> {
         let cs = self.cluster_size();
         if self.crypt_method != 0 {
-            let what = match self.crypt_method {
-                1 => "AES",
-                2 => "LUKS",
-                _ => "unknown",
-            };
-            return Err(Error::Unsupported(format!(
-                "encryption ({what}, crypt_method {})",
-                self.crypt_method
-            )));
+            return Err(Unsupported::Encryption {
+                method: self.crypt_method,
+            }
+            .into());
         }
         let supported = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
         let bad = self.incompatible_features & !supported;
@@ -282,77 +294,109 @@ impl Header {
                 .filter(|b| bad & (1u64 << b) != 0)
                 .map(|b| self.feature_name(b))
                 .collect();
-            return Err(Error::Unsupported(format!(
-                "incompatible feature(s): {}",
-                names.join(", ")
-            )));
+            return Err(Unsupported::IncompatibleFeatures { bits: bad, names }.into());
         }
         if self.extensions.iter().any(|e| e.kind == EXT_DATA_FILE) {
-            return Err(Error::Unsupported("external data file".into()));
+            return Err(Unsupported::ExternalDataFile.into());
         }
         let compression_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
         match (self.compression_type, compression_bit) {
             (0, false) | (1, true) => {}
-            (t, _) => {
-                return Err(invalid(format!(
-                    "compression type {t} does not match the compression feature bit"
-                )))
+            (t, bit) => {
+                return Err(invalid(InvalidImage::CompressionTypeMismatch {
+                    compression_type: t,
+                    feature_bit: bit,
+                }))
             }
         }
         if self.incompatible_features & INCOMPAT_EXTL2 != 0 && self.cluster_bits < 14 {
-            return Err(invalid(format!(
-                "extended L2 entries need clusters of at least 16 KiB (cluster_bits {})",
-                self.cluster_bits
-            )));
+            return Err(invalid(InvalidImage::ExtendedL2ClusterSize {
+                cluster_bits: self.cluster_bits,
+            }));
         }
         let aligned = |o: u64| o % cs == 0;
-        if !aligned(self.l1_table_offset) || !aligned(self.refcount_table_offset) {
-            return Err(invalid("L1 or refcount table offset not cluster aligned"));
+        for (table, offset) in [
+            (Metadata::L1Table, self.l1_table_offset),
+            (Metadata::RefcountTable, self.refcount_table_offset),
+        ] {
+            if !aligned(offset) {
+                return Err(invalid(InvalidImage::Misaligned { table, offset }));
+            }
         }
         if self.refcount_table_offset == 0 {
-            return Err(invalid("refcount table at offset 0"));
+            return Err(invalid(InvalidImage::AtOffsetZero {
+                table: Metadata::RefcountTable,
+            }));
         }
         let rt_bytes = self.refcount_table_clusters as u64 * cs;
         if self.refcount_table_clusters == 0 || rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(invalid(format!(
-                "refcount table of {} clusters is empty or larger than 8 MiB",
-                self.refcount_table_clusters
-            )));
+            return Err(field(
+                HeaderField::RefcountTableClusters,
+                self.refcount_table_clusters,
+                1,
+                MAX_REFTABLE_BYTES / cs,
+            ));
         }
         if self.refcount_table_offset.saturating_add(rt_bytes) > file_size {
-            return Err(invalid("refcount table extends past the end of the file"));
+            return Err(invalid(InvalidImage::PastEnd {
+                table: Metadata::RefcountTable,
+                offset: self.refcount_table_offset,
+                len: rt_bytes,
+                file_size,
+            }));
         }
         let l1_bytes = self.l1_size as u64 * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(invalid(format!(
-                "L1 table of {} entries too large",
-                self.l1_size
-            )));
+            return Err(field(
+                HeaderField::L1Size,
+                self.l1_size,
+                0,
+                MAX_L1_BYTES / 8,
+            ));
         }
         let l2_bits =
             self.cluster_bits - 3 - (self.incompatible_features & INCOMPAT_EXTL2 != 0) as u32;
         let per_l1 = 1u128 << (self.cluster_bits + l2_bits);
         if (self.l1_size as u128) * per_l1 < self.size as u128 {
-            return Err(invalid("L1 table too small for the disk size"));
+            return Err(invalid(InvalidImage::L1TooSmall {
+                l1_size: self.l1_size,
+                size: self.size,
+            }));
         }
         if self.size > (1u64 << 62) {
-            return Err(invalid("disk size too large"));
+            return Err(field(HeaderField::Size, self.size, 0, 1 << 62));
         }
-        if self.l1_size > 0
-            && (self.l1_table_offset == 0
-                || self.l1_table_offset.saturating_add(l1_bytes) > file_size)
-        {
-            return Err(invalid("L1 table extends past the end of the file"));
+        if self.l1_size > 0 && self.l1_table_offset == 0 {
+            return Err(invalid(InvalidImage::AtOffsetZero {
+                table: Metadata::L1Table,
+            }));
+        }
+        if self.l1_size > 0 && self.l1_table_offset.saturating_add(l1_bytes) > file_size {
+            return Err(invalid(InvalidImage::PastEnd {
+                table: Metadata::L1Table,
+                offset: self.l1_table_offset,
+                len: l1_bytes,
+                file_size,
+            }));
         }
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(invalid(format!(
-                "{} snapshots is too many",
-                self.nb_snapshots
-            )));
+            return Err(field(
+                HeaderField::NbSnapshots,
+                self.nb_snapshots,
+                0,
+                MAX_SNAPSHOTS.into(),
+            ));
         }
-        if self.nb_snapshots > 0 && (!aligned(self.snapshots_offset) || self.snapshots_offset == 0)
-        {
-            return Err(invalid("snapshot table offset not cluster aligned"));
+        if self.nb_snapshots > 0 && self.snapshots_offset == 0 {
+            return Err(invalid(InvalidImage::AtOffsetZero {
+                table: Metadata::SnapshotTable,
+            }));
+        }
+        if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
+            return Err(invalid(InvalidImage::Misaligned {
+                table: Metadata::SnapshotTable,
+                offset: self.snapshots_offset,
+            }));
         }
         Ok(())
     }
@@ -396,9 +440,11 @@ impl Header {
         }
         b.extend_from_slice(&[0u8; 8]);
         if b.len() > cs {
-            return Err(Error::InvalidArgument(
-                "header and extensions do not fit in one cluster".into(),
-            ));
+            return Err(InvalidArgument::HeaderSize {
+                bytes: b.len() as u64,
+                cluster_size: cs as u64,
+            }
+            .into());
         }
         Ok(b)
     }
@@ -478,7 +524,16 @@ mod tests {
         let mut h = sample();
         h.incompatible_features = INCOMPAT_DATA_FILE | (1 << 40);
         let b = h.to_bytes().unwrap();
-        let e = Header::parse(&b, 4 << 16).unwrap_err().to_string();
+        let e = Header::parse(&b, 4 << 16).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::Unsupported(Unsupported::IncompatibleFeatures { bits, .. })
+                    if *bits == INCOMPAT_DATA_FILE | (1 << 40)
+            ),
+            "{e}"
+        );
+        let e = e.to_string();
         assert!(e.contains("external data file"), "{e}");
         assert!(e.contains("unknown incompatible feature bit 40"), "{e}");
         h.incompatible_features = INCOMPAT_DATA_FILE;
@@ -488,6 +543,10 @@ mod tests {
         h.crypt_method = 2;
         let e = Header::parse(&h.to_bytes().unwrap(), 4 << 16).unwrap_err();
         assert!(e.to_string().contains("LUKS"));
+        assert!(matches!(
+            e,
+            Error::Unsupported(Unsupported::Encryption { method: 2 })
+        ));
     }
 
     #[test]

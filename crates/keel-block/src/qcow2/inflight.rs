@@ -66,8 +66,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::Extent;
-use super::ExtentKind;
+use crate::mapping::{Extent, ExtentKind, Mapping};
 
 /// Counts of transfers in flight per host cluster.
 #[derive(Default)]
@@ -174,20 +173,8 @@ impl InFlight {
     }
 }
 
-/// A guest range mapped to host extents.
-///
-/// For qcow2 the host clusters holding the data are pinned until this value
-/// is dropped: however the guest range is discarded or rewritten meanwhile,
-/// they are not allocated to anything else. Keep the mapping alive until the
-/// data transfer to or from its extents has completed.
-#[must_use = "dropping a Mapping unpins its host clusters before the transfer is done"]
-pub struct Mapping {
-    extents: Vec<Extent>,
-    pin: Option<Pin>,
-}
-
 /// Pinned runs of host clusters, `(first, count)`, unpinned on drop.
-struct Pin {
+pub(crate) struct Pin {
     set: Arc<InFlight>,
     ranges: Vec<(u64, u64)>,
 }
@@ -198,13 +185,13 @@ impl Drop for Pin {
     }
 }
 
-impl Mapping {
-    /// A mapping that pins nothing, for backends whose host offsets never
-    /// change owner (a raw file maps every guest offset to itself).
-    pub fn unpinned(extents: Vec<Extent>) -> Mapping {
-        Mapping { extents, pin: None }
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.ranges).finish()
     }
+}
 
+impl Mapping {
     /// Pins the host clusters (of `1 << cluster_bits` bytes) of every data
     /// and compressed extent. Call with the metadata lock held, so that no extent can be
     /// freed and reallocated between the lookup and the pin.
@@ -232,31 +219,12 @@ impl Mapping {
             return Mapping::unpinned(extents);
         }
         set.pin(&ranges);
-        Mapping {
+        Mapping::with_pin(
             extents,
-            pin: Some(Pin {
+            Pin {
                 set: set.clone(),
                 ranges,
-            }),
-        }
-    }
-
-    /// The extents, in guest order, covering the mapped range.
-    pub fn extents(&self) -> &[Extent] {
-        &self.extents
-    }
-
-    /// Moves the extents out, keeping the pin.
-    pub(crate) fn take_extents(&mut self) -> Vec<Extent> {
-        std::mem::take(&mut self.extents)
-    }
-}
-
-impl std::fmt::Debug for Mapping {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mapping")
-            .field("extents", &self.extents)
-            .field("pinned", &self.pin.as_ref().map(|p| &p.ranges))
-            .finish()
+            },
+        )
     }
 }

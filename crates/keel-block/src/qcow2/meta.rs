@@ -19,7 +19,7 @@ use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::inflight::InFlight;
 use super::refcount;
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, InvalidArgument, L2Problem, Metadata, Result, Unsupported};
 
 /// Host offset bits of L1 and L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -59,7 +59,7 @@ pub fn classify(
     cluster_bits: u32,
     ext: bool,
     bitmap: u64,
-) -> std::result::Result<L2State, String> {
+) -> std::result::Result<L2State, L2Problem> {
     if entry & COMPRESSED != 0 {
         return Ok(L2State::Compressed);
     }
@@ -69,22 +69,18 @@ pub fn classify(
     }
     if ext {
         if bitmap & (bitmap >> 32) != 0 {
-            return Err(format!(
-                "L2 bitmap {bitmap:#018x} marks subclusters both allocated and zero"
-            ));
+            return Err(L2Problem::AllocatedAndZero { bitmap });
         }
         if entry & OFFSET_MASK == 0 && bitmap & 0xffff_ffff != 0 {
-            return Err(format!(
-                "L2 bitmap {bitmap:#018x} allocates subclusters of an unallocated cluster"
-            ));
+            return Err(L2Problem::AllocatedUnmapped { bitmap });
         }
     }
     if entry & reserved != 0 {
-        return Err(format!("L2 entry {entry:#018x} has reserved bits set"));
+        return Err(L2Problem::ReservedBits { entry });
     }
     let off = entry & OFFSET_MASK;
     if off & ((1u64 << cluster_bits) - 1) != 0 {
-        return Err(format!("L2 entry {entry:#018x} is not cluster aligned"));
+        return Err(L2Problem::Misaligned { entry });
     }
     if entry & ZERO != 0 {
         return Ok(L2State::Zero(if off != 0 { Some(off) } else { None }));
@@ -200,7 +196,7 @@ pub(crate) struct Meta {
     l2_offsets: HashSet<u64>,
     rb_offsets: HashSet<u64>,
     /// Snapshot table and inactive L1 tables: (offset, length, what).
-    pub(crate) fixed: Vec<(u64, u64, &'static str)>,
+    pub(crate) fixed: Vec<(u64, u64, Metadata)>,
     /// Next free byte of the host cluster compressed clusters are packed
     /// into (0: none).
     cbyte: u64,
@@ -280,24 +276,24 @@ impl Meta {
     }
 
     /// Name of the metadata structure overlapping the host cluster at `off`.
-    pub(crate) fn overlap(&self, off: u64, len: u64) -> Option<&'static str> {
+    pub(crate) fn overlap(&self, off: u64, len: u64) -> Option<Metadata> {
         let h = &self.hdr;
         let end = off + len;
         let hits = |s: u64, l: u64| l > 0 && off < s + l && s < end;
         if hits(0, self.cs) {
-            return Some("header");
+            return Some(Metadata::Header);
         }
         if hits(
             h.l1_table_offset,
             (h.l1_size as u64 * 8).div_ceil(self.cs) * self.cs,
         ) {
-            return Some("active L1 table");
+            return Some(Metadata::L1Table);
         }
         if hits(
             h.refcount_table_offset,
             h.refcount_table_clusters as u64 * self.cs,
         ) {
-            return Some("refcount table");
+            return Some(Metadata::RefcountTable);
         }
         for &(s, l, what) in &self.fixed {
             if hits(s, l) {
@@ -307,10 +303,10 @@ impl Meta {
         let mut c = off & !(self.cs - 1);
         while c < end {
             if self.l2_offsets.contains(&c) {
-                return Some("active L2 table");
+                return Some(Metadata::L2Table);
             }
             if self.rb_offsets.contains(&c) {
-                return Some("refcount block");
+                return Some(Metadata::RefcountBlock);
             }
             c += self.cs;
         }
@@ -318,14 +314,14 @@ impl Meta {
     }
 
     /// Marks the image corrupt (on disk if writable) and returns the error.
-    pub(crate) fn corrupt(&mut self, f: &dyn BlockBackend, msg: String) -> Error {
+    pub(crate) fn corrupt(&mut self, f: &dyn BlockBackend, kind: Corruption) -> Error {
         if !self.corrupt && !self.read_only && self.hdr.version >= 3 {
             self.hdr.incompatible_features |= INCOMPAT_CORRUPT;
             // Best effort: the error is reported either way.
             let _ = self.write_incompat(f).and_then(|_| f.flush());
         }
         self.corrupt = true;
-        Error::Corrupt(msg)
+        Error::Corrupt(kind)
     }
 
     pub(crate) fn write_incompat(&self, f: &dyn BlockBackend) -> Result<()> {
@@ -338,9 +334,7 @@ impl Meta {
             return Err(Error::ReadOnly);
         }
         if self.corrupt {
-            return Err(Error::Corrupt(
-                "the image is marked corrupt; writes are refused".into(),
-            ));
+            return Err(Error::Corrupt(Corruption::WritesRefused));
         }
         if self.lazy && !self.dirty_on_disk {
             self.hdr.incompatible_features |= INCOMPAT_DIRTY;
@@ -433,12 +427,21 @@ impl Meta {
     fn check_l2_offset(&mut self, f: &dyn BlockBackend, l1i: usize, e: u64) -> Result<u64> {
         let off = e & OFFSET_MASK;
         if e & L1_RESERVED != 0 || off % self.cs != 0 {
-            return Err(self.corrupt(f, format!("L1 entry {l1i} ({e:#x}) is invalid")));
+            return Err(self.corrupt(
+                f,
+                Corruption::L1Entry {
+                    index: l1i,
+                    entry: e,
+                },
+            ));
         }
         if off.saturating_add(self.cs) > f.size() {
             return Err(self.corrupt(
                 f,
-                format!("L2 table at {off:#x} (L1 entry {l1i}) is past the end of the file"),
+                Corruption::L2TablePastEnd {
+                    offset: off,
+                    l1_index: l1i,
+                },
             ));
         }
         let h = &self.hdr;
@@ -451,7 +454,10 @@ impl Meta {
         if bad {
             return Err(self.corrupt(
                 f,
-                format!("L2 table at {off:#x} (L1 entry {l1i}) overlaps other metadata"),
+                Corruption::L2TableOverlap {
+                    offset: off,
+                    l1_index: l1i,
+                },
             ));
         }
         Ok(off)
@@ -499,7 +505,13 @@ impl Meta {
         };
         if e & OFFSET_MASK == 0 {
             if e & L1_RESERVED != 0 {
-                return Err(self.corrupt(f, format!("L1 entry {l1i} ({e:#x}) is invalid")));
+                return Err(self.corrupt(
+                    f,
+                    Corruption::L1Entry {
+                        index: l1i,
+                        entry: e,
+                    },
+                ));
             }
             return Ok(None);
         }
@@ -562,7 +574,7 @@ impl Meta {
             return self.l2_slot(f, off);
         }
         match self.refcount(f, off >> self.cb)? {
-            0 => Err(self.corrupt(f, format!("L2 table at {off:#x} has refcount 0"))),
+            0 => Err(self.corrupt(f, Corruption::L2TableRefcountZero { offset: off })),
             1 => {
                 self.set_l1(f, l1i, off | COPIED)?;
                 self.l2_slot(f, off)
@@ -608,10 +620,10 @@ impl Meta {
     /// cluster it lies in.
     pub(crate) fn alloc_bytes(&mut self, f: &dyn BlockBackend, len: u64) -> Result<u64> {
         if len == 0 || len > self.cs {
-            return Err(Error::InvalidArgument(format!(
-                "compressed data of {len} bytes for {}-byte clusters",
-                self.cs
-            )));
+            return Err(Error::InvalidArgument(InvalidArgument::CompressedLength {
+                len,
+                cluster_size: self.cs,
+            }));
         }
         if self.cbyte != 0 {
             let c = self.cbyte >> self.cb;
@@ -685,7 +697,13 @@ impl Meta {
             return Ok(Some(i));
         }
         if e & REFT_RESERVED != 0 || off % self.cs != 0 || off.saturating_add(self.cs) > f.size() {
-            return Err(self.corrupt(f, format!("refcount table entry {ti} ({e:#x}) is invalid")));
+            return Err(self.corrupt(
+                f,
+                Corruption::RefcountTableEntry {
+                    index: ti,
+                    entry: e,
+                },
+            ));
         }
         let mut buf = vec![0u8; self.cs as usize];
         f.read_at(&mut buf, off)?;
@@ -718,7 +736,7 @@ impl Meta {
         let ti = (c >> self.rb_bits) as usize;
         let slot = match self.rb_slot(f, ti)? {
             Some(s) => s,
-            None => return Err(self.corrupt(f, format!("cluster {c} has no refcount block"))),
+            None => return Err(self.corrupt(f, Corruption::NoRefcountBlock { cluster: c })),
         };
         let idx = (c & ((1 << self.rb_bits) - 1)) as usize;
         let order = self.hdr.refcount_order;
@@ -727,16 +745,16 @@ impl Meta {
             match cur.checked_add(delta as u64) {
                 Some(v) if v <= refcount::max_value(order) => v,
                 _ => {
-                    return Err(Error::Unsupported(format!(
-                        "refcount overflow on cluster {c} ({}-bit refcounts)",
-                        1u32 << order
-                    )))
+                    return Err(Error::Unsupported(Unsupported::RefcountOverflow {
+                        cluster: c,
+                        bits: 1u32 << order,
+                    }))
                 }
             }
         } else {
             match cur.checked_sub(delta.unsigned_abs()) {
                 Some(v) => v,
-                None => return Err(self.corrupt(f, format!("refcount underflow on cluster {c}"))),
+                None => return Err(self.corrupt(f, Corruption::RefcountUnderflow { cluster: c })),
             }
         };
         let s = &mut self.rb.slots[slot];
@@ -918,9 +936,10 @@ impl Meta {
         }
         new_cap = (t as usize) * per;
         if t * cs > super::header::MAX_REFTABLE_BYTES {
-            return Err(Error::Unsupported(
-                "the refcount table would exceed 8 MiB; use a larger cluster size".into(),
-            ));
+            return Err(Error::Unsupported(Unsupported::RefcountTableGrowth {
+                bytes: t * cs,
+                limit: super::header::MAX_REFTABLE_BYTES,
+            }));
         }
         let table_start = e;
         let blocks_start = e + t;

@@ -8,12 +8,12 @@
 
 use super::header::{Header, MAX_L1_BYTES};
 use crate::backend::BlockBackend;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidImage, Result, SnapshotProblem};
 
 /// Largest snapshot table we read (QEMU's limit is 64 MiB).
 const MAX_TABLE_BYTES: u64 = 64 << 20;
 /// Largest extra data per entry we accept (QEMU's limit).
-const MAX_EXTRA: u64 = 1024;
+pub(super) const MAX_EXTRA: u64 = 1024;
 
 /// One internal snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,13 +63,20 @@ pub fn read_snapshots(f: &dyn BlockBackend, h: &Header) -> Result<Vec<Snapshot>>
     let fsize = f.size();
     let cs = h.cluster_size();
     let mut off = h.snapshots_offset;
-    let bad = |k: u32, what: &str| Error::InvalidImage(format!("snapshot {k}: {what}"));
+    let bad = |index: u32, problem: SnapshotProblem| {
+        Error::InvalidImage(InvalidImage::Snapshot { index, problem })
+    };
     for k in 0..h.nb_snapshots {
         if off - h.snapshots_offset > MAX_TABLE_BYTES {
-            return Err(bad(k, "the snapshot table is larger than 64 MiB"));
+            return Err(bad(
+                k,
+                SnapshotProblem::TableTooLarge {
+                    limit: MAX_TABLE_BYTES,
+                },
+            ));
         }
         if off.saturating_add(40) > fsize {
-            return Err(bad(k, "entry past the end of the file"));
+            return Err(bad(k, SnapshotProblem::PastEnd));
         }
         let mut fixed = [0u8; 40];
         f.read_at(&mut fixed, off)?;
@@ -79,11 +86,17 @@ pub fn read_snapshots(f: &dyn BlockBackend, h: &Header) -> Result<Vec<Snapshot>>
         let name_len = be16(&fixed, 14);
         let extra_len = be32(&fixed, 36) as u64;
         if extra_len > MAX_EXTRA {
-            return Err(bad(k, "too much extra data"));
+            return Err(bad(
+                k,
+                SnapshotProblem::ExtraData {
+                    len: extra_len,
+                    limit: MAX_EXTRA,
+                },
+            ));
         }
         let var = extra_len + id_len + name_len;
         if (off + 40).saturating_add(var) > fsize {
-            return Err(bad(k, "entry past the end of the file"));
+            return Err(bad(k, SnapshotProblem::PastEnd));
         }
         let mut rest = vec![0u8; var as usize];
         f.read_at(&mut rest, off + 40)?;
@@ -92,7 +105,13 @@ pub fn read_snapshots(f: &dyn BlockBackend, h: &Header) -> Result<Vec<Snapshot>>
             || (l1_size > 0
                 && (l1_offset == 0 || l1_offset.saturating_add(l1_size as u64 * 8) > fsize))
         {
-            return Err(bad(k, "invalid L1 table offset or size"));
+            return Err(bad(
+                k,
+                SnapshotProblem::L1Table {
+                    offset: l1_offset,
+                    size: l1_size,
+                },
+            ));
         }
         let extra = &rest[..extra_len as usize];
         let vm_state_size = if extra_len >= 8 {

@@ -1,6 +1,8 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::error::{Corruption, HeaderField, InvalidImage};
+use crate::mapping::{ExtentKind, MapExtents};
 use crate::mem::MemBackend;
 
 fn new_image(size: u64, cluster_size: u64, refcount_bits: u32, version: u32) -> MemBackend {
@@ -137,7 +139,7 @@ fn read_only_and_corrupt_images_refuse_writes() {
     c[79] |= 2;
     assert!(matches!(
         Qcow2::open(MemBackend::new(c.clone()), Qcow2Options::default()),
-        Err(Error::Corrupt(_))
+        Err(Error::Corrupt(Corruption::MarkedCorrupt))
     ));
     let ro = Qcow2::open(
         MemBackend::new(c),
@@ -212,7 +214,11 @@ fn hostile_headers_give_errors_not_panics() {
     b[36..40].copy_from_slice(&u32::MAX.to_be_bytes()); // l1_size
     assert!(matches!(
         Qcow2::open(MemBackend::new(b), Qcow2Options::default()),
-        Err(Error::InvalidImage(_))
+        Err(Error::InvalidImage(InvalidImage::HeaderField {
+            field: HeaderField::L1Size,
+            value: 0xffff_ffff,
+            ..
+        }))
     ));
     let mut b = good.clone();
     b[48..56].copy_from_slice(&(!0xfffu64).to_be_bytes()); // reftable offset

@@ -134,7 +134,11 @@ pub type SnapshotRow = (String, String, String, String, u64, String);
 pub fn snapshot_rows(listing: &str) -> Vec<SnapshotRow> {
     let mut lines = listing.lines();
     assert_eq!(lines.next(), Some("Snapshot list:"), "listing: {listing}");
-    let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert_eq!(header.first(), Some(&"ID"), "listing: {listing}");
     lines
         .map(|line| {
@@ -164,7 +168,11 @@ pub fn snapshot_rows(listing: &str) -> Vec<SnapshotRow> {
 pub fn assert_same_snapshot_listing(keel: &str, qemu: &str) {
     let rows = snapshot_rows(keel);
     assert!(!rows.is_empty(), "no snapshots listed:\n{keel}");
-    assert_eq!(rows, snapshot_rows(qemu), "keel-img:\n{keel}\nqemu-img:\n{qemu}");
+    assert_eq!(
+        rows,
+        snapshot_rows(qemu),
+        "keel-img:\n{keel}\nqemu-img:\n{qemu}"
+    );
     if qemu_img_release().0 >= 10 {
         assert_eq!(keel, qemu);
     }

@@ -1,0 +1,153 @@
+//! Formatting a file as a new qcow2 image.
+
+use super::header::{self, Header};
+use super::{refcount, CreateOptions};
+use crate::backend::BlockBackend;
+use crate::error::{InvalidArgument, Result};
+
+/// Formats `file` as a new, empty qcow2 image.
+pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
+    let cs = o.cluster_size;
+    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+        return Err(InvalidArgument::ClusterSize(cs).into());
+    }
+    if !o.refcount_bits.is_power_of_two() || o.refcount_bits > 64 {
+        return Err(InvalidArgument::RefcountBits(o.refcount_bits).into());
+    }
+    if o.version != 2 && o.version != 3 {
+        return Err(InvalidArgument::Version(o.version).into());
+    }
+    if o.version == 2 && (o.refcount_bits != 16 || o.lazy_refcounts) {
+        return Err(InvalidArgument::Version2Features {
+            refcount_bits: o.refcount_bits,
+            lazy_refcounts: o.lazy_refcounts,
+        }
+        .into());
+    }
+    let cb = cs.trailing_zeros();
+    let order = o.refcount_bits.trailing_zeros();
+    if o.extended_l2 && (o.version < 3 || cb < 14) {
+        return Err(InvalidArgument::ExtendedL2 {
+            version: o.version,
+            cluster_size: cs,
+        }
+        .into());
+    }
+    if o.compression_type > 1 || (o.compression_type != 0 && o.version < 3) {
+        return Err(InvalidArgument::CompressionType {
+            compression_type: o.compression_type,
+            version: o.version,
+        }
+        .into());
+    }
+    let mut extensions = Vec::new();
+    if let Some(fmt) = &o.backing_format {
+        if fmt != "raw" && fmt != "qcow2" {
+            return Err(InvalidArgument::BackingFormat(fmt.clone()).into());
+        }
+        extensions.push(header::Extension {
+            kind: header::EXT_BACKING_FORMAT,
+            data: fmt.as_bytes().to_vec(),
+        });
+    }
+    if o.version == 3 {
+        extensions.push(header::feature_table());
+    }
+    let ext = o.extended_l2 as u32;
+    let per_l1 = 1u128 << (2 * cb - 3 - ext);
+    let l1_size = (o.size as u128).div_ceil(per_l1);
+    if l1_size * 8 > header::MAX_L1_BYTES as u128 || o.size > (1 << 62) {
+        return Err(InvalidArgument::ImageSize {
+            size: o.size,
+            cluster_size: cs,
+        }
+        .into());
+    }
+    let l1_size = l1_size as u64;
+    let l1_clusters = (l1_size * 8).div_ceil(cs);
+    let rb_entries = cs * 8 / o.refcount_bits as u64;
+    let (mut t, mut b) = (1u64, 1u64);
+    loop {
+        let n = 1 + t + b + l1_clusters;
+        let nb = n.div_ceil(rb_entries);
+        let nt = (nb * 8).div_ceil(cs);
+        if nb == b && nt == t {
+            break;
+        }
+        b = nb;
+        t = nt;
+    }
+    let total = 1 + t + b + l1_clusters;
+    let l1_off = (1 + t + b) * cs;
+    // L1 table (zeroes).
+    if l1_clusters > 0 {
+        file.write_zeroes(l1_off, l1_clusters * cs, false)?;
+    }
+    // Refcount blocks.
+    let mut table = vec![0u8; (t * cs) as usize];
+    for k in 0..b {
+        let mut block = vec![0u8; cs as usize];
+        for c in k * rb_entries..((k + 1) * rb_entries).min(total) {
+            refcount::set(&mut block, (c - k * rb_entries) as usize, order, 1);
+        }
+        let off = (1 + t + k) * cs;
+        file.write_at(&block, off)?;
+        table[(k * 8) as usize..(k * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    file.write_at(&table, cs)?;
+    let hdr = Header {
+        version: o.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: cb,
+        size: o.size,
+        crypt_method: 0,
+        l1_size: l1_size as u32,
+        l1_table_offset: l1_off,
+        refcount_table_offset: cs,
+        refcount_table_clusters: t as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: if o.extended_l2 {
+            header::INCOMPAT_EXTL2
+        } else {
+            0
+        } | if o.compression_type == 1 {
+            header::INCOMPAT_COMPRESSION
+        } else {
+            0
+        },
+        compatible_features: if o.lazy_refcounts {
+            header::COMPAT_LAZY_REFCOUNTS
+        } else {
+            0
+        },
+        autoclear_features: 0,
+        refcount_order: order,
+        header_length: if o.version == 3 { 112 } else { 72 },
+        compression_type: o.compression_type,
+        extensions,
+        backing_file: None,
+    };
+    let mut hdr = hdr;
+    let mut hb = hdr.to_bytes()?;
+    if let Some(name) = &o.backing_file {
+        if name.is_empty() || name.len() > 1023 {
+            return Err(InvalidArgument::BackingNameLength(name.len()).into());
+        }
+        hdr.backing_file_offset = hb.len() as u64;
+        hdr.backing_file_size = name.len() as u32;
+        hb = hdr.to_bytes()?;
+        hb.extend_from_slice(name.as_bytes());
+        if hb.len() as u64 > cs {
+            return Err(InvalidArgument::HeaderSize {
+                bytes: hb.len() as u64,
+                cluster_size: cs,
+            }
+            .into());
+        }
+    }
+    hb.resize(cs as usize, 0);
+    file.write_at(&hb, 0)?;
+    file.flush()
+}

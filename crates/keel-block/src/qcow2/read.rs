@@ -1,0 +1,191 @@
+//! Mapping guest ranges for reading, and reading what the file alone cannot
+//! serve (compressed clusters, the backing image).
+
+use std::io::IoSliceMut;
+use std::sync::Arc;
+
+use super::backend::slice_iov_mut;
+use super::meta::{classify, compressed_range, L2State, OFFSET_MASK};
+use super::{compress, DecompressedCluster, Qcow2};
+use crate::backend::{check_range, zero_iov, BlockBackend};
+use crate::error::{Corruption, Error, Result, Unsupported};
+use crate::mapping::{push_extent, Extent, ExtentKind, Mapping};
+
+impl<F: BlockBackend> Qcow2<F> {
+    pub(super) fn map_read_extents(&self, offset: u64, len: u64, pin: bool) -> Result<Mapping> {
+        Ok(self.map_read_inner(offset, len, pin)?.0)
+    }
+
+    /// The kind of a range this image does not allocate.
+    fn unallocated(&self) -> Result<ExtentKind> {
+        match (&self.backing, &self.backing_name) {
+            (Some(_), _) => Ok(ExtentKind::Backing),
+            (None, None) => Ok(ExtentKind::Unallocated),
+            (None, Some(name)) => Err(Error::Unsupported(Unsupported::UnopenedBacking {
+                name: name.clone(),
+            })),
+        }
+    }
+
+    /// Maps a guest range; also returns the compressed-cluster generation
+    /// at mapping time (for the decompressed-cluster cache).
+    pub(super) fn map_read_inner(
+        &self,
+        offset: u64,
+        len: u64,
+        pin: bool,
+    ) -> Result<(Mapping, u64)> {
+        check_range(offset, len, self.size)?;
+        let f: &dyn BlockBackend = &self.file;
+        let mut m = self.meta();
+        let cs = 1u64 << self.cb;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let in_off = pos & (cs - 1);
+            let n = (cs - in_off).min(end - pos);
+            let Some(slot) = m.l2_for_read(f, pos)? else {
+                push_extent(&mut out, n, self.unallocated()?);
+                pos += n;
+                continue;
+            };
+            let (_, l2i) = m.split(pos);
+            let e = m.l2_get(slot, l2i);
+            let bitmap = m.l2_bitmap(slot, l2i);
+            let st = match classify(e, m.hdr.version, self.cb, m.ext, bitmap) {
+                Ok(s) => s,
+                Err(problem) => {
+                    return Err(m.corrupt(
+                        f,
+                        Corruption::L2Entry {
+                            guest: pos,
+                            problem,
+                        },
+                    ))
+                }
+            };
+            match st {
+                L2State::Unallocated if !m.ext => push_extent(&mut out, n, self.unallocated()?),
+                L2State::Zero(_) => push_extent(&mut out, n, ExtentKind::Zero),
+                L2State::Normal(h) if !m.ext => {
+                    push_extent(&mut out, n, ExtentKind::Data(h + in_off))
+                }
+                L2State::Unallocated | L2State::Normal(_) => {
+                    // Extended L2: status per subcluster.
+                    let h = e & OFFSET_MASK;
+                    let sc = cs / 32;
+                    let mut p = in_off;
+                    while p < in_off + n {
+                        let i = p / sc;
+                        let k = ((i + 1) * sc).min(in_off + n) - p;
+                        let kind = if bitmap & (1 << i) != 0 {
+                            ExtentKind::Data(h + p)
+                        } else if bitmap & (1 << (32 + i)) != 0 {
+                            ExtentKind::Zero
+                        } else {
+                            self.unallocated()?
+                        };
+                        push_extent(&mut out, k, kind);
+                        p += k;
+                    }
+                }
+                L2State::Compressed => {
+                    let (s, ce) = compressed_range(e, self.cb);
+                    let fsize = f.size();
+                    if s < cs || s >= fsize {
+                        return Err(m.corrupt(
+                            f,
+                            Corruption::CompressedOutsideFile {
+                                host: s,
+                                guest: pos,
+                            },
+                        ));
+                    }
+                    // The last sector may run past the end of the file.
+                    let host_len = ce.min(fsize) - s;
+                    push_extent(
+                        &mut out,
+                        n,
+                        ExtentKind::Compressed {
+                            host: s,
+                            len: host_len,
+                        },
+                    );
+                }
+            }
+            pos += n;
+        }
+        let gen = m.cgen;
+        if !pin {
+            return Ok((Mapping::unpinned(out), gen));
+        }
+        Ok((Mapping::pinned(out, &m.inflight, self.cb), gen))
+    }
+
+    /// The decompressed contents of the compressed cluster whose data is
+    /// `len` bytes at `host`. The host range must be pinned.
+    pub(super) fn decompressed(&self, host: u64, len: u64, gen: u64) -> Result<Arc<Vec<u8>>> {
+        {
+            let c = self.dcache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(d) = c.as_ref() {
+                if d.host == host && d.len == len && d.gen == gen {
+                    return Ok(d.data.clone());
+                }
+            }
+        }
+        let mut src = vec![0u8; len as usize];
+        self.file.read_at(&mut src, host)?;
+        let mut out = vec![0u8; 1 << self.cb];
+        compress::decompress(self.ctype, &src, &mut out, host)?;
+        let data = Arc::new(out);
+        *self.dcache.lock().unwrap_or_else(|p| p.into_inner()) = Some(DecompressedCluster {
+            host,
+            len,
+            gen,
+            data: data.clone(),
+        });
+        Ok(data)
+    }
+
+    /// Reads `len` bytes of the backing image at guest offset `guest` into
+    /// `bufs` from `skip` on; zeroes past the backing image's end.
+    pub(super) fn read_backing(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        skip: u64,
+        len: u64,
+        guest: u64,
+    ) -> Result<()> {
+        let Some(b) = &self.backing else {
+            zero_iov(bufs, skip as usize, len as usize);
+            return Ok(());
+        };
+        let avail = b.size().saturating_sub(guest).min(len);
+        if avail > 0 {
+            let mut sub = slice_iov_mut(bufs, skip, avail);
+            b.read_vectored_at(&mut sub, guest)?;
+        }
+        if avail < len {
+            zero_iov(bufs, (skip + avail) as usize, (len - avail) as usize);
+        }
+        Ok(())
+    }
+
+    /// The current contents of guest range `[guest, guest + buf.len())`,
+    /// which lies in one cluster, as seen through the backing image (zeroes
+    /// without one).
+    pub(super) fn backing_bytes(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        let n = buf.len() as u64;
+        self.read_backing(&mut [IoSliceMut::new(buf)], 0, n, guest)
+    }
+
+    /// Whether `[pos, pos + n)` reads as zeroes without looking at data.
+    pub(super) fn reads_zero(&self, pos: u64, n: u64) -> Result<bool> {
+        Ok(self
+            .map_read_extents(pos, n, false)?
+            .extents()
+            .iter()
+            .all(|e| matches!(e.kind, ExtentKind::Zero | ExtentKind::Unallocated)))
+    }
+}
