@@ -12,6 +12,8 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
+use crate::qcow2::compress::CompressionType;
+
 /// Result alias used throughout `keel-block`.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -780,15 +782,13 @@ pub enum InvalidArgument {
         /// The cluster size asked for.
         cluster_size: u64,
     },
-    /// A compression type other than deflate (0) and zstd (1), or zstd with version 2.
+    /// A compression type the version does not have (zstd with version 2).
     CompressionType {
         /// The compression type asked for.
-        compression_type: u8,
+        compression_type: CompressionType,
         /// The version asked for.
         version: u32,
     },
-    /// A backing format other than raw and qcow2.
-    BackingFormat(String),
     /// A virtual size whose L1 table would exceed its size limit for the cluster size.
     ImageSize {
         /// The virtual size asked for.
@@ -860,11 +860,8 @@ impl fmt::Display for InvalidArgument {
             } => write!(
                 f,
                 "compression type {compression_type} with version {version} \
-                 (0 zlib, 1 zstd; zstd needs compat=1.1)"
+                 (zstd needs compat=1.1)"
             ),
-            InvalidArgument::BackingFormat(fmt) => {
-                write!(f, "backing format '{fmt}' (use raw or qcow2)")
-            }
             InvalidArgument::ImageSize { size, cluster_size } => write!(
                 f,
                 "image of {size} bytes too large for {cluster_size}-byte clusters \

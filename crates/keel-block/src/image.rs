@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result, Unsupported};
 use crate::qcow2::{self, Qcow2, Qcow2Options};
-use crate::raw::{CacheMode, RawFile, RawOptions};
+use crate::raw::{RawFile, RawOptions};
 
 /// An image format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,20 +62,16 @@ impl std::fmt::Display for Format {
     }
 }
 
-/// How to open an image.
+/// How to open an image: the options of its file, and those of its format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OpenOptions {
-    /// Host cache mode.
-    pub cache: CacheMode,
-    /// Refuse writes.
-    pub read_only: bool,
-    /// qcow2 L2 cache size in bytes (`None`: the default).
-    pub l2_cache_size: Option<u64>,
-    /// qcow2 refcount cache size in bytes (`None`: the default).
-    pub refcount_cache_size: Option<u64>,
-    /// Follow qcow2 backing files whose format the image does not state,
-    /// probing it (off by default; see [`qcow2::backing`]).
-    pub allow_probed_backing: bool,
+pub struct ImageOptions {
+    /// The image file (and its backing files): host cache mode, read-only.
+    /// `growable` applies to raw images; a qcow2 image's file always grows.
+    pub file: RawOptions,
+    /// qcow2 images: metadata caches, backing policy. They are also opened
+    /// read-only when `file.read_only` is set, and write metadata through
+    /// when `file.cache` is a write-through mode.
+    pub qcow2: Qcow2Options,
 }
 
 /// An open image.
@@ -87,25 +83,48 @@ pub enum Image {
 }
 
 impl Image {
-    /// Opens `path` as `format`.
-    pub fn open(path: &Path, format: Format, opts: OpenOptions) -> Result<Image> {
-        let raw = |growable| RawOptions {
-            cache: opts.cache,
-            read_only: opts.read_only,
-            growable,
-        };
+    /// Opens `path` as `format`: a raw image directly, a qcow2 image over its
+    /// (growable) file with its whole backing chain.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::image::{Format, Image, ImageOptions};
+    /// use keel_block::qcow2::{self, CreateOptions};
+    /// use keel_block::{CacheMode, RawFile, RawOptions};
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("disk.qcow2");
+    /// RawFile::create(&path, 0)?;
+    /// let file = RawFile::open(&path, RawOptions { growable: true, ..Default::default() })?;
+    /// qcow2::create(&file, &CreateOptions { size: 1 << 30, ..Default::default() })?;
+    /// drop(file);
+    ///
+    /// let opts = ImageOptions {
+    ///     file: RawOptions { cache: CacheMode::Writethrough, ..Default::default() },
+    ///     ..Default::default()
+    /// };
+    /// let img = Image::open(&path, Format::probe(&path)?, opts)?;
+    /// assert_eq!(img.format(), Format::Qcow2);
+    /// img.backend().write_at(&[0x5a; 4096], 1 << 20)?;
+    /// img.close()?;
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
+    pub fn open(path: &Path, format: Format, opts: ImageOptions) -> Result<Image> {
+        let file = opts.file;
         match format {
-            Format::Raw => Ok(Image::Raw(Arc::new(RawFile::open(path, raw(false))?))),
+            Format::Raw => Ok(Image::Raw(Arc::new(RawFile::open(path, file)?))),
             Format::Qcow2 => {
                 let q = qcow2::backing::open_path(
                     path,
-                    raw(true),
+                    RawOptions {
+                        growable: true,
+                        ..file
+                    },
                     Qcow2Options {
-                        read_only: opts.read_only,
-                        write_through: opts.cache.dsync(),
-                        l2_cache_size: opts.l2_cache_size,
-                        refcount_cache_size: opts.refcount_cache_size,
-                        allow_probed_backing: opts.allow_probed_backing,
+                        read_only: opts.qcow2.read_only || file.read_only,
+                        write_through: opts.qcow2.write_through || file.cache.dsync(),
+                        ..opts.qcow2
                     },
                 )?;
                 Ok(Image::Qcow2(Arc::new(q)))

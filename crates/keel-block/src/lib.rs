@@ -15,7 +15,7 @@ pub mod throttle;
 
 pub use backend::{BlockBackend, Limits, WriteFlags};
 pub use error::{Error, Result};
-pub use image::{Format, Image, OpenOptions};
+pub use image::{Format, Image, ImageOptions};
 pub use mem::MemBackend;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::{CacheMode, RawFile, RawOptions};

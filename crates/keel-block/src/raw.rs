@@ -74,7 +74,7 @@ impl FromStr for CacheMode {
 }
 
 /// How to open a [`RawFile`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RawOptions {
     /// Host cache mode.
     pub cache: CacheMode,
@@ -115,6 +115,22 @@ fn not_supported(e: &std::io::Error) -> bool {
 
 impl RawFile {
     /// Opens `path` with the given options.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::{BlockBackend, CacheMode, RawFile, RawOptions};
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("disk.raw");
+    /// RawFile::create(&path, 1 << 20)?;
+    /// let disk = RawFile::open(&path, RawOptions { cache: CacheMode::Writeback, ..Default::default() })?;
+    /// disk.write_at(&[1, 2, 3], 512)?;
+    /// let mut buf = [0u8; 3];
+    /// disk.read_at(&mut buf, 512)?;
+    /// assert_eq!(buf, [1, 2, 3]);
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn open(path: impl AsRef<Path>, opts: RawOptions) -> Result<RawFile> {
         let path = path.as_ref();
         let mut flags = 0;

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use keel_block::image::{Format, Image, OpenOptions};
+use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::qcow2::{self, CreateOptions};
 use keel_block::{BlockBackend, Error, MemBackend, Qcow2, Qcow2Options, RawFile, RawOptions};
 
@@ -34,8 +34,11 @@ fn open_image(path: &Path, read_only: bool) -> Image {
     Image::open(
         path,
         Format::Qcow2,
-        OpenOptions {
-            read_only,
+        ImageOptions {
+            file: RawOptions {
+                read_only,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -157,7 +160,7 @@ fn qemu_compressed_images_read_exactly() {
             let Image::Qcow2(qi) = &img else {
                 unreachable!()
             };
-            assert_eq!(qi.info().compression_type, ctype);
+            assert_eq!(qi.info().compression_type.name(), ctype);
         }
     }
 }
@@ -357,10 +360,15 @@ fn bad_backing_chains_give_clear_errors() {
         Image::open(
             p,
             Format::Qcow2,
-            OpenOptions {
-                read_only: true,
-                allow_probed_backing: probe,
-                ..Default::default()
+            ImageOptions {
+                file: RawOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+                qcow2: Qcow2Options {
+                    allow_probed_backing: probe,
+                    ..Default::default()
+                },
             },
         )
     };
@@ -689,7 +697,7 @@ fn in_memory_backing_and_compression() {
             size: 2 << 20,
             cluster_size: 4096,
             backing_file: Some("base".into()),
-            backing_format: Some("raw".into()),
+            backing_format: Some(Format::Raw),
             ..Default::default()
         },
     )

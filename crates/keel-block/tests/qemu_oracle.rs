@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use keel_block::qcow2::{self, CreateOptions};
+use keel_block::qcow2::{self, CacheSizes, CreateOptions};
 use keel_block::{BlockBackend, Qcow2, Qcow2Options, RawFile, RawOptions};
 
 fn open_file(path: &Path, read_only: bool) -> RawFile {
@@ -99,8 +99,10 @@ fn qemu_made_images_read_back_exactly() {
             Qcow2Options {
                 read_only: true,
                 // Small caches force evictions.
-                l2_cache_size: Some(16 << 10),
-                refcount_cache_size: Some(4 << 10),
+                cache_sizes: CacheSizes {
+                    l2: Some(16 << 10),
+                    refcount: Some(4 << 10),
+                },
                 ..Default::default()
             },
         )
@@ -224,8 +226,10 @@ fn random_workloads_pass_qemu_check_and_compare() {
             let img = Qcow2::open(
                 open_file(&q, false),
                 Qcow2Options {
-                    l2_cache_size: Some(cluster_size * 4),
-                    refcount_cache_size: Some(cluster_size * 2),
+                    cache_sizes: CacheSizes {
+                        l2: Some(cluster_size * 4),
+                        refcount: Some(cluster_size * 2),
+                    },
                     ..Default::default()
                 },
             )

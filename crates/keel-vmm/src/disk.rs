@@ -3,29 +3,22 @@
 
 use std::path::PathBuf;
 
-use keel_block::image::{Format, Image, OpenOptions};
-use keel_block::CacheMode;
+use keel_block::image::{Format, Image, ImageOptions};
 use keel_virtio_blk::{Block, BlockOptions, Disk};
 
-/// One `--disk`.
+/// One `--disk`: the image and how to open it, and the device in front of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
     /// Image file.
     pub path: PathBuf,
     /// Format; `None` probes (qcow2 magic, else raw).
     pub format: Option<Format>,
-    /// Open read-only; the guest sees VIRTIO_BLK_F_RO.
-    pub read_only: bool,
-    /// Host cache mode.
-    pub cache: CacheMode,
-    /// Request queues.
-    pub queues: u16,
-    /// Requests per second (0: unlimited).
-    pub iops: u64,
-    /// Bytes per second (0: unlimited).
-    pub bps: u64,
-    /// Microseconds a queue keeps polling after its last request (0: off).
-    pub poll_us: u32,
+    /// How the image is opened: host cache mode (`cache=`), read-only
+    /// (`readonly=`; the guest then sees VIRTIO_BLK_F_RO).
+    pub image: ImageOptions,
+    /// The virtio-blk device: queues (`queues=`), throttling (`iops=`,
+    /// `bps=`), polling (`poll=`); its write cache follows the cache mode.
+    pub device: BlockOptions,
 }
 
 /// Parses the option's value.
@@ -33,12 +26,11 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     let mut spec = DiskSpec {
         path: PathBuf::new(),
         format: None,
-        read_only: false,
-        cache: CacheMode::Writeback,
-        queues: 1,
-        iops: 0,
-        bps: 0,
-        poll_us: BlockOptions::default().poll_us,
+        image: ImageOptions::default(),
+        device: BlockOptions {
+            queue_size: QUEUE_SIZE,
+            ..Default::default()
+        },
     };
     let number = |k: &str, v: &str| {
         v.parse::<u64>()
@@ -58,27 +50,27 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
                 })
             }
             "readonly" => {
-                spec.read_only = match v {
+                spec.image.file.read_only = match v {
                     "on" => true,
                     "off" => false,
                     _ => return Err(format!("readonly={v}: expected on or off")),
                 }
             }
             "cache" => {
-                spec.cache = v.parse().map_err(|_| {
+                spec.image.file.cache = v.parse().map_err(|_| {
                     format!(
                         "cache={v}: expected none, writeback, writethrough, directsync or unsafe"
                     )
                 })?
             }
             "queues" => match number(k, v)? {
-                n @ 1..=64 => spec.queues = n as u16,
+                n @ 1..=64 => spec.device.queues = n as u16,
                 _ => return Err(format!("queues={v}: expected 1 to 64")),
             },
-            "iops" => spec.iops = number(k, v)?,
-            "bps" => spec.bps = number(k, v)?,
+            "iops" => spec.device.iops = number(k, v)?,
+            "bps" => spec.device.bps = number(k, v)?,
             "poll" => {
-                spec.poll_us = u32::try_from(number(k, v)?)
+                spec.device.poll_us = u32::try_from(number(k, v)?)
                     .ok()
                     .filter(|&us| us <= 1_000_000)
                     .ok_or_else(|| format!("poll={v}: expected 0 to 1000000 microseconds"))?
@@ -89,6 +81,8 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     if spec.path.as_os_str().is_empty() {
         return Err("path=FILE is required".into());
     }
+    // Write-through modes show the guest a disk without a volatile cache.
+    spec.device.writeback = !spec.image.file.cache.dsync();
     Ok(spec)
 }
 
@@ -136,7 +130,7 @@ fn names_backing_file(path: &std::path::Path) -> keel_block::Result<bool> {
     Ok(keel_block::qcow2::read_header(&f)?.backing_file_offset != 0)
 }
 
-/// io_uring depth per queue: the queue size, so a full ring never waits for room.
+/// Queue size of every disk's queues.
 const QUEUE_SIZE: u16 = 256;
 
 /// Opens the image and builds its virtio-blk device. The image stays open as long as the
@@ -159,34 +153,15 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
             f
         }
     };
-    let image = Image::open(
-        &spec.path,
-        format,
-        OpenOptions {
-            cache: spec.cache,
-            read_only: spec.read_only,
-            ..Default::default()
-        },
-    )
-    .map_err(open)?;
+    let image = Image::open(&spec.path, format, spec.image).map_err(open)?;
+    // io_uring depth per queue: the queue size, so a full ring never waits for room.
+    let depth = u32::from(spec.device.queue_size);
     let disk = match &image {
-        Image::Raw(r) => Disk::uring(r.clone(), u32::from(QUEUE_SIZE)),
-        Image::Qcow2(q) => Disk::uring(q.clone(), u32::from(QUEUE_SIZE)),
+        Image::Raw(r) => Disk::uring(r.clone(), depth),
+        Image::Qcow2(q) => Disk::uring(q.clone(), depth),
     }
     .with_id(&format!("keel-disk{index}"));
-    let block = Block::new(
-        disk,
-        BlockOptions {
-            queues: spec.queues,
-            queue_size: QUEUE_SIZE,
-            // Write-through modes show the guest a disk without a volatile cache.
-            writeback: !spec.cache.dsync(),
-            iops: spec.iops,
-            bps: spec.bps,
-            poll_us: spec.poll_us,
-        },
-    )
-    .map_err(|source| Error::Device {
+    let block = Block::new(disk, spec.device).map_err(|source| Error::Device {
         path: path.clone(),
         source,
     })?;
@@ -196,6 +171,7 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_block::{CacheMode, RawOptions};
 
     #[test]
     fn disk_options_parse() {
@@ -208,19 +184,38 @@ mod tests {
             DiskSpec {
                 path: "/tmp/a.qcow2".into(),
                 format: Some(Format::Qcow2),
-                read_only: true,
-                cache: CacheMode::None,
-                queues: 4,
-                iops: 100,
-                bps: 1 << 20,
-                poll_us: 0,
+                image: ImageOptions {
+                    file: RawOptions {
+                        read_only: true,
+                        cache: CacheMode::None,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                device: BlockOptions {
+                    queues: 4,
+                    queue_size: QUEUE_SIZE,
+                    writeback: true,
+                    iops: 100,
+                    bps: 1 << 20,
+                    poll_us: 0,
+                },
             }
         );
         let d = parse_disk("path=x").unwrap();
         assert_eq!(
-            (d.format, d.read_only, d.cache, d.queues),
+            (
+                d.format,
+                d.image.file.read_only,
+                d.image.file.cache,
+                d.device.queues
+            ),
             (None, false, CacheMode::Writeback, 1)
         );
+        assert!(d.device.writeback);
+        assert_eq!(d.device.poll_us, BlockOptions::default().poll_us);
+        let d = parse_disk("path=x,cache=writethrough").unwrap();
+        assert!(!d.device.writeback, "write-through shows no volatile cache");
         for (bad, why) in [
             ("format=raw", "path=FILE is required"),
             ("path=x,format=vmdk", "format=vmdk"),

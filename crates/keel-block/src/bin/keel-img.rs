@@ -10,8 +10,8 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
-use keel_block::image::{Format, Image, OpenOptions as ImageOptions};
-use keel_block::qcow2::{self, CreateOptions, Fix};
+use keel_block::image::{Format, Image, ImageOptions};
+use keel_block::qcow2::{self, CompressionType, CreateOptions, Fix, Qcow2Options};
 use keel_block::{BlockBackend, CacheMode, RawFile, RawOptions};
 
 /// keel-img's errors: the library's, and the command line's own.
@@ -143,7 +143,8 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// qcow2 metadata cache sizes: QEMU's runtime options of the same names.
+/// qcow2 metadata cache sizes (QEMU's runtime options of the same names) and
+/// backing policy: the command line of [`Qcow2Options`].
 #[derive(clap::Args, Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct CacheSizes {
     /// qcow2 L2 table cache size (suffixes k, M, G). Default: enough to map
@@ -167,14 +168,27 @@ impl CacheSizes {
         self.l2.is_some() || self.refcount.is_some()
     }
 
-    /// Options for opening an image with these cache sizes.
+    /// The qcow2 options these flags ask for.
+    fn qcow2_options(&self) -> Qcow2Options {
+        Qcow2Options {
+            cache_sizes: qcow2::CacheSizes {
+                l2: self.l2,
+                refcount: self.refcount,
+            },
+            allow_probed_backing: self.allow_probed_backing,
+            ..Default::default()
+        }
+    }
+
+    /// Options for opening an image with these flags.
     fn open_options(&self, read_only: bool, cache: CacheMode) -> ImageOptions {
         ImageOptions {
-            cache,
-            read_only,
-            l2_cache_size: self.l2,
-            refcount_cache_size: self.refcount,
-            allow_probed_backing: self.allow_probed_backing,
+            file: RawOptions {
+                cache,
+                read_only,
+                ..Default::default()
+            },
+            qcow2: self.qcow2_options(),
         }
     }
 }
@@ -451,13 +465,13 @@ fn parse_create_opts(opts: Option<&str>, size: u64) -> Result<CreateOptions> {
             "extended_l2" => o.extended_l2 = matches!(v, "on" | "true" | "yes"),
             "compression_type" => {
                 o.compression_type = match v {
-                    "zlib" => 0,
-                    "zstd" => 1,
+                    "zlib" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
                     _ => return Err(Usage::CompressionType(v.to_string()).into()),
                 }
             }
             "backing_file" => o.backing_file = Some(v.to_string()),
-            "backing_fmt" => o.backing_format = Some(v.to_string()),
+            "backing_fmt" => o.backing_format = Some(v.parse()?),
             "size" => o.size = parse_size(v)?,
             _ => return Err(Usage::CreateOption(k.to_string()).into()),
         }
@@ -498,7 +512,7 @@ fn create_image(
     fmt: &str,
     opts: Option<&str>,
     size: u64,
-    backing: Option<(&str, &str)>,
+    backing: Option<(&str, Format)>,
 ) -> Result<()> {
     match fmt {
         "raw" => {
@@ -515,7 +529,7 @@ fn create_image(
             let mut o = parse_create_opts(opts, size.div_ceil(512) * 512)?;
             if let Some((name, bfmt)) = backing {
                 o.backing_file = Some(name.to_string());
-                o.backing_format = Some(bfmt.to_string());
+                o.backing_format = Some(bfmt);
             }
             OpenOptions::new()
                 .write(true)
@@ -623,7 +637,7 @@ fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
             v["cluster-size"] = i.cluster_size.into();
             let mut data = serde_json::json!({
                 "compat": if i.version == 3 { "1.1" } else { "0.10" },
-                "compression-type": i.compression_type,
+                "compression-type": i.compression_type.name(),
                 "refcount-bits": i.refcount_bits,
             });
             if i.version == 3 {
@@ -1038,7 +1052,7 @@ fn run(cli: Cli) -> Result<i32> {
             size,
         } => {
             let backing = match (&backing, &backing_format) {
-                (Some(b), Some(f)) => Some((b.as_str(), f.as_str())),
+                (Some(b), Some(f)) => Some((b.as_str(), f.parse::<Format>()?)),
                 (None, None) => None,
                 (Some(_), None) => return Err(Usage::BackingNeedsFormat.into()),
                 (None, Some(_)) => return Err(Usage::FormatNeedsBacking.into()),
@@ -1049,9 +1063,12 @@ fn run(cli: Cli) -> Result<i32> {
                     let path = keel_block::qcow2::backing::resolve(&file, name.as_bytes());
                     let img = Image::open(
                         &path,
-                        fmt.parse()?,
+                        fmt,
                         ImageOptions {
-                            read_only: true,
+                            file: RawOptions {
+                                read_only: true,
+                                ..Default::default()
+                            },
                             ..Default::default()
                         },
                     )?;
@@ -1251,9 +1268,9 @@ mod tests {
             }
         );
         let o = sizes.open_options(false, CacheMode::DirectSync);
-        assert_eq!(o.l2_cache_size, Some(4 << 20));
-        assert_eq!(o.refcount_cache_size, Some(128 << 10));
-        assert!(o.cache.dsync() && !o.read_only);
+        assert_eq!(o.qcow2.cache_sizes.l2, Some(4 << 20));
+        assert_eq!(o.qcow2.cache_sizes.refcount, Some(128 << 10));
+        assert!(o.file.cache.dsync() && !o.file.read_only);
 
         for cmd in ["read", "write", "discard"] {
             let cli =

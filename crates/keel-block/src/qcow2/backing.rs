@@ -20,6 +20,7 @@ use std::sync::Arc;
 use super::{read_header, Qcow2, Qcow2Options};
 use crate::backend::BlockBackend;
 use crate::error::{ChainProblem, Error, Result};
+use crate::image::Format;
 use crate::raw::{RawFile, RawOptions};
 
 /// Most backing images below the top image of a chain.
@@ -81,7 +82,18 @@ fn open_level(
                 ));
             }
             let fmt = match hdr.backing_format() {
-                Some(f) => f,
+                Some(f) => match f.parse::<Format>() {
+                    Ok(f) => f,
+                    Err(_) => {
+                        return Err(chain_err(
+                            path,
+                            ChainProblem::UnsupportedFormat {
+                                name: shown,
+                                format: f,
+                            },
+                        ))
+                    }
+                },
                 None if opts.allow_probed_backing => {
                     let probe = RawFile::open(
                         &bpath,
@@ -91,7 +103,11 @@ fn open_level(
                         },
                     )
                     .map_err(|e| backing_err(&bpath, e))?;
-                    if super::probe(&probe) { "qcow2" } else { "raw" }.to_string()
+                    if super::probe(&probe) {
+                        Format::Qcow2
+                    } else {
+                        Format::Raw
+                    }
                 }
                 None => {
                     return Err(chain_err(
@@ -105,9 +121,11 @@ fn open_level(
                 growable: false,
                 ..raw
             };
-            let b: Arc<dyn BlockBackend> = match fmt.as_str() {
-                "raw" => Arc::new(RawFile::open(&bpath, braw).map_err(|e| backing_err(&bpath, e))?),
-                "qcow2" => {
+            let b: Arc<dyn BlockBackend> = match fmt {
+                Format::Raw => {
+                    Arc::new(RawFile::open(&bpath, braw).map_err(|e| backing_err(&bpath, e))?)
+                }
+                Format::Qcow2 => {
                     let bopts = Qcow2Options {
                         read_only: true,
                         ..opts
@@ -124,15 +142,6 @@ fn open_level(
                     )
                     .map_err(|e| backing_err(&bpath, e))?;
                     Arc::new(q)
-                }
-                other => {
-                    return Err(chain_err(
-                        path,
-                        ChainProblem::UnsupportedFormat {
-                            name: shown,
-                            format: other.to_string(),
-                        },
-                    ))
                 }
             };
             Some(b)

@@ -11,24 +11,54 @@ use std::io::Read;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-use crate::error::{DecompressError, Error, Result, Unsupported};
+use crate::error::{DecompressError, Error, Result};
 
-/// Compression type field value: deflate.
-pub const TYPE_DEFLATE: u8 = 0;
-/// Compression type field value: zstd.
-pub const TYPE_ZSTD: u8 = 1;
+/// How compressed clusters are compressed: the header's compression type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Raw deflate (type 0, QEMU's `zlib`); the only type of version 2 images.
+    #[default]
+    Deflate,
+    /// zstd (type 1, version 3 images only).
+    Zstd,
+}
+
+impl CompressionType {
+    /// The type with header field value `t`, if it is one.
+    pub fn from_raw(t: u8) -> Option<CompressionType> {
+        match t {
+            0 => Some(CompressionType::Deflate),
+            1 => Some(CompressionType::Zstd),
+            _ => None,
+        }
+    }
+
+    /// The header field value.
+    pub fn raw(self) -> u8 {
+        match self {
+            CompressionType::Deflate => 0,
+            CompressionType::Zstd => 1,
+        }
+    }
+
+    /// The name `qemu-img` uses (`zlib`, `zstd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Deflate => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+impl std::fmt::Display for CompressionType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Window size QEMU uses for deflate (2^12 bytes); its decompressor accepts
 /// nothing larger, so compress with the same window.
 const DEFLATE_WINDOW_BITS: u8 = 12;
-
-/// Name of a compression type, as `qemu-img info` shows it.
-pub fn type_name(t: u8) -> &'static str {
-    match t {
-        TYPE_ZSTD => "zstd",
-        _ => "zlib",
-    }
-}
 
 fn bad(host: u64, source: DecompressError) -> Error {
     Error::CompressedData { host, source }
@@ -36,9 +66,9 @@ fn bad(host: u64, source: DecompressError) -> Error {
 
 /// Decompresses `src` (read from host offset `host`, for messages) into
 /// `out`, which must be filled exactly.
-pub fn decompress(ctype: u8, src: &[u8], out: &mut [u8], host: u64) -> Result<()> {
+pub fn decompress(ctype: CompressionType, src: &[u8], out: &mut [u8], host: u64) -> Result<()> {
     match ctype {
-        TYPE_DEFLATE => {
+        CompressionType::Deflate => {
             let mut d = Decompress::new_with_window_bits(false, 15);
             let r = d.decompress(src, out, FlushDecompress::Finish);
             match r {
@@ -53,7 +83,7 @@ pub fn decompress(ctype: u8, src: &[u8], out: &mut [u8], host: u64) -> Result<()
                 Err(e) => Err(bad(host, DecompressError::Deflate(e))),
             }
         }
-        TYPE_ZSTD => {
+        CompressionType::Zstd => {
             let mut dec = zstd::stream::read::Decoder::with_buffer(src)
                 .map_err(|e| bad(host, DecompressError::ZstdDecoder(e)))?
                 .single_frame();
@@ -67,16 +97,15 @@ pub fn decompress(ctype: u8, src: &[u8], out: &mut [u8], host: u64) -> Result<()
                 Err(e) => Err(bad(host, DecompressError::ZstdTail(e))),
             }
         }
-        t => Err(Error::Unsupported(Unsupported::CompressionType(t))),
     }
 }
 
 /// Compresses one cluster. Returns `None` when the result would not be
 /// smaller than the cluster (such clusters are stored uncompressed).
-pub fn compress(ctype: u8, src: &[u8]) -> Result<Option<Vec<u8>>> {
+pub fn compress(ctype: CompressionType, src: &[u8]) -> Result<Option<Vec<u8>>> {
     let limit = src.len().saturating_sub(1);
     match ctype {
-        TYPE_DEFLATE => {
+        CompressionType::Deflate => {
             let mut c =
                 Compress::new_with_window_bits(Compression::default(), false, DEFLATE_WINDOW_BITS);
             let mut out = Vec::with_capacity(limit);
@@ -90,12 +119,11 @@ pub fn compress(ctype: u8, src: &[u8]) -> Result<Option<Vec<u8>>> {
                 )),
             }
         }
-        TYPE_ZSTD => {
+        CompressionType::Zstd => {
             let out = zstd::bulk::compress(src, 0)
                 .map_err(|e| Error::io("compressing a cluster (zstd)", e))?;
             Ok((out.len() <= limit).then_some(out))
         }
-        t => Err(Error::Unsupported(Unsupported::CompressionType(t))),
     }
 }
 
@@ -109,7 +137,7 @@ mod tests {
         for (i, b) in src.iter_mut().enumerate() {
             *b = (i / 100 % 7) as u8;
         }
-        for t in [TYPE_DEFLATE, TYPE_ZSTD] {
+        for t in [CompressionType::Deflate, CompressionType::Zstd] {
             let mut c = compress(t, &src).unwrap().expect("compressible");
             assert!(c.len() < src.len());
             // Trailing bytes of the last sector belong to someone else.
@@ -135,7 +163,9 @@ mod tests {
                 (x >> 56) as u8
             })
             .collect();
-        assert!(compress(TYPE_DEFLATE, &noise).unwrap().is_none());
-        assert!(compress(TYPE_ZSTD, &noise).unwrap().is_none());
+        assert!(compress(CompressionType::Deflate, &noise)
+            .unwrap()
+            .is_none());
+        assert!(compress(CompressionType::Zstd, &noise).unwrap().is_none());
     }
 }

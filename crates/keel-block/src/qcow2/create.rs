@@ -1,5 +1,6 @@
 //! Formatting a file as a new qcow2 image.
 
+use super::compress::CompressionType;
 use super::header::{self, Header};
 use super::{refcount, CreateOptions};
 use crate::backend::BlockBackend;
@@ -33,7 +34,7 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
         }
         .into());
     }
-    if o.compression_type > 1 || (o.compression_type != 0 && o.version < 3) {
+    if o.compression_type != CompressionType::Deflate && o.version < 3 {
         return Err(InvalidArgument::CompressionType {
             compression_type: o.compression_type,
             version: o.version,
@@ -41,13 +42,10 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
         .into());
     }
     let mut extensions = Vec::new();
-    if let Some(fmt) = &o.backing_format {
-        if fmt != "raw" && fmt != "qcow2" {
-            return Err(InvalidArgument::BackingFormat(fmt.clone()).into());
-        }
+    if let Some(fmt) = o.backing_format {
         extensions.push(header::Extension {
             kind: header::EXT_BACKING_FORMAT,
-            data: fmt.as_bytes().to_vec(),
+            data: fmt.as_str().as_bytes().to_vec(),
         });
     }
     if o.version == 3 {
@@ -112,7 +110,7 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
             header::INCOMPAT_EXTL2
         } else {
             0
-        } | if o.compression_type == 1 {
+        } | if o.compression_type == CompressionType::Zstd {
             header::INCOMPAT_COMPRESSION
         } else {
             0
@@ -125,7 +123,7 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
         autoclear_features: 0,
         refcount_order: order,
         header_length: if o.version == 3 { 112 } else { 72 },
-        compression_type: o.compression_type,
+        compression_type: o.compression_type.raw(),
         extensions,
         backing_file: None,
     };

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::check::{self, Fix};
-use super::{Qcow2, Qcow2Options};
+use super::{CacheSizes, Qcow2, Qcow2Options};
 use crate::backend::BlockBackend;
 
 /// Opens an image held in memory and exercises it: header, L1, L2 (plain
@@ -21,8 +21,10 @@ pub fn fuzz_image(data: &[u8]) {
     if let Ok(img) = Qcow2::open_with_backing(
         MemBackend::new(data.to_vec()).with_max_size(64 << 20),
         Qcow2Options {
-            l2_cache_size: Some(4096),
-            refcount_cache_size: Some(4096),
+            cache_sizes: CacheSizes {
+                l2: Some(4096),
+                refcount: Some(4096),
+            },
             ..Default::default()
         },
         Some(backing.clone()),

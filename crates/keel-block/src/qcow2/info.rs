@@ -1,6 +1,6 @@
 //! A summary of an image ([`ImageInfo`]), for `keel-img info`.
 
-use super::compress;
+use super::compress::CompressionType;
 use super::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 
 /// Summary of an image, for `keel-img info`.
@@ -20,8 +20,8 @@ pub struct ImageInfo {
     pub corrupt: bool,
     /// Dirty bit.
     pub dirty: bool,
-    /// Compression type name.
-    pub compression_type: &'static str,
+    /// Compression type.
+    pub compression_type: CompressionType,
     /// Number of internal snapshots.
     pub snapshots: u32,
     /// Backing file name.
@@ -42,7 +42,7 @@ pub fn info_from_header(h: &Header) -> ImageInfo {
         lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
         corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,
         dirty: h.incompatible_features & INCOMPAT_DIRTY != 0,
-        compression_type: compress::type_name(h.compression_type),
+        compression_type: CompressionType::from_raw(h.compression_type).unwrap_or_default(),
         snapshots: h.nb_snapshots,
         backing_file: h
             .backing_file

@@ -33,15 +33,16 @@ mod write;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::BlockBackend;
-use crate::error::{Corruption, Error, InvalidArgument, Metadata, Result};
+use crate::error::{Corruption, Error, InvalidArgument, Metadata, Result, Unsupported};
 pub use check::{check, CheckReport, Fix};
+pub use compress::CompressionType;
 pub use create::create;
 pub use fuzz::fuzz_image;
 pub use header::Header;
 use header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 pub use info::{info_from_header, ImageInfo};
 use meta::Meta;
-pub use options::{CreateOptions, Qcow2Options};
+pub use options::{CacheSizes, CreateOptions, Qcow2Options};
 
 /// An open qcow2 image.
 ///
@@ -56,8 +57,8 @@ pub struct Qcow2<F: BlockBackend> {
     write_through: bool,
     size: u64,
     cb: u32,
-    /// Compression type (0 deflate, 1 zstd).
-    ctype: u8,
+    /// Compression type of compressed clusters.
+    ctype: CompressionType,
     /// The backing file name the header names, if any.
     backing_name: Option<String>,
     /// The open backing image, if any.
@@ -112,6 +113,42 @@ impl<F: BlockBackend> Qcow2<F> {
     /// that names a backing file opens read-only only, and reading one of its
     /// unallocated clusters fails; use [`Qcow2::open_with_backing`] or
     /// [`backing::open_path`] to follow the chain.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
+    /// use keel_block::{BlockBackend, MemBackend};
+    ///
+    /// let file = MemBackend::new(Vec::new());
+    /// qcow2::create(&file, &CreateOptions { size: 1 << 20, ..Default::default() })?;
+    ///
+    /// let img = Qcow2::open(file, Qcow2Options::default())?;
+    /// img.write_at(b"hello", 4096)?;
+    /// let mut buf = [0u8; 5];
+    /// img.read_at(&mut buf, 4096)?;
+    /// assert_eq!(&buf, b"hello");
+    /// img.close()?;
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
+    ///
+    /// With the image on disk, open its file as a growable [`RawFile`](crate::RawFile):
+    ///
+    /// ```no_run
+    /// use keel_block::qcow2::{CacheSizes, Qcow2, Qcow2Options};
+    /// use keel_block::{CacheMode, RawFile, RawOptions};
+    ///
+    /// let file = RawFile::open(
+    ///     "disk.qcow2",
+    ///     RawOptions { cache: CacheMode::None, growable: true, ..Default::default() },
+    /// )?;
+    /// let opts = Qcow2Options {
+    ///     cache_sizes: CacheSizes { l2: Some(4 << 20), ..Default::default() },
+    ///     ..Default::default()
+    /// };
+    /// let img = Qcow2::open(file, opts)?;
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn open(file: F, opts: Qcow2Options) -> Result<Qcow2<F>> {
         Self::open_with_backing(file, opts, None)
     }
@@ -119,6 +156,33 @@ impl<F: BlockBackend> Qcow2<F> {
     /// Opens the image stored in `file` over `backing`, the already opened
     /// image its unallocated clusters read from. `backing` is ignored if the
     /// header names no backing file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use keel_block::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
+    /// use keel_block::{BlockBackend, Format, MemBackend};
+    ///
+    /// let base: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(vec![7u8; 1 << 20]));
+    /// let file = MemBackend::new(Vec::new());
+    /// let opts = CreateOptions {
+    ///     size: 1 << 20,
+    ///     backing_file: Some("base.raw".into()),
+    ///     backing_format: Some(Format::Raw),
+    ///     ..Default::default()
+    /// };
+    /// qcow2::create(&file, &opts)?;
+    ///
+    /// let img = Qcow2::open_with_backing(file, Qcow2Options::default(), Some(base))?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// let mut buf = [0u8; 1024];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf[..512], [1; 512]); // written to the overlay
+    /// assert_eq!(buf[512..], [7; 512]); // from the backing image
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn open_with_backing(
         file: F,
         opts: Qcow2Options,
@@ -163,6 +227,9 @@ impl<F: BlockBackend> Qcow2<F> {
                 hdr = read_header(&file)?;
             }
         }
+        // Header validation admits only the types there are.
+        let ctype = CompressionType::from_raw(hdr.compression_type)
+            .ok_or(Unsupported::CompressionType(hdr.compression_type))?;
         let snaps = snapshot::read_snapshots(&file, &hdr)?;
         let l1 = read_u64s(&file, hdr.l1_table_offset, hdr.l1_size as usize)?;
         let rt_entries = (hdr.refcount_table_clusters as u64 * hdr.cluster_size() / 8) as usize;
@@ -175,8 +242,8 @@ impl<F: BlockBackend> Qcow2<F> {
             l1,
             reftable,
             file.size(),
-            opts.l2_cache_size.unwrap_or(l2_default),
-            opts.refcount_cache_size.unwrap_or(rc_default),
+            opts.cache_sizes.l2.unwrap_or(l2_default),
+            opts.cache_sizes.refcount.unwrap_or(rc_default),
             read_only,
         );
         let mut meta = meta;
@@ -196,7 +263,7 @@ impl<F: BlockBackend> Qcow2<F> {
             write_through: opts.write_through,
             size: hdr.size,
             cb: hdr.cluster_bits,
-            ctype: hdr.compression_type,
+            ctype,
             backing_name,
             backing,
             dcache: Mutex::new(None),
@@ -206,6 +273,28 @@ impl<F: BlockBackend> Qcow2<F> {
     }
 
     /// Formats `file` (which should be empty) as a new qcow2 image.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::qcow2::{CompressionType, CreateOptions, Qcow2, Qcow2Options};
+    /// use keel_block::{BlockBackend, MemBackend};
+    ///
+    /// let file = MemBackend::new(Vec::new());
+    /// let opts = CreateOptions {
+    ///     size: 64 << 20,
+    ///     cluster_size: 4096,
+    ///     compression_type: CompressionType::Zstd,
+    ///     ..Default::default()
+    /// };
+    /// Qcow2::create(&file, &opts)?;
+    ///
+    /// let img = Qcow2::open(file, Qcow2Options::default())?;
+    /// assert_eq!(img.size(), 64 << 20);
+    /// assert_eq!(img.cluster_size(), 4096);
+    /// assert_eq!(img.info().compression_type, CompressionType::Zstd);
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
     pub fn create(file: &F, opts: &CreateOptions) -> Result<()> {
         create(file, opts)
     }

@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::error::{Corruption, HeaderField, InvalidImage};
+use crate::image::Format;
 use crate::mapping::{ExtentKind, MapExtents};
 use crate::mem::MemBackend;
 
@@ -67,8 +68,10 @@ fn refcount_table_grows_with_small_clusters() {
     let img = Qcow2::open(
         new_image(16 << 20, 512, 64, 3),
         Qcow2Options {
-            l2_cache_size: Some(2048),
-            refcount_cache_size: Some(1024),
+            cache_sizes: CacheSizes {
+                l2: Some(2048),
+                refcount: Some(1024),
+            },
             ..Default::default()
         },
     )
@@ -353,7 +356,11 @@ fn fuzz_image_covers_compressed_backing_and_extended_l2() {
         rng ^= rng << 17;
         rng
     };
-    for (ext, backing, ctype) in [(false, true, 0), (true, false, 1), (true, true, 0)] {
+    for (ext, backing, ctype) in [
+        (false, true, CompressionType::Deflate),
+        (true, false, CompressionType::Zstd),
+        (true, true, CompressionType::Deflate),
+    ] {
         let m = MemBackend::new(Vec::new());
         create(
             &m,
@@ -363,7 +370,7 @@ fn fuzz_image_covers_compressed_backing_and_extended_l2() {
                 extended_l2: ext,
                 compression_type: ctype,
                 backing_file: backing.then(|| "base".to_string()),
-                backing_format: backing.then(|| "raw".to_string()),
+                backing_format: backing.then_some(Format::Raw),
                 ..Default::default()
             },
         )
