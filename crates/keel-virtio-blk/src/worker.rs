@@ -65,7 +65,7 @@ impl Worker {
             .spawn(move || {
                 let index = ctx.index;
                 if let Err(e) = run(ctx, &s, &w) {
-                    log::warn!("virtio-blk queue {index}: {e}");
+                    log::warn!("virtio-blk queue {index}: {}", Chain(&e));
                 }
             })?;
         Ok(Worker {
@@ -96,12 +96,27 @@ impl Drop for Worker {
 /// Why a worker stopped early.
 #[derive(Debug, thiserror::Error)]
 enum WorkerError {
-    #[error("cannot start its I/O engine: {0}")]
+    #[error("starting its I/O engine")]
     Engine(#[source] keel_block::Error),
-    #[error("epoll: {0}")]
+    #[error("waiting on epoll")]
     Epoll(#[source] std::io::Error),
-    #[error("the I/O engine failed: {0}")]
+    #[error("waiting for the I/O engine")]
     Wait(#[source] keel_block::Error),
+}
+
+/// An error and its causes, for a log line: `step: cause: cause's cause`.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
 }
 
 /// A request in flight.
@@ -377,7 +392,7 @@ impl State {
                         self.add_used(head, 0);
                     }
                     Err(e) => {
-                        log::debug!("virtio-blk: chain {head}: {e}");
+                        log::debug!("virtio-blk: chain {head}: {}", Chain(&e));
                         match request::status_address(chain) {
                             Some(at) => self.finish(head, at, e.status(), 1),
                             None => self.add_used(head, 0),
@@ -419,8 +434,9 @@ impl State {
 
     fn broken(&mut self, e: &virtio_queue::Error) {
         log::warn!(
-            "virtio-blk queue {}: the ring is broken: {e}",
-            self.ctx.index
+            "virtio-blk queue {}: the ring is broken: {}",
+            self.ctx.index,
+            Chain(e)
         );
         self.broken = true;
         self.ctx.needs_reset.report();
@@ -459,7 +475,7 @@ impl State {
                     .interrupt
                     .trigger(InterruptKind::Queue(self.ctx.index))
                 {
-                    log::warn!("virtio-blk queue {}: {e}", self.ctx.index);
+                    log::warn!("virtio-blk queue {}: {}", self.ctx.index, Chain(&e));
                 }
             }
             Ok(false) => {}
@@ -567,7 +583,7 @@ impl State {
     fn complete(&mut self, c: Completion<DataBuf>) {
         let slot = c.user_data as usize;
         if let Err(e) = &c.result {
-            log::debug!("virtio-blk: request failed: {e}");
+            log::debug!("virtio-blk: request failed: {}", Chain(e));
             if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
                 f.status = Status::IoErr;
             }
