@@ -5,6 +5,13 @@
 //! of io_uring and of virtio queues. Each device queue owns one [`AioQueue`];
 //! the backend behind it is shared (`Arc`) between queues.
 //!
+//! A request owns its buffer (an [`IoBuf`]: an owned host buffer, or guest
+//! ranges together with the handle that keeps guest memory mapped, see
+//! [`crate::buf::GuestBuf`]) from submission until its completion hands it
+//! back, so submitting is safe: no caller has to promise that memory outlives
+//! the request. Engines reach the buffer only through vm-memory's volatile
+//! slices and never form Rust references to guest memory.
+//!
 //! * [`SyncQueue`] runs each request inline on any [`BlockBackend`]; it is the
 //!   baseline every backend has.
 //! * [`ThreadQueue`] runs requests on worker threads, for any backend.
@@ -12,10 +19,16 @@
 //!   [`UringTarget`]: a [`RawFile`] maps guest offsets one to one, a
 //!   [`Qcow2`] over a [`RawFile`] maps them through its L1/L2 tables
 //!   (allocating clusters synchronously under its metadata lock) and only the
-//!   data transfer is asynchronous.
+//!   data transfer is asynchronous. The kernel transfers straight to and from
+//!   the buffer's memory; reads into guest memory mark the pages dirty in its
+//!   bitmap when they complete.
+//!
+//! The synchronous paths (both synchronous engines, and requests
+//! [`UringQueue`] serves inline) copy guest data through a host bounce buffer
+//! with volatile accesses; host buffers are used in place.
 //!
 //! Requests whose buffer or offset do not meet an `O_DIRECT` file's
-//! alignment are served synchronously through the backend's bounce buffers.
+//! alignment are served synchronously.
 //!
 //! Requests may overlap in any order, on one queue or across queues and the
 //! synchronous API, as an untrusted guest may issue them: a qcow2 host
@@ -24,15 +37,33 @@
 //! range can free it but nothing can reuse it meanwhile. A late write lands
 //! in a free cluster and a late read returns the data it was issued for,
 //! never another guest offset's (see [`crate::qcow2::inflight`]).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keel_block::aio::{AioQueue, AioRequest, SyncQueue};
+//! use keel_block::MemBackend;
+//!
+//! let disk = Arc::new(MemBackend::new(vec![0; 4096]));
+//! let mut q = SyncQueue::new(disk);
+//! q.submit(AioRequest::write(512, vec![7u8; 512], 1));
+//! q.submit(AioRequest::read(512, vec![0u8; 512], 2));
+//! let mut done = Vec::new();
+//! q.wait(2, &mut done).unwrap();
+//! assert!(done.iter().all(|c| c.result.is_ok()));
+//! let read = done.into_iter().find(|c| c.user_data == 2).and_then(|c| c.buf).unwrap();
+//! assert_eq!(read, vec![7u8; 512]);
+//! ```
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::Permissions;
 
 use crate::backend::{BlockBackend, WriteFlags};
+use crate::buf::{AlignedBuf, IoBuf};
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, ExtentKind, MapExtents, Mapping};
 use crate::qcow2::Qcow2;
@@ -41,16 +72,15 @@ use crate::raw::RawFile;
 /// The operation of an [`AioRequest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AioOp {
-    /// Read `len` bytes at `offset` into `buf`.
+    /// Read into the request's buffer.
     Read,
-    /// Write `len` bytes from `buf` at `offset`.
+    /// Write the request's buffer.
     Write,
-    /// Make completed writes durable (`buf`, `len`, `offset` ignored).
+    /// Make completed writes durable.
     Flush,
-    /// Discard `len` bytes at `offset` (`buf` ignored).
+    /// Discard a range.
     Discard,
-    /// Zero `len` bytes at `offset`, deallocating where `unmap` allows and the
-    /// backend can (`buf` ignored).
+    /// Zero a range, deallocating where `unmap` allows and the backend can.
     WriteZeroes {
         /// The device may deallocate instead of writing zeroes.
         unmap: bool,
@@ -64,99 +94,266 @@ impl AioOp {
     }
 }
 
-/// One asynchronous request. The buffer is a raw pointer because it
-/// typically points into guest memory and must outlive the call.
-#[derive(Debug, Clone, Copy)]
-pub struct AioRequest {
-    /// What to do.
-    pub op: AioOp,
+/// What a request carries besides its offset and tag.
+#[derive(Debug)]
+enum Payload<B> {
+    Read(B),
+    Write(B),
+    Flush,
+    Discard(u64),
+    WriteZeroes { len: u64, unmap: bool },
+}
+
+/// One asynchronous request. It owns its buffer until the [`Completion`] hands
+/// it back.
+#[derive(Debug)]
+pub struct AioRequest<B> {
+    payload: Payload<B>,
+    offset: u64,
+    user_data: u64,
+}
+
+impl<B: IoBuf> AioRequest<B> {
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub fn read(offset: u64, buf: B, user_data: u64) -> Self {
+        AioRequest {
+            payload: Payload::Read(buf),
+            offset,
+            user_data,
+        }
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write(offset: u64, buf: B, user_data: u64) -> Self {
+        AioRequest {
+            payload: Payload::Write(buf),
+            offset,
+            user_data,
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(user_data: u64) -> Self {
+        AioRequest {
+            payload: Payload::Flush,
+            offset: 0,
+            user_data,
+        }
+    }
+
+    /// Discards `len` bytes at `offset`.
+    pub fn discard(offset: u64, len: u64, user_data: u64) -> Self {
+        AioRequest {
+            payload: Payload::Discard(len),
+            offset,
+            user_data,
+        }
+    }
+
+    /// Zeroes `len` bytes at `offset`; with `unmap` the backend may deallocate them.
+    pub fn write_zeroes(offset: u64, len: u64, unmap: bool, user_data: u64) -> Self {
+        AioRequest {
+            payload: Payload::WriteZeroes { len, unmap },
+            offset,
+            user_data,
+        }
+    }
+
+    /// The operation.
+    pub fn op(&self) -> AioOp {
+        match self.payload {
+            Payload::Read(_) => AioOp::Read,
+            Payload::Write(_) => AioOp::Write,
+            Payload::Flush => AioOp::Flush,
+            Payload::Discard(_) => AioOp::Discard,
+            Payload::WriteZeroes { unmap, .. } => AioOp::WriteZeroes { unmap },
+        }
+    }
+
     /// Byte offset on the device.
-    pub offset: u64,
-    /// Start of the data buffer.
-    pub buf: *mut u8,
-    /// Length of the data buffer.
-    pub len: usize,
-    /// Returned unchanged in the [`Completion`].
-    pub user_data: u64,
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Bytes the request covers on the device (0 for a flush).
+    pub fn len(&self) -> u64 {
+        match &self.payload {
+            Payload::Read(b) | Payload::Write(b) => b.len() as u64,
+            Payload::Flush => 0,
+            Payload::Discard(len) | Payload::WriteZeroes { len, .. } => *len,
+        }
+    }
+
+    /// Whether the request covers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tag its completion carries.
+    pub fn user_data(&self) -> u64 {
+        self.user_data
+    }
+
+    /// The completion of this request with `result`.
+    fn complete(self, result: Result<()>) -> Completion<B> {
+        let buf = match self.payload {
+            Payload::Read(b) | Payload::Write(b) => Some(b),
+            _ => None,
+        };
+        Completion {
+            user_data: self.user_data,
+            result,
+            buf,
+        }
+    }
 }
 
 /// The outcome of one request.
 #[derive(Debug)]
-pub struct Completion {
+pub struct Completion<B> {
     /// The request's `user_data`.
     pub user_data: u64,
     /// Success, or why it failed.
     pub result: Result<()>,
+    /// The request's buffer, back from the engine (`None` for requests without one).
+    pub buf: Option<B>,
 }
 
-/// A submission/completion queue for one device queue.
-pub trait AioQueue {
-    /// Queues a request.
-    ///
-    /// # Safety
-    /// `req.buf` must be valid for `req.len` bytes (writable for reads) and
-    /// must be neither freed nor accessed by the caller until the completion
-    /// carrying `req.user_data` has been returned by [`AioQueue::wait`].
-    unsafe fn submit(&mut self, req: AioRequest) -> Result<()>;
+/// A submission/completion queue for one device queue, over buffers of type `B`.
+pub trait AioQueue<B: IoBuf> {
+    /// Queues a request. Every request submitted completes exactly once through
+    /// [`AioQueue::wait`], failures (including failing to queue it) included.
+    fn submit(&mut self, req: AioRequest<B>);
 
     /// Waits until at least `min` completions are available (or nothing is
     /// in flight) and appends every available completion to `out`.
-    fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()>;
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion<B>>) -> Result<()>;
 
     /// Requests submitted and not yet returned as completions.
     fn in_flight(&self) -> usize;
 }
 
-/// Runs each request synchronously on a shared backend.
-pub struct SyncQueue<B: BlockBackend> {
-    backend: Arc<B>,
-    done: VecDeque<Completion>,
+/// Bytes copied through the bounce buffer at a time: bounds the host memory one
+/// request of guest memory can pin.
+const BOUNCE_CHUNK: usize = 1 << 20;
+
+/// A reusable host buffer the synchronous paths copy guest data through.
+#[derive(Default)]
+struct Bounce {
+    buf: Option<AlignedBuf>,
+    align: usize,
 }
 
-impl<B: BlockBackend> SyncQueue<B> {
+impl Bounce {
+    /// `len` bytes aligned to `align` (a power of two).
+    fn get(&mut self, len: usize, align: usize) -> &mut [u8] {
+        let align = align.max(1);
+        let fits = self
+            .buf
+            .as_ref()
+            .is_some_and(|b| b.len() >= len && self.align >= align);
+        if !fits {
+            self.buf = None;
+            self.align = align;
+        }
+        let b = self.buf.get_or_insert_with(|| AlignedBuf::new(len, align));
+        &mut b.as_mut_slice()[..len]
+    }
+}
+
+/// Executes a request synchronously.
+fn run_sync<K: BlockBackend + ?Sized, B: IoBuf>(
+    k: &K,
+    req: &mut AioRequest<B>,
+    bounce: &mut Bounce,
+) -> Result<()> {
+    let offset = req.offset;
+    match &mut req.payload {
+        Payload::Read(buf) => read_sync(k, buf, offset, bounce),
+        Payload::Write(buf) => write_sync(k, buf, offset, bounce),
+        Payload::Flush => k.flush(),
+        Payload::Discard(len) => k.discard(offset, *len),
+        Payload::WriteZeroes { len, unmap } => k.write_zeroes(offset, *len, *unmap),
+    }
+}
+
+/// Reads into `buf`: in place for host memory, through the bounce buffer and volatile
+/// copies (which mark what they write dirty) for guest memory.
+fn read_sync<K: BlockBackend + ?Sized, B: IoBuf>(
+    k: &K,
+    buf: &mut B,
+    offset: u64,
+    bounce: &mut Bounce,
+) -> Result<()> {
+    if let Some(host) = buf.host_bytes() {
+        return k.read_at(host, offset);
+    }
+    let mut iov = buf.slices(Permissions::Write)?;
+    let align = k.limits().memory_alignment as usize;
+    let mut pos = 0;
+    while pos < iov.len() {
+        let n = (iov.len() - pos).min(BOUNCE_CHUNK);
+        let tmp = bounce.get(n, align);
+        k.read_at(tmp, offset + pos as u64)?;
+        iov.copy_from_slice(pos, tmp);
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Writes `buf`: in place for host memory, through volatile copies into the bounce
+/// buffer for guest memory.
+fn write_sync<K: BlockBackend + ?Sized, B: IoBuf>(
+    k: &K,
+    buf: &mut B,
+    offset: u64,
+    bounce: &mut Bounce,
+) -> Result<()> {
+    if let Some(host) = buf.host_bytes() {
+        return k.write_vectored_at(&[std::io::IoSlice::new(host)], offset, WriteFlags::NONE);
+    }
+    let iov = buf.slices(Permissions::Read)?;
+    let align = k.limits().memory_alignment as usize;
+    let mut pos = 0;
+    while pos < iov.len() {
+        let n = (iov.len() - pos).min(BOUNCE_CHUNK);
+        let tmp = bounce.get(n, align);
+        iov.copy_to_slice(pos, tmp);
+        k.write_vectored_at(
+            &[std::io::IoSlice::new(tmp)],
+            offset + pos as u64,
+            WriteFlags::NONE,
+        )?;
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Runs each request synchronously on a shared backend.
+pub struct SyncQueue<K, B> {
+    backend: Arc<K>,
+    bounce: Bounce,
+    done: VecDeque<Completion<B>>,
+}
+
+impl<K: BlockBackend, B: IoBuf> SyncQueue<K, B> {
     /// A queue over `backend`.
-    pub fn new(backend: Arc<B>) -> Self {
+    pub fn new(backend: Arc<K>) -> Self {
         SyncQueue {
             backend,
+            bounce: Bounce::default(),
             done: VecDeque::new(),
         }
     }
 }
 
-/// Executes a request synchronously.
-///
-/// # Safety
-/// Same contract as [`AioQueue::submit`].
-unsafe fn run_sync<B: BlockBackend + ?Sized>(b: &B, req: &AioRequest) -> Result<()> {
-    match req.op {
-        AioOp::Read => {
-            // SAFETY: the caller guarantees buf is valid and exclusive for len bytes.
-            let s = unsafe { std::slice::from_raw_parts_mut(req.buf, req.len) };
-            b.read_vectored_at(&mut [IoSliceMut::new(s)], req.offset)
-        }
-        AioOp::Write => {
-            // SAFETY: the caller guarantees buf is valid for len bytes.
-            let s = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
-            b.write_vectored_at(&[IoSlice::new(s)], req.offset, WriteFlags::NONE)
-        }
-        AioOp::Flush => b.flush(),
-        AioOp::Discard => b.discard(req.offset, req.len as u64),
-        AioOp::WriteZeroes { unmap } => b.write_zeroes(req.offset, req.len as u64, unmap),
-    }
-}
-
-impl<B: BlockBackend> AioQueue for SyncQueue<B> {
-    unsafe fn submit(&mut self, req: AioRequest) -> Result<()> {
-        // SAFETY: forwarded caller contract.
-        let result = unsafe { run_sync(&*self.backend, &req) };
-        self.done.push_back(Completion {
-            user_data: req.user_data,
-            result,
-        });
-        Ok(())
+impl<K: BlockBackend, B: IoBuf> AioQueue<B> for SyncQueue<K, B> {
+    fn submit(&mut self, mut req: AioRequest<B>) {
+        let result = run_sync(&*self.backend, &mut req, &mut self.bounce);
+        self.done.push_back(req.complete(result));
     }
 
-    fn wait(&mut self, _min: usize, out: &mut Vec<Completion>) -> Result<()> {
+    fn wait(&mut self, _min: usize, out: &mut Vec<Completion<B>>) -> Result<()> {
         out.extend(self.done.drain(..));
         Ok(())
     }
@@ -166,51 +363,39 @@ impl<B: BlockBackend> AioQueue for SyncQueue<B> {
     }
 }
 
-/// A request handed to a worker thread.
-struct Job(AioRequest);
-
-// SAFETY: the raw buffer pointer in the request is only dereferenced by the
-// one worker that receives the job, and the submit contract keeps the buffer
-// valid and untouched by the submitter until the completion is returned.
-unsafe impl Send for Job {}
-
 /// Runs requests on a pool of worker threads, for backends io_uring cannot
 /// drive (any [`BlockBackend`]); like QEMU's `aio=threads`.
-pub struct ThreadQueue {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
-    completions: std::sync::mpsc::Receiver<Completion>,
+pub struct ThreadQueue<B> {
+    jobs: Option<std::sync::mpsc::Sender<AioRequest<B>>>,
+    completions: std::sync::mpsc::Receiver<Completion<B>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     in_flight: usize,
-    done: Vec<Completion>,
+    done: Vec<Completion<B>>,
 }
 
-impl ThreadQueue {
+impl<B: IoBuf> ThreadQueue<B> {
     /// A queue over `backend` served by `threads` worker threads.
-    pub fn new<B: BlockBackend + 'static>(backend: Arc<B>, threads: usize) -> Result<Self> {
-        let (jtx, jrx) = std::sync::mpsc::channel::<Job>();
-        let (ctx, crx) = std::sync::mpsc::channel::<Completion>();
+    pub fn new<K: BlockBackend + 'static>(backend: Arc<K>, threads: usize) -> Result<Self> {
+        let (jtx, jrx) = std::sync::mpsc::channel::<AioRequest<B>>();
+        let (ctx, crx) = std::sync::mpsc::channel::<Completion<B>>();
         let jrx = Arc::new(std::sync::Mutex::new(jrx));
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let (jrx, ctx, backend) = (jrx.clone(), ctx.clone(), backend.clone());
             let h = std::thread::Builder::new()
                 .name(format!("keel-aio-{i}"))
-                .spawn(move || loop {
-                    let job = {
-                        let rx = jrx.lock().unwrap_or_else(|p| p.into_inner());
-                        rx.recv()
-                    };
-                    let Ok(Job(req)) = job else { return };
-                    // SAFETY: the submitter upheld the AioQueue::submit contract.
-                    let result = unsafe { run_sync(&*backend, &req) };
-                    if ctx
-                        .send(Completion {
-                            user_data: req.user_data,
-                            result,
-                        })
-                        .is_err()
-                    {
-                        return;
+                .spawn(move || {
+                    let mut bounce = Bounce::default();
+                    loop {
+                        let job = {
+                            let rx = jrx.lock().unwrap_or_else(|p| p.into_inner());
+                            rx.recv()
+                        };
+                        let Ok(mut req) = job else { return };
+                        let result = run_sync(&*backend, &mut req, &mut bounce);
+                        if ctx.send(req.complete(result)).is_err() {
+                            return;
+                        }
                     }
                 })
                 .map_err(|e| Error::io("starting an I/O worker thread", e))?;
@@ -226,22 +411,22 @@ impl ThreadQueue {
     }
 }
 
-impl AioQueue for ThreadQueue {
-    unsafe fn submit(&mut self, req: AioRequest) -> Result<()> {
-        let sent = self.jobs.as_ref().map(|tx| tx.send(Job(req)));
-        match sent {
-            Some(Ok(())) => {
-                self.in_flight += 1;
-                Ok(())
-            }
-            _ => Err(Error::io(
-                "submitting to the I/O worker threads",
-                std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-            )),
+impl<B: IoBuf> AioQueue<B> for ThreadQueue<B> {
+    fn submit(&mut self, req: AioRequest<B>) {
+        let Some(tx) = self.jobs.as_ref() else {
+            return self
+                .done
+                .push(req.complete(Err(workers_gone("submitting to the I/O worker threads"))));
+        };
+        match tx.send(req) {
+            Ok(()) => self.in_flight += 1,
+            Err(std::sync::mpsc::SendError(req)) => self
+                .done
+                .push(req.complete(Err(workers_gone("submitting to the I/O worker threads")))),
         }
     }
 
-    fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()> {
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion<B>>) -> Result<()> {
         while let Ok(c) = self.completions.try_recv() {
             self.in_flight -= 1;
             self.done.push(c);
@@ -252,12 +437,7 @@ impl AioQueue for ThreadQueue {
                     self.in_flight -= 1;
                     self.done.push(c);
                 }
-                Err(_) => {
-                    return Err(Error::io(
-                        "waiting for the I/O worker threads",
-                        std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-                    ))
-                }
+                Err(_) => return Err(workers_gone("waiting for the I/O worker threads")),
             }
         }
         out.append(&mut self.done);
@@ -269,12 +449,14 @@ impl AioQueue for ThreadQueue {
     }
 }
 
-impl Drop for ThreadQueue {
+/// The worker threads have exited (one panicked).
+fn workers_gone(what: &str) -> Error {
+    Error::io(what, std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+}
+
+impl<B> Drop for ThreadQueue<B> {
     fn drop(&mut self) {
-        // Let in-flight requests finish so no worker touches a freed buffer
-        // after the owner has dropped the queue.
-        let mut sink = Vec::new();
-        let _ = self.wait(usize::MAX, &mut sink);
+        // Let in-flight requests finish, then stop the workers.
         self.jobs = None;
         for w in self.workers.drain(..) {
             let _ = w.join();
@@ -331,37 +513,66 @@ impl UringTarget for Qcow2<RawFile> {
     }
 }
 
-struct Parent {
+/// A request whose transfers are in flight.
+struct Parent<B> {
     user_data: u64,
     remaining: usize,
     error: Option<Error>,
+    write: bool,
+    /// The memory the transfers use: owned here until every one has completed.
+    buf: B,
     /// Pins the host clusters until every piece has completed.
     _mapping: Mapping,
 }
 
+/// One transfer between a contiguous piece of a request's buffer and the file.
 struct Piece {
     parent: usize,
     write: bool,
     fd: RawFd,
-    buf: *mut u8,
+    /// Address of the piece's memory, from the buffer's volatile slice; the parent owns
+    /// the buffer, which keeps it valid.
+    addr: *mut u8,
     len: usize,
+    /// Byte offset in the file.
     offset: u64,
+    /// Byte offset in the parent's buffer.
+    pos: usize,
 }
 
+/// How [`UringQueue`] serves a data request.
+enum Plan {
+    /// Synchronously, through the backend's own read and write paths.
+    Inline,
+    /// It fails at once.
+    Fail(Error),
+    /// Transfers between these pieces of the buffer and the file, with the mapping
+    /// that pins their host extents.
+    Direct {
+        pieces: Vec<(*mut u8, usize, u64, usize)>,
+        mapping: Mapping,
+    },
+}
+
+/// Largest transfer one io_uring entry carries (a longer piece completes short and the
+/// rest is resubmitted).
+const MAX_ENTRY: usize = 1 << 30;
+
 /// An io_uring engine for one device queue.
-pub struct UringQueue<T: UringTarget> {
+pub struct UringQueue<T: UringTarget, B: IoBuf> {
     ring: IoUring,
     target: Arc<T>,
-    parents: Vec<Option<Parent>>,
+    parents: Vec<Option<Parent<B>>>,
     free_parents: Vec<usize>,
     pieces: Vec<Option<Piece>>,
     free_pieces: Vec<usize>,
     unsubmitted: usize,
     in_flight: usize,
-    done: Vec<Completion>,
+    done: Vec<Completion<B>>,
+    bounce: Bounce,
 }
 
-impl<T: UringTarget> UringQueue<T> {
+impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
     /// A queue with room for `depth` requests in flight.
     pub fn new(target: Arc<T>, depth: u32) -> Result<Self> {
         let ring = IoUring::new(depth.next_power_of_two().max(8) * 2)
@@ -376,7 +587,73 @@ impl<T: UringTarget> UringQueue<T> {
             unsubmitted: 0,
             in_flight: 0,
             done: Vec::new(),
+            bounce: Bounce::default(),
         })
+    }
+
+    /// Serves a request synchronously.
+    fn inline(&mut self, mut req: AioRequest<B>) {
+        let result = run_sync(&*self.target, &mut req, &mut self.bounce);
+        self.done.push(req.complete(result));
+    }
+
+    /// Decides how to serve a transfer of `buf` at `offset`; zeroes the parts of a read
+    /// that map to no data.
+    fn plan(&self, write: bool, offset: u64, buf: &mut B) -> Plan {
+        let access = if write {
+            Permissions::Read
+        } else {
+            Permissions::Write
+        };
+        let mut iov = match buf.slices(access) {
+            Ok(iov) => iov,
+            Err(e) => return Plan::Fail(e),
+        };
+        let a = self.target.data_alignment();
+        let aligned = a <= 1
+            || (offset % a == 0
+                && iov.len() as u64 % a == 0
+                && iov
+                    .iter()
+                    .all(|s| s.len() as u64 % a == 0 && s.ptr_guard().as_ptr() as u64 % a == 0));
+        if !aligned {
+            return Plan::Inline;
+        }
+        // The mapping pins the host clusters until the parent completes.
+        let mut mapping = match self.target.map(write, offset, iov.len() as u64) {
+            Ok(m) => m,
+            Err(e) => return Plan::Fail(e),
+        };
+        // Backing-file and compressed data go through the driver's own read
+        // path (another image, or decompression), inline like metadata ops.
+        let direct = mapping
+            .extents()
+            .iter()
+            .all(|e| !matches!(e.kind, ExtentKind::Backing | ExtentKind::Compressed { .. }));
+        if !direct {
+            return Plan::Inline;
+        }
+        let mut pieces = Vec::new();
+        let mut pos = 0usize;
+        for e in mapping.take_extents() {
+            let n = e.len as usize;
+            match e.kind {
+                ExtentKind::Data(host) => {
+                    let mut at = 0usize;
+                    for s in iov.range(pos, n) {
+                        let addr = s.ptr_guard_mut().as_ptr();
+                        pieces.push((addr, s.len(), host + at as u64, pos + at));
+                        at += s.len();
+                    }
+                }
+                // Only reads map to these.
+                ExtentKind::Zero | ExtentKind::Unallocated => iov.fill_zero(pos, n),
+                // Served inline above; never reached.
+                ExtentKind::Backing | ExtentKind::Compressed { .. } => {}
+            }
+            pos += n;
+        }
+        Plan::Direct { pieces, mapping }
     }
 
     /// Queues one transfer. On failure the piece is not queued (and its
@@ -389,19 +666,22 @@ impl<T: UringTarget> UringQueue<T> {
                 self.pieces.len() - 1
             }
         };
+        let len = p.len.min(MAX_ENTRY) as u32;
         let entry = if p.write {
-            opcode::Write::new(types::Fd(p.fd), p.buf, p.len as u32)
+            opcode::Write::new(types::Fd(p.fd), p.addr, len)
                 .offset(p.offset)
                 .build()
         } else {
-            opcode::Read::new(types::Fd(p.fd), p.buf, p.len as u32)
+            opcode::Read::new(types::Fd(p.fd), p.addr, len)
                 .offset(p.offset)
                 .build()
         }
         .user_data(idx as u64);
         loop {
-            // SAFETY: the buffer stays valid until the completion is reaped (the
-            // submit contract), and the Piece describing it is kept in self.
+            // SAFETY: the entry's memory is `len` bytes of the parent's buffer, which the
+            // parent owns until this piece's completion has been reaped (the IoBuf
+            // contract keeps it valid that long, wherever the buffer moves); the kernel
+            // is the only one to access it through this address.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 break;
@@ -434,15 +714,20 @@ impl<T: UringTarget> UringQueue<T> {
         if done {
             // Dropping the parent drops its Mapping: every transfer is done,
             // so its host clusters may be reused.
-            if let Some(p) = self.parents[parent].take() {
+            if let Some(mut p) = self.parents[parent].take() {
                 self.free_parents.push(parent);
                 self.in_flight -= 1;
+                if !p.write {
+                    // The kernel wrote into the buffer behind the bitmap's back.
+                    mark_dirty(&mut p.buf);
+                }
                 self.done.push(Completion {
                     user_data: p.user_data,
                     result: match p.error {
                         None => Ok(()),
                         Some(e) => Err(e),
                     },
+                    buf: Some(p.buf),
                 });
             }
         }
@@ -475,8 +760,15 @@ impl<T: UringTarget> UringQueue<T> {
             if n < p.len {
                 if n == 0 && !p.write {
                     // End of file: the rest reads as zeroes.
-                    // SAFETY: buf is valid for len bytes per the submit contract.
-                    unsafe { std::ptr::write_bytes(p.buf, 0, p.len) };
+                    let zeroed = match self.parents.get_mut(parent).and_then(|s| s.as_mut()) {
+                        Some(par) => par
+                            .buf
+                            .slices(Permissions::Write)
+                            .map(|mut iov| iov.fill_zero(p.pos, p.len)),
+                        None => Ok(()),
+                    };
+                    self.finish_piece(parent, zeroed.err());
+                    continue;
                 } else if n == 0 {
                     let e = Error::io(
                         "writing (io_uring)",
@@ -485,10 +777,11 @@ impl<T: UringTarget> UringQueue<T> {
                     self.finish_piece(parent, Some(e));
                     continue;
                 } else {
-                    // Short transfer: resubmit the remainder.
-                    // SAFETY: n < len, so the advanced pointer stays inside the buffer.
-                    p.buf = unsafe { p.buf.add(n) };
+                    // Short transfer: resubmit the remainder (n < len, so the address
+                    // stays inside the piece).
+                    p.addr = p.addr.wrapping_add(n);
                     p.len -= n;
+                    p.pos += n;
                     p.offset += n as u64;
                     if let Err(e) = self.push_piece(p) {
                         self.finish_piece(parent, Some(e));
@@ -501,52 +794,65 @@ impl<T: UringTarget> UringQueue<T> {
     }
 }
 
-impl<T: UringTarget> AioQueue for UringQueue<T> {
-    unsafe fn submit(&mut self, req: AioRequest) -> Result<()> {
-        let a = self.target.data_alignment();
-        let aligned =
-            a <= 1 || (req.offset % a == 0 && req.len as u64 % a == 0 && (req.buf as u64) % a == 0);
+/// Marks the whole of `buf` dirty in its memory's bitmap (a no-op without one).
+fn mark_dirty<B: IoBuf>(buf: &mut B) {
+    if let Ok(iov) = buf.slices(Permissions::Write) {
+        for s in &iov {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
+}
+
+impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
+    fn submit(&mut self, req: AioRequest<B>) {
         // Flush, discard and write-zeroes are metadata operations for qcow2 (and
         // a single fdatasync/fallocate for raw): they run inline and complete at
         // once. Clusters that in-flight transfers use stay pinned meanwhile.
-        if !req.op.transfers_data() || !aligned {
-            // SAFETY: forwarded caller contract.
-            let result = unsafe { run_sync(&*self.target, &req) };
-            self.done.push(Completion {
-                user_data: req.user_data,
-                result,
-            });
-            return Ok(());
-        }
-        let write = req.op == AioOp::Write;
-        // The mapping pins the host clusters until the parent completes.
-        let mut mapping = match self.target.map(write, req.offset, req.len as u64) {
-            Ok(m) => m,
-            Err(e) => {
-                self.done.push(Completion {
-                    user_data: req.user_data,
-                    result: Err(e),
-                });
-                return Ok(());
+        let AioRequest {
+            payload,
+            offset,
+            user_data,
+        } = req;
+        let (write, mut buf) = match payload {
+            Payload::Read(b) => (false, b),
+            Payload::Write(b) => (true, b),
+            payload => {
+                return self.inline(AioRequest {
+                    payload,
+                    offset,
+                    user_data,
+                })
             }
         };
-        // Backing-file and compressed data go through the driver's own read
-        // path (another image, or decompression), inline like metadata ops.
-        let direct = mapping
-            .extents()
-            .iter()
-            .all(|e| !matches!(e.kind, ExtentKind::Backing | ExtentKind::Compressed { .. }));
-        if !direct {
-            drop(mapping);
-            // SAFETY: forwarded caller contract.
-            let result = unsafe { run_sync(&*self.target, &req) };
-            self.done.push(Completion {
-                user_data: req.user_data,
-                result,
+        if buf.is_empty() {
+            return self.done.push(Completion {
+                user_data,
+                result: Ok(()),
+                buf: Some(buf),
             });
-            return Ok(());
         }
-        let extents = mapping.take_extents();
+        let (pieces, mapping) = match self.plan(write, offset, &mut buf) {
+            Plan::Direct { pieces, mapping } => (pieces, mapping),
+            Plan::Fail(e) => {
+                return self.done.push(Completion {
+                    user_data,
+                    result: Err(e),
+                    buf: Some(buf),
+                })
+            }
+            Plan::Inline => {
+                let payload = if write {
+                    Payload::Write(buf)
+                } else {
+                    Payload::Read(buf)
+                };
+                return self.inline(AioRequest {
+                    payload,
+                    offset,
+                    user_data,
+                });
+            }
+        };
         let pidx = match self.free_parents.pop() {
             Some(i) => i,
             None => {
@@ -556,59 +862,44 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
         };
         // One extra count held while queuing, released below.
         self.parents[pidx] = Some(Parent {
-            user_data: req.user_data,
+            user_data,
             remaining: 1,
             error: None,
+            write,
+            buf,
             _mapping: mapping,
         });
         self.in_flight += 1;
         let fd = self.target.data_fd();
-        let mut pos = 0usize;
         let mut failed = None;
-        for e in extents {
-            // SAFETY: pos + len <= req.len, inside the caller's buffer.
-            let buf = unsafe { req.buf.add(pos) };
-            match e.kind {
-                ExtentKind::Data(host) => {
-                    let pushed = self.push_piece(Piece {
-                        parent: pidx,
-                        write,
-                        fd,
-                        buf,
-                        len: e.len as usize,
-                        offset: host,
-                    });
-                    match pushed {
-                        Ok(()) => {
-                            if let Some(p) = self.parents[pidx].as_mut() {
-                                p.remaining += 1;
-                            }
-                        }
-                        Err(err) => {
-                            // Pieces already queued still use the buffer: the
-                            // error is reported by the completion, once they
-                            // are done.
-                            failed = Some(err);
-                            break;
-                        }
+        for (addr, len, offset, pos) in pieces {
+            let pushed = self.push_piece(Piece {
+                parent: pidx,
+                write,
+                fd,
+                addr,
+                len,
+                offset,
+                pos,
+            });
+            match pushed {
+                Ok(()) => {
+                    if let Some(p) = self.parents[pidx].as_mut() {
+                        p.remaining += 1;
                     }
                 }
-                ExtentKind::Backing | ExtentKind::Compressed { .. } => {
-                    // Served synchronously above; never reached.
-                }
-                ExtentKind::Zero | ExtentKind::Unallocated => {
-                    // Only reads map to these.
-                    // SAFETY: buf is valid for len bytes per the contract.
-                    unsafe { std::ptr::write_bytes(buf, 0, e.len as usize) };
+                Err(err) => {
+                    // Pieces already queued still use the buffer: the error is
+                    // reported by the completion, once they are done.
+                    failed = Some(err);
+                    break;
                 }
             }
-            pos += e.len as usize;
         }
         self.finish_piece(pidx, failed);
-        Ok(())
     }
 
-    fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()> {
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion<B>>) -> Result<()> {
         loop {
             self.reap();
             if self.done.len() >= min || self.in_flight == 0 {
@@ -635,93 +926,99 @@ impl<T: UringTarget> AioQueue for UringQueue<T> {
     }
 }
 
+impl<T: UringTarget, B: IoBuf> Drop for UringQueue<T, B> {
+    fn drop(&mut self) {
+        // The kernel may still be transferring to or from buffers the parents own: wait
+        // until every transfer has completed before they are freed.
+        while self.in_flight > 0 {
+            self.reap();
+            if self.in_flight == 0 {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // No way to learn when the kernel is done: leak the buffers rather
+                    // than free memory it may still write.
+                    std::mem::forget(std::mem::take(&mut self.parents));
+                    return;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buf::AlignedBuf;
+    use crate::buf::{AlignedBuf, GuestBuf};
+    use crate::iov::GuestRange;
     use crate::raw::{CacheMode, RawOptions};
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-    fn run_queue<Q: AioQueue>(q: &mut Q, size: u64) {
-        let n = 64usize;
-        let mut bufs: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(4096, 4096)).collect();
-        for (i, b) in bufs.iter_mut().enumerate() {
-            b.as_mut_slice().fill(i as u8 + 1);
-            let req = AioRequest {
-                op: AioOp::Write,
-                offset: (i as u64 * 4096 * 3) % size,
-                buf: b.as_mut_ptr(),
-                len: 4096,
-                user_data: i as u64,
-            };
-            // SAFETY: bufs outlive the loop below that reaps every completion.
-            unsafe { q.submit(req).unwrap() };
+    /// Submits `reqs` and waits for all of them; returns the completions sorted by tag.
+    fn run_all<B: IoBuf, Q: AioQueue<B>>(
+        q: &mut Q,
+        reqs: impl IntoIterator<Item = AioRequest<B>>,
+    ) -> Vec<Completion<B>> {
+        let mut n = 0;
+        for r in reqs {
+            q.submit(r);
+            n += 1;
         }
         let mut out = Vec::new();
         while out.len() < n {
             q.wait(1, &mut out).unwrap();
         }
+        out.sort_by_key(|c| c.user_data);
+        out
+    }
+
+    fn filled(byte: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::new(4096, 4096);
+        b.as_mut_slice().fill(byte);
+        b
+    }
+
+    fn run_queue<Q: AioQueue<AlignedBuf>>(q: &mut Q, size: u64) {
+        let n = 64usize;
+        let at = |i: usize| (i as u64 * 4096 * 3) % size;
+        let out = run_all(
+            q,
+            (0..n).map(|i| AioRequest::write(at(i), filled(i as u8 + 1), i as u64)),
+        );
         assert!(out.iter().all(|c| c.result.is_ok()));
-        let mut seen: Vec<u64> = out.iter().map(|c| c.user_data).collect();
-        seen.sort();
+        let seen: Vec<u64> = out.iter().map(|c| c.user_data).collect();
         assert_eq!(seen, (0..n as u64).collect::<Vec<_>>());
-        out.clear();
-        for (i, b) in bufs.iter_mut().enumerate() {
-            b.as_mut_slice().fill(0);
-            let req = AioRequest {
-                op: AioOp::Read,
-                offset: (i as u64 * 4096 * 3) % size,
-                buf: b.as_mut_ptr(),
-                len: 4096,
-                user_data: 100 + i as u64,
-            };
-            // SAFETY: as above.
-            unsafe { q.submit(req).unwrap() };
-        }
-        while out.len() < n {
-            q.wait(1, &mut out).unwrap();
-        }
-        for (i, b) in bufs.iter().enumerate() {
+        let out = run_all(
+            q,
+            (0..n).map(|i| AioRequest::read(at(i), filled(0), 100 + i as u64)),
+        );
+        for (i, c) in out.iter().enumerate() {
+            assert!(c.result.is_ok());
+            let b = c.buf.as_ref().unwrap();
             assert!(b.as_slice().iter().all(|&x| x == i as u8 + 1), "buffer {i}");
         }
         // Discard and write-zeroes go through the queue too. Write-zeroes ranges then
         // read as zeroes; a discarded range reads as zeroes or as before (qcow2 drops
         // whole clusters only, as QEMU does).
-        let ops = [
-            AioOp::Discard,
-            AioOp::WriteZeroes { unmap: false },
-            AioOp::WriteZeroes { unmap: true },
-        ];
-        out.clear();
-        for (i, op) in ops.into_iter().enumerate() {
-            let req = AioRequest {
-                op,
-                offset: (i as u64 * 4096 * 3) % size,
-                buf: std::ptr::null_mut(),
-                len: 4096,
-                user_data: 200 + i as u64,
-            };
-            // SAFETY: these operations touch no buffer.
-            unsafe { q.submit(req).unwrap() };
-        }
-        while out.len() < ops.len() {
-            q.wait(1, &mut out).unwrap();
-        }
+        let out = run_all(
+            q,
+            [
+                AioRequest::discard(at(0), 4096, 200),
+                AioRequest::write_zeroes(at(1), 4096, false, 201),
+                AioRequest::write_zeroes(at(2), 4096, true, 202),
+            ],
+        );
         assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
-        out.clear();
-        for (i, b) in bufs.iter_mut().enumerate().take(4) {
-            let req = AioRequest {
-                op: AioOp::Read,
-                offset: (i as u64 * 4096 * 3) % size,
-                buf: b.as_mut_ptr(),
-                len: 4096,
-                user_data: 300 + i as u64,
-            };
-            // SAFETY: as above.
-            unsafe { q.submit(req).unwrap() };
-        }
-        while out.len() < 4 {
-            q.wait(1, &mut out).unwrap();
-        }
+        assert!(out.iter().all(|c| c.buf.is_none()));
+        let out = run_all(
+            q,
+            (0..4).map(|i| AioRequest::read(at(i), filled(0xee), 300 + i as u64)),
+        );
+        let bufs: Vec<AlignedBuf> = out.into_iter().map(|c| c.buf.unwrap()).collect();
         let discarded = bufs[0].as_slice();
         assert!(discarded.iter().all(|&x| x == 0) || discarded.iter().all(|&x| x == 1));
         for (i, b) in bufs.iter().enumerate().take(4).skip(1) {
@@ -731,6 +1028,87 @@ mod tests {
                 "block {i} after zeroing"
             );
         }
+    }
+
+    type Tracked = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+    /// Guest-memory requests: data lands where the ranges say (across two regions),
+    /// reads mark what they filled dirty, ranges outside guest memory fail the request.
+    fn run_guest_queue<Q: AioQueue<GuestBuf<Arc<Tracked>>>>(q: &mut Q, mem: &Arc<Tracked>) {
+        let r = |a: u64, l: usize| GuestRange::new(GuestAddress(a), l);
+        let buf =
+            |ranges: &[GuestRange]| GuestBuf::new(mem.clone(), ranges.iter().copied().collect());
+        mem.write_slice(&[0x5a; 4096], GuestAddress(0xf000))
+            .unwrap();
+        mem.write_slice(&[0xa5; 4096], GuestAddress(0x10000))
+            .unwrap();
+        for region in mem.iter() {
+            region.bitmap().reset();
+        }
+        // 8 KiB straddling the two regions' boundary.
+        let out = run_all(q, [AioRequest::write(8192, buf(&[r(0xf000, 8192)]), 1)]);
+        assert!(out[0].result.is_ok(), "{out:?}");
+        // Back into two pages, and 512 bytes at an address O_DIRECT cannot use.
+        let out = run_all(
+            q,
+            [
+                AioRequest::read(8192, buf(&[r(0x4000, 4096), r(0x18000, 4096)]), 2),
+                AioRequest::read(8192, buf(&[r(0x6100, 512)]), 3),
+            ],
+        );
+        assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(0x4000)).unwrap();
+        assert!(got.iter().all(|&x| x == 0x5a));
+        mem.read_slice(&mut got, GuestAddress(0x18000)).unwrap();
+        assert!(got.iter().all(|&x| x == 0xa5));
+        mem.read_slice(&mut got[..512], GuestAddress(0x6100))
+            .unwrap();
+        assert!(got[..512].iter().all(|&x| x == 0x5a));
+        let dirty = |a: u64| {
+            let (region, off) = mem.to_region_addr(GuestAddress(a)).unwrap();
+            region.bitmap().dirty_at(off.0 as usize)
+        };
+        for a in [0x4000, 0x18000, 0x6100] {
+            assert!(dirty(a), "page {a:#x} read into but not dirty");
+        }
+        assert!(!dirty(0x7000), "page 0x7000 dirty");
+        let out = run_all(q, [AioRequest::read(0, buf(&[r(0x1_0000_0000, 4096)]), 3)]);
+        assert!(
+            matches!(
+                out[0].result,
+                Err(Error::GuestMemory {
+                    addr: 0x1_0000_0000,
+                    ..
+                })
+            ),
+            "{out:?}"
+        );
+    }
+
+    fn guest_memory() -> Arc<Tracked> {
+        Arc::new(
+            Tracked::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn guest_buffers_through_every_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.raw");
+        RawFile::create(&p, 1 << 20).unwrap();
+        let opts = RawOptions {
+            cache: CacheMode::None,
+            ..Default::default()
+        };
+        let raw = Arc::new(RawFile::open(&p, opts).unwrap());
+        let mem = guest_memory();
+        run_guest_queue(&mut UringQueue::new(raw.clone(), 8).unwrap(), &mem);
+        run_guest_queue(&mut SyncQueue::new(raw.clone()), &mem);
+        run_guest_queue(&mut ThreadQueue::new(raw, 2).unwrap(), &mem);
+        let m = Arc::new(crate::MemBackend::new(vec![0; 1 << 20]));
+        run_guest_queue(&mut SyncQueue::new(m), &mem);
     }
 
     #[test]
@@ -760,21 +1138,12 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut q = UringQueue::new(img, 16).unwrap();
                     let n = 256usize;
-                    let mut bufs: Vec<AlignedBuf> =
-                        (0..n).map(|_| AlignedBuf::new(4096, 4096)).collect();
-                    for (i, b) in bufs.iter_mut().enumerate() {
+                    for i in 0..n {
+                        let mut b = AlignedBuf::new(4096, 4096);
                         b.as_mut_slice().fill((t * 100 + i as u64 % 100) as u8);
                         // Both queues allocate into the same clusters, in
                         // different 4 KiB blocks.
-                        let req = AioRequest {
-                            op: AioOp::Write,
-                            offset: (i as u64 * 2 + t) * 4096,
-                            buf: b.as_mut_ptr(),
-                            len: 4096,
-                            user_data: i as u64,
-                        };
-                        // SAFETY: bufs outlive the completions reaped below.
-                        unsafe { q.submit(req).unwrap() };
+                        q.submit(AioRequest::write((i as u64 * 2 + t) * 4096, b, i as u64));
                         if q.in_flight() >= 16 {
                             let mut out = Vec::new();
                             q.wait(1, &mut out).unwrap();

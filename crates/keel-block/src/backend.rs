@@ -64,7 +64,9 @@ impl WriteFlags {
 ///
 /// Reads and writes are all-or-nothing from the caller's point of view: a
 /// successful call transferred every byte; there are no short transfers.
-/// Buffers are ordinary slices, so they may point straight into guest memory.
+/// Buffers are ordinary slices of host memory; requests over guest memory go
+/// through [`crate::aio`], whose engines copy them with volatile accesses (or
+/// hand them to io_uring), never forming slices over memory a guest may change.
 pub trait BlockBackend: Send + Sync {
     /// Size of the device in bytes.
     fn size(&self) -> u64;
@@ -138,11 +140,6 @@ impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
     }
 }
 
-/// Total length of a list of buffers.
-pub fn iov_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> u64 {
-    bufs.iter().map(|b| b.len() as u64).sum()
-}
-
 /// Checks that `[offset, offset+len)` lies inside a device of `size` bytes.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {
@@ -151,90 +148,9 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     }
 }
 
-/// Copies bytes from a scatter list, starting `skip` bytes in, into `dst`.
-/// Returns the number of bytes copied.
-pub fn copy_from_iov(bufs: &[IoSlice<'_>], mut skip: usize, dst: &mut [u8]) -> usize {
-    let mut done = 0;
-    for b in bufs {
-        if done == dst.len() {
-            break;
-        }
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let src = &b[skip..];
-        skip = 0;
-        let n = src.len().min(dst.len() - done);
-        dst[done..done + n].copy_from_slice(&src[..n]);
-        done += n;
-    }
-    done
-}
-
-/// Copies `src` into a scatter list, starting `skip` bytes in. Returns the
-/// number of bytes copied.
-pub fn copy_to_iov(bufs: &mut [IoSliceMut<'_>], mut skip: usize, src: &[u8]) -> usize {
-    let mut done = 0;
-    for b in bufs.iter_mut() {
-        if done == src.len() {
-            break;
-        }
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let dst = &mut b[skip..];
-        skip = 0;
-        let n = dst.len().min(src.len() - done);
-        dst[..n].copy_from_slice(&src[done..done + n]);
-        done += n;
-    }
-    done
-}
-
-/// Fills a scatter list with zeroes from `skip` for `len` bytes.
-pub fn zero_iov(bufs: &mut [IoSliceMut<'_>], mut skip: usize, len: usize) {
-    let mut left = len;
-    for b in bufs.iter_mut() {
-        if left == 0 {
-            break;
-        }
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let dst = &mut b[skip..];
-        skip = 0;
-        let n = dst.len().min(left);
-        dst[..n].fill(0);
-        left -= n;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn iov_copies_cross_buffer_boundaries() {
-        let a = [1u8, 2, 3];
-        let b = [4u8, 5];
-        let src = [IoSlice::new(&a), IoSlice::new(&b)];
-        let mut out = [0u8; 3];
-        assert_eq!(copy_from_iov(&src, 2, &mut out), 3);
-        assert_eq!(out, [3, 4, 5]);
-
-        let mut x = [0u8; 2];
-        let mut y = [0u8; 3];
-        {
-            let mut dst = [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)];
-            assert_eq!(copy_to_iov(&mut dst, 1, &[9, 8, 7]), 3);
-            zero_iov(&mut dst, 3, 1);
-        }
-        assert_eq!(x, [0, 9]);
-        assert_eq!(y, [8, 0, 0]);
-    }
 
     #[test]
     fn range_check_rejects_overflow() {

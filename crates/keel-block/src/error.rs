@@ -87,6 +87,17 @@ pub enum Error {
         /// What is wrong.
         reason: ChainProblem,
     },
+    /// A request's buffer names guest memory that cannot be accessed.
+    #[error("guest memory at {addr:#x} ({len} bytes) cannot be accessed")]
+    GuestMemory {
+        /// Guest-physical address of the range.
+        addr: u64,
+        /// Length of the range in bytes.
+        len: usize,
+        /// Why vm-memory refused it.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
 }
 
 impl Error {
@@ -115,6 +126,7 @@ impl Error {
             | Error::CompressedData { .. }
             | Error::BackingChain { .. } => libc::EIO,
             Error::Backing { source, .. } => source.errno(),
+            Error::GuestMemory { .. } => libc::EFAULT,
         }
     }
 }

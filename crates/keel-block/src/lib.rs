@@ -6,6 +6,7 @@ pub mod backend;
 pub mod buf;
 pub mod error;
 pub mod image;
+pub mod iov;
 pub mod mapping;
 pub mod mem;
 pub mod qcow2;

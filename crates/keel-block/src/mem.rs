@@ -3,10 +3,9 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::RwLock;
 
-use crate::backend::{
-    check_range, copy_from_iov, copy_to_iov, iov_len, BlockBackend, Limits, WriteFlags,
-};
+use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
 use crate::error::{Error, Result};
+use crate::iov::Iov;
 
 /// A growable byte vector behind the [`BlockBackend`] trait.
 #[derive(Default)]
@@ -71,20 +70,22 @@ impl BlockBackend for MemBackend {
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let data = self.data.read().unwrap_or_else(|p| p.into_inner());
-        let len = iov_len(bufs);
+        let mut iov = Iov::from_io_slices_mut(bufs);
+        let len = iov.len() as u64;
         check_range(offset, len, self.max_size)?;
         let avail = (data.len() as u64).saturating_sub(offset).min(len) as usize;
         if avail > 0 {
-            copy_to_iov(bufs, 0, &data[offset as usize..offset as usize + avail]);
+            iov.copy_from_slice(0, &data[offset as usize..offset as usize + avail]);
         }
-        crate::backend::zero_iov(bufs, avail, len as usize - avail);
+        iov.fill_zero(avail, len as usize - avail);
         Ok(())
     }
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64, _: WriteFlags) -> Result<()> {
         let mut data = self.data.write().unwrap_or_else(|p| p.into_inner());
-        let len = iov_len(bufs);
+        let iov = Iov::from_io_slices(bufs);
+        let len = iov.len() as u64;
         self.grow_for(&mut data, offset, len)?;
-        copy_from_iov(bufs, 0, &mut data[offset as usize..(offset + len) as usize]);
+        iov.copy_to_slice(0, &mut data[offset as usize..(offset + len) as usize]);
         Ok(())
     }
     fn flush(&self) -> Result<()> {

@@ -9,11 +9,10 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::backend::{
-    check_range, copy_from_iov, copy_to_iov, iov_len, BlockBackend, Limits, WriteFlags,
-};
+use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
 use crate::buf::AlignedBuf;
 use crate::error::{Error, InvalidArgument, Result};
+use crate::iov::Iov;
 
 /// Host cache mode, with the same names and meaning as QEMU's `cache=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -248,37 +247,35 @@ impl RawFile {
         }
     }
 
-    fn aligned_iov<T: std::ops::Deref<Target = [u8]>>(&self, bufs: &[T], offset: u64) -> bool {
+    fn aligned_iov(&self, mut segs: impl Iterator<Item = (*const u8, usize)>, offset: u64) -> bool {
         let a = self.align;
         if a == 1 {
             return true;
         }
-        offset % a == 0
-            && bufs
-                .iter()
-                .all(|b| b.len() as u64 % a == 0 && (b.as_ptr() as u64) % a == 0)
+        offset % a == 0 && segs.all(|(p, len)| len as u64 % a == 0 && (p as u64) % a == 0)
     }
 
     /// preadv until done; zero-fills anything past end of file.
-    fn preadv_full(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        let total = iov_len(bufs) as usize;
+    fn preadv_full(&self, mut bufs: Iov<&mut [u8]>, offset: u64) -> Result<()> {
+        let total = bufs.len();
         let mut done = 0usize;
-        let mut iov: Vec<libc::iovec> = bufs
-            .iter_mut()
+        let mut iov: Iov<libc::iovec> = bufs
+            .reborrow()
+            .into_iter()
             .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_base: b.as_mut_ptr().cast(),
                 iov_len: b.len(),
             })
             .collect();
-        let mut first = 0usize;
         while done < total {
-            let cnt = (iov.len() - first).min(1024);
+            let segs = iov.segments();
+            let cnt = segs.len().min(1024);
             // SAFETY: every iovec points into a live, exclusively borrowed buffer
-            // of the stated length.
+            // of the stated length (`bufs`, which is not touched until the call returns).
             let r = unsafe {
                 libc::preadv(
                     self.fd(),
-                    iov[first..].as_ptr(),
+                    segs.as_ptr(),
                     cnt as i32,
                     (offset + done as u64) as libc::off_t,
                 )
@@ -291,34 +288,36 @@ impl RawFile {
                 return Err(Error::io(format!("reading at offset {}", offset), e));
             }
             if r == 0 {
-                crate::backend::zero_iov(bufs, done, total - done);
+                bufs.fill_zero(done, total - done);
                 return Ok(());
             }
             done += r as usize;
-            advance(&mut iov, &mut first, r as usize);
+            if done < total {
+                iov.advance(r as usize);
+            }
         }
         Ok(())
     }
 
-    fn pwritev_full(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
-        let total = iov_len(bufs) as usize;
+    fn pwritev_full(&self, bufs: Iov<&[u8]>, offset: u64) -> Result<()> {
+        let total = bufs.len();
         let mut done = 0usize;
-        let mut iov: Vec<libc::iovec> = bufs
+        let mut iov: Iov<libc::iovec> = bufs
             .iter()
             .map(|b| libc::iovec {
                 iov_base: b.as_ptr() as *mut libc::c_void,
                 iov_len: b.len(),
             })
             .collect();
-        let mut first = 0usize;
         while done < total {
-            let cnt = (iov.len() - first).min(1024);
+            let segs = iov.segments();
+            let cnt = segs.len().min(1024);
             // SAFETY: every iovec points into a live buffer of the stated length;
             // pwritev only reads through them.
             let r = unsafe {
                 libc::pwritev(
                     self.fd(),
-                    iov[first..].as_ptr(),
+                    segs.as_ptr(),
                     cnt as i32,
                     (offset + done as u64) as libc::off_t,
                 )
@@ -337,7 +336,9 @@ impl RawFile {
                 ));
             }
             done += r as usize;
-            advance(&mut iov, &mut first, r as usize);
+            if done < total {
+                iov.advance(r as usize);
+            }
         }
         Ok(())
     }
@@ -364,18 +365,18 @@ impl RawFile {
     }
 
     /// Reads into a bounce buffer covering the aligned enclosing range.
-    fn bounce_read(&self, bufs: &mut [IoSliceMut<'_>], offset: u64, len: u64) -> Result<()> {
+    fn bounce_read(&self, mut bufs: Iov<&mut [u8]>, offset: u64, len: u64) -> Result<()> {
         let a = self.align;
         let start = offset / a * a;
         let end = (offset + len).div_ceil(a) * a;
         let mut bb = AlignedBuf::new((end - start) as usize, a as usize);
-        self.preadv_full(&mut [IoSliceMut::new(bb.as_mut_slice())], start)?;
+        self.preadv_full(Iov::from(bb.as_mut_slice()), start)?;
         let s = (offset - start) as usize;
-        copy_to_iov(bufs, 0, &bb.as_slice()[s..s + len as usize]);
+        bufs.copy_from_slice(0, &bb.as_slice()[s..s + len as usize]);
         Ok(())
     }
 
-    fn bounce_write(&self, bufs: &[IoSlice<'_>], offset: u64, len: u64) -> Result<()> {
+    fn bounce_write(&self, bufs: Iov<&[u8]>, offset: u64, len: u64) -> Result<()> {
         let a = self.align;
         let start = offset / a * a;
         let end = (offset + len).div_ceil(a) * a;
@@ -383,25 +384,19 @@ impl RawFile {
         let s = (offset - start) as usize;
         if start == offset && end == offset + len {
             // Only the memory is misaligned: copy, no read-modify-write.
-            copy_from_iov(bufs, 0, bb.as_mut_slice());
-            return self.pwritev_full(&[IoSlice::new(bb.as_slice())], start);
+            bufs.copy_to_slice(0, bb.as_mut_slice());
+            return self.pwritev_full(Iov::from(bb.as_slice()), start);
         }
         let _guard = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
         if start != offset {
-            self.preadv_full(
-                &mut [IoSliceMut::new(&mut bb.as_mut_slice()[..a as usize])],
-                start,
-            )?;
+            self.preadv_full(Iov::from(&mut bb.as_mut_slice()[..a as usize]), start)?;
         }
         if end != offset + len && (end - a != start || start == offset) {
             let n = bb.len();
-            self.preadv_full(
-                &mut [IoSliceMut::new(&mut bb.as_mut_slice()[n - a as usize..])],
-                end - a,
-            )?;
+            self.preadv_full(Iov::from(&mut bb.as_mut_slice()[n - a as usize..]), end - a)?;
         }
-        copy_from_iov(bufs, 0, &mut bb.as_mut_slice()[s..s + len as usize]);
-        self.pwritev_full(&[IoSlice::new(bb.as_slice())], start)
+        bufs.copy_to_slice(0, &mut bb.as_mut_slice()[s..s + len as usize]);
+        self.pwritev_full(Iov::from(bb.as_slice()), start)
     }
 
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
@@ -423,21 +418,6 @@ impl RawFile {
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
-fn advance(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
-    while n > 0 && *first < iov.len() {
-        let cur = &mut iov[*first];
-        if n >= cur.iov_len {
-            n -= cur.iov_len;
-            *first += 1;
-        } else {
-            // The iovec still points into the same live buffer, just further in.
-            cur.iov_base = (cur.iov_base as usize + n) as *mut libc::c_void;
-            cur.iov_len -= n;
-            n = 0;
-        }
-    }
-}
-
 impl BlockBackend for RawFile {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -457,14 +437,15 @@ impl BlockBackend for RawFile {
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        let len = iov_len(bufs);
+        let bufs = Iov::from_io_slices_mut(bufs);
+        let len = bufs.len() as u64;
         if !self.opts.growable {
             check_range(offset, len, self.size())?;
         }
         if len == 0 {
             return Ok(());
         }
-        if self.aligned_iov(bufs, offset) {
+        if self.aligned_iov(bufs.iter().map(|b| (b.as_ptr(), b.len())), offset) {
             self.preadv_full(bufs, offset)
         } else {
             self.bounce_read(bufs, offset, len)
@@ -477,12 +458,13 @@ impl BlockBackend for RawFile {
         offset: u64,
         flags: WriteFlags,
     ) -> Result<()> {
-        let len = iov_len(bufs);
+        let bufs = Iov::from_io_slices(bufs);
+        let len = bufs.len() as u64;
         self.check_write(offset, len)?;
         if len == 0 {
             return Ok(());
         }
-        if self.aligned_iov(bufs, offset) {
+        if self.aligned_iov(bufs.iter().map(|b| (b.as_ptr(), b.len())), offset) {
             self.pwritev_full(bufs, offset)?;
         } else {
             self.bounce_write(bufs, offset, len)?;

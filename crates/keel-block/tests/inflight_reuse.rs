@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use common::*;
-use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
+use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::qcow2::{self, CreateOptions};
 use keel_block::{BlockBackend, CacheMode, Qcow2, Qcow2Options, RawFile, RawOptions};
@@ -52,7 +52,7 @@ impl Engine {
             Engine::Threads => "threads",
         }
     }
-    fn queue(self, img: &std::sync::Arc<Img>) -> Box<dyn AioQueue> {
+    fn queue(self, img: &std::sync::Arc<Img>) -> Box<dyn AioQueue<AlignedBuf>> {
         match self {
             Engine::Uring => Box::new(UringQueue::new(img.clone(), 16).unwrap()),
             Engine::Threads => Box::new(ThreadQueue::new(img.clone(), 3).unwrap()),
@@ -91,7 +91,6 @@ struct Pending {
     kind: Kind,
     block: u64,
     blocks: u64,
-    buf: AlignedBuf,
 }
 
 /// What every guest block may contain.
@@ -119,11 +118,11 @@ struct Run {
     engine: Engine,
     round: u64,
     img: std::sync::Arc<Img>,
-    queues: [Box<dyn AioQueue>; 2],
+    queues: [Box<dyn AioQueue<AlignedBuf>>; 2],
     pending: HashMap<u64, Pending>,
     model: Model,
     next_id: u64,
-    out: Vec<Completion>,
+    out: Vec<Completion<AlignedBuf>>,
 }
 
 impl Run {
@@ -172,52 +171,34 @@ impl Run {
         for k in 0..blocks {
             self.apply(block + k, tag(id, block + k), false);
         }
-        let req = AioRequest {
-            op: AioOp::Write,
-            offset: block * BS,
-            buf: buf.as_mut_ptr(),
-            len: buf.len(),
-            user_data: id,
-        };
         self.pending.insert(
             id,
             Pending {
                 kind: Kind::Write,
                 block,
                 blocks,
-                buf,
             },
         );
-        // SAFETY: the buffer is kept in self.pending until its completion is
-        // reaped, and drain() reaps everything before the queues are dropped.
-        unsafe { self.queues[q].submit(req).unwrap() };
+        // The buffer travels with the request until its completion is reaped.
+        self.queues[q].submit(AioRequest::write(block * BS, buf, id));
     }
 
     fn submit_read(&mut self, q: usize, block: u64, blocks: u64) {
         self.next_id += 1;
         let id = self.next_id;
-        let mut buf = AlignedBuf::new((blocks * BS) as usize, 4096);
+        let buf = AlignedBuf::new((blocks * BS) as usize, 4096);
         let ok = (block..block + blocks)
             .map(|b| self.model.now[b as usize].clone())
             .collect();
-        let req = AioRequest {
-            op: AioOp::Read,
-            offset: block * BS,
-            buf: buf.as_mut_ptr(),
-            len: buf.len(),
-            user_data: id,
-        };
         self.pending.insert(
             id,
             Pending {
                 kind: Kind::Read(ok),
                 block,
                 blocks,
-                buf,
             },
         );
-        // SAFETY: as in submit_write.
-        unsafe { self.queues[q].submit(req).unwrap() };
+        self.queues[q].submit(AioRequest::read(block * BS, buf, id));
     }
 
     /// Checks that every block of `data` (starting at guest block `block`)
@@ -259,10 +240,11 @@ impl Run {
                     }
                 }
                 Kind::Read(ok) => {
+                    let buf = c.buf.as_ref().expect("a read returns its buffer");
                     self.verify(
                         &format!("read #{}", c.user_data),
                         p.block,
-                        p.buf.as_slice(),
+                        buf.as_slice(),
                         ok,
                     );
                 }

@@ -1,25 +1,34 @@
 //! The virtio-blk device: configuration space, features, and one worker thread per queue
 //! that parses requests and runs them asynchronously on a keel-block I/O engine.
 
+use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use keel_block::aio::{AioQueue, UringQueue, UringTarget};
+use keel_block::buf::GuestBuf;
 use keel_block::throttle::Throttle;
 use keel_block::BlockBackend;
+use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{ActivateContext, ActivateError, VirtioDevice};
-use keel_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::request::{ID_BYTES, SECTOR_SIZE};
 use crate::worker::{QueueContext, Worker};
 
 /// The virtio device type of block devices.
-pub const BLOCK_DEVICE_TYPE: u32 = 2;
+pub const BLOCK_DEVICE_TYPE: u32 = VIRTIO_ID_BLOCK;
+
+/// The buffer of a request's data, as the I/O engines see it: the request's guest ranges
+/// and the guest memory they are in, owned by the engine request until it completes.
+pub type DataBuf = GuestBuf<Arc<GuestMemoryMmap>>;
 
 /// Makes the I/O engine for one queue (called on that queue's worker thread).
-pub type EngineFactory = dyn Fn() -> keel_block::Result<Box<dyn AioQueue>> + Send + Sync;
+pub type EngineFactory = dyn Fn() -> keel_block::Result<Box<dyn AioQueue<DataBuf>>> + Send + Sync;
 
 /// A disk as the device sees it: the backend (for size, limits, read-only) and how each
 /// queue gets its own asynchronous I/O engine over it.
@@ -37,7 +46,7 @@ impl Disk {
         Disk {
             backend: target,
             engine: Arc::new(move || {
-                Ok(Box::new(UringQueue::new(t.clone(), depth)?) as Box<dyn AioQueue>)
+                Ok(Box::new(UringQueue::new(t.clone(), depth)?) as Box<dyn AioQueue<DataBuf>>)
             }),
             id: [0; ID_BYTES],
         }
@@ -52,7 +61,7 @@ impl Disk {
             engine: Arc::new(move || {
                 Ok(
                     Box::new(keel_block::aio::ThreadQueue::new(b.clone(), threads)?)
-                        as Box<dyn AioQueue>,
+                        as Box<dyn AioQueue<DataBuf>>,
                 )
             }),
             id: [0; ID_BYTES],
@@ -66,7 +75,8 @@ impl Disk {
         Disk {
             backend,
             engine: Arc::new(move || {
-                Ok(Box::new(keel_block::aio::SyncQueue::new(b.clone())) as Box<dyn AioQueue>)
+                Ok(Box::new(keel_block::aio::SyncQueue::new(b.clone()))
+                    as Box<dyn AioQueue<DataBuf>>)
             }),
             id: [0; ID_BYTES],
         }
@@ -117,6 +127,7 @@ impl Default for BlockOptions {
 
 /// Errors from building a block device.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The queue count is outside 1-64.
     #[error("{0} queues: a virtio-blk device has 1 to 64")]
@@ -128,6 +139,18 @@ pub enum Error {
     #[error("the disk's size {0} is not a multiple of 512")]
     Size(u64),
 }
+
+/// The offset of a field of `virtio_blk_config`.
+macro_rules! at {
+    ($field:ident) => {
+        offset_of!(virtio_blk_config, $field)
+    };
+}
+
+/// Bytes of configuration space the device exposes: `virtio_blk_config` up to the
+/// secure-erase fields (VIRTIO_BLK_F_SECURE_ERASE is not offered).
+const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
+const _: () = assert!(CONFIG_LEN <= size_of::<virtio_blk_config>());
 
 /// Sectors per discard / write-zeroes segment the device accepts (2 GiB - 512).
 const MAX_RANGE_SECTORS: u32 = (u32::MAX >> 9) >> 1;
@@ -163,7 +186,34 @@ pub struct Block {
 }
 
 impl Block {
-    /// A device for `disk` with `opts`.
+    /// A device for `disk` with `opts`. It starts one worker thread per queue when the
+    /// driver activates it (through a keel-virtio transport) and stops them on reset.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use keel_block::MemBackend;
+    /// use keel_virtio::device::VirtioDevice;
+    /// use keel_virtio_blk::{Block, BlockOptions, Disk, BLOCK_DEVICE_TYPE};
+    /// use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO};
+    ///
+    /// // A read-only 1 MiB disk in memory, served by two queues.
+    /// let disk = Disk::synchronous(Arc::new(MemBackend::read_only(vec![0; 1 << 20])));
+    /// let opts = BlockOptions { queues: 2, ..BlockOptions::default() };
+    /// let block = Block::new(disk, opts)?;
+    /// assert_eq!(block.device_type(), BLOCK_DEVICE_TYPE);
+    /// assert_ne!(block.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    /// assert_ne!(block.features() & (1 << VIRTIO_BLK_F_MQ), 0);
+    /// let mut capacity = [0u8; 8];
+    /// block.read_config(0, &mut capacity);
+    /// assert_eq!(u64::from_le_bytes(capacity), 2048); // sectors
+    ///
+    /// // A disk whose size is not a whole number of sectors is refused.
+    /// let odd = Disk::synchronous(Arc::new(MemBackend::new(vec![0; 1000])));
+    /// assert!(Block::new(odd, BlockOptions::default()).is_err());
+    /// # Ok::<(), keel_virtio_blk::Error>(())
+    /// ```
     pub fn new(disk: Disk, opts: BlockOptions) -> Result<Block, Error> {
         if !(1..=64).contains(&opts.queues) {
             return Err(Error::Queues(opts.queues));
@@ -226,31 +276,55 @@ impl Block {
         limits_for(&self.disk)
     }
 
-    /// The configuration space (virtio 1.2 section 5.2.4), 60 bytes.
-    fn config(&self) -> [u8; 60] {
-        let mut c = [0u8; 60];
+    /// The configuration space (`virtio_blk_config`, virtio 1.2 section 5.2.4) up to the
+    /// secure-erase fields, which the device does not offer.
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
         let lim = self.disk.backend.limits();
-        let put32 = |c: &mut [u8; 60], off: usize, v: u32| {
-            c[off..off + 4].copy_from_slice(&v.to_le_bytes())
-        };
-        c[0..8].copy_from_slice(&self.capacity().to_le_bytes());
-        put32(&mut c, 8, lim.max_transfer); // size_max
-        put32(&mut c, 12, u32::from(self.opts.queue_size) - 2); // seg_max
-        put32(&mut c, 20, SECTOR_SIZE as u32); // blk_size
-                                               // Topology: physical block = request alignment (O_DIRECT files: 512 or 4096).
-        let phys = lim.request_alignment.max(SECTOR_SIZE as u32);
-        c[24] = (phys / SECTOR_SIZE as u32).trailing_zeros() as u8;
-        c[26..28].copy_from_slice(&((phys / SECTOR_SIZE as u32) as u16).to_le_bytes());
-        c[32] = u8::from(self.writeback.load(Ordering::SeqCst));
-        c[34..36].copy_from_slice(&self.opts.queues.to_le_bytes());
         let lm = self.limits();
-        put32(&mut c, 36, lm.max_discard_sectors);
-        put32(&mut c, 40, lm.max_discard_seg);
+        fn put<const N: usize>(c: &mut [u8; CONFIG_LEN], off: usize, v: [u8; N]) {
+            c[off..off + N].copy_from_slice(&v);
+        }
+        put(&mut c, at!(capacity), self.capacity().to_le_bytes());
+        put(&mut c, at!(size_max), lim.max_transfer.to_le_bytes());
+        let seg_max = u32::from(self.opts.queue_size) - 2;
+        put(&mut c, at!(seg_max), seg_max.to_le_bytes());
+        put(&mut c, at!(blk_size), (SECTOR_SIZE as u32).to_le_bytes());
+        // Topology: physical block = request alignment (O_DIRECT files: 512 or 4096).
+        let phys = lim.request_alignment.max(SECTOR_SIZE as u32) / SECTOR_SIZE as u32;
+        put(
+            &mut c,
+            at!(physical_block_exp),
+            [phys.trailing_zeros() as u8],
+        );
+        put(&mut c, at!(min_io_size), (phys as u16).to_le_bytes());
+        let wce = u8::from(self.writeback.load(Ordering::SeqCst));
+        put(&mut c, at!(wce), [wce]);
+        put(&mut c, at!(num_queues), self.opts.queues.to_le_bytes());
+        put(
+            &mut c,
+            at!(max_discard_sectors),
+            lm.max_discard_sectors.to_le_bytes(),
+        );
+        put(
+            &mut c,
+            at!(max_discard_seg),
+            lm.max_discard_seg.to_le_bytes(),
+        );
         let gran = (lim.discard_granularity as u64 / SECTOR_SIZE).max(1) as u32;
-        put32(&mut c, 44, gran);
-        put32(&mut c, 48, lm.max_write_zeroes_sectors);
-        put32(&mut c, 52, lm.max_write_zeroes_seg);
-        c[56] = 1; // write_zeroes_may_unmap
+        put(&mut c, at!(discard_sector_alignment), gran.to_le_bytes());
+        let wz_sectors = lm.max_write_zeroes_sectors;
+        put(
+            &mut c,
+            at!(max_write_zeroes_sectors),
+            wz_sectors.to_le_bytes(),
+        );
+        put(
+            &mut c,
+            at!(max_write_zeroes_seg),
+            lm.max_write_zeroes_seg.to_le_bytes(),
+        );
+        put(&mut c, at!(write_zeroes_may_unmap), [1]);
         c
     }
 
@@ -268,8 +342,11 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
+        let mut f = 0u64;
         for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_BLK_F_SIZE_MAX,
             VIRTIO_BLK_F_SEG_MAX,
             VIRTIO_BLK_F_BLK_SIZE,
@@ -307,8 +384,8 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
-        // Only `writeback` (offset 32) is writable, and only with CONFIG_WCE.
-        if let (32, Some(&v)) = (offset, data.first()) {
+        // Only `wce` (the writeback toggle) is writable, and only with CONFIG_WCE.
+        if let (Some(&v), true) = (data.first(), offset == at!(wce) as u64) {
             self.writeback.store(v != 0, Ordering::SeqCst);
         }
         false
@@ -319,12 +396,13 @@ impl VirtioDevice for Block {
             return Err(ActivateError::MissingQueue(0));
         }
         let limits = self.limits();
+        let mem = Arc::new(ctx.mem);
         for q in ctx.queues {
             let qc = QueueContext {
                 index: q.index,
                 queue: q.queue,
                 kick: q.notifier,
-                mem: ctx.mem.clone(),
+                mem: mem.clone(),
                 interrupt: ctx.interrupt.clone(),
                 needs_reset: ctx.needs_reset.clone(),
                 limits,

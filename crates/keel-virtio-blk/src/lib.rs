@@ -13,14 +13,16 @@
 //!   and qcow2 files, worker threads or inline execution for any backend); completions in
 //!   any order, straight into guest memory; optional ops/s and bytes/s limits.
 //!
-//! The device sits on any keel-virtio transport.
+//! The device sits on any keel-virtio transport. With the `test-utils` feature,
+//! `SyncServer` serves one queue on the calling thread, for tests and fuzzers.
 #![deny(missing_docs)]
 
 pub mod device;
 pub mod request;
 mod worker;
 
-pub use device::{Block, BlockOptions, Disk, Error, BLOCK_DEVICE_TYPE};
+pub use device::{Block, BlockOptions, DataBuf, Disk, Error, BLOCK_DEVICE_TYPE};
+#[cfg(feature = "test-utils")]
 pub use worker::SyncServer;
 
 /// The README's example, compiled and run as a doctest.

@@ -5,9 +5,10 @@
 //! While requests are in flight the worker keeps driver notifications off and polls the
 //! available ring after each completion; when idle it turns them on, re-checks the ring
 //! (so no kick is lost) and sleeps on the queue's notifier. Data moves straight between
-//! the disk and guest memory: each data segment becomes one engine request whose buffer
-//! is the guest's own. On stop (device reset) the worker waits for every request in
-//! flight before it exits, so nothing lands in guest memory afterwards.
+//! the disk and guest memory: a request's data ranges become one engine request that owns
+//! them, together with a handle on guest memory ([`crate::DataBuf`]). On stop (device
+//! reset) the worker waits for every request in flight before it exits, so nothing lands
+//! in guest memory afterwards.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion};
+use keel_block::aio::{AioQueue, AioRequest, Completion};
+use keel_block::buf::GuestBuf;
 use keel_block::throttle::Throttle;
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{InterruptKind, NeedsReset, VirtioInterrupt};
@@ -25,7 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::EngineFactory;
+use crate::device::{DataBuf, EngineFactory};
 use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
 
 /// Everything a queue's worker needs.
@@ -33,7 +35,8 @@ pub(crate) struct QueueContext {
     pub index: u16,
     pub queue: Queue,
     pub kick: Arc<EventFd>,
-    pub mem: GuestMemoryMmap,
+    /// Shared with the requests in flight, which keep it alive until they complete.
+    pub mem: Arc<GuestMemoryMmap>,
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub needs_reset: NeedsReset,
     pub limits: Limits,
@@ -62,7 +65,7 @@ impl Worker {
             .spawn(move || {
                 let index = ctx.index;
                 if let Err(e) = run(ctx, &s, &w) {
-                    log::warn!("virtio-blk queue {index}: {e}");
+                    log::warn!("virtio-blk queue {index}: {}", Chain(&e));
                 }
             })?;
         Ok(Worker {
@@ -93,12 +96,27 @@ impl Drop for Worker {
 /// Why a worker stopped early.
 #[derive(Debug, thiserror::Error)]
 enum WorkerError {
-    #[error("cannot start its I/O engine: {0}")]
+    #[error("starting its I/O engine")]
     Engine(#[source] keel_block::Error),
-    #[error("epoll: {0}")]
+    #[error("waiting on epoll")]
     Epoll(#[source] std::io::Error),
-    #[error("the I/O engine failed: {0}")]
+    #[error("waiting for the I/O engine")]
     Wait(#[source] keel_block::Error),
+}
+
+/// An error and its causes, for a log line: `step: cause: cause's cause`.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
 }
 
 /// A request in flight.
@@ -145,7 +163,7 @@ impl Slots {
 
 struct State {
     ctx: QueueContext,
-    aio: Box<dyn AioQueue>,
+    aio: Box<dyn AioQueue<DataBuf>>,
     slots: Slots,
     /// Used buffers added since the last interrupt decision.
     used: bool,
@@ -154,10 +172,12 @@ struct State {
 
 /// Serves one queue on the calling thread: for tests and fuzzers that want determinism
 /// (with a synchronous [`crate::Disk`]). Devices use a worker thread per queue instead.
+#[cfg(feature = "test-utils")]
 pub struct SyncServer {
     state: State,
 }
 
+#[cfg(feature = "test-utils")]
 impl SyncServer {
     /// A server for `queue` (already configured and validated) over `disk`, with the
     /// device limits `Block` would use for it.
@@ -179,7 +199,7 @@ impl SyncServer {
                         EventFd::new(libc::EFD_NONBLOCK)
                             .map_err(|e| keel_block::Error::io("creating an eventfd", e))?,
                     ),
-                    mem,
+                    mem: Arc::new(mem),
                     interrupt,
                     needs_reset,
                     limits,
@@ -339,7 +359,7 @@ impl State {
         let mem = self.ctx.mem.clone();
         let mut taken = 0;
         loop {
-            if let Err(e) = self.ctx.queue.disable_notification(&mem) {
+            if let Err(e) = self.ctx.queue.disable_notification(&*mem) {
                 self.broken(&e);
                 return taken;
             }
@@ -350,7 +370,7 @@ impl State {
                 if self.slots.live() >= usize::from(self.ctx.queue.size()) {
                     return taken;
                 }
-                let chain = match self.ctx.queue.iter(&mem) {
+                let chain = match self.ctx.queue.iter(&*mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => {
                         self.broken(&e);
@@ -360,7 +380,7 @@ impl State {
                 let Some(chain) = chain else { break };
                 taken += 1;
                 let head = chain.head_index();
-                let parsed = request::parse(&mem, chain.clone(), &self.ctx.limits);
+                let parsed = request::parse(&*mem, chain.clone(), &self.ctx.limits);
                 if let (Some(t), Ok(r)) = (&self.ctx.throttle, &parsed) {
                     // Waits for the request's turn (operations and bytes).
                     Throttle::admit(t, r.data_len());
@@ -372,7 +392,7 @@ impl State {
                         self.add_used(head, 0);
                     }
                     Err(e) => {
-                        log::debug!("virtio-blk: chain {head}: {e}");
+                        log::debug!("virtio-blk: chain {head}: {}", Chain(&e));
                         match request::status_address(chain) {
                             Some(at) => self.finish(head, at, e.status(), 1),
                             None => self.add_used(head, 0),
@@ -383,7 +403,7 @@ impl State {
             if !idle || self.aio.in_flight() > 0 {
                 return taken;
             }
-            match self.ctx.queue.enable_notification(&mem) {
+            match self.ctx.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
                 Ok(false) => return taken,
                 Err(e) => {
@@ -399,7 +419,7 @@ impl State {
     fn poll_avail(&mut self, deadline: Instant, stop: &AtomicBool) -> bool {
         let next = self.ctx.queue.next_avail();
         loop {
-            match self.ctx.queue.avail_idx(&self.ctx.mem, Ordering::Acquire) {
+            match self.ctx.queue.avail_idx(&*self.ctx.mem, Ordering::Acquire) {
                 Ok(idx) if idx.0 != next => return true,
                 Ok(_) => {}
                 // Let take_requests see and report it.
@@ -414,15 +434,16 @@ impl State {
 
     fn broken(&mut self, e: &virtio_queue::Error) {
         log::warn!(
-            "virtio-blk queue {}: the ring is broken: {e}",
-            self.ctx.index
+            "virtio-blk queue {}: the ring is broken: {}",
+            self.ctx.index,
+            Chain(e)
         );
         self.broken = true;
         self.ctx.needs_reset.report();
     }
 
     fn add_used(&mut self, head: u16, len: u32) {
-        if let Err(e) = self.ctx.queue.add_used(&self.ctx.mem, head, len) {
+        if let Err(e) = self.ctx.queue.add_used(&*self.ctx.mem, head, len) {
             self.broken(&e);
         } else {
             self.used = true;
@@ -454,7 +475,7 @@ impl State {
                     .interrupt
                     .trigger(InterruptKind::Queue(self.ctx.index))
                 {
-                    log::warn!("virtio-blk queue {}: {e}", self.ctx.index);
+                    log::warn!("virtio-blk queue {}: {}", self.ctx.index, Chain(&e));
                 }
             }
             Ok(false) => {}
@@ -467,45 +488,27 @@ impl State {
         }
     }
 
-    /// Host pointers for the data segments (a segment may span memory regions).
-    fn host_pieces(&self, req: &Request) -> Option<Vec<(*mut u8, usize)>> {
-        let mut out = Vec::new();
-        for s in &req.data {
-            let len = usize::try_from(s.len).ok()?;
-            for slice in GuestMemoryBackend::get_slices(&self.ctx.mem, s.addr, len) {
-                let slice = slice.ok()?;
-                out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
-            }
-        }
-        Some(out)
-    }
-
     fn start(&mut self, head: u16, req: Request) {
         let data_len = req.data_len();
         match req.op {
             Op::GetId => {
-                let mut written = 0u64;
-                for s in &req.data {
-                    let from = written as usize;
-                    let n = s.len as usize;
-                    if self
-                        .ctx
-                        .mem
-                        .write_slice(&self.ctx.id[from..from + n], s.addr)
-                        .is_err()
-                    {
+                let mut written = 0usize;
+                for r in &req.data {
+                    let id = &self.ctx.id[written..written + r.len];
+                    if self.ctx.mem.write_slice(id, r.addr).is_err() {
                         return self.finish(head, req.status, Status::IoErr, 1);
                     }
-                    written += s.len;
+                    written += r.len;
                 }
                 self.finish(head, req.status, Status::Ok, written as u32 + 1)
             }
             Op::Read { offset } | Op::Write { offset } => {
                 let write = matches!(req.op, Op::Write { .. });
-                let Some(pieces) = self.host_pieces(&req) else {
+                let mem = &*self.ctx.mem;
+                if !req.data.iter().all(|r| mem.check_range(r.addr, r.len)) {
                     log::debug!("virtio-blk: chain {head}: data outside guest memory");
                     return self.finish(head, req.status, Status::IoErr, 1);
-                };
+                }
                 let used_len = if write {
                     1
                 } else {
@@ -513,30 +516,38 @@ impl State {
                 };
                 let flush_after = write && !self.ctx.writeback.load(Ordering::SeqCst);
                 let slot = self.open(head, req.status, used_len, flush_after);
-                let op = if write { AioOp::Write } else { AioOp::Read };
-                let mut off = offset;
-                for (buf, len) in pieces {
-                    self.submit(slot, op, off, buf, len);
-                    off += len as u64;
+                if !req.data.is_empty() {
+                    // The request owns its ranges and a handle on guest memory until it
+                    // completes.
+                    let buf = GuestBuf::new(self.ctx.mem.clone(), req.data);
+                    let tag = slot as u64;
+                    self.submit(
+                        slot,
+                        if write {
+                            AioRequest::write(offset, buf, tag)
+                        } else {
+                            AioRequest::read(offset, buf, tag)
+                        },
+                    );
                 }
                 self.close(slot);
             }
             Op::Flush => {
                 let slot = self.open(head, req.status, 1, false);
-                self.submit(slot, AioOp::Flush, 0, std::ptr::null_mut(), 0);
+                self.submit(slot, AioRequest::flush(slot as u64));
                 self.close(slot);
             }
             Op::Discard(ref ranges) | Op::WriteZeroes(ref ranges) => {
                 let zeroes = matches!(req.op, Op::WriteZeroes(_));
                 let slot = self.open(head, req.status, 1, false);
                 for r in ranges.iter() {
-                    let op = if zeroes {
-                        AioOp::WriteZeroes { unmap: r.unmap }
+                    let tag = slot as u64;
+                    let aio = if zeroes {
+                        AioRequest::write_zeroes(r.offset, r.len, r.unmap, tag)
                     } else {
-                        AioOp::Discard
+                        AioRequest::discard(r.offset, r.len, tag)
                     };
-                    let len = usize::try_from(r.len).unwrap_or(usize::MAX);
-                    self.submit(slot, op, r.offset, std::ptr::null_mut(), len);
+                    self.submit(slot, aio);
                 }
                 self.close(slot);
             }
@@ -565,37 +576,19 @@ impl State {
         self.piece_done(slot);
     }
 
-    fn submit(&mut self, slot: usize, op: AioOp, offset: u64, buf: *mut u8, len: usize) {
-        let req = AioRequest {
-            op,
-            offset,
-            buf,
-            len,
-            user_data: slot as u64,
-        };
-        // SAFETY: `buf` points into guest memory that `self.ctx.mem` keeps mapped for as
-        // long as the worker runs, and the worker waits for every request in flight
-        // before it exits. The guest may change the bytes meanwhile; that is its own
-        // data race, and the engine only copies them.
-        match unsafe { self.aio.submit(req) } {
-            Ok(()) => {
-                if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
-                    f.pending += 1;
-                }
-            }
-            Err(e) => {
-                log::warn!("virtio-blk: cannot submit: {e}");
-                if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
-                    f.status = Status::IoErr;
-                }
-            }
+    /// Submits one engine request for `slot`; its completion (every request gets one,
+    /// failures included) settles the slot's count.
+    fn submit(&mut self, slot: usize, req: AioRequest<DataBuf>) {
+        self.aio.submit(req);
+        if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
+            f.pending += 1;
         }
     }
 
-    fn complete(&mut self, c: Completion) {
+    fn complete(&mut self, c: Completion<DataBuf>) {
         let slot = c.user_data as usize;
         if let Err(e) = &c.result {
-            log::debug!("virtio-blk: request failed: {e}");
+            log::debug!("virtio-blk: request failed: {}", Chain(e));
             if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
                 f.status = Status::IoErr;
             }
@@ -615,7 +608,7 @@ impl State {
             // Write cache off: the write completes once it is durable.
             f.flush_after = false;
             f.pending = 1;
-            self.submit(slot, AioOp::Flush, 0, std::ptr::null_mut(), 0);
+            self.submit(slot, AioRequest::flush(slot as u64));
             self.piece_done(slot);
             return;
         }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use keel_block::aio::{AioOp, AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
+use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::qcow2::{self, CompressionType, CreateOptions, Fix, Qcow2Options};
@@ -898,7 +898,7 @@ fn cmd_bench(
             if write { "write" } else { "read" }
         );
     }
-    let mut queue: Box<dyn AioQueue> = match (aio, &img) {
+    let mut queue: Box<dyn AioQueue<AlignedBuf>> = match (aio, &img) {
         ("io_uring", Image::Raw(r)) => Box::new(UringQueue::new(r.clone(), depth)?),
         ("io_uring", Image::Qcow2(q)) => Box::new(UringQueue::new(q.clone(), depth)?),
         ("threads", Image::Raw(r)) => Box::new(ThreadQueue::new(r.clone(), depth as usize)?),
@@ -909,19 +909,19 @@ fn cmd_bench(
             )))
         }
     };
-    let mut bufs: Vec<AlignedBuf> = (0..depth)
+    // Each buffer travels with its request and comes back with the completion.
+    let mut free: Vec<AlignedBuf> = (0..depth)
         .map(|_| {
             let mut b = AlignedBuf::new(size as usize, 4096);
             b.as_mut_slice().fill(pattern);
             b
         })
         .collect();
-    let mut free: Vec<usize> = (0..depth as usize).rev().collect();
     let mut next_off = offset;
     let mut submitted = 0u64;
     let mut completed = 0u64;
     let mut since_flush = 0u64;
-    let mut out: Vec<Completion> = Vec::new();
+    let mut out: Vec<Completion<AlignedBuf>> = Vec::new();
     let start = Instant::now();
     while completed < count {
         while submitted < count && !free.is_empty() {
@@ -934,20 +934,16 @@ fn cmd_bench(
                     since_flush = 0;
                 }
             }
-            let i = free.pop().unwrap_or_default();
+            let Some(buf) = free.pop() else { break };
             if next_off + size > image_size {
                 next_off = 0;
             }
-            let req = AioRequest {
-                op: if write { AioOp::Write } else { AioOp::Read },
-                offset: next_off,
-                buf: bufs[i].as_mut_ptr(),
-                len: size as usize,
-                user_data: i as u64,
+            let req = if write {
+                AioRequest::write(next_off, buf, submitted)
+            } else {
+                AioRequest::read(next_off, buf, submitted)
             };
-            // SAFETY: bufs[i] lives until the end of this function, and slot i is
-            // not reused until its completion has been returned below.
-            unsafe { queue.submit(req)? };
+            queue.submit(req);
             submitted += 1;
             since_flush += 1;
             next_off += step;
@@ -956,7 +952,7 @@ fn cmd_bench(
         queue.wait(1, &mut out)?;
         for c in out.drain(..) {
             c.result?;
-            free.push(c.user_data as usize);
+            free.extend(c.buf);
             completed += 1;
         }
     }

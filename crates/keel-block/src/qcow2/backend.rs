@@ -4,59 +4,10 @@
 use std::io::{IoSlice, IoSliceMut};
 
 use super::Qcow2;
-use crate::backend::{
-    check_range, copy_to_iov, iov_len, zero_iov, BlockBackend, Limits, WriteFlags,
-};
+use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
 use crate::error::{Error, Result};
+use crate::iov::Iov;
 use crate::mapping::{ExtentKind, MapExtents, Mapping};
-
-pub(super) fn slice_iov<'a>(
-    bufs: &'a [IoSlice<'a>],
-    mut skip: u64,
-    mut len: u64,
-) -> Vec<IoSlice<'a>> {
-    let mut out = Vec::new();
-    for b in bufs {
-        if len == 0 {
-            break;
-        }
-        let bl = b.len() as u64;
-        if skip >= bl {
-            skip -= bl;
-            continue;
-        }
-        let take = (bl - skip).min(len);
-        out.push(IoSlice::new(&b[skip as usize..(skip + take) as usize]));
-        len -= take;
-        skip = 0;
-    }
-    out
-}
-
-pub(super) fn slice_iov_mut<'a>(
-    bufs: &'a mut [IoSliceMut<'_>],
-    mut skip: u64,
-    mut len: u64,
-) -> Vec<IoSliceMut<'a>> {
-    let mut out = Vec::new();
-    for b in bufs.iter_mut() {
-        if len == 0 {
-            break;
-        }
-        let bl = b.len() as u64;
-        if skip >= bl {
-            skip -= bl;
-            continue;
-        }
-        let take = (bl - skip).min(len);
-        out.push(IoSliceMut::new(
-            &mut b[skip as usize..(skip + take) as usize],
-        ));
-        len -= take;
-        skip = 0;
-    }
-    out
-}
 
 impl<F: BlockBackend> BlockBackend for Qcow2<F> {
     fn size(&self) -> u64 {
@@ -76,7 +27,8 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        let len = iov_len(bufs);
+        let mut bufs = Iov::from_io_slices_mut(bufs);
+        let len = bufs.len() as u64;
         // Pinned until the reads below are done.
         let (map, gen) = self.map_read_inner(offset, len, true)?;
         let cs = 1u64 << self.cb;
@@ -84,17 +36,17 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
         for e in map.extents() {
             match e.kind {
                 ExtentKind::Data(h) => {
-                    let mut sub = slice_iov_mut(bufs, pos, e.len);
-                    self.file.read_vectored_at(&mut sub, h)?;
+                    let mut sub = bufs.reborrow().slice(pos as usize, e.len as usize);
+                    self.file.read_vectored_at(&mut sub.io_slices_mut(), h)?;
                 }
                 ExtentKind::Zero | ExtentKind::Unallocated => {
-                    zero_iov(bufs, pos as usize, e.len as usize)
+                    bufs.fill_zero(pos as usize, e.len as usize)
                 }
-                ExtentKind::Backing => self.read_backing(bufs, pos, e.len, offset + pos)?,
+                ExtentKind::Backing => self.read_backing(&mut bufs, pos, e.len, offset + pos)?,
                 ExtentKind::Compressed { host, len } => {
                     let data = self.decompressed(host, len, gen)?;
                     let skip = ((offset + pos) & (cs - 1)) as usize;
-                    copy_to_iov(bufs, pos as usize, &data[skip..skip + e.len as usize]);
+                    bufs.copy_from_slice(pos as usize, &data[skip..skip + e.len as usize]);
                 }
             }
             pos += e.len;
@@ -108,7 +60,8 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
         offset: u64,
         flags: WriteFlags,
     ) -> Result<()> {
-        let len = iov_len(bufs);
+        let bufs = Iov::from_io_slices(bufs);
+        let len = bufs.len() as u64;
         if len == 0 {
             return if self.read_only {
                 Err(Error::ReadOnly)
@@ -121,8 +74,9 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
         let mut pos = 0;
         for e in map.extents() {
             if let ExtentKind::Data(h) = e.kind {
-                let sub = slice_iov(bufs, pos, e.len);
-                self.file.write_vectored_at(&sub, h, WriteFlags::NONE)?;
+                let sub = bufs.sub(pos as usize, e.len as usize);
+                self.file
+                    .write_vectored_at(&sub.io_slices(), h, WriteFlags::NONE)?;
             }
             pos += e.len;
         }

@@ -1,14 +1,13 @@
 //! Mapping guest ranges for reading, and reading what the file alone cannot
 //! serve (compressed clusters, the backing image).
 
-use std::io::IoSliceMut;
 use std::sync::Arc;
 
-use super::backend::slice_iov_mut;
 use super::meta::{classify, compressed_range, L2State, OFFSET_MASK};
 use super::{compress, DecompressedCluster, Qcow2};
-use crate::backend::{check_range, zero_iov, BlockBackend};
+use crate::backend::{check_range, BlockBackend};
 use crate::error::{Corruption, Error, Result, Unsupported};
+use crate::iov::Iov;
 use crate::mapping::{push_extent, Extent, ExtentKind, Mapping};
 
 impl<F: BlockBackend> Qcow2<F> {
@@ -152,22 +151,22 @@ impl<F: BlockBackend> Qcow2<F> {
     /// `bufs` from `skip` on; zeroes past the backing image's end.
     pub(super) fn read_backing(
         &self,
-        bufs: &mut [IoSliceMut<'_>],
+        bufs: &mut Iov<&mut [u8]>,
         skip: u64,
         len: u64,
         guest: u64,
     ) -> Result<()> {
         let Some(b) = &self.backing else {
-            zero_iov(bufs, skip as usize, len as usize);
+            bufs.fill_zero(skip as usize, len as usize);
             return Ok(());
         };
         let avail = b.size().saturating_sub(guest).min(len);
         if avail > 0 {
-            let mut sub = slice_iov_mut(bufs, skip, avail);
-            b.read_vectored_at(&mut sub, guest)?;
+            let mut sub = bufs.reborrow().slice(skip as usize, avail as usize);
+            b.read_vectored_at(&mut sub.io_slices_mut(), guest)?;
         }
         if avail < len {
-            zero_iov(bufs, (skip + avail) as usize, (len - avail) as usize);
+            bufs.fill_zero((skip + avail) as usize, (len - avail) as usize);
         }
         Ok(())
     }
@@ -177,7 +176,7 @@ impl<F: BlockBackend> Qcow2<F> {
     /// without one).
     pub(super) fn backing_bytes(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         let n = buf.len() as u64;
-        self.read_backing(&mut [IoSliceMut::new(buf)], 0, n, guest)
+        self.read_backing(&mut Iov::from(buf), 0, n, guest)
     }
 
     /// Whether `[pos, pos + n)` reads as zeroes without looking at data.
