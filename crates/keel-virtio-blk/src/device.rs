@@ -18,6 +18,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use crate::request::{ID_BYTES, SECTOR_SIZE};
+use crate::stats::{BlockStats, Stats};
 use crate::worker::{QueueContext, Worker};
 
 /// The virtio device type of block devices.
@@ -181,8 +182,43 @@ pub struct Block {
     opts: BlockOptions,
     sizes: Vec<u16>,
     writeback: Arc<AtomicBool>,
-    throttle: Option<Arc<Mutex<Throttle>>>,
+    /// Always present (0: unlimited), so limits can change while the workers run.
+    throttle: Arc<Mutex<Throttle>>,
+    limits: Arc<Mutex<(u64, u64)>>,
+    stats: Arc<Stats>,
     workers: Vec<Worker>,
+}
+
+/// What the host can do with a device while the guest uses it: read its I/O totals and
+/// change its limits. Cheap to clone.
+#[derive(Clone)]
+pub struct BlockHandle {
+    throttle: Arc<Mutex<Throttle>>,
+    limits: Arc<Mutex<(u64, u64)>>,
+    stats: Arc<Stats>,
+}
+
+impl BlockHandle {
+    /// The device's I/O totals (requests completed, bytes, time), counted by the device.
+    pub fn stats(&self) -> BlockStats {
+        self.stats.snapshot()
+    }
+
+    /// Changes the limits (requests per second, bytes per second; 0: unlimited) of
+    /// requests not yet started, whether or not the device runs.
+    pub fn set_limits(&self, iops: u64, bps: u64) {
+        let mut l = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
+        *l = (iops, bps);
+        self.throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reconfigure(iops, bps, Instant::now());
+    }
+
+    /// The limits in force: (requests per second, bytes per second), 0 for unlimited.
+    pub fn limits(&self) -> (u64, u64) {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Block {
@@ -225,43 +261,36 @@ impl Block {
         if size % SECTOR_SIZE != 0 {
             return Err(Error::Size(size));
         }
-        let throttle = (opts.iops > 0 || opts.bps > 0).then(|| {
-            Arc::new(Mutex::new(Throttle::new(
-                opts.iops,
-                opts.bps,
-                Instant::now(),
-            )))
-        });
+        let throttle = Arc::new(Mutex::new(Throttle::new(
+            opts.iops,
+            opts.bps,
+            Instant::now(),
+        )));
         Ok(Block {
             writeback: Arc::new(AtomicBool::new(opts.writeback)),
             sizes: vec![opts.queue_size; usize::from(opts.queues)],
             disk,
             opts,
             throttle,
+            limits: Arc::new(Mutex::new((opts.iops, opts.bps))),
+            stats: Arc::new(Stats::default()),
             workers: Vec::new(),
         })
+    }
+
+    /// A handle for the host: I/O totals and live limits.
+    pub fn handle(&self) -> BlockHandle {
+        BlockHandle {
+            throttle: self.throttle.clone(),
+            limits: self.limits.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     /// Changes the I/O limits at run time (0: unlimited); applies to requests not yet
     /// started.
     pub fn set_limits(&mut self, iops: u64, bps: u64) {
-        match &self.throttle {
-            Some(t) => t
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .reconfigure(iops, bps, Instant::now()),
-            None if iops > 0 || bps > 0 => {
-                // Takes effect at the next activation (workers hold the throttle).
-                self.throttle = Some(Arc::new(Mutex::new(Throttle::new(
-                    iops,
-                    bps,
-                    Instant::now(),
-                ))));
-            }
-            None => {}
-        }
-        self.opts.iops = iops;
-        self.opts.bps = bps;
+        self.handle().set_limits(iops, bps);
     }
 
     fn capacity(&self) -> u64 {
@@ -409,7 +438,8 @@ impl VirtioDevice for Block {
                 id: self.disk.id,
                 engine: self.disk.engine.clone(),
                 writeback: self.writeback.clone(),
-                throttle: self.throttle.clone(),
+                throttle: Some(self.throttle.clone()),
+                stats: self.stats.clone(),
                 poll_us: self.opts.poll_us,
             };
             match Worker::spawn(qc) {

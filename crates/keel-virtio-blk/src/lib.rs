@@ -19,9 +19,11 @@
 
 pub mod device;
 pub mod request;
+mod stats;
 mod worker;
 
-pub use device::{Block, BlockOptions, DataBuf, Disk, Error, BLOCK_DEVICE_TYPE};
+pub use device::{Block, BlockHandle, BlockOptions, DataBuf, Disk, Error, BLOCK_DEVICE_TYPE};
+pub use stats::{BlockStats, OpStats};
 #[cfg(feature = "test-utils")]
 pub use worker::SyncServer;
 

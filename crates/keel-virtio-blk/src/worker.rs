@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{DataBuf, EngineFactory};
 use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
+use crate::stats::{Kind, Stats};
 
 /// Everything a queue's worker needs.
 pub(crate) struct QueueContext {
@@ -44,6 +45,8 @@ pub(crate) struct QueueContext {
     pub engine: Arc<EngineFactory>,
     pub writeback: Arc<AtomicBool>,
     pub throttle: Option<Arc<Mutex<Throttle>>>,
+    /// The device's I/O totals.
+    pub stats: Arc<Stats>,
     /// How long to keep watching the ring after the last activity, in microseconds.
     pub poll_us: u32,
 }
@@ -130,6 +133,9 @@ struct InFlight {
     status: Status,
     /// A write that still needs a flush before it completes (write cache off).
     flush_after: bool,
+    /// What the request counts as in the device's totals (None: not counted), its bytes,
+    /// and when the device took it.
+    account: Option<(Kind, u64, Instant)>,
 }
 
 struct Slots {
@@ -207,6 +213,7 @@ impl SyncServer {
                     engine: disk.engine.clone(),
                     writeback: Arc::new(AtomicBool::new(true)),
                     throttle: None,
+                    stats: Arc::new(Stats::default()),
                     poll_us: 0,
                 },
                 slots: Slots {
@@ -516,6 +523,8 @@ impl State {
                 };
                 let flush_after = write && !self.ctx.writeback.load(Ordering::SeqCst);
                 let slot = self.open(head, req.status, used_len, flush_after);
+                let kind = if write { Kind::Write } else { Kind::Read };
+                self.account(slot, kind, data_len as u64);
                 if !req.data.is_empty() {
                     // The request owns its ranges and a handle on guest memory until it
                     // completes.
@@ -534,6 +543,7 @@ impl State {
             }
             Op::Flush => {
                 let slot = self.open(head, req.status, 1, false);
+                self.account(slot, Kind::Flush, 0);
                 self.submit(slot, AioRequest::flush(slot as u64));
                 self.close(slot);
             }
@@ -569,7 +579,15 @@ impl State {
             pending: 1,
             status: Status::Ok,
             flush_after,
+            account: None,
         })
+    }
+
+    /// Counts `slot`'s request in the device's totals when it completes.
+    fn account(&mut self, slot: usize, kind: Kind, bytes: u64) {
+        if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
+            f.account = Some((kind, bytes, Instant::now()));
+        }
     }
 
     fn close(&mut self, slot: usize) {
@@ -613,6 +631,11 @@ impl State {
             return;
         }
         if let Some(f) = self.slots.take(slot) {
+            if let Some((kind, bytes, since)) = f.account {
+                self.ctx
+                    .stats
+                    .record(kind, bytes, f.status == Status::Ok, since.elapsed());
+            }
             let len = if f.status == Status::Ok {
                 f.used_len
             } else {
