@@ -9,6 +9,8 @@
 //! | `system_powerdown` | presses the ACPI power button: PM1_STS.PWRBTN_STS and the SCI (`POWERDOWN`) |
 //! | `quit` | ends keel in order: vCPUs stopped, devices dropped, disks flushed and closed (`SHUTDOWN`) |
 //! | `query-balloon`, `balloon` | through [`Balloon`]; `DeviceNotActive` without a balloon |
+//! | `query-block`, `query-blockstats` | each `--disk` (`disk0`, `disk1`, ...): image, limits, and the device's own I/O totals |
+//! | `block_set_io_throttle` | a disk's `iops`/`bps` limits, changed while the guest runs |
 //!
 //! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
 //! keel gets a termination signal.
@@ -22,7 +24,12 @@ use keel_virtio_balloon::spec::BALLOON_PAGE;
 use keel_virtio_balloon::BalloonHandle;
 use serde_json::{json, Value};
 
+use keel_block::image::Format;
+use keel_block::CacheMode;
+use keel_virtio_blk::BlockHandle;
+
 use crate::devices::AcpiPm;
+use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
 
 /// What the balloon commands need from a balloon device.
@@ -56,6 +63,107 @@ impl Balloon for GuestBalloon {
     }
 }
 
+/// A `--disk` as the block commands see it.
+pub struct DiskInfo {
+    /// The name commands use: `disk0`, `disk1`, ... in `--disk` order.
+    pub name: String,
+    /// How it was opened.
+    pub spec: DiskSpec,
+    /// The image format (probed or given).
+    pub format: Format,
+    /// The image's virtual size in bytes.
+    pub size: u64,
+    /// The device's statistics and limits.
+    pub handle: BlockHandle,
+}
+
+impl DiskInfo {
+    /// QAPI `BlockInfo`.
+    fn block_info(&self) -> Value {
+        let (iops, bps) = self.handle.limits();
+        let file = self.spec.path.display().to_string();
+        let cache = self.spec.image.file.cache;
+        json!({
+            "device": self.name,
+            "qdev": format!("/machine/peripheral-anon/{}/virtio-backend", self.name),
+            "type": "unknown",
+            "removable": false,
+            "locked": false,
+            "io-status": "ok",
+            "inserted": {
+                "file": file,
+                "node-name": self.name,
+                "ro": self.spec.image.file.read_only,
+                "drv": format_name(self.format),
+                "backing_file_depth": 0,
+                "encrypted": false,
+                "detect_zeroes": "off",
+                "bps": bps, "bps_rd": 0, "bps_wr": 0,
+                "iops": iops, "iops_rd": 0, "iops_wr": 0,
+                "write_threshold": 0,
+                "cache": {
+                    "writeback": !cache.dsync(),
+                    "direct": cache.direct(),
+                    "no-flush": cache == CacheMode::Unsafe,
+                },
+                "image": {
+                    "filename": file,
+                    "format": format_name(self.format),
+                    "virtual-size": self.size,
+                },
+            },
+        })
+    }
+
+    /// QAPI `BlockStats`.
+    fn block_stats(&self) -> Value {
+        let s = self.handle.stats();
+        json!({
+            "device": self.name,
+            "node-name": self.name,
+            "qdev": format!("/machine/peripheral-anon/{}/virtio-backend", self.name),
+            "stats": {
+                "rd_bytes": s.read.bytes,
+                "wr_bytes": s.write.bytes,
+                "rd_operations": s.read.operations,
+                "wr_operations": s.write.operations,
+                "flush_operations": s.flush.operations,
+                "failed_rd_operations": s.read.failed,
+                "failed_wr_operations": s.write.failed,
+                "failed_flush_operations": s.flush.failed,
+                "rd_total_time_ns": s.read.total_time_ns,
+                "wr_total_time_ns": s.write.total_time_ns,
+                "flush_total_time_ns": s.flush.total_time_ns,
+                "account_invalid": false,
+                "account_failed": true,
+            },
+        })
+    }
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Raw => "raw",
+        Format::Qcow2 => "qcow2",
+    }
+}
+
+/// `block_set_io_throttle`'s arguments (QAPI `BlockIOThrottle`): keel limits totals only,
+/// so the per-direction limits must be 0; bursts and groups are accepted and unused only
+/// when left at their defaults.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Throttle {
+    device: Option<String>,
+    id: Option<String>,
+    bps: u64,
+    bps_rd: u64,
+    bps_wr: u64,
+    iops: u64,
+    iops_rd: u64,
+    iops_wr: u64,
+}
+
 /// One boot of the VM: what commands act on.
 pub struct Boot {
     /// Every vCPU.
@@ -66,6 +174,8 @@ pub struct Boot {
     pub exit: Arc<ExitSignal>,
     /// The PM block with the power button.
     pub pm: Arc<AcpiPm>,
+    /// The disks.
+    pub disks: Vec<DiskInfo>,
     /// The balloon device, if the VM has one.
     pub balloon: Option<Arc<dyn Balloon>>,
 }
@@ -230,6 +340,30 @@ impl Machine {
         Value::Array(cpus.collect())
     }
 
+    fn disks(&self, f: fn(&DiskInfo) -> Value) -> Value {
+        let st = self.state();
+        let disks = st.boot.as_ref().map_or(&[][..], |b| &b.disks[..]);
+        Value::Array(disks.iter().map(f).collect())
+    }
+
+    fn with_disk(
+        &self,
+        name: &str,
+        f: impl FnOnce(&DiskInfo) -> Value,
+    ) -> Result<Value, CommandError> {
+        let st = self.state();
+        st.boot
+            .as_ref()
+            .and_then(|b| b.disks.iter().find(|d| d.name == name))
+            .map(f)
+            .ok_or_else(|| {
+                CommandError::new(
+                    ErrorClass::DeviceNotFound,
+                    format!("Device '{name}' not found"),
+                )
+            })
+    }
+
     fn balloon(&self) -> Result<Arc<dyn Balloon>, CommandError> {
         self.state().balloon.clone().ok_or_else(|| {
             CommandError::new(
@@ -260,6 +394,9 @@ impl Handler for Machine {
             "quit",
             "query-balloon",
             "balloon",
+            "query-block",
+            "query-blockstats",
+            "block_set_io_throttle",
         ]
     }
 
@@ -272,6 +409,22 @@ impl Handler for Machine {
             }
             b.set_target(a.value as u64);
             return Ok(json!({}));
+        }
+        if command == "block_set_io_throttle" {
+            let t: Throttle = args.parse()?;
+            let name = t
+                .device
+                .or(t.id)
+                .ok_or_else(|| CommandError::generic("Need exactly one of 'device' and 'id'"))?;
+            if t.bps_rd | t.bps_wr | t.iops_rd | t.iops_wr != 0 {
+                return Err(CommandError::generic(
+                    "keel limits totals only: bps_rd, bps_wr, iops_rd and iops_wr must be 0",
+                ));
+            }
+            return self.with_disk(&name, |d| {
+                d.handle.set_limits(t.iops, t.bps);
+                json!({})
+            });
         }
         args.none()?;
         match command {
@@ -311,6 +464,8 @@ impl Handler for Machine {
                 Ok(json!({}))
             }
             "query-balloon" => Ok(json!({"actual": self.balloon()?.actual()})),
+            "query-block" => Ok(self.disks(DiskInfo::block_info)),
+            "query-blockstats" => Ok(self.disks(DiskInfo::block_stats)),
             other => Err(CommandError::not_found(other)),
         }
     }

@@ -514,8 +514,16 @@ fn boot_once(
         }
     }
     let mut images = Vec::new();
+    let mut disks = Vec::new();
     for (i, spec) in cfg.disks.iter().enumerate() {
         let (block, image) = crate::disk::open(spec, i)?;
+        disks.push(crate::qmp::DiskInfo {
+            name: format!("disk{i}"),
+            spec: spec.clone(),
+            format: image.format(),
+            size: image.backend().size(),
+            handle: block.handle(),
+        });
         virtio.push(block);
         images.push(image);
     }
@@ -579,6 +587,7 @@ fn boot_once(
         thread_ids: thread_ids.clone(),
         exit: exit.clone(),
         pm,
+        disks,
         balloon: balloon_handle.clone().map(|handle| {
             Arc::new(GuestBalloon {
                 handle,

@@ -221,6 +221,60 @@ async def check_stop_cont(vm, qmp, disk):
         "then went on")
 
 
+async def ticks_in(vm, seconds):
+    """How many ticks the guest printed in the next `seconds`."""
+    before = len(vm.ticks())
+    await asyncio.sleep(seconds)
+    return len(vm.ticks()) - before
+
+
+async def wr_ops(qmp):
+    stats = {s["device"]: s["stats"] for s in await qmp.execute("query-blockstats")}
+    return stats["disk0"]
+
+
+def throttle(iops):
+    return {"device": "disk0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+            "iops": iops, "iops_rd": 0, "iops_wr": 0}
+
+
+async def check_block(vm, qmp, disk):
+    blocks = {b["device"]: b for b in await qmp.execute("query-block")}
+    b = blocks["disk0"]["inserted"]
+    assert b["file"] == disk and b["drv"] == "raw" and not b["ro"], b
+    assert b["image"]["virtual-size"] == 16 << 20, b
+    assert b["iops"] == 0 and b["bps"] == 0, b
+    # The device's own counters follow the guest's writes: one 4 KiB write per tick.
+    s1 = await wr_ops(qmp)
+    n = await ticks_in(vm, 1.0)
+    s2 = await wr_ops(qmp)
+    ops = s2["wr_operations"] - s1["wr_operations"]
+    assert abs(ops - n) <= 2 and 5 <= n, f"{ops} writes for {n} ticks"
+    assert s2["wr_bytes"] - s1["wr_bytes"] == 4096 * ops, (s1, s2)
+    assert s2["wr_total_time_ns"] > s1["wr_total_time_ns"], (s1, s2)
+    # Throttled to 2 writes a second, the guest's tick loop (one write a tick) slows
+    # down to match; unthrottled it is back to 10 a second.
+    free = await ticks_in(vm, 2.0)
+    await qmp.execute("block_set_io_throttle", throttle(2))
+    blocks = {b["device"]: b for b in await qmp.execute("query-block")}
+    assert blocks["disk0"]["inserted"]["iops"] == 2
+    await asyncio.sleep(0.5)  # let the queue settle to the new rate
+    s1 = await wr_ops(qmp)
+    slow = await ticks_in(vm, 3.0)
+    s2 = await wr_ops(qmp)
+    slow_ops = s2["wr_operations"] - s1["wr_operations"]
+    await qmp.execute("block_set_io_throttle", throttle(0))
+    await asyncio.sleep(1.0)  # the guest catches up on the ticks it owes
+    again = await ticks_in(vm, 2.0)
+    assert slow_ops <= 9 and slow <= 10, f"throttled to 2 IOPS: {slow_ops} writes in 3 s"
+    assert free >= 14 and again >= 14, f"unthrottled: {free} then {again} ticks in 2 s"
+    await expect_error(qmp, "block_set_io_throttle", dict(throttle(1), device="nope"),
+                       "DeviceNotFound")
+    log(f"block: query-block, query-blockstats ({ops} writes for {n} ticks); "
+        f"throttled to 2 IOPS the guest wrote {slow_ops} times in 3 s, "
+        f"{free} and {again} ticks in 2 s unthrottled")
+
+
 async def check_balloon(qmp):
     for cmd, args in (("query-balloon", None), ("balloon", {"value": 64 << 20})):
         msg = await expect_error(qmp, cmd, args, "DeviceNotActive")
@@ -410,6 +464,7 @@ async def main():
         await check_queries(vm, qmp)
         await check_stop_cont(vm, qmp, disk)
         await check_balloon(qmp)
+        await check_block(vm, qmp, disk)
         qmp = await check_bad_input(vm, qmp)
         if args.target == "keel":
             await check_many_clients(vm, qmp)
