@@ -108,7 +108,7 @@ pub const SEGMENT_BYTES: u32 = 16;
 pub const WZ_UNMAP: u32 = 1;
 
 /// `struct virtio_blk_config` offsets (section 5.2.4).
-mod cfg {
+pub mod cfg {
     pub const CAPACITY: u64 = 0;
     pub const SIZE_MAX: u64 = 8;
     pub const SEG_MAX: u64 = 12;

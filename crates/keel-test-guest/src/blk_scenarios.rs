@@ -1077,9 +1077,34 @@ fn mq_steps(c: &Ctx) -> Outcome {
 /// can see whether the guest's writes stand still (while the VM is stopped).
 pub struct TickDisk<'a> {
     b: Blk<'a>,
+    /// Configuration interrupts seen (virtio-pci: MSI-X entry 0, vector 0x50);
+    /// `None` on virtio-mmio, where they are not watched.
+    config_irqs: Option<u64>,
 }
 
 impl TickDisk<'_> {
+    /// After a configuration-change interrupt, the capacity (sectors) read
+    /// again, if it changed.
+    pub fn capacity_changed(&mut self) -> Result<Option<u64>, Text<160>> {
+        let Some(seen) = self.config_irqs else {
+            return Ok(None);
+        };
+        let now = irq::vec_count(0);
+        if now == seen {
+            return Ok(None);
+        }
+        self.config_irqs = Some(now);
+        let cap = self
+            .b
+            .t
+            .config_consistent(|t| t.config_read64(blk::cfg::CAPACITY))?;
+        if cap == self.b.cfg.capacity {
+            return Ok(None);
+        }
+        self.b.cfg.capacity = cap;
+        Ok(Some(cap))
+    }
+
     /// Writes block 0: `keel-test tick N\n` in ASCII, zero-padded to 4 KiB.
     pub fn write_tick(&mut self, n: u64) -> Outcome {
         let mut line = Text::<64>::new();
@@ -1113,7 +1138,9 @@ pub fn with_tick_disk(
         return body(None);
     }
     with_device(name, boot, acpi, |c| {
-        let mut disk = TickDisk { b: open(c)? };
+        let b = open(c)?;
+        let config_irqs = (c.irqs == Irqs::Pci).then(|| irq::vec_count(0));
+        let mut disk = TickDisk { b, config_irqs };
         body(Some(&mut disk))
     })
 }

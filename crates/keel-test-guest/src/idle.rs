@@ -53,6 +53,17 @@ fn run(acpi: &Acpi, mut disk: Option<&mut TickDisk>) -> Outcome {
             }
             n += 1;
         }
+        if let Some(cap) = disk
+            .as_deref_mut()
+            .map(TickDisk::capacity_changed)
+            .transpose()?
+            .flatten()
+        {
+            println!(
+                "keel-test: idle: configuration change: capacity {cap} sectors ({} MiB)",
+                cap >> 11
+            );
+        }
         arch::idle_wait();
     }
 }

@@ -2,7 +2,7 @@
 //! that parses requests and runs them asynchronously on a keel-block I/O engine.
 
 use std::mem::{offset_of, size_of};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -11,7 +11,9 @@ use keel_block::buf::GuestBuf;
 use keel_block::throttle::Throttle;
 use keel_block::BlockBackend;
 use keel_memory::GuestMemoryMmap;
-use keel_virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use keel_virtio::device::{
+    ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt,
+};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -186,7 +188,15 @@ pub struct Block {
     throttle: Arc<Mutex<Throttle>>,
     limits: Arc<Mutex<(u64, u64)>>,
     stats: Arc<Stats>,
+    live: Arc<Live>,
     workers: Vec<Worker>,
+}
+
+/// What the host changes under a running device: the capacity the workers check requests
+/// against, and the interrupt that tells the driver (set while the device is active).
+struct Live {
+    capacity: Arc<AtomicU64>,
+    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
 }
 
 /// What the host can do with a device while the guest uses it: read its I/O totals and
@@ -196,6 +206,8 @@ pub struct BlockHandle {
     throttle: Arc<Mutex<Throttle>>,
     limits: Arc<Mutex<(u64, u64)>>,
     stats: Arc<Stats>,
+    live: Arc<Live>,
+    backend: Arc<dyn BlockBackend>,
 }
 
 impl BlockHandle {
@@ -213,6 +225,26 @@ impl BlockHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .reconfigure(iops, bps, Instant::now());
+    }
+
+    /// Tells the device that its backend's size changed (the host grew the image): the
+    /// configuration space shows the new capacity, requests are checked against it, and
+    /// the driver gets a configuration-change interrupt. Returns the capacity in sectors.
+    pub fn capacity_changed(&self) -> u64 {
+        let sectors = self.backend.size() / SECTOR_SIZE;
+        self.live.capacity.store(sectors, Ordering::SeqCst);
+        let interrupt = self
+            .live
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(i) = interrupt {
+            if let Err(e) = i.trigger(InterruptKind::Config) {
+                log::warn!("virtio-blk: cannot signal a configuration change: {e}");
+            }
+        }
+        sectors
     }
 
     /// The limits in force: (requests per second, bytes per second), 0 for unlimited.
@@ -274,6 +306,10 @@ impl Block {
             throttle,
             limits: Arc::new(Mutex::new((opts.iops, opts.bps))),
             stats: Arc::new(Stats::default()),
+            live: Arc::new(Live {
+                capacity: Arc::new(AtomicU64::new(size / SECTOR_SIZE)),
+                interrupt: Mutex::new(None),
+            }),
             workers: Vec::new(),
         })
     }
@@ -284,6 +320,8 @@ impl Block {
             throttle: self.throttle.clone(),
             limits: self.limits.clone(),
             stats: self.stats.clone(),
+            live: self.live.clone(),
+            backend: self.disk.backend.clone(),
         }
     }
 
@@ -294,7 +332,7 @@ impl Block {
     }
 
     fn capacity(&self) -> u64 {
-        self.disk.backend.size() / SECTOR_SIZE
+        self.live.capacity.load(Ordering::SeqCst)
     }
 
     fn read_only(&self) -> bool {
@@ -424,7 +462,13 @@ impl VirtioDevice for Block {
         if ctx.queues.is_empty() {
             return Err(ActivateError::MissingQueue(0));
         }
-        let limits = self.limits();
+        let mut limits = self.limits();
+        limits.capacity = self.capacity();
+        *self
+            .live
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(ctx.interrupt.clone());
         let mem = Arc::new(ctx.mem);
         for q in ctx.queues {
             let qc = QueueContext {
@@ -440,6 +484,7 @@ impl VirtioDevice for Block {
                 writeback: self.writeback.clone(),
                 throttle: Some(self.throttle.clone()),
                 stats: self.stats.clone(),
+                capacity: Some(self.live.capacity.clone()),
                 poll_us: self.opts.poll_us,
             };
             match Worker::spawn(qc) {
@@ -455,6 +500,11 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.stop_workers();
+        *self
+            .live
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         self.writeback.store(self.opts.writeback, Ordering::SeqCst);
     }
 }

@@ -11,7 +11,7 @@
 //! in guest memory afterwards.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -47,6 +47,8 @@ pub(crate) struct QueueContext {
     pub throttle: Option<Arc<Mutex<Throttle>>>,
     /// The device's I/O totals.
     pub stats: Arc<Stats>,
+    /// The capacity in sectors when the host can change it (`limits.capacity` follows).
+    pub capacity: Option<Arc<AtomicU64>>,
     /// How long to keep watching the ring after the last activity, in microseconds.
     pub poll_us: u32,
 }
@@ -214,6 +216,7 @@ impl SyncServer {
                     writeback: Arc::new(AtomicBool::new(true)),
                     throttle: None,
                     stats: Arc::new(Stats::default()),
+                    capacity: None,
                     poll_us: 0,
                 },
                 slots: Slots {
@@ -387,6 +390,9 @@ impl State {
                 let Some(chain) = chain else { break };
                 taken += 1;
                 let head = chain.head_index();
+                if let Some(c) = &self.ctx.capacity {
+                    self.ctx.limits.capacity = c.load(Ordering::Relaxed);
+                }
                 let parsed = request::parse(&*mem, chain.clone(), &self.ctx.limits);
                 if let (Some(t), Ok(r)) = (&self.ctx.throttle, &parsed) {
                     // Waits for the request's turn (operations and bytes).

@@ -11,6 +11,7 @@
 //! | `query-balloon`, `balloon` | through [`Balloon`]; `DeviceNotActive` without a balloon |
 //! | `query-block`, `query-blockstats` | each `--disk` (`disk0`, `disk1`, ...): image, limits, and the device's own I/O totals |
 //! | `block_set_io_throttle` | a disk's `iops`/`bps` limits, changed while the guest runs |
+//! | `block_resize` | grows a raw disk; the guest gets a configuration-change interrupt |
 //!
 //! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
 //! keel gets a termination signal.
@@ -25,7 +26,7 @@ use keel_virtio_balloon::BalloonHandle;
 use serde_json::{json, Value};
 
 use keel_block::image::Format;
-use keel_block::CacheMode;
+use keel_block::{BlockBackend, CacheMode, RawFile};
 use keel_virtio_blk::BlockHandle;
 
 use crate::devices::AcpiPm;
@@ -71,8 +72,10 @@ pub struct DiskInfo {
     pub spec: DiskSpec,
     /// The image format (probed or given).
     pub format: Format,
-    /// The image's virtual size in bytes.
+    /// The image's virtual size in bytes when opened.
     pub size: u64,
+    /// The file of a raw image (`block_resize` grows it).
+    pub raw: Option<Arc<RawFile>>,
     /// The device's statistics and limits.
     pub handle: BlockHandle,
 }
@@ -109,10 +112,48 @@ impl DiskInfo {
                 "image": {
                     "filename": file,
                     "format": format_name(self.format),
-                    "virtual-size": self.size,
+                    "virtual-size": self.virtual_size(),
                 },
             },
         })
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.raw.as_ref().map_or(self.size, |r| r.size())
+    }
+
+    /// `block_resize`: grows a raw image and tells the device (the guest gets a
+    /// configuration-change interrupt).
+    fn resize(&self, size: u64) -> Result<Value, CommandError> {
+        let Some(raw) = &self.raw else {
+            return Err(CommandError::generic(format!(
+                "keel resizes raw images only; '{}' is {}",
+                self.name,
+                format_name(self.format)
+            )));
+        };
+        if self.spec.image.file.read_only {
+            return Err(CommandError::generic(format!(
+                "Device '{}' is read only",
+                self.name
+            )));
+        }
+        if size % 512 != 0 || size < raw.size() {
+            return Err(CommandError::generic(format!(
+                "keel grows disks only, in whole 512-byte sectors: {size} is not above {} \
+                 or not a multiple of 512",
+                raw.size()
+            )));
+        }
+        raw.set_len(size).map_err(|e| {
+            CommandError::generic(format!(
+                "resizing {}: {}",
+                self.name,
+                keel_bus::ErrorChain(&e)
+            ))
+        })?;
+        self.handle.capacity_changed();
+        Ok(json!({}))
     }
 
     /// QAPI `BlockStats`.
@@ -162,6 +203,16 @@ struct Throttle {
     iops: u64,
     iops_rd: u64,
     iops_wr: u64,
+}
+
+/// `block_resize`'s arguments.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    device: Option<String>,
+    #[serde(rename = "node-name")]
+    node_name: Option<String>,
+    size: u64,
 }
 
 /// One boot of the VM: what commands act on.
@@ -346,11 +397,7 @@ impl Machine {
         Value::Array(disks.iter().map(f).collect())
     }
 
-    fn with_disk(
-        &self,
-        name: &str,
-        f: impl FnOnce(&DiskInfo) -> Value,
-    ) -> Result<Value, CommandError> {
+    fn with_disk<T>(&self, name: &str, f: impl FnOnce(&DiskInfo) -> T) -> Result<T, CommandError> {
         let st = self.state();
         st.boot
             .as_ref()
@@ -397,6 +444,7 @@ impl Handler for Machine {
             "query-block",
             "query-blockstats",
             "block_set_io_throttle",
+            "block_resize",
         ]
     }
 
@@ -423,8 +471,20 @@ impl Handler for Machine {
             }
             return self.with_disk(&name, |d| {
                 d.handle.set_limits(t.iops, t.bps);
-                json!({})
-            });
+                Ok(json!({}))
+            })?;
+        }
+        if command == "block_resize" {
+            let r: Resize = args.parse()?;
+            let name = r.device.or(r.node_name).ok_or_else(|| {
+                CommandError::generic("Need exactly one of 'device' and 'node-name'")
+            })?;
+            // QEMU looks the name up as a drive or a node: its error says so.
+            return self.with_disk(&name, |d| d.resize(r.size)).map_err(|_| {
+                CommandError::generic(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                ))
+            })?;
         }
         args.none()?;
         match command {

@@ -522,6 +522,10 @@ fn boot_once(
             spec: spec.clone(),
             format: image.format(),
             size: image.backend().size(),
+            raw: match &image {
+                keel_block::image::Image::Raw(r) => Some(r.clone()),
+                keel_block::image::Image::Qcow2(_) => None,
+            },
             handle: block.handle(),
         });
         virtio.push(block);

@@ -270,9 +270,19 @@ async def check_block(vm, qmp, disk):
     assert free >= 14 and again >= 14, f"unthrottled: {free} then {again} ticks in 2 s"
     await expect_error(qmp, "block_set_io_throttle", dict(throttle(1), device="nope"),
                        "DeviceNotFound")
+    # Grown to 32 MiB, the guest hears of it through a configuration interrupt.
+    assert await qmp.execute("block_resize", {"device": "disk0", "size": 32 << 20}) == {}
+    await vm.wait_serial("the guest seeing the new capacity",
+                         lambda out: "configuration change: capacity 65536 sectors" in out,
+                         EVENT_TIMEOUT)
+    blocks = {b["device"]: b for b in await qmp.execute("query-block")}
+    assert blocks["disk0"]["inserted"]["image"]["virtual-size"] == 32 << 20
+    assert os.path.getsize(disk) == 32 << 20
+    await expect_error(qmp, "block_resize", {"device": "nope", "size": 1 << 20},
+                       "GenericError")
     log(f"block: query-block, query-blockstats ({ops} writes for {n} ticks); "
         f"throttled to 2 IOPS the guest wrote {slow_ops} times in 3 s, "
-        f"{free} and {again} ticks in 2 s unthrottled")
+        f"{free} and {again} ticks in 2 s unthrottled; block_resize seen by the guest")
 
 
 async def check_balloon(qmp):
