@@ -95,6 +95,13 @@ class Vm:
         except FileNotFoundError:
             return ""
 
+    def summary(self):
+        """The serial output without tick lines (and the last tick)."""
+        lines = self.output().splitlines()
+        rest = [line for line in lines if not line.startswith("keel-test: tick ")]
+        ticks = self.ticks()
+        return "\n".join(rest + [f"(last tick: {ticks[-1] if ticks else None})"])
+
     def ticks(self):
         return [int(n) for n in re.findall(r"keel-test: tick (\d+)", self.output())]
 
@@ -103,9 +110,9 @@ class Vm:
         while not cond(self.output()):
             if self.proc.poll() is not None:
                 raise AssertionError(f"VMM exited ({self.proc.returncode}) waiting for {what}; "
-                                     f"serial:\n{self.output()}\nstderr:\n{self.stderr_text()}")
+                                     f"serial:\n{self.summary()}\nstderr:\n{self.stderr_text()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; serial:\n{self.output()}")
+                raise AssertionError(f"timed out waiting for {what}; serial:\n{self.summary()}")
             await asyncio.sleep(0.05)
 
     async def wait_exit(self, timeout=30.0):
