@@ -55,6 +55,9 @@ impl VirtioDevice for Sync {
     fn reset(&mut self) {
         *self.active.lock().unwrap() = None;
     }
+    // Served on the fuzzer's thread: nothing runs on its own.
+    fn pause(&mut self) {}
+    fn resume(&mut self) {}
 }
 
 fn serve(active: &Mutex<Option<ActivateContext>>) {

@@ -597,6 +597,19 @@ impl VirtioDevice for Balloon {
         Ok(())
     }
 
+    fn pause(&mut self) {
+        // The statistics timer only kicks the worker, which is parked.
+        if let Some(r) = &self.running {
+            r.worker.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(r) = &self.running {
+            r.worker.resume();
+        }
+    }
+
     fn reset(&mut self) {
         *locked(&self.shared.link) = None;
         if let Some(mut r) = self.running.take() {

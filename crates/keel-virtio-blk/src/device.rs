@@ -14,6 +14,7 @@ use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{
     ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
+use keel_virtio::worker::PauseGate;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -190,6 +191,8 @@ pub struct Block {
     stats: Arc<Stats>,
     live: Arc<Live>,
     workers: Vec<Worker>,
+    /// The running workers' gate (a fresh one each activation).
+    gate: Arc<PauseGate>,
 }
 
 /// What the host changes under a running device: the capacity the workers check requests
@@ -311,6 +314,7 @@ impl Block {
                 interrupt: Mutex::new(None),
             }),
             workers: Vec::new(),
+            gate: Arc::new(PauseGate::default()),
         })
     }
 
@@ -396,6 +400,7 @@ impl Block {
     }
 
     fn stop_workers(&mut self) {
+        self.gate.open();
         for w in &mut self.workers {
             w.stop();
         }
@@ -470,6 +475,7 @@ impl VirtioDevice for Block {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(ctx.interrupt.clone());
         let mem = Arc::new(ctx.mem);
+        self.gate = Arc::new(PauseGate::default());
         for q in ctx.queues {
             let qc = QueueContext {
                 index: q.index,
@@ -485,6 +491,7 @@ impl VirtioDevice for Block {
                 throttle: Some(self.throttle.clone()),
                 stats: self.stats.clone(),
                 capacity: Some(self.live.capacity.clone()),
+                gate: Some(self.gate.clone()),
                 poll_us: self.opts.poll_us,
             };
             match Worker::spawn(qc) {
@@ -498,7 +505,20 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn pause(&mut self) {
+        self.gate.close();
+        for w in &self.workers {
+            w.wake();
+        }
+        self.gate.wait_parked(self.workers.len());
+    }
+
+    fn resume(&mut self) {
+        self.gate.open();
+    }
+
     fn reset(&mut self) {
+        self.gate.open();
         self.stop_workers();
         *self
             .live

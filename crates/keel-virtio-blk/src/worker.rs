@@ -30,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{DataBuf, EngineFactory};
 use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
 use crate::stats::{Kind, Stats};
+use keel_virtio::worker::PauseGate;
 
 /// Everything a queue's worker needs.
 pub(crate) struct QueueContext {
@@ -49,6 +50,8 @@ pub(crate) struct QueueContext {
     pub stats: Arc<Stats>,
     /// The capacity in sectors when the host can change it (`limits.capacity` follows).
     pub capacity: Option<Arc<AtomicU64>>,
+    /// Where the worker parks while the VM is stopped.
+    pub gate: Option<Arc<PauseGate>>,
     /// How long to keep watching the ring after the last activity, in microseconds.
     pub poll_us: u32,
 }
@@ -69,6 +72,8 @@ impl Worker {
             .name(format!("keel-blk-q{}", ctx.index))
             .spawn(move || {
                 let index = ctx.index;
+                let gate = ctx.gate.clone();
+                let _member = gate.as_deref().map(PauseGate::member);
                 if let Err(e) = run(ctx, &s, &w) {
                     log::warn!("virtio-blk queue {index}: {}", Chain(&e));
                 }
@@ -78,6 +83,11 @@ impl Worker {
             wake,
             thread: Some(thread),
         })
+    }
+
+    /// Wakes the worker (to look at its gate).
+    pub fn wake(&self) {
+        let _ = self.wake.write(1);
     }
 
     /// Stops the worker and waits for it (and its requests in flight).
@@ -217,6 +227,7 @@ impl SyncServer {
                     throttle: None,
                     stats: Arc::new(Stats::default()),
                     capacity: None,
+                    gate: None,
                     poll_us: 0,
                 },
                 slots: Slots {
@@ -290,9 +301,25 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
     let mut done = Vec::new();
     let poll = std::time::Duration::from_micros(u64::from(st.ctx.poll_us));
     let mut last_active = Instant::now();
-    let result = loop {
+    let result = 'serve: loop {
         if stop.load(Ordering::SeqCst) {
             break Ok(());
+        }
+        if let Some(gate) = st.ctx.gate.clone().filter(|g| g.is_closed()) {
+            // The VM is stopping: finish what is in flight, publish it, then park.
+            while st.aio.in_flight() > 0 {
+                done.clear();
+                if let Err(e) = st.aio.wait(1, &mut done) {
+                    break 'serve Err(WorkerError::Wait(e));
+                }
+                for c in done.drain(..) {
+                    st.complete(c);
+                }
+            }
+            st.signal();
+            gate.park();
+            last_active = Instant::now();
+            continue;
         }
         if !st.broken {
             st.take_requests(false);
@@ -530,7 +557,7 @@ impl State {
                 let flush_after = write && !self.ctx.writeback.load(Ordering::SeqCst);
                 let slot = self.open(head, req.status, used_len, flush_after);
                 let kind = if write { Kind::Write } else { Kind::Read };
-                self.account(slot, kind, data_len as u64);
+                self.account(slot, kind, data_len);
                 if !req.data.is_empty() {
                     // The request owns its ranges and a handle on guest memory until it
                     // completes.

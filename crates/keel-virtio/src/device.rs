@@ -135,4 +135,11 @@ pub trait VirtioDevice: Send {
     /// Stops the device: workers stop and queues are dropped. The transport resets its
     /// own state afterwards.
     fn reset(&mut self);
+    /// Parks the device for a VM stop: when it returns, the requests the device had taken
+    /// are complete and, until [`VirtioDevice::resume`], its threads neither write guest
+    /// memory nor interrupt the driver (notifications that arrive meanwhile are served
+    /// after). A device that does all its work in the calling thread has nothing to do.
+    fn pause(&mut self);
+    /// Lets a paused device go on.
+    fn resume(&mut self);
 }

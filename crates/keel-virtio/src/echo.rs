@@ -156,6 +156,18 @@ impl VirtioDevice for Echo {
         Ok(())
     }
 
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
     fn reset(&mut self) {
         if let Some(mut w) = self.worker.take() {
             w.stop();

@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -15,14 +15,122 @@ use keel_memory::GuestMemoryMmap;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use vm_memory::{Bytes, GuestAddress};
 
+/// Parks a device's worker threads while the VM is stopped: the controller closes the gate
+/// (and wakes the workers), each worker finishes what it has in flight and parks, and the
+/// controller's wait returns once every worker has parked or ended. Opening the gate lets
+/// them go on.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use keel_virtio::worker::PauseGate;
+///
+/// let gate = Arc::new(PauseGate::default());
+/// let g = gate.clone();
+/// gate.close();
+/// let worker = std::thread::spawn(move || {
+///     let _leave = g.member(); // counts this worker as gone when it ends
+///     if g.is_closed() {
+///         g.park(); // returns once the gate opens
+///     }
+/// });
+/// gate.wait_parked(1);
+/// gate.open();
+/// worker.join().unwrap();
+/// ```
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    parked: usize,
+    gone: usize,
+}
+
+/// Counts its worker as gone when dropped (the worker's thread ended).
+pub struct GateMember<'a>(&'a PauseGate);
+
+impl Drop for GateMember<'_> {
+    fn drop(&mut self) {
+        self.0.lock().gone += 1;
+        self.0.changed.notify_all();
+    }
+}
+
+impl PauseGate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Worker side, at the start of the thread: the guard counts the worker as gone when
+    /// the thread ends, so a controller never waits for a worker that is not there.
+    pub fn member(&self) -> GateMember<'_> {
+        GateMember(self)
+    }
+
+    /// Worker side: whether the worker should finish what it has in flight and park.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Worker side: parks until the gate opens (at once if it is open).
+    pub fn park(&self) {
+        let mut st = self.lock();
+        if !st.closed {
+            return;
+        }
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.closed {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.parked -= 1;
+    }
+
+    /// Controller side: asks the workers to park (wake them afterwards).
+    pub fn close(&self) {
+        self.lock().closed = true;
+    }
+
+    /// Controller side: waits until `workers` workers have parked or ended since they
+    /// started.
+    pub fn wait_parked(&self, workers: usize) {
+        let mut st = self.lock();
+        while st.closed && st.parked + st.gone < workers {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Controller side: lets parked workers go on.
+    pub fn open(&self) {
+        self.lock().closed = false;
+        self.changed.notify_all();
+    }
+}
+
 /// A thread that calls `handle(queue_index)` whenever one of its queues is notified, once
-/// for every queue at start (kicks may predate it), until stopped.
+/// for every queue at start (kicks may predate it), until stopped. It can be paused
+/// between calls ([`QueueWorker::pause`]).
 pub struct QueueWorker {
     stop: EventFd,
+    wake: EventFd,
+    gate: Arc<PauseGate>,
     thread: Option<JoinHandle<()>>,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
+const WAKE_TOKEN: u64 = u64::MAX - 1;
 
 impl QueueWorker {
     /// Starts the thread.
@@ -31,12 +139,20 @@ impl QueueWorker {
         F: FnMut(u16) + Send + 'static,
     {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        let gate = Arc::new(PauseGate::default());
+        let (g, wake_fd) = (gate.clone(), wake.try_clone()?);
         for (i, fd) in &queues {
             epoll.ctl(
                 ControlOperation::Add,
@@ -48,10 +164,11 @@ impl QueueWorker {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let _member = g.member();
                 for (i, _) in &queues {
                     handle(*i);
                 }
-                let mut events = vec![EpollEvent::default(); queues.len() + 1];
+                let mut events = vec![EpollEvent::default(); queues.len() + 2];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
@@ -67,6 +184,12 @@ impl QueueWorker {
                             let _ = stop_fd.read();
                             return;
                         }
+                        if token == WAKE_TOKEN {
+                            // Between calls of `handle`: nothing is in flight.
+                            let _ = wake_fd.read();
+                            g.park();
+                            continue;
+                        }
                         let index = token as u16;
                         if let Some((_, fd)) = queues.iter().find(|(i, _)| *i == index) {
                             let _ = fd.read();
@@ -77,12 +200,31 @@ impl QueueWorker {
             })?;
         Ok(QueueWorker {
             stop,
+            wake,
+            gate,
             thread: Some(thread),
         })
     }
 
+    /// Parks the thread between two calls of `handle` and waits until it has (kicks that
+    /// arrive meanwhile are handled after [`QueueWorker::resume`]).
+    pub fn pause(&self) {
+        if self.thread.is_none() {
+            return;
+        }
+        self.gate.close();
+        let _ = self.wake.write(1);
+        self.gate.wait_parked(1);
+    }
+
+    /// Lets a paused thread go on.
+    pub fn resume(&self) {
+        self.gate.open();
+    }
+
     /// Stops the thread and waits for it.
     pub fn stop(&mut self) {
+        self.gate.open();
         if let Some(t) = self.thread.take() {
             let _ = self.stop.write(1);
             if t.join().is_err() {
@@ -161,4 +303,42 @@ pub fn should_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool
         .load(GuestAddress(queue.avail_ring()), Ordering::Acquire)
         .map_err(|e| QueueError::Broken(virtio_queue::Error::GuestMemory(e)))?;
     Ok(u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+
+    fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_paused_worker_handles_nothing_until_resumed() {
+        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let mut w = QueueWorker::spawn("test", vec![(0, kick.clone())], move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        wait_until("the first call", || calls.load(Ordering::SeqCst) == 1);
+        w.pause();
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "handled while paused");
+        w.resume();
+        wait_until("the kick after resume", || {
+            calls.load(Ordering::SeqCst) == 2
+        });
+        // Paused again, it still stops promptly.
+        w.pause();
+        w.stop();
+    }
 }

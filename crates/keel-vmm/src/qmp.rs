@@ -4,7 +4,7 @@
 //! | command | what it does |
 //! |---|---|
 //! | `query-status`, `query-name`, `query-cpus-fast` | the run state, `--name`, the vCPUs and their threads |
-//! | `stop`, `cont` | park every vCPU thread / let them run (`STOP`, `RESUME`) |
+//! | `stop`, `cont` | park every vCPU thread, then every virtio device's workers (after the requests they took complete) / let them run (`STOP`, `RESUME`) |
 //! | `system_reset` | the VM is torn down and built again; the guest boots again (`RESET`) |
 //! | `system_powerdown` | presses the ACPI power button: PM1_STS.PWRBTN_STS and the SCI (`POWERDOWN`) |
 //! | `quit` | ends keel in order: vCPUs stopped, devices dropped, disks flushed and closed (`SHUTDOWN`) |
@@ -32,6 +32,8 @@ use keel_virtio_blk::BlockHandle;
 use crate::devices::AcpiPm;
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
+use crate::shared_device::SharedDevice;
+use keel_virtio::device::VirtioDevice;
 
 /// What the balloon commands need from a balloon device.
 pub trait Balloon: Send + Sync {
@@ -225,6 +227,8 @@ pub struct Boot {
     pub exit: Arc<ExitSignal>,
     /// The PM block with the power button.
     pub pm: Arc<AcpiPm>,
+    /// Every virtio device, to park on `stop`.
+    pub devices: Vec<SharedDevice>,
     /// The disks.
     pub disks: Vec<DiskInfo>,
     /// The balloon device, if the VM has one.
@@ -287,6 +291,7 @@ impl Machine {
         let mut st = self.state();
         if st.paused {
             boot.vcpus.iter().for_each(VcpuHandle::pause);
+            boot.devices.iter().cloned().for_each(|mut d| d.pause());
         }
         if let Some(why) = st.pending_exit.take() {
             boot.exit.request(why);
@@ -340,7 +345,10 @@ impl Machine {
         }
         st.paused = true;
         if let Some(b) = &st.boot {
+            // vCPUs first (no new requests), then the devices (what they have taken
+            // completes, then their workers park).
             b.vcpus.iter().for_each(VcpuHandle::pause);
+            b.devices.iter().cloned().for_each(|mut d| d.pause());
         }
         drop(st);
         self.emit("STOP", None);
@@ -353,6 +361,7 @@ impl Machine {
         }
         st.paused = false;
         if let Some(b) = &st.boot {
+            b.devices.iter().cloned().for_each(|mut d| d.resume());
             b.vcpus.iter().for_each(VcpuHandle::resume);
         }
         drop(st);

@@ -33,6 +33,7 @@ use crate::devices::{
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
 use crate::qmp::{Boot, GuestBalloon, Machine};
+use crate::shared_device::SharedDevice;
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
@@ -537,7 +538,12 @@ fn boot_once(
     if let Some(b) = balloon {
         virtio.push(Box::new(b));
     }
+    let mut devices = Vec::new();
     for device in virtio {
+        // Shared, so that a QMP `stop` can park it.
+        let shared = SharedDevice::new(device);
+        devices.push(shared.clone());
+        let device: Box<dyn VirtioDevice> = Box::new(shared);
         match cfg.transport {
             Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
             Transport::Mmio => {
@@ -591,6 +597,7 @@ fn boot_once(
         thread_ids: thread_ids.clone(),
         exit: exit.clone(),
         pm,
+        devices,
         disks,
         balloon: balloon_handle.clone().map(|handle| {
             Arc::new(GuestBalloon {
