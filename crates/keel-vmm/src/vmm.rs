@@ -328,7 +328,11 @@ fn add_virtio_mmio(
         .allocate_platform_mmio(MMIO_SIZE, MMIO_SIZE)
         .map_err(Error::Allocator)?
         .0;
-    let irq = alloc.allocate_legacy_irq().map_err(Error::Allocator)?;
+    let mut irq = alloc.allocate_legacy_irq().map_err(Error::Allocator)?;
+    if irq == u32::from(SCI_IRQ) {
+        // The ACPI SCI (the power button) has this line.
+        irq = alloc.allocate_legacy_irq().map_err(Error::Allocator)?;
+    }
     let line = Arc::new(IrqLine::new(vm.clone(), irq)?);
     let transport = Arc::new(VirtioMmio::new(device, mem.clone(), base, irq, line)?);
     transport
