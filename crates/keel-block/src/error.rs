@@ -670,6 +670,19 @@ pub enum Corruption {
         /// Host cluster index.
         cluster: u64,
     },
+    /// Two entries of one table name the same cluster (two refcount table entries the
+    /// same refcount block, two active L1 entries the same L2 table). No image writer
+    /// does this, and following the aliases would repeat work per alias.
+    Aliased {
+        /// The table.
+        table: Metadata,
+        /// The entry found second.
+        index: usize,
+        /// The entry naming the cluster first.
+        other: usize,
+        /// Host offset of the cluster both name.
+        offset: u64,
+    },
 }
 
 impl fmt::Display for Corruption {
@@ -730,6 +743,15 @@ impl fmt::Display for Corruption {
             Corruption::RefcountUnderflow { cluster } => {
                 write!(f, "refcount underflow on cluster {cluster}")
             }
+            Corruption::Aliased {
+                table,
+                index,
+                other,
+                offset,
+            } => write!(
+                f,
+                "{table} entries {other} and {index} both name the cluster at {offset:#x}"
+            ),
         }
     }
 }

@@ -185,6 +185,8 @@ pub struct Block {
     opts: BlockOptions,
     sizes: Vec<u16>,
     writeback: Arc<AtomicBool>,
+    /// Whether the driver negotiated CONFIG_WCE (only then is `writeback` writable).
+    wce_negotiated: bool,
     /// Always present (0: unlimited), so limits can change while the workers run.
     throttle: Arc<Mutex<Throttle>>,
     limits: Arc<Mutex<(u64, u64)>>,
@@ -303,6 +305,7 @@ impl Block {
         )));
         Ok(Block {
             writeback: Arc::new(AtomicBool::new(opts.writeback)),
+            wce_negotiated: false,
             sizes: vec![opts.queue_size; usize::from(opts.queues)],
             disk,
             opts,
@@ -455,9 +458,16 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn features_negotiated(&mut self, features: u64) {
+        self.wce_negotiated = features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+    }
+
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
         // Only `wce` (the writeback toggle) is writable, and only with CONFIG_WCE.
-        if let (Some(&v), true) = (data.first(), offset == at!(wce) as u64) {
+        if let (Some(&v), true) = (
+            data.first(),
+            offset == at!(wce) as u64 && self.wce_negotiated,
+        ) {
             self.writeback.store(v != 0, Ordering::SeqCst);
         }
         false

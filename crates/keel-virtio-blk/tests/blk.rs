@@ -103,6 +103,8 @@ fn status(mem: &keel_memory::GuestMemoryMmap, at: u64) -> u8 {
 }
 
 const FEATURES: u64 = VERSION_1 | EVENT_IDX | INDIRECT;
+/// VIRTIO_BLK_F_CONFIG_WCE.
+const WCE: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 
 /// A malformed-request case: header type, sector, data descriptors, expected status.
 type Case = (u32, u64, Vec<(u64, u32, u16)>, u8);
@@ -132,7 +134,8 @@ fn configuration_describes_the_disk() {
             le32(48) > 0 && le32(52) > 0 && c[56] == 1,
             "write-zeroes limits"
         );
-        // Only the writeback byte is writable.
+        // Only the writeback byte is writable, once CONFIG_WCE is negotiated.
+        d.negotiate(FEATURES | WCE);
         d.write_config(0, &[0xff; 8]);
         d.write_config(32, &[0]);
         d.read_config(0, &mut c);
@@ -399,7 +402,7 @@ fn with_the_write_cache_off_every_write_is_flushed() {
         d.read_config(32, &mut c);
         assert_eq!(c[0], 0);
         let mut ring = Ring::new(&mem, Q);
-        d.start(FEATURES, &ring);
+        d.start(FEATURES | WCE, &ring);
         let before = b.flushes.load(Ordering::SeqCst);
         for i in 0..3u64 {
             header(&mem, DATA_BASE + 0x10 * i, T_OUT, i);
@@ -553,4 +556,28 @@ fn iops_limits_hold_the_device_back() {
     let t = start.elapsed().as_secs_f64();
     assert!(t >= 0.085, "20 requests in {t:.3} s at 100 IOPS");
     d.set_status(0);
+}
+
+/// `writeback` is writable only when the driver negotiated CONFIG_WCE: not before
+/// FEATURES_OK, not without the feature, and not after a reset.
+#[test]
+fn writeback_is_writable_only_with_config_wce() {
+    both(BlockOptions::default(), false, |d, _| {
+        let wce = |d: &dyn Driver| {
+            let mut c = [0u8; 1];
+            d.read_config(32, &mut c);
+            c[0]
+        };
+        d.write_config(32, &[0]);
+        assert_eq!(wce(d), 1, "written before FEATURES_OK");
+        d.negotiate(FEATURES);
+        d.write_config(32, &[0]);
+        assert_eq!(wce(d), 1, "written without CONFIG_WCE");
+        d.negotiate(FEATURES | WCE);
+        d.write_config(32, &[0]);
+        assert_eq!(wce(d), 0);
+        d.set_status(0);
+        d.write_config(32, &[1]);
+        assert_eq!(wce(d), 0, "written after a reset");
+    });
 }

@@ -127,6 +127,10 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Reads device configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The features the driver and device agreed on: called when the transport accepts
+    /// FEATURES_OK, and with 0 at every reset. Devices whose configuration fields only
+    /// exist with a feature (virtio-blk's `writeback` with CONFIG_WCE) gate writes on it.
+    fn features_negotiated(&mut self, _features: u64) {}
     /// Writes device configuration space. Returns true when the device wants a
     /// configuration-change interrupt raised (the transport also bumps its generation).
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool;

@@ -438,6 +438,24 @@ impl VirtioPci {
             .filter(|&(o, l)| o + l as u64 <= BAR_SIZE)
     }
 
+    /// The BAR window a configuration access of `len` bytes at `offset` reaches: only an
+    /// access to `pci_cfg_data` that starts at the field and covers the window's length
+    /// (and stays inside the field) performs the BAR access; one that only partly overlaps
+    /// the field is an access to configuration space alone, so it cannot write part of a
+    /// window or read (and clear) the ISR as a side effect.
+    fn pci_cfg_access(
+        cfg: &ConfigSpace,
+        cap: usize,
+        offset: usize,
+        len: usize,
+    ) -> Option<(u64, usize)> {
+        let field = cap + cap_field::PCI_CFG_DATA;
+        if cap == 0 || offset != field || len > 4 {
+            return None;
+        }
+        Self::pci_cfg_window(cfg, cap).filter(|&(_, n)| len >= n)
+    }
+
     fn notify_addr(base: u64, queue: u16) -> IoEventAddress {
         IoEventAddress::Mmio(base + NOTIFY + u64::from(NOTIFY_MULTIPLIER) * u64::from(queue))
     }
@@ -488,10 +506,7 @@ impl PciDevice for VirtioPci {
     fn config_read(&mut self, cfg: &ConfigSpace, offset: usize, data: &mut [u8]) {
         let cap = self.pci_cfg.load(Ordering::Relaxed);
         let field = cap + cap_field::PCI_CFG_DATA;
-        if cap == 0 || offset >= field + 4 || offset + data.len() <= field {
-            return;
-        }
-        let Some((off, len)) = Self::pci_cfg_window(cfg, cap) else {
+        let Some((off, len)) = Self::pci_cfg_access(cfg, cap, offset, data.len()) else {
             return;
         };
         let mut buf = [0u8; 4];
@@ -506,10 +521,7 @@ impl PciDevice for VirtioPci {
     fn config_written(&mut self, cfg: &ConfigSpace, offset: usize, len: usize) {
         let cap = self.pci_cfg.load(Ordering::Relaxed);
         let field = cap + cap_field::PCI_CFG_DATA;
-        if cap == 0 || offset >= field + 4 || offset + len <= field {
-            return;
-        }
-        let Some((off, n)) = Self::pci_cfg_window(cfg, cap) else {
+        let Some((off, n)) = Self::pci_cfg_access(cfg, cap, offset, len) else {
             return;
         };
         let mut buf = [0u8; 4];

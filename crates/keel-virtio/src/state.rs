@@ -454,6 +454,8 @@ impl VirtioState {
                     self.driver_features
                 );
                 new &= !status::FEATURES_OK;
+            } else {
+                self.device.features_negotiated(self.driver_features);
             }
         }
         if new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 {
@@ -517,6 +519,7 @@ impl VirtioState {
             let _ = n.read();
         }
         self.driver_features = 0;
+        self.device.features_negotiated(0);
         self.status = 0;
         self.broken.store(false, Ordering::SeqCst);
         self.queue_select = 0;

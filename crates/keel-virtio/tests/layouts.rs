@@ -255,3 +255,54 @@ fn pci_cfg_capability_reaches_the_bar_through_configuration_space() {
     }
     d.set_status(0);
 }
+
+/// A configuration access that only partly overlaps pci_cfg_data is no access to it: it
+/// neither writes through the window nor reads (and so clears) the ISR through it.
+#[test]
+fn pci_cfg_accesses_partly_overlapping_the_data_field_do_not_reach_the_bar() {
+    let d = PciDriver::new(Box::new(Echo::new()));
+    let cap = {
+        let f = d.f.lock().unwrap();
+        let mut ptr = f.config().read_u32(0x34) as usize & 0xfc;
+        loop {
+            let mut b = [0u8; 4];
+            f.config().read(ptr, &mut b);
+            if b[0] == 0x09 && b[3] == 5 {
+                break ptr;
+            }
+            ptr = b[1] as usize & 0xfc;
+            assert_ne!(ptr, 0, "no PCI configuration access capability");
+        }
+    };
+    let select = |off: u64, len: u32| {
+        let mut f = d.f.lock().unwrap();
+        f.config_write(cap + 4, &[0]);
+        f.config_write(cap + 8, &(off as u32).to_le_bytes());
+        f.config_write(cap + 12, &len.to_le_bytes());
+    };
+    // A write of the data field's last two bytes with the status byte selected: the
+    // window's byte (the field's first) must not be written to the status.
+    select(d.common + common_cfg::DEVICE_STATUS, 1);
+    d.f.lock().unwrap().config_write(cap + 16, &[ACKNOWLEDGE]);
+    assert_eq!(d.status(), ACKNOWLEDGE);
+    d.set_status(ACKNOWLEDGE | DRIVER);
+    d.f.lock().unwrap().config_write(cap + 18, &[0, 0]);
+    assert_eq!(
+        d.status(),
+        ACKNOWLEDGE | DRIVER,
+        "partial write reached the BAR"
+    );
+    // A read straddling the field's start with the ISR selected: the ISR stays set.
+    let ring = Ring::new(&d.mem, QUEUE_SIZE);
+    d.start(VERSION_1, &ring);
+    d.ack();
+    let irqs = d.irqs();
+    d.write_config(4, &[0x5a]);
+    eventually("a config interrupt", || d.irqs() > irqs);
+    select(d.isr, 1);
+    let mut b = [0u8; 4];
+    d.f.lock().unwrap().config_read(cap + 14, &mut b);
+    d.f.lock().unwrap().config_read(cap + 17, &mut b[..2]);
+    assert_eq!(d.ack() & 2, 2, "a partial read cleared the ISR");
+    d.set_status(0);
+}

@@ -6,7 +6,7 @@
 //! it a corruption. Also checks the COPIED flags of the active L1 and L2
 //! tables and every table offset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::header::{
     Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
@@ -76,6 +76,15 @@ impl CheckReport {
 /// Largest number of host clusters we count references for.
 const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 
+/// An L2 table and the L1 entries naming it.
+struct L2Table {
+    off: u64,
+    /// L1 entries (of any L1 table) naming it.
+    refs: u32,
+    /// Whether the active L1 table names it.
+    active: bool,
+}
+
 struct Walk<'a> {
     f: &'a dyn BlockBackend,
     h: Header,
@@ -92,6 +101,12 @@ struct Walk<'a> {
     bad_l2: Vec<(u64, usize)>,
     /// (L1 index, L2 offset) of every valid active L2 table.
     active_l2: Vec<(usize, u64)>,
+    /// Every distinct L2 table the L1 tables name, in the order first named.
+    l2_tables: Vec<L2Table>,
+    /// Index in `l2_tables` by offset.
+    l2_index: HashMap<u64, usize>,
+    /// Clusters of the L1 tables walked so far (snapshot L1 tables must not overlap them).
+    l1_clusters: HashSet<u64>,
     allocated: u64,
     reftable: Vec<u64>,
     rb_bad: Vec<bool>,
@@ -99,6 +114,15 @@ struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     fn add(&mut self, off: u64, len: u64, rc: bool, what: &str) {
+        self.count(off, len, 1, rc, what)
+    }
+
+    /// Counts `n` references to the clusters of a data range.
+    fn add_n(&mut self, off: u64, len: u64, n: u32, what: &str) {
+        self.count(off, len, n, false, what)
+    }
+
+    fn count(&mut self, off: u64, len: u64, n: u32, rc: bool, what: &str) {
         if len == 0 {
             return;
         }
@@ -120,7 +144,7 @@ impl<'a> Walk<'a> {
             v.resize(last as usize + 1, 0);
         }
         for c in first..=last {
-            v[c as usize] = v[c as usize].saturating_add(1);
+            v[c as usize] = v[c as usize].saturating_add(n);
         }
     }
 
@@ -128,9 +152,14 @@ impl<'a> Walk<'a> {
         super::read_u64s(self.f, off, n)
     }
 
+    /// Counts the references of one L1 table to its L2 tables and notes the tables;
+    /// [`Walk::walk_l2s`] then walks each distinct table once, however many L1 entries
+    /// (of this and other L1 tables) name it. Two entries of one L1 table naming the same
+    /// L2 table are an error, like any invalid entry.
     fn walk_l1(&mut self, l1_off: u64, l1_size: u32, active: bool) -> Result<()> {
         let l1 = self.read_table(l1_off, l1_size as usize)?;
         let fsize = self.f.size();
+        let mut named: HashMap<u64, usize> = HashMap::new();
         for (i, &e) in l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
             if off == 0 && e & L1_RESERVED == 0 {
@@ -150,60 +179,111 @@ impl<'a> Walk<'a> {
                 }
                 continue;
             }
+            if let Some(k) = named.insert(off, i) {
+                named.insert(off, k);
+                self.corruptions += 1;
+                self.msgs.push(format!(
+                    "ERROR L1 entry {i} ({e:#x}): L2 table also named by L1 entry {k}"
+                ));
+                if active {
+                    self.bad_l1.push(i);
+                }
+                continue;
+            }
             self.add(off, self.cs, false, "L2 table");
             if active {
                 self.active_l2.push((i, off));
             }
-            let l2 = self.read_table(off, (self.cs / 8) as usize)?;
-            let ext = self.h.incompatible_features & INCOMPAT_EXTL2 != 0;
-            let stride = 1 + ext as usize;
-            for (j, w) in l2.chunks_exact(stride).enumerate() {
-                let le = w[0];
-                let bitmap = if ext { w[1] } else { 0 };
-                let host = le & OFFSET_MASK;
-                if le & COMPRESSED == 0 && host % self.cs != 0 && le & L2_RESERVED == 0 {
-                    // Like qemu-img: report it, and count the reference to the
-                    // (unaligned) cluster-sized range it claims.
+            let next = self.l2_tables.len();
+            let t = *self.l2_index.entry(off).or_insert(next);
+            if t == next {
+                self.l2_tables.push(L2Table {
+                    off,
+                    refs: 0,
+                    active: false,
+                });
+            }
+            self.l2_tables[t].refs += 1;
+            self.l2_tables[t].active |= active;
+        }
+        Ok(())
+    }
+
+    /// Walks every L2 table the L1 tables name, once each, counting its references to
+    /// data clusters once per L1 entry naming it.
+    fn walk_l2s(&mut self) -> Result<()> {
+        let tables = std::mem::take(&mut self.l2_tables);
+        for t in &tables {
+            self.walk_l2(t.off, t.refs, t.active)?;
+        }
+        self.l2_tables = tables;
+        Ok(())
+    }
+
+    fn walk_l2(&mut self, off: u64, refs: u32, active: bool) -> Result<()> {
+        let l2 = self.read_table(off, (self.cs / 8) as usize)?;
+        let ext = self.h.incompatible_features & INCOMPAT_EXTL2 != 0;
+        let stride = 1 + ext as usize;
+        for (j, w) in l2.chunks_exact(stride).enumerate() {
+            let le = w[0];
+            let bitmap = if ext { w[1] } else { 0 };
+            let host = le & OFFSET_MASK;
+            if le & COMPRESSED == 0 && host % self.cs != 0 && le & L2_RESERVED == 0 {
+                // Like qemu-img: report it, and count the reference to the
+                // (unaligned) cluster-sized range it claims.
+                self.corruptions += 1;
+                self.msgs.push(format!(
+                    "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                ));
+                self.add_n(host, self.cs, refs, "data cluster");
+                if active {
+                    self.allocated += 1;
+                    self.bad_l2.push((off, j * stride));
+                }
+                continue;
+            }
+            match classify(le, self.h.version, self.cb, ext, bitmap) {
+                Err(msg) => {
                     self.corruptions += 1;
-                    self.msgs.push(format!(
-                        "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
-                    ));
-                    self.add(host, self.cs, false, "data cluster");
+                    self.msgs
+                        .push(format!("ERROR {msg} (L2 table {off:#x} index {j})"));
                     if active {
-                        self.allocated += 1;
                         self.bad_l2.push((off, j * stride));
                     }
-                    continue;
                 }
-                match classify(le, self.h.version, self.cb, ext, bitmap) {
-                    Err(msg) => {
-                        self.corruptions += 1;
-                        self.msgs
-                            .push(format!("ERROR {msg} (L2 table {off:#x} index {j})"));
-                        if active {
-                            self.bad_l2.push((off, j * stride));
-                        }
+                Ok(L2State::Normal(h)) => {
+                    self.add_n(h, self.cs, refs, "data cluster");
+                    if active {
+                        self.allocated += 1;
                     }
-                    Ok(L2State::Normal(h)) => {
-                        self.add(h, self.cs, false, "data cluster");
-                        if active {
-                            self.allocated += 1;
-                        }
-                    }
-                    Ok(L2State::Zero(Some(h))) => self.add(h, self.cs, false, "data cluster"),
-                    Ok(L2State::Compressed) => {
-                        let (s, e) = compressed_range(le, self.cb);
-                        let first = s & !(self.cs - 1);
-                        self.add(first, e - first, false, "compressed cluster");
-                        if active {
-                            self.allocated += 1;
-                        }
-                    }
-                    Ok(_) => {}
                 }
+                Ok(L2State::Zero(Some(h))) => self.add_n(h, self.cs, refs, "data cluster"),
+                Ok(L2State::Compressed) => {
+                    let (s, e) = compressed_range(le, self.cb);
+                    let first = s & !(self.cs - 1);
+                    self.add_n(first, e - first, refs, "compressed cluster");
+                    if active {
+                        self.allocated += 1;
+                    }
+                }
+                Ok(_) => {}
             }
         }
         Ok(())
+    }
+
+    /// Records the clusters of an L1 table; false if one already belongs to another.
+    fn claim_l1(&mut self, off: u64, size: u32) -> bool {
+        let bytes = size as u64 * 8;
+        if bytes == 0 {
+            return true;
+        }
+        let (first, last) = (off >> self.cb, (off + bytes - 1) >> self.cb);
+        if (first..=last).any(|c| self.l1_clusters.contains(&c)) {
+            return false;
+        }
+        self.l1_clusters.extend(first..=last);
+        true
     }
 
     fn walk_snapshots(&mut self) -> Result<()> {
@@ -242,6 +322,12 @@ impl<'a> Walk<'a> {
                 self.corruptions += 1;
                 self.msgs
                     .push(format!("ERROR snapshot {k} has an invalid L1 table"));
+            } else if !self.claim_l1(l1_off, l1_size) {
+                // Each L1 table is walked once: aliased tables cannot multiply the work.
+                self.corruptions += 1;
+                self.msgs.push(format!(
+                    "ERROR snapshot {k}'s L1 table overlaps another L1 table"
+                ));
             } else {
                 self.add(l1_off, l1_size as u64 * 8, false, "snapshot L1 table");
                 self.walk_l1(l1_off, l1_size, false)?;
@@ -365,6 +451,9 @@ impl<'a> Walk<'a> {
             bad_l1: Vec::new(),
             bad_l2: Vec::new(),
             active_l2: Vec::new(),
+            l2_tables: Vec::new(),
+            l2_index: HashMap::new(),
+            l1_clusters: HashSet::new(),
             allocated: 0,
             reftable: Vec::new(),
             rb_bad: Vec::new(),
@@ -373,8 +462,10 @@ impl<'a> Walk<'a> {
         w.add(0, cs, false, "header");
         let (l1o, l1s) = (w.h.l1_table_offset, w.h.l1_size);
         w.add(l1o, l1s as u64 * 8, false, "L1 table");
+        w.claim_l1(l1o, l1s);
         w.walk_l1(l1o, l1s, true)?;
         w.walk_snapshots()?;
+        w.walk_l2s()?;
         w.walk_bitmaps()?;
         w.walk_refcounts()?;
         Ok(w)

@@ -63,7 +63,6 @@
 //! per block, never another offset's data.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::mapping::{Extent, ExtentKind, Mapping};
@@ -74,29 +73,12 @@ pub(crate) struct InFlight {
     state: Mutex<State>,
 }
 
-/// Hashes cluster indices with one multiplication instead of SipHash. The
-/// keys come from L2 entries, which a crafted image chooses, but the tables
-/// only ever hold the clusters of requests in flight (bounded by the queue
-/// depths), so colliding keys cannot make them meaningfully slower.
-#[derive(Default)]
-struct ClusterHasher(u64);
-
-impl Hasher for ClusterHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type ClusterMap<V> = HashMap<u64, V, BuildHasherDefault<ClusterHasher>>;
-type ClusterSet = HashSet<u64, BuildHasherDefault<ClusterHasher>>;
+/// The tables are keyed by host cluster indices, which come from L2 entries a crafted
+/// image chooses, and one large request pins many clusters at once: they use std's keyed
+/// SipHash (a random key per table), which chosen keys cannot make collide, not a cheap
+/// multiplicative hash that puts every multiple of a large power of two in one chain.
+type ClusterMap<V> = HashMap<u64, V>;
+type ClusterSet = HashSet<u64>;
 
 #[derive(Default)]
 struct State {
@@ -226,5 +208,29 @@ impl Mapping {
                 ranges,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clusters at multiples of a large power of two (which a crafted image's L2 entries
+    /// choose) must not pile up in one probe chain of the pin table.
+    #[test]
+    fn pins_of_clusters_at_powers_of_two_stay_fast() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let set = InFlight::default();
+            let ranges: Vec<(u64, u64)> = (1..=100_000u64).map(|i| (i << 30, 1)).collect();
+            set.pin(&ranges);
+            assert_eq!(set.pinned_clusters(), ranges.len());
+            set.unpin(&ranges);
+            let _ = tx.send(set.pinned_clusters());
+        });
+        let left = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("pinning 100000 clusters took more than 5 s");
+        assert_eq!(left, 0);
     }
 }

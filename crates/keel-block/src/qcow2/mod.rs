@@ -84,6 +84,26 @@ fn read_u64s(f: &dyn BlockBackend, off: u64, n: usize) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// Refuses a table two of whose entries (masked by `mask`) name the same cluster.
+fn refuse_aliases(entries: &[u64], mask: u64, table: Metadata) -> Result<()> {
+    let mut seen = std::collections::HashMap::with_capacity(entries.len().min(1 << 16));
+    for (index, &e) in entries.iter().enumerate() {
+        let offset = e & mask;
+        if offset == 0 {
+            continue;
+        }
+        if let Some(other) = seen.insert(offset, index) {
+            return Err(Error::Corrupt(Corruption::Aliased {
+                table,
+                index,
+                other,
+                offset,
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// Reads and parses the header of the image in `f`.
 pub fn read_header(f: &dyn BlockBackend) -> Result<Header> {
     let fsize = f.size();
@@ -234,6 +254,10 @@ impl<F: BlockBackend> Qcow2<F> {
         let l1 = read_u64s(&file, hdr.l1_table_offset, hdr.l1_size as usize)?;
         let rt_entries = (hdr.refcount_table_clusters as u64 * hdr.cluster_size() / 8) as usize;
         let reftable = read_u64s(&file, hdr.refcount_table_offset, rt_entries)?;
+        // Aliased tables would make the allocator and lookups repeat their work per alias
+        // (a reftable whose every entry names one full block: 10^10 clusters to scan).
+        refuse_aliases(&l1, meta::OFFSET_MASK, Metadata::L1Table)?;
+        refuse_aliases(&reftable, !meta::REFT_RESERVED, Metadata::RefcountTable)?;
         let cs = hdr.cluster_size();
         let l2_default = (hdr.l1_size as u64 * cs).clamp(2 * cs, (32 << 20).max(2 * cs));
         let rc_default = (4 * cs).max(256 << 10);

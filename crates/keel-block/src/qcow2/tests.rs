@@ -403,3 +403,81 @@ fn fuzz_image_covers_compressed_backing_and_extended_l2() {
         }
     }
 }
+
+/// Runs `f` on a thread and fails unless it returns within `secs` seconds (a stalled
+/// thread is left behind; the test process ends anyway).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s"))
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Every refcount table entry names the same refcount block, which says every cluster
+/// is in use: the allocator would scan 8192 * 32768 clusters for a free one. The image
+/// is refused at open instead.
+#[test]
+fn aliased_refcount_blocks_are_refused_at_open() {
+    let mut b = new_image(1 << 30, 65536, 16, 3).to_vec();
+    let rt = be64(&b, 48) as usize;
+    let rt_clusters = u32::from_be_bytes(b[56..60].try_into().unwrap()) as usize;
+    let rb = be64(&b, rt);
+    for i in 0..rt_clusters * 65536 / 8 {
+        b[rt + i * 8..rt + i * 8 + 8].copy_from_slice(&rb.to_be_bytes());
+    }
+    for i in 0..65536 / 2 {
+        b[rb as usize + i * 2..rb as usize + i * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    let r = within(20, "opening and writing", move || {
+        let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default())?;
+        img.write_at(&[1; 512], 0)
+    });
+    assert!(
+        matches!(
+            r,
+            Err(Error::Corrupt(Corruption::Aliased {
+                table: crate::error::Metadata::RefcountTable,
+                index: 1,
+                other: 0,
+                ..
+            }))
+        ),
+        "{r:?}"
+    );
+}
+
+/// A dirty image whose 65536 L1 entries all name one L2 table: the check that opening it
+/// read-write runs walks that table once, not once per entry, and reports the aliases.
+#[test]
+fn dirty_image_with_aliased_l2_tables_checks_in_bounded_time() {
+    let m = new_image(1 << 45, 65536, 16, 3);
+    let img = Qcow2::open(m, Qcow2Options::default()).unwrap();
+    img.write_at(&[1; 512], 0).unwrap();
+    img.flush().unwrap();
+    let mut b = img.file().to_vec();
+    drop(img);
+    let l1 = be64(&b, 40) as usize;
+    let l1_size = u32::from_be_bytes(b[36..40].try_into().unwrap()) as usize;
+    assert_eq!(l1_size, 65536);
+    let e = be64(&b, l1);
+    for i in 1..l1_size {
+        b[l1 + i * 8..l1 + i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+    }
+    b[79] |= 1; // dirty
+    let checked = b.clone();
+    let r = within(20, "checking", move || {
+        check(&MemBackend::new(checked), Fix::None)
+    });
+    let r = r.unwrap();
+    assert!(r.corruptions >= 65535, "{}", r.corruptions);
+    let r = within(20, "opening", move || {
+        Qcow2::open(MemBackend::new(b), Qcow2Options::default()).map(|_| ())
+    });
+    assert!(matches!(r, Ok(()) | Err(Error::Corrupt(_))), "{r:?}");
+}
