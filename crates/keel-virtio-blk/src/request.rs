@@ -13,7 +13,7 @@ use std::mem::{offset_of, size_of};
 use keel_block::iov::{GuestRange, Iov};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 /// The sector size of the virtio-blk protocol: the unit of `virtio_blk_outhdr::sector`
 /// and of every sector count, whatever the disk's block size.
@@ -86,6 +86,14 @@ pub enum Error {
     /// Flags the request type does not accept.
     #[error("flags {0:#x} are not supported for this request type")]
     UnsupportedFlags(u32),
+    /// A data buffer is not (wholly) in guest memory.
+    #[error("data buffer {addr:#x}+{len:#x} is outside guest memory")]
+    DataOutsideMemory {
+        /// Guest-physical address of the buffer.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
     /// Guest memory named by the chain cannot be read.
     #[error("reading the request from guest memory at {addr:#x}")]
     Memory {
@@ -292,7 +300,8 @@ fn ranges<M: GuestMemory>(
 }
 
 /// Parses the descriptors of one chain (as virtio-queue's `DescriptorChain` yields them,
-/// indirect tables followed) against `limits`. On `Err`, the caller writes
+/// indirect tables followed) against `limits`; the data buffers of an `Ok` request lie
+/// in `mem`. On `Err`, the caller writes
 /// [`Error::status`] to [`status_address`] (unless it is [`Error::NoStatus`]).
 pub fn parse<M: GuestMemory>(
     mem: &M,
@@ -368,6 +377,21 @@ pub fn parse<M: GuestMemory>(
         }
         other => return Err(Error::UnsupportedType(other)),
     };
+    // The device stores into the buffers of reads and GET_ID, loads from those of writes.
+    let access = if matches!(op, Op::Write { .. }) {
+        Permissions::Read
+    } else {
+        Permissions::Write
+    };
+    if let Some(r) = data
+        .iter()
+        .find(|r| !mem.check_range(r.addr, r.len, access))
+    {
+        return Err(Error::DataOutsideMemory {
+            addr: r.addr.0,
+            len: r.len,
+        });
+    }
     Ok(Request { op, data, status })
 }
 
