@@ -554,6 +554,10 @@ enum Plan {
     },
 }
 
+/// Transfers (io_uring entries) one request may hold in flight; a request whose buffer
+/// and mapping would need more is served inline, through a bounded bounce buffer.
+const MAX_PIECES: usize = 1024;
+
 /// Largest transfer one io_uring entry carries (a longer piece completes short and the
 /// rest is resubmitted).
 const MAX_ENTRY: usize = 1 << 30;
@@ -616,7 +620,8 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 && iov
                     .iter()
                     .all(|s| s.len() as u64 % a == 0 && s.ptr_guard().as_ptr() as u64 % a == 0));
-        if !aligned {
+        // Misaligned, or more pieces than a request may hold in flight.
+        if !aligned || iov.segments().len() > MAX_PIECES {
             return Plan::Inline;
         }
         // The mapping pins the host clusters until the parent completes.
@@ -641,6 +646,10 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 ExtentKind::Data(host) => {
                     let mut at = 0usize;
                     for s in iov.range(pos, n) {
+                        if pieces.len() == MAX_PIECES {
+                            // Mapped in too many pieces (a fragmented image).
+                            return Plan::Inline;
+                        }
                         let addr = s.ptr_guard_mut().as_ptr();
                         pieces.push((addr, s.len(), host + at as u64, pos + at));
                         at += s.len();
@@ -1109,6 +1118,44 @@ mod tests {
         run_guest_queue(&mut ThreadQueue::new(raw, 2).unwrap(), &mem);
         let m = Arc::new(crate::MemBackend::new(vec![0; 1 << 20]));
         run_guest_queue(&mut SyncQueue::new(m), &mem);
+    }
+
+    /// A request whose transfer would be thousands of io_uring entries (a guest's
+    /// fragmented buffers) is served inline through a bounded bounce buffer instead of
+    /// holding that many pieces in flight; its data still lands where the ranges say.
+    #[test]
+    fn requests_of_too_many_pieces_are_served_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pieces.raw");
+        RawFile::create(&p, 4 << 20).unwrap();
+        let opts = RawOptions {
+            cache: CacheMode::None,
+            ..Default::default()
+        };
+        let raw = Arc::new(RawFile::open(&p, opts).unwrap());
+        let a = raw.limits().request_alignment as usize;
+        let mem = Arc::new(Tracked::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap());
+        let n = 2 * MAX_PIECES;
+        // Every other aligned block of guest memory: no two ranges merge.
+        let ranges = (0..n as u64).map(|i| GuestRange::new(GuestAddress(i * 2 * a as u64), a));
+        for i in 0..n as u64 {
+            mem.write_slice(&vec![(i % 251) as u8; a], GuestAddress(i * 2 * a as u64))
+                .unwrap();
+        }
+        let mut q: UringQueue<RawFile, GuestBuf<Arc<Tracked>>> =
+            UringQueue::new(raw.clone(), 8).unwrap();
+        let mut buf = GuestBuf::new(mem.clone(), ranges.collect());
+        assert!(
+            matches!(q.plan(true, 0, &mut buf), Plan::Inline),
+            "{n} pieces planned for io_uring"
+        );
+        let out = run_all(&mut q, [AioRequest::write(0, buf, 1)]);
+        assert!(out[0].result.is_ok(), "{out:?}");
+        let mut back = vec![0u8; a];
+        for i in 0..n as u64 {
+            raw.read_at(&mut back, i * a as u64).unwrap();
+            assert!(back.iter().all(|&x| x == (i % 251) as u8), "block {i}");
+        }
     }
 
     #[test]

@@ -364,39 +364,47 @@ impl RawFile {
         Ok(())
     }
 
-    /// Reads into a bounce buffer covering the aligned enclosing range.
-    fn bounce_read(&self, mut bufs: Iov<&mut [u8]>, offset: u64, len: u64) -> Result<()> {
+    /// A bounce buffer for a request of `len` bytes at `offset`: the aligned range
+    /// enclosing it, up to [`BOUNCE_CHUNK`] bytes (the request then goes through in
+    /// pieces, see [`BounceChunks`]).
+    fn bounce_buf(&self, offset: u64, len: u64) -> AlignedBuf {
         let a = self.align;
-        let start = offset / a * a;
-        let end = (offset + len).div_ceil(a) * a;
-        let mut bb = AlignedBuf::new((end - start) as usize, a as usize);
-        self.preadv_full(Iov::from(bb.as_mut_slice()), start)?;
-        let s = (offset - start) as usize;
-        bufs.copy_from_slice(0, &bb.as_slice()[s..s + len as usize]);
+        let span = (offset + len).div_ceil(a) * a - offset / a * a;
+        AlignedBuf::new(span.min(BOUNCE_CHUNK.max(a)) as usize, a as usize)
+    }
+
+    /// Reads through a bounce buffer of bounded size, one aligned chunk at a time.
+    fn bounce_read(&self, mut bufs: Iov<&mut [u8]>, offset: u64, len: u64) -> Result<()> {
+        let mut bb = self.bounce_buf(offset, len);
+        for c in BounceChunks::new(offset, len, self.align) {
+            let b = &mut bb.as_mut_slice()[..c.span()];
+            self.preadv_full(Iov::from(&mut *b), c.start)?;
+            bufs.copy_from_slice(c.done as usize, &b[c.skip()..c.skip() + c.len as usize]);
+        }
         Ok(())
     }
 
+    /// Writes through a bounce buffer of bounded size, one aligned chunk at a time; the
+    /// partial blocks at either end are read, modified and written back.
     fn bounce_write(&self, bufs: Iov<&[u8]>, offset: u64, len: u64) -> Result<()> {
-        let a = self.align;
-        let start = offset / a * a;
-        let end = (offset + len).div_ceil(a) * a;
-        let mut bb = AlignedBuf::new((end - start) as usize, a as usize);
-        let s = (offset - start) as usize;
-        if start == offset && end == offset + len {
+        let a = self.align as usize;
+        let mut bb = self.bounce_buf(offset, len);
+        for c in BounceChunks::new(offset, len, self.align) {
+            let b = &mut bb.as_mut_slice()[..c.span()];
+            let (head, tail) = (c.skip() != 0, c.skip() + c.len as usize != b.len());
             // Only the memory is misaligned: copy, no read-modify-write.
-            bufs.copy_to_slice(0, bb.as_mut_slice());
-            return self.pwritev_full(Iov::from(bb.as_slice()), start);
+            let _guard = (head || tail).then(|| self.rmw.lock().unwrap_or_else(|p| p.into_inner()));
+            if head {
+                self.preadv_full(Iov::from(&mut b[..a]), c.start)?;
+            }
+            if tail && (b.len() > a || !head) {
+                let n = b.len();
+                self.preadv_full(Iov::from(&mut b[n - a..]), c.start + (n - a) as u64)?;
+            }
+            bufs.copy_to_slice(c.done as usize, &mut b[c.skip()..c.skip() + c.len as usize]);
+            self.pwritev_full(Iov::from(&*b), c.start)?;
         }
-        let _guard = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
-        if start != offset {
-            self.preadv_full(Iov::from(&mut bb.as_mut_slice()[..a as usize]), start)?;
-        }
-        if end != offset + len && (end - a != start || start == offset) {
-            let n = bb.len();
-            self.preadv_full(Iov::from(&mut bb.as_mut_slice()[n - a as usize..]), end - a)?;
-        }
-        bufs.copy_to_slice(0, &mut bb.as_mut_slice()[s..s + len as usize]);
-        self.pwritev_full(Iov::from(bb.as_slice()), start)
+        Ok(())
     }
 
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
@@ -413,6 +421,76 @@ impl RawFile {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// Bytes a bounce buffer holds at most: a request of any length goes through in chunks
+/// of this size (a guest chooses the length, and a failed allocation aborts).
+const BOUNCE_CHUNK: u64 = 1 << 20;
+
+/// One piece of a bounced request: `len` bytes of the request, from byte `done` of it,
+/// inside the aligned file range from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BounceChunk {
+    start: u64,
+    /// Where the piece starts in the file.
+    at: u64,
+    done: u64,
+    len: u64,
+    align: u64,
+}
+
+impl BounceChunk {
+    /// Bytes of the aligned file range (and of the bounce buffer used).
+    fn span(&self) -> usize {
+        ((self.at + self.len).div_ceil(self.align) * self.align - self.start) as usize
+    }
+    /// Where the piece starts in the bounce buffer.
+    fn skip(&self) -> usize {
+        (self.at - self.start) as usize
+    }
+}
+
+/// The pieces of a request of `len` bytes at `offset` for an alignment of `align`, each
+/// spanning at most [`BOUNCE_CHUNK`] aligned bytes; only the first and last may cover
+/// partial blocks.
+struct BounceChunks {
+    offset: u64,
+    len: u64,
+    align: u64,
+    done: u64,
+}
+
+impl BounceChunks {
+    fn new(offset: u64, len: u64, align: u64) -> Self {
+        BounceChunks {
+            offset,
+            len,
+            align,
+            done: 0,
+        }
+    }
+}
+
+impl Iterator for BounceChunks {
+    type Item = BounceChunk;
+    fn next(&mut self) -> Option<BounceChunk> {
+        if self.done >= self.len {
+            return None;
+        }
+        let at = self.offset + self.done;
+        let start = at / self.align * self.align;
+        let chunk = BOUNCE_CHUNK.max(self.align);
+        let len = (self.len - self.done).min(chunk - (at - start));
+        let c = BounceChunk {
+            start,
+            at,
+            done: self.done,
+            len,
+            align: self.align,
+        };
+        self.done += len;
+        Some(c)
     }
 }
 

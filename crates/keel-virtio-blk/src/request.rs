@@ -94,6 +94,20 @@ pub enum Error {
         /// Its length.
         len: usize,
     },
+    /// More segments than the device advertises (`seg_max`).
+    #[error("more than {max} data segments")]
+    TooManySegments {
+        /// Segments allowed.
+        max: u32,
+    },
+    /// A data segment longer than the device advertises (`size_max`).
+    #[error("a data segment of {len} bytes exceeds size_max ({max})")]
+    SegmentTooLarge {
+        /// Its length.
+        len: usize,
+        /// Bytes allowed.
+        max: u32,
+    },
     /// Guest memory named by the chain cannot be read.
     #[error("reading the request from guest memory at {addr:#x}")]
     Memory {
@@ -183,6 +197,11 @@ pub struct Limits {
     pub max_write_zeroes_seg: u32,
     /// Sectors per write-zeroes segment.
     pub max_write_zeroes_sectors: u32,
+    /// Bytes in one data segment (the advertised `size_max`).
+    pub size_max: u32,
+    /// Data segments in one request (the advertised `seg_max`); a chain may hold two
+    /// more non-empty descriptors (header and status).
+    pub seg_max: u32,
 }
 
 /// The readable and writable byte streams of a chain.
@@ -219,14 +238,23 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn streams(descs: impl Iterator<Item = Descriptor>) -> Result<Streams, Error> {
+/// The chain's byte streams; `Err(TooManySegments)` once it has more than `max`
+/// non-empty descriptors (an indirect table may hold thousands), before they are stored.
+fn streams(descs: impl Iterator<Item = Descriptor>, max: usize) -> Result<Streams, Error> {
     let mut st = Streams {
         readable: Iov::new(),
         writable: Iov::new(),
     };
+    let mut n = 0usize;
     for d in descs {
         if d.len() == 0 {
             continue;
+        }
+        n += 1;
+        if n > max {
+            return Err(Error::TooManySegments {
+                max: max.saturating_sub(2).try_into().unwrap_or(u32::MAX),
+            });
         }
         let seg = GuestRange::new(d.addr(), d.len() as usize);
         if d.is_write_only() {
@@ -242,8 +270,16 @@ fn streams(descs: impl Iterator<Item = Descriptor>) -> Result<Streams, Error> {
 
 /// Where the status byte goes: the last writable byte of the chain.
 pub fn status_address(descs: impl Iterator<Item = Descriptor>) -> Option<GuestAddress> {
-    let st = streams(descs).ok()?;
-    Some(st.writable.last()?.last_addr())
+    // As `streams` sees it, without storing the chain (it may be long).
+    let mut last = None;
+    for d in descs.filter(|d| d.len() > 0) {
+        if d.is_write_only() {
+            last = Some(GuestRange::new(d.addr(), d.len() as usize));
+        } else if last.is_some() {
+            return None;
+        }
+    }
+    Some(last?.last_addr())
 }
 
 fn check_range(sector: u64, bytes: u64, capacity: u64) -> Result<(), Error> {
@@ -308,7 +344,10 @@ pub fn parse<M: GuestMemory>(
     descs: impl Iterator<Item = Descriptor>,
     limits: &Limits,
 ) -> Result<Request, Error> {
-    let st = streams(descs)?;
+    let max_descs = usize::try_from(limits.seg_max)
+        .unwrap_or(usize::MAX)
+        .saturating_add(2);
+    let st = streams(descs, max_descs)?;
     let Some(last) = st.writable.last() else {
         return Err(Error::NoStatus);
     };
@@ -383,6 +422,17 @@ pub fn parse<M: GuestMemory>(
     } else {
         Permissions::Write
     };
+    if data.segments().len() > limits.seg_max as usize {
+        return Err(Error::TooManySegments {
+            max: limits.seg_max,
+        });
+    }
+    if let Some(r) = data.iter().find(|r| r.len > limits.size_max as usize) {
+        return Err(Error::SegmentTooLarge {
+            len: r.len,
+            max: limits.size_max,
+        });
+    }
     if let Some(r) = data
         .iter()
         .find(|r| !mem.check_range(r.addr, r.len, access))
@@ -414,6 +464,8 @@ mod tests {
             max_discard_sectors: 1024,
             max_write_zeroes_seg: 2,
             max_write_zeroes_sectors: 1024,
+            size_max: 1 << 20,
+            seg_max: 8,
         }
     }
 

@@ -201,7 +201,7 @@ impl SyncServer {
         interrupt: Arc<dyn VirtioInterrupt>,
         needs_reset: NeedsReset,
     ) -> keel_block::Result<SyncServer> {
-        let limits = crate::device::limits_for(disk);
+        let limits = crate::device::limits_for(disk, queue.max_size());
         Ok(SyncServer {
             state: State {
                 aio: (disk.engine)()?,
