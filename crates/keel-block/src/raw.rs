@@ -7,7 +7,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
 use crate::buf::AlignedBuf;
@@ -92,8 +92,76 @@ pub struct RawFile {
     size: AtomicU64,
     /// Request and memory alignment (1 unless `O_DIRECT`).
     align: u64,
-    /// Serialises read-modify-write cycles of partial sectors under `O_DIRECT`.
-    rmw: Mutex<()>,
+    /// Under `O_DIRECT`, the ranges being written: a read-modify-write of partial blocks
+    /// excludes every other write of those blocks, aligned ones included.
+    writing: Arc<WriteRanges>,
+}
+
+/// Byte ranges of a file being written, each shared (an ordinary write, which may run
+/// beside other writes) or exclusive (a read-modify-write of partial blocks, which must
+/// not have another write of its blocks land between its read and its write).
+#[derive(Default)]
+struct WriteRanges {
+    /// The next guard's id, and every range held.
+    held: Mutex<(u64, Vec<HeldRange>)>,
+    released: Condvar,
+}
+
+struct HeldRange {
+    id: u64,
+    start: u64,
+    end: u64,
+    exclusive: bool,
+}
+
+impl WriteRanges {
+    /// Waits until no held range overlapping one of `ranges` conflicts (either side
+    /// exclusive), then holds them until the guard drops. Waiters do not block later
+    /// shared holders: a thread holding shared ranges (writes in flight) never waits for a
+    /// thread that only waits.
+    fn lock(self: &Arc<Self>, ranges: &[(u64, u64)], exclusive: bool) -> WriteGuard {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        while held.1.iter().any(|h| {
+            (exclusive || h.exclusive) && ranges.iter().any(|&(s, e)| s < h.end && h.start < e)
+        }) {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let id = held.0;
+        held.0 += 1;
+        held.1.extend(ranges.iter().map(|&(start, end)| HeldRange {
+            id,
+            start,
+            end,
+            exclusive,
+        }));
+        WriteGuard {
+            ranges: self.clone(),
+            id,
+        }
+    }
+}
+
+/// Ranges of a [`RawFile`] held for writing (see `RawFile::lock_writes`); released on
+/// drop.
+pub(crate) struct WriteGuard {
+    ranges: Arc<WriteRanges>,
+    id: u64,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let mut held = self
+            .ranges
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        held.1.retain(|h| h.id != self.id);
+        drop(held);
+        self.ranges.released.notify_all();
+    }
 }
 
 fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -183,7 +251,7 @@ impl RawFile {
             opts,
             size: AtomicU64::new(size),
             align: 1,
-            rmw: Mutex::new(()),
+            writing: Arc::default(),
         };
         if opts.cache.direct() {
             raw.align = raw.probe_alignment();
@@ -227,6 +295,13 @@ impl RawFile {
             .map_err(|e| Error::io("resizing the file", e))?;
         self.size.store(len, Ordering::Release);
         Ok(())
+    }
+
+    /// Holds the (block-aligned) byte ranges `ranges` for ordinary writes until the guard
+    /// drops: a read-modify-write of partial blocks in them waits meanwhile. `None` when
+    /// the file needs no alignment (no read-modify-writes happen).
+    pub(crate) fn lock_writes(&self, ranges: &[(u64, u64)]) -> Option<WriteGuard> {
+        (self.align > 1).then(|| self.writing.lock(ranges, false))
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
@@ -392,8 +467,11 @@ impl RawFile {
         for c in BounceChunks::new(offset, len, self.align) {
             let b = &mut bb.as_mut_slice()[..c.span()];
             let (head, tail) = (c.skip() != 0, c.skip() + c.len as usize != b.len());
-            // Only the memory is misaligned: copy, no read-modify-write.
-            let _guard = (head || tail).then(|| self.rmw.lock().unwrap_or_else(|p| p.into_inner()));
+            // Only the memory misaligned (neither end partial): an ordinary write.
+            // Otherwise the blocks are held exclusively from the read to the write.
+            let _guard = self
+                .writing
+                .lock(&[(c.start, c.start + b.len() as u64)], head || tail);
             if head {
                 self.preadv_full(Iov::from(&mut b[..a]), c.start)?;
             }
@@ -543,6 +621,7 @@ impl BlockBackend for RawFile {
             return Ok(());
         }
         if self.aligned_iov(bufs.iter().map(|b| (b.as_ptr(), b.len())), offset) {
+            let _guard = self.lock_writes(&[(offset, offset + len)]);
             self.pwritev_full(bufs, offset)?;
         } else {
             self.bounce_write(bufs, offset, len)?;
