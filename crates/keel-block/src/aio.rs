@@ -36,7 +36,11 @@
 //! until the transfer completes, so a discard or write-zeroes of the same
 //! range can free it but nothing can reuse it meanwhile. A late write lands
 //! in a free cluster and a late read returns the data it was issued for,
-//! never another guest offset's (see [`crate::qcow2::inflight`]).
+//! never another guest offset's (see [`crate::qcow2::inflight`]). Under
+//! `O_DIRECT`, a write covering part of a block is a read-modify-write of the
+//! block ([`RawFile`]); it holds the block exclusively, and writes in flight
+//! hold their ranges of the file until they complete, so neither undoes the
+//! other.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -67,7 +71,7 @@ use crate::buf::{AlignedBuf, IoBuf};
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, ExtentKind, MapExtents, Mapping};
 use crate::qcow2::Qcow2;
-use crate::raw::RawFile;
+use crate::raw::{RawFile, WriteGuard};
 
 /// The operation of an [`AioRequest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -471,6 +475,12 @@ pub trait UringTarget: BlockBackend {
     fn data_fd(&self) -> RawFd;
     /// Required alignment of offsets, lengths and buffers for `data_fd`.
     fn data_alignment(&self) -> u64;
+    /// The raw file behind [`UringTarget::data_fd`], if it is one: writes in flight hold
+    /// their ranges of it, so that its read-modify-writes of partial blocks (`O_DIRECT`)
+    /// wait for them. Targets that return `None` (the default) get no such ordering.
+    fn data_file(&self) -> Option<&RawFile> {
+        None
+    }
     /// Maps a device range to host extents, allocating for writes. The
     /// queue keeps the returned [`Mapping`] until every transfer to its
     /// extents has completed, so implementations whose host offsets can
@@ -481,6 +491,9 @@ pub trait UringTarget: BlockBackend {
 impl UringTarget for RawFile {
     fn data_fd(&self) -> RawFd {
         self.fd()
+    }
+    fn data_file(&self) -> Option<&RawFile> {
+        Some(self)
     }
     fn data_alignment(&self) -> u64 {
         self.limits().request_alignment as u64
@@ -501,8 +514,20 @@ impl UringTarget for Qcow2<RawFile> {
     fn data_fd(&self) -> RawFd {
         self.file().fd()
     }
+    fn data_file(&self) -> Option<&RawFile> {
+        Some(self.file())
+    }
     fn data_alignment(&self) -> u64 {
-        self.file().limits().request_alignment as u64
+        let a = self.file().limits().request_alignment as u64;
+        if self.cluster_size() < a {
+            // A data cluster may share an aligned block of the file with metadata, which
+            // the image writes (read-modify-write) under its metadata lock: a transfer
+            // in flight there would have that wait for this queue while this queue waits
+            // for the lock. No request meets this alignment: all are served inline.
+            u64::MAX
+        } else {
+            a
+        }
     }
     fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping> {
         if write {
@@ -523,6 +548,8 @@ struct Parent<B> {
     buf: B,
     /// Pins the host clusters until every piece has completed.
     _mapping: Mapping,
+    /// For writes, holds the file ranges written until every piece has completed.
+    _writing: Option<WriteGuard>,
 }
 
 /// One transfer between a contiguous piece of a request's buffer and the file.
@@ -553,6 +580,10 @@ enum Plan {
         mapping: Mapping,
     },
 }
+
+/// Transfers (io_uring entries) one request may hold in flight; a request whose buffer
+/// and mapping would need more is served inline, through a bounded bounce buffer.
+const MAX_PIECES: usize = 1024;
 
 /// Largest transfer one io_uring entry carries (a longer piece completes short and the
 /// rest is resubmitted).
@@ -593,8 +624,35 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
 
     /// Serves a request synchronously.
     fn inline(&mut self, mut req: AioRequest<B>) {
+        // A write served here may be a read-modify-write of partial blocks, which waits
+        // for the writes in flight to its blocks; this queue's own complete only when it
+        // reaps them, so it first lets them complete.
+        let rmw_possible = matches!(req.op(), AioOp::Write | AioOp::WriteZeroes { .. })
+            && self.target.data_alignment() > 1;
+        if rmw_possible {
+            if let Err(e) = self.drain() {
+                self.done.push(req.complete(Err(e)));
+                return;
+            }
+        }
         let result = run_sync(&*self.target, &mut req, &mut self.bounce);
         self.done.push(req.complete(result));
+    }
+
+    /// Waits until every transfer this queue has in flight has completed (their
+    /// completions are kept for [`AioQueue::wait`]).
+    fn drain(&mut self) -> Result<()> {
+        loop {
+            self.reap();
+            if self.in_flight == 0 {
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.unsubmitted = 0,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("waiting for io_uring", e)),
+            }
+        }
     }
 
     /// Decides how to serve a transfer of `buf` at `offset`; zeroes the parts of a read
@@ -616,7 +674,8 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 && iov
                     .iter()
                     .all(|s| s.len() as u64 % a == 0 && s.ptr_guard().as_ptr() as u64 % a == 0));
-        if !aligned {
+        // Misaligned, or more pieces than a request may hold in flight.
+        if !aligned || iov.segments().len() > MAX_PIECES {
             return Plan::Inline;
         }
         // The mapping pins the host clusters until the parent completes.
@@ -641,6 +700,10 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 ExtentKind::Data(host) => {
                     let mut at = 0usize;
                     for s in iov.range(pos, n) {
+                        if pieces.len() == MAX_PIECES {
+                            // Mapped in too many pieces (a fragmented image).
+                            return Plan::Inline;
+                        }
                         let addr = s.ptr_guard_mut().as_ptr();
                         pieces.push((addr, s.len(), host + at as u64, pos + at));
                         at += s.len();
@@ -853,6 +916,18 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
                 });
             }
         };
+        // A write holds the file ranges it covers until it completes (see
+        // `UringTarget::data_file`).
+        let writing = match (write, self.target.data_file()) {
+            (true, Some(f)) => {
+                let ranges: Vec<(u64, u64)> = pieces
+                    .iter()
+                    .map(|&(_, len, host, _)| (host, host + len as u64))
+                    .collect();
+                f.lock_writes(&ranges)
+            }
+            _ => None,
+        };
         let pidx = match self.free_parents.pop() {
             Some(i) => i,
             None => {
@@ -868,6 +943,7 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
             write,
             buf,
             _mapping: mapping,
+            _writing: writing,
         });
         self.in_flight += 1;
         let fd = self.target.data_fd();
@@ -1109,6 +1185,44 @@ mod tests {
         run_guest_queue(&mut ThreadQueue::new(raw, 2).unwrap(), &mem);
         let m = Arc::new(crate::MemBackend::new(vec![0; 1 << 20]));
         run_guest_queue(&mut SyncQueue::new(m), &mem);
+    }
+
+    /// A request whose transfer would be thousands of io_uring entries (a guest's
+    /// fragmented buffers) is served inline through a bounded bounce buffer instead of
+    /// holding that many pieces in flight; its data still lands where the ranges say.
+    #[test]
+    fn requests_of_too_many_pieces_are_served_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pieces.raw");
+        RawFile::create(&p, 4 << 20).unwrap();
+        let opts = RawOptions {
+            cache: CacheMode::None,
+            ..Default::default()
+        };
+        let raw = Arc::new(RawFile::open(&p, opts).unwrap());
+        let a = raw.limits().request_alignment as usize;
+        let mem = Arc::new(Tracked::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap());
+        let n = 2 * MAX_PIECES;
+        // Every other aligned block of guest memory: no two ranges merge.
+        let ranges = (0..n as u64).map(|i| GuestRange::new(GuestAddress(i * 2 * a as u64), a));
+        for i in 0..n as u64 {
+            mem.write_slice(&vec![(i % 251) as u8; a], GuestAddress(i * 2 * a as u64))
+                .unwrap();
+        }
+        let mut q: UringQueue<RawFile, GuestBuf<Arc<Tracked>>> =
+            UringQueue::new(raw.clone(), 8).unwrap();
+        let mut buf = GuestBuf::new(mem.clone(), ranges.collect());
+        assert!(
+            matches!(q.plan(true, 0, &mut buf), Plan::Inline),
+            "{n} pieces planned for io_uring"
+        );
+        let out = run_all(&mut q, [AioRequest::write(0, buf, 1)]);
+        assert!(out[0].result.is_ok(), "{out:?}");
+        let mut back = vec![0u8; a];
+        for i in 0..n as u64 {
+            raw.read_at(&mut back, i * a as u64).unwrap();
+            assert!(back.iter().all(|&x| x == (i % 251) as u8), "block {i}");
+        }
     }
 
     #[test]

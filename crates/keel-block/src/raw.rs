@@ -7,7 +7,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
 use crate::buf::AlignedBuf;
@@ -92,8 +92,76 @@ pub struct RawFile {
     size: AtomicU64,
     /// Request and memory alignment (1 unless `O_DIRECT`).
     align: u64,
-    /// Serialises read-modify-write cycles of partial sectors under `O_DIRECT`.
-    rmw: Mutex<()>,
+    /// Under `O_DIRECT`, the ranges being written: a read-modify-write of partial blocks
+    /// excludes every other write of those blocks, aligned ones included.
+    writing: Arc<WriteRanges>,
+}
+
+/// Byte ranges of a file being written, each shared (an ordinary write, which may run
+/// beside other writes) or exclusive (a read-modify-write of partial blocks, which must
+/// not have another write of its blocks land between its read and its write).
+#[derive(Default)]
+struct WriteRanges {
+    /// The next guard's id, and every range held.
+    held: Mutex<(u64, Vec<HeldRange>)>,
+    released: Condvar,
+}
+
+struct HeldRange {
+    id: u64,
+    start: u64,
+    end: u64,
+    exclusive: bool,
+}
+
+impl WriteRanges {
+    /// Waits until no held range overlapping one of `ranges` conflicts (either side
+    /// exclusive), then holds them until the guard drops. Waiters do not block later
+    /// shared holders: a thread holding shared ranges (writes in flight) never waits for a
+    /// thread that only waits.
+    fn lock(self: &Arc<Self>, ranges: &[(u64, u64)], exclusive: bool) -> WriteGuard {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        while held.1.iter().any(|h| {
+            (exclusive || h.exclusive) && ranges.iter().any(|&(s, e)| s < h.end && h.start < e)
+        }) {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let id = held.0;
+        held.0 += 1;
+        held.1.extend(ranges.iter().map(|&(start, end)| HeldRange {
+            id,
+            start,
+            end,
+            exclusive,
+        }));
+        WriteGuard {
+            ranges: self.clone(),
+            id,
+        }
+    }
+}
+
+/// Ranges of a [`RawFile`] held for writing (see `RawFile::lock_writes`); released on
+/// drop.
+pub(crate) struct WriteGuard {
+    ranges: Arc<WriteRanges>,
+    id: u64,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let mut held = self
+            .ranges
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        held.1.retain(|h| h.id != self.id);
+        drop(held);
+        self.ranges.released.notify_all();
+    }
 }
 
 fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -183,7 +251,7 @@ impl RawFile {
             opts,
             size: AtomicU64::new(size),
             align: 1,
-            rmw: Mutex::new(()),
+            writing: Arc::default(),
         };
         if opts.cache.direct() {
             raw.align = raw.probe_alignment();
@@ -227,6 +295,13 @@ impl RawFile {
             .map_err(|e| Error::io("resizing the file", e))?;
         self.size.store(len, Ordering::Release);
         Ok(())
+    }
+
+    /// Holds the (block-aligned) byte ranges `ranges` for ordinary writes until the guard
+    /// drops: a read-modify-write of partial blocks in them waits meanwhile. `None` when
+    /// the file needs no alignment (no read-modify-writes happen).
+    pub(crate) fn lock_writes(&self, ranges: &[(u64, u64)]) -> Option<WriteGuard> {
+        (self.align > 1).then(|| self.writing.lock(ranges, false))
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
@@ -364,39 +439,50 @@ impl RawFile {
         Ok(())
     }
 
-    /// Reads into a bounce buffer covering the aligned enclosing range.
-    fn bounce_read(&self, mut bufs: Iov<&mut [u8]>, offset: u64, len: u64) -> Result<()> {
+    /// A bounce buffer for a request of `len` bytes at `offset`: the aligned range
+    /// enclosing it, up to [`BOUNCE_CHUNK`] bytes (the request then goes through in
+    /// pieces, see [`BounceChunks`]).
+    fn bounce_buf(&self, offset: u64, len: u64) -> AlignedBuf {
         let a = self.align;
-        let start = offset / a * a;
-        let end = (offset + len).div_ceil(a) * a;
-        let mut bb = AlignedBuf::new((end - start) as usize, a as usize);
-        self.preadv_full(Iov::from(bb.as_mut_slice()), start)?;
-        let s = (offset - start) as usize;
-        bufs.copy_from_slice(0, &bb.as_slice()[s..s + len as usize]);
+        let span = (offset + len).div_ceil(a) * a - offset / a * a;
+        AlignedBuf::new(span.min(BOUNCE_CHUNK.max(a)) as usize, a as usize)
+    }
+
+    /// Reads through a bounce buffer of bounded size, one aligned chunk at a time.
+    fn bounce_read(&self, mut bufs: Iov<&mut [u8]>, offset: u64, len: u64) -> Result<()> {
+        let mut bb = self.bounce_buf(offset, len);
+        for c in BounceChunks::new(offset, len, self.align) {
+            let b = &mut bb.as_mut_slice()[..c.span()];
+            self.preadv_full(Iov::from(&mut *b), c.start)?;
+            bufs.copy_from_slice(c.done as usize, &b[c.skip()..c.skip() + c.len as usize]);
+        }
         Ok(())
     }
 
+    /// Writes through a bounce buffer of bounded size, one aligned chunk at a time; the
+    /// partial blocks at either end are read, modified and written back.
     fn bounce_write(&self, bufs: Iov<&[u8]>, offset: u64, len: u64) -> Result<()> {
-        let a = self.align;
-        let start = offset / a * a;
-        let end = (offset + len).div_ceil(a) * a;
-        let mut bb = AlignedBuf::new((end - start) as usize, a as usize);
-        let s = (offset - start) as usize;
-        if start == offset && end == offset + len {
-            // Only the memory is misaligned: copy, no read-modify-write.
-            bufs.copy_to_slice(0, bb.as_mut_slice());
-            return self.pwritev_full(Iov::from(bb.as_slice()), start);
+        let a = self.align as usize;
+        let mut bb = self.bounce_buf(offset, len);
+        for c in BounceChunks::new(offset, len, self.align) {
+            let b = &mut bb.as_mut_slice()[..c.span()];
+            let (head, tail) = (c.skip() != 0, c.skip() + c.len as usize != b.len());
+            // Only the memory misaligned (neither end partial): an ordinary write.
+            // Otherwise the blocks are held exclusively from the read to the write.
+            let _guard = self
+                .writing
+                .lock(&[(c.start, c.start + b.len() as u64)], head || tail);
+            if head {
+                self.preadv_full(Iov::from(&mut b[..a]), c.start)?;
+            }
+            if tail && (b.len() > a || !head) {
+                let n = b.len();
+                self.preadv_full(Iov::from(&mut b[n - a..]), c.start + (n - a) as u64)?;
+            }
+            bufs.copy_to_slice(c.done as usize, &mut b[c.skip()..c.skip() + c.len as usize]);
+            self.pwritev_full(Iov::from(&*b), c.start)?;
         }
-        let _guard = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
-        if start != offset {
-            self.preadv_full(Iov::from(&mut bb.as_mut_slice()[..a as usize]), start)?;
-        }
-        if end != offset + len && (end - a != start || start == offset) {
-            let n = bb.len();
-            self.preadv_full(Iov::from(&mut bb.as_mut_slice()[n - a as usize..]), end - a)?;
-        }
-        bufs.copy_to_slice(0, &mut bb.as_mut_slice()[s..s + len as usize]);
-        self.pwritev_full(Iov::from(bb.as_slice()), start)
+        Ok(())
     }
 
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
@@ -413,6 +499,76 @@ impl RawFile {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// Bytes a bounce buffer holds at most: a request of any length goes through in chunks
+/// of this size (a guest chooses the length, and a failed allocation aborts).
+const BOUNCE_CHUNK: u64 = 1 << 20;
+
+/// One piece of a bounced request: `len` bytes of the request, from byte `done` of it,
+/// inside the aligned file range from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BounceChunk {
+    start: u64,
+    /// Where the piece starts in the file.
+    at: u64,
+    done: u64,
+    len: u64,
+    align: u64,
+}
+
+impl BounceChunk {
+    /// Bytes of the aligned file range (and of the bounce buffer used).
+    fn span(&self) -> usize {
+        ((self.at + self.len).div_ceil(self.align) * self.align - self.start) as usize
+    }
+    /// Where the piece starts in the bounce buffer.
+    fn skip(&self) -> usize {
+        (self.at - self.start) as usize
+    }
+}
+
+/// The pieces of a request of `len` bytes at `offset` for an alignment of `align`, each
+/// spanning at most [`BOUNCE_CHUNK`] aligned bytes; only the first and last may cover
+/// partial blocks.
+struct BounceChunks {
+    offset: u64,
+    len: u64,
+    align: u64,
+    done: u64,
+}
+
+impl BounceChunks {
+    fn new(offset: u64, len: u64, align: u64) -> Self {
+        BounceChunks {
+            offset,
+            len,
+            align,
+            done: 0,
+        }
+    }
+}
+
+impl Iterator for BounceChunks {
+    type Item = BounceChunk;
+    fn next(&mut self) -> Option<BounceChunk> {
+        if self.done >= self.len {
+            return None;
+        }
+        let at = self.offset + self.done;
+        let start = at / self.align * self.align;
+        let chunk = BOUNCE_CHUNK.max(self.align);
+        let len = (self.len - self.done).min(chunk - (at - start));
+        let c = BounceChunk {
+            start,
+            at,
+            done: self.done,
+            len,
+            align: self.align,
+        };
+        self.done += len;
+        Some(c)
     }
 }
 
@@ -465,6 +621,7 @@ impl BlockBackend for RawFile {
             return Ok(());
         }
         if self.aligned_iov(bufs.iter().map(|b| (b.as_ptr(), b.len())), offset) {
+            let _guard = self.lock_writes(&[(offset, offset + len)]);
             self.pwritev_full(bufs, offset)?;
         } else {
             self.bounce_write(bufs, offset, len)?;

@@ -146,18 +146,47 @@ impl Throttle {
         set(&mut self.bytes, bps, now);
     }
 
-    /// Blocks the calling thread until a request may start, then charges it.
+    /// Charges a request of `bytes` bytes if it may start at `now`; otherwise charges
+    /// nothing and says how long until it may (ask again then: another request may have
+    /// been admitted meanwhile).
+    ///
+    /// This is the call for event loops: a request that has to wait is held, with a
+    /// timer for the returned duration in the loop's poll set, so that whatever else the
+    /// loop watches (a stop, a reset) still ends the wait at once.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use keel_block::throttle::Throttle;
+    ///
+    /// let t0 = Instant::now();
+    /// // 1000 bytes per second, a burst of 100.
+    /// let mut t = Throttle::with_bursts(0, 0, 1000, 100, t0);
+    /// assert_eq!(t.try_admit(600, t0), Ok(()));
+    /// // 500 bytes in debt: the next request waits half a second.
+    /// let wait = t.try_admit(100, t0).unwrap_err();
+    /// assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6);
+    /// assert_eq!(t.try_admit(100, t0 + wait), Ok(()));
+    /// ```
+    pub fn try_admit(&mut self, bytes: u64, now: Instant) -> std::result::Result<(), Duration> {
+        let wait = self.wait_time(now);
+        if wait.is_zero() {
+            self.consume(bytes, now);
+            Ok(())
+        } else {
+            Err(wait)
+        }
+    }
+
+    /// Blocks the calling thread until a request may start, then charges it: for
+    /// synchronous callers that may block ([`Throttled`]); an event loop holds the
+    /// request and waits on a timer instead ([`Throttle::try_admit`]).
     pub fn admit(this: &Mutex<Throttle>, bytes: u64) {
         loop {
-            let wait = {
-                let mut t = lock(this);
-                let now = Instant::now();
-                let w = t.wait_time(now);
-                if w.is_zero() {
-                    t.consume(bytes, now);
-                    return;
-                }
-                w
+            let wait = match lock(this).try_admit(bytes, Instant::now()) {
+                Ok(()) => return,
+                Err(wait) => wait,
             };
             std::thread::sleep(wait);
         }

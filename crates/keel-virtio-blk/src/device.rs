@@ -161,8 +161,15 @@ const MAX_RANGE_SECTORS: u32 = (u32::MAX >> 9) >> 1;
 /// Segments per discard / write-zeroes request.
 const MAX_RANGE_SEGS: u32 = 32;
 
-/// What the parser enforces for `disk`.
-pub(crate) fn limits_for(disk: &Disk) -> crate::request::Limits {
+/// Data segments per request (`seg_max`) for queues of `queue_size`: a chain of header,
+/// data and status fits in the ring.
+pub(crate) fn seg_max(queue_size: u16) -> u32 {
+    u32::from(queue_size).saturating_sub(2).max(1)
+}
+
+/// What the parser enforces for `disk` on queues of `queue_size`: what the configuration
+/// space advertises.
+pub(crate) fn limits_for(disk: &Disk, queue_size: u16) -> crate::request::Limits {
     let read_only = disk.backend.is_read_only();
     let (seg, sectors) = if read_only {
         (0, 0)
@@ -176,6 +183,8 @@ pub(crate) fn limits_for(disk: &Disk) -> crate::request::Limits {
         max_discard_sectors: sectors,
         max_write_zeroes_seg: seg,
         max_write_zeroes_sectors: sectors,
+        size_max: disk.backend.limits().max_transfer,
+        seg_max: seg_max(queue_size),
     }
 }
 
@@ -347,7 +356,7 @@ impl Block {
     }
 
     fn limits(&self) -> crate::request::Limits {
-        limits_for(&self.disk)
+        limits_for(&self.disk, self.opts.queue_size)
     }
 
     /// The configuration space (`virtio_blk_config`, virtio 1.2 section 5.2.4) up to the
@@ -360,9 +369,8 @@ impl Block {
             c[off..off + N].copy_from_slice(&v);
         }
         put(&mut c, at!(capacity), self.capacity().to_le_bytes());
-        put(&mut c, at!(size_max), lim.max_transfer.to_le_bytes());
-        let seg_max = u32::from(self.opts.queue_size) - 2;
-        put(&mut c, at!(seg_max), seg_max.to_le_bytes());
+        put(&mut c, at!(size_max), lm.size_max.to_le_bytes());
+        put(&mut c, at!(seg_max), lm.seg_max.to_le_bytes());
         put(&mut c, at!(blk_size), (SECTOR_SIZE as u32).to_le_bytes());
         // Topology: physical block = request alignment (O_DIRECT files: 512 or 4096).
         let phys = lim.request_alignment.max(SECTOR_SIZE as u32) / SECTOR_SIZE as u32;

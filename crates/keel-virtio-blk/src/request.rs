@@ -13,7 +13,7 @@ use std::mem::{offset_of, size_of};
 use keel_block::iov::{GuestRange, Iov};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 /// The sector size of the virtio-blk protocol: the unit of `virtio_blk_outhdr::sector`
 /// and of every sector count, whatever the disk's block size.
@@ -86,6 +86,28 @@ pub enum Error {
     /// Flags the request type does not accept.
     #[error("flags {0:#x} are not supported for this request type")]
     UnsupportedFlags(u32),
+    /// A data buffer is not (wholly) in guest memory.
+    #[error("data buffer {addr:#x}+{len:#x} is outside guest memory")]
+    DataOutsideMemory {
+        /// Guest-physical address of the buffer.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// More segments than the device advertises (`seg_max`).
+    #[error("more than {max} data segments")]
+    TooManySegments {
+        /// Segments allowed.
+        max: u32,
+    },
+    /// A data segment longer than the device advertises (`size_max`).
+    #[error("a data segment of {len} bytes exceeds size_max ({max})")]
+    SegmentTooLarge {
+        /// Its length.
+        len: usize,
+        /// Bytes allowed.
+        max: u32,
+    },
     /// Guest memory named by the chain cannot be read.
     #[error("reading the request from guest memory at {addr:#x}")]
     Memory {
@@ -175,6 +197,11 @@ pub struct Limits {
     pub max_write_zeroes_seg: u32,
     /// Sectors per write-zeroes segment.
     pub max_write_zeroes_sectors: u32,
+    /// Bytes in one data segment (the advertised `size_max`).
+    pub size_max: u32,
+    /// Data segments in one request (the advertised `seg_max`); a chain may hold two
+    /// more non-empty descriptors (header and status).
+    pub seg_max: u32,
 }
 
 /// The readable and writable byte streams of a chain.
@@ -211,14 +238,23 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn streams(descs: impl Iterator<Item = Descriptor>) -> Result<Streams, Error> {
+/// The chain's byte streams; `Err(TooManySegments)` once it has more than `max`
+/// non-empty descriptors (an indirect table may hold thousands), before they are stored.
+fn streams(descs: impl Iterator<Item = Descriptor>, max: usize) -> Result<Streams, Error> {
     let mut st = Streams {
         readable: Iov::new(),
         writable: Iov::new(),
     };
+    let mut n = 0usize;
     for d in descs {
         if d.len() == 0 {
             continue;
+        }
+        n += 1;
+        if n > max {
+            return Err(Error::TooManySegments {
+                max: max.saturating_sub(2).try_into().unwrap_or(u32::MAX),
+            });
         }
         let seg = GuestRange::new(d.addr(), d.len() as usize);
         if d.is_write_only() {
@@ -234,8 +270,16 @@ fn streams(descs: impl Iterator<Item = Descriptor>) -> Result<Streams, Error> {
 
 /// Where the status byte goes: the last writable byte of the chain.
 pub fn status_address(descs: impl Iterator<Item = Descriptor>) -> Option<GuestAddress> {
-    let st = streams(descs).ok()?;
-    Some(st.writable.last()?.last_addr())
+    // As `streams` sees it, without storing the chain (it may be long).
+    let mut last = None;
+    for d in descs.filter(|d| d.len() > 0) {
+        if d.is_write_only() {
+            last = Some(GuestRange::new(d.addr(), d.len() as usize));
+        } else if last.is_some() {
+            return None;
+        }
+    }
+    Some(last?.last_addr())
 }
 
 fn check_range(sector: u64, bytes: u64, capacity: u64) -> Result<(), Error> {
@@ -292,14 +336,18 @@ fn ranges<M: GuestMemory>(
 }
 
 /// Parses the descriptors of one chain (as virtio-queue's `DescriptorChain` yields them,
-/// indirect tables followed) against `limits`. On `Err`, the caller writes
+/// indirect tables followed) against `limits`; the data buffers of an `Ok` request lie
+/// in `mem`. On `Err`, the caller writes
 /// [`Error::status`] to [`status_address`] (unless it is [`Error::NoStatus`]).
 pub fn parse<M: GuestMemory>(
     mem: &M,
     descs: impl Iterator<Item = Descriptor>,
     limits: &Limits,
 ) -> Result<Request, Error> {
-    let st = streams(descs)?;
+    let max_descs = usize::try_from(limits.seg_max)
+        .unwrap_or(usize::MAX)
+        .saturating_add(2);
+    let st = streams(descs, max_descs)?;
     let Some(last) = st.writable.last() else {
         return Err(Error::NoStatus);
     };
@@ -368,6 +416,32 @@ pub fn parse<M: GuestMemory>(
         }
         other => return Err(Error::UnsupportedType(other)),
     };
+    // The device stores into the buffers of reads and GET_ID, loads from those of writes.
+    let access = if matches!(op, Op::Write { .. }) {
+        Permissions::Read
+    } else {
+        Permissions::Write
+    };
+    if data.segments().len() > limits.seg_max as usize {
+        return Err(Error::TooManySegments {
+            max: limits.seg_max,
+        });
+    }
+    if let Some(r) = data.iter().find(|r| r.len > limits.size_max as usize) {
+        return Err(Error::SegmentTooLarge {
+            len: r.len,
+            max: limits.size_max,
+        });
+    }
+    if let Some(r) = data
+        .iter()
+        .find(|r| !mem.check_range(r.addr, r.len, access))
+    {
+        return Err(Error::DataOutsideMemory {
+            addr: r.addr.0,
+            len: r.len,
+        });
+    }
     Ok(Request { op, data, status })
 }
 
@@ -390,6 +464,8 @@ mod tests {
             max_discard_sectors: 1024,
             max_write_zeroes_seg: 2,
             max_write_zeroes_sectors: 1024,
+            size_max: 1 << 20,
+            seg_max: 8,
         }
     }
 

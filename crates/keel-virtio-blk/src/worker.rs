@@ -9,12 +9,17 @@
 //! them, together with a handle on guest memory ([`crate::DataBuf`]). On stop (device
 //! reset) the worker waits for every request in flight before it exits, so nothing lands
 //! in guest memory afterwards.
+//!
+//! A throttled queue charges each request once it has passed validation, and only if the
+//! throttle admits it; otherwise the worker holds it and arms a timer in its poll set (with
+//! the queue's notifier and the stop event), never sleeping outside that poll: a stop or
+//! reset ends the wait at once.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keel_block::aio::{AioQueue, AioRequest, Completion};
 use keel_block::buf::GuestBuf;
@@ -23,9 +28,10 @@ use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{InterruptKind, NeedsReset, VirtioInterrupt};
 use keel_virtio::worker::should_interrupt;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{DataBuf, EngineFactory};
 use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
@@ -115,6 +121,8 @@ enum WorkerError {
     Engine(#[source] keel_block::Error),
     #[error("waiting on epoll")]
     Epoll(#[source] std::io::Error),
+    #[error("creating the throttle timer")]
+    Timer(#[source] vmm_sys_util::errno::Error),
     #[error("waiting for the I/O engine")]
     Wait(#[source] keel_block::Error),
 }
@@ -186,6 +194,11 @@ struct State {
     /// Used buffers added since the last interrupt decision.
     used: bool,
     broken: bool,
+    /// A valid request the throttle holds back (its head and itself).
+    held: Option<(u16, Request)>,
+    /// Fires when the held request may start; in the worker's poll set. `None` for
+    /// [`SyncServer`], which serves unthrottled queues only.
+    timer: Option<TimerFd>,
 }
 
 /// Serves one queue on the calling thread: for tests and fuzzers that want determinism
@@ -206,7 +219,7 @@ impl SyncServer {
         interrupt: Arc<dyn VirtioInterrupt>,
         needs_reset: NeedsReset,
     ) -> keel_block::Result<SyncServer> {
-        let limits = crate::device::limits_for(disk);
+        let limits = crate::device::limits_for(disk, queue.max_size());
         Ok(SyncServer {
             state: State {
                 aio: (disk.engine)()?,
@@ -236,6 +249,8 @@ impl SyncServer {
                 },
                 used: false,
                 broken: false,
+                held: None,
+                timer: None,
             },
         })
     }
@@ -268,6 +283,7 @@ impl SyncServer {
 
 const KICK: u64 = 0;
 const WAKE: u64 = 1;
+const TIMER: u64 = 2;
 
 fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), WorkerError> {
     let aio = match (ctx.engine)() {
@@ -287,6 +303,14 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
             )
             .map_err(WorkerError::Epoll)?;
     }
+    let timer = TimerFd::new().map_err(WorkerError::Timer)?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
+        )
+        .map_err(WorkerError::Epoll)?;
     let mut st = State {
         ctx,
         aio,
@@ -296,8 +320,10 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
         },
         used: false,
         broken: false,
+        held: None,
+        timer: Some(timer),
     };
-    let mut events = [EpollEvent::default(); 2];
+    let mut events = [EpollEvent::default(); 3];
     let mut done = Vec::new();
     let poll = std::time::Duration::from_micros(u64::from(st.ctx.poll_us));
     let mut last_active = Instant::now();
@@ -349,27 +375,39 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
             }
             continue;
         }
-        // Idle. For a short while after the last activity, watch the ring with driver
-        // notifications still off: a driver that submits its next request at once does
-        // not have to kick (a VM exit) and the worker does not have to wake up.
-        if !st.broken && !poll.is_zero() && st.poll_avail(last_active + poll, stop) {
-            continue;
-        }
-        // Notifications back on, one more look, then sleep.
-        if !st.broken && st.take_requests(true) > 0 {
-            st.signal();
-            last_active = Instant::now();
-            continue;
+        // Idle (or waiting for the throttle: then for its timer, a stop or a reset, with
+        // driver notifications off). For a short while after the last activity, watch
+        // the ring with notifications still off: a driver that submits its next request
+        // at once does not have to kick (a VM exit) and the worker does not have to wake
+        // up.
+        if st.held.is_none() {
+            if !st.broken && !poll.is_zero() && st.poll_avail(last_active + poll, stop) {
+                continue;
+            }
+            // Notifications back on, one more look, then sleep.
+            if !st.broken && st.take_requests(true) > 0 {
+                st.signal();
+                last_active = Instant::now();
+                continue;
+            }
         }
         match epoll.wait(-1, &mut events) {
             Ok(n) => {
                 for ev in &events[..n] {
-                    let fd = if ev.data() == KICK {
-                        &*st.ctx.kick
-                    } else {
-                        wake
-                    };
-                    let _ = fd.read();
+                    match ev.data() {
+                        KICK => {
+                            let _ = st.ctx.kick.read();
+                        }
+                        TIMER => {
+                            if let Some(t) = st.timer.as_mut() {
+                                // Readable: this read does not block.
+                                let _ = t.wait();
+                            }
+                        }
+                        _ => {
+                            let _ = wake.read();
+                        }
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -401,6 +439,13 @@ impl State {
                 return taken;
             }
             loop {
+                // A request held back by the throttle goes first; until it has started,
+                // nothing else does.
+                if let Some((head, req)) = self.held.take() {
+                    if !self.admit(head, req) {
+                        return taken;
+                    }
+                }
                 // A driver never has more requests outstanding than the queue holds; one
                 // that reuses descriptors to make more available is held to that, so it
                 // cannot grow the worker's state or starve completions.
@@ -420,13 +465,12 @@ impl State {
                 if let Some(c) = &self.ctx.capacity {
                     self.ctx.limits.capacity = c.load(Ordering::Relaxed);
                 }
-                let parsed = request::parse(&*mem, chain.clone(), &self.ctx.limits);
-                if let (Some(t), Ok(r)) = (&self.ctx.throttle, &parsed) {
-                    // Waits for the request's turn (operations and bytes).
-                    Throttle::admit(t, r.data_len());
-                }
-                match parsed {
-                    Ok(req) => self.start(head, req),
+                match request::parse(&*mem, chain.clone(), &self.ctx.limits) {
+                    Ok(req) => {
+                        if !self.admit(head, req) {
+                            return taken;
+                        }
+                    }
                     Err(request::Error::NoStatus) => {
                         log::debug!("virtio-blk: chain {head} has no status byte");
                         self.add_used(head, 0);
@@ -450,6 +494,40 @@ impl State {
                     self.broken(&e);
                     return taken;
                 }
+            }
+        }
+    }
+
+    /// Starts a parsed (valid) request if the throttle lets it (true); otherwise holds it,
+    /// with the timer armed for when it may start, and returns false. Only requests that
+    /// passed validation are charged.
+    fn admit(&mut self, head: u16, req: Request) -> bool {
+        let Some(t) = &self.ctx.throttle else {
+            self.start(head, req);
+            return true;
+        };
+        let wait = t
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .try_admit(req.data_len(), Instant::now());
+        match wait {
+            Ok(()) => {
+                self.start(head, req);
+                true
+            }
+            Err(wait) => {
+                self.held = Some((head, req));
+                if let Some(timer) = self.timer.as_mut() {
+                    // A zero duration would disarm the timer.
+                    let wait = wait.max(Duration::from_micros(1));
+                    if let Err(e) = timer.reset(wait, None) {
+                        log::warn!(
+                            "virtio-blk queue {}: arming the throttle timer: {e}",
+                            self.ctx.index
+                        );
+                    }
+                }
+                false
             }
         }
     }
@@ -544,11 +622,6 @@ impl State {
             }
             Op::Read { offset } | Op::Write { offset } => {
                 let write = matches!(req.op, Op::Write { .. });
-                let mem = &*self.ctx.mem;
-                if !req.data.iter().all(|r| mem.check_range(r.addr, r.len)) {
-                    log::debug!("virtio-blk: chain {head}: data outside guest memory");
-                    return self.finish(head, req.status, Status::IoErr, 1);
-                }
                 let used_len = if write {
                     1
                 } else {
