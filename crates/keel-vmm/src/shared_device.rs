@@ -41,6 +41,11 @@ impl VirtioDevice for SharedDevice {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         self.lock().read_config(offset, data)
     }
+    // Every method is forwarded, those with a default body too: a default here would
+    // silently drop what the transport tells the device.
+    fn features_negotiated(&mut self, features: u64) {
+        self.lock().features_negotiated(features)
+    }
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
         self.lock().write_config(offset, data)
     }
@@ -75,5 +80,44 @@ mod tests {
         handle.pause();
         handle.resume();
         shared.reset();
+    }
+
+    /// A device that remembers the features it was told were negotiated.
+    struct Negotiated(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+    impl VirtioDevice for Negotiated {
+        fn device_type(&self) -> u32 {
+            0
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[]
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn features_negotiated(&mut self, features: u64) {
+            self.0.store(features, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
+            false
+        }
+        fn activate(&mut self, _ctx: ActivateContext) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn pause(&mut self) {}
+        fn resume(&mut self) {}
+    }
+
+    #[test]
+    fn forwards_the_negotiated_features() {
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut shared = SharedDevice::new(Box::new(Negotiated(seen.clone())));
+        shared.features_negotiated(0x1_0000_0800);
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            0x1_0000_0800
+        );
     }
 }
