@@ -653,6 +653,23 @@ impl Meta {
         Ok(())
     }
 
+    /// The L2 entry for `guest` in the cached table `slot`, decoded: (index in the table,
+    /// entry, subcluster bitmap, state). An invalid entry marks the image corrupt.
+    pub(crate) fn l2_entry(
+        &mut self,
+        f: &dyn BlockBackend,
+        slot: usize,
+        guest: u64,
+    ) -> Result<(usize, u64, u64, L2State)> {
+        let (_, l2i) = self.split(guest);
+        let e = self.l2_get(slot, l2i);
+        let bitmap = self.l2_bitmap(slot, l2i);
+        match classify(e, self.hdr.version, self.cb, self.ext, bitmap) {
+            Ok(st) => Ok((l2i, e, bitmap, st)),
+            Err(problem) => Err(self.corrupt(f, Corruption::L2Entry { guest, problem })),
+        }
+    }
+
     /// An L2 entry (the first word of an extended entry).
     pub(crate) fn l2_get(&self, slot: usize, idx: usize) -> u64 {
         self.l2.slots[slot].data[idx << self.ext as u32]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::meta::{classify, compressed_range, L2State, OFFSET_MASK};
+use super::meta::{compressed_range, L2State, OFFSET_MASK};
 use super::{compress, DecompressedCluster, Qcow2};
 use crate::backend::{check_range, BlockBackend};
 use crate::error::{Corruption, Error, Result, Unsupported};
@@ -49,21 +49,7 @@ impl<F: BlockBackend> Qcow2<F> {
                 pos += n;
                 continue;
             };
-            let (_, l2i) = m.split(pos);
-            let e = m.l2_get(slot, l2i);
-            let bitmap = m.l2_bitmap(slot, l2i);
-            let st = match classify(e, m.hdr.version, self.cb, m.ext, bitmap) {
-                Ok(s) => s,
-                Err(problem) => {
-                    return Err(m.corrupt(
-                        f,
-                        Corruption::L2Entry {
-                            guest: pos,
-                            problem,
-                        },
-                    ))
-                }
-            };
+            let (_, e, bitmap, st) = m.l2_entry(f, slot, pos)?;
             match st {
                 L2State::Unallocated if !m.ext => push_extent(&mut out, n, self.unallocated()?),
                 L2State::Zero(_) => push_extent(&mut out, n, ExtentKind::Zero),

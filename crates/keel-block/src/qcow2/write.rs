@@ -87,21 +87,7 @@ impl<F: BlockBackend> Qcow2<F> {
         let cs = 1u64 << self.cb;
         let partial = n < cs;
         let slot = m.l2_for_write(f, pos)?;
-        let (_, l2i) = m.split(pos);
-        let e = m.l2_get(slot, l2i);
-        let bitmap = m.l2_bitmap(slot, l2i);
-        let st = match classify(e, m.hdr.version, self.cb, m.ext, bitmap) {
-            Ok(s) => s,
-            Err(problem) => {
-                return Err(m.corrupt(
-                    f,
-                    Corruption::L2Entry {
-                        guest: pos,
-                        problem,
-                    },
-                ))
-            }
-        };
+        let (l2i, e, bitmap, st) = m.l2_entry(f, slot, pos)?;
         if m.ext {
             return self.map_write_subclusters(m, f, slot, l2i, st, e, bitmap, pos, n);
         }
@@ -403,21 +389,7 @@ impl<F: BlockBackend> Qcow2<F> {
                     continue;
                 }
             };
-            let (_, l2i) = m.split(pos);
-            let e = m.l2_get(slot, l2i);
-            let bitmap = m.l2_bitmap(slot, l2i);
-            let st = match classify(e, m.hdr.version, self.cb, m.ext, bitmap) {
-                Ok(s) => s,
-                Err(problem) => {
-                    return Err(m.corrupt(
-                        f,
-                        Corruption::L2Entry {
-                            guest: pos,
-                            problem,
-                        },
-                    ))
-                }
-            };
+            let (l2i, e, bitmap, st) = m.l2_entry(f, slot, pos)?;
             let keep = match st {
                 L2State::Normal(h) | L2State::Zero(Some(h)) if !unmap && e & COPIED != 0 => Some(h),
                 _ => None,
