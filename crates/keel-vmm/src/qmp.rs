@@ -14,10 +14,15 @@
 //! | `block_resize` | grows a raw disk; the guest gets a configuration-change interrupt |
 //!
 //! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
-//! keel gets a termination signal.
+//! keel gets a termination signal. `BLOCK_IO_ERROR` is sent when the host fails a disk
+//! request (action `report`: the guest gets an I/O error and runs on), through a bounded
+//! queue and at most [`IO_ERROR_BURST`] at once per disk, [`IO_ERROR_RATE`] a second
+//! after that ([`IoErrorEvents`]).
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Instant;
 
 use keel_kvm::VcpuHandle;
 use keel_qmp::{Arguments, CommandError, ErrorClass, Events, Handler};
@@ -26,8 +31,10 @@ use keel_virtio_balloon::BalloonHandle;
 use serde_json::{json, Value};
 
 use keel_block::image::Format;
+use keel_block::throttle::TokenBucket;
 use keel_block::{BlockBackend, CacheMode, RawFile};
-use keel_virtio_blk::BlockHandle;
+use keel_virtio_blk::{BlockHandle, IoError, IoErrorSink};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::AcpiPm;
 use crate::disk::DiskSpec;
@@ -90,7 +97,7 @@ impl DiskInfo {
         let cache = self.spec.image.file.cache;
         json!({
             "device": self.name,
-            "qdev": format!("/machine/peripheral-anon/{}/virtio-backend", self.name),
+            "qdev": qom_path(&self.name),
             "type": "unknown",
             "removable": false,
             "locked": false,
@@ -164,7 +171,7 @@ impl DiskInfo {
         json!({
             "device": self.name,
             "node-name": self.name,
-            "qdev": format!("/machine/peripheral-anon/{}/virtio-backend", self.name),
+            "qdev": qom_path(&self.name),
             "stats": {
                 "rd_bytes": s.read.bytes,
                 "wr_bytes": s.write.bytes,
@@ -181,6 +188,138 @@ impl DiskInfo {
                 "account_failed": true,
             },
         })
+    }
+}
+
+/// The QOM path QEMU gives a `-device virtio-blk-pci` without an id: keel names its disks'
+/// the same way in `query-block`, `query-blockstats` and `BLOCK_IO_ERROR`.
+fn qom_path(disk: &str) -> String {
+    format!("/machine/peripheral-anon/{disk}/virtio-backend")
+}
+
+/// QAPI `BLOCK_IO_ERROR`'s data for a request `disk` failed: keel's action is always
+/// `report` (the guest gets VIRTIO_BLK_S_IOERR, the VM runs on).
+pub fn block_io_error(disk: &str, e: &IoError) -> Value {
+    json!({
+        "qom-path": qom_path(disk),
+        "device": disk,
+        "node-name": disk,
+        "operation": if e.op.is_read() { "read" } else { "write" },
+        "action": "report",
+        "nospace": e.nospace(),
+        "reason": strerror(e.errno),
+    })
+}
+
+/// The C library's text for `errno` (what QEMU puts in `reason`).
+fn strerror(errno: i32) -> String {
+    let mut buf = [0u8; 128];
+    // SAFETY: the XSI strerror_r (libc's `strerror_r` on glibc and musl) writes at most
+    // `buf.len()` bytes, NUL-terminated, into a buffer this function owns.
+    let rc = unsafe { libc::strerror_r(errno, buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if rc != 0 || end == 0 {
+        return format!("Unknown error {errno}");
+    }
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// `BLOCK_IO_ERROR` events pending at most (all disks): further ones are dropped.
+pub const IO_ERROR_QUEUE: usize = 64;
+/// `BLOCK_IO_ERROR` events a disk may send at once.
+pub const IO_ERROR_BURST: u64 = 32;
+/// `BLOCK_IO_ERROR` events a second a disk may send after its burst.
+pub const IO_ERROR_RATE: u64 = 16;
+
+/// `BLOCK_IO_ERROR`s on their way from the disks' queue workers, which must not block, to
+/// the control socket's clients, which may be slow: a bounded queue the event loop
+/// empties when its eventfd fires. A guest can make thousands of requests fail a second;
+/// each disk's events are rate-limited (QEMU sends one per failed request, unlimited) and
+/// the queue holds at most [`IO_ERROR_QUEUE`]; what does not fit is counted, and the
+/// count reported on stderr.
+pub struct IoErrorEvents {
+    pending: Mutex<VecDeque<Value>>,
+    suppressed: AtomicU64,
+    wake: EventFd,
+}
+
+impl IoErrorEvents {
+    /// An empty queue.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(IoErrorEvents {
+            pending: Mutex::new(VecDeque::new()),
+            suppressed: AtomicU64::new(0),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        }))
+    }
+
+    fn pending(&self) -> MutexGuard<'_, VecDeque<Value>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Readable when events are pending.
+    pub fn event_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    /// The sink for disk `name`'s device (its own rate limit, this queue).
+    pub fn sink(self: &Arc<Self>, name: &str) -> Arc<dyn IoErrorSink> {
+        Arc::new(DiskErrors {
+            queue: self.clone(),
+            name: name.to_owned(),
+            bucket: Mutex::new(TokenBucket::new(
+                IO_ERROR_RATE,
+                IO_ERROR_BURST,
+                Instant::now(),
+            )),
+        })
+    }
+
+    fn push(&self, event: impl FnOnce() -> Value) {
+        let mut q = self.pending();
+        if q.len() >= IO_ERROR_QUEUE {
+            drop(q);
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(event());
+        drop(q);
+        let _ = self.wake.write(1);
+    }
+
+    /// Sends every pending event through `machine` (called by the event loop).
+    pub fn deliver(&self, machine: &Machine) {
+        let _ = self.wake.read();
+        let events = std::mem::take(&mut *self.pending());
+        for data in events {
+            machine.emit("BLOCK_IO_ERROR", Some(data));
+        }
+        let n = self.suppressed.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            eprintln!("keel: {n} BLOCK_IO_ERROR events suppressed (rate limit)");
+        }
+    }
+}
+
+/// One disk's way into [`IoErrorEvents`].
+struct DiskErrors {
+    queue: Arc<IoErrorEvents>,
+    name: String,
+    bucket: Mutex<TokenBucket>,
+}
+
+impl IoErrorSink for DiskErrors {
+    fn io_error(&self, error: &IoError) {
+        let now = Instant::now();
+        let mut b = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        if !b.wait_time(now).is_zero() {
+            drop(b);
+            self.queue.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        b.consume(1, now);
+        drop(b);
+        self.queue.push(|| block_io_error(&self.name, error));
     }
 }
 
@@ -587,6 +726,64 @@ mod tests {
                 ErrorClass::GenericError
             );
         }
+    }
+
+    #[test]
+    fn block_io_error_has_qemus_shape() {
+        let full = IoError {
+            op: keel_virtio_blk::IoOp::Write,
+            errno: libc::ENOSPC,
+        };
+        assert_eq!(
+            block_io_error("disk0", &full),
+            json!({
+                "qom-path": "/machine/peripheral-anon/disk0/virtio-backend",
+                "device": "disk0",
+                "node-name": "disk0",
+                "operation": "write",
+                "action": "report",
+                "nospace": true,
+                "reason": "No space left on device",
+            })
+        );
+        let eio = IoError {
+            op: keel_virtio_blk::IoOp::Read,
+            errno: libc::EIO,
+        };
+        let ev = block_io_error("disk1", &eio);
+        assert_eq!(
+            (&ev["operation"], &ev["nospace"], &ev["reason"]),
+            (&json!("read"), &json!(false), &json!("Input/output error"))
+        );
+    }
+
+    #[test]
+    fn io_error_events_are_rate_limited_and_bounded() {
+        let q = IoErrorEvents::new().unwrap();
+        let err = IoError {
+            op: keel_virtio_blk::IoOp::Write,
+            errno: libc::EIO,
+        };
+        // One disk failing thousands of requests at once: its burst gets through.
+        let a = q.sink("disk0");
+        for _ in 0..5000 {
+            a.io_error(&err);
+        }
+        let n = q.pending().len() as u64;
+        assert!((IO_ERROR_BURST..=IO_ERROR_BURST + 1).contains(&n), "{n}");
+        // Several disks at once: the queue holds at most IO_ERROR_QUEUE.
+        for d in 1..8 {
+            let s = q.sink(&format!("disk{d}"));
+            for _ in 0..100 {
+                s.io_error(&err);
+            }
+        }
+        assert_eq!(q.pending().len(), IO_ERROR_QUEUE);
+        assert!(q.suppressed.load(Ordering::Relaxed) >= 5000 + 700 - 64);
+        // Delivered (to no client here), the queue is empty again.
+        q.deliver(&Machine::new(None));
+        assert!(q.pending().is_empty());
+        assert_eq!(q.suppressed.load(Ordering::Relaxed), 0);
     }
 
     #[test]

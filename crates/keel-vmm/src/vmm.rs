@@ -32,7 +32,7 @@ use crate::devices::{
 };
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
-use crate::qmp::{Boot, GuestBalloon, Machine};
+use crate::qmp::{Boot, GuestBalloon, IoErrorEvents, Machine};
 use crate::shared_device::SharedDevice;
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
@@ -222,6 +222,22 @@ impl MutEventSubscriber for BalloonWatch {
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.timer.wait();
         self.machine.poll_balloon();
+    }
+}
+
+/// Sends the disks' pending `BLOCK_IO_ERROR` events when their queue signals.
+struct IoErrorWatch {
+    queue: Arc<IoErrorEvents>,
+    machine: Arc<Machine>,
+}
+
+impl MutEventSubscriber for IoErrorWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.queue.event_fd(), EventSet::IN));
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        self.queue.deliver(&self.machine);
     }
 }
 
@@ -520,10 +536,19 @@ fn boot_once(
     }
     let mut images = Vec::new();
     let mut disks = Vec::new();
+    // With a control socket, failed disk requests become BLOCK_IO_ERROR events.
+    let io_errors = match cfg.qmp {
+        Some(_) => Some(IoErrorEvents::new().map_err(os("cannot create an eventfd"))?),
+        None => None,
+    };
     for (i, spec) in cfg.disks.iter().enumerate() {
         let (block, image) = crate::disk::open(spec, i)?;
+        let name = format!("disk{i}");
+        if let Some(q) = &io_errors {
+            block.handle().set_io_error_sink(Some(q.sink(&name)));
+        }
         disks.push(crate::qmp::DiskInfo {
-            name: format!("disk{i}"),
+            name,
             spec: spec.clone(),
             format: image.format(),
             size: image.backend().size(),
@@ -657,6 +682,12 @@ fn boot_once(
             machine: machine.clone(),
         }));
     }
+    if let Some(queue) = io_errors.clone() {
+        events.add_subscriber(Box::new(IoErrorWatch {
+            queue,
+            machine: machine.clone(),
+        }));
+    }
     events.add_subscriber(Box::new(Control {
         exit: exit.clone(),
         serial: serial.clone(),
@@ -685,6 +716,10 @@ fn boot_once(
     drop(events);
     drop(pci);
     drop(buses);
+    // What the disks reported before they stopped.
+    if let Some(q) = &io_errors {
+        q.deliver(machine);
+    }
     // Disks: data flushed, qcow2 images marked clean.
     for image in &images {
         if let Err(e) = image.close() {
