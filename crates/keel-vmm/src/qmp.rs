@@ -15,14 +15,13 @@
 //!
 //! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
 //! keel gets a termination signal. `BLOCK_IO_ERROR` is sent when the host fails a disk
-//! request (action `report`: the guest gets an I/O error and runs on), through a bounded
-//! queue and at most [`IO_ERROR_BURST`] at once per disk, [`IO_ERROR_RATE`] a second
-//! after that ([`IoErrorEvents`]).
+//! request (action `report`: the guest gets an I/O error and runs on), at most one per
+//! disk every [`IO_ERROR_PERIOD`], the latest error held until then, as QEMU throttles it
+//! ([`IoErrorEvents`]).
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keel_kvm::VcpuHandle;
 use keel_qmp::{Arguments, CommandError, ErrorClass, Events, Handler};
@@ -31,7 +30,6 @@ use keel_virtio_balloon::BalloonHandle;
 use serde_json::{json, Value};
 
 use keel_block::image::Format;
-use keel_block::throttle::TokenBucket;
 use keel_block::{BlockBackend, CacheMode, RawFile};
 use keel_virtio_blk::{BlockHandle, IoError, IoErrorSink};
 use vmm_sys_util::eventfd::EventFd;
@@ -224,102 +222,107 @@ fn strerror(errno: i32) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// `BLOCK_IO_ERROR` events pending at most (all disks): further ones are dropped.
-pub const IO_ERROR_QUEUE: usize = 64;
-/// `BLOCK_IO_ERROR` events a disk may send at once.
-pub const IO_ERROR_BURST: u64 = 32;
-/// `BLOCK_IO_ERROR` events a second a disk may send after its burst.
-pub const IO_ERROR_RATE: u64 = 16;
+/// The shortest time between two `BLOCK_IO_ERROR`s of one disk (QEMU's throttle for
+/// guest-triggerable events, which BLOCK_IO_ERROR is since QEMU 9.2).
+pub const IO_ERROR_PERIOD: Duration = Duration::from_secs(1);
 
 /// `BLOCK_IO_ERROR`s on their way from the disks' queue workers, which must not block, to
-/// the control socket's clients, which may be slow: a bounded queue the event loop
-/// empties when its eventfd fires. A guest can make thousands of requests fail a second;
-/// each disk's events are rate-limited (QEMU sends one per failed request, unlimited) and
-/// the queue holds at most [`IO_ERROR_QUEUE`]; what does not fit is counted, and the
-/// count reported on stderr.
+/// the control socket's clients, which may be slow; throttled as QEMU throttles them. A
+/// guest can make thousands of requests fail a second: each disk holds at most one event
+/// (the latest), so nothing grows. A disk's first error is sent at once; errors within
+/// [`IO_ERROR_PERIOD`] of a sent one are held, the latest replacing the one before, and
+/// the one held is sent when the period ends (and opens a new period).
 pub struct IoErrorEvents {
-    pending: Mutex<VecDeque<Value>>,
-    suppressed: AtomicU64,
+    disks: Mutex<Vec<DiskSlot>>,
     wake: EventFd,
 }
 
+/// One disk's state in [`IoErrorEvents`].
+struct DiskSlot {
+    name: String,
+    /// The latest error not yet sent.
+    latest: Option<IoError>,
+    /// Until when the disk's events are held (a period opened by the last one sent).
+    held_until: Option<Instant>,
+}
+
 impl IoErrorEvents {
-    /// An empty queue.
+    /// No disks yet.
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(IoErrorEvents {
-            pending: Mutex::new(VecDeque::new()),
-            suppressed: AtomicU64::new(0),
+            disks: Mutex::new(Vec::new()),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
         }))
     }
 
-    fn pending(&self) -> MutexGuard<'_, VecDeque<Value>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    fn disks(&self) -> MutexGuard<'_, Vec<DiskSlot>> {
+        self.disks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Readable when events are pending.
+    /// Readable when a disk has an error to send.
     pub fn event_fd(&self) -> &EventFd {
         &self.wake
     }
 
-    /// The sink for disk `name`'s device (its own rate limit, this queue).
+    /// The sink for disk `name`'s device.
     pub fn sink(self: &Arc<Self>, name: &str) -> Arc<dyn IoErrorSink> {
-        Arc::new(DiskErrors {
-            queue: self.clone(),
+        let mut d = self.disks();
+        d.push(DiskSlot {
             name: name.to_owned(),
-            bucket: Mutex::new(TokenBucket::new(
-                IO_ERROR_RATE,
-                IO_ERROR_BURST,
-                Instant::now(),
-            )),
+            latest: None,
+            held_until: None,
+        });
+        Arc::new(DiskErrors {
+            events: self.clone(),
+            index: d.len() - 1,
         })
     }
 
-    fn push(&self, event: impl FnOnce() -> Value) {
-        let mut q = self.pending();
-        if q.len() >= IO_ERROR_QUEUE {
-            drop(q);
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        q.push_back(event());
-        drop(q);
-        let _ = self.wake.write(1);
-    }
-
-    /// Sends every pending event through `machine` (called by the event loop).
-    pub fn deliver(&self, machine: &Machine) {
+    /// Sends the events due at `now` through `machine` (called by the event loop) and
+    /// returns when the next held one is due, if any.
+    pub fn deliver(&self, machine: &Machine, now: Instant) -> Option<Instant> {
         let _ = self.wake.read();
-        let events = std::mem::take(&mut *self.pending());
-        for data in events {
+        let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
+        for d in self.disks().iter_mut() {
+            if d.held_until.is_some_and(|t| now >= t) {
+                d.held_until = None;
+            }
+            match (&d.latest, d.held_until) {
+                (Some(e), None) => {
+                    due.push(block_io_error(&d.name, e));
+                    d.latest = None;
+                    d.held_until = Some(now + IO_ERROR_PERIOD);
+                }
+                (Some(_), Some(t)) => next = Some(next.map_or(t, |n| n.min(t))),
+                (None, _) => {}
+            }
+        }
+        for data in due {
             machine.emit("BLOCK_IO_ERROR", Some(data));
         }
-        let n = self.suppressed.swap(0, Ordering::Relaxed);
-        if n > 0 {
-            eprintln!("keel: {n} BLOCK_IO_ERROR events suppressed (rate limit)");
-        }
+        next
     }
 }
 
 /// One disk's way into [`IoErrorEvents`].
 struct DiskErrors {
-    queue: Arc<IoErrorEvents>,
-    name: String,
-    bucket: Mutex<TokenBucket>,
+    events: Arc<IoErrorEvents>,
+    index: usize,
 }
 
 impl IoErrorSink for DiskErrors {
     fn io_error(&self, error: &IoError) {
-        let now = Instant::now();
-        let mut b = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
-        if !b.wait_time(now).is_zero() {
-            drop(b);
-            self.queue.suppressed.fetch_add(1, Ordering::Relaxed);
+        let mut disks = self.events.disks();
+        let Some(d) = disks.get_mut(self.index) else {
             return;
+        };
+        let was_pending = d.latest.replace(*error).is_some();
+        drop(disks);
+        // One wake-up per event to send; while one waits, later errors only replace it.
+        if !was_pending {
+            let _ = self.events.wake.write(1);
         }
-        b.consume(1, now);
-        drop(b);
-        self.queue.push(|| block_io_error(&self.name, error));
     }
 }
 
@@ -758,32 +761,48 @@ mod tests {
     }
 
     #[test]
-    fn io_error_events_are_rate_limited_and_bounded() {
+    fn io_error_events_are_throttled_per_disk_latest_wins() {
         let q = IoErrorEvents::new().unwrap();
-        let err = IoError {
+        let m = Machine::new(None);
+        let err = |errno| IoError {
             op: keel_virtio_blk::IoOp::Write,
-            errno: libc::EIO,
+            errno,
         };
-        // One disk failing thousands of requests at once: its burst gets through.
-        let a = q.sink("disk0");
+        let latest = |i: usize| q.disks()[i].latest;
+        let (a, b) = (q.sink("disk0"), q.sink("disk1"));
+        let t0 = Instant::now();
+        assert_eq!(q.deliver(&m, t0), None, "nothing to send");
+        // disk0's first error goes at once and opens a period.
+        a.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t0), None);
+        assert_eq!(latest(0), None);
+        // Thousands more within the period: one held, the latest.
         for _ in 0..5000 {
-            a.io_error(&err);
+            a.io_error(&err(libc::EIO));
         }
-        let n = q.pending().len() as u64;
-        assert!((IO_ERROR_BURST..=IO_ERROR_BURST + 1).contains(&n), "{n}");
-        // Several disks at once: the queue holds at most IO_ERROR_QUEUE.
-        for d in 1..8 {
-            let s = q.sink(&format!("disk{d}"));
-            for _ in 0..100 {
-                s.io_error(&err);
-            }
-        }
-        assert_eq!(q.pending().len(), IO_ERROR_QUEUE);
-        assert!(q.suppressed.load(Ordering::Relaxed) >= 5000 + 700 - 64);
-        // Delivered (to no client here), the queue is empty again.
-        q.deliver(&Machine::new(None));
-        assert!(q.pending().is_empty());
-        assert_eq!(q.suppressed.load(Ordering::Relaxed), 0);
+        a.io_error(&err(libc::ENOSPC));
+        let t1 = t0 + Duration::from_millis(300);
+        assert_eq!(q.deliver(&m, t1), Some(t0 + IO_ERROR_PERIOD));
+        assert_eq!(latest(0), Some(err(libc::ENOSPC)));
+        // Another disk is not held back by the first.
+        b.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t1), Some(t0 + IO_ERROR_PERIOD));
+        assert_eq!(latest(1), None);
+        // The period over, the held one goes and opens the next period.
+        let t2 = t0 + IO_ERROR_PERIOD;
+        assert_eq!(q.deliver(&m, t2), None);
+        assert_eq!(latest(0), None);
+        a.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t2), Some(t2 + IO_ERROR_PERIOD));
+        // That one goes when the period ends; after a quiet period the next error goes
+        // at once again.
+        let t3 = t2 + IO_ERROR_PERIOD;
+        assert_eq!(q.deliver(&m, t3), None);
+        assert_eq!(latest(0), None);
+        let t4 = t3 + IO_ERROR_PERIOD;
+        a.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t4), None);
+        assert_eq!(latest(0), None);
     }
 
     #[test]

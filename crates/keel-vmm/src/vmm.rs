@@ -225,19 +225,34 @@ impl MutEventSubscriber for BalloonWatch {
     }
 }
 
-/// Sends the disks' pending `BLOCK_IO_ERROR` events when their queue signals.
+/// Sends the disks' `BLOCK_IO_ERROR` events when one reports an error, and those held
+/// back by the throttle when they are due (a one-shot timer).
 struct IoErrorWatch {
-    queue: Arc<IoErrorEvents>,
+    events: Arc<IoErrorEvents>,
+    timer: TimerFd,
     machine: Arc<Machine>,
 }
 
 impl MutEventSubscriber for IoErrorWatch {
     fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(self.queue.event_fd(), EventSet::IN));
+        let _ = ops.add(Events::new(self.events.event_fd(), EventSet::IN));
+        let _ = ops.add(Events::new(&self.timer, EventSet::IN));
     }
 
-    fn process(&mut self, _: Events, _: &mut EventOps) {
-        self.queue.deliver(&self.machine);
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        if events.fd() == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
+        }
+        let now = std::time::Instant::now();
+        if let Some(due) = self.events.deliver(&self.machine, now) {
+            // At least 1 ns: a zero duration would disarm the timer.
+            let wait = due
+                .saturating_duration_since(now)
+                .max(Duration::from_nanos(1));
+            if let Err(e) = self.timer.reset(wait, None) {
+                eprintln!("keel: cannot arm the BLOCK_IO_ERROR timer: {e}");
+            }
+        }
     }
 }
 
@@ -682,9 +697,13 @@ fn boot_once(
             machine: machine.clone(),
         }));
     }
-    if let Some(queue) = io_errors.clone() {
+    if let Some(io_events) = io_errors.clone() {
+        let timer = TimerFd::new().map_err(|e| {
+            os("cannot create a timerfd")(std::io::Error::from_raw_os_error(e.errno()))
+        })?;
         events.add_subscriber(Box::new(IoErrorWatch {
-            queue,
+            events: io_events,
+            timer,
             machine: machine.clone(),
         }));
     }
@@ -716,9 +735,12 @@ fn boot_once(
     drop(events);
     drop(pci);
     drop(buses);
-    // What the disks reported before they stopped.
+    // What the disks reported before they stopped (the throttle aside: last words).
     if let Some(q) = &io_errors {
-        q.deliver(machine);
+        let _ = q.deliver(
+            machine,
+            std::time::Instant::now() + crate::qmp::IO_ERROR_PERIOD,
+        );
     }
     // Disks: data flushed, qcow2 images marked clean.
     for image in &images {
