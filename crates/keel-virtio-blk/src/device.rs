@@ -20,6 +20,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use crate::errors::{IoErrorSink, Reporter};
 use crate::request::{ID_BYTES, SECTOR_SIZE};
 use crate::stats::{BlockStats, Stats};
 use crate::worker::{QueueContext, Worker};
@@ -200,6 +201,7 @@ pub struct Block {
     throttle: Arc<Mutex<Throttle>>,
     limits: Arc<Mutex<(u64, u64)>>,
     stats: Arc<Stats>,
+    errors: Arc<Reporter>,
     live: Arc<Live>,
     workers: Vec<Worker>,
     /// The running workers' gate (a fresh one each activation).
@@ -213,13 +215,14 @@ struct Live {
     interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
 }
 
-/// What the host can do with a device while the guest uses it: read its I/O totals and
-/// change its limits. Cheap to clone.
+/// What the host can do with a device while the guest uses it: read its I/O totals,
+/// change its limits, hear of requests the host failed. Cheap to clone.
 #[derive(Clone)]
 pub struct BlockHandle {
     throttle: Arc<Mutex<Throttle>>,
     limits: Arc<Mutex<(u64, u64)>>,
     stats: Arc<Stats>,
+    errors: Arc<Reporter>,
     live: Arc<Live>,
     backend: Arc<dyn BlockBackend>,
 }
@@ -264,6 +267,32 @@ impl BlockHandle {
     /// The limits in force: (requests per second, bytes per second), 0 for unlimited.
     pub fn limits(&self) -> (u64, u64) {
         *self.limits.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where the device reports each request that failed on the host (an I/O error of
+    /// the backend, ENOSPC from a full host file system), from then on; `None` stops the
+    /// reports. The guest gets VIRTIO_BLK_S_IOERR for those requests either way and the
+    /// device goes on serving. The sink is called on a queue worker and must not block.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::{mpsc, Arc};
+    /// use keel_block::MemBackend;
+    /// use keel_virtio_blk::{Block, BlockOptions, Disk, IoError};
+    ///
+    /// let disk = Disk::synchronous(Arc::new(MemBackend::new(vec![0; 1 << 20])));
+    /// let block = Block::new(disk, BlockOptions::default())?;
+    /// // A bounded channel: a guest can make requests fail faster than anyone reads.
+    /// let (tx, rx) = mpsc::sync_channel::<IoError>(64);
+    /// block.handle().set_io_error_sink(Some(Arc::new(move |e: &IoError| {
+    ///     let _ = tx.try_send(*e); // full: this one is dropped
+    /// })));
+    /// assert!(rx.try_recv().is_err()); // nothing failed yet
+    /// # Ok::<(), keel_virtio_blk::Error>(())
+    /// ```
+    pub fn set_io_error_sink(&self, sink: Option<Arc<dyn IoErrorSink>>) {
+        self.errors.set(sink);
     }
 }
 
@@ -321,6 +350,7 @@ impl Block {
             throttle,
             limits: Arc::new(Mutex::new((opts.iops, opts.bps))),
             stats: Arc::new(Stats::default()),
+            errors: Arc::default(),
             live: Arc::new(Live {
                 capacity: Arc::new(AtomicU64::new(size / SECTOR_SIZE)),
                 interrupt: Mutex::new(None),
@@ -330,12 +360,13 @@ impl Block {
         })
     }
 
-    /// A handle for the host: I/O totals and live limits.
+    /// A handle for the host: I/O totals, live limits, error reports.
     pub fn handle(&self) -> BlockHandle {
         BlockHandle {
             throttle: self.throttle.clone(),
             limits: self.limits.clone(),
             stats: self.stats.clone(),
+            errors: self.errors.clone(),
             live: self.live.clone(),
             backend: self.disk.backend.clone(),
         }
@@ -511,6 +542,7 @@ impl VirtioDevice for Block {
                 capacity: Some(self.live.capacity.clone()),
                 gate: Some(self.gate.clone()),
                 poll_us: self.opts.poll_us,
+                errors: self.errors.clone(),
             };
             match Worker::spawn(qc) {
                 Ok(w) => self.workers.push(w),

@@ -12,17 +12,21 @@
 //! - One worker thread per queue, each with its own asynchronous engine (io_uring for raw
 //!   and qcow2 files, worker threads or inline execution for any backend); completions in
 //!   any order, straight into guest memory; optional ops/s and bytes/s limits.
+//! - Requests that fail on the host (I/O errors, ENOSPC) get IOERR and are reported to
+//!   the owner through [`BlockHandle::set_io_error_sink`] (QMP's `BLOCK_IO_ERROR`).
 //!
 //! The device sits on any keel-virtio transport. With the `test-utils` feature,
 //! `SyncServer` serves one queue on the calling thread, for tests and fuzzers.
 #![deny(missing_docs)]
 
 pub mod device;
+mod errors;
 pub mod request;
 mod stats;
 mod worker;
 
 pub use device::{Block, BlockHandle, BlockOptions, DataBuf, Disk, Error, BLOCK_DEVICE_TYPE};
+pub use errors::{IoError, IoErrorSink, IoOp};
 pub use stats::{BlockStats, OpStats};
 #[cfg(feature = "test-utils")]
 pub use worker::SyncServer;

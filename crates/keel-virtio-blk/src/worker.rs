@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{DataBuf, EngineFactory};
+use crate::errors::{IoError, IoOp, Reporter};
 use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
 use crate::stats::{Kind, Stats};
 use keel_virtio::worker::PauseGate;
@@ -60,6 +61,8 @@ pub(crate) struct QueueContext {
     pub gate: Option<Arc<PauseGate>>,
     /// How long to keep watching the ring after the last activity, in microseconds.
     pub poll_us: u32,
+    /// Where requests the host failed are reported.
+    pub errors: Arc<Reporter>,
 }
 
 /// A running queue worker.
@@ -156,6 +159,10 @@ struct InFlight {
     /// What the request counts as in the device's totals (None: not counted), its bytes,
     /// and when the device took it.
     account: Option<(Kind, u64, Instant)>,
+    /// What the guest asked for, and the errno of the first engine request that failed
+    /// on the host (reported to the device's owner).
+    op: IoOp,
+    host_errno: Option<i32>,
 }
 
 struct Slots {
@@ -242,6 +249,7 @@ impl SyncServer {
                     capacity: None,
                     gate: None,
                     poll_us: 0,
+                    errors: Arc::default(),
                 },
                 slots: Slots {
                     slots: Vec::new(),
@@ -628,7 +636,8 @@ impl State {
                     u32::try_from(data_len + 1).unwrap_or(u32::MAX)
                 };
                 let flush_after = write && !self.ctx.writeback.load(Ordering::SeqCst);
-                let slot = self.open(head, req.status, used_len, flush_after);
+                let op = if write { IoOp::Write } else { IoOp::Read };
+                let slot = self.open(head, req.status, used_len, flush_after, op);
                 let kind = if write { Kind::Write } else { Kind::Read };
                 self.account(slot, kind, data_len);
                 if !req.data.is_empty() {
@@ -648,14 +657,19 @@ impl State {
                 self.close(slot);
             }
             Op::Flush => {
-                let slot = self.open(head, req.status, 1, false);
+                let slot = self.open(head, req.status, 1, false, IoOp::Flush);
                 self.account(slot, Kind::Flush, 0);
                 self.submit(slot, AioRequest::flush(slot as u64));
                 self.close(slot);
             }
             Op::Discard(ref ranges) | Op::WriteZeroes(ref ranges) => {
                 let zeroes = matches!(req.op, Op::WriteZeroes(_));
-                let slot = self.open(head, req.status, 1, false);
+                let op = if zeroes {
+                    IoOp::WriteZeroes
+                } else {
+                    IoOp::Discard
+                };
+                let slot = self.open(head, req.status, 1, false, op);
                 for r in ranges.iter() {
                     let tag = slot as u64;
                     let aio = if zeroes {
@@ -677,6 +691,7 @@ impl State {
         status_addr: GuestAddress,
         used_len: u32,
         flush_after: bool,
+        op: IoOp,
     ) -> usize {
         self.slots.insert(InFlight {
             head,
@@ -686,6 +701,8 @@ impl State {
             status: Status::Ok,
             flush_after,
             account: None,
+            op,
+            host_errno: None,
         })
     }
 
@@ -715,6 +732,10 @@ impl State {
             log::debug!("virtio-blk: request failed: {}", Chain(e));
             if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
                 f.status = Status::IoErr;
+                // Guest memory the engine could not reach is the guest's doing.
+                if !matches!(e, keel_block::Error::GuestMemory { .. }) {
+                    f.host_errno.get_or_insert(e.errno());
+                }
             }
         }
         self.piece_done(slot);
@@ -741,6 +762,9 @@ impl State {
                 self.ctx
                     .stats
                     .record(kind, bytes, f.status == Status::Ok, since.elapsed());
+            }
+            if let Some(errno) = f.host_errno {
+                self.ctx.errors.report(IoError { op: f.op, errno });
             }
             let len = if f.status == Status::Ok {
                 f.used_len

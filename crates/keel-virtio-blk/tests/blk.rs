@@ -11,7 +11,7 @@ use std::time::Instant;
 use keel_block::backend::{BlockBackend, Limits, WriteFlags};
 use keel_block::{MemBackend, RawFile, RawOptions};
 use keel_virtio::testing::*;
-use keel_virtio_blk::{Block, BlockOptions, Disk};
+use keel_virtio_blk::{Block, BlockOptions, Disk, IoError, IoOp};
 use vm_memory::{Bytes, GuestAddress};
 
 const T_IN: u32 = 0;
@@ -788,5 +788,128 @@ fn size_max_and_seg_max_are_enforced() {
         assert!(buf.iter().all(|&x| x == byte), "case {i}: disk content");
     }
     assert_eq!(d.status() & NEEDS_RESET, 0);
+    d.set_status(0);
+}
+
+/// A disk whose second half is on a full host file system (writes there fail with
+/// ENOSPC), whose last sector cannot be read (EIO), and whose flushes fail (EIO).
+struct Failing(MemBackend);
+
+impl Failing {
+    fn err(errno: i32) -> keel_block::Error {
+        keel_block::Error::io(
+            "the test's failing disk",
+            std::io::Error::from_raw_os_error(errno),
+        )
+    }
+}
+
+impl BlockBackend for Failing {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn limits(&self) -> Limits {
+        self.0.limits()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn read_vectored_at(&self, b: &mut [IoSliceMut<'_>], o: u64) -> keel_block::Result<()> {
+        if o + 512 >= DISK as u64 {
+            return Err(Self::err(libc::EIO));
+        }
+        self.0.read_vectored_at(b, o)
+    }
+    fn write_vectored_at(
+        &self,
+        b: &[IoSlice<'_>],
+        o: u64,
+        f: WriteFlags,
+    ) -> keel_block::Result<()> {
+        if o >= DISK as u64 / 2 {
+            return Err(Self::err(libc::ENOSPC));
+        }
+        self.0.write_vectored_at(b, o, f)
+    }
+    fn flush(&self) -> keel_block::Result<()> {
+        Err(Self::err(libc::EIO))
+    }
+    fn discard(&self, o: u64, l: u64) -> keel_block::Result<()> {
+        self.0.discard(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, u: bool) -> keel_block::Result<()> {
+        if o + l > DISK as u64 / 2 {
+            return Err(Self::err(libc::ENOSPC));
+        }
+        self.0.write_zeroes(o, l, u)
+    }
+}
+
+#[test]
+fn requests_the_host_fails_are_reported_to_the_owner() {
+    let disk = Disk::synchronous(Arc::new(Failing(MemBackend::new(vec![0; DISK]))));
+    let block = Block::new(disk, BlockOptions::default()).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    block
+        .handle()
+        .set_io_error_sink(Some(Arc::new(move |e: &IoError| {
+            s.lock().unwrap().push(*e)
+        })));
+    let d = MmioDriver::new(Box::new(block));
+    let mem = d.mem().clone();
+    let mut ring = Ring::new(&mem, Q);
+    d.start(FEATURES, &ring);
+    let st = DATA_BASE + 0x100;
+    let last = (DISK / 512) as u64 - 1;
+    // (type, sector, data descriptors): a write that fits, one where the host is full,
+    // a read of the bad sector, a flush, write-zeroes where the host is full, and the
+    // guest's own mistake (past the end), which is not the host's failure.
+    let cases: [Case; 6] = [
+        (T_OUT, 0, vec![(DATA_BASE + 0x1000, 4096, 0)], S_OK),
+        (
+            T_OUT,
+            2048 - 8,
+            vec![(DATA_BASE + 0x1000, 4096, 0)],
+            S_IOERR,
+        ),
+        (T_IN, last, vec![(DATA_BASE + 0x2000, 512, W)], S_IOERR),
+        (T_FLUSH, 0, vec![], S_IOERR),
+        (T_WRITE_ZEROES, 0, vec![(DATA_BASE + 0x300, 16, 0)], S_IOERR),
+        (T_IN, last, vec![(DATA_BASE + 0x2000, 1024, W)], S_IOERR),
+    ];
+    mem.write_obj(1000u64, GuestAddress(DATA_BASE + 0x300))
+        .unwrap();
+    mem.write_obj(100u32, GuestAddress(DATA_BASE + 0x308))
+        .unwrap();
+    mem.write_obj(0u32, GuestAddress(DATA_BASE + 0x30c))
+        .unwrap();
+    for (i, (kind, sector, data, _)) in cases.iter().enumerate() {
+        let hdr = DATA_BASE + 0x10 * i as u64;
+        header(&mem, hdr, *kind, *sector);
+        let mut descs = vec![(hdr, 16, 0)];
+        descs.extend(data.iter().copied());
+        descs.push((st + i as u64, 1, W));
+        let h = ring.add_descriptors(&descs);
+        ring.publish(h);
+    }
+    d.notify(0);
+    ring.wait_used(cases.len() as u16);
+    for (i, (.., want)) in cases.iter().enumerate() {
+        assert_eq!(status(&mem, st + i as u64), *want, "case {i}");
+    }
+    let io = |op, errno| IoError { op, errno };
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            io(IoOp::Write, libc::ENOSPC),
+            io(IoOp::Read, libc::EIO),
+            io(IoOp::Flush, libc::EIO),
+            io(IoOp::WriteZeroes, libc::ENOSPC),
+        ]
+    );
+    assert!(seen[0].nospace() && !seen[1].nospace() && seen[1].op.is_read());
+    assert_eq!(d.status() & NEEDS_RESET, 0, "the device goes on");
     d.set_status(0);
 }

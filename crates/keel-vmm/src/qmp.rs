@@ -14,10 +14,14 @@
 //! | `block_resize` | grows a raw disk; the guest gets a configuration-change interrupt |
 //!
 //! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
-//! keel gets a termination signal.
+//! keel gets a termination signal. `BLOCK_IO_ERROR` is sent when the host fails a disk
+//! request (action `report`: the guest gets an I/O error and runs on), at most one per
+//! disk every [`IO_ERROR_PERIOD`], the latest error held until then, as QEMU throttles it
+//! ([`IoErrorEvents`]).
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use keel_kvm::VcpuHandle;
 use keel_qmp::{Arguments, CommandError, ErrorClass, Events, Handler};
@@ -27,7 +31,8 @@ use serde_json::{json, Value};
 
 use keel_block::image::Format;
 use keel_block::{BlockBackend, CacheMode, RawFile};
-use keel_virtio_blk::BlockHandle;
+use keel_virtio_blk::{BlockHandle, IoError, IoErrorSink};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::AcpiPm;
 use crate::disk::DiskSpec;
@@ -90,7 +95,7 @@ impl DiskInfo {
         let cache = self.spec.image.file.cache;
         json!({
             "device": self.name,
-            "qdev": format!("/machine/peripheral-anon/{}/virtio-backend", self.name),
+            "qdev": qom_path(&self.name),
             "type": "unknown",
             "removable": false,
             "locked": false,
@@ -164,7 +169,7 @@ impl DiskInfo {
         json!({
             "device": self.name,
             "node-name": self.name,
-            "qdev": format!("/machine/peripheral-anon/{}/virtio-backend", self.name),
+            "qdev": qom_path(&self.name),
             "stats": {
                 "rd_bytes": s.read.bytes,
                 "wr_bytes": s.write.bytes,
@@ -181,6 +186,143 @@ impl DiskInfo {
                 "account_failed": true,
             },
         })
+    }
+}
+
+/// The QOM path QEMU gives a `-device virtio-blk-pci` without an id: keel names its disks'
+/// the same way in `query-block`, `query-blockstats` and `BLOCK_IO_ERROR`.
+fn qom_path(disk: &str) -> String {
+    format!("/machine/peripheral-anon/{disk}/virtio-backend")
+}
+
+/// QAPI `BLOCK_IO_ERROR`'s data for a request `disk` failed: keel's action is always
+/// `report` (the guest gets VIRTIO_BLK_S_IOERR, the VM runs on).
+pub fn block_io_error(disk: &str, e: &IoError) -> Value {
+    json!({
+        "qom-path": qom_path(disk),
+        "device": disk,
+        "node-name": disk,
+        "operation": if e.op.is_read() { "read" } else { "write" },
+        "action": "report",
+        "nospace": e.nospace(),
+        "reason": strerror(e.errno),
+    })
+}
+
+/// The C library's text for `errno` (what QEMU puts in `reason`).
+fn strerror(errno: i32) -> String {
+    let mut buf = [0u8; 128];
+    // SAFETY: the XSI strerror_r (libc's `strerror_r` on glibc and musl) writes at most
+    // `buf.len()` bytes, NUL-terminated, into a buffer this function owns.
+    let rc = unsafe { libc::strerror_r(errno, buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if rc != 0 || end == 0 {
+        return format!("Unknown error {errno}");
+    }
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The shortest time between two `BLOCK_IO_ERROR`s of one disk (QEMU's throttle for
+/// guest-triggerable events, which BLOCK_IO_ERROR is since QEMU 9.2).
+pub const IO_ERROR_PERIOD: Duration = Duration::from_secs(1);
+
+/// `BLOCK_IO_ERROR`s on their way from the disks' queue workers, which must not block, to
+/// the control socket's clients, which may be slow; throttled as QEMU throttles them. A
+/// guest can make thousands of requests fail a second: each disk holds at most one event
+/// (the latest), so nothing grows. A disk's first error is sent at once; errors within
+/// [`IO_ERROR_PERIOD`] of a sent one are held, the latest replacing the one before, and
+/// the one held is sent when the period ends (and opens a new period).
+pub struct IoErrorEvents {
+    disks: Mutex<Vec<DiskSlot>>,
+    wake: EventFd,
+}
+
+/// One disk's state in [`IoErrorEvents`].
+struct DiskSlot {
+    name: String,
+    /// The latest error not yet sent.
+    latest: Option<IoError>,
+    /// Until when the disk's events are held (a period opened by the last one sent).
+    held_until: Option<Instant>,
+}
+
+impl IoErrorEvents {
+    /// No disks yet.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(IoErrorEvents {
+            disks: Mutex::new(Vec::new()),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        }))
+    }
+
+    fn disks(&self) -> MutexGuard<'_, Vec<DiskSlot>> {
+        self.disks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Readable when a disk has an error to send.
+    pub fn event_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    /// The sink for disk `name`'s device.
+    pub fn sink(self: &Arc<Self>, name: &str) -> Arc<dyn IoErrorSink> {
+        let mut d = self.disks();
+        d.push(DiskSlot {
+            name: name.to_owned(),
+            latest: None,
+            held_until: None,
+        });
+        Arc::new(DiskErrors {
+            events: self.clone(),
+            index: d.len() - 1,
+        })
+    }
+
+    /// Sends the events due at `now` through `machine` (called by the event loop) and
+    /// returns when the next held one is due, if any.
+    pub fn deliver(&self, machine: &Machine, now: Instant) -> Option<Instant> {
+        let _ = self.wake.read();
+        let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
+        for d in self.disks().iter_mut() {
+            if d.held_until.is_some_and(|t| now >= t) {
+                d.held_until = None;
+            }
+            match (&d.latest, d.held_until) {
+                (Some(e), None) => {
+                    due.push(block_io_error(&d.name, e));
+                    d.latest = None;
+                    d.held_until = Some(now + IO_ERROR_PERIOD);
+                }
+                (Some(_), Some(t)) => next = Some(next.map_or(t, |n| n.min(t))),
+                (None, _) => {}
+            }
+        }
+        for data in due {
+            machine.emit("BLOCK_IO_ERROR", Some(data));
+        }
+        next
+    }
+}
+
+/// One disk's way into [`IoErrorEvents`].
+struct DiskErrors {
+    events: Arc<IoErrorEvents>,
+    index: usize,
+}
+
+impl IoErrorSink for DiskErrors {
+    fn io_error(&self, error: &IoError) {
+        let mut disks = self.events.disks();
+        let Some(d) = disks.get_mut(self.index) else {
+            return;
+        };
+        let was_pending = d.latest.replace(*error).is_some();
+        drop(disks);
+        // One wake-up per event to send; while one waits, later errors only replace it.
+        if !was_pending {
+            let _ = self.events.wake.write(1);
+        }
     }
 }
 
@@ -587,6 +729,80 @@ mod tests {
                 ErrorClass::GenericError
             );
         }
+    }
+
+    #[test]
+    fn block_io_error_has_qemus_shape() {
+        let full = IoError {
+            op: keel_virtio_blk::IoOp::Write,
+            errno: libc::ENOSPC,
+        };
+        assert_eq!(
+            block_io_error("disk0", &full),
+            json!({
+                "qom-path": "/machine/peripheral-anon/disk0/virtio-backend",
+                "device": "disk0",
+                "node-name": "disk0",
+                "operation": "write",
+                "action": "report",
+                "nospace": true,
+                "reason": "No space left on device",
+            })
+        );
+        let eio = IoError {
+            op: keel_virtio_blk::IoOp::Read,
+            errno: libc::EIO,
+        };
+        let ev = block_io_error("disk1", &eio);
+        assert_eq!(
+            (&ev["operation"], &ev["nospace"], &ev["reason"]),
+            (&json!("read"), &json!(false), &json!("Input/output error"))
+        );
+    }
+
+    #[test]
+    fn io_error_events_are_throttled_per_disk_latest_wins() {
+        let q = IoErrorEvents::new().unwrap();
+        let m = Machine::new(None);
+        let err = |errno| IoError {
+            op: keel_virtio_blk::IoOp::Write,
+            errno,
+        };
+        let latest = |i: usize| q.disks()[i].latest;
+        let (a, b) = (q.sink("disk0"), q.sink("disk1"));
+        let t0 = Instant::now();
+        assert_eq!(q.deliver(&m, t0), None, "nothing to send");
+        // disk0's first error goes at once and opens a period.
+        a.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t0), None);
+        assert_eq!(latest(0), None);
+        // Thousands more within the period: one held, the latest.
+        for _ in 0..5000 {
+            a.io_error(&err(libc::EIO));
+        }
+        a.io_error(&err(libc::ENOSPC));
+        let t1 = t0 + Duration::from_millis(300);
+        assert_eq!(q.deliver(&m, t1), Some(t0 + IO_ERROR_PERIOD));
+        assert_eq!(latest(0), Some(err(libc::ENOSPC)));
+        // Another disk is not held back by the first.
+        b.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t1), Some(t0 + IO_ERROR_PERIOD));
+        assert_eq!(latest(1), None);
+        // The period over, the held one goes and opens the next period.
+        let t2 = t0 + IO_ERROR_PERIOD;
+        assert_eq!(q.deliver(&m, t2), None);
+        assert_eq!(latest(0), None);
+        a.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t2), Some(t2 + IO_ERROR_PERIOD));
+        // That one goes when the period ends; after a quiet period the next error goes
+        // at once again.
+        let t3 = t2 + IO_ERROR_PERIOD;
+        assert_eq!(q.deliver(&m, t3), None);
+        assert_eq!(latest(0), None);
+        let t4 = t3 + IO_ERROR_PERIOD;
+        a.io_error(&err(libc::EIO));
+        assert_eq!(q.deliver(&m, t4), None);
+        assert_eq!(latest(0), None);
     }
 
     #[test]

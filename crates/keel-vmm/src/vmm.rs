@@ -32,7 +32,7 @@ use crate::devices::{
 };
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
-use crate::qmp::{Boot, GuestBalloon, Machine};
+use crate::qmp::{Boot, GuestBalloon, IoErrorEvents, Machine};
 use crate::shared_device::SharedDevice;
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
@@ -222,6 +222,37 @@ impl MutEventSubscriber for BalloonWatch {
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.timer.wait();
         self.machine.poll_balloon();
+    }
+}
+
+/// Sends the disks' `BLOCK_IO_ERROR` events when one reports an error, and those held
+/// back by the throttle when they are due (a one-shot timer).
+struct IoErrorWatch {
+    events: Arc<IoErrorEvents>,
+    timer: TimerFd,
+    machine: Arc<Machine>,
+}
+
+impl MutEventSubscriber for IoErrorWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.events.event_fd(), EventSet::IN));
+        let _ = ops.add(Events::new(&self.timer, EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, _: &mut EventOps) {
+        if events.fd() == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
+        }
+        let now = std::time::Instant::now();
+        if let Some(due) = self.events.deliver(&self.machine, now) {
+            // At least 1 ns: a zero duration would disarm the timer.
+            let wait = due
+                .saturating_duration_since(now)
+                .max(Duration::from_nanos(1));
+            if let Err(e) = self.timer.reset(wait, None) {
+                eprintln!("keel: cannot arm the BLOCK_IO_ERROR timer: {e}");
+            }
+        }
     }
 }
 
@@ -520,10 +551,19 @@ fn boot_once(
     }
     let mut images = Vec::new();
     let mut disks = Vec::new();
+    // With a control socket, failed disk requests become BLOCK_IO_ERROR events.
+    let io_errors = match cfg.qmp {
+        Some(_) => Some(IoErrorEvents::new().map_err(os("cannot create an eventfd"))?),
+        None => None,
+    };
     for (i, spec) in cfg.disks.iter().enumerate() {
         let (block, image) = crate::disk::open(spec, i)?;
+        let name = format!("disk{i}");
+        if let Some(q) = &io_errors {
+            block.handle().set_io_error_sink(Some(q.sink(&name)));
+        }
         disks.push(crate::qmp::DiskInfo {
-            name: format!("disk{i}"),
+            name,
             spec: spec.clone(),
             format: image.format(),
             size: image.backend().size(),
@@ -657,6 +697,16 @@ fn boot_once(
             machine: machine.clone(),
         }));
     }
+    if let Some(io_events) = io_errors.clone() {
+        let timer = TimerFd::new().map_err(|e| {
+            os("cannot create a timerfd")(std::io::Error::from_raw_os_error(e.errno()))
+        })?;
+        events.add_subscriber(Box::new(IoErrorWatch {
+            events: io_events,
+            timer,
+            machine: machine.clone(),
+        }));
+    }
     events.add_subscriber(Box::new(Control {
         exit: exit.clone(),
         serial: serial.clone(),
@@ -685,6 +735,13 @@ fn boot_once(
     drop(events);
     drop(pci);
     drop(buses);
+    // What the disks reported before they stopped (the throttle aside: last words).
+    if let Some(q) = &io_errors {
+        let _ = q.deliver(
+            machine,
+            std::time::Instant::now() + crate::qmp::IO_ERROR_PERIOD,
+        );
+    }
     // Disks: data flushed, qcow2 images marked clean.
     for image in &images {
         if let Err(e) = image.close() {

@@ -15,6 +15,7 @@ at the end; any failure raises.
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -48,7 +49,8 @@ def disk_tick(path):
 class Vm:
     """One VMM process running the idle guest, with a serial log and a QMP socket."""
 
-    def __init__(self, args, tag, cpus=2, disk=None, scenario="idle", balloon=False):
+    def __init__(self, args, tag, cpus=2, disk=None, scenario="idle", balloon=False,
+                 werror_report=False):
         self.args = args
         self.dir = os.path.join(args.workdir, tag)
         os.makedirs(self.dir, exist_ok=True)
@@ -73,7 +75,13 @@ class Vm:
             if balloon:
                 cmd += ["-device", "virtio-balloon-pci"]
             if disk:
-                cmd += ["-drive", f"file={disk},format={disk_format(disk)},if=none,id=disk0",
+                # QEMU's default werror=enospc stops the VM on a full host; keel reports.
+                # rerror=stop (no read fails here) turns on QEMU's io-status, and with it
+                # BLOCK_IO_ERROR's `nospace`, which keel (whose query-block always has an
+                # io-status) always sends.
+                werror = ",werror=report,rerror=stop" if werror_report else ""
+                cmd += ["-drive",
+                        f"file={disk},format={disk_format(disk)},if=none,id=disk0{werror}",
                         "-device", "virtio-blk-pci,drive=disk0"]
         self.stderr = open(os.path.join(self.dir, "stderr.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr)
@@ -429,6 +437,99 @@ async def check_quit(args):
         vm.kill()
 
 
+def fill(path):
+    """Fills the file system holding `path` (a new file) to the last byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in (b"\xff" * (1 << 20), b"\xff" * 4096, b"\xff"):
+            while True:
+                try:
+                    os.write(fd, chunk)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+                    break
+    finally:
+        os.close(fd)
+
+
+async def check_io_error(args):
+    """A host disk full under the guest: BLOCK_IO_ERROR (write, nospace, report), at most
+    one a second, for the failed writes; the guest gets IOERR and runs on, and its writes
+    succeed again once there is room. The raw image lives on a small tmpfs this check mounts; with the VM stopped,
+    block 0 (where the idle guest writes each tick) is punched out of the image and the
+    tmpfs filled, so the guest's next write there needs a page the host no longer has."""
+    assert os.geteuid() == 0, "the BLOCK_IO_ERROR check mounts a tmpfs: run as root"
+    mnt = os.path.join(args.workdir, "full")
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "keel-qmp-test", mnt],
+                   check=True)
+    vm = None
+    try:
+        disk = os.path.join(mnt, "disk.raw")
+        with open(disk, "wb") as f:
+            f.truncate(16 << 20)
+        vm = Vm(args, "ioerror", cpus=1, disk=disk, werror_report=True)
+        qmp = await connect(vm)
+        await vm.wait_serial("tick 2", lambda out: "keel-test: tick 2\n" in out)
+        assert disk_tick(disk) is not None, "the guest does not write its ticks to the disk"
+        filler = os.path.join(mnt, "filler")
+        with qmp.listener("BLOCK_IO_ERROR") as events:
+            await qmp.execute("stop")
+            subprocess.run(["fallocate", "--punch-hole", "--offset", "0", "--length", "4096",
+                            disk], check=True)
+            fill(filler)
+            before = (await wr_ops(qmp))["failed_wr_operations"]
+            await qmp.execute("cont")
+            ev = await next_event(events, "BLOCK_IO_ERROR")
+            data = ev["data"]
+            assert data["device"] == "disk0", ev
+            assert (data["operation"], data["action"], data["nospace"]) == \
+                ("write", "report", True), ev
+            assert data["reason"] == "No space left on device", ev
+            # The guest heard IOERR and runs on: more ticks, more failed writes. Events are
+            # throttled (QEMU since 9.2: one per device a second, the latest held back
+            # meanwhile): 2.5 s of a write failing each tick bring 2 or 3 events.
+            await vm.wait_serial("the guest seeing IOERR",
+                                 lambda out: "disk write failed (IOERR)" in out, EVENT_TIMEOUT)
+            first = min(int(n) for n in re.findall(
+                r"keel-test: tick (\d+): disk write failed", vm.output()))
+            await asyncio.sleep(2.5)
+            assert max(vm.ticks()) >= first + 15, f"ticks stopped at {max(vm.ticks())}"
+            assert await qmp.execute("query-status") == {"status": "running", "running": True}
+            rest = events.clear()
+            for e in rest:
+                assert (e["data"]["nospace"], e["data"]["operation"]) == (True, "write"), e
+            stamps = [e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+                      for e in [ev] + rest]
+            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            more = len(stamps)
+            failed = (await wr_ops(qmp))["failed_wr_operations"] - before
+            assert 2 <= more <= 4 and failed >= 15, f"{more} events for {failed} failed writes"
+            assert all(g >= 0.9 for g in gaps), f"events closer than QEMU's 1 s: {gaps}"
+            # Room again: the next tick's write succeeds and lands on the disk.
+            os.unlink(filler)
+            last = max(vm.ticks())
+            deadline = time.monotonic() + EVENT_TIMEOUT
+            while (disk_tick(disk) or 0) <= last:
+                assert time.monotonic() < deadline, \
+                    f"no write after space was freed: disk tick {disk_tick(disk)}, serial {last}"
+                await asyncio.sleep(0.05)
+        await qmp.execute("quit")
+        assert await vm.wait_exit() == 0
+        try:
+            await qmp.disconnect()
+        except EOFError:
+            pass
+        log(f"BLOCK_IO_ERROR: the host's tmpfs full from tick {first}: {more} events "
+            f"(write, nospace, report; {', '.join(f'{g:.2f}' for g in gaps)} s apart) for "
+            f"{failed} failed writes, the guest got IOERR and ran on; with room again, "
+            f"tick {disk_tick(disk)} reached the disk")
+    finally:
+        if vm:
+            vm.kill()
+        subprocess.run(["umount", mnt], check=True)
+
+
 async def check_balloon_device(args):
     vm = Vm(args, "balloon", cpus=1, scenario="balloon-service", balloon=True)
     try:
@@ -490,6 +591,7 @@ async def main():
     finally:
         vm.kill()
     await check_quit(args)
+    await check_io_error(args)
     await check_balloon_device(args)
     log("PASS")
 
