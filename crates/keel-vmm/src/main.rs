@@ -1,8 +1,8 @@
 //! `keel`: the reference VMM built from the Keel crates.
 //!
 //! It boots a Linux kernel (PVH vmlinux or bzImage) or a bare-metal ELF64 payload with a
-//! 16550 console, an i8042 (reset), ACPI power-off and a debug-exit port, on the in-kernel
-//! irqchip, one thread per vCPU.
+//! 16550 console, an i8042 (reset), ACPI power-off and, with `--debug-exit`, a debug-exit
+//! port, on the in-kernel irqchip, one thread per vCPU.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -17,9 +17,9 @@ use keel_vmm::{balloon, disk};
 
 /// Boot a kernel in a KVM virtual machine.
 ///
-/// Exit status: the value the guest writes to the debug-exit port (0xf4); 0 after a guest
-/// reset or ACPI power-off; 1 with a message after a triple fault or a KVM error; 2 for bad
-/// command-line arguments; 128+N after signal N.
+/// Exit status: 0 after a guest reset or ACPI power-off; with --debug-exit, the value the
+/// guest writes to the debug-exit port (0xf4); 1 with a message after a triple fault or a
+/// KVM error; 2 for bad command-line arguments; 128+N after signal N.
 #[derive(Parser, Debug)]
 #[command(name = "keel", version)]
 struct Cli {
@@ -84,6 +84,12 @@ struct Cli {
     /// The VM's name, as `query-name` reports it.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+
+    /// Add the debug-exit port (0xf4, as QEMU's isa-debug-exit): the value the guest
+    /// writes there ends the VM and becomes keel's exit status. For test guests: without
+    /// it, a guest cannot choose keel's exit status.
+    #[arg(long)]
+    debug_exit: bool,
 }
 
 /// A `--qmp-fd` that is not a listening Unix stream socket.
@@ -178,6 +184,7 @@ fn main() -> ExitCode {
         balloon: cli.balloon,
         name: cli.name,
         qmp,
+        debug_exit: cli.debug_exit,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

@@ -152,6 +152,10 @@ pub struct VmConfig {
     pub name: Option<String>,
     /// Where the QMP control socket listens, if anywhere.
     pub qmp: Option<QmpListen>,
+    /// Whether the VM has the debug-exit port (0xf4), through which the guest ends the VM
+    /// with a status of its choosing ([`VmExit::DebugExit`]). For test guests only: off,
+    /// a guest cannot choose keel's exit status.
+    pub debug_exit: bool,
 }
 
 /// Where the QMP control socket listens.
@@ -372,6 +376,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     balloon: Some(BalloonOptions::default()),
 ///     name: None,
 ///     qmp: None,
+///     debug_exit: false,
 /// };
 /// let exit = run_with(&cfg, |vm| {
 ///     let vm = vm.clone();
@@ -486,12 +491,14 @@ fn boot_once(
     let buses = Buses::default();
     let sci = Arc::new(IrqLine::new(vm.clone(), u32::from(SCI_IRQ))?);
     let pm = Arc::new(AcpiPm::new(exit.clone(), sci));
-    let pio: [(u16, u64, Arc<dyn PioDevice>); 4] = [
+    let mut pio: Vec<(u16, u64, Arc<dyn PioDevice>)> = vec![
         (COM1_PORT, 8, serial.clone()),
         (I8042_DATA_PORT, 5, Arc::new(I8042::new(exit.clone()))),
         (PM1A_CNT_PORT, 8, pm.clone()),
-        (DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))),
     ];
+    if cfg.debug_exit {
+        pio.push((DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))));
+    }
     for (port, len, dev) in pio {
         buses
             .pio

@@ -181,7 +181,7 @@ fn a_terminal_console_is_raw() {
     cmd.args([
         "-qec",
         &format!(
-            "{} --kernel {}",
+            "{} --debug-exit --kernel {}",
             env!("CARGO_BIN_EXE_keel"),
             guest.display()
         ),
@@ -209,6 +209,24 @@ fn debug_exit_stops_the_guest_at_once() {
     let out = run_keel(&["--kernel", guest.to_str().unwrap()], LIMIT);
     assert_eq!(out.code(), Some(3));
     assert_eq!(out.stdout, "before\n");
+}
+
+/// Without `--debug-exit` the port is not there: a guest cannot choose keel's exit status.
+/// The write goes nowhere and the guest runs on (here to an i8042 reset: status 0).
+#[test]
+fn without_the_option_the_debug_exit_port_is_absent() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let body = format!(
+        "    mov $42, %eax\n    out %eax, $0xf4\n{}    mov $0xfe, %al\n    out %al, $0x64\n1:  hlt\n    jmp 1b\n",
+        print("ran on\n")
+    );
+    let guest = pvh_guest(&dir, &body);
+    let mut cmd = support::keel_without_debug_exit();
+    cmd.args(["--kernel", guest.to_str().unwrap()]);
+    let out = Running::start(cmd).finish(LIMIT);
+    assert_eq!(out.stdout, "ran on\n", "stderr: {}", out.stderr);
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
 }
 
 #[test]

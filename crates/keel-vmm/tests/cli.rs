@@ -62,6 +62,7 @@ fn help_documents_every_flag() {
         "--qmp",
         "--qmp-fd",
         "--name",
+        "--debug-exit",
     ] {
         assert!(out.stdout.contains(flag), "{flag} missing from --help");
     }

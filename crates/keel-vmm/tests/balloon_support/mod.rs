@@ -55,6 +55,7 @@ pub fn child(args: &[String]) {
         balloon: Some(keel_vmm::balloon::parse_balloon(balloon).unwrap()),
         name: None,
         qmp: None,
+        debug_exit: true,
     };
     let exit = run_with(&cfg, |vm| {
         let vm = vm.clone();
