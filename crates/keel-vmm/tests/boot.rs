@@ -57,6 +57,42 @@ fn serial_to_file() {
     assert_eq!(out.code(), Some(10));
 }
 
+/// Serial output to a file stops at its size limit: the rest is dropped, and keel says so
+/// once on stderr (and how much it dropped at the end).
+#[test]
+fn serial_file_output_is_capped() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    // 5000 'x' characters, then the debug-exit port.
+    let body = "    mov $5000, %ecx\n    mov $0x3f8, %dx\n    mov $0x78, %al\n1:  out %al, %dx\n    loop 1b\n    mov $7, %eax\n    out %eax, $0xf4\n";
+    let guest = pvh_guest(&dir, body);
+    let log = dir.path().join("serial.log");
+    let out = run_keel(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--serial",
+            &format!("file={},limit=1000", log.display()),
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(7), "stderr: {}", out.stderr);
+    assert_eq!(std::fs::read(&log).unwrap(), vec![b'x'; 1000]);
+    assert_eq!(
+        out.stderr
+            .matches("reached its limit of 1000 bytes")
+            .count(),
+        1,
+        "stderr: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("4000 bytes of serial output dropped"),
+        "stderr: {}",
+        out.stderr
+    );
+}
+
 #[test]
 fn i8042_reset_ends_cleanly() {
     require_kvm!();

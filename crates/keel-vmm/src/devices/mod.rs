@@ -32,4 +32,4 @@ pub use acpi_pm::{AcpiPm, PM1A_CNT_PORT, PM1A_EVT_PORT, SLP_TYP_S5};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, I8042_CMD_PORT, I8042_DATA_PORT};
 pub use pci_test::{pci_test_function, PCI_TEST_VECTORS};
-pub use serial::{Serial, SerialOutput, COM1_IRQ, COM1_PORT};
+pub use serial::{CappedFile, Serial, SerialOutput, COM1_IRQ, COM1_PORT};
