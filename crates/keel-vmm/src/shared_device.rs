@@ -41,6 +41,9 @@ impl VirtioDevice for SharedDevice {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         self.lock().read_config(offset, data)
     }
+    fn features_negotiated(&mut self, features: u64) {
+        self.lock().features_negotiated(features)
+    }
     fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
         self.lock().write_config(offset, data)
     }
