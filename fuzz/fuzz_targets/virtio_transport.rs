@@ -15,7 +15,7 @@ use keel_bus::interrupt::{InterruptLine, MsiGroup, MsiMessage, Result as IrqResu
 use keel_bus::MmioDevice;
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice};
-use keel_virtio::worker::drain_queue;
+use keel_virtio::worker::{drain_queue, IndirectDesc};
 use keel_virtio::{virtio_pci_function, InterruptKind, VirtioMmio};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
@@ -64,8 +64,9 @@ fn serve(active: &Mutex<Option<ActivateContext>>) {
     let mut guard = active.lock().unwrap();
     let Some(ctx) = guard.as_mut() else { return };
     let mem = ctx.mem.clone();
+    let indirect = IndirectDesc::from_features(ctx.features);
     for ActiveQueue { index, queue, .. } in ctx.queues.iter_mut() {
-        let r = drain_queue(queue, &mem, |chain| {
+        let r = drain_queue(queue, &mem, indirect, |chain| {
             let cap = chain
                 .clone()
                 .writer(&mem)

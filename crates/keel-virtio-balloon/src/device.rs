@@ -13,7 +13,7 @@ use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{
     ActivateContext, ActivateError, InterruptKind, NeedsReset, VirtioDevice, VirtioInterrupt,
 };
-use keel_virtio::worker::{drain_queue, should_interrupt, QueueError, QueueWorker};
+use keel_virtio::worker::{drain_queue, should_interrupt, IndirectDesc, QueueError, QueueWorker};
 use keel_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -341,7 +341,7 @@ impl Worker {
                 let (mem, pages, shared, features) =
                     (&self.mem, &mut self.pages, &self.shared, self.features);
                 let queue = &mut self.queues[pos].2;
-                drain_queue(queue, mem, |chain| {
+                drain_queue(queue, mem, IndirectDesc::from_features(features), |chain| {
                     serve_chain(role, chain, mem, pages, shared, features);
                     0
                 })
@@ -358,6 +358,7 @@ impl Worker {
     /// returned first).
     fn take_stats(&mut self, pos: usize) -> Result<bool, QueueError> {
         let (mem, shared) = (&self.mem, &self.shared);
+        let indirect = IndirectDesc::from_features(self.features);
         let queue = &mut self.queues[pos].2;
         let mut used_any = false;
         loop {
@@ -370,6 +371,11 @@ impl Worker {
                     Err(e) => return Err(QueueError::Broken(e)),
                 };
                 let Some(chain) = chain else { break };
+                if indirect.refuses(queue, mem, chain.head_index()) {
+                    return Err(QueueError::IndirectNotNegotiated {
+                        head: chain.head_index(),
+                    });
+                }
                 if let Some(old) = self.stats_head.replace(chain.head_index()) {
                     queue.add_used(mem, old, 0).map_err(QueueError::Broken)?;
                     used_any = true;

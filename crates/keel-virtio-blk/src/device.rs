@@ -14,7 +14,7 @@ use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{
     ActivateContext, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt,
 };
-use keel_virtio::worker::PauseGate;
+use keel_virtio::worker::{IndirectDesc, PauseGate};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -543,6 +543,7 @@ impl VirtioDevice for Block {
                 gate: Some(self.gate.clone()),
                 poll_us: self.opts.poll_us,
                 errors: self.errors.clone(),
+                indirect: IndirectDesc::from_features(ctx.features),
             };
             match Worker::spawn(qc) {
                 Ok(w) => self.workers.push(w),

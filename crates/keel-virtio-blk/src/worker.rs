@@ -26,7 +26,7 @@ use keel_block::buf::GuestBuf;
 use keel_block::throttle::Throttle;
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{InterruptKind, NeedsReset, VirtioInterrupt};
-use keel_virtio::worker::should_interrupt;
+use keel_virtio::worker::{should_interrupt, IndirectDesc};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -63,6 +63,8 @@ pub(crate) struct QueueContext {
     pub poll_us: u32,
     /// Where requests the host failed are reported.
     pub errors: Arc<Reporter>,
+    /// Whether chains may use indirect tables (INDIRECT_DESC negotiated).
+    pub indirect: IndirectDesc,
 }
 
 /// A running queue worker.
@@ -250,6 +252,8 @@ impl SyncServer {
                     gate: None,
                     poll_us: 0,
                     errors: Arc::default(),
+                    // Callers configure the queue as they please, indirect tables included.
+                    indirect: IndirectDesc::Negotiated,
                 },
                 slots: Slots {
                     slots: Vec::new(),
@@ -470,6 +474,23 @@ impl State {
                 let Some(chain) = chain else { break };
                 taken += 1;
                 let head = chain.head_index();
+                if self.ctx.indirect.refuses(&self.ctx.queue, &*mem, head) {
+                    // A driver error (virtio 1.2 2.7.5.3.1): the request fails unperformed.
+                    log::debug!("virtio-blk: chain {head} uses an indirect table, and INDIRECT_DESC was not negotiated");
+                    match request::status_address(chain) {
+                        Some(at) => self.finish(head, at, Status::IoErr, 1),
+                        None => {
+                            log::warn!(
+                                "virtio-blk queue {}: chain {head} uses an indirect table without INDIRECT_DESC and has no status byte",
+                                self.ctx.index
+                            );
+                            self.broken = true;
+                            self.ctx.needs_reset.report();
+                            return taken;
+                        }
+                    }
+                    continue;
+                }
                 if let Some(c) = &self.ctx.capacity {
                     self.ctx.limits.capacity = c.load(Ordering::Relaxed);
                 }

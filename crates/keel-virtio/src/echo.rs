@@ -19,7 +19,7 @@ use crate::device::{
     ActivateContext, ActivateError, InterruptKind, NeedsReset, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::worker::{drain_queue, QueueWorker};
+use crate::worker::{drain_queue, IndirectDesc, QueueWorker};
 use keel_bus::ErrorChain;
 
 /// The echo device's virtio device type: a project-local ID, not in
@@ -82,12 +82,13 @@ fn echo_chain(
 fn serve(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    indirect: IndirectDesc,
     xor: &Mutex<u8>,
     interrupt: &dyn VirtioInterrupt,
     needs_reset: &NeedsReset,
 ) {
     let x = *xor.lock().unwrap_or_else(PoisonError::into_inner);
-    match drain_queue(queue, mem, |chain| echo_chain(chain, mem, x)) {
+    match drain_queue(queue, mem, indirect, |chain| echo_chain(chain, mem, x)) {
         Ok(true) => {
             if let Err(e) = interrupt.trigger(InterruptKind::Queue(0)) {
                 log::warn!("echo: {}", ErrorChain(&e));
@@ -148,8 +149,16 @@ impl VirtioDevice for Echo {
         let mut queue = q.queue;
         let (mem, xor, interrupt, needs_reset) =
             (ctx.mem, self.xor.clone(), ctx.interrupt, ctx.needs_reset);
+        let indirect = IndirectDesc::from_features(ctx.features);
         let worker = QueueWorker::spawn("keel-virtio-echo", vec![(0, notifier)], move |_| {
-            serve(&mut queue, &mem, &xor, interrupt.as_ref(), &needs_reset)
+            serve(
+                &mut queue,
+                &mem,
+                indirect,
+                &xor,
+                interrupt.as_ref(),
+                &needs_reset,
+            )
         })
         .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);

@@ -12,8 +12,11 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use keel_memory::GuestMemoryMmap;
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use vm_memory::{Bytes, GuestAddress};
+use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+use crate::device::VIRTIO_RING_F_INDIRECT_DESC;
 
 /// Parks a device's worker threads while the VM is stopped: the controller closes the gate
 /// (and wakes the workers), each worker finishes what it has in flight and parks, and the
@@ -248,10 +251,87 @@ pub enum QueueError {
     /// outside guest memory): the device needs a reset.
     #[error("the virtqueue is broken")]
     Broken(#[source] virtio_queue::Error),
+    /// The driver made a chain that goes through an indirect descriptor table without
+    /// VIRTIO_RING_F_INDIRECT_DESC negotiated (virtio 1.2 2.7.5.3.1): the chain was taken
+    /// off the ring, not followed and not used; the device needs a reset.
+    #[error("chain {head} uses an indirect table, and INDIRECT_DESC was not negotiated")]
+    IndirectNotNegotiated {
+        /// The chain's head descriptor.
+        head: u16,
+    },
+}
+
+/// Whether the driver may put chains in indirect descriptor tables: whether
+/// [`VIRTIO_RING_F_INDIRECT_DESC`] was negotiated. virtio-queue follows indirect tables
+/// whatever was negotiated; [`IndirectDesc::refuses`] tells a device's worker which chains
+/// it must not follow.
+///
+/// # Examples
+///
+/// ```
+/// use keel_virtio::worker::IndirectDesc;
+/// use keel_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC};
+///
+/// let features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC;
+/// assert_eq!(IndirectDesc::from_features(features), IndirectDesc::Negotiated);
+/// assert_eq!(IndirectDesc::from_features(VIRTIO_F_VERSION_1), IndirectDesc::NotNegotiated);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndirectDesc {
+    /// Negotiated: chains may use indirect tables.
+    Negotiated,
+    /// Not negotiated: a chain that uses one is a driver error.
+    NotNegotiated,
+}
+
+impl IndirectDesc {
+    /// From the features both sides agreed on.
+    pub fn from_features(features: u64) -> Self {
+        if features & VIRTIO_RING_F_INDIRECT_DESC != 0 {
+            IndirectDesc::Negotiated
+        } else {
+            IndirectDesc::NotNegotiated
+        }
+    }
+
+    /// Whether the chain whose head is `head` must be refused: indirect tables are not
+    /// negotiated and one of the chain's descriptors in `queue`'s descriptor table has
+    /// VIRTQ_DESC_F_INDIRECT. (A descriptor that cannot be read is left to the chain's
+    /// own iteration, which fails on it.)
+    pub fn refuses<M: GuestMemory + ?Sized>(self, queue: &Queue, mem: &M, head: u16) -> bool {
+        self == IndirectDesc::NotNegotiated && uses_indirect(queue, mem, head)
+    }
+}
+
+/// Whether the chain at `head` of `queue` goes through an indirect table: walks its
+/// descriptors in the queue's own table (at most the queue's size of them).
+fn uses_indirect<M: GuestMemory + ?Sized>(queue: &Queue, mem: &M, head: u16) -> bool {
+    let size = queue.size();
+    let table = GuestAddress(queue.desc_table());
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return false;
+        }
+        let at = table.checked_add(u64::from(index) * std::mem::size_of::<Descriptor>() as u64);
+        let Some(desc) = at.and_then(|at| mem.read_obj::<Descriptor>(at).ok()) else {
+            return false;
+        };
+        if u32::from(desc.flags()) & VRING_DESC_F_INDIRECT != 0 {
+            return true;
+        }
+        if !desc.has_next() {
+            return false;
+        }
+        index = desc.next();
+    }
+    false
 }
 
 /// Handles every available chain with `f` (which returns the number of bytes it wrote to
-/// the chain's writable part), adding each to the used ring. Driver notifications are
+/// the chain's writable part), adding each to the used ring. A chain that uses an indirect
+/// table when `indirect` says they were not negotiated is not handed to `f`: draining
+/// stops with [`QueueError::IndirectNotNegotiated`]. Driver notifications are
 /// disabled while draining and re-enabled at the end, then the ring is checked once more,
 /// as virtio 1.2 section 2.7.10 requires to avoid losing a kick. Returns whether the
 /// driver should be interrupted: something was used and the driver asked for it (its
@@ -259,6 +339,7 @@ pub enum QueueError {
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    indirect: IndirectDesc,
     mut f: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> Result<bool, QueueError> {
     let mut used_any = false;
@@ -275,6 +356,9 @@ pub fn drain_queue(
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
+            if indirect.refuses(queue, mem, head) {
+                return Err(QueueError::IndirectNotNegotiated { head });
+            }
             let len = f(chain);
             queue.add_used(mem, head, len).map_err(QueueError::Broken)?;
             used_any = true;

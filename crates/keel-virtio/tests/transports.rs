@@ -134,6 +134,47 @@ fn data_flows_both_ways_over_split_and_indirect_chains() {
     });
 }
 
+/// A driver that did not negotiate INDIRECT_DESC must not use indirect tables (virtio 1.2
+/// 2.7.5.3.1): the device does not follow one, and asks for a reset instead.
+#[test]
+fn an_indirect_table_without_indirect_desc_is_refused() {
+    both(|d| {
+        let mem = d.mem().clone();
+        let table = DATA_BASE + 0x9000;
+        let body = DATA_BASE + 0xa000;
+        let entries = [
+            (body, 9u32, VRING_DESC_F_NEXT, 1u16),
+            (body + 0x100, 16, VRING_DESC_F_WRITE, 0),
+        ];
+        for (i, (addr, len, flags, next)) in entries.into_iter().enumerate() {
+            let at = table + 16 * i as u64;
+            mem_write(&mem, at, &addr.to_le_bytes());
+            mem_write(&mem, at + 8, &len.to_le_bytes());
+            mem_write(&mem, at + 12, &flags.to_le_bytes());
+            mem_write(&mem, at + 14, &next.to_le_bytes());
+        }
+        // The indirect descriptor at the head, and behind a direct one.
+        let chains: [&[(u64, u32, u16)]; 2] = [
+            &[(table, 32, VRING_DESC_F_INDIRECT)],
+            &[(body + 0x200, 4, 0), (table, 32, VRING_DESC_F_INDIRECT)],
+        ];
+        for chain in chains {
+            mem_write(&mem, body, b"indirect!");
+            mem_write(&mem, body + 0x100, &[0xee; 16]);
+            let mut ring = Ring::new(&mem, QUEUE_SIZE);
+            d.start(VERSION_1, &ring);
+            let head = ring.add_descriptors(chain);
+            ring.publish(head);
+            d.notify(0);
+            eventually("DEVICE_NEEDS_RESET", || d.status() & NEEDS_RESET != 0);
+            assert_eq!(ring.used_idx(), 0, "the chain was used");
+            assert_eq!(read_bytes(&mem, body + 0x100, 16), vec![0xee; 16]);
+            d.set_status(0);
+            assert_eq!(d.status(), 0);
+        }
+    });
+}
+
 #[test]
 fn config_write_raises_a_config_interrupt_and_changes_the_generation() {
     both(|d| {

@@ -123,6 +123,7 @@ fn main() {
         for _ in 0..runs {
             let mut k = Command::new(env!("CARGO_BIN_EXE_keel"));
             k.args([
+                "--debug-exit",
                 "--memory",
                 "256",
                 "--serial",

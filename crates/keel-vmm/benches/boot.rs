@@ -109,7 +109,15 @@ fn main() {
     let guest = env!("KEEL_TEST_GUEST");
     let keel = env!("CARGO_BIN_EXE_keel");
     let keel_runs = (0..runs)
-        .map(|_| run(Command::new(keel).args(["--memory", "128", "--cmdline", "keel.test=serial"])))
+        .map(|_| {
+            run(Command::new(keel).args([
+                "--debug-exit",
+                "--memory",
+                "128",
+                "--cmdline",
+                "keel.test=serial",
+            ]))
+        })
         .collect();
     let qemu_runs = (0..runs)
         .map(|_| {

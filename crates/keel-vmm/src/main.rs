@@ -1,8 +1,8 @@
 //! `keel`: the reference VMM built from the Keel crates.
 //!
 //! It boots a Linux kernel (PVH vmlinux or bzImage) or a bare-metal ELF64 payload with a
-//! 16550 console, an i8042 (reset), ACPI power-off and a debug-exit port, on the in-kernel
-//! irqchip, one thread per vCPU.
+//! 16550 console, an i8042 (reset), ACPI power-off and, with `--debug-exit`, a debug-exit
+//! port, on the in-kernel irqchip, one thread per vCPU.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -12,14 +12,14 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use keel_vmm::vmm::{self, QmpListen, SerialMode, VmConfig};
+use keel_vmm::vmm::{self, QmpListen, SerialFile, SerialMode, VmConfig};
 use keel_vmm::{balloon, disk};
 
 /// Boot a kernel in a KVM virtual machine.
 ///
-/// Exit status: the value the guest writes to the debug-exit port (0xf4); 0 after a guest
-/// reset or ACPI power-off; 1 with a message after a triple fault or a KVM error; 2 for bad
-/// command-line arguments; 128+N after signal N.
+/// Exit status: 0 after a guest reset or ACPI power-off; with --debug-exit, the value the
+/// guest writes to the debug-exit port (0xf4); 1 with a message after a triple fault or a
+/// KVM error; 2 for bad command-line arguments; 128+N after signal N.
 #[derive(Parser, Debug)]
 #[command(name = "keel", version)]
 struct Cli {
@@ -68,7 +68,10 @@ struct Cli {
     #[arg(long, value_name = "KIND", value_enum, default_value_t = vmm::Transport::Pci)]
     transport: vmm::Transport,
 
-    /// Serial console: `stdio` (output to stdout, stdin to the guest), `file=PATH`, or `none`.
+    /// Serial console: `stdio` (output to stdout, stdin to the guest),
+    /// `file=PATH[,limit=SIZE]`, or `none`. `limit`: the most bytes the guest may write to
+    /// the file (a number with an optional K, M or G suffix; default 8M); output past it is
+    /// dropped, and keel says so on stderr.
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialMode,
 
@@ -84,6 +87,12 @@ struct Cli {
     /// The VM's name, as `query-name` reports it.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+
+    /// Add the debug-exit port (0xf4, as QEMU's isa-debug-exit): the value the guest
+    /// writes there ends the VM and becomes keel's exit status. For test guests: without
+    /// it, a guest cannot choose keel's exit status.
+    #[arg(long)]
+    debug_exit: bool,
 }
 
 /// A `--qmp-fd` that is not a listening Unix stream socket.
@@ -118,19 +127,46 @@ fn inherited_listener(fd: RawFd) -> Result<UnixListener, BadQmpFd> {
     Ok(UnixListener::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-/// A `--serial` value that is none of its forms.
+/// A `--serial` value that keel cannot use.
 #[derive(Debug, thiserror::Error)]
-#[error("expected stdio, file=PATH or none")]
-struct BadSerialMode;
+enum BadSerialMode {
+    /// None of its forms.
+    #[error("expected stdio, file=PATH or none")]
+    Form,
+    /// `file=PATH,limit=SIZE` with a SIZE that is not one.
+    #[error("limit: expected a number of bytes, with an optional K, M or G suffix")]
+    Limit,
+}
+
+/// A size: a number of bytes with an optional K, M or G (binary) suffix.
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
 
 fn parse_serial(s: &str) -> Result<SerialMode, BadSerialMode> {
     match s {
         "stdio" => Ok(SerialMode::Stdio),
         "none" => Ok(SerialMode::None),
-        _ => match s.strip_prefix("file=") {
-            Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
-            _ => Err(BadSerialMode),
-        },
+        _ => {
+            let rest = s.strip_prefix("file=").ok_or(BadSerialMode::Form)?;
+            let (path, limit) = match rest.rsplit_once(",limit=") {
+                Some((path, size)) => (path, parse_size(size).ok_or(BadSerialMode::Limit)?),
+                None => (rest, SerialFile::DEFAULT_LIMIT),
+            };
+            if path.is_empty() {
+                return Err(BadSerialMode::Form);
+            }
+            Ok(SerialMode::File(SerialFile {
+                path: PathBuf::from(path),
+                limit,
+            }))
+        }
     }
 }
 
@@ -178,6 +214,7 @@ fn main() -> ExitCode {
         balloon: cli.balloon,
         name: cli.name,
         qmp,
+        debug_exit: cli.debug_exit,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

@@ -27,7 +27,7 @@ use keel_virtio::{virtio_pci_function, VirtioDevice, VirtioMmio};
 use crate::boot::acpi::SCI_IRQ;
 use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
-    pci_test_function, AcpiPm, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
+    pci_test_function, AcpiPm, CappedFile, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
     DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
 use crate::disk::DiskSpec;
@@ -119,10 +119,33 @@ pub const TEST_GUEST: &[u8] = include_bytes!(env!("KEEL_TEST_GUEST"));
 pub enum SerialMode {
     /// keel's stdout, and stdin feeds the guest.
     Stdio,
-    /// A file.
-    File(PathBuf),
+    /// A file, up to a size limit.
+    File(SerialFile),
     /// Nowhere.
     None,
+}
+
+/// Serial output to a file: the file, and how much of it the guest may write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SerialFile {
+    /// The file (created, or truncated, at start).
+    pub path: PathBuf,
+    /// The most bytes written to it over the VM's life (reboots included); output past
+    /// it is dropped and counted, and keel says so once on stderr.
+    pub limit: u64,
+}
+
+impl SerialFile {
+    /// [`SerialFile::limit`] unless given: 8 MiB (a Linux boot log is ~100 KiB).
+    pub const DEFAULT_LIMIT: u64 = 8 * MIB;
+
+    /// Output to `path`, up to [`SerialFile::DEFAULT_LIMIT`] bytes.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SerialFile {
+            path: path.into(),
+            limit: Self::DEFAULT_LIMIT,
+        }
+    }
 }
 
 /// Everything needed to start a VM.
@@ -152,6 +175,10 @@ pub struct VmConfig {
     pub name: Option<String>,
     /// Where the QMP control socket listens, if anywhere.
     pub qmp: Option<QmpListen>,
+    /// Whether the VM has the debug-exit port (0xf4), through which the guest ends the VM
+    /// with a status of its choosing ([`VmExit::DebugExit`]). For test guests only: off,
+    /// a guest cannot choose keel's exit status.
+    pub debug_exit: bool,
 }
 
 /// Where the QMP control socket listens.
@@ -403,6 +430,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     balloon: Some(BalloonOptions::default()),
 ///     name: None,
 ///     qmp: None,
+///     debug_exit: false,
 /// };
 /// let exit = run_with(&cfg, |vm| {
 ///     let vm = vm.clone();
@@ -420,10 +448,12 @@ pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExi
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
         SignalFd::new(&[libc::SIGINT, libc::SIGTERM]).map_err(os("cannot create a signalfd"))?;
-    // Opened once: output goes on across reboots.
+    // Opened once: output goes on across reboots, under one limit.
     let serial_file = match &cfg.serial {
-        SerialMode::File(p) => {
-            Some(File::create(p).map_err(os(format!("cannot create {}", p.display())))?)
+        SerialMode::File(f) => {
+            let file =
+                File::create(&f.path).map_err(os(format!("cannot create {}", f.path.display())))?;
+            Some(Arc::new(CappedFile::new(file, f.path.clone(), f.limit)))
         }
         _ => None,
     };
@@ -466,6 +496,9 @@ pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExi
             other => break other,
         }
     };
+    if let Some(dropped) = serial_file.map(|f| f.dropped()).filter(|&n| n > 0) {
+        eprintln!("keel: {dropped} bytes of serial output dropped over the limit");
+    }
     if let Some(mut server) = server.take() {
         // Every command in progress is answered (`quit` gets its reply), then SHUTDOWN:
         // by now the disks are flushed and closed.
@@ -487,7 +520,7 @@ fn boot_once(
     cfg: &VmConfig,
     machine: &Arc<Machine>,
     signalfd: &SignalFd,
-    serial_file: Option<&File>,
+    serial_file: Option<&Arc<CappedFile>>,
     started: &mut Option<impl FnOnce(&VmHandle)>,
 ) -> Result<VmExit, Error> {
     let signalfd = signalfd
@@ -507,22 +540,21 @@ fn boot_once(
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let out = match (&cfg.serial, serial_file) {
         (SerialMode::Stdio, _) => SerialOutput::Stdout,
-        (SerialMode::File(p), Some(f)) => SerialOutput::File(
-            f.try_clone()
-                .map_err(os(format!("cannot reopen {}", p.display())))?,
-        ),
+        (SerialMode::File(_), Some(f)) => SerialOutput::File(f.clone()),
         _ => SerialOutput::Sink,
     };
     let serial = Arc::new(Serial::new(serial_irq, out));
     let buses = Buses::default();
     let sci = Arc::new(IrqLine::new(vm.clone(), u32::from(SCI_IRQ))?);
     let pm = Arc::new(AcpiPm::new(exit.clone(), sci));
-    let pio: [(u16, u64, Arc<dyn PioDevice>); 4] = [
+    let mut pio: Vec<(u16, u64, Arc<dyn PioDevice>)> = vec![
         (COM1_PORT, 8, serial.clone()),
         (I8042_DATA_PORT, 5, Arc::new(I8042::new(exit.clone()))),
         (PM1A_CNT_PORT, 8, pm.clone()),
-        (DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))),
     ];
+    if cfg.debug_exit {
+        pio.push((DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))));
+    }
     for (port, len, dev) in pio {
         buses
             .pio

@@ -57,6 +57,42 @@ fn serial_to_file() {
     assert_eq!(out.code(), Some(10));
 }
 
+/// Serial output to a file stops at its size limit: the rest is dropped, and keel says so
+/// once on stderr (and how much it dropped at the end).
+#[test]
+fn serial_file_output_is_capped() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    // 5000 'x' characters, then the debug-exit port.
+    let body = "    mov $5000, %ecx\n    mov $0x3f8, %dx\n    mov $0x78, %al\n1:  out %al, %dx\n    loop 1b\n    mov $7, %eax\n    out %eax, $0xf4\n";
+    let guest = pvh_guest(&dir, body);
+    let log = dir.path().join("serial.log");
+    let out = run_keel(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--serial",
+            &format!("file={},limit=1000", log.display()),
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(7), "stderr: {}", out.stderr);
+    assert_eq!(std::fs::read(&log).unwrap(), vec![b'x'; 1000]);
+    assert_eq!(
+        out.stderr
+            .matches("reached its limit of 1000 bytes")
+            .count(),
+        1,
+        "stderr: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("4000 bytes of serial output dropped"),
+        "stderr: {}",
+        out.stderr
+    );
+}
+
 #[test]
 fn i8042_reset_ends_cleanly() {
     require_kvm!();
@@ -181,7 +217,7 @@ fn a_terminal_console_is_raw() {
     cmd.args([
         "-qec",
         &format!(
-            "{} --kernel {}",
+            "{} --debug-exit --kernel {}",
             env!("CARGO_BIN_EXE_keel"),
             guest.display()
         ),
@@ -209,6 +245,24 @@ fn debug_exit_stops_the_guest_at_once() {
     let out = run_keel(&["--kernel", guest.to_str().unwrap()], LIMIT);
     assert_eq!(out.code(), Some(3));
     assert_eq!(out.stdout, "before\n");
+}
+
+/// Without `--debug-exit` the port is not there: a guest cannot choose keel's exit status.
+/// The write goes nowhere and the guest runs on (here to an i8042 reset: status 0).
+#[test]
+fn without_the_option_the_debug_exit_port_is_absent() {
+    require_kvm!();
+    let dir = TempDir::new("vmm");
+    let body = format!(
+        "    mov $42, %eax\n    out %eax, $0xf4\n{}    mov $0xfe, %al\n    out %al, $0x64\n1:  hlt\n    jmp 1b\n",
+        print("ran on\n")
+    );
+    let guest = pvh_guest(&dir, &body);
+    let mut cmd = support::keel_without_debug_exit();
+    cmd.args(["--kernel", guest.to_str().unwrap()]);
+    let out = Running::start(cmd).finish(LIMIT);
+    assert_eq!(out.stdout, "ran on\n", "stderr: {}", out.stderr);
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
 }
 
 #[test]

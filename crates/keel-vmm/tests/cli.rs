@@ -15,6 +15,14 @@ fn bad_values_are_one_line_errors_with_status_2() {
         (vec!["--cpus", "300"], "--cpus"),
         (vec!["--serial", "tty"], "expected stdio, file=PATH or none"),
         (vec!["--serial", "file="], "--serial"),
+        (
+            vec!["--serial", "file=log,limit=lots"],
+            "limit: expected a number",
+        ),
+        (
+            vec!["--serial", "file=log,limit=99999999999G"],
+            "limit: expected a number",
+        ),
         (vec!["--frobnicate"], "--frobnicate"),
         (vec!["--kernel"], "--kernel"),
     ] {
@@ -62,6 +70,7 @@ fn help_documents_every_flag() {
         "--qmp",
         "--qmp-fd",
         "--name",
+        "--debug-exit",
     ] {
         assert!(out.stdout.contains(flag), "{flag} missing from --help");
     }

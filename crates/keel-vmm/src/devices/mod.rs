@@ -1,4 +1,5 @@
-//! The legacy platform devices keel puts in every VM, and their ports.
+//! The legacy platform devices keel puts in every VM (the debug-exit port only with
+//! `--debug-exit`), and their ports.
 //!
 //! | port(s) | device |
 //! |---|---|
@@ -6,7 +7,7 @@
 //! | 0x60, 0x64 | i8042 (keyboard controller): only the CPU reset line (0xfe to 0x64) |
 //! | 0x600-0x601 | ACPI PM1a control block: SLP_TYP=5 with SLP_EN powers off |
 //! | 0x604-0x607 | ACPI PM1a event block (status/enable): the power button (QMP `system_powerdown`) raises the SCI, IRQ 9 |
-//! | 0xf4-0xf7 | debug exit: the value written becomes keel's exit status |
+//! | 0xf4-0xf7 | debug exit (`--debug-exit` only): the value written becomes keel's exit status |
 //! | 0xcf8-0xcff | PCI configuration mechanism #1 (keel-pci) |
 //!
 //! PCI: one segment, bus 0, a host bridge at 00.0, ECAM at 0xe0000000 (published in the
@@ -18,8 +19,8 @@
 //! 0xf0000000, IOAPIC pins from 5 up, announced by `virtio_mmio.device=4K@BASE:IRQ` words
 //! appended to the kernel command line.
 //!
-//! QEMU's `isa-debug-exit,iobase=0xf4,iosize=4` sits at the same port, so a guest can end
-//! itself the same way under both (QEMU reports `(value << 1) | 1`).
+//! QEMU's `isa-debug-exit,iobase=0xf4,iosize=4` sits at the same port, so a test guest can
+//! end itself the same way under both (QEMU reports `(value << 1) | 1`).
 
 mod acpi_pm;
 mod debug_exit;
@@ -31,4 +32,4 @@ pub use acpi_pm::{AcpiPm, PM1A_CNT_PORT, PM1A_EVT_PORT, SLP_TYP_S5};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, I8042_CMD_PORT, I8042_DATA_PORT};
 pub use pci_test::{pci_test_function, PCI_TEST_VECTORS};
-pub use serial::{Serial, SerialOutput, COM1_IRQ, COM1_PORT};
+pub use serial::{CappedFile, Serial, SerialOutput, COM1_IRQ, COM1_PORT};

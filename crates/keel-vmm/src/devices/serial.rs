@@ -2,7 +2,9 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::{Mutex, PoisonError};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use keel_bus::PioDevice;
 use vm_superio::serial::NoEvents;
@@ -13,12 +15,68 @@ pub const COM1_PORT: u16 = 0x3f8;
 /// COM1's interrupt line (ISA IRQ 4, IOAPIC pin 4).
 pub const COM1_IRQ: u32 = 4;
 
+/// A file that takes at most `limit` bytes of serial output: a guest cannot fill the
+/// host's disk. Past the limit, output is dropped and counted; the first drop is reported
+/// once on stderr. Shared by every boot of the VM (the limit covers them all).
+pub struct CappedFile {
+    file: File,
+    path: PathBuf,
+    limit: u64,
+    written: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl CappedFile {
+    /// Output to `file` (named `path` in messages), at most `limit` bytes.
+    pub fn new(file: File, path: PathBuf, limit: u64) -> Self {
+        CappedFile {
+            file,
+            path,
+            limit,
+            written: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes dropped over the limit so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn write_capped(&self, buf: &[u8]) -> io::Result<usize> {
+        let len = buf.len() as u64;
+        // Only the UART (under its lock) writes: no two writers race for the room.
+        let written = self.written.load(Ordering::Relaxed);
+        let room = self.limit.saturating_sub(written).min(len);
+        let n = if room > 0 {
+            let n = (&self.file).write(&buf[..room as usize])?;
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+            if (n as u64) < room {
+                // A short write: the caller retries the rest.
+                return Ok(n);
+            }
+            n
+        } else {
+            0
+        };
+        let over = len - n as u64;
+        if over > 0 && self.dropped.fetch_add(over, Ordering::Relaxed) == 0 {
+            eprintln!(
+                "keel: serial output to {} reached its limit of {} bytes; further output is dropped",
+                self.path.display(),
+                self.limit
+            );
+        }
+        Ok(buf.len())
+    }
+}
+
 /// Where the guest's serial output goes.
 pub enum SerialOutput {
     /// keel's standard output.
     Stdout,
-    /// A file.
-    File(File),
+    /// A file, up to its size limit.
+    File(Arc<CappedFile>),
     /// Discarded.
     Sink,
 }
@@ -33,14 +91,14 @@ impl Write for SerialOutput {
                 out.flush()?;
                 Ok(buf.len())
             }
-            SerialOutput::File(f) => f.write(buf),
+            SerialOutput::File(f) => f.write_capped(buf),
             SerialOutput::Sink => Ok(buf.len()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             SerialOutput::Stdout => io::stdout().flush(),
-            SerialOutput::File(f) => f.flush(),
+            SerialOutput::File(f) => (&f.file).flush(),
             SerialOutput::Sink => Ok(()),
         }
     }
@@ -126,7 +184,11 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let uart = Serial::new(
             irq.try_clone().unwrap(),
-            SerialOutput::File(File::create(&path).unwrap()),
+            SerialOutput::File(Arc::new(CappedFile::new(
+                File::create(&path).unwrap(),
+                path.clone(),
+                1 << 20,
+            ))),
         );
         for b in b"hi\n" {
             uart.pio_write(0, &[*b]);
@@ -141,6 +203,28 @@ mod tests {
         let mut b = [0u8];
         uart.pio_read(0, &mut b);
         assert_eq!(b, [b'o']);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn file_output_stops_at_the_limit_and_counts_the_rest() {
+        let dir = std::env::temp_dir().join(format!("keel-serial-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out");
+        let file = Arc::new(CappedFile::new(
+            File::create(&path).unwrap(),
+            path.clone(),
+            5,
+        ));
+        let mut out = SerialOutput::File(file.clone());
+        out.write_all(b"abc").unwrap();
+        out.write_all(b"defg").unwrap();
+        out.write_all(b"h").unwrap();
+        // A second output on the same file (the next boot) shares the limit.
+        let mut again = SerialOutput::File(file.clone());
+        again.write_all(b"ij").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcde");
+        assert_eq!(file.dropped(), 5);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

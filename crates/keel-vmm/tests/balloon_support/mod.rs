@@ -17,7 +17,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use keel_testutil::TempDir;
-use keel_vmm::vmm::{run_with, SerialMode, Transport, VmConfig};
+use keel_vmm::vmm::{run_with, SerialFile, SerialMode, Transport, VmConfig};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -44,7 +44,7 @@ pub fn child(args: &[String]) {
         cmdline: cmdline.clone(),
         memory_mib: memory.parse().unwrap(),
         vcpus: 1,
-        serial: SerialMode::File(PathBuf::from(serial)),
+        serial: SerialMode::File(SerialFile::new(serial)),
         devices: vec![],
         transport: if transport == "mmio" {
             Transport::Mmio
@@ -55,6 +55,7 @@ pub fn child(args: &[String]) {
         balloon: Some(keel_vmm::balloon::parse_balloon(balloon).unwrap()),
         name: None,
         qmp: None,
+        debug_exit: true,
     };
     let exit = run_with(&cfg, |vm| {
         let vm = vm.clone();

@@ -10,8 +10,16 @@ use std::time::{Duration, Instant};
 
 pub use keel_testutil::{assemble_elf, TempDir};
 
-/// The `keel` binary under test.
+/// The `keel` binary under test, with `--debug-exit`: the tests' guests end keel with the
+/// status they choose (the test guest's verdict: 0 PASS, 1 FAIL).
 pub fn keel() -> Command {
+    let mut cmd = keel_without_debug_exit();
+    cmd.arg("--debug-exit");
+    cmd
+}
+
+/// The `keel` binary under test, as a user starts it: no debug-exit port.
+pub fn keel_without_debug_exit() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keel"))
 }
 
