@@ -1162,6 +1162,17 @@ mod tests {
         );
     }
 
+    /// A new raw file of `size` bytes in `dir`, opened with O_DIRECT (cache=none).
+    fn direct_raw(dir: &tempfile::TempDir, name: &str, size: u64) -> Arc<RawFile> {
+        let p = dir.path().join(name);
+        RawFile::create(&p, size).unwrap();
+        let opts = RawOptions {
+            cache: CacheMode::None,
+            ..Default::default()
+        };
+        Arc::new(RawFile::open(&p, opts).unwrap())
+    }
+
     fn guest_memory() -> Arc<Tracked> {
         Arc::new(
             Tracked::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
@@ -1172,13 +1183,7 @@ mod tests {
     #[test]
     fn guest_buffers_through_every_engine() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("g.raw");
-        RawFile::create(&p, 1 << 20).unwrap();
-        let opts = RawOptions {
-            cache: CacheMode::None,
-            ..Default::default()
-        };
-        let raw = Arc::new(RawFile::open(&p, opts).unwrap());
+        let raw = direct_raw(&dir, "g.raw", 1 << 20);
         let mem = guest_memory();
         run_guest_queue(&mut UringQueue::new(raw.clone(), 8).unwrap(), &mem);
         run_guest_queue(&mut SyncQueue::new(raw.clone()), &mem);
@@ -1193,13 +1198,7 @@ mod tests {
     #[test]
     fn requests_of_too_many_pieces_are_served_inline() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("pieces.raw");
-        RawFile::create(&p, 4 << 20).unwrap();
-        let opts = RawOptions {
-            cache: CacheMode::None,
-            ..Default::default()
-        };
-        let raw = Arc::new(RawFile::open(&p, opts).unwrap());
+        let raw = direct_raw(&dir, "pieces.raw", 4 << 20);
         let a = raw.limits().request_alignment as usize;
         let mem = Arc::new(Tracked::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap());
         let n = 2 * MAX_PIECES;
@@ -1293,13 +1292,7 @@ mod tests {
     fn uring_raw_and_qcow2_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let size = 4u64 << 20;
-        let p = dir.path().join("a.raw");
-        RawFile::create(&p, size).unwrap();
-        let opts = RawOptions {
-            cache: CacheMode::None,
-            ..Default::default()
-        };
-        let raw = Arc::new(RawFile::open(&p, opts).unwrap());
+        let raw = direct_raw(&dir, "a.raw", size);
         run_queue(&mut UringQueue::new(raw.clone(), 32).unwrap(), size);
         run_queue(&mut SyncQueue::new(raw.clone()), size);
         run_queue(&mut ThreadQueue::new(raw, 4).unwrap(), size);
@@ -1308,7 +1301,8 @@ mod tests {
         std::fs::File::create(&q).unwrap();
         let grow = RawOptions {
             growable: true,
-            ..opts
+            cache: CacheMode::None,
+            ..Default::default()
         };
         let f = RawFile::open(&q, grow).unwrap();
         crate::qcow2::create(
