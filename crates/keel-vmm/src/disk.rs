@@ -21,8 +21,46 @@ pub struct DiskSpec {
     pub device: BlockOptions,
 }
 
+/// What is wrong with a `--disk` value; the message names the option and what it takes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OptionError {
+    /// A part is not `KEY=VALUE`.
+    #[error("'{0}': expected KEY=VALUE")]
+    NotKeyValue(String),
+    /// An unknown key.
+    #[error("'{0}': unknown disk option")]
+    Unknown(String),
+    /// A number was expected.
+    #[error("{key}={value}: expected a number")]
+    Number {
+        /// The option.
+        key: String,
+        /// What was given.
+        value: String,
+    },
+    /// `format=` is neither raw nor qcow2.
+    #[error("format={0}: expected raw or qcow2")]
+    Format(String),
+    /// `readonly=` is neither on nor off.
+    #[error("readonly={0}: expected on or off")]
+    ReadOnly(String),
+    /// `cache=` names no cache mode.
+    #[error("cache={0}: expected none, writeback, writethrough, directsync or unsafe")]
+    Cache(String),
+    /// `queues=` is outside 1 to 64.
+    #[error("queues={0}: expected 1 to 64")]
+    Queues(String),
+    /// `poll=` is outside 0 to 1000000.
+    #[error("poll={0}: expected 0 to 1000000 microseconds")]
+    Poll(String),
+    /// No `path=`.
+    #[error("path=FILE is required")]
+    NoPath,
+}
+
 /// Parses the option's value.
-pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
     let mut spec = DiskSpec {
         path: PathBuf::new(),
         format: None,
@@ -33,39 +71,37 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         },
     };
     let number = |k: &str, v: &str| {
-        v.parse::<u64>()
-            .map_err(|_| format!("{k}={v}: expected a number"))
+        v.parse::<u64>().map_err(|_| OptionError::Number {
+            key: k.into(),
+            value: v.into(),
+        })
     };
     for part in s.split(',') {
         let (k, v) = part
             .split_once('=')
-            .ok_or_else(|| format!("'{part}': expected KEY=VALUE"))?;
+            .ok_or_else(|| OptionError::NotKeyValue(part.into()))?;
         match k {
             "path" if !v.is_empty() => spec.path = PathBuf::from(v),
             "format" => {
                 spec.format = Some(match v {
                     "raw" => Format::Raw,
                     "qcow2" => Format::Qcow2,
-                    _ => return Err(format!("format={v}: expected raw or qcow2")),
+                    _ => return Err(OptionError::Format(v.into())),
                 })
             }
             "readonly" => {
                 spec.image.file.read_only = match v {
                     "on" => true,
                     "off" => false,
-                    _ => return Err(format!("readonly={v}: expected on or off")),
+                    _ => return Err(OptionError::ReadOnly(v.into())),
                 }
             }
             "cache" => {
-                spec.image.file.cache = v.parse().map_err(|_| {
-                    format!(
-                        "cache={v}: expected none, writeback, writethrough, directsync or unsafe"
-                    )
-                })?
+                spec.image.file.cache = v.parse().map_err(|_| OptionError::Cache(v.into()))?
             }
             "queues" => match number(k, v)? {
                 n @ 1..=64 => spec.device.queues = n as u16,
-                _ => return Err(format!("queues={v}: expected 1 to 64")),
+                _ => return Err(OptionError::Queues(v.into())),
             },
             "iops" => spec.device.iops = number(k, v)?,
             "bps" => spec.device.bps = number(k, v)?,
@@ -73,13 +109,13 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
                 spec.device.poll_us = u32::try_from(number(k, v)?)
                     .ok()
                     .filter(|&us| us <= 1_000_000)
-                    .ok_or_else(|| format!("poll={v}: expected 0 to 1000000 microseconds"))?
+                    .ok_or_else(|| OptionError::Poll(v.into()))?
             }
-            _ => return Err(format!("'{part}': unknown disk option")),
+            _ => return Err(OptionError::Unknown(part.into())),
         }
     }
     if spec.path.as_os_str().is_empty() {
-        return Err("path=FILE is required".into());
+        return Err(OptionError::NoPath);
     }
     // Write-through modes show the guest a disk without a volatile cache.
     spec.device.writeback = !spec.image.file.cache.dsync();
@@ -216,20 +252,57 @@ mod tests {
         assert_eq!(d.device.poll_us, BlockOptions::default().poll_us);
         let d = parse_disk("path=x,cache=writethrough").unwrap();
         assert!(!d.device.writeback, "write-through shows no volatile cache");
-        for (bad, why) in [
-            ("format=raw", "path=FILE is required"),
-            ("path=x,format=vmdk", "format=vmdk"),
-            ("path=x,readonly=yes", "readonly=yes"),
-            ("path=x,cache=fast", "cache=fast"),
-            ("path=x,queues=0", "queues=0"),
-            ("path=x,queues=65", "queues=65"),
-            ("path=x,iops=lots", "iops=lots"),
-            ("path=x,colour=blue", "unknown disk option"),
-            ("path=x,poll=2000000", "poll=2000000"),
-            ("path=x,oops", "expected KEY=VALUE"),
+        let s = String::from;
+        for (bad, want, why) in [
+            ("format=raw", OptionError::NoPath, "path=FILE is required"),
+            (
+                "path=x,format=vmdk",
+                OptionError::Format(s("vmdk")),
+                "format=vmdk",
+            ),
+            (
+                "path=x,readonly=yes",
+                OptionError::ReadOnly(s("yes")),
+                "readonly=yes",
+            ),
+            (
+                "path=x,cache=fast",
+                OptionError::Cache(s("fast")),
+                "cache=fast",
+            ),
+            ("path=x,queues=0", OptionError::Queues(s("0")), "queues=0"),
+            (
+                "path=x,queues=65",
+                OptionError::Queues(s("65")),
+                "queues=65",
+            ),
+            (
+                "path=x,iops=lots",
+                OptionError::Number {
+                    key: s("iops"),
+                    value: s("lots"),
+                },
+                "iops=lots: expected a number",
+            ),
+            (
+                "path=x,colour=blue",
+                OptionError::Unknown(s("colour=blue")),
+                "unknown disk option",
+            ),
+            (
+                "path=x,poll=2000000",
+                OptionError::Poll(s("2000000")),
+                "poll=2000000",
+            ),
+            (
+                "path=x,oops",
+                OptionError::NotKeyValue(s("oops")),
+                "expected KEY=VALUE",
+            ),
         ] {
             let e = parse_disk(bad).unwrap_err();
-            assert!(e.contains(why), "{bad}: {e}");
+            assert_eq!(e, want, "{bad}");
+            assert!(e.to_string().contains(why), "{bad}: {e}");
         }
     }
 }
