@@ -211,6 +211,9 @@ fn get_id_flush_discard_and_write_zeroes() {
         let mem = d.mem().clone();
         let mut ring = Ring::new(&mem, Q);
         d.start(FEATURES, &ring);
+        // Counted before anything is published: the worker may poll the ring and serve
+        // requests as soon as they are published, before the notify.
+        let flushes = b.flushes.load(Ordering::SeqCst);
         header(&mem, DATA_BASE, T_GET_ID, 0);
         let h = ring.add_descriptors(&[
             (DATA_BASE, 16, 0),
@@ -249,7 +252,6 @@ fn get_id_flush_discard_and_write_zeroes() {
             (DATA_BASE + 0x203, 1, W),
         ]);
         ring.publish(h);
-        let flushes = b.flushes.load(Ordering::SeqCst);
         d.notify(0);
         ring.wait_used(4);
         assert_eq!(read_bytes(&mem, DATA_BASE + 0x100, 11), b"keel-disk-0");
