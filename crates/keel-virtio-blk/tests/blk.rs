@@ -109,6 +109,20 @@ const WCE: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 /// A malformed-request case: header type, sector, data descriptors, expected status.
 type Case = (u32, u64, Vec<(u64, u32, u16)>, u8);
 
+/// Publishes each case as one chain: its header at DATA_BASE + 0x10 * i, its data, and a
+/// status byte at `st + i`.
+fn publish_cases(mem: &keel_memory::GuestMemoryMmap, ring: &mut Ring, cases: &[Case], st: u64) {
+    for (i, (kind, sector, data, _)) in cases.iter().enumerate() {
+        let hdr = DATA_BASE + 0x10 * i as u64;
+        header(mem, hdr, *kind, *sector);
+        let mut descs = vec![(hdr, 16, 0)];
+        descs.extend(data.iter().copied());
+        descs.push((st + i as u64, 1, W));
+        let h = ring.add_descriptors(&descs);
+        ring.publish(h);
+    }
+}
+
 #[test]
 fn configuration_describes_the_disk() {
     both(BlockOptions::default(), false, |d, _| {
@@ -305,15 +319,7 @@ fn malformed_requests_fail_cleanly_and_the_device_goes_on() {
             .unwrap();
         mem.write_obj(1u32, GuestAddress(DATA_BASE + 0x30c))
             .unwrap();
-        for (i, (kind, sector, data, _)) in cases.iter().enumerate() {
-            let hdr = DATA_BASE + 0x10 * i as u64;
-            header(&mem, hdr, *kind, *sector);
-            let mut descs = vec![(hdr, 16, 0)];
-            descs.extend(data.iter().copied());
-            descs.push((st + i as u64, 1, W));
-            let h = ring.add_descriptors(&descs);
-            ring.publish(h);
-        }
+        publish_cases(&mem, &mut ring, &cases, st);
         // A chain with no writable byte at all: returned with nothing written.
         header(&mem, DATA_BASE + 0x80, T_IN, 0);
         let h = ring.add_descriptors(&[(DATA_BASE + 0x80, 16, 0)]);
@@ -886,15 +892,7 @@ fn requests_the_host_fails_are_reported_to_the_owner() {
         .unwrap();
     mem.write_obj(0u32, GuestAddress(DATA_BASE + 0x30c))
         .unwrap();
-    for (i, (kind, sector, data, _)) in cases.iter().enumerate() {
-        let hdr = DATA_BASE + 0x10 * i as u64;
-        header(&mem, hdr, *kind, *sector);
-        let mut descs = vec![(hdr, 16, 0)];
-        descs.extend(data.iter().copied());
-        descs.push((st + i as u64, 1, W));
-        let h = ring.add_descriptors(&descs);
-        ring.publish(h);
-    }
+    publish_cases(&mem, &mut ring, &cases, st);
     d.notify(0);
     ring.wait_used(cases.len() as u16);
     for (i, (.., want)) in cases.iter().enumerate() {
