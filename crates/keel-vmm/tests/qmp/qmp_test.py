@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 
-from qemu.qmp import QMPClient, ExecuteError
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 # A guest tick is 100 ms; allow for slow, shared machines.
 BOOT_TIMEOUT = 60.0
@@ -138,10 +138,20 @@ class Vm:
             self.proc.wait()
 
 
-async def connect(vm):
-    qmp = QMPClient(vm.name)
-    await qmp.connect(vm.sock)
-    return qmp
+async def connect(vm, timeout=10.0):
+    """Connects to the VMM's QMP socket. The socket file can exist a moment before the VMM
+    listens on it (QEMU binds, then listens), so a refused connection is tried again while
+    the VMM runs, up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        qmp = QMPClient(vm.name)
+        try:
+            await qmp.connect(vm.sock)
+            return qmp
+        except ConnectError:
+            if vm.proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def expect_error(qmp, cmd, args, cls):
