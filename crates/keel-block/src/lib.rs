@@ -4,6 +4,7 @@
 pub mod aio;
 pub mod backend;
 pub mod buf;
+pub mod chain;
 pub mod error;
 pub mod image;
 pub mod iov;

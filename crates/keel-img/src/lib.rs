@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+mod map;
 mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
@@ -42,6 +43,12 @@ enum CliError {
         #[source]
         source: std::num::ParseIntError,
     },
+    /// Writing to standard output failed.
+    #[error("writing the output")]
+    Stdout(#[source] std::io::Error),
+    /// `map` in human form cannot show a range without a host offset.
+    #[error("File contains external, encrypted or compressed clusters.")]
+    CompressedInHumanMap,
     /// A pattern that does not parse as a byte.
     #[error("'{value}' is not a byte value (0-255 or 0x00-0xff)")]
     Byte {
@@ -195,6 +202,25 @@ impl CacheSizes {
     }
 }
 
+/// `--output`: qemu-img's two output formats.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum OutputFormat {
+    /// Text for people.
+    #[default]
+    Human,
+    /// JSON.
+    Json,
+}
+
+/// qcow2 options for opening a chain read-only with this backing policy.
+fn qcow2_options(allow_probed_backing: bool) -> Qcow2Options {
+    Qcow2Options {
+        allow_probed_backing,
+        read_only: true,
+        ..Default::default()
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create an image: `create [-f fmt] [-o opts] FILE SIZE`.
@@ -240,6 +266,26 @@ enum Cmd {
         /// Output format: human or json.
         #[arg(long = "output", default_value = "human")]
         output: String,
+        /// Image file.
+        file: PathBuf,
+    },
+    /// Show where each range of the image is stored, through its backing chain.
+    Map {
+        /// Output format: human or json.
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// First byte to map (suffixes k, M, G).
+        #[arg(long = "start-offset", value_parser = size_arg, default_value = "0")]
+        start_offset: u64,
+        /// Most bytes to map (suffixes k, M, G).
+        #[arg(long = "max-length", value_parser = size_arg)]
+        max_length: Option<u64>,
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
         /// Image file.
         file: PathBuf,
     },
@@ -1103,6 +1149,21 @@ fn run(cli: Cli) -> Result<i32> {
             output,
             file,
         } => cmd_info(&file, format.as_deref(), &output),
+        Cmd::Map {
+            output,
+            start_offset,
+            max_length,
+            format,
+            allow_probed_backing,
+            file,
+        } => map::cmd_map(
+            &file,
+            format.as_deref(),
+            output,
+            start_offset,
+            max_length,
+            allow_probed_backing,
+        ),
         Cmd::Check {
             repair,
             format,
