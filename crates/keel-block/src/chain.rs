@@ -62,6 +62,14 @@ impl Layer {
         }
     }
 
+    /// The qcow2 header (`None` for raw).
+    pub fn qcow2_header(&self) -> Option<qcow2::Header> {
+        match &self.image {
+            LayerImage::Raw(_) => None,
+            LayerImage::Qcow2(q) => Some(q.header()),
+        }
+    }
+
     /// The file holding the layer's data (the image file itself).
     pub fn file(&self) -> &RawFile {
         match &self.image {
@@ -83,6 +91,7 @@ impl Layer {
 /// An image and its backing files, top first.
 pub struct Chain {
     layers: Vec<Layer>,
+    image: Image,
 }
 
 /// The block status of a guest range: where in the chain it is served from and how,
@@ -177,7 +186,6 @@ impl Chain {
                 qcow2: opts,
             },
         )?;
-        drop(whole);
         let mut layers = Vec::new();
         let mut next = Some((path.to_path_buf(), format));
         while let Some((p, fmt)) = next.take() {
@@ -207,12 +215,21 @@ impl Chain {
                 recurse,
             });
         }
-        Ok(Chain { layers })
+        Ok(Chain {
+            layers,
+            image: whole,
+        })
     }
 
     /// The layers, top first.
     pub fn layers(&self) -> &[Layer] {
         &self.layers
+    }
+
+    /// The whole image, opened read-only with its backing chain: reads through it see
+    /// what a guest would.
+    pub fn image(&self) -> &Image {
+        &self.image
     }
 
     /// The virtual size of the chain (its top image's).

@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+mod compare;
 mod map;
+mod measure;
+mod progress;
 mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
@@ -46,6 +49,9 @@ enum CliError {
     /// Writing to standard output failed.
     #[error("writing the output")]
     Stdout(#[source] std::io::Error),
+    /// Serializing JSON output failed.
+    #[error("formatting the JSON output")]
+    Json(#[source] serde_json::Error),
     /// `map` in human form cannot show a range without a host offset.
     #[error("File contains external, encrypted or compressed clusters.")]
     CompressedInHumanMap,
@@ -78,6 +84,10 @@ enum Usage {
     BackingNeedsFormat,
     FormatNeedsBacking,
     SizeRequired,
+    Preallocation(String),
+    MeasureSizeAndFile,
+    MeasureNeedsInput,
+    ConvertBackingNeedsQcow2,
 }
 
 impl std::fmt::Display for Usage {
@@ -108,6 +118,14 @@ impl std::fmt::Display for Usage {
                 "-b needs -F FMT: keel-img does not create images whose backing format must be probed",
             ),
             Usage::FormatNeedsBacking => f.write_str("-F needs -b FILE"),
+            Usage::Preallocation(v) => write!(f, "unknown preallocation '{v}'"),
+            Usage::MeasureSizeAndFile => {
+                f.write_str("--size N cannot be used together with a filename.")
+            }
+            Usage::MeasureNeedsInput => {
+                f.write_str("Either --size N or one filename must be specified.")
+            }
+            Usage::ConvertBackingNeedsQcow2 => f.write_str("-B needs -O qcow2"),
             Usage::SizeRequired => {
                 f.write_str("an image size is required (or -b to take the backing file's)")
             }
@@ -288,6 +306,54 @@ enum Cmd {
         allow_probed_backing: bool,
         /// Image file.
         file: PathBuf,
+    },
+    /// Compare two images: exit 0 identical, 1 different, 2 error.
+    Compare {
+        /// Format of the first image (probed if omitted).
+        #[arg(short = 'f')]
+        format1: Option<String>,
+        /// Format of the second image (probed if omitted).
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Strict: sizes and block status must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
+        /// First image.
+        file1: PathBuf,
+        /// Second image.
+        file2: PathBuf,
+    },
+    /// The file size a new image needs, for a size or for a copy of an image.
+    Measure {
+        /// Output format: human or json.
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// Format of the new image.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Options of the new image, as for create (and preallocation).
+        #[arg(short = 'o')]
+        options: Option<String>,
+        /// Virtual size of an empty new image (suffixes k, M, G).
+        #[arg(long = "size", value_parser = size_arg)]
+        size: Option<u64>,
+        /// Format of FILE (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
+        /// The image to copy.
+        file: Option<PathBuf>,
     },
     /// Check a qcow2 image. Exit code: 0 clean, 1 check error, 2 corruption, 3 leaks only.
     Check {
@@ -1149,6 +1215,40 @@ fn run(cli: Cli) -> Result<i32> {
             output,
             file,
         } => cmd_info(&file, format.as_deref(), &output),
+        Cmd::Compare {
+            format1,
+            format2,
+            strict,
+            progress,
+            quiet,
+            allow_probed_backing,
+            file1,
+            file2,
+        } => compare::cmd_compare(&compare::CompareArgs {
+            files: [&file1, &file2],
+            formats: [format1.as_deref(), format2.as_deref()],
+            strict,
+            progress,
+            quiet,
+            allow_probed_backing,
+        }),
+        Cmd::Measure {
+            output,
+            out_format,
+            options,
+            size,
+            format,
+            allow_probed_backing,
+            file,
+        } => measure::cmd_measure(&measure::MeasureArgs {
+            file: file.as_deref(),
+            size,
+            format: format.as_deref(),
+            out_format: &out_format,
+            options: options.as_deref(),
+            output,
+            allow_probed_backing,
+        }),
         Cmd::Map {
             output,
             start_offset,
@@ -1317,16 +1417,21 @@ where
     match run(cli) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            let mut msg = format!("keel-img: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("{msg}");
+            print_error(&e);
             ExitCode::from(1)
         }
     }
+}
+
+/// Prints `keel-img: step: cause: cause ...` to stderr.
+fn print_error(e: &CliError) {
+    let mut msg = format!("keel-img: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
 }
 
 #[cfg(test)]
