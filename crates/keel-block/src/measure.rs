@@ -1,13 +1,10 @@
 //! How large an image would be: the sizes `qemu-img measure` reports for a new image
 //! of a given format, options and size or contents.
 
-use crate::backend::BlockBackend;
 use crate::chain::Chain;
 use crate::error::Result;
+use crate::qcow2::bitmaps::bitmaps;
 use crate::qcow2::CreateOptions;
-
-/// Header extension: persistent dirty bitmaps.
-const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// How a new image's space is preallocated (qemu-img's `preallocation` option).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -178,32 +175,14 @@ fn bitmaps_size(c: &Chain, cs: u64) -> Result<u64> {
     let Some(h) = top.qcow2_header() else {
         return Ok(0);
     };
-    let Some(ext) = h.extensions.iter().find(|e| e.kind == EXT_BITMAPS) else {
-        return Ok(0);
-    };
-    if ext.data.len() < 24 {
-        return Ok(0);
-    }
-    let nb = u32::from_be_bytes(ext.data[0..4].try_into().unwrap_or_default());
-    let dir_size = u64::from_be_bytes(ext.data[8..16].try_into().unwrap_or_default());
-    let dir_off = u64::from_be_bytes(ext.data[16..24].try_into().unwrap_or_default());
-    let mut dir = vec![0u8; dir_size.min(64 << 20) as usize];
-    top.file().read_at(&mut dir, dir_off)?;
-    let (mut size, mut dir_bytes, mut p) = (0u64, 0u64, 0usize);
-    for _ in 0..nb {
-        if p + 24 > dir.len() {
-            break;
-        }
-        let e = &dir[p..];
-        let granularity = 1u64 << e[17].min(63);
-        let name_size = u16::from_be_bytes([e[18], e[19]]) as u64;
-        let extra = u32::from_be_bytes(e[20..24].try_into().unwrap_or_default()) as u64;
-        let bits = c.size().div_ceil(granularity);
+    let (mut size, mut dir_bytes) = (0u64, 0u64);
+    for b in bitmaps(top.file(), &h)? {
+        let bits = c.size().div_ceil(b.granularity);
         let clusters = bits.div_ceil(8).div_ceil(cs);
+        // The bitmap's clusters, its table's, and its directory entry.
         size += clusters * cs;
         size += (clusters * 8).div_ceil(cs) * cs;
-        dir_bytes += (24 + name_size).div_ceil(8) * 8;
-        p += (24 + extra + name_size).div_ceil(8) as usize * 8;
+        dir_bytes += (24 + b.name.len() as u64).div_ceil(8) * 8;
     }
     Ok(size + dir_bytes.div_ceil(cs) * cs)
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 
 mod compare;
+mod info;
 mod map;
 mod measure;
 mod progress;
@@ -282,8 +283,14 @@ enum Cmd {
         #[arg(short = 'f')]
         format: Option<String>,
         /// Output format: human or json.
-        #[arg(long = "output", default_value = "human")]
-        output: String,
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// Show every image of the backing chain (JSON: a list).
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
         /// Image file.
         file: PathBuf,
     },
@@ -672,24 +679,8 @@ fn create_image(
     }
 }
 
-fn human(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", units[u])
-    } else {
-        format!("{v:.3} {}", units[u])
-    }
-}
-
-fn disk_usage(path: &Path) -> u64 {
+/// Bytes the file takes on disk.
+pub(crate) fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
@@ -715,90 +706,6 @@ fn cmd_snapshot(file: &Path, fmt: Option<&str>, list: bool) -> Result<i32> {
     let snaps = qcow2::snapshot::read_snapshots(&raw, &h)?;
     if !snaps.is_empty() {
         print!("{}", text::snapshot_listing(&snaps));
-    }
-    Ok(0)
-}
-
-fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
-    let fmt = match fmt {
-        Some(f) => f.to_string(),
-        None => Format::probe(file)?.to_string(),
-    };
-    let raw = RawFile::open(
-        file,
-        RawOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
-    let actual = disk_usage(file);
-    let name = file.display().to_string();
-    let (vsize, q) = if fmt == "qcow2" {
-        let h = qcow2::read_header(&raw)?;
-        (h.size, Some(qcow2::info_from_header(&h)))
-    } else {
-        (raw.size(), None)
-    };
-    if output == "json" {
-        let mut v = serde_json::json!({
-            "virtual-size": vsize,
-            "filename": name,
-            "format": fmt,
-            "actual-size": actual,
-            "dirty-flag": q.as_ref().is_some_and(|i| i.dirty),
-        });
-        if let Some(i) = &q {
-            v["cluster-size"] = i.cluster_size.into();
-            let mut data = serde_json::json!({
-                "compat": if i.version == 3 { "1.1" } else { "0.10" },
-                "compression-type": i.compression_type.name(),
-                "refcount-bits": i.refcount_bits,
-            });
-            if i.version == 3 {
-                data["lazy-refcounts"] = i.lazy_refcounts.into();
-                data["corrupt"] = i.corrupt.into();
-                data["extended-l2"] = i.extended_l2.into();
-            }
-            v["format-specific"] = serde_json::json!({"type": "qcow2", "data": data});
-            if let Some(b) = &i.backing_file {
-                v["backing-filename"] = b.clone().into();
-            }
-            if let Some(b) = &i.backing_format {
-                v["backing-filename-format"] = b.clone().into();
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else {
-        println!("image: {name}");
-        println!("file format: {fmt}");
-        println!("virtual size: {} ({vsize} bytes)", human(vsize));
-        println!("disk size: {}", human(actual));
-        if let Some(i) = &q {
-            println!("cluster_size: {}", i.cluster_size);
-            if let Some(b) = &i.backing_file {
-                println!("backing file: {b}");
-            }
-            if let Some(b) = &i.backing_format {
-                println!("backing file format: {b}");
-            }
-            println!("Format specific information:");
-            println!(
-                "    compat: {}",
-                if i.version == 3 { "1.1" } else { "0.10" }
-            );
-            println!("    compression type: {}", i.compression_type);
-            if i.version == 3 {
-                println!("    lazy refcounts: {}", i.lazy_refcounts);
-            }
-            println!("    refcount bits: {}", i.refcount_bits);
-            if i.version == 3 {
-                println!("    corrupt: {}", i.corrupt);
-                println!("    extended l2: false");
-            }
-            if i.dirty {
-                println!("    dirty: true");
-            }
-        }
     }
     Ok(0)
 }
@@ -1213,8 +1120,16 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Info {
             format,
             output,
+            backing_chain,
+            allow_probed_backing,
             file,
-        } => cmd_info(&file, format.as_deref(), &output),
+        } => info::cmd_info(
+            &file,
+            format.as_deref(),
+            output,
+            backing_chain,
+            allow_probed_backing,
+        ),
         Cmd::Compare {
             format1,
             format2,

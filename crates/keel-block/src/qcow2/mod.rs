@@ -16,6 +16,7 @@
 
 mod backend;
 pub mod backing;
+pub mod bitmaps;
 pub mod check;
 pub mod compress;
 mod create;
