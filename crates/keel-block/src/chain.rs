@@ -27,7 +27,7 @@ pub struct Layer {
 
 enum LayerImage {
     Raw(RawFile),
-    Qcow2(Qcow2<RawFile>),
+    Qcow2(Box<Qcow2<RawFile>>),
 }
 
 impl Layer {
@@ -83,7 +83,7 @@ impl Layer {
     pub fn backend(&self) -> &dyn BlockBackend {
         match &self.image {
             LayerImage::Raw(r) => r,
-            LayerImage::Qcow2(q) => q,
+            LayerImage::Qcow2(q) => &**q,
         }
     }
 }
@@ -206,7 +206,7 @@ impl Chain {
                         },
                     )?;
                     recurse = recurses(&p, &q)?;
-                    LayerImage::Qcow2(q)
+                    LayerImage::Qcow2(Box::new(q))
                 }
             };
             layers.push(Layer {
@@ -428,7 +428,7 @@ fn recurses(path: &Path, q: &Qcow2<RawFile>) -> Result<bool> {
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
     let end_cluster = f.size().div_ceil(cs);
     let order = h.refcount_order;
-    let per_block = cs * 8 >> order;
+    let per_block = (cs * 8) >> order;
     let rt_len = h.refcount_table_clusters as u64 * cs;
     let mut rt = vec![0u8; rt_len as usize];
     f.read_at(&mut rt, h.refcount_table_offset)?;

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod buf;
 pub mod chain;
 pub mod compare;
+pub mod convert;
 pub mod error;
 pub mod image;
 pub mod iov;

@@ -2,7 +2,6 @@
 #![deny(missing_docs)]
 
 use std::fs::OpenOptions;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -17,9 +16,11 @@ mod progress;
 mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
+use keel_block::convert::{convert, Destination};
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::qcow2::{self, CompressionType, CreateOptions, Fix, Qcow2Options};
-use keel_block::{BlockBackend, CacheMode, RawFile, RawOptions};
+use keel_block::{CacheMode, RawFile, RawOptions};
+use progress::Progress;
 
 /// keel-img's errors: the library's, and the command line's own.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,7 @@ enum Usage {
     MeasureSizeAndFile,
     MeasureNeedsInput,
     ConvertBackingNeedsQcow2,
+    CompressWithBacking,
 }
 
 impl std::fmt::Display for Usage {
@@ -127,6 +129,9 @@ impl std::fmt::Display for Usage {
                 f.write_str("Either --size N or one filename must be specified.")
             }
             Usage::ConvertBackingNeedsQcow2 => f.write_str("-B needs -O qcow2"),
+            Usage::CompressWithBacking => {
+                f.write_str("-c and -B together are not supported")
+            }
             Usage::SizeRequired => {
                 f.write_str("an image size is required (or -b to take the backing file's)")
             }
@@ -400,6 +405,14 @@ enum Cmd {
         /// Output cache mode.
         #[arg(short = 't', default_value = "writeback")]
         cache: String,
+        /// Make the output an overlay of this backing file (stored as given: a
+        /// relative name is resolved against the output's directory) holding only
+        /// what differs from it; needs -F.
+        #[arg(short = 'B')]
+        backing: Option<String>,
+        /// Format of the -B backing file (raw or qcow2).
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
         /// Cache sizes of the qcow2 images (input and output).
         #[command(flatten)]
         sizes: CacheSizes,
@@ -818,21 +831,30 @@ fn check_exit_code(r: &qcow2::CheckReport) -> i32 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cmd_convert(
-    input: &Path,
-    ifmt: Option<&str>,
-    output: &Path,
-    ofmt: &str,
-    opts: Option<&str>,
+/// Options of `convert`.
+struct ConvertArgs<'a> {
+    input: &'a Path,
+    input_format: Option<&'a str>,
+    output: &'a Path,
+    output_format: &'a str,
+    options: Option<&'a str>,
     compress: bool,
     cache: CacheMode,
     sizes: CacheSizes,
     progress: bool,
-) -> Result<i32> {
-    let ifmt = image_format(input, ifmt)?;
+    /// `-B NAME` and `-F FMT`: the output's backing file, stored as given.
+    backing: Option<(&'a str, Format)>,
+}
+
+fn cmd_convert(a: &ConvertArgs<'_>) -> Result<i32> {
+    let ifmt = image_format(a.input, a.input_format)?;
+    let ofmt = a.output_format;
+    let sizes = a.sizes;
     if sizes.is_set() && ifmt != "qcow2" && ofmt != "qcow2" {
         return Err(Usage::CacheSizesNeedQcow2Image.into());
+    }
+    if a.backing.is_some() && ofmt != "qcow2" {
+        return Err(Usage::ConvertBackingNeedsQcow2.into());
     }
     let for_fmt = |f: &str| {
         if f == "qcow2" {
@@ -842,63 +864,33 @@ fn cmd_convert(
         }
     };
     let src = open_image(
-        input,
+        a.input,
         Some(&ifmt),
         CacheMode::Writeback,
         true,
         for_fmt(&ifmt),
     )?;
     let size = src.backend().size();
-    create_image(output, ofmt, opts, size, None)?;
-    let dst = open_image(output, Some(ofmt), cache, false, for_fmt(ofmt))?;
-    let compressed = match (&dst, compress) {
-        (Image::Qcow2(q), true) => Some(q.clone()),
-        (_, false) => None,
-        (_, true) => return Err(Usage::CompressNeedsQcow2.into()),
+    create_image(a.output, ofmt, a.options, size, a.backing)?;
+    let dst = open_image(a.output, Some(ofmt), a.cache, false, for_fmt(ofmt))?;
+    let dest = match (&dst, a.compress, a.backing.is_some()) {
+        (_, true, true) => return Err(Usage::CompressWithBacking.into()),
+        (Image::Qcow2(q), true, false) => Destination::Compressed(q),
+        (_, true, false) => return Err(Usage::CompressNeedsQcow2.into()),
+        (Image::Qcow2(q), false, true) => match q.backing() {
+            Some(b) => Destination::Overlay {
+                image: &**q,
+                backing: &**b,
+                granularity: q.cluster_size(),
+            },
+            None => Destination::Plain(dst.backend()),
+        },
+        (_, false, _) => Destination::Plain(dst.backend()),
     };
-    // Compressed writes take whole clusters.
-    let chunk: u64 = match &compressed {
-        Some(q) => q.cluster_size().max(64 << 10),
-        None => 2 << 20,
-    };
-    let mut buf = AlignedBuf::new(chunk as usize, 4096);
-    let mut pos = 0;
-    let mut last_pct = -1.0f64;
-    let show = |pct: f64| {
-        print!("    ({pct:.2}/100%)\r");
-        let _ = std::io::stdout().flush();
-    };
-    if progress {
-        show(0.0);
-    }
-    while pos < size {
-        let n = (size - pos).min(chunk) as usize;
-        let b = &mut buf.as_mut_slice()[..n];
-        src.backend().read_at(b, pos)?;
-        match &compressed {
-            Some(q) => {
-                let cs = q.cluster_size() as usize;
-                for (k, c) in b.chunks(cs).enumerate() {
-                    if c.iter().any(|&x| x != 0) {
-                        q.write_compressed(pos + (k * cs) as u64, c)?;
-                    }
-                }
-            }
-            None if b.iter().any(|&x| x != 0) => dst.backend().write_at(b, pos)?,
-            None => {}
-        }
-        pos += n as u64;
-        if progress {
-            let pct = (pos as f64 * 100.0 / size as f64 * 100.0).floor() / 100.0;
-            if pct - last_pct >= 1.0 || pos == size {
-                show(pct);
-                last_pct = pct;
-            }
-        }
-    }
-    if progress {
-        show(100.0);
-        println!();
+    let mut progress = Progress::new(a.progress);
+    convert(src.backend(), dest, &mut |f| progress.update(f))?;
+    if a.progress {
+        progress.finish();
     }
     dst.close()?;
     Ok(0)
@@ -1194,20 +1186,31 @@ fn run(cli: Cli) -> Result<i32> {
             options,
             compress,
             cache,
+            backing,
+            backing_format,
             sizes,
             input,
             output,
-        } => cmd_convert(
-            &input,
-            input_format.as_deref(),
-            &output,
-            &output_format,
-            options.as_deref(),
-            compress,
-            cache.parse()?,
-            sizes,
-            progress,
-        ),
+        } => {
+            let backing = match (&backing, &backing_format) {
+                (Some(b), Some(f)) => Some((b.as_str(), f.parse::<Format>()?)),
+                (None, None) => None,
+                (Some(_), None) => return Err(Usage::BackingNeedsFormat.into()),
+                (None, Some(_)) => return Err(Usage::FormatNeedsBacking.into()),
+            };
+            cmd_convert(&ConvertArgs {
+                input: &input,
+                input_format: input_format.as_deref(),
+                output: &output,
+                output_format: &output_format,
+                options: options.as_deref(),
+                compress,
+                cache: cache.parse()?,
+                sizes,
+                progress,
+                backing,
+            })
+        }
         Cmd::Bench {
             count,
             depth,

@@ -12,7 +12,7 @@ pub(crate) struct Progress {
 impl Progress {
     /// Starts a progress line, printing 0.00 when `on`.
     pub(crate) fn new(on: bool) -> Progress {
-        let p = Progress { on, last: 0.0 };
+        let p = Progress { on, last: -1.0 };
         p.show(0.0);
         p
     }
