@@ -332,7 +332,7 @@ impl Chain {
                             ..Default::default()
                         },
                     ),
-                    Allocation::Unallocated => {
+                    Allocation::Unallocated { host } => {
                         // Zeroes without a backing file, and past the backing file's end.
                         let zero = match self.layers.get(d + 1) {
                             None => true,
@@ -342,6 +342,7 @@ impl Chain {
                             run,
                             Flags {
                                 zero,
+                                offset: host,
                                 ..Default::default()
                             },
                         )
@@ -372,6 +373,9 @@ fn window_run(q: &Qcow2<RawFile>, w: &mut Window, pos: u64, n: u64) -> Result<(u
             let a = match a {
                 Allocation::Data(h) => Allocation::Data(h + skip),
                 Allocation::Zero { host } => Allocation::Zero {
+                    host: host.map(|h| h + skip),
+                },
+                Allocation::Unallocated { host } => Allocation::Unallocated {
                     host: host.map(|h| h + skip),
                 },
                 a => a,

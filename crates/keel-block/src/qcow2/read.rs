@@ -15,7 +15,12 @@ use crate::mapping::{push_extent, Extent, ExtentKind, Mapping};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allocation {
     /// Not allocated here: reads from the backing file, or as zeroes without one.
-    Unallocated,
+    /// `host` is where the range would be stored when its cluster is allocated but
+    /// not this subcluster (extended L2 entries).
+    Unallocated {
+        /// Host offset of the range in its allocated cluster.
+        host: Option<u64>,
+    },
     /// Reads as zeroes; `host` is the preallocated host cluster an allocated zero
     /// cluster keeps.
     Zero {
@@ -44,7 +49,7 @@ impl<F: BlockBackend> Qcow2<F> {
     /// let img = Qcow2::open(file, Qcow2Options::default())?;
     /// img.write_at(&[1; 4096], 65536)?;
     /// let runs = img.allocation(0, 1 << 20)?;
-    /// assert_eq!(runs[0], (65536, Allocation::Unallocated));
+    /// assert_eq!(runs[0], (65536, Allocation::Unallocated { host: None }));
     /// assert!(matches!(runs[1], (65536, Allocation::Data(_))));
     /// # Ok::<(), keel_block::Error>(())
     /// ```
@@ -58,9 +63,11 @@ impl<F: BlockBackend> Qcow2<F> {
             if let Some((ln, la)) = out.last_mut() {
                 let merge = match (*la, a) {
                     (Allocation::Data(h), Allocation::Data(k)) => h + *ln == k,
-                    (Allocation::Zero { host: Some(h) }, Allocation::Zero { host: Some(k) }) => {
-                        h + *ln == k
-                    }
+                    (Allocation::Zero { host: Some(h) }, Allocation::Zero { host: Some(k) })
+                    | (
+                        Allocation::Unallocated { host: Some(h) },
+                        Allocation::Unallocated { host: Some(k) },
+                    ) => h + *ln == k,
                     (x, y) => x == y,
                 };
                 if merge {
@@ -76,13 +83,13 @@ impl<F: BlockBackend> Qcow2<F> {
             let in_off = pos & (cs - 1);
             let n = (cs - in_off).min(end - pos);
             let Some(slot) = m.l2_for_read(f, pos)? else {
-                push(n, Allocation::Unallocated);
+                push(n, Allocation::Unallocated { host: None });
                 pos += n;
                 continue;
             };
             let (_, e, bitmap, st) = m.l2_entry(f, slot, pos)?;
             match st {
-                L2State::Unallocated if !m.ext => push(n, Allocation::Unallocated),
+                L2State::Unallocated if !m.ext => push(n, Allocation::Unallocated { host: None }),
                 L2State::Zero(h) => push(
                     n,
                     Allocation::Zero {
@@ -92,6 +99,7 @@ impl<F: BlockBackend> Qcow2<F> {
                 L2State::Normal(h) if !m.ext => push(n, Allocation::Data(h + in_off)),
                 L2State::Unallocated | L2State::Normal(_) => {
                     let h = e & OFFSET_MASK;
+                    let host = |p: u64| (h != 0).then_some(h + p);
                     let sc = cs / 32;
                     let mut p = in_off;
                     while p < in_off + n {
@@ -100,9 +108,9 @@ impl<F: BlockBackend> Qcow2<F> {
                         let a = if bitmap & (1 << i) != 0 {
                             Allocation::Data(h + p)
                         } else if bitmap & (1 << (32 + i)) != 0 {
-                            Allocation::Zero { host: None }
+                            Allocation::Zero { host: host(p) }
                         } else {
-                            Allocation::Unallocated
+                            Allocation::Unallocated { host: host(p) }
                         };
                         push(k, a);
                         p += k;
