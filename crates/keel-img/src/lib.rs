@@ -1329,7 +1329,8 @@ where
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(e.exit_code() as u8);
+            // --help and --version exit 0; a bad command line exits 1, as qemu-img's.
+            return ExitCode::from(u8::from(e.use_stderr()));
         }
     };
     match run(cli) {

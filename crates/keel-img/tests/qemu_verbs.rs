@@ -282,8 +282,12 @@ fn map_reports_what_qemu_img_map_reports() {
         .map(|e| e["depth"].as_u64().unwrap())
         .collect();
     assert_eq!(depths.into_iter().collect::<Vec<_>>(), [0, 1, 2], "{v}");
-    // Errors: both exit 1.
+    // Errors: both exit 1, bad command lines too.
     same(&["map", p(&dir.path().join("missing.qcow2"))]);
+    same(&["map"]);
+    same(&["map", "--bogus", p(top)]);
+    same(&["compare", p(top)]);
+    same(&["info"]);
     same(&["map", "-f", "qcow2", p(&imgs[0].path)]);
 }
 
