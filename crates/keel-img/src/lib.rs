@@ -284,6 +284,10 @@ enum Cmd {
     },
     /// Show information about an image.
     Info {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Format (probed if omitted).
         #[arg(short = 'f')]
         format: Option<String>,
@@ -301,6 +305,10 @@ enum Cmd {
     },
     /// Show where each range of the image is stored, through its backing chain.
     Map {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Output format: human or json.
         #[arg(long = "output", value_enum, default_value = "human")]
         output: OutputFormat,
@@ -321,6 +329,10 @@ enum Cmd {
     },
     /// Compare two images: exit 0 identical, 1 different, 2 error.
     Compare {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Format of the first image (probed if omitted).
         #[arg(short = 'f')]
         format1: Option<String>,
@@ -346,6 +358,10 @@ enum Cmd {
     },
     /// The file size a new image needs, for a size or for a copy of an image.
     Measure {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Output format: human or json.
         #[arg(long = "output", value_enum, default_value = "human")]
         output: OutputFormat,
@@ -1110,6 +1126,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Info {
+            force_share: _,
             format,
             output,
             backing_chain,
@@ -1123,6 +1140,7 @@ fn run(cli: Cli) -> Result<i32> {
             allow_probed_backing,
         ),
         Cmd::Compare {
+            force_share: _,
             format1,
             format2,
             strict,
@@ -1140,6 +1158,7 @@ fn run(cli: Cli) -> Result<i32> {
             allow_probed_backing,
         }),
         Cmd::Measure {
+            force_share: _,
             output,
             out_format,
             options,
@@ -1157,6 +1176,7 @@ fn run(cli: Cli) -> Result<i32> {
             allow_probed_backing,
         }),
         Cmd::Map {
+            force_share: _,
             output,
             start_offset,
             max_length,

@@ -257,6 +257,7 @@ fn map_reports_what_qemu_img_map_reports() {
         same(&["map", "--output=json", "-f", i.fmt, f]);
         same(&["map", "-f", i.fmt, f]);
         same(&["map", "--output=human", f]);
+        same(&["map", "-U", "--output=json", f]);
         for (start, len) in [("0", "1"), ("70000", "100000"), ("1M", "2M"), ("3M", "0")] {
             same(&[
                 "map",
@@ -351,6 +352,7 @@ fn measure_gives_qemu_img_sizes() {
     }
     // Errors: both exit 1.
     same(&["measure"]);
+    same(&["measure", "-U", "-O", "qcow2", p(&imgs[2].path)]);
     same(&["measure", "--size", "1G", p(&imgs[0].path)]);
     same(&["measure", p(&dir.path().join("missing.raw"))]);
 }
@@ -470,6 +472,7 @@ fn info_backing_chain_matches_qemu_img_info() {
         same_json(&["info", "--output=json", p(path)]);
         same(&["info", "--backing-chain", p(path)]);
         same(&["info", p(path)]);
+        same(&["info", "--force-share", "--backing-chain", p(path)]);
     }
     let top = &imgs.iter().find(|i| i.name == "chain top").unwrap().path;
     let v = same_json(&["info", "--output=json", "--backing-chain", p(top)]);
