@@ -5,11 +5,12 @@ use std::path::Path;
 
 use keel_block::chain::Chain;
 use keel_block::qcow2::bitmaps::Bitmap;
+use keel_block::qcow2::snapshot::Snapshot;
 use keel_block::qcow2::{self, backing, ImageInfo};
 use keel_block::{BlockBackend, Format, RawFile, RawOptions};
 use serde_json::{json, Value};
 
-use crate::text::size_str;
+use crate::text::{size_str, snapshot_listing};
 use crate::{disk_usage, image_format, qcow2_options, CliError, OutputFormat, Result};
 
 /// Runs `info`.
@@ -81,13 +82,16 @@ fn describe(file: &Path, format: Format) -> Result<(Value, String)> {
     let file_len = raw.size();
     // QEMU counts files in whole 512-byte sectors.
     let file_len = file_len.div_ceil(512) * 512;
-    let (vsize, q, hdr, bitmaps) = match format {
+    let (vsize, q, hdr, extra) = match format {
         Format::Qcow2 => {
             let h = qcow2::read_header(&raw)?;
-            let b = qcow2::bitmaps::bitmaps(&raw, &h)?;
-            (h.size, Some(qcow2::info_from_header(&h)), Some(h), b)
+            let extra = Qcow2Extra {
+                bitmaps: qcow2::bitmaps::bitmaps(&raw, &h)?,
+                snapshots: qcow2::snapshot::read_snapshots(&raw, &h)?,
+            };
+            (h.size, Some(qcow2::info_from_header(&h)), Some(h), extra)
         }
-        _ => (file_len, None, None, Vec::new()),
+        _ => (file_len, None, None, Qcow2Extra::default()),
     };
     let full_backing = hdr
         .as_ref()
@@ -118,7 +122,7 @@ fn describe(file: &Path, format: Format) -> Result<(Value, String)> {
     s += &format!("virtual size: {} ({vsize} bytes)\n", size_str(vsize));
     s += &format!("disk size: {}\n", size_str(actual));
     if let Some(i) = &q {
-        qcow2_fields(&mut v, &mut s, i, full_backing.as_deref(), &bitmaps);
+        qcow2_fields(&mut v, &mut s, i, full_backing.as_deref(), &extra);
     }
     s += "Child node '/file':\n";
     s += &format!("    filename: {name}\n");
@@ -132,13 +136,21 @@ fn describe(file: &Path, format: Format) -> Result<(Value, String)> {
 }
 
 /// The qcow2-specific fields, JSON and human.
+/// What a qcow2 image's info shows beyond its header.
+#[derive(Default)]
+struct Qcow2Extra {
+    bitmaps: Vec<Bitmap>,
+    snapshots: Vec<Snapshot>,
+}
+
 fn qcow2_fields(
     v: &mut Value,
     s: &mut String,
     i: &ImageInfo,
     full_backing: Option<&str>,
-    bitmaps: &[Bitmap],
+    extra: &Qcow2Extra,
 ) {
+    let bitmaps = &extra.bitmaps;
     let compat = if i.version == 3 { "1.1" } else { "0.10" };
     v["cluster-size"] = i.cluster_size.into();
     let mut data = json!({
@@ -174,6 +186,10 @@ fn qcow2_fields(
         v["backing-filename-format"] = b.clone().into();
         *s += &format!("backing file format: {b}\n");
     }
+    if !extra.snapshots.is_empty() {
+        v["snapshots"] = extra.snapshots.iter().map(snapshot_json).collect();
+        *s += &snapshot_listing(&extra.snapshots);
+    }
     *s += "Format specific information:\n";
     *s += &format!("    compat: {compat}\n");
     *s += &format!("    compression type: {}\n", i.compression_type);
@@ -199,6 +215,23 @@ fn qcow2_fields(
     if i.dirty {
         *s += "    dirty: true\n";
     }
+}
+
+/// A snapshot as qemu-img info --output=json shows it.
+fn snapshot_json(sn: &Snapshot) -> Value {
+    let mut v = json!({
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+        "name": sn.name,
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec / 1_000_000_000,
+        "id": sn.id,
+        "vm-state-size": sn.vm_state_size,
+    });
+    if let Some(i) = sn.icount {
+        v["icount"] = i.into();
+    }
+    v
 }
 
 /// A bitmap's flags as qemu-img names them.

@@ -464,8 +464,15 @@ fn info_backing_chain_matches_qemu_img_info() {
     std::fs::copy(&imgs[1].path, &bm).unwrap();
     ok("qemu-img", &["bitmap", "--add", p(&bm), "b0"]);
     ok("qemu-img", &["bitmap", "--add", "--disable", p(&bm), "b1"]);
+    // Internal snapshots: listed in both forms.
+    let sn = dir.path().join("snapshots.qcow2");
+    std::fs::copy(&imgs[1].path, &sn).unwrap();
+    ok("qemu-img", &["snapshot", "-c", "first", p(&sn)]);
+    qemu_io("qcow2", &sn, &["write -P 9 0 64k"]);
+    ok("qemu-img", &["snapshot", "-c", "second", p(&sn)]);
     let mut paths: Vec<&Path> = imgs.iter().map(|i| i.path.as_path()).collect();
     paths.push(&bm);
+    paths.push(&sn);
     for path in paths {
         let v = same_json(&["info", "--output=json", "--backing-chain", p(path)]);
         assert!(v.is_array(), "{v}");
@@ -474,6 +481,8 @@ fn info_backing_chain_matches_qemu_img_info() {
         same(&["info", p(path)]);
         same(&["info", "--force-share", "--backing-chain", p(path)]);
     }
+    let v = same_json(&["info", "--output=json", p(&sn)]);
+    assert_eq!(v["snapshots"].as_array().map(Vec::len), Some(2), "{v}");
     let top = &imgs.iter().find(|i| i.name == "chain top").unwrap().path;
     let v = same_json(&["info", "--output=json", "--backing-chain", p(top)]);
     assert_eq!(v.as_array().unwrap().len(), 3, "{v}");
