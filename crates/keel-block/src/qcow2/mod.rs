@@ -19,6 +19,7 @@ pub mod backing;
 pub mod check;
 pub mod compress;
 mod create;
+pub mod edit;
 mod fuzz;
 pub mod header;
 pub mod inflight;
