@@ -99,6 +99,7 @@ impl Mapping {
     }
 
     /// Moves the extents out, keeping the pin.
+    #[cfg_attr(not(feature = "io_uring"), allow(dead_code))]
     pub(crate) fn take_extents(&mut self) -> Vec<Extent> {
         std::mem::take(&mut self.extents)
     }

@@ -24,7 +24,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use common::*;
-use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
+#[cfg(feature = "io_uring")]
+use keel_block::aio::UringQueue;
+use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::qcow2::{self, CreateOptions};
 use keel_block::{BlockBackend, CacheMode, Qcow2, Qcow2Options, RawFile, RawOptions};
@@ -41,6 +43,7 @@ type Img = Qcow2<RawFile>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Engine {
+    #[cfg(feature = "io_uring")]
     Uring,
     Threads,
 }
@@ -48,12 +51,14 @@ enum Engine {
 impl Engine {
     fn name(self) -> &'static str {
         match self {
+            #[cfg(feature = "io_uring")]
             Engine::Uring => "io_uring",
             Engine::Threads => "threads",
         }
     }
     fn queue(self, img: &std::sync::Arc<Img>) -> Box<dyn AioQueue<AlignedBuf>> {
         match self {
+            #[cfg(feature = "io_uring")]
             Engine::Uring => Box::new(UringQueue::new(img.clone(), 16).unwrap()),
             Engine::Threads => Box::new(ThreadQueue::new(img.clone(), 3).unwrap()),
         }
@@ -448,6 +453,7 @@ fn run_engine(engine: Engine, rounds: u64, ops: usize) {
     }
 }
 
+#[cfg(feature = "io_uring")]
 #[test]
 fn uring_never_reuses_clusters_with_io_in_flight() {
     run_engine(Engine::Uring, 10, 2000);

@@ -2,6 +2,7 @@
 //! whole block. It must be serialised against every write of that block, aligned ones
 //! included (synchronous, or in flight on io_uring): otherwise an aligned write that lands
 //! between its read and its write is undone outside the small write's range.
+#![cfg(feature = "io_uring")]
 
 use std::sync::{Arc, Barrier};
 

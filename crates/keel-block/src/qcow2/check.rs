@@ -59,17 +59,10 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    /// qemu-img's exit code: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
-    pub fn exit_code(&self) -> i32 {
-        if self.check_errors > 0 {
-            1
-        } else if self.corruptions > 0 {
-            2
-        } else if self.leaks > 0 {
-            3
-        } else {
-            0
-        }
+    /// Whether the check found nothing left to repair: no check errors, no
+    /// corruptions, no leaks.
+    pub fn is_clean(&self) -> bool {
+        self.check_errors == 0 && self.corruptions == 0 && self.leaks == 0
     }
 }
 
@@ -709,7 +702,7 @@ pub fn check(f: &dyn BlockBackend, fix: Fix) -> Result<CheckReport> {
     let wf = Walk::run(f)?;
     let fdf = compare(&wf)?;
     let mut after = finish(CheckReport::default(), &wf, &fdf, true);
-    if fix == Fix::All && after.exit_code() == 0 {
+    if fix == Fix::All && after.is_clean() {
         let mut h = wf.h.clone();
         if h.version >= 3 && h.incompatible_features & (INCOMPAT_CORRUPT | INCOMPAT_DIRTY) != 0 {
             h.incompatible_features &= !(INCOMPAT_CORRUPT | INCOMPAT_DIRTY);

@@ -1,5 +1,5 @@
-//! `keel-img`: create, inspect, check, convert and benchmark raw and qcow2
-//! images, with the command-line conventions of `qemu-img` and `qemu-io`.
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+
+mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::image::{Format, Image, ImageOptions};
@@ -600,7 +602,7 @@ fn cmd_snapshot(file: &Path, fmt: Option<&str>, list: bool) -> Result<i32> {
     let h = qcow2::read_header(&raw)?;
     let snaps = qcow2::snapshot::read_snapshots(&raw, &h)?;
     if !snaps.is_empty() {
-        print!("{}", qcow2::snapshot::listing(&snaps));
+        print!("{}", text::snapshot_listing(&snaps));
     }
     Ok(0)
 }
@@ -719,6 +721,7 @@ fn cmd_check(
         },
     )?;
     let r = qcow2::check(&f, fix)?;
+    let code = check_exit_code(&r);
     if output == "json" {
         let mut v = serde_json::json!({
             "image-end-offset": r.image_end_offset,
@@ -767,7 +770,7 @@ fn cmd_check(
                 r.leaks
             );
         }
-        if r.exit_code() == 0 {
+        if code == 0 {
             println!("No errors were found on the image.");
         }
         if r.total_clusters > 0 {
@@ -780,7 +783,20 @@ fn cmd_check(
         }
         println!("Image end offset: {}", r.image_end_offset);
     }
-    Ok(r.exit_code())
+    Ok(code)
+}
+
+/// qemu-img check's exit code: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
+fn check_exit_code(r: &qcow2::CheckReport) -> i32 {
+    if r.check_errors > 0 {
+        1
+    } else if r.corruptions > 0 {
+        2
+    } else if r.leaks > 0 {
+        3
+    } else {
+        0
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1222,8 +1238,21 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Runs keel-img with a command line (`args[0]` is the program name), printing
+/// to stdout and stderr as the `keel-img` binary does, and returns its exit
+/// status.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
     match run(cli) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {

@@ -1,0 +1,573 @@
+//! The io_uring engine ([`UringQueue`]), behind the default `io_uring` feature.
+
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::Permissions;
+
+use super::{run_sync, AioOp, AioQueue, AioRequest, Bounce, Completion, Payload};
+use crate::backend::BlockBackend;
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+use crate::mapping::{Extent, ExtentKind, MapExtents, Mapping};
+use crate::qcow2::Qcow2;
+use crate::raw::{RawFile, WriteGuard};
+
+/// A backend whose data lives in one file descriptor that io_uring can
+/// address directly.
+pub trait UringTarget: BlockBackend {
+    /// The descriptor data transfers go to.
+    fn data_fd(&self) -> RawFd;
+    /// Required alignment of offsets, lengths and buffers for `data_fd`.
+    fn data_alignment(&self) -> u64;
+    /// The raw file behind [`UringTarget::data_fd`], if it is one: writes in flight hold
+    /// their ranges of it, so that its read-modify-writes of partial blocks (`O_DIRECT`)
+    /// wait for them. Targets that return `None` (the default) get no such ordering.
+    fn data_file(&self) -> Option<&RawFile> {
+        None
+    }
+    /// Maps a device range to host extents, allocating for writes. The
+    /// queue keeps the returned [`Mapping`] until every transfer to its
+    /// extents has completed, so implementations whose host offsets can
+    /// change owner must pin them in it (as [`Qcow2`] does).
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping>;
+}
+
+impl UringTarget for RawFile {
+    fn data_fd(&self) -> RawFd {
+        self.fd()
+    }
+    fn data_file(&self) -> Option<&RawFile> {
+        Some(self)
+    }
+    fn data_alignment(&self) -> u64 {
+        self.limits().request_alignment as u64
+    }
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping> {
+        if write && self.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        crate::backend::check_range(offset, len, self.size())?;
+        Ok(Mapping::unpinned(vec![Extent {
+            len,
+            kind: ExtentKind::Data(offset),
+        }]))
+    }
+}
+
+impl UringTarget for Qcow2<RawFile> {
+    fn data_fd(&self) -> RawFd {
+        self.file().fd()
+    }
+    fn data_file(&self) -> Option<&RawFile> {
+        Some(self.file())
+    }
+    fn data_alignment(&self) -> u64 {
+        let a = self.file().limits().request_alignment as u64;
+        if self.cluster_size() < a {
+            // A data cluster may share an aligned block of the file with metadata, which
+            // the image writes (read-modify-write) under its metadata lock: a transfer
+            // in flight there would have that wait for this queue while this queue waits
+            // for the lock. No request meets this alignment: all are served inline.
+            u64::MAX
+        } else {
+            a
+        }
+    }
+    fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping> {
+        if write {
+            self.map_write(offset, len)
+        } else {
+            self.map_read(offset, len)
+        }
+    }
+}
+
+/// A request whose transfers are in flight.
+struct Parent<B> {
+    user_data: u64,
+    remaining: usize,
+    error: Option<Error>,
+    write: bool,
+    /// The memory the transfers use: owned here until every one has completed.
+    buf: B,
+    /// Pins the host clusters until every piece has completed.
+    _mapping: Mapping,
+    /// For writes, holds the file ranges written until every piece has completed.
+    _writing: Option<WriteGuard>,
+}
+
+/// One transfer between a contiguous piece of a request's buffer and the file.
+struct Piece {
+    parent: usize,
+    write: bool,
+    fd: RawFd,
+    /// Address of the piece's memory, from the buffer's volatile slice; the parent owns
+    /// the buffer, which keeps it valid.
+    addr: *mut u8,
+    len: usize,
+    /// Byte offset in the file.
+    offset: u64,
+    /// Byte offset in the parent's buffer.
+    pos: usize,
+}
+
+/// How [`UringQueue`] serves a data request.
+pub(super) enum Plan {
+    /// Synchronously, through the backend's own read and write paths.
+    Inline,
+    /// It fails at once.
+    Fail(Error),
+    /// Transfers between these pieces of the buffer and the file, with the mapping
+    /// that pins their host extents.
+    Direct {
+        pieces: Vec<(*mut u8, usize, u64, usize)>,
+        mapping: Mapping,
+    },
+}
+
+/// Transfers (io_uring entries) one request may hold in flight; a request whose buffer
+/// and mapping would need more is served inline, through a bounded bounce buffer.
+pub(super) const MAX_PIECES: usize = 1024;
+
+/// Largest transfer one io_uring entry carries (a longer piece completes short and the
+/// rest is resubmitted).
+const MAX_ENTRY: usize = 1 << 30;
+
+/// An io_uring engine for one device queue.
+pub struct UringQueue<T: UringTarget, B: IoBuf> {
+    ring: IoUring,
+    target: Arc<T>,
+    parents: Vec<Option<Parent<B>>>,
+    free_parents: Vec<usize>,
+    pieces: Vec<Option<Piece>>,
+    free_pieces: Vec<usize>,
+    unsubmitted: usize,
+    in_flight: usize,
+    done: Vec<Completion<B>>,
+    bounce: Bounce,
+}
+
+impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
+    /// A queue with room for `depth` requests in flight.
+    pub fn new(target: Arc<T>, depth: u32) -> Result<Self> {
+        let ring = IoUring::new(depth.next_power_of_two().max(8) * 2)
+            .map_err(|e| Error::io("setting up io_uring", e))?;
+        Ok(UringQueue {
+            ring,
+            target,
+            parents: Vec::new(),
+            free_parents: Vec::new(),
+            pieces: Vec::new(),
+            free_pieces: Vec::new(),
+            unsubmitted: 0,
+            in_flight: 0,
+            done: Vec::new(),
+            bounce: Bounce::default(),
+        })
+    }
+
+    /// Serves a request synchronously.
+    fn inline(&mut self, mut req: AioRequest<B>) {
+        // A write served here may be a read-modify-write of partial blocks, which waits
+        // for the writes in flight to its blocks; this queue's own complete only when it
+        // reaps them, so it first lets them complete.
+        let rmw_possible = matches!(req.op(), AioOp::Write | AioOp::WriteZeroes { .. })
+            && self.target.data_alignment() > 1;
+        if rmw_possible {
+            if let Err(e) = self.drain() {
+                self.done.push(req.complete(Err(e)));
+                return;
+            }
+        }
+        let result = run_sync(&*self.target, &mut req, &mut self.bounce);
+        self.done.push(req.complete(result));
+    }
+
+    /// Waits until every transfer this queue has in flight has completed (their
+    /// completions are kept for [`AioQueue::wait`]).
+    fn drain(&mut self) -> Result<()> {
+        loop {
+            self.reap();
+            if self.in_flight == 0 {
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.unsubmitted = 0,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("waiting for io_uring", e)),
+            }
+        }
+    }
+
+    /// Decides how to serve a transfer of `buf` at `offset`; zeroes the parts of a read
+    /// that map to no data.
+    pub(super) fn plan(&self, write: bool, offset: u64, buf: &mut B) -> Plan {
+        let access = if write {
+            Permissions::Read
+        } else {
+            Permissions::Write
+        };
+        let mut iov = match buf.slices(access) {
+            Ok(iov) => iov,
+            Err(e) => return Plan::Fail(e),
+        };
+        let a = self.target.data_alignment();
+        let aligned = a <= 1
+            || (offset % a == 0
+                && iov.len() as u64 % a == 0
+                && iov
+                    .iter()
+                    .all(|s| s.len() as u64 % a == 0 && s.ptr_guard().as_ptr() as u64 % a == 0));
+        // Misaligned, or more pieces than a request may hold in flight.
+        if !aligned || iov.segments().len() > MAX_PIECES {
+            return Plan::Inline;
+        }
+        // The mapping pins the host clusters until the parent completes.
+        let mut mapping = match self.target.map(write, offset, iov.len() as u64) {
+            Ok(m) => m,
+            Err(e) => return Plan::Fail(e),
+        };
+        // Backing-file and compressed data go through the driver's own read
+        // path (another image, or decompression), inline like metadata ops.
+        let direct = mapping
+            .extents()
+            .iter()
+            .all(|e| !matches!(e.kind, ExtentKind::Backing | ExtentKind::Compressed { .. }));
+        if !direct {
+            return Plan::Inline;
+        }
+        let mut pieces = Vec::new();
+        let mut pos = 0usize;
+        for e in mapping.take_extents() {
+            let n = e.len as usize;
+            match e.kind {
+                ExtentKind::Data(host) => {
+                    let mut at = 0usize;
+                    for s in iov.range(pos, n) {
+                        if pieces.len() == MAX_PIECES {
+                            // Mapped in too many pieces (a fragmented image).
+                            return Plan::Inline;
+                        }
+                        let addr = s.ptr_guard_mut().as_ptr();
+                        pieces.push((addr, s.len(), host + at as u64, pos + at));
+                        at += s.len();
+                    }
+                }
+                // Only reads map to these.
+                ExtentKind::Zero | ExtentKind::Unallocated => iov.fill_zero(pos, n),
+                // Served inline above; never reached.
+                ExtentKind::Backing | ExtentKind::Compressed { .. } => {}
+            }
+            pos += n;
+        }
+        Plan::Direct { pieces, mapping }
+    }
+
+    /// Queues one transfer. On failure the piece is not queued (and its
+    /// parent is not charged for it).
+    fn push_piece(&mut self, p: Piece) -> Result<()> {
+        let idx = match self.free_pieces.pop() {
+            Some(i) => i,
+            None => {
+                self.pieces.push(None);
+                self.pieces.len() - 1
+            }
+        };
+        let len = p.len.min(MAX_ENTRY) as u32;
+        let entry = if p.write {
+            opcode::Write::new(types::Fd(p.fd), p.addr, len)
+                .offset(p.offset)
+                .build()
+        } else {
+            opcode::Read::new(types::Fd(p.fd), p.addr, len)
+                .offset(p.offset)
+                .build()
+        }
+        .user_data(idx as u64);
+        loop {
+            // SAFETY: the entry's memory is `len` bytes of the parent's buffer, which the
+            // parent owns until this piece's completion has been reaped (the IoBuf
+            // contract keeps it valid that long, wherever the buffer moves); the kernel
+            // is the only one to access it through this address.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            if let Err(e) = self.ring.submit() {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.free_pieces.push(idx);
+                return Err(Error::io("submitting to io_uring", e));
+            }
+            self.unsubmitted = 0;
+        }
+        self.pieces[idx] = Some(p);
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    fn finish_piece(&mut self, parent: usize, err: Option<Error>) {
+        let done = match self.parents[parent].as_mut() {
+            Some(p) => {
+                if p.error.is_none() {
+                    p.error = err;
+                }
+                p.remaining -= 1;
+                p.remaining == 0
+            }
+            None => false,
+        };
+        if done {
+            // Dropping the parent drops its Mapping: every transfer is done,
+            // so its host clusters may be reused.
+            if let Some(mut p) = self.parents[parent].take() {
+                self.free_parents.push(parent);
+                self.in_flight -= 1;
+                if !p.write {
+                    // The kernel wrote into the buffer behind the bitmap's back.
+                    mark_dirty(&mut p.buf);
+                }
+                self.done.push(Completion {
+                    user_data: p.user_data,
+                    result: match p.error {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    },
+                    buf: Some(p.buf),
+                });
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (ud, res) in cqes {
+            let idx = ud as usize;
+            let Some(mut p) = self.pieces.get_mut(idx).and_then(|s| s.take()) else {
+                continue;
+            };
+            self.free_pieces.push(idx);
+            let parent = p.parent;
+            if res < 0 {
+                let what = if p.write {
+                    "writing (io_uring)"
+                } else {
+                    "reading (io_uring)"
+                };
+                let e = Error::io(what, std::io::Error::from_raw_os_error(-res));
+                self.finish_piece(parent, Some(e));
+                continue;
+            }
+            let n = res as usize;
+            if n < p.len {
+                if n == 0 && !p.write {
+                    // End of file: the rest reads as zeroes.
+                    let zeroed = match self.parents.get_mut(parent).and_then(|s| s.as_mut()) {
+                        Some(par) => par
+                            .buf
+                            .slices(Permissions::Write)
+                            .map(|mut iov| iov.fill_zero(p.pos, p.len)),
+                        None => Ok(()),
+                    };
+                    self.finish_piece(parent, zeroed.err());
+                    continue;
+                } else if n == 0 {
+                    let e = Error::io(
+                        "writing (io_uring)",
+                        std::io::Error::from(std::io::ErrorKind::WriteZero),
+                    );
+                    self.finish_piece(parent, Some(e));
+                    continue;
+                } else {
+                    // Short transfer: resubmit the remainder (n < len, so the address
+                    // stays inside the piece).
+                    p.addr = p.addr.wrapping_add(n);
+                    p.len -= n;
+                    p.pos += n;
+                    p.offset += n as u64;
+                    if let Err(e) = self.push_piece(p) {
+                        self.finish_piece(parent, Some(e));
+                    }
+                    continue;
+                }
+            }
+            self.finish_piece(parent, None);
+        }
+    }
+}
+
+/// Marks the whole of `buf` dirty in its memory's bitmap (a no-op without one).
+fn mark_dirty<B: IoBuf>(buf: &mut B) {
+    if let Ok(iov) = buf.slices(Permissions::Write) {
+        for s in &iov {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
+}
+
+impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
+    fn submit(&mut self, req: AioRequest<B>) {
+        // Flush, discard and write-zeroes are metadata operations for qcow2 (and
+        // a single fdatasync/fallocate for raw): they run inline and complete at
+        // once. Clusters that in-flight transfers use stay pinned meanwhile.
+        let AioRequest {
+            payload,
+            offset,
+            user_data,
+        } = req;
+        let (write, mut buf) = match payload {
+            Payload::Read(b) => (false, b),
+            Payload::Write(b) => (true, b),
+            payload => {
+                return self.inline(AioRequest {
+                    payload,
+                    offset,
+                    user_data,
+                })
+            }
+        };
+        if buf.is_empty() {
+            return self.done.push(Completion {
+                user_data,
+                result: Ok(()),
+                buf: Some(buf),
+            });
+        }
+        let (pieces, mapping) = match self.plan(write, offset, &mut buf) {
+            Plan::Direct { pieces, mapping } => (pieces, mapping),
+            Plan::Fail(e) => {
+                return self.done.push(Completion {
+                    user_data,
+                    result: Err(e),
+                    buf: Some(buf),
+                })
+            }
+            Plan::Inline => {
+                let payload = if write {
+                    Payload::Write(buf)
+                } else {
+                    Payload::Read(buf)
+                };
+                return self.inline(AioRequest {
+                    payload,
+                    offset,
+                    user_data,
+                });
+            }
+        };
+        // A write holds the file ranges it covers until it completes (see
+        // `UringTarget::data_file`).
+        let writing = match (write, self.target.data_file()) {
+            (true, Some(f)) => {
+                let ranges: Vec<(u64, u64)> = pieces
+                    .iter()
+                    .map(|&(_, len, host, _)| (host, host + len as u64))
+                    .collect();
+                f.lock_writes(&ranges)
+            }
+            _ => None,
+        };
+        let pidx = match self.free_parents.pop() {
+            Some(i) => i,
+            None => {
+                self.parents.push(None);
+                self.parents.len() - 1
+            }
+        };
+        // One extra count held while queuing, released below.
+        self.parents[pidx] = Some(Parent {
+            user_data,
+            remaining: 1,
+            error: None,
+            write,
+            buf,
+            _mapping: mapping,
+            _writing: writing,
+        });
+        self.in_flight += 1;
+        let fd = self.target.data_fd();
+        let mut failed = None;
+        for (addr, len, offset, pos) in pieces {
+            let pushed = self.push_piece(Piece {
+                parent: pidx,
+                write,
+                fd,
+                addr,
+                len,
+                offset,
+                pos,
+            });
+            match pushed {
+                Ok(()) => {
+                    if let Some(p) = self.parents[pidx].as_mut() {
+                        p.remaining += 1;
+                    }
+                }
+                Err(err) => {
+                    // Pieces already queued still use the buffer: the error is
+                    // reported by the completion, once they are done.
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        self.finish_piece(pidx, failed);
+    }
+
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion<B>>) -> Result<()> {
+        loop {
+            self.reap();
+            if self.done.len() >= min || self.in_flight == 0 {
+                break;
+            }
+            let want = if self.done.len() < min { 1 } else { 0 };
+            self.ring
+                .submit_and_wait(want)
+                .map_err(|e| Error::io("waiting for io_uring", e))?;
+            self.unsubmitted = 0;
+        }
+        if self.unsubmitted > 0 {
+            self.ring
+                .submit()
+                .map_err(|e| Error::io("submitting to io_uring", e))?;
+            self.unsubmitted = 0;
+        }
+        out.append(&mut self.done);
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight + self.done.len()
+    }
+}
+
+impl<T: UringTarget, B: IoBuf> Drop for UringQueue<T, B> {
+    fn drop(&mut self) {
+        // The kernel may still be transferring to or from buffers the parents own: wait
+        // until every transfer has completed before they are freed.
+        while self.in_flight > 0 {
+            self.reap();
+            if self.in_flight == 0 {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // No way to learn when the kernel is done: leak the buffers rather
+                    // than free memory it may still write.
+                    std::mem::forget(std::mem::take(&mut self.parents));
+                    return;
+                }
+            }
+        }
+    }
+}
