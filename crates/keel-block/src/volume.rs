@@ -139,6 +139,12 @@ pub enum VolumeError {
         #[source]
         source: Error,
     },
+    /// An unsafe rebase needs the new backing file's format.
+    #[error("Could not change the backing file to '{name}': backing format must be specified")]
+    BackingFormatRequired {
+        /// The new backing file as given.
+        name: String,
+    },
     /// The operation needs a qcow2 image.
     #[error("the {op} operation needs a qcow2 image, not {format}")]
     NotQcow2 {
@@ -328,19 +334,27 @@ fn preallocate_qcow2(f: RawFile, old: u64, new: u64, mode: Preallocation) -> Res
     let img = Qcow2::open(f, Qcow2Options::default())?;
     let cs = img.cluster_size();
     let mut pos = old;
+    let mut end = 0;
     while pos < new {
         let n = (new - pos).min(256 * cs - pos % cs);
         let m = img.map_write(pos, n)?;
         for e in m.extents() {
-            if let (ExtentKind::Data(h), Preallocation::Falloc | Preallocation::Full) = (e.kind, mode)
-            {
-                fill(img.file(), h, e.len, mode)?;
+            if let ExtentKind::Data(h) = e.kind {
+                end = end.max((h + e.len).div_ceil(cs) * cs);
+                if mode != Preallocation::Metadata {
+                    fill(img.file(), h, e.len, mode)?;
+                }
             }
         }
         drop(m);
         pos += n;
     }
-    img.close()
+    img.close()?;
+    // The clusters allocated lie inside the file (reading as zeroes).
+    if img.file().size() < end {
+        img.file().set_len(end)?;
+    }
+    Ok(())
 }
 
 /// One image of a backing chain.

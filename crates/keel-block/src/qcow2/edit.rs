@@ -130,7 +130,7 @@ pub enum EditError {
     #[error("switching the header to the new metadata")]
     Switch(#[source] Error),
     /// Size not a multiple of 512 bytes.
-    #[error("the new size {size} is not a multiple of 512")]
+    #[error("The new size must be a multiple of 512")]
     SizeAlignment {
         /// The size asked for.
         size: u64,
@@ -824,11 +824,17 @@ pub fn snapshot_apply(f: &dyn BlockBackend, name: &str) -> EditResult<()> {
     switch(f, &ld, plan)
 }
 
-/// Deletes the snapshot with id or name `name`, as `qemu-img snapshot -d`;
-/// clusters only it used become free.
+/// Deletes the (first) snapshot named `name`, as `qemu-img snapshot -d`
+/// (which looks names up, not ids); clusters only it used become free.
 pub fn snapshot_delete(f: &dyn BlockBackend, name: &str) -> EditResult<()> {
     let ld = load(f)?;
-    let i = find(&ld, name)?;
+    let i = ld
+        .snaps
+        .iter()
+        .position(|s| s.name == name)
+        .ok_or_else(|| EditError::SnapshotNotFound {
+            name: name.to_string(),
+        })?;
     let mut plan = ld.plan();
     plan.snaps.remove(i);
     switch(f, &ld, plan)
@@ -1101,6 +1107,10 @@ mod tests {
         snapshot_delete(&f, "a").unwrap();
         clean(&f);
         snapshot_apply(&f, "2").unwrap();
+        assert!(matches!(
+            snapshot_delete(&f, "2"),
+            Err(EditError::SnapshotNotFound { .. })
+        ));
         clean(&f);
         let b = read(&f, 0, 8192);
         assert_eq!((b[0], b[4096]), (2, 1));
