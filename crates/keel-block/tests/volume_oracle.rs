@@ -98,7 +98,10 @@ impl Pair {
 }
 
 fn qcow2(path: &Path, size: &str, opts: &str) {
-    ok("qemu-img", &["create", "-f", "qcow2", "-o", opts, s(path), size]);
+    ok(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-o", opts, s(path), size],
+    );
 }
 
 #[test]
@@ -125,7 +128,10 @@ fn resize_matches_qemu_img() {
         shrink: true,
         ..Default::default()
     };
-    ok("qemu-img", &["resize", "--shrink", s(&p.qa("d.qcow2")), "950K"]);
+    ok(
+        "qemu-img",
+        &["resize", "--shrink", s(&p.qa("d.qcow2")), "950K"],
+    );
     volume::resize(&p.kb("d.qcow2"), Format::Qcow2, 950 << 10, &shrink).unwrap();
     p.same("d.qcow2");
     ok("qemu-img", &["resize", s(&p.qa("d.qcow2")), "2M"]);
@@ -145,7 +151,10 @@ fn resize_matches_qemu_img() {
     // Raw.
     std::fs::write(p.qa("r.raw"), vec![7u8; 1 << 20]).unwrap();
     p.sync();
-    ok("qemu-img", &["resize", "-f", "raw", s(&p.qa("r.raw")), "+1M"]);
+    ok(
+        "qemu-img",
+        &["resize", "-f", "raw", s(&p.qa("r.raw")), "+1M"],
+    );
     volume::resize(&p.kb("r.raw"), Format::Raw, 2 << 20, &grow).unwrap();
     identical(&p.qa("r.raw"), &p.kb("r.raw"));
     ok(
@@ -153,7 +162,10 @@ fn resize_matches_qemu_img() {
         &["resize", "-f", "raw", "--shrink", s(&p.qa("r.raw")), "4096"],
     );
     volume::resize(&p.kb("r.raw"), Format::Raw, 4096, &shrink).unwrap();
-    assert_eq!(std::fs::read(p.qa("r.raw")).unwrap(), std::fs::read(p.kb("r.raw")).unwrap());
+    assert_eq!(
+        std::fs::read(p.qa("r.raw")).unwrap(),
+        std::fs::read(p.kb("r.raw")).unwrap()
+    );
 }
 
 #[test]
@@ -221,7 +233,14 @@ fn chain3(p: &Pair) {
     ok(
         "qemu-img",
         &[
-            "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&p.qa("mid.qcow2")),
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&p.qa("mid.qcow2")),
         ],
     );
     io(&p.qa("mid.qcow2"), "write -P 0x02 1M 1M");
@@ -229,7 +248,15 @@ fn chain3(p: &Pair) {
     ok(
         "qemu-img",
         &[
-            "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2", "-F", "qcow2",
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
             s(&p.qa("top.qcow2")),
         ],
     );
@@ -260,7 +287,12 @@ fn commit_matches_qemu_img_in_a_chain_of_three() {
     let mut seen = Vec::new();
     ok(
         "qemu-img",
-        &["commit", "-b", s(&p.qa("base.qcow2")), s(&p.qa("top.qcow2"))],
+        &[
+            "commit",
+            "-b",
+            s(&p.qa("base.qcow2")),
+            s(&p.qa("top.qcow2")),
+        ],
     );
     volume::commit(
         &p.kb("top.qcow2"),
@@ -278,7 +310,12 @@ fn commit_matches_qemu_img_in_a_chain_of_three() {
         p.same(n);
     }
     assert!(matches!(
-        volume::commit(&p.kb("base.qcow2"), Format::Qcow2, &CommitOptions::default(), &mut none),
+        volume::commit(
+            &p.kb("base.qcow2"),
+            Format::Qcow2,
+            &CommitOptions::default(),
+            &mut none
+        ),
         Err(volume::VolumeError::NoBacking)
     ));
 }
@@ -296,7 +333,14 @@ fn rebase_matches_qemu_img_in_a_chain_of_three() {
     };
     ok(
         "qemu-img",
-        &["rebase", "-b", "base.qcow2", "-F", "qcow2", s(&p.qa("top.qcow2"))],
+        &[
+            "rebase",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&p.qa("top.qcow2")),
+        ],
     );
     volume::rebase(&p.kb("top.qcow2"), Format::Qcow2, &onto_base, &mut none).unwrap();
     p.same("top.qcow2");
@@ -318,7 +362,15 @@ fn rebase_matches_qemu_img_in_a_chain_of_three() {
     };
     ok(
         "qemu-img",
-        &["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", s(&p.qa("top.qcow2"))],
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&p.qa("top.qcow2")),
+        ],
     );
     volume::rebase(&p.kb("top.qcow2"), Format::Qcow2, &unsafe_mid, &mut none).unwrap();
     p.same("top.qcow2");

@@ -79,7 +79,12 @@ impl Twin {
             String::from_utf8_lossy(&o.stderr)
         );
         for f in [&a, &b] {
-            assert_eq!(qemu_check(f), (0, 0, 0, 0), "qemu-img check {}", f.display());
+            assert_eq!(
+                qemu_check(f),
+                (0, 0, 0, 0),
+                "qemu-img check {}",
+                f.display()
+            );
         }
     }
 }
@@ -93,7 +98,16 @@ fn resize_like_qemu_img() {
     let t = Twin::new();
     ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p(&t.q("d.qcow2")), "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p(&t.q("d.qcow2")),
+            "1M",
+        ],
     );
     qio(&t.q("d.qcow2"), "write -P 0x11 0 64k");
     qio(&t.q("d.qcow2"), "write -P 0x22 1000k 24k");
@@ -110,22 +124,47 @@ fn resize_like_qemu_img() {
         &["resize", "--shrink", "d.qcow2", "1000"],
         &["resize", "d.qcow2", "12Q"],
         &["resize", "missing.qcow2", "1M"],
-        &["resize", "--shrink", "--preallocation=full", "d.qcow2", "1M"],
+        &[
+            "resize",
+            "--shrink",
+            "--preallocation=full",
+            "d.qcow2",
+            "1M",
+        ],
         &["resize", "-f", "raw", "r.raw", "512K"],
-        &["resize", "-f", "raw", "--preallocation=metadata", "r.raw", "2M"],
+        &[
+            "resize",
+            "-f",
+            "raw",
+            "--preallocation=metadata",
+            "r.raw",
+            "2M",
+        ],
     ] {
         assert_eq!(t.both(args), 1, "{args:?}");
     }
     t.same("d.qcow2");
     assert_eq!(t.both(&["resize", "--shrink", "d.qcow2", "1010K"]), 0);
     t.same("d.qcow2");
-    assert_eq!(t.both(&["resize", "--preallocation=metadata", "d.qcow2", "3M"]), 0);
+    assert_eq!(
+        t.both(&["resize", "--preallocation=metadata", "d.qcow2", "3M"]),
+        0
+    );
     t.same("d.qcow2");
-    assert_eq!(t.both(&["resize", "--preallocation=full", "d.qcow2", "+1M"]), 0);
+    assert_eq!(
+        t.both(&["resize", "--preallocation=full", "d.qcow2", "+1M"]),
+        0
+    );
     t.same("d.qcow2");
     assert_eq!(t.both(&["resize", "-f", "raw", "r.raw", "+1M"]), 0);
-    assert_eq!(t.both(&["resize", "-f", "raw", "--preallocation=full", "r.raw", "3M"]), 0);
-    assert_eq!(t.both(&["resize", "-f", "raw", "--shrink", "r.raw", "4097"]), 0);
+    assert_eq!(
+        t.both(&["resize", "-f", "raw", "--preallocation=full", "r.raw", "3M"]),
+        0
+    );
+    assert_eq!(
+        t.both(&["resize", "-f", "raw", "--shrink", "r.raw", "4097"]),
+        0
+    );
     assert_eq!(
         std::fs::read(t.q("r.raw")).unwrap(),
         std::fs::read(t.k.join("r.raw")).unwrap()
@@ -133,7 +172,10 @@ fn resize_like_qemu_img() {
     // qemu-img reads keel's result and keeps writing.
     let k = t.k.join("d.qcow2");
     qio(&k, "write -P 0x33 3M 4096");
-    ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x33 3M 4096", p(&k)]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x33 3M 4096", p(&k)],
+    );
     assert_eq!(qemu_check(&k), (0, 0, 0, 0));
 }
 
@@ -142,7 +184,16 @@ fn snapshots_like_qemu_img_and_across() {
     let t = Twin::new();
     ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p(&t.q("s.qcow2")), "8M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            p(&t.q("s.qcow2")),
+            "8M",
+        ],
     );
     qio(&t.q("s.qcow2"), "write -P 0x11 0 2M");
     t.copy();
@@ -221,15 +272,35 @@ fn chain3(t: &Twin) {
     qio(&b, "write -P 0x01 0 4M");
     ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(&m)],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            p(&m),
+        ],
     );
     qio(&m, "write -P 0x02 1M 1M");
     qio(&m, "write -z 3M 64k");
     ok(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "mid.qcow2", "-F",
-            "qcow2", p(&top), "6M",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            p(&top),
+            "6M",
         ],
     );
     qio(&top, "write -P 0x03 1536k 1M");
@@ -267,7 +338,10 @@ fn commit_like_qemu_img_in_a_chain_of_three() {
     chain3(&t);
     let out = ok(KEEL_IMG, &["commit", "-p", p(&t.k.join("top.qcow2"))]);
     assert!(out.starts_with("    (0.00/100%)\r"), "{out:?}");
-    assert!(out.ends_with("    (100.00/100%)\r\nImage committed.\n"), "{out:?}");
+    assert!(
+        out.ends_with("    (100.00/100%)\r\nImage committed.\n"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -288,7 +362,15 @@ fn rebase_like_qemu_img_in_a_chain_of_three() {
     assert!(!info.contains("backing file"), "{info}");
     chain3(&t);
     assert_eq!(
-        t.both(&["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]),
+        t.both(&[
+            "rebase",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2"
+        ]),
         0
     );
     t.same("top.qcow2");
@@ -307,7 +389,16 @@ fn amend_like_qemu_img() {
     let m = t.q("m.qcow2");
     ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p(&m), "4M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            p(&m),
+            "4M",
+        ],
     );
     qio(&m, "write -P 0x11 0 1M");
     qio(&m, "write -z 512k 64k");

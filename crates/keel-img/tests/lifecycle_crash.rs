@@ -82,7 +82,16 @@ fn big_image(dir: &Path) -> PathBuf {
     let d = dir.join("d.qcow2");
     ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p(&d), "16M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p(&d),
+            "16M",
+        ],
     );
     qio(&d, "write -P 0x11 0 16M");
     ok("qemu-img", &["snapshot", "-c", "old", p(&d)]);
@@ -98,7 +107,7 @@ fn killed_resize_and_snapshot_edits_never_corrupt() {
     std::fs::create_dir(&pristine).unwrap();
     let orig = big_image(&pristine);
     let work = tmp.path().join("work");
-    let mut rng = Rng(0x5eed_0f_c0ffee);
+    let mut rng = Rng(0x5eed_0fc0_ffee);
     let ops: [(&[&str], bool); 5] = [
         (&["resize", "d.qcow2", "+48M"], true),
         (&["resize", "--shrink", "d.qcow2", "6M"], false),
@@ -128,25 +137,56 @@ fn killed_resize_and_snapshot_edits_never_corrupt() {
 
 /// base <- mid <- top, 8 MiB each, every layer with data of its own.
 fn chain(dir: &Path) {
-    let (b, m, t) = (dir.join("base.qcow2"), dir.join("mid.qcow2"), dir.join("top.qcow2"));
+    let (b, m, t) = (
+        dir.join("base.qcow2"),
+        dir.join("mid.qcow2"),
+        dir.join("top.qcow2"),
+    );
     ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p(&b), "8M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            p(&b),
+            "8M",
+        ],
     );
     qio(&b, "write -P 0x01 0 8M");
     ok(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2", "-F",
-            "qcow2", p(&m),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            p(&m),
         ],
     );
     qio(&m, "write -P 0x02 1M 4M");
     ok(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "mid.qcow2", "-F",
-            "qcow2", p(&t),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            p(&t),
         ],
     );
     qio(&t, "write -P 0x03 3M 4M");
@@ -161,7 +201,7 @@ fn killed_commit_and_rebase_never_corrupt() {
     std::fs::create_dir(&pristine).unwrap();
     chain(&pristine);
     let work = tmp.path().join("work");
-    let mut rng = Rng(0xc0_ffee_5eed);
+    let mut rng = Rng(0x00c0_ffee_5eed);
     let ops: [&[&str]; 4] = [
         &["commit", "top.qcow2"],
         &["commit", "-b", "base.qcow2", "top.qcow2"],

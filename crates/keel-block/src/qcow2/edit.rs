@@ -57,8 +57,9 @@ use std::collections::HashMap;
 
 use super::check::{self, Fix};
 use super::header::{
-    self, Header, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+    self, Header, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE,
+    INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
 };
 use super::meta::{classify, compressed_range, L2State, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::{read_header, read_u64s, refcount, snapshot};
@@ -104,7 +105,9 @@ pub enum EditError {
         entry: u64,
     },
     /// A refcount would not fit the image's refcount width.
-    #[error("cluster {cluster} would need refcount {refcount}, more than {bits}-bit refcounts hold")]
+    #[error(
+        "cluster {cluster} would need refcount {refcount}, more than {bits}-bit refcounts hold"
+    )]
     RefcountOverflow {
         /// Host cluster index.
         cluster: u64,
@@ -362,12 +365,12 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
                 });
             }
             *l1_refs.entry(off).or_insert(0) += 1;
-            if !tables.contains_key(&off) {
+            if let std::collections::hash_map::Entry::Vacant(v) = tables.entry(off) {
                 let t = match plan.l2_override.get(&off) {
                     Some(t) => t.clone(),
                     None => read_u64s(f, off, (cs / 8) as usize).map_err(rd)?,
                 };
-                tables.insert(off, t);
+                v.insert(t);
                 order_seen.push(off);
             }
         }
@@ -1137,12 +1140,18 @@ mod tests {
                 },
             );
             if bits == 1 {
-                assert!(matches!(r, Err(EditError::RefcountOverflow { .. })), "{r:?}");
+                assert!(
+                    matches!(r, Err(EditError::RefcountOverflow { .. })),
+                    "{r:?}"
+                );
                 continue;
             }
             r.unwrap();
             clean(&f);
-            assert_eq!(read_header(&f).unwrap().refcount_order, bits.trailing_zeros());
+            assert_eq!(
+                read_header(&f).unwrap().refcount_order,
+                bits.trailing_zeros()
+            );
         }
         {
             let img = Qcow2::open(f.clone(), Qcow2Options::default()).unwrap();
@@ -1171,6 +1180,9 @@ mod tests {
         .unwrap();
         clean(&f);
         let h = read_header(&f).unwrap();
-        assert_eq!((h.version, h.compatible_features), (3, COMPAT_LAZY_REFCOUNTS));
+        assert_eq!(
+            (h.version, h.compatible_features),
+            (3, COMPAT_LAZY_REFCOUNTS)
+        );
     }
 }

@@ -41,7 +41,11 @@ fn on_off(v: &str, key: &'static str) -> Result<bool, VerbError> {
 /// The options qemu-img can amend in place, from `-o` lists.
 fn parse(opts: &[String]) -> Result<AmendOptions, VerbError> {
     let mut o = AmendOptions::default();
-    for kv in opts.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+    for kv in opts
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
         let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
         match k {
             "compat" => {

@@ -45,10 +45,9 @@ pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
                 f.parse::<Format>()
                     .map_err(|_| VerbError::Format(f.to_string()))?,
             ),
-            None if a.unsafe_mode => return Err(VolumeError::BackingFormatRequired {
-                name: a.backing,
+            None if a.unsafe_mode => {
+                return Err(VolumeError::BackingFormatRequired { name: a.backing }.into())
             }
-            .into()),
             None => None,
         };
         Some(BackingFile {

@@ -50,10 +50,6 @@ pub(crate) fn run(
         return Err(VerbError::NoSnapshots { name }.into());
     }
     let f = edit_file(&a.file)?;
-    op(&f, &name).map_err(|source| VerbError::Snapshot {
-        verb,
-        name,
-        source,
-    })?;
+    op(&f, &name).map_err(|source| VerbError::Snapshot { verb, name, source })?;
     Ok(0)
 }
