@@ -5,8 +5,8 @@
 //! Each edit is a *metadata switch*: the new metadata (active L1 table, the
 //! L2 tables whose contents change, snapshot L1 tables and snapshot table
 //! that change, and a whole refcount structure counted from the references)
-//! is written beside the old, in clusters past the end of the file that the
-//! old image does not use, and synced; then one write of the header's first
+//! is written beside the old, in clusters the old image does not use (its
+//! free clusters, then past the end of the file), and synced; then one write of the header's first
 //! bytes switches the image to it, and a second sync makes the switch
 //! durable. A crash (or `kill -9`) at any point leaves either the old image
 //! or the new one, never a mixture: the clusters the new metadata was being
@@ -377,16 +377,20 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
     }
     let old_tables: HashMap<u64, Vec<u64>> = tables.clone();
 
-    // New data clusters (zero-cluster expansion) go first, past the end of the file.
-    let mut next = file_clusters.max(1);
+    // New clusters go where the old image has nothing: its free clusters, then past its end.
+    let mut space = Space {
+        used: old_used(f, ld, file_clusters)?,
+        cursor: 1,
+    };
+    // New data clusters (zero-cluster expansion).
     let mut new_zero_clusters: Vec<u64> = Vec::new();
     for off in &order_seen {
         let t = tables.get_mut(off).expect("every seen table was loaded");
         for w in t.iter_mut().step_by(stride) {
             if *w == NEW_ZERO_CLUSTER {
-                *w = next << cb;
-                new_zero_clusters.push(next);
-                next += 1;
+                let c = space.take(1);
+                *w = c << cb;
+                new_zero_clusters.push(c);
             }
         }
     }
@@ -456,8 +460,7 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
         if !plan.l2_override.contains_key(off) && old_tables[off] == *t {
             continue;
         }
-        let new = next << cb;
-        next += 1;
+        let new = space.take(1) << cb;
         moved.insert(*off, new);
         to_write.push((new, t.clone()));
     }
@@ -505,14 +508,12 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
             limit: MAX_L1_BYTES,
         });
     }
-    let l1_off = next << cb;
     let l1_clusters = clusters(plan.l1.len() as u64 * 8);
-    next += l1_clusters;
+    let l1_off = space.take(l1_clusters) << cb;
     let mut snap_l1_writes: Vec<(u64, Vec<u64>)> = Vec::new();
     for s in plan.snaps.iter_mut() {
         if s.l1_offset == 0 {
-            s.l1_offset = next << cb;
-            next += clusters(s.l1.len() as u64 * 8);
+            s.l1_offset = space.take(clusters(s.l1.len() as u64 * 8)) << cb;
             snap_l1_writes.push((s.l1_offset, s.l1.clone()));
         }
         s.raw[0..8].copy_from_slice(&s.l1_offset.to_be_bytes());
@@ -522,34 +523,34 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
     let snap_off = if plan.snaps.is_empty() {
         0
     } else {
-        let o = next << cb;
-        next += clusters(table.len() as u64);
-        o
+        space.take(clusters(table.len() as u64)) << cb
     };
 
     // The refcount structure, covering itself.
     let rbe = (cs * 8) >> order;
-    let (mut t, mut b) = (1u64, 1u64);
-    loop {
-        let n = next + t + b;
-        let nb = n.div_ceil(rbe);
-        let nt = (nb * 8).div_ceil(cs);
-        if nb == b && nt == t {
-            break;
+    let mut cover = space.end();
+    let (t, rt_first, blocks) = loop {
+        let b = cover.div_ceil(rbe).max(1);
+        let t = (b * 8).div_ceil(cs);
+        if t * cs > MAX_REFTABLE_BYTES {
+            return Err(EditError::TableTooLarge {
+                what: "refcount table",
+                bytes: t * cs,
+                limit: MAX_REFTABLE_BYTES,
+            });
         }
-        b = nb;
-        t = nt;
-    }
-    if t * cs > MAX_REFTABLE_BYTES {
-        return Err(EditError::TableTooLarge {
-            what: "refcount table",
-            bytes: t * cs,
-            limit: MAX_REFTABLE_BYTES,
-        });
-    }
-    let rt_off = next << cb;
-    let rb_first = next + t;
-    let total = next + t + b;
+        let saved = space.clone();
+        let rt_first = space.take(t);
+        let blocks: Vec<u64> = (0..b).map(|_| space.take(1)).collect();
+        if space.end().div_ceil(rbe) <= b {
+            break (t, rt_first, blocks);
+        }
+        cover = space.end();
+        space = saved;
+    };
+    let b = blocks.len() as u64;
+    let rt_off = rt_first << cb;
+    let total = b * rbe;
 
     let mut rc = vec![0u64; total as usize];
     rc[0] += 1;
@@ -580,8 +581,15 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
         }
         add(&mut rc, *c, *n);
     }
-    for c in next..total {
+    for c in rt_first..rt_first + t {
         add(&mut rc, c, 1);
+    }
+    for &c in &blocks {
+        add(&mut rc, c, 1);
+    }
+    for &c in &new_zero_clusters {
+        // Counted with the data references of their tables; check they are covered.
+        debug_assert!(c < total);
     }
     let max = refcount::max_value(order);
     if let Some((c, &v)) = rc.iter().enumerate().find(|(_, &v)| v > max) {
@@ -619,7 +627,7 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
         for c in k * rbe..((k + 1) * rbe).min(total) {
             refcount::set(&mut block, (c - k * rbe) as usize, order, rc[c as usize]);
         }
-        let off = (rb_first + k) << cb;
+        let off = blocks[k as usize] << cb;
         w(&block, off)?;
         rt[(k * 8) as usize..(k * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
     }
@@ -651,6 +659,104 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
     }
     f.flush().map_err(EditError::Switch)?;
     Ok(())
+}
+
+/// Clusters for new metadata: those the old image does not use, then past
+/// the end of the file.
+#[derive(Clone)]
+struct Space {
+    /// Clusters the old image uses (or this edit has taken).
+    used: Vec<bool>,
+    /// Where single-cluster searches resume.
+    cursor: u64,
+}
+
+impl Space {
+    /// Takes `n` contiguous free clusters, returning the first.
+    fn take(&mut self, n: u64) -> u64 {
+        let mut start = if n == 1 { self.cursor } else { 1 };
+        let mut c = start;
+        while c - start < n {
+            if self.used.get(c as usize).copied().unwrap_or(false) {
+                start = c + 1;
+            }
+            c += 1;
+        }
+        let end = (start + n) as usize;
+        if self.used.len() < end {
+            self.used.resize(end, false);
+        }
+        self.used[start as usize..end].fill(true);
+        if n == 1 {
+            self.cursor = start + 1;
+        }
+        start
+    }
+
+    /// One past the last cluster in use or taken.
+    fn end(&self) -> u64 {
+        self.used.len() as u64
+    }
+}
+
+/// The clusters the old image uses: header, tables, refcount structure, snapshot
+/// table, L2 tables and data of every L1 table.
+fn old_used(f: &dyn BlockBackend, ld: &Loaded, file_clusters: u64) -> EditResult<Vec<bool>> {
+    let cs = ld.cs;
+    let cb = ld.cb;
+    let mut used = vec![false; file_clusters.max(1) as usize];
+    let mark = |used: &mut Vec<bool>, off: u64, len: u64| {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = (off >> cb, (off + len - 1) >> cb);
+        if used.len() <= last as usize {
+            used.resize(last as usize + 1, false);
+        }
+        used[first as usize..=last as usize].fill(true);
+    };
+    let h = &ld.hdr;
+    mark(&mut used, 0, cs);
+    mark(&mut used, h.l1_table_offset, h.l1_size as u64 * 8);
+    let rt_len = h.refcount_table_clusters as u64 * cs;
+    mark(&mut used, h.refcount_table_offset, rt_len);
+    for e in read_u64s(f, h.refcount_table_offset, (rt_len / 8) as usize).map_err(rd)? {
+        let off = e & !0x1ff;
+        if off != 0 {
+            mark(&mut used, off, cs);
+        }
+    }
+    let table_len: u64 = ld.snaps.iter().map(|s| s.raw.len() as u64).sum();
+    if !ld.snaps.is_empty() {
+        mark(&mut used, h.snapshots_offset, table_len);
+    }
+    let stride = 1 + ld.ext as usize;
+    let mut seen = std::collections::HashSet::new();
+    let l1s = std::iter::once((h.l1_table_offset, &ld.l1))
+        .chain(ld.snaps.iter().map(|s| (s.l1_offset, &s.l1)));
+    for (l1_off, l1) in l1s {
+        mark(&mut used, l1_off, l1.len() as u64 * 8);
+        for &e in l1 {
+            let off = e & OFFSET_MASK;
+            if off == 0 || !seen.insert(off) {
+                continue;
+            }
+            mark(&mut used, off, cs);
+            for words in read_u64s(f, off, (cs / 8) as usize)
+                .map_err(rd)?
+                .chunks_exact(stride)
+            {
+                let e = words[0];
+                if e & COMPRESSED != 0 {
+                    let (s, end) = compressed_range(e, cb);
+                    mark(&mut used, s, end - s);
+                } else if e & OFFSET_MASK != 0 {
+                    mark(&mut used, e & OFFSET_MASK, cs);
+                }
+            }
+        }
+    }
+    Ok(used)
 }
 
 fn put_fields(b: &mut [u8], h: &Header) {
@@ -1124,6 +1230,28 @@ mod tests {
         snapshot_delete(&f, "b").unwrap();
         clean(&f);
         assert_eq!(snapshot_names(&f).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn repeated_edits_reuse_the_space_they_free() {
+        let f = image(8 << 20, 4096);
+        write(&f, &[1; 1 << 20], 0);
+        snapshot_create(&f, "s").unwrap();
+        snapshot_delete(&f, "s").unwrap();
+        let after_one = f.size();
+        for i in 0..20 {
+            snapshot_create(&f, "s").unwrap();
+            snapshot_delete(&f, "s").unwrap();
+            resize(&f, (9 + i % 2) << 20).unwrap();
+        }
+        clean(&f);
+        // The metadata of one edit fits in the space the previous edits freed.
+        assert!(
+            f.size() <= after_one + 16 * 4096,
+            "{} bytes after 60 edits, {after_one} after 2",
+            f.size()
+        );
+        assert_eq!(read(&f, 0, 1 << 20), vec![1; 1 << 20]);
     }
 
     #[test]
