@@ -294,6 +294,11 @@ pub fn resize(
         Format::Qcow2 => {
             let f = rw_file(path)?;
             edit::resize(&f, size).map_err(edit_err(path))?;
+            drop(f);
+            if size > old {
+                zero_over_backing(path, old, size)?;
+            }
+            let f = rw_file(path)?;
             if size > old && opts.preallocation != Preallocation::Off {
                 preallocate_qcow2(f, old, size, opts.preallocation)
                     .map_err(VolumeError::Preallocate)?;
@@ -301,6 +306,28 @@ pub fn resize(
             Ok(())
         }
     }
+}
+
+/// Makes `[old, new)` of a grown qcow2 image read as zeroes where its
+/// backing file has data there (as qemu-img does), instead of showing it.
+fn zero_over_backing(path: &Path, old: u64, new: u64) -> Result<(), VolumeError> {
+    let img = open_image(path, Format::Qcow2, false)?;
+    let Image::Qcow2(q) = &img else {
+        return Ok(());
+    };
+    let end = q.backing().map_or(0, |b| b.size()).min(new);
+    if end > old {
+        q.write_zeroes(old, end - old, false)
+            .map_err(|source| VolumeError::Write {
+                path: path.to_path_buf(),
+                offset: old,
+                source,
+            })?;
+    }
+    img.close().map_err(|source| VolumeError::Close {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Allocates `[off, off+len)` of a raw file: reserved, or written with zeroes.
