@@ -19,7 +19,7 @@
 //! assert!(volume::resize(&path, Format::Raw, 1 << 20, &ResizeOptions::default()).is_err());
 //! let shrink = ResizeOptions { shrink: true, preallocation: Preallocation::Off };
 //! volume::resize(&path, Format::Raw, 1 << 20, &shrink)?;
-//! # Ok::<(), keel_block::volume::VolumeError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::os::unix::fs::MetadataExt;

@@ -171,11 +171,25 @@ fn resize_like_qemu_img() {
     );
     // Growing an overlay over a larger backing file: the new space reads as
     // zeroes, not as the backing file.
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&t.q("b.qcow2")), "4M"]);
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&t.q("b.qcow2")), "4M"],
+    );
     qio(&t.q("b.qcow2"), "write -P 0x66 0 4M");
     ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", p(&t.q("o.qcow2")), "1000K"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            p(&t.q("o.qcow2")),
+            "1000K",
+        ],
     );
     t.copy();
     assert_eq!(t.both(&["resize", "o.qcow2", "3M"]), 0);

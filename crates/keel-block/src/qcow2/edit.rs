@@ -50,7 +50,7 @@
 //! img.read_at(&mut buf, 0)?;
 //! assert_eq!(buf, [1; 4096]);
 //! assert_eq!(img.size(), 1 << 30);
-//! # Ok::<(), keel_block::qcow2::edit::EditError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::collections::HashMap;
