@@ -1,5 +1,5 @@
 //! Crash safety of the life-cycle writers: keel-img killed with SIGKILL at
-//! random points of resize, snapshot create/apply/delete, commit and rebase
+//! random points of resize, snapshot create/apply/delete, amend, commit and rebase
 //! leaves images `qemu-img check` finds clean or only leaking, never
 //! corrupt, and reading what they read before (the old state or the new
 //! one, never a mixture), as `killed_writers_never_corrupt` does for writes.
@@ -77,7 +77,7 @@ fn same_contents(a: &Path, b: &Path, what: &str) {
 
 /// A 16 MiB image of 512-byte clusters (a thousand L2 tables, hundreds of
 /// refcount blocks: edits take long enough to be killed midway), full of
-/// data, with one snapshot.
+/// data, zero clusters (a compat=0.10 amend expands them), with one snapshot.
 fn big_image(dir: &Path) -> PathBuf {
     let d = dir.join("d.qcow2");
     ok(
@@ -96,6 +96,7 @@ fn big_image(dir: &Path) -> PathBuf {
     qio(&d, "write -P 0x11 0 16M");
     ok("qemu-img", &["snapshot", "-c", "old", p(&d)]);
     qio(&d, "write -P 0x22 4M 4M");
+    qio(&d, "write -z 12M 1M");
     d
 }
 
@@ -108,8 +109,10 @@ fn killed_resize_and_snapshot_edits_never_corrupt() {
     let orig = big_image(&pristine);
     let work = tmp.path().join("work");
     let mut rng = Rng(0x5eed_0fc0_ffee);
-    let ops: [(&[&str], bool); 5] = [
+    let ops: [(&[&str], bool); 7] = [
         (&["resize", "d.qcow2", "+48M"], true),
+        (&["amend", "-o", "refcount_bits=8", "d.qcow2"], true),
+        (&["amend", "-o", "compat=0.10", "d.qcow2"], true),
         (&["resize", "--shrink", "d.qcow2", "6M"], false),
         (&["snapshot", "-c", "new", "d.qcow2"], true),
         (&["snapshot", "-d", "old", "d.qcow2"], true),
@@ -132,7 +135,7 @@ fn killed_resize_and_snapshot_edits_never_corrupt() {
         }
     }
     // Not an assertion on timing: a note of how often the kill landed midway.
-    eprintln!("{landed} of 40 kills landed before the edit finished");
+    eprintln!("{landed} of 56 kills landed before the edit finished");
 }
 
 /// base <- mid <- top, 8 MiB each, every layer with data of its own.

@@ -889,12 +889,12 @@ pub fn snapshot_create(f: &dyn BlockBackend, name: &str) -> EditResult<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let mut extra = Vec::new();
-    if ld.hdr.version >= 3 {
-        extra.extend_from_slice(&0u64.to_be_bytes()); // VM state size
-        extra.extend_from_slice(&ld.hdr.size.to_be_bytes()); // disk size
-        extra.extend_from_slice(&0u64.to_be_bytes()); // icount
-    }
+    // The extra data QEMU writes for every version: 64-bit VM state size,
+    // disk size, instruction count.
+    let mut extra = Vec::with_capacity(24);
+    extra.extend_from_slice(&0u64.to_be_bytes());
+    extra.extend_from_slice(&ld.hdr.size.to_be_bytes());
+    extra.extend_from_slice(&0u64.to_be_bytes());
     let mut raw = vec![0u8; 40];
     raw[12..14].copy_from_slice(&(id.len() as u16).to_be_bytes());
     raw[14..16].copy_from_slice(&(name.len() as u16).to_be_bytes());
