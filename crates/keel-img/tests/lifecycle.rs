@@ -124,6 +124,7 @@ fn resize_like_qemu_img() {
         &["resize", "--shrink", "d.qcow2", "1000"],
         &["resize", "d.qcow2", "12Q"],
         &["resize", "missing.qcow2", "1M"],
+        &["resize", "d.qcow2"],
         &[
             "resize",
             "--shrink",
@@ -402,10 +403,17 @@ fn rebase_like_qemu_img_in_a_chain_of_three() {
     for args in [
         &["rebase", "-u", "-b", "mid.qcow2", "top.qcow2"][..],
         &["rebase", "-b", "missing.qcow2", "-F", "qcow2", "top.qcow2"],
+        &["rebase", "top.qcow2"],
     ] {
         assert_eq!(t.both(args), 1, "{args:?}");
     }
     t.same("top.qcow2");
+    // Unsafe without -b: the image keeps its data and loses its backing file.
+    chain3(&t);
+    assert_eq!(t.both(&["rebase", "-u", "top.qcow2"]), 0);
+    t.same("top.qcow2");
+    let info = ok("qemu-img", &["info", p(&t.k.join("top.qcow2"))]);
+    assert!(!info.contains("backing file"), "{info}");
 }
 
 #[test]
@@ -456,5 +464,6 @@ fn amend_like_qemu_img() {
     for o in ["lazy_refcounts=on", "cluster_size=4k", "refcount_bits=8"] {
         assert_eq!(t.both(&["amend", "-o", o, "m.qcow2"]), 1, "{o}");
     }
+    assert_eq!(t.both(&["amend", "m.qcow2"]), 1);
     t.same("m.qcow2");
 }

@@ -12,7 +12,7 @@ use super::{edit_file, format, VerbError};
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
     /// Options to change: compat, lazy_refcounts, refcount_bits.
-    #[arg(short = 'o', required = true)]
+    #[arg(short = 'o')]
     options: Vec<String>,
     /// Format (probed if omitted).
     #[arg(short = 'f')]
@@ -24,7 +24,7 @@ pub(crate) struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Image file.
-    file: PathBuf,
+    file: Option<PathBuf>,
 }
 
 fn on_off(v: &str, key: &'static str) -> Result<bool, VerbError> {
@@ -75,14 +75,20 @@ fn parse(opts: &[String]) -> Result<AmendOptions, VerbError> {
 
 /// Runs `amend`.
 pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
+    if a.options.is_empty() {
+        return Err(VerbError::Missing("Must specify options (-o)"));
+    }
+    let file = a
+        .file
+        .ok_or(VerbError::Missing("Expecting one image file name"))?;
     let o = parse(&a.options)?;
-    let fmt = format(&a.file, a.format.as_deref())?;
+    let fmt = format(&file, a.format.as_deref())?;
     if fmt != Format::Qcow2 {
         return Err(VerbError::AmendFormat(fmt));
     }
     let mut meter = Progress::new(a.progress && !a.quiet);
     meter.update(0.0);
-    let f = edit_file(&a.file)?;
+    let f = edit_file(&file)?;
     edit::amend(&f, &o).map_err(VerbError::Amend)?;
     meter.finish();
     Ok(0)

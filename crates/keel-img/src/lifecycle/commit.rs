@@ -27,18 +27,21 @@ pub(crate) struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Image file.
-    file: PathBuf,
+    file: Option<PathBuf>,
 }
 
 /// Runs `commit`.
 pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
-    let fmt = format(&a.file, a.format.as_deref())?;
+    let file = a
+        .file
+        .ok_or(VerbError::Missing("Expecting one image file name"))?;
+    let fmt = format(&file, a.format.as_deref())?;
     let mut meter = Progress::new(a.progress && !a.quiet);
     let opts = CommitOptions {
         base: a.base,
         keep: a.keep,
     };
-    volume::commit(&a.file, fmt, &opts, &mut |p| meter.update(p))?;
+    volume::commit(&file, fmt, &opts, &mut |p| meter.update(p))?;
     meter.finish();
     if !a.quiet {
         println!("Image committed.");

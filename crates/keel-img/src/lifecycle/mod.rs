@@ -43,6 +43,9 @@ pub(crate) enum VerbError {
         #[source]
         source: keel_block::Error,
     },
+    /// A required argument is missing (qemu-img's wording; exit code 1 as qemu-img's).
+    #[error("{0}")]
+    Missing(&'static str),
     /// A size that does not parse.
     #[error("Parameter 'size' expects a non-negative number below 2^64")]
     Size,

@@ -17,7 +17,7 @@ pub(crate) struct Args {
     unsafe_mode: bool,
     /// The new backing file ("" for none), relative to the image's directory.
     #[arg(short = 'b', value_name = "BACKING")]
-    backing: String,
+    backing: Option<String>,
     /// Format of the new backing file.
     #[arg(short = 'F', value_name = "FMT")]
     backing_format: Option<String>,
@@ -31,13 +31,25 @@ pub(crate) struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Image file.
-    file: PathBuf,
+    file: Option<PathBuf>,
 }
 
 /// Runs `rebase`.
 pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
-    let fmt = format(&a.file, a.format.as_deref())?;
-    let backing = if a.backing.is_empty() {
+    let file = a
+        .file
+        .ok_or(VerbError::Missing("Expecting one image file name"))?;
+    let fmt = format(&file, a.format.as_deref())?;
+    let name = match a.backing {
+        Some(b) => b,
+        None if a.unsafe_mode => String::new(),
+        None => {
+            return Err(VerbError::Missing(
+                "Must specify backing file (-b) or use unsafe mode (-u)",
+            ))
+        }
+    };
+    let backing = if name.is_empty() {
         None
     } else {
         let bfmt = match a.backing_format.as_deref() {
@@ -45,22 +57,17 @@ pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
                 f.parse::<Format>()
                     .map_err(|_| VerbError::Format(f.to_string()))?,
             ),
-            None if a.unsafe_mode => {
-                return Err(VolumeError::BackingFormatRequired { name: a.backing }.into())
-            }
+            None if a.unsafe_mode => return Err(VolumeError::BackingFormatRequired { name }.into()),
             None => None,
         };
-        Some(BackingFile {
-            name: a.backing,
-            format: bfmt,
-        })
+        Some(BackingFile { name, format: bfmt })
     };
     let mut meter = Progress::new(a.progress && !a.quiet);
     let opts = RebaseOptions {
         backing,
         unsafe_mode: a.unsafe_mode,
     };
-    volume::rebase(&a.file, fmt, &opts, &mut |p| meter.update(p))?;
+    volume::rebase(&file, fmt, &opts, &mut |p| meter.update(p))?;
     meter.finish();
     Ok(0)
 }

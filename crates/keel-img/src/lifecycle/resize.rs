@@ -22,22 +22,25 @@ pub(crate) struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Image file.
-    file: PathBuf,
+    file: Option<PathBuf>,
     /// New size, or +SIZE / -SIZE relative to the current one (suffixes k, M, G, T).
     #[arg(allow_hyphen_values = true)]
-    size: String,
+    size: Option<String>,
 }
 
 /// Runs `resize`.
 pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
-    let fmt = format(&a.file, a.format.as_deref())?;
-    let current = volume::virtual_size(&a.file, fmt)?;
-    let size = if let Some(d) = a.size.strip_prefix('+') {
+    let (Some(file), Some(arg)) = (a.file, a.size) else {
+        return Err(VerbError::Missing("Expecting image file name and size"));
+    };
+    let fmt = format(&file, a.format.as_deref())?;
+    let current = volume::virtual_size(&file, fmt)?;
+    let size = if let Some(d) = arg.strip_prefix('+') {
         current.checked_add(parse_size(d)?).ok_or(VerbError::Size)?
-    } else if let Some(d) = a.size.strip_prefix('-') {
+    } else if let Some(d) = arg.strip_prefix('-') {
         current.saturating_sub(parse_size(d)?)
     } else {
-        parse_size(&a.size)?
+        parse_size(&arg)?
     };
     if size == 0 {
         return Err(VerbError::NotPositive);
@@ -46,7 +49,7 @@ pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
         shrink: a.shrink,
         preallocation: a.preallocation.unwrap_or_default(),
     };
-    volume::resize(&a.file, fmt, size, &opts)?;
+    volume::resize(&file, fmt, size, &opts)?;
     if !a.quiet {
         println!("Image resized.");
     }

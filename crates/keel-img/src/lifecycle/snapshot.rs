@@ -30,7 +30,7 @@ pub(crate) struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// Image file.
-    file: PathBuf,
+    file: Option<PathBuf>,
 }
 
 /// Runs `snapshot`; `list` prints the listing.
@@ -38,18 +38,21 @@ pub(crate) fn run(
     a: Args,
     list: impl FnOnce(&std::path::Path, Option<&str>) -> Result<i32, crate::CliError>,
 ) -> Result<i32, crate::CliError> {
+    let file = a
+        .file
+        .ok_or(VerbError::Missing("Expecting one image file name"))?;
     let (verb, name, op): (&str, String, fn(&dyn keel_block::BlockBackend, &str) -> _) =
         match (a.create, a.apply, a.delete) {
             (Some(n), _, _) => ("create", n, edit::snapshot_create),
             (_, Some(n), _) => ("apply", n, edit::snapshot_apply),
             (_, _, Some(n)) => ("delete", n, edit::snapshot_delete),
-            _ => return list(&a.file, a.format.as_deref()),
+            _ => return list(&file, a.format.as_deref()),
         };
-    let fmt = format(&a.file, a.format.as_deref())?;
+    let fmt = format(&file, a.format.as_deref())?;
     if fmt != Format::Qcow2 {
         return Err(VerbError::NoSnapshots { name }.into());
     }
-    let f = edit_file(&a.file)?;
+    let f = edit_file(&file)?;
     op(&f, &name).map_err(|source| VerbError::Snapshot { verb, name, source })?;
     Ok(0)
 }
