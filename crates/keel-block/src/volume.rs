@@ -562,6 +562,48 @@ fn copy_ranges(
 /// image grows to its size. Unless [`CommitOptions::keep`] (or a base was
 /// named), the image is then emptied, every cluster reading from the
 /// backing file again.
+///
+/// # Examples
+///
+/// ```
+/// use keel_block::qcow2::{self, CreateOptions};
+/// use keel_block::volume::{self, CommitOptions, RebaseOptions};
+/// use keel_block::{BlockBackend, Format, Image, ImageOptions, RawFile, RawOptions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let (base, top) = (dir.path().join("base.raw"), dir.path().join("top.qcow2"));
+/// RawFile::create(&base, 1 << 20)?;
+/// RawFile::create(&top, 0)?;
+/// let f = RawFile::open(&top, RawOptions { growable: true, ..Default::default() })?;
+/// let opts = CreateOptions {
+///     size: 1 << 20,
+///     backing_file: Some("base.raw".into()),
+///     backing_format: Some(Format::Raw),
+///     ..Default::default()
+/// };
+/// qcow2::create(&f, &opts)?;
+/// drop(f);
+/// let img = Image::open(&top, Format::Qcow2, ImageOptions::default())?;
+/// img.backend().write_at(&[7; 4096], 8192)?;
+/// img.close()?;
+/// drop(img);
+///
+/// // Into base.raw, with progress in percent.
+/// let mut last = 0.0;
+/// volume::commit(&top, Format::Qcow2, &CommitOptions::default(), &mut |p| last = p)?;
+/// assert_eq!(last, 100.0);
+/// let mut buf = [0u8; 4096];
+/// RawFile::open(&base, RawOptions::default())?.read_at(&mut buf, 8192)?;
+/// assert_eq!(buf, [7; 4096]);
+///
+/// // The overlay is empty now; flattening it copies the base in.
+/// volume::rebase(&top, Format::Qcow2, &RebaseOptions::default(), &mut |_| {})?;
+/// std::fs::remove_file(&base).unwrap();
+/// let img = Image::open(&top, Format::Qcow2, ImageOptions::default())?;
+/// img.backend().read_at(&mut buf, 8192)?;
+/// assert_eq!(buf, [7; 4096]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn commit(
     path: &Path,
     format: Format,
