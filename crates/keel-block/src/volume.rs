@@ -259,13 +259,11 @@ pub fn resize(
     opts: &ResizeOptions,
 ) -> Result<(), VolumeError> {
     let old = virtual_size(path, format)?;
-    if size < old {
-        if !opts.shrink {
-            return Err(VolumeError::ShrinkRefused);
-        }
-        if opts.preallocation != Preallocation::Off {
-            return Err(VolumeError::PreallocShrink);
-        }
+    if size < old && !opts.shrink {
+        return Err(VolumeError::ShrinkRefused);
+    }
+    if size <= old && opts.preallocation != Preallocation::Off {
+        return Err(VolumeError::PreallocShrink);
     }
     let raw_err = |source| VolumeError::RawResize {
         path: path.to_path_buf(),

@@ -157,9 +157,25 @@ fn resize_like_qemu_img() {
         0
     );
     t.same("d.qcow2");
+    assert_eq!(
+        t.both(&["resize", "--preallocation=falloc", "d.qcow2", "+512K"]),
+        0
+    );
+    t.same("d.qcow2");
     assert_eq!(t.both(&["resize", "-f", "raw", "r.raw", "+1M"]), 0);
     assert_eq!(
-        t.both(&["resize", "-f", "raw", "--preallocation=full", "r.raw", "3M"]),
+        t.both(&[
+            "resize",
+            "-f",
+            "raw",
+            "--preallocation=falloc",
+            "r.raw",
+            "+1M"
+        ]),
+        0
+    );
+    assert_eq!(
+        t.both(&["resize", "-f", "raw", "--preallocation=full", "r.raw", "4M"]),
         0
     );
     assert_eq!(
@@ -197,10 +213,10 @@ fn resize_like_qemu_img() {
     t.same("o.qcow2");
     // qemu-img reads keel's result and keeps writing.
     let k = t.k.join("d.qcow2");
-    qio(&k, "write -P 0x33 3M 4096");
+    qio(&k, "write -P 0x33 4M 4096");
     ok(
         "qemu-io",
-        &["-f", "qcow2", "-c", "read -P 0x33 3M 4096", p(&k)],
+        &["-f", "qcow2", "-c", "read -P 0x33 4M 4096", p(&k)],
     );
     assert_eq!(qemu_check(&k), (0, 0, 0, 0));
 }
@@ -466,4 +482,42 @@ fn amend_like_qemu_img() {
     }
     assert_eq!(t.both(&["amend", "m.qcow2"]), 1);
     t.same("m.qcow2");
+}
+
+#[test]
+fn commit_and_rebase_with_a_raw_base() {
+    let t = Twin::new();
+    std::fs::write(t.q("base.raw"), vec![0x5a; 2 << 20]).unwrap();
+    std::fs::write(t.q("other.raw"), vec![0x5b; 1 << 20]).unwrap();
+    let top = t.q("top.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            p(&top),
+            "3M",
+        ],
+    );
+    qio(&top, "write -P 0x01 512k 1M");
+    qio(&top, "write -z 1792k 64k");
+    t.copy();
+    assert_eq!(
+        t.both(&["rebase", "-b", "other.raw", "-F", "raw", "top.qcow2"]),
+        0
+    );
+    t.same("top.qcow2");
+    assert_eq!(t.both(&["commit", "top.qcow2"]), 0);
+    t.same("top.qcow2");
+    // The raw base grew to the overlay's size and holds the same bytes.
+    assert_eq!(
+        std::fs::read(t.q("other.raw")).unwrap(),
+        std::fs::read(t.k.join("other.raw")).unwrap()
+    );
 }
