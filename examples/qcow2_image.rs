@@ -93,7 +93,7 @@ fn main() -> Result<(), Error> {
 
     // The image is consistent, as `qemu-img check` would say.
     let report = qcow2::check(q.file(), Fix::None)?;
-    assert_eq!(report.exit_code(), 0, "{:?}", report.messages);
+    assert!(report.is_clean(), "{:?}", report.messages);
     println!("check: no errors");
     drop(img);
 

@@ -4,10 +4,14 @@
 pub mod aio;
 pub mod backend;
 pub mod buf;
+pub mod chain;
+pub mod compare;
+pub mod convert;
 pub mod error;
 pub mod image;
 pub mod iov;
 pub mod mapping;
+pub mod measure;
 pub mod mem;
 pub mod qcow2;
 pub mod raw;

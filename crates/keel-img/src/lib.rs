@@ -2,20 +2,26 @@
 #![deny(missing_docs)]
 
 use std::fs::OpenOptions;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+mod compare;
+mod info;
 mod lifecycle;
+mod map;
+mod measure;
+mod progress;
 mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
+use keel_block::convert::{convert, Destination};
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::qcow2::{self, CompressionType, CreateOptions, Fix, Qcow2Options};
-use keel_block::{BlockBackend, CacheMode, RawFile, RawOptions};
+use keel_block::{CacheMode, RawFile, RawOptions};
+use progress::Progress;
 
 /// keel-img's errors: the library's, and the command line's own.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +52,15 @@ enum CliError {
         #[source]
         source: std::num::ParseIntError,
     },
+    /// Writing to standard output failed.
+    #[error("writing the output")]
+    Stdout(#[source] std::io::Error),
+    /// Serializing JSON output failed.
+    #[error("formatting the JSON output")]
+    Json(#[source] serde_json::Error),
+    /// `map` in human form cannot show a range without a host offset.
+    #[error("File contains external, encrypted or compressed clusters.")]
+    CompressedInHumanMap,
     /// A pattern that does not parse as a byte.
     #[error("'{value}' is not a byte value (0-255 or 0x00-0xff)")]
     Byte {
@@ -75,6 +90,11 @@ enum Usage {
     BackingNeedsFormat,
     FormatNeedsBacking,
     SizeRequired,
+    Preallocation(String),
+    MeasureSizeAndFile,
+    MeasureNeedsInput,
+    ConvertBackingNeedsQcow2,
+    CompressWithBacking,
 }
 
 impl std::fmt::Display for Usage {
@@ -105,6 +125,17 @@ impl std::fmt::Display for Usage {
                 "-b needs -F FMT: keel-img does not create images whose backing format must be probed",
             ),
             Usage::FormatNeedsBacking => f.write_str("-F needs -b FILE"),
+            Usage::Preallocation(v) => write!(f, "unknown preallocation '{v}'"),
+            Usage::MeasureSizeAndFile => {
+                f.write_str("--size N cannot be used together with a filename.")
+            }
+            Usage::MeasureNeedsInput => {
+                f.write_str("Either --size N or one filename must be specified.")
+            }
+            Usage::ConvertBackingNeedsQcow2 => f.write_str("-B needs -O qcow2"),
+            Usage::CompressWithBacking => {
+                f.write_str("-c and -B together are not supported")
+            }
             Usage::SizeRequired => {
                 f.write_str("an image size is required (or -b to take the backing file's)")
             }
@@ -199,6 +230,25 @@ impl CacheSizes {
     }
 }
 
+/// `--output`: qemu-img's two output formats.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum OutputFormat {
+    /// Text for people.
+    #[default]
+    Human,
+    /// JSON.
+    Json,
+}
+
+/// qcow2 options for opening a chain read-only with this backing policy.
+fn qcow2_options(allow_probed_backing: bool) -> Qcow2Options {
+    Qcow2Options {
+        allow_probed_backing,
+        read_only: true,
+        ..Default::default()
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create an image: `create [-f fmt] [-o opts] FILE SIZE`.
@@ -238,14 +288,104 @@ enum Cmd {
     Amend(lifecycle::amend::Args),
     /// Show information about an image.
     Info {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Format (probed if omitted).
         #[arg(short = 'f')]
         format: Option<String>,
         /// Output format: human or json.
-        #[arg(long = "output", default_value = "human")]
-        output: String,
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// Show every image of the backing chain (JSON: a list).
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
         /// Image file.
         file: PathBuf,
+    },
+    /// Show where each range of the image is stored, through its backing chain.
+    Map {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Output format: human or json.
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// First byte to map (suffixes k, M, G).
+        #[arg(long = "start-offset", value_parser = size_arg, default_value = "0")]
+        start_offset: u64,
+        /// Most bytes to map (suffixes k, M, G).
+        #[arg(long = "max-length", value_parser = size_arg)]
+        max_length: Option<u64>,
+        /// Format (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
+        /// Image file.
+        file: PathBuf,
+    },
+    /// Compare two images: exit 0 identical, 1 different, 2 error.
+    Compare {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Format of the first image (probed if omitted).
+        #[arg(short = 'f')]
+        format1: Option<String>,
+        /// Format of the second image (probed if omitted).
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Strict: sizes and block status must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
+        /// First image.
+        file1: PathBuf,
+        /// Second image.
+        file2: PathBuf,
+    },
+    /// The file size a new image needs, for a size or for a copy of an image.
+    Measure {
+        /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
+        /// takes no image locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Output format: human or json.
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// Format of the new image.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        /// Options of the new image, as for create (and preallocation).
+        #[arg(short = 'o')]
+        options: Option<String>,
+        /// Virtual size of an empty new image (suffixes k, M, G).
+        #[arg(long = "size", value_parser = size_arg)]
+        size: Option<u64>,
+        /// Format of FILE (probed if omitted).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Follow backing files whose format is not stated, probing it.
+        #[arg(long = "allow-probed-backing")]
+        allow_probed_backing: bool,
+        /// The image to copy.
+        file: Option<PathBuf>,
     },
     /// Check a qcow2 image. Exit code: 0 clean, 1 check error, 2 corruption, 3 leaks only.
     Check {
@@ -285,6 +425,14 @@ enum Cmd {
         /// Output cache mode.
         #[arg(short = 't', default_value = "writeback")]
         cache: String,
+        /// Make the output an overlay of this backing file (stored as given: a
+        /// relative name is resolved against the output's directory) holding only
+        /// what differs from it; needs -F.
+        #[arg(short = 'B')]
+        backing: Option<String>,
+        /// Format of the -B backing file (raw or qcow2).
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
         /// Cache sizes of the qcow2 images (input and output).
         #[command(flatten)]
         sizes: CacheSizes,
@@ -564,24 +712,8 @@ fn create_image(
     }
 }
 
-fn human(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", units[u])
-    } else {
-        format!("{v:.3} {}", units[u])
-    }
-}
-
-fn disk_usage(path: &Path) -> u64 {
+/// Bytes the file takes on disk.
+pub(crate) fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
@@ -607,90 +739,6 @@ fn cmd_snapshot(file: &Path, fmt: Option<&str>, list: bool) -> Result<i32> {
     let snaps = qcow2::snapshot::read_snapshots(&raw, &h)?;
     if !snaps.is_empty() {
         print!("{}", text::snapshot_listing(&snaps));
-    }
-    Ok(0)
-}
-
-fn cmd_info(file: &Path, fmt: Option<&str>, output: &str) -> Result<i32> {
-    let fmt = match fmt {
-        Some(f) => f.to_string(),
-        None => Format::probe(file)?.to_string(),
-    };
-    let raw = RawFile::open(
-        file,
-        RawOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
-    let actual = disk_usage(file);
-    let name = file.display().to_string();
-    let (vsize, q) = if fmt == "qcow2" {
-        let h = qcow2::read_header(&raw)?;
-        (h.size, Some(qcow2::info_from_header(&h)))
-    } else {
-        (raw.size(), None)
-    };
-    if output == "json" {
-        let mut v = serde_json::json!({
-            "virtual-size": vsize,
-            "filename": name,
-            "format": fmt,
-            "actual-size": actual,
-            "dirty-flag": q.as_ref().is_some_and(|i| i.dirty),
-        });
-        if let Some(i) = &q {
-            v["cluster-size"] = i.cluster_size.into();
-            let mut data = serde_json::json!({
-                "compat": if i.version == 3 { "1.1" } else { "0.10" },
-                "compression-type": i.compression_type.name(),
-                "refcount-bits": i.refcount_bits,
-            });
-            if i.version == 3 {
-                data["lazy-refcounts"] = i.lazy_refcounts.into();
-                data["corrupt"] = i.corrupt.into();
-                data["extended-l2"] = i.extended_l2.into();
-            }
-            v["format-specific"] = serde_json::json!({"type": "qcow2", "data": data});
-            if let Some(b) = &i.backing_file {
-                v["backing-filename"] = b.clone().into();
-            }
-            if let Some(b) = &i.backing_format {
-                v["backing-filename-format"] = b.clone().into();
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else {
-        println!("image: {name}");
-        println!("file format: {fmt}");
-        println!("virtual size: {} ({vsize} bytes)", human(vsize));
-        println!("disk size: {}", human(actual));
-        if let Some(i) = &q {
-            println!("cluster_size: {}", i.cluster_size);
-            if let Some(b) = &i.backing_file {
-                println!("backing file: {b}");
-            }
-            if let Some(b) = &i.backing_format {
-                println!("backing file format: {b}");
-            }
-            println!("Format specific information:");
-            println!(
-                "    compat: {}",
-                if i.version == 3 { "1.1" } else { "0.10" }
-            );
-            println!("    compression type: {}", i.compression_type);
-            if i.version == 3 {
-                println!("    lazy refcounts: {}", i.lazy_refcounts);
-            }
-            println!("    refcount bits: {}", i.refcount_bits);
-            if i.version == 3 {
-                println!("    corrupt: {}", i.corrupt);
-                println!("    extended l2: false");
-            }
-            if i.dirty {
-                println!("    dirty: true");
-            }
-        }
     }
     Ok(0)
 }
@@ -803,21 +851,30 @@ fn check_exit_code(r: &qcow2::CheckReport) -> i32 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cmd_convert(
-    input: &Path,
-    ifmt: Option<&str>,
-    output: &Path,
-    ofmt: &str,
-    opts: Option<&str>,
+/// Options of `convert`.
+struct ConvertArgs<'a> {
+    input: &'a Path,
+    input_format: Option<&'a str>,
+    output: &'a Path,
+    output_format: &'a str,
+    options: Option<&'a str>,
     compress: bool,
     cache: CacheMode,
     sizes: CacheSizes,
     progress: bool,
-) -> Result<i32> {
-    let ifmt = image_format(input, ifmt)?;
+    /// `-B NAME` and `-F FMT`: the output's backing file, stored as given.
+    backing: Option<(&'a str, Format)>,
+}
+
+fn cmd_convert(a: &ConvertArgs<'_>) -> Result<i32> {
+    let ifmt = image_format(a.input, a.input_format)?;
+    let ofmt = a.output_format;
+    let sizes = a.sizes;
     if sizes.is_set() && ifmt != "qcow2" && ofmt != "qcow2" {
         return Err(Usage::CacheSizesNeedQcow2Image.into());
+    }
+    if a.backing.is_some() && ofmt != "qcow2" {
+        return Err(Usage::ConvertBackingNeedsQcow2.into());
     }
     let for_fmt = |f: &str| {
         if f == "qcow2" {
@@ -827,63 +884,33 @@ fn cmd_convert(
         }
     };
     let src = open_image(
-        input,
+        a.input,
         Some(&ifmt),
         CacheMode::Writeback,
         true,
         for_fmt(&ifmt),
     )?;
     let size = src.backend().size();
-    create_image(output, ofmt, opts, size, None)?;
-    let dst = open_image(output, Some(ofmt), cache, false, for_fmt(ofmt))?;
-    let compressed = match (&dst, compress) {
-        (Image::Qcow2(q), true) => Some(q.clone()),
-        (_, false) => None,
-        (_, true) => return Err(Usage::CompressNeedsQcow2.into()),
+    create_image(a.output, ofmt, a.options, size, a.backing)?;
+    let dst = open_image(a.output, Some(ofmt), a.cache, false, for_fmt(ofmt))?;
+    let dest = match (&dst, a.compress, a.backing.is_some()) {
+        (_, true, true) => return Err(Usage::CompressWithBacking.into()),
+        (Image::Qcow2(q), true, false) => Destination::Compressed(q),
+        (_, true, false) => return Err(Usage::CompressNeedsQcow2.into()),
+        (Image::Qcow2(q), false, true) => match q.backing() {
+            Some(b) => Destination::Overlay {
+                image: &**q,
+                backing: &**b,
+                granularity: q.cluster_size(),
+            },
+            None => Destination::Plain(dst.backend()),
+        },
+        (_, false, _) => Destination::Plain(dst.backend()),
     };
-    // Compressed writes take whole clusters.
-    let chunk: u64 = match &compressed {
-        Some(q) => q.cluster_size().max(64 << 10),
-        None => 2 << 20,
-    };
-    let mut buf = AlignedBuf::new(chunk as usize, 4096);
-    let mut pos = 0;
-    let mut last_pct = -1.0f64;
-    let show = |pct: f64| {
-        print!("    ({pct:.2}/100%)\r");
-        let _ = std::io::stdout().flush();
-    };
-    if progress {
-        show(0.0);
-    }
-    while pos < size {
-        let n = (size - pos).min(chunk) as usize;
-        let b = &mut buf.as_mut_slice()[..n];
-        src.backend().read_at(b, pos)?;
-        match &compressed {
-            Some(q) => {
-                let cs = q.cluster_size() as usize;
-                for (k, c) in b.chunks(cs).enumerate() {
-                    if c.iter().any(|&x| x != 0) {
-                        q.write_compressed(pos + (k * cs) as u64, c)?;
-                    }
-                }
-            }
-            None if b.iter().any(|&x| x != 0) => dst.backend().write_at(b, pos)?,
-            None => {}
-        }
-        pos += n as u64;
-        if progress {
-            let pct = (pos as f64 * 100.0 / size as f64 * 100.0).floor() / 100.0;
-            if pct - last_pct >= 1.0 || pos == size {
-                show(pct);
-                last_pct = pct;
-            }
-        }
-    }
-    if progress {
-        show(100.0);
-        println!();
+    let mut progress = Progress::new(a.progress);
+    convert(src.backend(), dest, &mut |f| progress.update(f))?;
+    if a.progress {
+        progress.finish();
     }
     dst.close()?;
     Ok(0)
@@ -1103,10 +1130,71 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Info {
+            force_share: _,
             format,
             output,
+            backing_chain,
+            allow_probed_backing,
             file,
-        } => cmd_info(&file, format.as_deref(), &output),
+        } => info::cmd_info(
+            &file,
+            format.as_deref(),
+            output,
+            backing_chain,
+            allow_probed_backing,
+        ),
+        Cmd::Compare {
+            force_share: _,
+            format1,
+            format2,
+            strict,
+            progress,
+            quiet,
+            allow_probed_backing,
+            file1,
+            file2,
+        } => compare::cmd_compare(&compare::CompareArgs {
+            files: [&file1, &file2],
+            formats: [format1.as_deref(), format2.as_deref()],
+            strict,
+            progress,
+            quiet,
+            allow_probed_backing,
+        }),
+        Cmd::Measure {
+            force_share: _,
+            output,
+            out_format,
+            options,
+            size,
+            format,
+            allow_probed_backing,
+            file,
+        } => measure::cmd_measure(&measure::MeasureArgs {
+            file: file.as_deref(),
+            size,
+            format: format.as_deref(),
+            out_format: &out_format,
+            options: options.as_deref(),
+            output,
+            allow_probed_backing,
+        }),
+        Cmd::Map {
+            force_share: _,
+            output,
+            start_offset,
+            max_length,
+            format,
+            allow_probed_backing,
+            file,
+        } => map::cmd_map(
+            &file,
+            format.as_deref(),
+            output,
+            start_offset,
+            max_length,
+            allow_probed_backing,
+        ),
         Cmd::Check {
             repair,
             format,
@@ -1126,20 +1214,31 @@ fn run(cli: Cli) -> Result<i32> {
             options,
             compress,
             cache,
+            backing,
+            backing_format,
             sizes,
             input,
             output,
-        } => cmd_convert(
-            &input,
-            input_format.as_deref(),
-            &output,
-            &output_format,
-            options.as_deref(),
-            compress,
-            cache.parse()?,
-            sizes,
-            progress,
-        ),
+        } => {
+            let backing = match (&backing, &backing_format) {
+                (Some(b), Some(f)) => Some((b.as_str(), f.parse::<Format>()?)),
+                (None, None) => None,
+                (Some(_), None) => return Err(Usage::BackingNeedsFormat.into()),
+                (None, Some(_)) => return Err(Usage::FormatNeedsBacking.into()),
+            };
+            cmd_convert(&ConvertArgs {
+                input: &input,
+                input_format: input_format.as_deref(),
+                output: &output,
+                output_format: &output_format,
+                options: options.as_deref(),
+                compress,
+                cache: cache.parse()?,
+                sizes,
+                progress,
+                backing,
+            })
+        }
         Cmd::Bench {
             count,
             depth,
@@ -1258,22 +1357,28 @@ where
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(e.exit_code() as u8);
+            // --help and --version exit 0; a bad command line exits 1, as qemu-img's.
+            return ExitCode::from(u8::from(e.use_stderr()));
         }
     };
     match run(cli) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            let mut msg = format!("keel-img: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("{msg}");
+            print_error(&e);
             ExitCode::from(1)
         }
     }
+}
+
+/// Prints `keel-img: step: cause: cause ...` to stderr.
+fn print_error(e: &CliError) {
+    let mut msg = format!("keel-img: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use keel_block::qcow2::snapshot::Snapshot;
 
 /// A size as QEMU's `size_to_str` prints it (`0 B`, `1.5 MiB`).
-fn size_str(v: u64) -> String {
+pub(crate) fn size_str(v: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut i = 0;
     let mut x = v as f64;

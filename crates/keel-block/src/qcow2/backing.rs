@@ -17,7 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{read_header, Qcow2, Qcow2Options};
+use super::{read_header, Header, Qcow2, Qcow2Options};
 use crate::backend::BlockBackend;
 use crate::error::{ChainProblem, Error, Result};
 use crate::image::Format;
@@ -67,55 +67,18 @@ fn open_level(
     }
     seen.push(id);
     let hdr = read_header(&file)?;
-    let backing: Option<Arc<dyn BlockBackend>> = match &hdr.backing_file {
+    if let (Some(name), true) = (&hdr.backing_file, depth >= MAX_BACKING_DEPTH) {
+        return Err(chain_err(
+            path,
+            ChainProblem::TooDeep {
+                name: String::from_utf8_lossy(name).into_owned(),
+                max: MAX_BACKING_DEPTH,
+            },
+        ));
+    }
+    let backing: Option<Arc<dyn BlockBackend>> = match backing_of(path, &hdr, opts)? {
         None => None,
-        Some(name) => {
-            let bpath = resolve(path, name);
-            let shown = String::from_utf8_lossy(name).into_owned();
-            if depth >= MAX_BACKING_DEPTH {
-                return Err(chain_err(
-                    path,
-                    ChainProblem::TooDeep {
-                        name: shown,
-                        max: MAX_BACKING_DEPTH,
-                    },
-                ));
-            }
-            let fmt = match hdr.backing_format() {
-                Some(f) => match f.parse::<Format>() {
-                    Ok(f) => f,
-                    Err(_) => {
-                        return Err(chain_err(
-                            path,
-                            ChainProblem::UnsupportedFormat {
-                                name: shown,
-                                format: f,
-                            },
-                        ))
-                    }
-                },
-                None if opts.allow_probed_backing => {
-                    let probe = RawFile::open(
-                        &bpath,
-                        RawOptions {
-                            read_only: true,
-                            ..Default::default()
-                        },
-                    )
-                    .map_err(|e| backing_err(&bpath, e))?;
-                    if super::probe(&probe) {
-                        Format::Qcow2
-                    } else {
-                        Format::Raw
-                    }
-                }
-                None => {
-                    return Err(chain_err(
-                        path,
-                        ChainProblem::UnstatedFormat { name: shown },
-                    ))
-                }
-            };
+        Some((bpath, fmt)) => {
             let braw = RawOptions {
                 read_only: true,
                 growable: false,
@@ -148,6 +111,58 @@ fn open_level(
         }
     };
     Qcow2::open_with_backing(file, opts, backing)
+}
+
+/// The backing file of the qcow2 image at `path` whose header is `hdr`: its path
+/// (resolved against `path`'s directory) and format, under the policy of this module
+/// (the format the header states; probed only with
+/// [`Qcow2Options::allow_probed_backing`]). `None` if the header names none.
+pub fn backing_of(
+    path: &Path,
+    hdr: &Header,
+    opts: Qcow2Options,
+) -> Result<Option<(PathBuf, Format)>> {
+    let Some(name) = &hdr.backing_file else {
+        return Ok(None);
+    };
+    let bpath = resolve(path, name);
+    let shown = String::from_utf8_lossy(name).into_owned();
+    let fmt = match hdr.backing_format() {
+        Some(f) => match f.parse::<Format>() {
+            Ok(f) => f,
+            Err(_) => {
+                return Err(chain_err(
+                    path,
+                    ChainProblem::UnsupportedFormat {
+                        name: shown,
+                        format: f,
+                    },
+                ))
+            }
+        },
+        None if opts.allow_probed_backing => {
+            let probe = RawFile::open(
+                &bpath,
+                RawOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| backing_err(&bpath, e))?;
+            if super::probe(&probe) {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            }
+        }
+        None => {
+            return Err(chain_err(
+                path,
+                ChainProblem::UnstatedFormat { name: shown },
+            ))
+        }
+    };
+    Ok(Some((bpath, fmt)))
 }
 
 fn backing_err(path: &Path, e: Error) -> Error {

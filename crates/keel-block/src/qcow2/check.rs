@@ -18,8 +18,7 @@ use super::meta::{
 use super::read_header;
 use super::refcount;
 
-/// Header extension: persistent dirty bitmaps.
-const EXT_BITMAPS: u32 = 0x2385_2875;
+use super::bitmaps::EXT_BITMAPS;
 use super::snapshot::MAX_EXTRA;
 use crate::backend::BlockBackend;
 use crate::error::{Error, InvalidImage, Result, SnapshotProblem, Unsupported};

@@ -16,6 +16,7 @@
 
 mod backend;
 pub mod backing;
+pub mod bitmaps;
 pub mod check;
 pub mod compress;
 mod create;
@@ -44,6 +45,7 @@ use header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 pub use info::{info_from_header, ImageInfo};
 use meta::Meta;
 pub use options::{CacheSizes, CreateOptions, Qcow2Options};
+pub use read::Allocation;
 
 /// An open qcow2 image.
 ///

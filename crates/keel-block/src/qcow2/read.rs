@@ -10,7 +10,119 @@ use crate::error::{Corruption, Error, Result, Unsupported};
 use crate::iov::Iov;
 use crate::mapping::{push_extent, Extent, ExtentKind, Mapping};
 
+/// How this image alone stores a guest range (its backing file not consulted), as
+/// `qemu-img map` reports it per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Not allocated here: reads from the backing file, or as zeroes without one.
+    /// `host` is where the range would be stored when its cluster is allocated but
+    /// not this subcluster (extended L2 entries).
+    Unallocated {
+        /// Host offset of the range in its allocated cluster.
+        host: Option<u64>,
+    },
+    /// Reads as zeroes; `host` is the preallocated host cluster an allocated zero
+    /// cluster keeps.
+    Zero {
+        /// Host offset of the range in a preallocated zero cluster.
+        host: Option<u64>,
+    },
+    /// Data at this host offset.
+    Data(u64),
+    /// Compressed data.
+    Compressed,
+}
+
 impl<F: BlockBackend> Qcow2<F> {
+    /// How this image alone stores `[offset, offset + len)`: runs of one
+    /// [`Allocation`] in guest order (data runs merged when their host offsets
+    /// are contiguous), never consulting the backing file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::qcow2::{self, Allocation, CreateOptions, Qcow2, Qcow2Options};
+    /// use keel_block::{BlockBackend, MemBackend};
+    ///
+    /// let file = MemBackend::new(Vec::new());
+    /// qcow2::create(&file, &CreateOptions { size: 1 << 20, ..Default::default() })?;
+    /// let img = Qcow2::open(file, Qcow2Options::default())?;
+    /// img.write_at(&[1; 4096], 65536)?;
+    /// let runs = img.allocation(0, 1 << 20)?;
+    /// assert_eq!(runs[0], (65536, Allocation::Unallocated { host: None }));
+    /// assert!(matches!(runs[1], (65536, Allocation::Data(_))));
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, Allocation)>> {
+        check_range(offset, len, self.size)?;
+        let f: &dyn BlockBackend = &self.file;
+        let mut m = self.meta();
+        let cs = 1u64 << self.cb;
+        let mut out: Vec<(u64, Allocation)> = Vec::new();
+        let mut push = |n: u64, a: Allocation| {
+            if let Some((ln, la)) = out.last_mut() {
+                let merge = match (*la, a) {
+                    (Allocation::Data(h), Allocation::Data(k)) => h + *ln == k,
+                    (Allocation::Zero { host: Some(h) }, Allocation::Zero { host: Some(k) })
+                    | (
+                        Allocation::Unallocated { host: Some(h) },
+                        Allocation::Unallocated { host: Some(k) },
+                    ) => h + *ln == k,
+                    (x, y) => x == y,
+                };
+                if merge {
+                    *ln += n;
+                    return;
+                }
+            }
+            out.push((n, a));
+        };
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let in_off = pos & (cs - 1);
+            let n = (cs - in_off).min(end - pos);
+            let Some(slot) = m.l2_for_read(f, pos)? else {
+                push(n, Allocation::Unallocated { host: None });
+                pos += n;
+                continue;
+            };
+            let (_, e, bitmap, st) = m.l2_entry(f, slot, pos)?;
+            match st {
+                L2State::Unallocated if !m.ext => push(n, Allocation::Unallocated { host: None }),
+                L2State::Zero(h) => push(
+                    n,
+                    Allocation::Zero {
+                        host: h.map(|h| h + in_off),
+                    },
+                ),
+                L2State::Normal(h) if !m.ext => push(n, Allocation::Data(h + in_off)),
+                L2State::Unallocated | L2State::Normal(_) => {
+                    let h = e & OFFSET_MASK;
+                    let host = |p: u64| (h != 0).then_some(h + p);
+                    let sc = cs / 32;
+                    let mut p = in_off;
+                    while p < in_off + n {
+                        let i = p / sc;
+                        let k = ((i + 1) * sc).min(in_off + n) - p;
+                        let a = if bitmap & (1 << i) != 0 {
+                            Allocation::Data(h + p)
+                        } else if bitmap & (1 << (32 + i)) != 0 {
+                            Allocation::Zero { host: host(p) }
+                        } else {
+                            Allocation::Unallocated { host: host(p) }
+                        };
+                        push(k, a);
+                        p += k;
+                    }
+                }
+                L2State::Compressed => push(n, Allocation::Compressed),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
     pub(super) fn map_read_extents(&self, offset: u64, len: u64, pin: bool) -> Result<Mapping> {
         Ok(self.map_read_inner(offset, len, pin)?.0)
     }
