@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use keel_block::qcow2::edit::{self, AmendOptions};
 use keel_block::Format;
 
-use super::progress::Progress;
 use super::{edit_file, format, VerbError};
+use crate::progress::Progress;
 
 /// Command line of `amend`.
 #[derive(clap::Args, Debug)]
@@ -86,8 +86,7 @@ pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
     if fmt != Format::Qcow2 {
         return Err(VerbError::AmendFormat(fmt));
     }
-    let mut meter = Progress::new(a.progress && !a.quiet);
-    meter.update(0.0);
+    let meter = Progress::new(a.progress && !a.quiet);
     let f = edit_file(&file)?;
     edit::amend(&f, &o).map_err(VerbError::Amend)?;
     meter.finish();

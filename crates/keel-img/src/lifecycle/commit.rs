@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use keel_block::volume::{self, CommitOptions};
 
-use super::progress::Progress;
 use super::{format, VerbError};
+use crate::progress::Progress;
 
 /// Command line of `commit`.
 #[derive(clap::Args, Debug)]
@@ -41,7 +41,7 @@ pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
         base: a.base,
         keep: a.keep,
     };
-    volume::commit(&file, fmt, &opts, &mut |p| meter.update(p))?;
+    volume::commit(&file, fmt, &opts, &mut |p| meter.update(p / 100.0))?;
     meter.finish();
     if !a.quiet {
         println!("Image committed.");

@@ -4,7 +4,6 @@
 
 pub(crate) mod amend;
 pub(crate) mod commit;
-pub(crate) mod progress;
 pub(crate) mod rebase;
 pub(crate) mod resize;
 pub(crate) mod snapshot;

@@ -6,8 +6,8 @@ use keel_block::qcow2::edit::BackingFile;
 use keel_block::volume::{self, RebaseOptions, VolumeError};
 use keel_block::Format;
 
-use super::progress::Progress;
 use super::{format, VerbError};
+use crate::progress::Progress;
 
 /// Command line of `rebase`.
 #[derive(clap::Args, Debug)]
@@ -67,7 +67,7 @@ pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
         backing,
         unsafe_mode: a.unsafe_mode,
     };
-    volume::rebase(&file, fmt, &opts, &mut |p| meter.update(p))?;
+    volume::rebase(&file, fmt, &opts, &mut |p| meter.update(p / 100.0))?;
     meter.finish();
     Ok(0)
 }
