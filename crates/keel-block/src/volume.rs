@@ -26,6 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::backend::BlockBackend;
+use crate::chain::Chain;
 use crate::error::Error;
 use crate::image::{Format, Image, ImageOptions};
 use crate::mapping::{ExtentKind, MapExtents};
@@ -382,51 +383,10 @@ fn preallocate_qcow2(f: RawFile, old: u64, new: u64, mode: Preallocation) -> Res
     Ok(())
 }
 
-/// One image of a backing chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainLink {
-    /// Its path (backing names resolved against the directory of the image naming them).
-    pub path: PathBuf,
-    /// Its format.
-    pub format: Format,
-}
-
-/// The backing chain of the image at `path`, the image itself first. The
-/// format of a backing file whose overlay does not state it is probed, as
-/// qemu-img does.
-pub fn chain(path: &Path, format: Format) -> Result<Vec<ChainLink>, VolumeError> {
-    let mut out = vec![ChainLink {
-        path: path.to_path_buf(),
-        format,
-    }];
-    while out.len() <= backing::MAX_BACKING_DEPTH + 1 {
-        let last = out.last().expect("chain starts with the image");
-        if last.format != Format::Qcow2 {
-            break;
-        }
-        let p = last.path.clone();
-        let f = RawFile::open(
-            &p,
-            RawOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .map_err(open_err(&p))?;
-        let h = qcow2::read_header(&f).map_err(open_err(&p))?;
-        let Some(name) = &h.backing_file else { break };
-        let bp = backing::resolve(&p, name);
-        let chain_err = |source| VolumeError::Chain {
-            path: p.clone(),
-            source,
-        };
-        let format = match h.backing_format() {
-            Some(f) => f.parse::<Format>().map_err(chain_err)?,
-            None => Format::probe(&bp).map_err(chain_err)?,
-        };
-        out.push(ChainLink { path: bp, format });
-    }
-    Ok(out)
+/// The image a commit writes into.
+struct ChainLink {
+    path: PathBuf,
+    format: Format,
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -497,21 +457,6 @@ fn allocated(img: &Image, path: &Path) -> Result<Vec<(u64, u64)>, VolumeError> {
         pos += n;
     }
     Ok(out)
-}
-
-/// Merges sorted-or-not ranges into sorted, disjoint ones.
-fn union(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    r.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (o, l) in r {
-        match out.last_mut() {
-            Some(last) if o <= last.0 + last.1 => {
-                last.1 = last.1.max(o + l - last.0);
-            }
-            _ => out.push((o, l)),
-        }
-    }
-    out
 }
 
 /// Copies `ranges` of `from` into `to`, chunk by chunk (zeroes as
@@ -611,16 +556,25 @@ pub fn commit(
     if format != Format::Qcow2 {
         return Err(VolumeError::NoBacking);
     }
-    let links = chain(path, format)?;
-    if links.len() < 2 {
+    let chain = Chain::open(
+        path,
+        format,
+        Qcow2Options {
+            allow_probed_backing: true,
+            ..Default::default()
+        },
+    )
+    .map_err(open_err(path))?;
+    let layers = chain.layers();
+    if layers.len() < 2 {
         return Err(VolumeError::NoBacking);
     }
     let base_idx = match &opts.base {
         None => 1,
-        Some(b) => links
+        Some(b) => layers
             .iter()
             .skip(1)
-            .position(|l| same_file(&l.path, b))
+            .position(|l| same_file(l.path(), b))
             .map(|i| i + 1)
             .ok_or_else(|| VolumeError::BaseNotInChain {
                 base: b.display().to_string(),
@@ -630,15 +584,32 @@ pub fn commit(
     let keep = opts.keep || opts.base.is_some();
     progress(0.0);
     // What the images above the base allocate, read through the top image.
-    let mut ranges = Vec::new();
-    for l in &links[..base_idx] {
-        let img = open_image(&l.path, l.format, true)?;
-        ranges.extend(allocated(&img, &l.path)?);
+    let top_size = chain.size();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < top_size {
+        let n = (top_size - pos).min(1 << 30);
+        let status = chain
+            .block_status(pos, n)
+            .map_err(|source| VolumeError::Read {
+                path: path.to_path_buf(),
+                offset: pos,
+                source,
+            })?;
+        for st in status {
+            if st.present && st.depth < base_idx {
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == st.start => last.1 += st.length,
+                    _ => ranges.push((st.start, st.length)),
+                }
+            }
+        }
+        pos += n;
     }
-    let ranges = union(ranges);
-    let top = open_image(path, format, true)?;
-    let base = &links[base_idx];
-    let top_size = top.backend().size();
+    let base = ChainLink {
+        path: layers[base_idx].path().to_path_buf(),
+        format: layers[base_idx].format(),
+    };
     if virtual_size(&base.path, base.format)? < top_size {
         resize(
             &base.path,
@@ -650,6 +621,7 @@ pub fn commit(
             },
         )?;
     }
+    let top = chain.image();
     {
         let bimg = open_image(&base.path, base.format, false)?;
         copy_ranges(
@@ -663,7 +635,7 @@ pub fn commit(
             source,
         })?;
     }
-    drop(top);
+    drop(chain);
     if !keep {
         let f = rw_file(path)?;
         edit::make_empty(&f).map_err(edit_err(path))?;
