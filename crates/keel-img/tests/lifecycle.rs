@@ -284,6 +284,7 @@ fn snapshots_like_qemu_img_and_across() {
     std::fs::write(t.q("r.raw"), vec![0u8; 65536]).unwrap();
     t.copy();
     assert_eq!(t.both(&["snapshot", "-f", "raw", "-c", "x", "r.raw"]), 1);
+    assert_eq!(t.both(&["snapshot", "-f", "raw", "-l", "r.raw"]), 0);
     // Across: qemu-img's snapshots applied and deleted by keel-img, and keel-img's by qemu-img.
     let (q, k) = (t.q("s.qcow2"), t.k.join("s.qcow2"));
     ok("qemu-img", &["snapshot", "-c", "byqemu", p(&q)]);

@@ -46,6 +46,8 @@ pub(crate) fn run(
             (Some(n), _, _) => ("create", n, edit::snapshot_create),
             (_, Some(n), _) => ("apply", n, edit::snapshot_apply),
             (_, _, Some(n)) => ("delete", n, edit::snapshot_delete),
+            // A raw image has no snapshots to list: nothing, as qemu-img.
+            _ if format(&file, a.format.as_deref())? != Format::Qcow2 => return Ok(0),
             _ => return list(&file, a.format.as_deref()),
         };
     let fmt = format(&file, a.format.as_deref())?;
