@@ -16,6 +16,7 @@ pub mod mem;
 pub mod qcow2;
 pub mod raw;
 pub mod throttle;
+pub mod volume;
 
 pub use backend::{BlockBackend, Limits, WriteFlags};
 pub use error::{Error, Result};

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod compare;
 mod info;
+mod lifecycle;
 mod map;
 mod measure;
 mod progress;
@@ -28,6 +29,9 @@ enum CliError {
     /// The library failed.
     #[error(transparent)]
     Block(#[from] keel_block::Error),
+    /// A life-cycle verb (resize, snapshot, commit, rebase, amend) failed.
+    #[error(transparent)]
+    Verb(#[from] lifecycle::VerbError),
     /// Creating the image file failed.
     #[error("creating {}", path.display())]
     Create {
@@ -271,17 +275,17 @@ enum Cmd {
         /// Size (suffixes k, M, G, T); default with -b: the backing file's.
         size: Option<String>,
     },
-    /// List internal snapshots: `snapshot -l FILE`.
-    Snapshot {
-        /// List the snapshots (the only operation supported).
-        #[arg(short = 'l')]
-        list: bool,
-        /// Format (probed if omitted).
-        #[arg(short = 'f')]
-        format: Option<String>,
-        /// Image file.
-        file: PathBuf,
-    },
+    /// List, create, apply or delete internal snapshots:
+    /// `snapshot [-l | -c NAME | -a NAME | -d NAME] FILE`.
+    Snapshot(lifecycle::snapshot::Args),
+    /// Change the virtual size: `resize [--shrink] [--preallocation=MODE] FILE [+-]SIZE`.
+    Resize(lifecycle::resize::Args),
+    /// Write an overlay's data into its backing chain: `commit [-b BASE] [-d] [-p] FILE`.
+    Commit(lifecycle::commit::Args),
+    /// Change the backing file: `rebase [-u] -b BACKING [-F FMT] [-p] FILE`.
+    Rebase(lifecycle::rebase::Args),
+    /// Change qcow2 options in place: `amend -o compat=..,lazy_refcounts=..,refcount_bits=.. FILE`.
+    Amend(lifecycle::amend::Args),
     /// Show information about an image.
     Info {
         /// Accepted for qemu-img compatibility (`-U`, `--force-share`): keel-img
@@ -1198,7 +1202,11 @@ fn run(cli: Cli) -> Result<i32> {
             quiet,
             file,
         } => cmd_check(&file, format.as_deref(), repair.as_deref(), &output, quiet),
-        Cmd::Snapshot { list, format, file } => cmd_snapshot(&file, format.as_deref(), list),
+        Cmd::Snapshot(a) => lifecycle::snapshot::run(a, |f, fmt| cmd_snapshot(f, fmt, true)),
+        Cmd::Resize(a) => Ok(lifecycle::resize::run(a)?),
+        Cmd::Commit(a) => Ok(lifecycle::commit::run(a)?),
+        Cmd::Rebase(a) => Ok(lifecycle::rebase::run(a)?),
+        Cmd::Amend(a) => Ok(lifecycle::amend::run(a)?),
         Cmd::Convert {
             progress,
             input_format,

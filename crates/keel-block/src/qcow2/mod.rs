@@ -20,6 +20,7 @@ pub mod bitmaps;
 pub mod check;
 pub mod compress;
 mod create;
+pub mod edit;
 mod fuzz;
 pub mod header;
 pub mod inflight;
