@@ -840,3 +840,71 @@ impl VcpuThread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_bus::{BusRange, PioDevice};
+
+    /// Records each access: (offset, length).
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(u64, usize)>>);
+    impl PioDevice for Log {
+        fn pio_read(&self, offset: u64, data: &mut [u8]) {
+            self.0.lock().unwrap().push((offset, data.len()));
+            data.fill(0x11);
+        }
+        fn pio_write(&self, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().push((offset, data.len()));
+        }
+    }
+
+    #[test]
+    fn string_io_is_one_access_per_element_and_kvm_sizes_are_clamped() {
+        let buses = Buses::default();
+        let dev = Arc::new(Log::default());
+        buses
+            .pio
+            .insert(BusRange::new(0x10, 4).unwrap(), dev.clone())
+            .unwrap();
+        let data = [0u8; 6];
+        // `rep outsw` of three words, then KVM saying 0 or more than the data: one access.
+        for (size, len) in [(2, 6), (0, 4), (8, 4)] {
+            buses
+                .dispatch(IoAccess::PioOut {
+                    port: 0x10,
+                    size,
+                    data: &data[..len],
+                })
+                .unwrap();
+        }
+        assert_eq!(
+            *dev.0.lock().unwrap(),
+            [(0, 2), (0, 2), (0, 2), (0, 4), (0, 4)]
+        );
+        // An `in` straddling the end of the device's range is unclaimed: all ones.
+        let mut buf = [0u8; 4];
+        let r = buses.dispatch(IoAccess::PioIn {
+            port: 0x12,
+            size: 4,
+            data: &mut buf,
+        });
+        assert!(matches!(r, Err(keel_bus::Error::Straddle { .. })), "{r:?}");
+        assert_eq!(buf, [0xff; 4]);
+        // Unclaimed MMIO: reads float, writes vanish, both say so.
+        let mut buf = [0u8; 8];
+        assert!(buses
+            .dispatch(IoAccess::MmioRead {
+                addr: 0x1000,
+                data: &mut buf
+            })
+            .is_err());
+        assert_eq!(buf, [0xff; 8]);
+        assert!(buses
+            .dispatch(IoAccess::MmioWrite {
+                addr: 0x1000,
+                data: &buf
+            })
+            .is_err());
+    }
+}
