@@ -14,7 +14,7 @@ use keel_block::qcow2::{check, CacheSizes, Fix, Qcow2, Qcow2Options};
 use keel_block::{BlockBackend, MemBackend};
 
 /// Largest size an image may grow to while it is exercised.
-pub const MAX_IMAGE: u64 = 16 << 20;
+pub const MAX_IMAGE: u64 = 4 << 20;
 
 /// The backing image every overlay reads its unallocated clusters from: 256 KiB of a
 /// pattern (so copy-on-write has something to copy).
