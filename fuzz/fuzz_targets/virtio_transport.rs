@@ -1,19 +1,31 @@
 //! Arbitrary sequences of virtio-mmio and virtio-pci register accesses, PCI configuration
-//! accesses, guest-memory scribbles and device queue processing, against both transports
-//! carrying a device that serves its queues synchronously (so runs are deterministic) with
-//! descriptor chains taken from fuzzed guest memory.
+//! accesses (ECAM: BAR reprogramming, decode enables), guest-memory scribbles and device
+//! queue processing, against both transports carrying a device that serves its queues
+//! synchronously (so runs are deterministic) with descriptor chains taken from fuzzed
+//! guest memory. The two virtio-pci functions sit on a PCI segment with a doorbell
+//! (ioeventfd) registrar each, so BAR moves, collisions between the two functions'
+//! BARs and failed moves all move doorbells.
 //!
 //! Checks: nothing panics; MSI-X vectors triggered are inside the table; a status write of
 //! 0 always reads back 0; DEVICE_NEEDS_RESET only ever comes from the device side; every
-//! used length fits the chain's writable capacity.
+//! used length fits the chain's writable capacity; each function's registered doorbells
+//! are exactly one per queue inside its BAR 0 where the bus decodes it (none while it does
+//! not), never registered twice nor unregistered unregistered.
 #![no_main]
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
-use keel_bus::interrupt::{InterruptLine, MsiGroup, MsiMessage, Result as IrqResult};
-use keel_bus::MmioDevice;
-use keel_memory::GuestMemoryMmap;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+
+use keel_bus::interrupt::{
+    DataMatch, InterruptLine, IoEventAddress, IoEventRegistrar, MsiGroup, MsiMessage,
+    Result as IrqResult,
+};
+use keel_bus::{MmioBus, MmioDevice, PioBus};
+use keel_memory::{GuestMemoryMmap, MemoryLayout, SystemAllocator, GIB};
+use keel_pci::PciSegment;
 use keel_virtio::device::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice};
 use keel_virtio::worker::{drain_queue, IndirectDesc};
 use keel_virtio::{virtio_pci_function, InterruptKind, VirtioMmio};
@@ -123,6 +135,40 @@ impl MsiGroup for Group {
     }
 }
 
+/// The doorbells registered now, by address (what KVM would hold).
+#[derive(Default)]
+struct Doorbells(Mutex<HashMap<u64, RawFd>>);
+
+impl IoEventRegistrar for Doorbells {
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, dm: DataMatch) -> IrqResult<()> {
+        let IoEventAddress::Mmio(a) = addr else {
+            panic!("virtio-pci doorbells are MMIO, not {addr:?}");
+        };
+        assert_eq!(dm, DataMatch::Any);
+        let old = self.0.lock().unwrap().insert(a, evt.as_raw_fd());
+        assert!(old.is_none(), "doorbell at {a:#x} registered twice");
+        Ok(())
+    }
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, dm: DataMatch) -> IrqResult<()> {
+        let IoEventAddress::Mmio(a) = addr else {
+            panic!("virtio-pci doorbells are MMIO, not {addr:?}");
+        };
+        assert_eq!(dm, DataMatch::Any);
+        let old = self.0.lock().unwrap().remove(&a);
+        assert_eq!(
+            old,
+            Some(evt.as_raw_fd()),
+            "unregistered doorbell at {a:#x}"
+        );
+        Ok(())
+    }
+}
+
+const ECAM: u64 = 0xe000_0000;
+/// Where virtio-pci's notification structure starts in BAR 0, and its stride.
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u64 = 4;
+
 struct Input<'a>(&'a [u8]);
 impl Input<'_> {
     fn byte(&mut self) -> Option<u8> {
@@ -151,6 +197,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let mmio_active = Arc::new(Mutex::new(None));
     let pci_active = Arc::new(Mutex::new(None));
+    let other_active = Arc::new(Mutex::new(None));
     let mmio = VirtioMmio::new(
         Box::new(Sync {
             active: mmio_active.clone(),
@@ -161,15 +208,27 @@ fuzz_target!(|data: &[u8]| {
         Arc::new(Line),
     )
     .unwrap();
-    let mut pci = virtio_pci_function(
-        Box::new(Sync {
-            active: pci_active.clone(),
-        }),
-        mem.clone(),
-        Arc::new(Group(SIZES.len() + 1)),
-        None,
-    )
-    .unwrap();
+    let (mmio_bus, pio_bus) = (Arc::new(MmioBus::new()), Arc::new(PioBus::new()));
+    let seg = Arc::new(PciSegment::new(mmio_bus.clone(), pio_bus.clone(), ECAM));
+    PciSegment::attach_config_access(&seg).unwrap();
+    let mut alloc = SystemAllocator::new(&MemoryLayout::new(GIB).unwrap(), 5).unwrap();
+    let mut slots = Vec::new();
+    for active in [&pci_active, &other_active] {
+        let bells = Arc::new(Doorbells::default());
+        let f = virtio_pci_function(
+            Box::new(Sync {
+                active: active.clone(),
+            }),
+            mem.clone(),
+            Arc::new(Group(SIZES.len() + 1)),
+            Some(bells.clone()),
+        )
+        .unwrap();
+        slots.push((seg.add_device(f, &mut alloc).unwrap(), bells));
+    }
+    let slot = slots[0].0;
+    // BAR 0 of `slot` wherever it decodes now.
+    let bar0 = |slot: u8| seg.with_function(slot, |f| f.decoded()[0]).unwrap();
     let mut inp = Input(data);
     while let Some(op) = inp.byte() {
         let Some(arg) = inp.byte() else { break };
@@ -177,13 +236,58 @@ fuzz_target!(|data: &[u8]| {
         let Some(v) = inp.u32() else { break };
         let n = width(arg);
         let bytes = u64::from(v).to_le_bytes();
-        match op % 8 {
+        // Which virtio-pci function a PCI access goes to.
+        let target = slots[usize::from(arg >> 7)].0;
+        match op % 11 {
             0 => mmio.mmio_write(u64::from(off) & 0x1ff, &bytes[..n]),
             1 => mmio.mmio_read(u64::from(off) & 0x1ff, &mut [0u8; 8][..n]),
-            2 => pci.bar_write(0, u64::from(off) & 0x7fff, &bytes[..n]),
-            3 => pci.bar_read(0, u64::from(off) & 0x7fff, &mut [0u8; 8][..n]),
+            // BAR 0 through the bus, where it decodes now (or straight to the function
+            // while it does not decode).
+            2 => match bar0(target) {
+                Some(base) => {
+                    let _ = mmio_bus.write(base + (u64::from(off) & 0x7fff), &bytes[..n]);
+                }
+                None => {
+                    seg.with_function(target, |f| {
+                        f.bar_write(0, u64::from(off) & 0x7fff, &bytes[..n])
+                    });
+                }
+            },
+            3 => match bar0(target) {
+                Some(base) => {
+                    let _ = mmio_bus.read(base + (u64::from(off) & 0x7fff), &mut [0u8; 8][..n]);
+                }
+                None => {
+                    seg.with_function(target, |f| {
+                        f.bar_read(0, u64::from(off) & 0x7fff, &mut [0u8; 8][..n])
+                    });
+                }
+            },
             4 => {
-                pci.config_write(usize::from(off) & 0xfff, &bytes[..n.min(4)]);
+                let at = ECAM + (u64::from(target) << 15) + (u64::from(off) & 0xfff);
+                let _ = mmio_bus.write(at, &bytes[..n.min(4)]);
+            }
+            8 => {
+                let at = ECAM + (u64::from(target) << 15) + (u64::from(off) & 0xfff);
+                let _ = mmio_bus.read(at, &mut [0u8; 8][..n.min(4)]);
+            }
+            9 => {
+                // Reprogram BAR 0 (64-bit: low and high dwords): anywhere, onto the other
+                // function's BAR 0, or onto ECAM.
+                let other = slots[usize::from(arg >> 7) ^ 1].0;
+                let addr = match arg >> 5 & 3 {
+                    0 => bar0(other).unwrap_or(0) + (u64::from(off) & 0x3000),
+                    1 => ECAM,
+                    _ => (u64::from(v) << 12) & 0xffff_ffff,
+                };
+                let at = ECAM + (u64::from(target) << 15) + 0x10;
+                let _ = mmio_bus.write(at, &(addr as u32).to_le_bytes());
+                let _ = mmio_bus.write(at + 4, &((addr >> 32) as u32).to_le_bytes());
+            }
+            10 => {
+                // Command register: memory decoding on or off.
+                let at = ECAM + (u64::from(target) << 15) + 4;
+                let _ = mmio_bus.write(at, &u16::from(arg & 2 | 4).to_le_bytes());
             }
             5 => {
                 let at = u64::from(off) % (MEM as u64 - 8);
@@ -192,6 +296,7 @@ fuzz_target!(|data: &[u8]| {
             6 => {
                 serve(&mmio_active);
                 serve(&pci_active);
+                serve(&other_active);
             }
             _ => {
                 // Reset through each transport: it always takes.
@@ -199,13 +304,40 @@ fuzz_target!(|data: &[u8]| {
                 let mut s = [0u8; 4];
                 mmio.mmio_read(0x70, &mut s);
                 assert_eq!(s, [0; 4], "virtio-mmio status after reset");
-                pci.bar_write(0, 0x14, &[0]);
-                let mut s = [0u8; 1];
-                pci.bar_read(0, 0x14, &mut s);
-                assert_eq!(s[0], 0, "virtio-pci status after reset");
+                let s = seg
+                    .with_function(slot, |f| {
+                        f.bar_write(0, 0x14, &[0]);
+                        let mut s = [0u8; 1];
+                        f.bar_read(0, 0x14, &mut s);
+                        s[0]
+                    })
+                    .unwrap();
+                assert_eq!(s, 0, "virtio-pci status after reset");
                 assert!(mmio_active.lock().unwrap().is_none());
                 assert!(pci_active.lock().unwrap().is_none());
             }
+        }
+        for (slot, bells) in &slots {
+            let decoded = bar0(*slot);
+            if let Some(base) = decoded {
+                assert!(
+                    mmio_bus.ranges().iter().any(|r| r.base() == base),
+                    "BAR 0 decodes at {base:#x} but the bus disagrees"
+                );
+            }
+            let mut got: Vec<u64> = bells.0.lock().unwrap().keys().copied().collect();
+            got.sort_unstable();
+            let want: Vec<u64> = decoded
+                .map(|b| {
+                    (0..SIZES.len() as u64)
+                        .map(|q| b + NOTIFY + NOTIFY_MULTIPLIER * q)
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(
+                got, want,
+                "doorbells of slot {slot} with BAR 0 at {decoded:#x?}"
+            );
         }
     }
 });

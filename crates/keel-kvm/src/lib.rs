@@ -31,8 +31,8 @@ mod vm;
 pub mod x86;
 
 pub use vcpu::{
-    kick_signal, Buses, Error as VcpuError, Result as VcpuResult, Vcpu, VcpuExitReason, VcpuHandle,
-    VcpuState, VcpuThread,
+    kick_signal, Buses, Error as VcpuError, IoAccess, Result as VcpuResult, Vcpu, VcpuExitReason,
+    VcpuHandle, VcpuState, VcpuThread,
 };
 pub use vm::{DataMatch, DirtyLog, Error, IoEventAddr, MemorySlot, Result, Vm, REQUIRED_CAPS};
 

@@ -130,6 +130,109 @@ pub struct Buses {
     pub mmio: Arc<MmioBus>,
 }
 
+/// A guest access that a vCPU exit hands to the VMM: what [`Vcpu::run`] passes to
+/// [`Buses::dispatch`] for `KVM_EXIT_IO` and `KVM_EXIT_MMIO`.
+#[derive(Debug)]
+pub enum IoAccess<'a> {
+    /// `in`, or a string `ins`: `data` holds elements of `size` bytes, each one read of the
+    /// port (a `size` of 0 or larger than `data` means one element: all of `data`).
+    PioIn {
+        /// The port.
+        port: u16,
+        /// Bytes per element.
+        size: usize,
+        /// Where the values go.
+        data: &'a mut [u8],
+    },
+    /// `out`, or a string `outs`: elements of `size` bytes, as for [`IoAccess::PioIn`].
+    PioOut {
+        /// The port.
+        port: u16,
+        /// Bytes per element.
+        size: usize,
+        /// The values written.
+        data: &'a [u8],
+    },
+    /// A read of `data.len()` bytes at `addr`.
+    MmioRead {
+        /// The guest physical address.
+        addr: u64,
+        /// Where the value goes.
+        data: &'a mut [u8],
+    },
+    /// A write of `data` at `addr`.
+    MmioWrite {
+        /// The guest physical address.
+        addr: u64,
+        /// The value written.
+        data: &'a [u8],
+    },
+}
+
+impl Buses {
+    /// Performs `access` on the bus it targets, as a vCPU exit asks. A read no device
+    /// claims returns all ones (as a floating bus does), a write no device claims is
+    /// dropped; either way the guest goes on, and the error of the first unclaimed
+    /// element is returned for the caller to log.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_kvm::{Buses, IoAccess};
+    ///
+    /// let buses = Buses::default();
+    /// let mut data = [0u8; 4];
+    /// // `rep insw` of two words from a port nobody decodes.
+    /// let r = buses.dispatch(IoAccess::PioIn { port: 0x80, size: 2, data: &mut data });
+    /// assert!(r.is_err());
+    /// assert_eq!(data, [0xff; 4]);
+    /// ```
+    pub fn dispatch(&self, access: IoAccess<'_>) -> keel_bus::Result<()> {
+        let mut first = Ok(());
+        let mut note = |r: keel_bus::Result<()>| {
+            if first.is_ok() {
+                first = r;
+            }
+        };
+        match access {
+            IoAccess::PioIn { port, size, data } => {
+                let size = element_size(size, data.len());
+                for element in data.chunks_mut(size) {
+                    let r = self.pio.read(u64::from(port), element);
+                    if r.is_err() {
+                        element.fill(0xff);
+                    }
+                    note(r);
+                }
+            }
+            IoAccess::PioOut { port, size, data } => {
+                let size = element_size(size, data.len());
+                for element in data.chunks(size) {
+                    note(self.pio.write(u64::from(port), element));
+                }
+            }
+            IoAccess::MmioRead { addr, data } => {
+                let r = self.mmio.read(addr, data);
+                if r.is_err() {
+                    data.fill(0xff);
+                }
+                note(r);
+            }
+            IoAccess::MmioWrite { addr, data } => note(self.mmio.write(addr, data)),
+        }
+        first
+    }
+}
+
+/// The element size of a (string) port access: `size` bytes, or all of `len` when `size`
+/// is 0 or larger.
+fn element_size(size: usize, len: usize) -> usize {
+    match size {
+        0 => len.max(1),
+        n => n.min(len.max(1)),
+    }
+}
+
 /// What another thread asked the vCPU to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Request {
@@ -265,15 +368,12 @@ impl VcpuHandle {
 }
 
 /// The element size of the port I/O exit in `run`, clamped to `len` (the data length).
-fn io_size(run: *const kvm_run, len: usize) -> usize {
+fn io_size(run: *const kvm_run) -> usize {
     // SAFETY: `run` is the vCPU's live kvm_run mapping and the current exit is
     // KVM_EXIT_IO, so the `io` union member is the valid one. Only that field is read,
     // through a raw pointer, so no reference overlaps the data slice kvm-ioctls handed out.
     let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
-    match usize::from(size) {
-        0 => len.max(1),
-        n => n.min(len.max(1)),
-    }
+    usize::from(size)
 }
 
 /// A KVM vCPU.
@@ -630,33 +730,33 @@ impl Vcpu {
                 // String I/O (`rep insb`/`rep outsw`, ...) arrives as `count` elements of
                 // `size` bytes; each is one access to the port.
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    let size = io_size(run, data.len());
-                    for element in data.chunks_mut(size) {
-                        if buses.pio.read(u64::from(port), element).is_err() {
-                            log::debug!("vCPU {id}: unclaimed in from port {port:#x}");
-                            element.fill(0xff);
-                        }
+                    let size = io_size(run);
+                    if buses
+                        .dispatch(IoAccess::PioIn { port, size, data })
+                        .is_err()
+                    {
+                        log::debug!("vCPU {id}: unclaimed in from port {port:#x}");
                     }
                     continue;
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    let size = io_size(run, data.len());
-                    for element in data.chunks(size) {
-                        if buses.pio.write(u64::from(port), element).is_err() {
-                            log::debug!("vCPU {id}: unclaimed out to port {port:#x}");
-                        }
+                    let size = io_size(run);
+                    if buses
+                        .dispatch(IoAccess::PioOut { port, size, data })
+                        .is_err()
+                    {
+                        log::debug!("vCPU {id}: unclaimed out to port {port:#x}");
                     }
                     continue;
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    if buses.mmio.read(addr, data).is_err() {
+                    if buses.dispatch(IoAccess::MmioRead { addr, data }).is_err() {
                         log::debug!("vCPU {id}: unclaimed MMIO read at {addr:#x}");
-                        data.fill(0xff);
                     }
                     continue;
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    if buses.mmio.write(addr, data).is_err() {
+                    if buses.dispatch(IoAccess::MmioWrite { addr, data }).is_err() {
                         log::debug!("vCPU {id}: unclaimed MMIO write at {addr:#x}");
                     }
                     continue;
@@ -738,5 +838,73 @@ impl VcpuThread {
             Ok(r) => r,
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_bus::{BusRange, PioDevice};
+
+    /// Records each access: (offset, length).
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(u64, usize)>>);
+    impl PioDevice for Log {
+        fn pio_read(&self, offset: u64, data: &mut [u8]) {
+            self.0.lock().unwrap().push((offset, data.len()));
+            data.fill(0x11);
+        }
+        fn pio_write(&self, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().push((offset, data.len()));
+        }
+    }
+
+    #[test]
+    fn string_io_is_one_access_per_element_and_kvm_sizes_are_clamped() {
+        let buses = Buses::default();
+        let dev = Arc::new(Log::default());
+        buses
+            .pio
+            .insert(BusRange::new(0x10, 4).unwrap(), dev.clone())
+            .unwrap();
+        let data = [0u8; 6];
+        // `rep outsw` of three words, then KVM saying 0 or more than the data: one access.
+        for (size, len) in [(2, 6), (0, 4), (8, 4)] {
+            buses
+                .dispatch(IoAccess::PioOut {
+                    port: 0x10,
+                    size,
+                    data: &data[..len],
+                })
+                .unwrap();
+        }
+        assert_eq!(
+            *dev.0.lock().unwrap(),
+            [(0, 2), (0, 2), (0, 2), (0, 4), (0, 4)]
+        );
+        // An `in` straddling the end of the device's range is unclaimed: all ones.
+        let mut buf = [0u8; 4];
+        let r = buses.dispatch(IoAccess::PioIn {
+            port: 0x12,
+            size: 4,
+            data: &mut buf,
+        });
+        assert!(matches!(r, Err(keel_bus::Error::Straddle { .. })), "{r:?}");
+        assert_eq!(buf, [0xff; 4]);
+        // Unclaimed MMIO: reads float, writes vanish, both say so.
+        let mut buf = [0u8; 8];
+        assert!(buses
+            .dispatch(IoAccess::MmioRead {
+                addr: 0x1000,
+                data: &mut buf
+            })
+            .is_err());
+        assert_eq!(buf, [0xff; 8]);
+        assert!(buses
+            .dispatch(IoAccess::MmioWrite {
+                addr: 0x1000,
+                data: &buf
+            })
+            .is_err());
     }
 }

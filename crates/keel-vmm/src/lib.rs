@@ -5,7 +5,7 @@
 
 pub mod balloon;
 mod boot;
-mod devices;
+pub mod devices;
 pub mod disk;
 pub mod exit;
 pub mod qmp;

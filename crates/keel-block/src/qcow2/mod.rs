@@ -21,7 +21,6 @@ pub mod check;
 pub mod compress;
 mod create;
 pub mod edit;
-mod fuzz;
 pub mod header;
 pub mod inflight;
 mod info;
@@ -39,7 +38,6 @@ use crate::error::{Corruption, Error, InvalidArgument, Metadata, Result, Unsuppo
 pub use check::{check, CheckReport, Fix};
 pub use compress::CompressionType;
 pub use create::create;
-pub use fuzz::fuzz_image;
 pub use header::Header;
 use header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 pub use info::{info_from_header, ImageInfo};

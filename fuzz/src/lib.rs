@@ -1,0 +1,4 @@
+//! Helpers shared by the fuzz targets: exercises that are too long for a target file, and
+//! that unit tests elsewhere do not need.
+
+pub mod qcow2;
