@@ -339,6 +339,8 @@ async def check_bad_input(vm, qmp):
     # A message over keel's size limit (1 MiB): an error; keel then drops the client.
     # keel answers before the message ends and closes: sending then fails.
     big = b'{"execute": "query-status", "arguments": {"pad": "' + b"x" * (2 << 20) + b'"}}'
+    # QEMU lexes the 2 MiB a character at a time: on a loaded machine that took over 10 s.
+    raw.s.settimeout(60)
     try:
         raw.s.sendall(big)
     except (BrokenPipeError, ConnectionResetError):
