@@ -33,7 +33,8 @@ use crate::devices::{
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
 use crate::qmp::{Boot, GuestBalloon, IoErrorEvents, Machine};
-use crate::shared_device::SharedDevice;
+use crate::seccomp::{Filters, SeccompOptions, ThreadKind};
+use crate::shared_device::{Activator, SharedDevice};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
@@ -94,6 +95,9 @@ pub enum Error {
     /// The control socket could not be set up.
     #[error("cannot set up the QMP socket")]
     Qmp(#[source] keel_qmp::server::Error),
+    /// A seccomp filter could not be set up.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
     /// The event loop failed.
     #[error("{op} failed")]
     EventLoop {
@@ -179,6 +183,8 @@ pub struct VmConfig {
     /// with a status of its choosing ([`VmExit::DebugExit`]). For test guests only: off,
     /// a guest cannot choose keel's exit status.
     pub debug_exit: bool,
+    /// The threads' seccomp filters (`--seccomp`; see [`crate::seccomp`]).
+    pub seccomp: SeccompOptions,
 }
 
 /// Where the QMP control socket listens.
@@ -323,6 +329,7 @@ impl MutEventSubscriber for Control {
     }
 }
 
+/// A vCPU thread's body (its seccomp filter is already in place).
 fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>, tid: &AtomicI32) {
     // SAFETY: gettid has no preconditions.
     tid.store(
@@ -404,12 +411,18 @@ fn add_virtio_mmio(
 
 /// Builds the VM described by `cfg`, runs it to the end, and returns why it ended. With a
 /// control socket, `system_reset` builds the VM again and boots it again.
+///
+/// Every thread runs under its seccomp filter ([`VmConfig::seccomp`]), the calling thread
+/// too: it gets the main thread's filter for good, so call this from `main` (keel's
+/// binary does); [`run_with`] leaves the calling thread alone.
 pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
-    run_with(cfg, |_| {})
+    run_filtered(cfg, true, |_| {})
 }
 
 /// [`run`], calling `started` with a handle to the VM once its vCPUs run (from the calling
-/// thread; keep the handle to act on the VM from another thread).
+/// thread; keep the handle to act on the VM from another thread). The threads keel starts
+/// run under their seccomp filters; the calling thread is not filtered (it may go on to
+/// do anything), so this suits tests and benchmarks that run a VM in their own process.
 ///
 /// # Examples
 ///
@@ -431,6 +444,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     name: None,
 ///     qmp: None,
 ///     debug_exit: false,
+///     seccomp: Default::default(),
 /// };
 /// let exit = run_with(&cfg, |vm| {
 ///     let vm = vm.clone();
@@ -443,7 +457,18 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 /// .unwrap();
 /// ```
 pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExit, Error> {
+    run_filtered(cfg, false, started)
+}
+
+/// [`run_with`], putting the calling thread under the main thread's filter if
+/// `filter_caller`.
+fn run_filtered(
+    cfg: &VmConfig,
+    filter_caller: bool,
+    started: impl FnOnce(&VmHandle),
+) -> Result<VmExit, Error> {
     let mut started = Some(started);
+    let filters = Filters::new(cfg.seccomp)?;
     // Signals are handled by the event loop through a signalfd; blocking them here, before
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
@@ -473,13 +498,21 @@ pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExi
                 },
                 ..Default::default()
             };
+            // Started under the control threads' filter, which its threads inherit.
             let server = match listen {
-                QmpListen::Path(p) => keel_qmp::Server::bind(p, handler, options),
+                QmpListen::Path(p) => {
+                    let p = p.clone();
+                    filters.run_as(ThreadKind::Control, move || {
+                        keel_qmp::Server::bind(&p, handler, options)
+                    })?
+                }
                 QmpListen::Listener(l) => {
                     let l = l
                         .try_clone()
                         .map_err(os("cannot use the --qmp-fd socket"))?;
-                    keel_qmp::Server::serve(l, handler, options)
+                    filters.run_as(ThreadKind::Control, move || {
+                        keel_qmp::Server::serve(l, handler, options)
+                    })?
                 }
             }
             .map_err(Error::Qmp)?;
@@ -487,8 +520,20 @@ pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExi
             Some(server)
         }
     };
+    let activator = Activator::start(&filters)?;
+    // The main thread's filter once the control socket listens: it builds VMs from here on.
+    if filter_caller {
+        filters.apply(ThreadKind::Main)?;
+    }
+    let env = BootEnv {
+        machine: &machine,
+        signalfd: &signalfd,
+        serial_file: serial_file.as_ref(),
+        filters: &filters,
+        activator: &activator,
+    };
     let result = loop {
-        match boot_once(cfg, &machine, &signalfd, serial_file.as_ref(), &mut started) {
+        match boot_once(cfg, &env, &mut started) {
             Ok(VmExit::ResetRequested) => machine.emit(
                 "RESET",
                 Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
@@ -514,15 +559,29 @@ pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExi
     result
 }
 
+/// What every boot of a [`run_with`] shares.
+struct BootEnv<'a> {
+    machine: &'a Arc<Machine>,
+    signalfd: &'a SignalFd,
+    serial_file: Option<&'a Arc<CappedFile>>,
+    filters: &'a Arc<Filters>,
+    activator: &'a Arc<Activator>,
+}
+
 /// Builds the VM, runs it until something ends it, and tears it down. `started` is called
 /// on the first boot.
 fn boot_once(
     cfg: &VmConfig,
-    machine: &Arc<Machine>,
-    signalfd: &SignalFd,
-    serial_file: Option<&Arc<CappedFile>>,
+    env: &BootEnv<'_>,
     started: &mut Option<impl FnOnce(&VmHandle)>,
 ) -> Result<VmExit, Error> {
+    let BootEnv {
+        machine,
+        signalfd,
+        serial_file,
+        filters,
+        activator,
+    } = *env;
     let signalfd = signalfd
         .try_clone()
         .map_err(os("cannot duplicate the signalfd"))?;
@@ -617,7 +676,7 @@ fn boot_once(
     let mut devices = Vec::new();
     for device in virtio {
         // Shared, so that a QMP `stop` can park it.
-        let shared = SharedDevice::new(device);
+        let shared = SharedDevice::new(device, activator.clone());
         devices.push(shared.clone());
         let device: Box<dyn VirtioDevice> = Box::new(shared);
         match cfg.transport {
@@ -685,10 +744,10 @@ fn boot_once(
     let mut threads = Vec::new();
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
-        let t = std::thread::Builder::new()
-            .name(format!("keel-vcpu{}", vcpu.id()))
-            .spawn(move || run_vcpu(vcpu, buses, exit, &ids[i]))
-            .map_err(os("cannot spawn a vCPU thread"))?;
+        let name = format!("keel-vcpu{}", vcpu.id());
+        let t = filters.spawn(ThreadKind::Vcpu, name, move || {
+            run_vcpu(vcpu, buses, exit, &ids[i])
+        })?;
         threads.push(t);
     }
 
