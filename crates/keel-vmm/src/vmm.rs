@@ -741,19 +741,30 @@ fn boot_once(
             }) as Arc<dyn crate::qmp::Balloon>
         }),
     });
+    // Before the threads start: an exit a vCPU requests (a debug-exit write, say) stops
+    // every vCPU, itself included, at once.
+    exit.set_vcpus(handles.clone());
     let mut threads = Vec::new();
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
         let name = format!("keel-vcpu{}", vcpu.id());
-        let t = filters.spawn(ThreadKind::Vcpu, name, move || {
+        let spawned = filters.spawn(ThreadKind::Vcpu, name, move || {
             run_vcpu(vcpu, buses, exit, &ids[i])
-        })?;
-        threads.push(t);
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // The vCPUs already running stop before the VM is torn down.
+                handles.iter().for_each(VcpuHandle::stop);
+                threads.into_iter().for_each(|t| drop(t.join()));
+                machine.detach();
+                return Err(e.into());
+            }
+        }
     }
 
-    exit.set_vcpus(handles.clone());
     if exit.reason().is_some() {
-        // An exit was requested before the handles were known; stop everything now.
+        // An exit was requested before the handles were set; stop everything now.
         handles.iter().for_each(VcpuHandle::stop);
     }
     if let Some(started) = started.take() {
