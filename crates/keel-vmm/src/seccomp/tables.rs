@@ -17,6 +17,8 @@ ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
+// <linux/fs.h>: _IOR(0x12, 114, size_t).
+ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
 
 /// Any arguments.
 fn any(nr: libc::c_long) -> Allow {
@@ -87,6 +89,7 @@ fn common() -> Vec<Allow> {
 fn thread_creation() -> Vec<Allow> {
     vec![
         any(libc::SYS_clone3),
+        // glibc's fallback where clone3 is refused (ENOSYS from a container's filter).
         any(libc::SYS_clone),
         any(libc::SYS_set_robust_list),
         any(libc::SYS_rseq),
@@ -100,46 +103,36 @@ fn kick() -> Vec<Allow> {
     vec![any(libc::SYS_getpid), any(libc::SYS_tgkill)]
 }
 
-/// Event descriptors and waiting on them.
-fn events() -> Vec<Allow> {
+/// Creating eventfds and duplicating descriptors (`try_clone`).
+fn eventfds() -> Vec<Allow> {
+    vec![
+        any(libc::SYS_eventfd2),
+        with_arg(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64]),
+    ]
+}
+
+/// Event loops: epoll and timerfds.
+fn event_loop() -> Vec<Allow> {
     [
-        libc::SYS_eventfd2,
         libc::SYS_epoll_create1,
         libc::SYS_epoll_ctl,
         libc::SYS_epoll_wait,
-        libc::SYS_epoll_pwait,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
         libc::SYS_timerfd_create,
         libc::SYS_timerfd_settime,
-        libc::SYS_timerfd_gettime,
     ]
     .into_iter()
     .map(any)
-    .chain([with_arg(
-        libc::SYS_fcntl,
-        1,
-        &[
-            libc::F_DUPFD_CLOEXEC as u64,
-            libc::F_GETFL as u64,
-            libc::F_SETFL as u64,
-            libc::F_GETFD as u64,
-            libc::F_SETFD as u64,
-        ],
-    )])
     .collect()
 }
 
-/// Reading and writing disk images that are already open.
+/// Reading, writing, flushing, growing and punching disk images that are already open,
+/// and asking their size.
 fn file_io() -> Vec<Allow> {
     [
         libc::SYS_pread64,
         libc::SYS_pwrite64,
         libc::SYS_preadv,
         libc::SYS_pwritev,
-        libc::SYS_preadv2,
-        libc::SYS_pwritev2,
-        libc::SYS_lseek,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
         libc::SYS_fallocate,
@@ -147,7 +140,6 @@ fn file_io() -> Vec<Allow> {
         libc::SYS_fstat,
         libc::SYS_newfstatat,
         libc::SYS_statx,
-        libc::SYS_fstatfs,
     ]
     .into_iter()
     .map(any)
@@ -186,7 +178,8 @@ fn vcpu() -> Vec<Allow> {
 fn main() -> Vec<Allow> {
     let mut v = vcpu();
     v.extend(thread_creation());
-    v.extend(events());
+    v.extend(eventfds());
+    v.extend(event_loop());
     v.extend(file_io());
     v.extend([
         // Any KVM ioctl (type KVMIO): creating the VM, its memory, irqchip and vCPUs.
@@ -198,27 +191,16 @@ fn main() -> Vec<Allow> {
                 value: u64::from(KVMIO) << 8,
             }],
         },
-        // The terminal in raw mode, non-blocking sockets, block-device sizes.
-        ioctls(&[
-            libc::TCGETS,
-            libc::TCSETS,
-            libc::TCSETSW,
-            libc::TCSETSF,
-            libc::FIONBIO,
-            0x8008_1272, // BLKGETSIZE64
-        ]),
+        // The terminal in raw mode (and back), the size of a disk on a block device.
+        ioctls(&[libc::TCGETS, libc::TCSETS, BLKGETSIZE64()]),
+        // /dev/kvm and the disk images, at every boot; probing an image's format.
         any(libc::SYS_openat),
-        any(libc::SYS_unlink),
+        any(libc::SYS_lseek),
         any(libc::SYS_signalfd4),
-        any(libc::SYS_mincore),
-        any(libc::SYS_io_uring_setup),
-        any(libc::SYS_io_uring_enter),
-        any(libc::SYS_io_uring_register),
-        // The control socket: `--qmp-fd`'s check, events, closing the clients.
-        any(libc::SYS_getsockopt),
+        // The control socket: events, closing the clients, removing the socket file.
         any(libc::SYS_sendto),
-        any(libc::SYS_sendmsg),
         any(libc::SYS_shutdown),
+        any(libc::SYS_unlink),
         // A vCPU thread installs its own filter under this one.
         with_arg(libc::SYS_prctl, 0, &[libc::PR_SET_NO_NEW_PRIVS as u64]),
         with_arg(
@@ -236,12 +218,15 @@ fn main() -> Vec<Allow> {
 fn device() -> Vec<Allow> {
     let mut v = common();
     v.extend(thread_creation());
-    v.extend(events());
+    v.extend(eventfds());
+    v.extend(event_loop());
     v.extend(file_io());
     v.extend([
         any(libc::SYS_io_uring_setup),
         any(libc::SYS_io_uring_enter),
         any(libc::SYS_io_uring_register),
+        // The balloon: whether guest memory is on hugetlbfs.
+        any(libc::SYS_fstatfs),
     ]);
     v
 }
@@ -254,20 +239,20 @@ fn control() -> Vec<Allow> {
     let mut v = common();
     v.extend(thread_creation());
     v.extend(kick());
-    v.extend(events());
+    v.extend(eventfds());
     v.extend(file_io());
     v.extend([
+        // Starting the server: its socket (mode 0600 before bind).
         with_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64]),
+        any(libc::SYS_fchmod),
         any(libc::SYS_bind),
         any(libc::SYS_listen),
-        any(libc::SYS_fchmod),
+        // Serving: the acceptor polls its socket and stop eventfd.
+        any(libc::SYS_poll),
         any(libc::SYS_accept4),
         any(libc::SYS_recvfrom),
-        any(libc::SYS_recvmsg),
         any(libc::SYS_sendto),
-        any(libc::SYS_sendmsg),
         any(libc::SYS_setsockopt),
-        any(libc::SYS_getsockopt),
         any(libc::SYS_shutdown),
         // Non-blocking sockets; the power button (the ACPI SCI line).
         ioctls(&[libc::FIONBIO, KVM_IRQ_LINE()]),
