@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicI32;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -330,12 +330,7 @@ impl MutEventSubscriber for Control {
 }
 
 /// A vCPU thread's body (its seccomp filter is already in place).
-fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>, tid: &AtomicI32) {
-    // SAFETY: gettid has no preconditions.
-    tid.store(
-        unsafe { libc::gettid() },
-        std::sync::atomic::Ordering::SeqCst,
-    );
+fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
     let id = vcpu.id();
     let why = match vcpu.run(&buses) {
         Ok(VcpuExitReason::Stopped) => return,
@@ -468,11 +463,13 @@ fn run_filtered(
     started: impl FnOnce(&VmHandle),
 ) -> Result<VmExit, Error> {
     let mut started = Some(started);
-    let filters = Filters::new(cfg.seccomp)?;
     // Signals are handled by the event loop through a signalfd; blocking them here, before
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
         SignalFd::new(&[libc::SIGINT, libc::SIGTERM]).map_err(os("cannot create a signalfd"))?;
+    let filters = Filters::new(cfg.seccomp)?;
+    // Before the control socket listens: a client's first command finds the VM sooner.
+    let activator = Activator::start(&filters)?;
     // Opened once: output goes on across reboots, under one limit.
     let serial_file = match &cfg.serial {
         SerialMode::File(f) => {
@@ -483,57 +480,27 @@ fn run_filtered(
         _ => None,
     };
     let machine = Arc::new(Machine::new(cfg.name.clone()));
-    let mut server = match &cfg.qmp {
-        None => None,
-        Some(listen) => {
-            let handler: Arc<dyn keel_qmp::Handler> = machine.clone();
-            let options = keel_qmp::Options {
-                version: keel_qmp::VersionInfo {
-                    qemu: keel_qmp::VersionTriple {
-                        major: 0,
-                        minor: 1,
-                        micro: 0,
-                    },
-                    package: format!("keel {}", env!("CARGO_PKG_VERSION")),
-                },
-                ..Default::default()
-            };
-            // Started under the control threads' filter, which its threads inherit.
-            let server = match listen {
-                QmpListen::Path(p) => {
-                    let p = p.clone();
-                    filters.run_as(ThreadKind::Control, move || {
-                        keel_qmp::Server::bind(&p, handler, options)
-                    })?
-                }
-                QmpListen::Listener(l) => {
-                    let l = l
-                        .try_clone()
-                        .map_err(os("cannot use the --qmp-fd socket"))?;
-                    filters.run_as(ThreadKind::Control, move || {
-                        keel_qmp::Server::serve(l, handler, options)
-                    })?
-                }
-            }
-            .map_err(Error::Qmp)?;
-            machine.set_events(server.events());
-            Some(server)
+    let mut server = None;
+    // Once the first VM is attached and before its vCPUs run: the control socket starts
+    // (its first client finds the VM), then the main thread takes its filter, under
+    // which it builds every later VM.
+    let mut first_boot = |machine: &Arc<Machine>| -> Result<(), Error> {
+        server = start_qmp(cfg, machine, &filters)?;
+        if filter_caller {
+            filters.apply(ThreadKind::Main)?;
         }
+        Ok(())
     };
-    let activator = Activator::start(&filters)?;
-    // The main thread's filter once the control socket listens: it builds VMs from here on.
-    if filter_caller {
-        filters.apply(ThreadKind::Main)?;
-    }
-    let env = BootEnv {
+    let mut env = BootEnv {
         machine: &machine,
         signalfd: &signalfd,
         serial_file: serial_file.as_ref(),
         filters: &filters,
         activator: &activator,
+        first_boot: Some(&mut first_boot),
     };
     let result = loop {
-        match boot_once(cfg, &env, &mut started) {
+        match boot_once(cfg, &mut env, &mut started) {
             Ok(VmExit::ResetRequested) => machine.emit(
                 "RESET",
                 Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
@@ -541,6 +508,7 @@ fn run_filtered(
             other => break other,
         }
     };
+    drop(env);
     if let Some(dropped) = serial_file.map(|f| f.dropped()).filter(|&n| n > 0) {
         eprintln!("keel: {dropped} bytes of serial output dropped over the limit");
     }
@@ -559,6 +527,49 @@ fn run_filtered(
     result
 }
 
+/// Starts the control socket of `cfg`, if any, under the control threads' filter (which
+/// its threads inherit), sending `machine`'s events to it.
+fn start_qmp(
+    cfg: &VmConfig,
+    machine: &Arc<Machine>,
+    filters: &Arc<Filters>,
+) -> Result<Option<keel_qmp::Server>, Error> {
+    let Some(listen) = &cfg.qmp else {
+        return Ok(None);
+    };
+    let handler: Arc<dyn keel_qmp::Handler> = machine.clone();
+    let options = keel_qmp::Options {
+        version: keel_qmp::VersionInfo {
+            qemu: keel_qmp::VersionTriple {
+                major: 0,
+                minor: 1,
+                micro: 0,
+            },
+            package: format!("keel {}", env!("CARGO_PKG_VERSION")),
+        },
+        ..Default::default()
+    };
+    let server = match listen {
+        QmpListen::Path(p) => {
+            let p = p.clone();
+            filters.run_as(ThreadKind::Control, move || {
+                keel_qmp::Server::bind(&p, handler, options)
+            })?
+        }
+        QmpListen::Listener(l) => {
+            let l = l
+                .try_clone()
+                .map_err(os("cannot use the --qmp-fd socket"))?;
+            filters.run_as(ThreadKind::Control, move || {
+                keel_qmp::Server::serve(l, handler, options)
+            })?
+        }
+    }
+    .map_err(Error::Qmp)?;
+    machine.set_events(server.events());
+    Ok(Some(server))
+}
+
 /// What every boot of a [`run_with`] shares.
 struct BootEnv<'a> {
     machine: &'a Arc<Machine>,
@@ -566,22 +577,25 @@ struct BootEnv<'a> {
     serial_file: Option<&'a Arc<CappedFile>>,
     filters: &'a Arc<Filters>,
     activator: &'a Arc<Activator>,
+    /// Run once, by the first boot, after it attached the machine and before its vCPUs
+    /// run.
+    first_boot: Option<&'a mut dyn FnMut(&Arc<Machine>) -> Result<(), Error>>,
 }
 
 /// Builds the VM, runs it until something ends it, and tears it down. `started` is called
 /// on the first boot.
 fn boot_once(
     cfg: &VmConfig,
-    env: &BootEnv<'_>,
+    env: &mut BootEnv<'_>,
     started: &mut Option<impl FnOnce(&VmHandle)>,
 ) -> Result<VmExit, Error> {
-    let BootEnv {
-        machine,
-        signalfd,
-        serial_file,
-        filters,
-        activator,
-    } = *env;
+    let (machine, signalfd, serial_file, filters, activator) = (
+        env.machine,
+        env.signalfd,
+        env.serial_file,
+        env.filters,
+        env.activator,
+    );
     let signalfd = signalfd
         .try_clone()
         .map_err(os("cannot duplicate the signalfd"))?;
@@ -726,7 +740,38 @@ fn boot_once(
 
     let handles: Vec<VcpuHandle> = vcpus.iter().map(Vcpu::handle).collect();
     let thread_ids: Arc<[AtomicI32]> = vcpus.iter().map(|_| AtomicI32::new(0)).collect();
-    // Before the threads run: a stopped machine boots with its vCPUs parked.
+    // Before the threads start: an exit a vCPU requests (a debug-exit write, say) stops
+    // every vCPU, itself included, at once.
+    exit.set_vcpus(handles.clone());
+    // Each vCPU thread installs its filter and records its ID, then waits for `go`: the
+    // machine is attached with every thread known (QMP names them) and before any runs
+    // (a stopped machine boots with its vCPUs parked).
+    let mut threads = Vec::new();
+    let mut go = Vec::new();
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let name = format!("keel-vcpu{}", vcpu.id());
+        let spawned = filters.spawn(ThreadKind::Vcpu, name, move || {
+            // SAFETY: gettid has no preconditions.
+            ids[i].store(unsafe { libc::gettid() }, Ordering::SeqCst);
+            if rx.recv().is_ok() {
+                run_vcpu(vcpu, buses, exit);
+            }
+        });
+        match spawned {
+            Ok(t) => {
+                threads.push(t);
+                go.push(tx);
+            }
+            Err(e) => {
+                // The threads already started end without running.
+                drop(go);
+                threads.into_iter().for_each(|t| drop(t.join()));
+                return Err(e.into());
+            }
+        }
+    }
     machine.attach(Boot {
         vcpus: handles.clone(),
         thread_ids: thread_ids.clone(),
@@ -741,26 +786,18 @@ fn boot_once(
             }) as Arc<dyn crate::qmp::Balloon>
         }),
     });
-    // Before the threads start: an exit a vCPU requests (a debug-exit write, say) stops
-    // every vCPU, itself included, at once.
-    exit.set_vcpus(handles.clone());
-    let mut threads = Vec::new();
-    for (i, vcpu) in vcpus.into_iter().enumerate() {
-        let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
-        let name = format!("keel-vcpu{}", vcpu.id());
-        let spawned = filters.spawn(ThreadKind::Vcpu, name, move || {
-            run_vcpu(vcpu, buses, exit, &ids[i])
-        });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                // The vCPUs already running stop before the VM is torn down.
-                handles.iter().for_each(VcpuHandle::stop);
-                threads.into_iter().for_each(|t| drop(t.join()));
-                machine.detach();
-                return Err(e.into());
-            }
+    if let Some(first_boot) = env.first_boot.take() {
+        if let Err(e) = first_boot(machine) {
+            // The vCPU threads end without running.
+            machine.detach();
+            drop(go);
+            threads.into_iter().for_each(|t| drop(t.join()));
+            return Err(e);
         }
+    }
+    for tx in go {
+        // A thread that is gone cannot have run.
+        let _ = tx.send(());
     }
 
     if exit.reason().is_some() {
