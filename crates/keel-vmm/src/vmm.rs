@@ -468,7 +468,8 @@ fn run_filtered(
     let signalfd =
         SignalFd::new(&[libc::SIGINT, libc::SIGTERM]).map_err(os("cannot create a signalfd"))?;
     let filters = Filters::new(cfg.seccomp)?;
-    // Before the control socket listens: a client's first command finds the VM sooner.
+    // The device thread (its filter is the one device threads inherit), after the signal
+    // mask: no thread keel starts takes SIGINT or SIGTERM.
     let activator = Activator::start(&filters)?;
     // Opened once: output goes on across reboots, under one limit.
     let serial_file = match &cfg.serial {
