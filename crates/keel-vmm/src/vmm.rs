@@ -509,7 +509,6 @@ fn run_filtered(
             other => break other,
         }
     };
-    drop(env);
     if let Some(dropped) = serial_file.map(|f| f.dropped()).filter(|&n| n > 0) {
         eprintln!("keel: {dropped} bytes of serial output dropped over the limit");
     }
@@ -580,8 +579,11 @@ struct BootEnv<'a> {
     activator: &'a Arc<Activator>,
     /// Run once, by the first boot, after it attached the machine and before its vCPUs
     /// run.
-    first_boot: Option<&'a mut dyn FnMut(&Arc<Machine>) -> Result<(), Error>>,
+    first_boot: Option<FirstBoot<'a>>,
 }
+
+/// See [`BootEnv::first_boot`].
+type FirstBoot<'a> = &'a mut dyn FnMut(&Arc<Machine>) -> Result<(), Error>;
 
 /// Builds the VM, runs it until something ends it, and tears it down. `started` is called
 /// on the first boot.

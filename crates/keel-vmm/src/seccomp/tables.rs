@@ -44,9 +44,8 @@ fn with_arg(nr: libc::c_long, index: u8, values: &[u64]) -> Allow {
 }
 
 /// `ioctl` with one of these request numbers.
-fn ioctls(requests: &[libc::c_ulong]) -> Allow {
-    let requests: Vec<u64> = requests.iter().map(|&r| u64::from(r)).collect();
-    with_arg(libc::SYS_ioctl, 1, &requests)
+fn ioctls(requests: &[u64]) -> Allow {
+    with_arg(libc::SYS_ioctl, 1, requests)
 }
 
 /// What every thread does: allocate and free memory, wait on locks and channels, write
