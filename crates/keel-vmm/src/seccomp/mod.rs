@@ -19,11 +19,13 @@
 //!
 //! With [`SeccompMode::On`] a call outside the list traps: a `SIGSYS` handler (async-
 //! signal-safe: it formats into a stack buffer, `write`s and `_exit`s) prints
-//! `keel: seccomp: a vcpu thread made a forbidden system call: getppid (110)` on stderr and
-//! ends keel with status [`KILLED_STATUS`]. The kind comes from the filter itself (its
-//! trap carries the kind as `SECCOMP_RET_DATA`, which arrives in `si_errno`), so threads
-//! that inherited a filter are named too. With [`SeccompMode::Log`] such calls are allowed
-//! and logged by the kernel (`SECCOMP_RET_LOG`); with [`SeccompMode::Off`] nothing is
+//! `keel: seccomp: a vcpu thread made a forbidden system call: getppid (110); stopping` on
+//! stderr and ends keel with status [`KILLED_STATUS`]. The kind comes from the filter
+//! itself (its trap carries the kind as `SECCOMP_RET_DATA`, which arrives in `si_errno`),
+//! so threads that inherited a filter are named too. The one exception: glibc's own
+//! one-time `openat`s of a few /proc and /sys files from malloc fail with `EACCES`
+//! instead (see `GLIBC_PROBES`). With [`SeccompMode::Log`] such calls are allowed and
+//! logged by the kernel (`SECCOMP_RET_LOG`); with [`SeccompMode::Off`] nothing is
 //! installed.
 
 use std::collections::BTreeMap;
@@ -143,6 +145,12 @@ pub enum Error {
     /// The `SIGSYS` handler could not be installed.
     #[error("cannot install the SIGSYS handler")]
     Handler(#[source] std::io::Error),
+    /// A filtered thread ended (panicked) before it reported.
+    #[error("a {kind} thread ended before it reported")]
+    Ended {
+        /// The kind.
+        kind: ThreadKind,
+    },
     /// A filtered thread could not be created.
     #[error("cannot start a {kind} thread")]
     Spawn {
@@ -236,10 +244,7 @@ impl Filters {
             Ok(Ok(())) => Ok(thread),
             Ok(Err(e)) => Err(e),
             // The thread died before it reported: it panicked.
-            Err(_) => Err(Error::Spawn {
-                kind,
-                source: std::io::Error::other("the thread ended before installing its filter"),
-            }),
+            Err(_) => Err(Error::Ended { kind }),
         }
     }
 
@@ -253,10 +258,7 @@ impl Filters {
         let thread = self.spawn(kind, format!("keel-{kind}-start"), f)?;
         match thread.join() {
             Ok(Some(v)) => Ok(v),
-            Ok(None) | Err(_) => Err(Error::Spawn {
-                kind,
-                source: std::io::Error::other("the thread ended without a result"),
-            }),
+            Ok(None) | Err(_) => Err(Error::Ended { kind }),
         }
     }
 }
