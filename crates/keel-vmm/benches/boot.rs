@@ -8,7 +8,8 @@
 //! tables during its CPL0 set-up, where every instruction is emulated; not profiled
 //! further); dropping the PIT, PIC and RTC saves another 1-2 ms.
 //!
-//! `cargo bench -p keel-vmm --bench boot [-- RUNS]` (default 20 runs each)
+//! `cargo bench -p keel-vmm --bench boot [-- RUNS]` (default 20 runs each); keel runs
+//! twice, as users run it (seccomp filters on) and with `--seccomp off`.
 //!
 //! For each run: the wall time from spawning the VMM to the first byte of guest serial
 //! output, the time to the VMM's exit, and the VMM's peak resident set size
@@ -71,7 +72,7 @@ fn report(name: &str, samples: Vec<Sample>) {
     let ex = median(samples.iter().map(|s| s.exit).collect());
     let rss = median(samples.iter().map(|s| s.max_rss_kib).collect());
     println!(
-        "{name:<6} first serial byte {:>7.2} ms   exit {:>7.2} ms   peak RSS {:>6} KiB",
+        "{name:<18} first serial byte {:>7.2} ms   exit {:>7.2} ms   peak RSS {:>6} KiB",
         fb.as_secs_f64() * 1e3,
         ex.as_secs_f64() * 1e3,
         rss
@@ -108,17 +109,24 @@ fn main() {
         .unwrap_or(20);
     let guest = env!("KEEL_TEST_GUEST");
     let keel = env!("CARGO_BIN_EXE_keel");
-    let keel_runs = (0..runs)
-        .map(|_| {
-            run(Command::new(keel).args([
-                "--debug-exit",
-                "--memory",
-                "128",
-                "--cmdline",
-                "keel.test=serial",
-            ]))
-        })
-        .collect();
+    let keel_runs = |extra: &[&str]| -> Vec<Sample> {
+        (0..runs)
+            .map(|_| {
+                run(Command::new(keel)
+                    .args([
+                        "--debug-exit",
+                        "--memory",
+                        "128",
+                        "--cmdline",
+                        "keel.test=serial",
+                    ])
+                    .args(extra))
+            })
+            .collect()
+    };
+    // keel as users run it (seccomp filters on), and without filters: their cost.
+    let keel_on = keel_runs(&[]);
+    let keel_off = keel_runs(&["--seccomp", "off"]);
     let qemu_runs = (0..runs)
         .map(|_| {
             run(Command::new("qemu-system-x86_64").args([
@@ -146,6 +154,7 @@ fn main() {
         .collect();
     println!("{runs} runs each, medians; guest: keel-test-guest, scenario serial, 128 MiB");
     println!("peer: {}", qemu_version());
-    report("keel", keel_runs);
+    report("keel", keel_on);
+    report("keel --seccomp off", keel_off);
     report("qemu", qemu_runs);
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+use keel_vmm::seccomp::{SeccompMode, SeccompOptions, ThreadKind};
 use keel_vmm::vmm::{self, QmpListen, SerialFile, SerialMode, VmConfig};
 use keel_vmm::{balloon, disk};
 
@@ -19,7 +20,8 @@ use keel_vmm::{balloon, disk};
 ///
 /// Exit status: 0 after a guest reset or ACPI power-off; with --debug-exit, the value the
 /// guest writes to the debug-exit port (0xf4); 1 with a message after a triple fault or a
-/// KVM error; 2 for bad command-line arguments; 128+N after signal N.
+/// KVM error; 2 for bad command-line arguments; 128+N after signal N; 159 (128+SIGSYS)
+/// when a thread made a system call its seccomp filter forbids.
 #[derive(Parser, Debug)]
 #[command(name = "keel", version)]
 struct Cli {
@@ -93,6 +95,18 @@ struct Cli {
     /// it, a guest cannot choose keel's exit status.
     #[arg(long)]
     debug_exit: bool,
+
+    /// seccomp-bpf filters, one per kind of thread (main, vcpu, device, control): `on`, a
+    /// system call outside a thread's list ends keel with a message naming the call and
+    /// the thread kind (exit status 159); `log`, such calls are allowed and the kernel
+    /// logs them; `off`, no filters.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::On)]
+    seccomp: SeccompMode,
+
+    /// Test aid: a thread of this kind makes one system call outside its list (getppid)
+    /// right after installing its filter.
+    #[arg(long, value_name = "KIND", value_enum, hide = true)]
+    seccomp_selftest: Option<ThreadKind>,
 }
 
 /// A `--qmp-fd` that is not a listening Unix stream socket.
@@ -215,6 +229,10 @@ fn main() -> ExitCode {
         name: cli.name,
         qmp,
         debug_exit: cli.debug_exit,
+        seccomp: SeccompOptions {
+            mode: cli.seccomp,
+            selftest: cli.seccomp_selftest,
+        },
     };
     match vmm::run(&cfg) {
         Ok(why) => {

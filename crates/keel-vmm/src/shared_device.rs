@@ -1,9 +1,44 @@
 //! A virtio device shared between its transport and the VMM, so the VMM can park it while
-//! the VM is stopped (QMP `stop`).
+//! the VM is stopped (QMP `stop`), and started on the device thread ([`Activator`]).
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 
 use keel_virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+
+use crate::seccomp::{self, Filters, ThreadKind};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Starts devices on a thread of its own (`keel-devices`, under the device threads'
+/// seccomp filter) for the vCPU whose register write asked: the threads a device starts
+/// (queue workers, I/O threads, timers) inherit the device filter, not the vCPU's.
+pub struct Activator {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Activator {
+    /// Starts the thread; it ends when the last handle is dropped.
+    pub fn start(filters: &Arc<Filters>) -> Result<Arc<Activator>, seccomp::Error> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        filters.spawn(ThreadKind::Device, "keel-devices".into(), move || {
+            for job in rx {
+                job();
+            }
+        })?;
+        Ok(Arc::new(Activator { jobs }))
+    }
+
+    /// Runs `f` on the thread and returns its result, or `None` if the thread is gone.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .ok()?;
+        rx.recv().ok()
+    }
+}
 
 /// The transport drives the device through this handle as through the device itself; the
 /// VMM keeps a clone to pause and resume it.
@@ -12,20 +47,26 @@ pub struct SharedDevice {
     device: Arc<Mutex<Box<dyn VirtioDevice>>>,
     /// The queue sizes, which never change (the trait hands out a reference).
     sizes: Vec<u16>,
+    activator: Arc<Activator>,
 }
 
 impl SharedDevice {
-    /// Shares `device`.
-    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+    /// Shares `device`, which `activator` starts.
+    pub fn new(device: Box<dyn VirtioDevice>, activator: Arc<Activator>) -> Self {
         SharedDevice {
             sizes: device.queue_max_sizes().to_vec(),
             device: Arc::new(Mutex::new(device)),
+            activator,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Box<dyn VirtioDevice>> {
-        self.device.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.device)
     }
+}
+
+fn lock(device: &Mutex<Box<dyn VirtioDevice>>) -> MutexGuard<'_, Box<dyn VirtioDevice>> {
+    device.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl VirtioDevice for SharedDevice {
@@ -50,7 +91,14 @@ impl VirtioDevice for SharedDevice {
         self.lock().write_config(offset, data)
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.lock().activate(ctx)
+        let device = self.device.clone();
+        self.activator
+            .run(move || lock(&device).activate(ctx))
+            .unwrap_or_else(|| {
+                Err(ActivateError::Worker(std::io::Error::other(
+                    "the device thread is gone",
+                )))
+            })
     }
     fn reset(&mut self) {
         self.lock().reset()
@@ -66,13 +114,25 @@ impl VirtioDevice for SharedDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seccomp::{SeccompMode, SeccompOptions};
     use keel_virtio::echo::Echo;
+
+    /// An activator whose thread is not filtered (a filter would stay on the test's
+    /// thread pool for good).
+    fn activator() -> Arc<Activator> {
+        let filters = Filters::new(SeccompOptions {
+            mode: SeccompMode::Off,
+            selftest: None,
+        })
+        .unwrap();
+        Activator::start(&filters).unwrap()
+    }
 
     #[test]
     fn forwards_to_the_device() {
         let echo = Echo::new();
         let (ty, sizes) = (echo.device_type(), echo.queue_max_sizes().to_vec());
-        let mut shared = SharedDevice::new(Box::new(echo));
+        let mut shared = SharedDevice::new(Box::new(echo), activator());
         let mut handle = shared.clone();
         assert_eq!(shared.device_type(), ty);
         assert_eq!(shared.queue_max_sizes(), &sizes[..]);
@@ -113,7 +173,7 @@ mod tests {
     #[test]
     fn forwards_the_negotiated_features() {
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut shared = SharedDevice::new(Box::new(Negotiated(seen.clone())));
+        let mut shared = SharedDevice::new(Box::new(Negotiated(seen.clone())), activator());
         shared.features_negotiated(0x1_0000_0800);
         assert_eq!(
             seen.load(std::sync::atomic::Ordering::SeqCst),

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicI32;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -33,7 +33,8 @@ use crate::devices::{
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
 use crate::qmp::{Boot, GuestBalloon, IoErrorEvents, Machine};
-use crate::shared_device::SharedDevice;
+use crate::seccomp::{Filters, SeccompOptions, ThreadKind};
+use crate::shared_device::{Activator, SharedDevice};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
@@ -94,6 +95,9 @@ pub enum Error {
     /// The control socket could not be set up.
     #[error("cannot set up the QMP socket")]
     Qmp(#[source] keel_qmp::server::Error),
+    /// A seccomp filter could not be set up.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
     /// The event loop failed.
     #[error("{op} failed")]
     EventLoop {
@@ -179,6 +183,8 @@ pub struct VmConfig {
     /// with a status of its choosing ([`VmExit::DebugExit`]). For test guests only: off,
     /// a guest cannot choose keel's exit status.
     pub debug_exit: bool,
+    /// The threads' seccomp filters (`--seccomp`; see [`crate::seccomp`]).
+    pub seccomp: SeccompOptions,
 }
 
 /// Where the QMP control socket listens.
@@ -323,12 +329,8 @@ impl MutEventSubscriber for Control {
     }
 }
 
-fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>, tid: &AtomicI32) {
-    // SAFETY: gettid has no preconditions.
-    tid.store(
-        unsafe { libc::gettid() },
-        std::sync::atomic::Ordering::SeqCst,
-    );
+/// A vCPU thread's body (its seccomp filter is already in place).
+fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
     let id = vcpu.id();
     let why = match vcpu.run(&buses) {
         Ok(VcpuExitReason::Stopped) => return,
@@ -404,12 +406,18 @@ fn add_virtio_mmio(
 
 /// Builds the VM described by `cfg`, runs it to the end, and returns why it ended. With a
 /// control socket, `system_reset` builds the VM again and boots it again.
+///
+/// Every thread runs under its seccomp filter ([`VmConfig::seccomp`]), the calling thread
+/// too: it gets the main thread's filter for good, so call this from `main` (keel's
+/// binary does); [`run_with`] leaves the calling thread alone.
 pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
-    run_with(cfg, |_| {})
+    run_filtered(cfg, true, |_| {})
 }
 
 /// [`run`], calling `started` with a handle to the VM once its vCPUs run (from the calling
-/// thread; keep the handle to act on the VM from another thread).
+/// thread; keep the handle to act on the VM from another thread). The threads keel starts
+/// run under their seccomp filters; the calling thread is not filtered (it may go on to
+/// do anything), so this suits tests and benchmarks that run a VM in their own process.
 ///
 /// # Examples
 ///
@@ -431,6 +439,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     name: None,
 ///     qmp: None,
 ///     debug_exit: false,
+///     seccomp: Default::default(),
 /// };
 /// let exit = run_with(&cfg, |vm| {
 ///     let vm = vm.clone();
@@ -443,11 +452,25 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 /// .unwrap();
 /// ```
 pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExit, Error> {
+    run_filtered(cfg, false, started)
+}
+
+/// [`run_with`], putting the calling thread under the main thread's filter if
+/// `filter_caller`.
+fn run_filtered(
+    cfg: &VmConfig,
+    filter_caller: bool,
+    started: impl FnOnce(&VmHandle),
+) -> Result<VmExit, Error> {
     let mut started = Some(started);
     // Signals are handled by the event loop through a signalfd; blocking them here, before
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
         SignalFd::new(&[libc::SIGINT, libc::SIGTERM]).map_err(os("cannot create a signalfd"))?;
+    let filters = Filters::new(cfg.seccomp)?;
+    // The device thread (its filter is the one device threads inherit), after the signal
+    // mask: no thread keel starts takes SIGINT or SIGTERM.
+    let activator = Activator::start(&filters)?;
     // Opened once: output goes on across reboots, under one limit.
     let serial_file = match &cfg.serial {
         SerialMode::File(f) => {
@@ -458,37 +481,27 @@ pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExi
         _ => None,
     };
     let machine = Arc::new(Machine::new(cfg.name.clone()));
-    let mut server = match &cfg.qmp {
-        None => None,
-        Some(listen) => {
-            let handler: Arc<dyn keel_qmp::Handler> = machine.clone();
-            let options = keel_qmp::Options {
-                version: keel_qmp::VersionInfo {
-                    qemu: keel_qmp::VersionTriple {
-                        major: 0,
-                        minor: 1,
-                        micro: 0,
-                    },
-                    package: format!("keel {}", env!("CARGO_PKG_VERSION")),
-                },
-                ..Default::default()
-            };
-            let server = match listen {
-                QmpListen::Path(p) => keel_qmp::Server::bind(p, handler, options),
-                QmpListen::Listener(l) => {
-                    let l = l
-                        .try_clone()
-                        .map_err(os("cannot use the --qmp-fd socket"))?;
-                    keel_qmp::Server::serve(l, handler, options)
-                }
-            }
-            .map_err(Error::Qmp)?;
-            machine.set_events(server.events());
-            Some(server)
+    let mut server = None;
+    // Once the first VM is attached and before its vCPUs run: the control socket starts
+    // (its first client finds the VM), then the main thread takes its filter, under
+    // which it builds every later VM.
+    let mut first_boot = |machine: &Arc<Machine>| -> Result<(), Error> {
+        server = start_qmp(cfg, machine, &filters)?;
+        if filter_caller {
+            filters.apply(ThreadKind::Main)?;
         }
+        Ok(())
+    };
+    let mut env = BootEnv {
+        machine: &machine,
+        signalfd: &signalfd,
+        serial_file: serial_file.as_ref(),
+        filters: &filters,
+        activator: &activator,
+        first_boot: Some(&mut first_boot),
     };
     let result = loop {
-        match boot_once(cfg, &machine, &signalfd, serial_file.as_ref(), &mut started) {
+        match boot_once(cfg, &mut env, &mut started) {
             Ok(VmExit::ResetRequested) => machine.emit(
                 "RESET",
                 Some(serde_json::json!({"guest": false, "reason": "host-qmp-system-reset"})),
@@ -514,15 +527,78 @@ pub fn run_with(cfg: &VmConfig, started: impl FnOnce(&VmHandle)) -> Result<VmExi
     result
 }
 
+/// Starts the control socket of `cfg`, if any, under the control threads' filter (which
+/// its threads inherit), sending `machine`'s events to it.
+fn start_qmp(
+    cfg: &VmConfig,
+    machine: &Arc<Machine>,
+    filters: &Arc<Filters>,
+) -> Result<Option<keel_qmp::Server>, Error> {
+    let Some(listen) = &cfg.qmp else {
+        return Ok(None);
+    };
+    let handler: Arc<dyn keel_qmp::Handler> = machine.clone();
+    let options = keel_qmp::Options {
+        version: keel_qmp::VersionInfo {
+            qemu: keel_qmp::VersionTriple {
+                major: 0,
+                minor: 1,
+                micro: 0,
+            },
+            package: format!("keel {}", env!("CARGO_PKG_VERSION")),
+        },
+        ..Default::default()
+    };
+    let server = match listen {
+        QmpListen::Path(p) => {
+            let p = p.clone();
+            filters.run_as(ThreadKind::Control, move || {
+                keel_qmp::Server::bind(&p, handler, options)
+            })?
+        }
+        QmpListen::Listener(l) => {
+            let l = l
+                .try_clone()
+                .map_err(os("cannot use the --qmp-fd socket"))?;
+            filters.run_as(ThreadKind::Control, move || {
+                keel_qmp::Server::serve(l, handler, options)
+            })?
+        }
+    }
+    .map_err(Error::Qmp)?;
+    machine.set_events(server.events());
+    Ok(Some(server))
+}
+
+/// What every boot of a [`run_with`] shares.
+struct BootEnv<'a> {
+    machine: &'a Arc<Machine>,
+    signalfd: &'a SignalFd,
+    serial_file: Option<&'a Arc<CappedFile>>,
+    filters: &'a Arc<Filters>,
+    activator: &'a Arc<Activator>,
+    /// Run once, by the first boot, after it attached the machine and before its vCPUs
+    /// run.
+    first_boot: Option<FirstBoot<'a>>,
+}
+
+/// See [`BootEnv::first_boot`].
+type FirstBoot<'a> = &'a mut dyn FnMut(&Arc<Machine>) -> Result<(), Error>;
+
 /// Builds the VM, runs it until something ends it, and tears it down. `started` is called
 /// on the first boot.
 fn boot_once(
     cfg: &VmConfig,
-    machine: &Arc<Machine>,
-    signalfd: &SignalFd,
-    serial_file: Option<&Arc<CappedFile>>,
+    env: &mut BootEnv<'_>,
     started: &mut Option<impl FnOnce(&VmHandle)>,
 ) -> Result<VmExit, Error> {
+    let (machine, signalfd, serial_file, filters, activator) = (
+        env.machine,
+        env.signalfd,
+        env.serial_file,
+        env.filters,
+        env.activator,
+    );
     let signalfd = signalfd
         .try_clone()
         .map_err(os("cannot duplicate the signalfd"))?;
@@ -617,7 +693,7 @@ fn boot_once(
     let mut devices = Vec::new();
     for device in virtio {
         // Shared, so that a QMP `stop` can park it.
-        let shared = SharedDevice::new(device);
+        let shared = SharedDevice::new(device, activator.clone());
         devices.push(shared.clone());
         let device: Box<dyn VirtioDevice> = Box::new(shared);
         match cfg.transport {
@@ -667,7 +743,38 @@ fn boot_once(
 
     let handles: Vec<VcpuHandle> = vcpus.iter().map(Vcpu::handle).collect();
     let thread_ids: Arc<[AtomicI32]> = vcpus.iter().map(|_| AtomicI32::new(0)).collect();
-    // Before the threads run: a stopped machine boots with its vCPUs parked.
+    // Before the threads start: an exit a vCPU requests (a debug-exit write, say) stops
+    // every vCPU, itself included, at once.
+    exit.set_vcpus(handles.clone());
+    // Each vCPU thread installs its filter and records its ID, then waits for `go`: the
+    // machine is attached with every thread known (QMP names them) and before any runs
+    // (a stopped machine boots with its vCPUs parked).
+    let mut threads = Vec::new();
+    let mut go = Vec::new();
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let name = format!("keel-vcpu{}", vcpu.id());
+        let spawned = filters.spawn(ThreadKind::Vcpu, name, move || {
+            // SAFETY: gettid has no preconditions.
+            ids[i].store(unsafe { libc::gettid() }, Ordering::SeqCst);
+            if rx.recv().is_ok() {
+                run_vcpu(vcpu, buses, exit);
+            }
+        });
+        match spawned {
+            Ok(t) => {
+                threads.push(t);
+                go.push(tx);
+            }
+            Err(e) => {
+                // The threads already started end without running.
+                drop(go);
+                threads.into_iter().for_each(|t| drop(t.join()));
+                return Err(e.into());
+            }
+        }
+    }
     machine.attach(Boot {
         vcpus: handles.clone(),
         thread_ids: thread_ids.clone(),
@@ -682,19 +789,22 @@ fn boot_once(
             }) as Arc<dyn crate::qmp::Balloon>
         }),
     });
-    let mut threads = Vec::new();
-    for (i, vcpu) in vcpus.into_iter().enumerate() {
-        let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
-        let t = std::thread::Builder::new()
-            .name(format!("keel-vcpu{}", vcpu.id()))
-            .spawn(move || run_vcpu(vcpu, buses, exit, &ids[i]))
-            .map_err(os("cannot spawn a vCPU thread"))?;
-        threads.push(t);
+    if let Some(first_boot) = env.first_boot.take() {
+        if let Err(e) = first_boot(machine) {
+            // The vCPU threads end without running.
+            machine.detach();
+            drop(go);
+            threads.into_iter().for_each(|t| drop(t.join()));
+            return Err(e);
+        }
+    }
+    for tx in go {
+        // A thread that is gone cannot have run.
+        let _ = tx.send(());
     }
 
-    exit.set_vcpus(handles.clone());
     if exit.reason().is_some() {
-        // An exit was requested before the handles were known; stop everything now.
+        // An exit was requested before the handles were set; stop everything now.
         handles.iter().for_each(VcpuHandle::stop);
     }
     if let Some(started) = started.take() {

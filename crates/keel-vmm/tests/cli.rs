@@ -25,6 +25,9 @@ fn bad_values_are_one_line_errors_with_status_2() {
         ),
         (vec!["--frobnicate"], "--frobnicate"),
         (vec!["--kernel"], "--kernel"),
+        (vec!["--seccomp", "maybe"], "--seccomp"),
+        (vec!["--seccomp"], "--seccomp"),
+        (vec!["--seccomp-selftest", "gpu"], "--seccomp-selftest"),
     ] {
         let mut all = vec!["--kernel", "/nonexistent"];
         all.extend(args.iter());
@@ -71,6 +74,7 @@ fn help_documents_every_flag() {
         "--qmp-fd",
         "--name",
         "--debug-exit",
+        "--seccomp",
     ] {
         assert!(out.stdout.contains(flag), "{flag} missing from --help");
     }

@@ -7,9 +7,13 @@
 //! exactly the content the guest's README documents (`final_byte`): `qemu-img check` finds
 //! no errors (qcow2) and `qemu-img compare` against a raw reference built here says the
 //! images are identical.
+//!
+//! keel also runs `blk` as an unprivileged user (uid/gid 65534, no capabilities) with
+//! access to /dev/kvm and its images only.
 
 mod support;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -388,6 +392,99 @@ fn blk_bench_runs_every_row_under_keel() {
     let out = keel_blk("keel.test=blk-bench keel.blk_n=300", &opts, false);
     assert_pass(&out, "blk-bench", 0);
     assert_bench_rows(&out, 300);
+}
+
+// ---------------------------------------------------------------------
+// keel as an unprivileged user.
+
+/// The unprivileged user and group (nobody, nogroup).
+const NOBODY: u32 = 65534;
+
+/// `blk` under keel run as uid/gid 65534 with no capabilities and no supplementary
+/// groups, with access to /dev/kvm and its images and nothing else: in a private mount
+/// namespace a device node for KVM (char 10:232) that the user owns is bind-mounted over
+/// /dev/kvm (root:root 0600 here, left alone), and setpriv drops to the user. The serial
+/// log is a file keel creates, so its owner shows who keel ran as.
+fn keel_blk_as_nobody(format: &'static str) {
+    let disk = Disk::new(
+        &format!("blk-nobody-{format}"),
+        format,
+        initial_byte,
+        final_byte,
+    );
+    let dir = disk.image.parent().unwrap().to_path_buf();
+    for p in [&dir, &disk.image] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let node = dir.join("kvm");
+    let serial = dir.join("serial.log");
+    let setup = format!(
+        "mknod {node} c 10 232 && chown {NOBODY}:{NOBODY} {node} && chmod 0600 {node} \
+         && mount --bind {node} /dev/kvm \
+         && exec setpriv --reuid {NOBODY} --regid {NOBODY} --clear-groups \
+            --inh-caps=-all --bounding-set=-all \"$@\"",
+        node = s(&node)
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &setup,
+        "sh",
+    ])
+    .arg(env!("CARGO_BIN_EXE_keel"))
+    .args([
+        "--debug-exit",
+        "--memory",
+        "128",
+        "--cmdline",
+        "keel.test=blk",
+    ])
+    .arg(format!("--serial=file={}", s(&serial)))
+    .arg(format!("--disk=path={},format={format}", s(&disk.image)));
+    let run = support::Running::start(cmd).finish(LIMIT);
+    let out = Outcome {
+        status: run.status,
+        stdout: std::fs::read_to_string(&serial).unwrap_or_default(),
+        stderr: run.stderr,
+    };
+    assert_pass(&out, "blk", 0);
+    assert_lines(&out, "blk", BLK_LINES);
+    let log = std::fs::metadata(&serial).unwrap();
+    assert_eq!(
+        (log.uid(), log.gid()),
+        (NOBODY, NOBODY),
+        "keel ran as someone else"
+    );
+    disk.assert_content();
+}
+
+/// Setting up the namespace and the node takes root (CAP_SYS_ADMIN, CAP_MKNOD); the
+/// test says so rather than skipping.
+fn assert_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test runs keel as uid {NOBODY} in a private mount namespace and must start as root"
+    );
+}
+
+#[test]
+fn blk_passes_under_keel_as_an_unprivileged_user_raw() {
+    require_kvm!();
+    assert_root();
+    keel_blk_as_nobody("raw");
+}
+
+#[test]
+fn blk_passes_under_keel_as_an_unprivileged_user_qcow2() {
+    require_kvm!();
+    assert_root();
+    keel_blk_as_nobody("qcow2");
 }
 
 // ---------------------------------------------------------------------

@@ -56,6 +56,8 @@ pub fn child(args: &[String]) {
         name: None,
         qmp: None,
         debug_exit: true,
+        // The VM's threads filtered, as keel's (this thread is not: see `run_with`).
+        seccomp: Default::default(),
     };
     let exit = run_with(&cfg, |vm| {
         let vm = vm.clone();

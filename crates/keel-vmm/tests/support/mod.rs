@@ -102,6 +102,11 @@ impl Running {
         }
     }
 
+    /// keel's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What keel printed on stdout so far.
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
