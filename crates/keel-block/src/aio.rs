@@ -481,6 +481,14 @@ pub trait UringTarget: BlockBackend {
     fn data_file(&self) -> Option<&RawFile> {
         None
     }
+    /// Whether a write of `len` bytes at `offset` must reach the target's own
+    /// [`BlockBackend::write_vectored_at`] because the target looks at the data (as
+    /// [`ProbedRaw`](crate::probed::ProbedRaw) does for the first sector). [`UringQueue`]
+    /// serves such writes synchronously and never maps them. The default: none.
+    fn inspects_write(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Maps a device range to host extents, allocating for writes. The
     /// queue keeps the returned [`Mapping`] until every transfer to its
     /// extents has completed, so implementations whose host offsets can
@@ -674,8 +682,12 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 && iov
                     .iter()
                     .all(|s| s.len() as u64 % a == 0 && s.ptr_guard().as_ptr() as u64 % a == 0));
-        // Misaligned, or more pieces than a request may hold in flight.
-        if !aligned || iov.segments().len() > MAX_PIECES {
+        // Misaligned, more pieces than a request may hold in flight, or a write the
+        // target must see.
+        if !aligned
+            || iov.segments().len() > MAX_PIECES
+            || (write && self.target.inspects_write(offset, iov.len() as u64))
+        {
             return Plan::Inline;
         }
         // The mapping pins the host clusters until the parent completes.
