@@ -13,7 +13,7 @@
 //!   (see [`super::inflight`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar};
 
 use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::inflight::InFlight;
@@ -206,6 +206,11 @@ pub(crate) struct Meta {
     pub(crate) cgen: u64,
     /// Host clusters with data transfers in flight: never allocated.
     pub(crate) inflight: Arc<InFlight>,
+    /// Guest clusters (index) whose copy on write is in flight on an io_uring queue, with
+    /// the host cluster allocated for it, not yet linked (see `Qcow2::map_write_or_copy`).
+    pub(crate) copying: HashMap<u64, u64>,
+    /// Signalled whenever an entry leaves `copying`.
+    pub(crate) copy_done: Arc<Condvar>,
 }
 
 impl Meta {
@@ -260,7 +265,18 @@ impl Meta {
             cgen: 0,
             hdr,
             inflight: Arc::default(),
+            copying: HashMap::new(),
+            copy_done: Arc::default(),
         }
+    }
+
+    /// Whether a guest cluster of `[offset, offset + len)` has a copy on write in flight.
+    pub(crate) fn copying_in(&self, offset: u64, len: u64) -> bool {
+        if self.copying.is_empty() || len == 0 {
+            return false;
+        }
+        let (first, last) = (offset >> self.cb, (offset + len - 1) >> self.cb);
+        self.copying.keys().any(|g| (first..=last).contains(g))
     }
 
     /// Number of entries in an L2 table.
