@@ -631,8 +631,9 @@ impl Meta {
     }
 
     /// Allocates `len` bytes (at most a cluster) for compressed data, packing
-    /// them after the previous compressed cluster when they fit in its host
-    /// cluster. Each compressed cluster holds one reference to the host
+    /// them after the previous compressed cluster: in its host cluster when they fit,
+    /// else across its end into the next host cluster when that is the one allocated
+    /// (as QEMU packs them). Each compressed cluster holds one reference to each host
     /// cluster it lies in.
     pub(crate) fn alloc_bytes(&mut self, f: &dyn BlockBackend, len: u64) -> Result<u64> {
         if len == 0 || len > self.cs {
@@ -659,6 +660,20 @@ impl Meta {
             }
         }
         let (start, _) = self.alloc(f, 1)?;
+        if self.cbyte != 0 && start == self.cbyte.next_multiple_of(self.cs) {
+            // The next host cluster: the data spans the end of the packing cluster
+            // into it, as QEMU packs them. Each cluster it touches holds a reference
+            // (the new one has its own from the allocation).
+            let c = self.cbyte >> self.cb;
+            let rc = self.refcount(f, c)?;
+            if rc > 0 && rc < refcount::max_value(self.hdr.refcount_order) {
+                self.adjust(f, c, 1)?;
+                let off = self.cbyte;
+                let end = off + len;
+                self.cbyte = if end % self.cs == 0 { 0 } else { end };
+                return Ok(off);
+            }
+        }
         self.cbyte = if len == self.cs { 0 } else { start + len };
         Ok(start)
     }
