@@ -20,7 +20,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::aio::UringTarget;
+use crate::aio::{CopyLink, UringTarget, WriteMap};
 use crate::backend::{BlockBackend, Limits, WriteFlags};
 use crate::error::{Error, InvalidArgument, Result};
 use crate::image::{Format, PROBE_BYTES};
@@ -181,5 +181,17 @@ impl<T: UringTarget> UringTarget for ProbedRaw<T> {
             return Err(InvalidArgument::UninspectedWrite { offset, len }.into());
         }
         self.inner.map(write, offset, len)
+    }
+    fn map_write_or_copy(&self, offset: u64, len: u64) -> Result<WriteMap> {
+        if self.inspects_write(offset, len) {
+            return Err(InvalidArgument::UninspectedWrite { offset, len }.into());
+        }
+        self.inner.map_write_or_copy(offset, len)
+    }
+    fn finish_copy(&self, link: CopyLink, written: bool) -> Result<()> {
+        self.inner.finish_copy(link, written)
+    }
+    fn wait_copies(&self, offset: u64, len: u64) {
+        self.inner.wait_copies(offset, len)
     }
 }
