@@ -604,7 +604,8 @@ impl UringTarget for Qcow2<RawFile> {
         }
     }
     fn map_write_or_copy(&self, offset: u64, len: u64) -> Result<WriteMap> {
-        let align = self.file().limits().memory_alignment.max(512) as usize;
+        // Page-aligned, as QEMU aligns its buffers: a block in fewer pages.
+        let align = self.file().limits().memory_alignment.max(4096) as usize;
         Qcow2::map_write_or_copy(self, offset, len, align)
     }
     fn finish_copy(&self, link: CopyLink, written: bool) -> Result<()> {
