@@ -19,6 +19,9 @@ use std::sync::{MutexGuard, PoisonError};
 /// the two at both depths (`scripts/bench-block`, qcow2 "alloc" rows).
 const PREALLOC_BYTES: u64 = 256 << 10;
 
+/// How far ahead of an asynchronous copy on write the file is extended.
+const COPY_PREALLOC_BYTES: u64 = 2 << 20;
+
 impl<F: BlockBackend> Qcow2<F> {
     /// Maps a guest range for writing, allocating as needed: the body of
     /// [`MapExtents::map_write`](crate::mapping::MapExtents::map_write), documented there.
@@ -142,7 +145,7 @@ impl<F: BlockBackend> Qcow2<F> {
             if host + cs > m.prealloc_end {
                 // Extend the file ahead of the copies (fallocate), so that their writes
                 // do not each extend it, which serialises O_DIRECT writers.
-                let len = cs.max(PREALLOC_BYTES);
+                let len = cs.max(COPY_PREALLOC_BYTES);
                 f.write_zeroes(host, len, false)?;
                 m.prealloc_end = host + len;
             }
