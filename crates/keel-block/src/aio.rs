@@ -465,7 +465,7 @@ impl<B> Drop for ThreadQueue<B> {
 #[cfg(feature = "io_uring")]
 mod uring;
 #[cfg(feature = "io_uring")]
-pub use uring::{UringQueue, UringTarget};
+pub use uring::{CopyLink, CopyWrite, UringQueue, UringTarget, WriteMap};
 
 #[cfg(test)]
 mod tests {

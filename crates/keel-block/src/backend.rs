@@ -1,8 +1,10 @@
 //! The [`BlockBackend`] trait and helpers shared by its implementations.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::io::RawFd;
 
 use crate::error::{Error, Result};
+use crate::mapping::Mapping;
 
 /// Alignment and size limits a backend imposes on requests.
 ///
@@ -97,6 +99,14 @@ pub trait BlockBackend: Send + Sync {
     /// space instead of writing zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
 
+    /// Where `[offset, offset + len)` can be read straight from files, for an engine that
+    /// reads them itself (io_uring): `None` if a part of it needs this backend's own
+    /// read path (compressed data, memory, a backend without files). The default.
+    fn map_file_read(&self, offset: u64, len: u64) -> Result<Option<FileRead>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_vectored_at(&mut [IoSliceMut::new(buf)], offset)
@@ -106,6 +116,41 @@ pub trait BlockBackend: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.write_vectored_at(&[IoSlice::new(buf)], offset, WriteFlags::NONE)
     }
+}
+
+/// A range of a backend as reads from files ([`BlockBackend::map_file_read`]).
+#[derive(Debug, Default)]
+pub struct FileRead {
+    /// The range's pieces, in order.
+    pub extents: Vec<FileExtent>,
+    /// Keeps the host ranges read from theirs (qcow2 pins them) until dropped: keep it
+    /// until the reads have completed.
+    pub pins: Vec<Mapping>,
+}
+
+/// One piece of a [`FileRead`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileExtent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Where its bytes are.
+    pub source: FileSource,
+}
+
+/// Where the bytes of a [`FileExtent`] are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileSource {
+    /// In this file, from this offset.
+    File {
+        /// The file.
+        fd: RawFd,
+        /// Byte offset in it.
+        offset: u64,
+        /// Alignment its offsets, lengths and buffers need (`O_DIRECT`), 1 if none.
+        align: u64,
+    },
+    /// Zeroes.
+    Zero,
 }
 
 impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
@@ -137,6 +182,9 @@ impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         (**self).write_zeroes(offset, len, unmap)
+    }
+    fn map_file_read(&self, offset: u64, len: u64) -> Result<Option<FileRead>> {
+        (**self).map_file_read(offset, len)
     }
 }
 

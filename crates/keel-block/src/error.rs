@@ -87,6 +87,16 @@ pub enum Error {
         /// What is wrong.
         reason: ChainProblem,
     },
+    /// A write to a raw image whose format was probed would make its first sector probe
+    /// as another format, and was refused (see [`crate::probed`]). Nothing was written.
+    #[error(
+        "write refused: the image's format was probed as raw and the write would make it \
+         probe as {format}; open it with an explicit raw format to allow such writes"
+    )]
+    ProbedFormatChange {
+        /// The format the first sector would have probed as.
+        format: crate::image::Format,
+    },
     /// A request's buffer names guest memory that cannot be accessed.
     #[error("guest memory at {addr:#x} ({len} bytes) cannot be accessed")]
     GuestMemory {
@@ -120,6 +130,8 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly => libc::EROFS,
+            // As QEMU answers such writes.
+            Error::ProbedFormatChange { .. } => libc::EPERM,
             Error::Unsupported(_) => libc::ENOTSUP,
             Error::InvalidImage(_)
             | Error::Corrupt(_)
@@ -848,6 +860,14 @@ pub enum InvalidArgument {
     },
     /// An unknown cache mode name.
     CacheMode(String),
+    /// A write mapped for a transfer without its data, to a range whose target must see
+    /// the data ([`crate::aio::UringTarget::inspects_write`]).
+    UninspectedWrite {
+        /// Device offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 impl fmt::Display for InvalidArgument {
@@ -912,6 +932,11 @@ impl fmt::Display for InvalidArgument {
                 f,
                 "the image has backing file '{name}', which was not opened; \
                  open the image with its backing chain or read-only"
+            ),
+            InvalidArgument::UninspectedWrite { offset, len } => write!(
+                f,
+                "a write of {len} bytes at {offset} mapped without its data, \
+                 which the target must inspect (write it through write_vectored_at)"
             ),
             InvalidArgument::CacheMode(name) => write!(
                 f,

@@ -6,8 +6,12 @@ use std::sync::Arc;
 
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result, Unsupported};
-use crate::qcow2::{self, Qcow2, Qcow2Options};
+use crate::qcow2::{self, header, Qcow2, Qcow2Options};
 use crate::raw::{RawFile, RawOptions};
+
+/// Bytes at the start of an image that probing looks at ([`Format::detect`]): one
+/// 512-byte sector, as QEMU's probe buffer.
+pub const PROBE_BYTES: usize = 512;
 
 /// An image format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +32,8 @@ impl Format {
     }
 
     /// Guesses the format from the file's first bytes (qcow2 magic, else raw). Guessing
-    /// is for tools; a VMM should be told, since a raw image may hold anything.
+    /// is for tools; a VMM should be told, since a raw image may hold anything (or guard
+    /// a probed raw image with [`ProbedRaw`](crate::probed::ProbedRaw)).
     pub fn probe(path: &Path) -> Result<Format> {
         let f = RawFile::open(
             path,
@@ -37,11 +42,28 @@ impl Format {
                 ..Default::default()
             },
         )?;
-        Ok(if qcow2::probe(&f) {
-            Format::Qcow2
-        } else {
-            Format::Raw
-        })
+        let mut first = vec![0u8; (PROBE_BYTES as u64).min(f.size()) as usize];
+        f.read_at(&mut first, 0)?;
+        Ok(Format::detect(&first))
+    }
+
+    /// The format an image whose first bytes are `first` (up to [`PROBE_BYTES`] of them;
+    /// fewer for a shorter image) probes as: qcow2 if they start with its magic, else raw.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use keel_block::image::Format;
+    ///
+    /// assert_eq!(Format::detect(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
+    /// assert_eq!(Format::detect(&[0u8; 512]), Format::Raw);
+    /// assert_eq!(Format::detect(b"QFI"), Format::Raw);
+    /// ```
+    pub fn detect(first: &[u8]) -> Format {
+        match first.get(..4) {
+            Some(m) if m == header::MAGIC.to_be_bytes() => Format::Qcow2,
+            _ => Format::Raw,
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
+use crate::backend::{
+    check_range, BlockBackend, FileExtent, FileRead, FileSource, Limits, WriteFlags,
+};
 use crate::buf::AlignedBuf;
 use crate::error::{Error, InvalidArgument, Result};
 use crate::iov::Iov;
@@ -575,6 +577,23 @@ impl Iterator for BounceChunks {
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 impl BlockBackend for RawFile {
+    fn map_file_read(&self, offset: u64, len: u64) -> Result<Option<FileRead>> {
+        check_range(offset, len, self.size())?;
+        Ok(Some(FileRead {
+            extents: vec![FileExtent {
+                len,
+                source: FileSource::File {
+                    fd: self.fd(),
+                    offset,
+                    align: {
+                        let l = self.limits();
+                        l.request_alignment.max(l.memory_alignment) as u64
+                    },
+                },
+            }],
+            pins: Vec::new(),
+        }))
+    }
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }

@@ -8,6 +8,9 @@
 //!   host can check the image.
 //! * `blk-ro`: a read-only disk holding what `blk` leaves: reads work,
 //!   writes fail with IOERR and change nothing.
+//! * `blk-qcow2-header`: a qcow2 header written over sector 0; the status the
+//!   device answers (QEMU and keel refuse it on an image whose format they
+//!   probed) and block 0 read back to match it.
 //! * `blk-bench`: 4 KiB random reads and writes at depth 1 and 32; the
 //!   host times each row by its begin/end lines.
 //! * `blk-mq`: queues 0 and 1 of a multi-queue device (VIRTIO_BLK_F_MQ)
@@ -754,6 +757,118 @@ fn blk_ro_steps(c: &Ctx) -> Outcome {
         name,
         "blocks 0-{RO_BLOCKS} unchanged after the refused writes"
     );
+    c.t.reset()?;
+    say!(name, "reset: status reads 0");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// blk-qcow2-header
+
+/// What `blk-qcow2-header` writes over block 0 first: an ordinary block.
+const HEADER_BEFORE: u8 = 0x11;
+
+/// Byte `i` of the 4 KiB block `blk-qcow2-header` tries to write over block 0: a qcow2
+/// version 3 header of a 1 TiB image with 64 KiB clusters (the rest of the block is
+/// 0x22). It is enough for a probe to call the image qcow2, which is the point.
+fn qcow2_header_byte(i: usize) -> u8 {
+    const HEAD: [u8; 32] = [
+        b'Q', b'F', b'I', 0xfb, // magic
+        0, 0, 0, 3, // version
+        0, 0, 0, 0, 0, 0, 0, 0, // backing_file_offset
+        0, 0, 0, 0, // backing_file_size
+        0, 0, 0, 16, // cluster_bits
+        0, 0, 1, 0, 0, 0, 0, 0, // size: 1 TiB
+    ];
+    match i {
+        0..32 => HEAD[i],
+        // The rest of a version 2 header and the version 3 fields: zero.
+        32..104 => 0,
+        _ => 0x22,
+    }
+}
+
+/// Scenario `blk-qcow2-header`.
+pub fn scenario_blk_qcow2_header(boot: &BootInfo, acpi: &Acpi) -> Outcome {
+    with_device("blk-qcow2-header", boot, acpi, qcow2_header_steps)
+}
+
+/// Writes an ordinary block 0, then a qcow2 header over sector 0 (alone, then as the
+/// start of block 0), and reports the status each got; block 0 must then read back as
+/// what the device said it did. A device may refuse the header (QEMU and keel do on an
+/// image whose format they probed) or take it; the host decides which was right.
+fn qcow2_header_steps(c: &Ctx) -> Outcome {
+    let name = c.name;
+    let mut b = open(c)?;
+    if b.cfg.capacity < SECTORS_PER_BLOCK {
+        crate::fail!("capacity {} sectors is below one 4 KiB block", b.cfg.capacity);
+    }
+    b.one(
+        &Req::write(0, BLOCK),
+        Shape::SEPARATE,
+        |p| p[..BLOCK as usize].fill(HEADER_BEFORE),
+        |d, _| expect(d, S_OK),
+    )?;
+    say!(name, "OUT of an ordinary block 0: OK");
+    let status_text = |s: u8| match s {
+        S_OK => "OK",
+        S_IOERR => "IOERR",
+        _ => "other",
+    };
+    let mut statuses = [0u8; 2];
+    for (k, (len, what)) in [(SECTOR as u32, "sector 0 (512 bytes)"), (BLOCK, "block 0 (4 KiB)")]
+        .into_iter()
+        .enumerate()
+    {
+        let d = b.one(
+            &Req::write(0, len),
+            Shape::SEPARATE,
+            |p| {
+                for (i, x) in p[..len as usize].iter_mut().enumerate() {
+                    *x = qcow2_header_byte(i);
+                }
+            },
+            |d, _| Ok(*d),
+        )?;
+        if d.status != S_OK && d.status != S_IOERR {
+            expect(&d, S_IOERR)?;
+        }
+        say!(name, "OUT of a qcow2 header over {what}: {}", status_text(d.status));
+        statuses[k] = d.status;
+    }
+    if statuses[0] != statuses[1] {
+        crate::fail!(
+            "the header alone got {} but as the start of block 0 got {}",
+            status_text(statuses[0]),
+            status_text(statuses[1])
+        );
+    }
+    let taken = statuses[0] == S_OK;
+    b.one(
+        &Req::read(0, BLOCK),
+        Shape::SEPARATE,
+        |p| p[..BLOCK as usize].fill(0xee),
+        |d, p| {
+            expect(d, S_OK)?;
+            for (i, &x) in p[..BLOCK as usize].iter().enumerate() {
+                let want = if taken {
+                    qcow2_header_byte(i)
+                } else {
+                    HEADER_BEFORE
+                };
+                if x != want {
+                    crate::fail!("block 0 read back byte {i} as {x:#04x}, expected {want:#04x}");
+                }
+            }
+            Ok(())
+        },
+    )?;
+    if taken {
+        say!(name, "block 0 reads back as the header");
+    } else {
+        say!(name, "block 0 reads back unchanged");
+    }
+    flush(&mut b, name, "")?;
     c.t.reset()?;
     say!(name, "reset: status reads 0");
     Ok(())

@@ -98,6 +98,7 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "blk" => blk_scenarios::scenario_blk(&boot, &acpi),
         "blk-ro" => blk_scenarios::scenario_blk_ro(&boot, &acpi),
         "blk-bench" => blk_scenarios::scenario_blk_bench(&boot, &acpi),
+        "blk-qcow2-header" => blk_scenarios::scenario_blk_qcow2_header(&boot, &acpi),
         "blk-mq" => blk_scenarios::scenario_blk_mq(&boot, &acpi),
         "idle" => idle::scenario(&boot, &acpi),
         "balloon" => balloon_scenarios::scenario_balloon(&boot, &acpi),

@@ -2,8 +2,10 @@
 //! parsing the option and opening the disk behind a virtio-blk device.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use keel_block::image::{Format, Image, ImageOptions};
+use keel_block::ProbedRaw;
 use keel_virtio_blk::{Block, BlockOptions, Disk};
 
 /// One `--disk`: the image and how to open it, and the device in front of it.
@@ -11,7 +13,8 @@ use keel_virtio_blk::{Block, BlockOptions, Disk};
 pub struct DiskSpec {
     /// Image file.
     pub path: PathBuf,
-    /// Format; `None` probes (qcow2 magic, else raw).
+    /// Format; `None` probes (qcow2 magic, else raw), and the guest may then not write a
+    /// first sector that would probe as another format.
     pub format: Option<Format>,
     /// How the image is opened: host cache mode (`cache=`), read-only
     /// (`readonly=`; the guest then sees VIRTIO_BLK_F_RO).
@@ -193,6 +196,11 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
     // io_uring depth per queue: the queue size, so a full ring never waits for room.
     let depth = u32::from(spec.device.queue_size);
     let disk = match &image {
+        // A raw image the guest could turn into another format for the next probe: its
+        // writes that would are refused (IOERR), as QEMU refuses them.
+        Image::Raw(r) if spec.format.is_none() => {
+            Disk::uring(Arc::new(ProbedRaw::new(r.clone())), depth)
+        }
         Image::Raw(r) => Disk::uring(r.clone(), depth),
         Image::Qcow2(q) => Disk::uring(q.clone(), depth),
     }

@@ -1,5 +1,5 @@
 //! virtio-blk end to end with the test guest (crates/keel-test-guest, scenarios `blk`,
-//! `blk-ro`, `blk-bench` and `blk-mq`): under QEMU (the peer; virtio-blk-pci and
+//! `blk-ro`, `blk-bench`, `blk-mq` and `blk-qcow2-header`): under QEMU (the peer; virtio-blk-pci and
 //! virtio-blk-device) and under keel (`--disk`, virtio-pci and `--transport mmio`), on raw
 //! and qcow2 images.
 //!
@@ -630,4 +630,146 @@ fn blk_mq_fails_clearly_without_mq_under_keel() {
     );
     assert_eq!(out.code(), Some(1), "stdout:\n{}", out.stdout);
     disk.assert_content();
+}
+
+// ---------------------------------------------------------------------
+// blk-qcow2-header: a guest writes a qcow2 header over sector 0 of a raw disk. On an
+// image whose format was probed QEMU refuses it (so that the guest cannot choose the
+// image's format for the next start), and so must keel; with format=raw both take it.
+
+/// What `blk-qcow2-header` writes over block 0 first (crates/keel-test-guest/README.md).
+const HEADER_BEFORE: u8 = 0x11;
+
+/// Byte `i` of the block `blk-qcow2-header` then tries to write over block 0: a qcow2
+/// version 3 header of a 1 TiB image with 64 KiB clusters, zeroes to byte 104, 0x22 after.
+fn qcow2_header_byte(i: usize) -> u8 {
+    const HEAD: [u8; 32] = [
+        b'Q', b'F', b'I', 0xfb, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0,
+        1, 0, 0, 0, 0, 0,
+    ];
+    match i {
+        0..32 => HEAD[i],
+        32..104 => 0,
+        _ => 0x22,
+    }
+}
+
+/// A raw image of `initial_byte` blocks, and its reference: block 0 as the guest leaves
+/// it (`HEADER_BEFORE`, or the header when `taken`), the rest untouched.
+fn header_disk(tag: &str, taken: bool) -> Disk {
+    let disk = Disk::new(tag, "raw", initial_byte, initial_byte);
+    let mut data = std::fs::read(&disk.reference).expect("read the reference");
+    for (i, x) in data[..BLOCK].iter_mut().enumerate() {
+        *x = if taken {
+            qcow2_header_byte(i)
+        } else {
+            HEADER_BEFORE
+        };
+    }
+    std::fs::write(&disk.reference, data).expect("write the reference");
+    disk
+}
+
+/// What `blk-qcow2-header` prints when the header is refused or `taken`.
+fn assert_header_lines(out: &Outcome, taken: bool) {
+    let (status, block0) = if taken {
+        ("OK", "block 0 reads back as the header$")
+    } else {
+        ("IOERR", "block 0 reads back unchanged$")
+    };
+    let sector = format!("OUT of a qcow2 header over sector 0 (512 bytes): {status}$");
+    let block = format!("OUT of a qcow2 header over block 0 (4 KiB): {status}$");
+    assert_lines(
+        out,
+        "blk-qcow2-header",
+        &[
+            "OUT of an ordinary block 0: OK$",
+            &sector,
+            &block,
+            block0,
+            "reset: status reads 0",
+        ],
+    );
+}
+
+/// The image, read by a host tool that probes: raw (the header was refused) or holding
+/// the header's magic (it was taken; its tables are nonsense, so qemu-img would not
+/// open it, but it would try as qcow2).
+fn assert_header_outcome(disk: &Disk, taken: bool) {
+    disk.assert_content();
+    if taken {
+        let data = std::fs::read(&disk.image).unwrap();
+        assert_eq!(&data[..4], b"QFI\xfb");
+    } else {
+        let out = qemu_img(&["info", "--output=json", s(&disk.image)]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info JSON");
+        assert_eq!(v["format"], "raw", "qemu-img info:\n{out}");
+        assert_eq!(
+            v["virtual-size"], DISK_BYTES as u64,
+            "qemu-img info:\n{out}"
+        );
+    }
+}
+
+fn keel_header_case(format: Option<&str>) {
+    let taken = format.is_some();
+    let disk = header_disk("blk-hdr-keel", taken);
+    let mut opts = format!("path={}", s(&disk.image));
+    if let Some(f) = format {
+        opts += &format!(",format={f}");
+    }
+    let out = keel_blk("keel.test=blk-qcow2-header", &opts, false);
+    assert_pass(&out, "blk-qcow2-header", 0);
+    assert_header_lines(&out, taken);
+    assert_header_outcome(&disk, taken);
+}
+
+#[test]
+fn blk_qcow2_header_is_refused_on_a_probed_raw_disk_under_keel() {
+    require_kvm!();
+    keel_header_case(None);
+}
+
+#[test]
+fn blk_qcow2_header_is_taken_with_format_raw_under_keel() {
+    require_kvm!();
+    keel_header_case(Some("raw"));
+}
+
+fn qemu_header_case(format: Option<&str>) {
+    let taken = format.is_some();
+    let disk = header_disk("blk-hdr-qemu", taken);
+    let drive = format!(
+        "file={},if=none,id=d0,cache=none,aio=io_uring{}",
+        s(&disk.image),
+        format.map(|f| format!(",format={f}")).unwrap_or_default()
+    );
+    let (machine, device) = qemu_transport(false);
+    let mut extra = vec!["-drive", drive.as_str()];
+    extra.extend(device);
+    let out = support::qemu_guest_cmdline(
+        "keel.test=blk-qcow2-header",
+        machine,
+        1,
+        true,
+        &extra,
+        LIMIT,
+    );
+    assert_pass(&out, "blk-qcow2-header", 1);
+    assert_header_lines(&out, taken);
+    assert_header_outcome(&disk, taken);
+}
+
+/// The peer: QEMU refuses the header on a drive whose format it probed...
+#[test]
+fn blk_qcow2_header_is_refused_on_a_probed_raw_disk_under_qemu() {
+    require_kvm!();
+    qemu_header_case(None);
+}
+
+/// ... and takes it with format=raw.
+#[test]
+fn blk_qcow2_header_is_taken_with_format_raw_under_qemu() {
+    require_kvm!();
+    qemu_header_case(Some("raw"));
 }

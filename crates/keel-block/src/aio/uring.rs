@@ -1,5 +1,6 @@
 //! The io_uring engine ([`UringQueue`]), behind the default `io_uring` feature.
 
+use std::collections::VecDeque;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
@@ -8,12 +9,56 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::Permissions;
 
 use super::{run_sync, AioOp, AioQueue, AioRequest, Bounce, Completion, Payload};
-use crate::backend::BlockBackend;
-use crate::buf::IoBuf;
+use crate::backend::{BlockBackend, FileRead, FileSource};
+use crate::buf::{AlignedBuf, IoBuf};
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, ExtentKind, MapExtents, Mapping};
 use crate::qcow2::Qcow2;
 use crate::raw::{RawFile, WriteGuard};
+
+/// How a [`UringTarget`] takes a write ([`UringTarget::map_write_or_copy`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WriteMap {
+    /// Transfer the data to these extents.
+    Direct(Mapping),
+    /// A copy on write of the range is in flight: submit the write again once it has
+    /// completed ([`UringTarget::wait_copies`] waits for one of another queue's).
+    Busy,
+    /// Merge the data into the block and write the block, then
+    /// [`UringTarget::finish_copy`].
+    Copy(CopyWrite),
+}
+
+/// A write done as a copy: the block that takes it (a qcow2 cluster copied from the
+/// backing image), written whole, with the request's data merged in.
+#[derive(Debug)]
+pub struct CopyWrite {
+    /// Offset in [`UringTarget::data_fd`] the block is written to.
+    pub host: u64,
+    /// The block's old contents, aligned for the file; the request's data goes at `at`.
+    pub block: AlignedBuf,
+    /// Where the request's data starts in `block`.
+    pub at: usize,
+    /// Where the rest of the block's old contents are to be read from (the engine reads
+    /// the parts outside the request's data; each piece meets its file's alignment), or
+    /// `None` if `block` holds them already.
+    pub old: Option<FileRead>,
+    /// What [`UringTarget::finish_copy`] needs once the block is written; it pins the
+    /// host range until then.
+    pub link: CopyLink,
+}
+
+/// The part of a [`CopyWrite`] its target needs back to finish it.
+#[derive(Debug)]
+pub struct CopyLink {
+    /// Guest cluster index.
+    pub(crate) guest: u64,
+    /// Host offset of the block.
+    pub(crate) host: u64,
+    /// Pins the block until the copy is finished.
+    pub(crate) pin: Mapping,
+}
 
 /// A backend whose data lives in one file descriptor that io_uring can
 /// address directly.
@@ -28,11 +73,34 @@ pub trait UringTarget: BlockBackend {
     fn data_file(&self) -> Option<&RawFile> {
         None
     }
+    /// Whether a write of `len` bytes at `offset` must reach the target's own
+    /// [`BlockBackend::write_vectored_at`] because the target looks at the data (as
+    /// [`ProbedRaw`](crate::probed::ProbedRaw) does for the first sector). [`UringQueue`]
+    /// serves such writes synchronously and never maps them. The default: none.
+    fn inspects_write(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
     /// Maps a device range to host extents, allocating for writes. The
     /// queue keeps the returned [`Mapping`] until every transfer to its
     /// extents has completed, so implementations whose host offsets can
     /// change owner must pin them in it (as [`Qcow2`] does).
     fn map(&self, write: bool, offset: u64, len: u64) -> Result<Mapping>;
+    /// Maps a write, which may also be done as a copy or have to wait for one. It never
+    /// blocks. The default maps it with [`UringTarget::map`].
+    fn map_write_or_copy(&self, offset: u64, len: u64) -> Result<WriteMap> {
+        self.map(true, offset, len).map(WriteMap::Direct)
+    }
+    /// Finishes a [`WriteMap::Copy`] once its block was `written` (or failed to be).
+    fn finish_copy(&self, link: CopyLink, written: bool) -> Result<()> {
+        let _ = (link, written);
+        Ok(())
+    }
+    /// Blocks until no copy this target has in flight covers `[offset, offset + len)`
+    /// (a [`WriteMap::Busy`] range). Only call it with no copy of one's own in flight.
+    fn wait_copies(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
 }
 
 impl UringTarget for RawFile {
@@ -83,6 +151,17 @@ impl UringTarget for Qcow2<RawFile> {
             self.map_read(offset, len)
         }
     }
+    fn map_write_or_copy(&self, offset: u64, len: u64) -> Result<WriteMap> {
+        // Page-aligned, as QEMU aligns its buffers: a block in fewer pages.
+        let align = self.file().limits().memory_alignment.max(4096) as usize;
+        Qcow2::map_write_or_copy(self, offset, len, align)
+    }
+    fn finish_copy(&self, link: CopyLink, written: bool) -> Result<()> {
+        Qcow2::finish_copy(self, link, written)
+    }
+    fn wait_copies(&self, offset: u64, len: u64) {
+        Qcow2::wait_until_copied(self, offset, len)
+    }
 }
 
 /// A request whose transfers are in flight.
@@ -97,6 +176,22 @@ struct Parent<B> {
     _mapping: Mapping,
     /// For writes, holds the file ranges written until every piece has completed.
     _writing: Option<WriteGuard>,
+    /// A write done as a copy.
+    copy: Option<CopyState>,
+}
+
+/// A write in flight as a copy: the old contents are read into the block, then the
+/// block is written.
+struct CopyState {
+    /// The block, owned until its transfers complete.
+    block: AlignedBuf,
+    link: CopyLink,
+    /// Where the block goes.
+    host: u64,
+    /// Reads into the block are in flight (then the write is next).
+    reading: bool,
+    /// Pins what the reads read from.
+    _sources: Vec<Mapping>,
 }
 
 /// One transfer between a contiguous piece of a request's buffer and the file.
@@ -126,6 +221,11 @@ pub(super) enum Plan {
         pieces: Vec<(*mut u8, usize, u64, usize)>,
         mapping: Mapping,
     },
+    /// A copy on write of the range is in flight: later.
+    Busy,
+    /// Reads of the old contents into the block (the data merged in already), then one
+    /// write of the block.
+    Copy(AlignedBuf, CopyLink, u64, Option<FileRead>),
 }
 
 /// Transfers (io_uring entries) one request may hold in flight; a request whose buffer
@@ -148,6 +248,12 @@ pub struct UringQueue<T: UringTarget, B: IoBuf> {
     in_flight: usize,
     done: Vec<Completion<B>>,
     bounce: Bounce,
+    /// Writes waiting for a copy on write of their range to finish.
+    deferred: VecDeque<AioRequest<B>>,
+    /// Copies on write this queue has in flight.
+    copies: usize,
+    /// A copy finished since the deferred writes were last tried.
+    copy_finished: bool,
 }
 
 impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
@@ -166,6 +272,9 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
             in_flight: 0,
             done: Vec::new(),
             bounce: Bounce::default(),
+            deferred: VecDeque::new(),
+            copies: 0,
+            copy_finished: false,
         })
     }
 
@@ -176,7 +285,9 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
         // reaps them, so it first lets them complete.
         let rmw_possible = matches!(req.op(), AioOp::Write | AioOp::WriteZeroes { .. })
             && self.target.data_alignment() > 1;
-        if rmw_possible {
+        // The synchronous paths wait for copies on write in flight in their range, and
+        // this queue's own complete only when it reaps them.
+        if rmw_possible || self.copies > 0 {
             if let Err(e) = self.drain() {
                 self.done.push(req.complete(Err(e)));
                 return;
@@ -184,6 +295,14 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
         }
         let result = run_sync(&*self.target, &mut req, &mut self.bounce);
         self.done.push(req.complete(result));
+    }
+
+    /// Submits the deferred writes again (those still busy are deferred again).
+    fn retry_deferred(&mut self) {
+        self.copy_finished = false;
+        for r in std::mem::take(&mut self.deferred) {
+            self.submit(r);
+        }
     }
 
     /// Waits until every transfer this queue has in flight has completed (their
@@ -221,13 +340,34 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 && iov
                     .iter()
                     .all(|s| s.len() as u64 % a == 0 && s.ptr_guard().as_ptr() as u64 % a == 0));
-        // Misaligned, or more pieces than a request may hold in flight.
-        if !aligned || iov.segments().len() > MAX_PIECES {
+        // Misaligned, more pieces than a request may hold in flight, or a write the
+        // target must see.
+        if !aligned
+            || iov.segments().len() > MAX_PIECES
+            || (write && self.target.inspects_write(offset, iov.len() as u64))
+        {
             return Plan::Inline;
         }
         // The mapping pins the host clusters until the parent completes.
-        let mut mapping = match self.target.map(write, offset, iov.len() as u64) {
-            Ok(m) => m,
+        let len = iov.len() as u64;
+        let mapped = if write {
+            self.target.map_write_or_copy(offset, len)
+        } else {
+            self.target.map(false, offset, len).map(WriteMap::Direct)
+        };
+        let mut mapping = match mapped {
+            Ok(WriteMap::Direct(m)) => m,
+            Ok(WriteMap::Busy) => return Plan::Busy,
+            Ok(WriteMap::Copy(CopyWrite {
+                host,
+                mut block,
+                at,
+                old,
+                link,
+            })) => {
+                iov.copy_to_slice(0, &mut block.as_mut_slice()[at..at + len as usize]);
+                return Plan::Copy(block, link, host, old);
+            }
             Err(e) => return Plan::Fail(e),
         };
         // Backing-file and compressed data go through the driver's own read
@@ -321,12 +461,26 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
             }
             None => false,
         };
+        if done && self.next_copy_stage(parent) {
+            return;
+        }
         if done {
             // Dropping the parent drops its Mapping: every transfer is done,
             // so its host clusters may be reused.
             if let Some(mut p) = self.parents[parent].take() {
                 self.free_parents.push(parent);
                 self.in_flight -= 1;
+                if let Some(c) = p.copy.take() {
+                    // The block is written (or failed): link it (or free it).
+                    let CopyState { block, link, .. } = c;
+                    drop(block);
+                    let finished = self.target.finish_copy(link, p.error.is_none());
+                    if let (None, Err(e)) = (&p.error, finished) {
+                        p.error = Some(e);
+                    }
+                    self.copies -= 1;
+                    self.copy_finished = true;
+                }
                 if !p.write {
                     // The kernel wrote into the buffer behind the bitmap's back.
                     mark_dirty(&mut p.buf);
@@ -339,6 +493,131 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                     },
                     buf: Some(p.buf),
                 });
+            }
+        }
+    }
+
+    /// Starts a write done as a copy: the reads of the block's old contents outside
+    /// `data` (a range of the block the request's data fills already), then, from
+    /// [`UringQueue::next_copy_stage`], the write of the block.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_copy(
+        &mut self,
+        user_data: u64,
+        buf: B,
+        mut block: AlignedBuf,
+        link: CopyLink,
+        host: u64,
+        old: Option<FileRead>,
+        data: (usize, usize),
+    ) {
+        let base = block.as_mut_slice().as_mut_ptr();
+        // Pieces to read: (block position, length, fd, file offset).
+        let mut reads = Vec::new();
+        let mut sources = Vec::new();
+        if let Some(old) = old {
+            let mut p = 0usize;
+            for e in &old.extents {
+                let end = p + e.len as usize;
+                if let FileSource::File { fd, offset, .. } = e.source {
+                    for (s, t) in [(p, end.min(data.0)), (p.max(data.1), end)] {
+                        if s < t {
+                            reads.push((s, t - s, fd, offset + (s - p) as u64));
+                        }
+                    }
+                }
+                p = end;
+            }
+            sources = old.pins;
+        }
+        let writing = self
+            .target
+            .data_file()
+            .and_then(|f| f.lock_writes(&[(host, host + block.len() as u64)]));
+        let pidx = match self.free_parents.pop() {
+            Some(i) => i,
+            None => {
+                self.parents.push(None);
+                self.parents.len() - 1
+            }
+        };
+        self.parents[pidx] = Some(Parent {
+            user_data,
+            remaining: 1,
+            error: None,
+            write: true,
+            buf,
+            _mapping: Mapping::unpinned(Vec::new()),
+            _writing: writing,
+            copy: Some(CopyState {
+                block,
+                link,
+                host,
+                reading: true,
+                _sources: sources,
+            }),
+        });
+        self.in_flight += 1;
+        self.copies += 1;
+        let mut failed = None;
+        for (pos, len, fd, offset) in reads {
+            let piece = Piece {
+                parent: pidx,
+                write: false,
+                fd,
+                // Inside the block, which the parent owns until the piece completes.
+                addr: base.wrapping_add(pos),
+                len,
+                offset,
+                pos,
+            };
+            match self.push_piece(piece) {
+                Ok(()) => {
+                    if let Some(p) = self.parents[pidx].as_mut() {
+                        p.remaining += 1;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.finish_piece(pidx, failed);
+    }
+
+    /// Once every transfer of a copy's current stage has completed: after the reads,
+    /// submits the write of the block and returns true (the request goes on).
+    fn next_copy_stage(&mut self, parent: usize) -> bool {
+        let fd = self.target.data_fd();
+        let Some(p) = self.parents[parent].as_mut() else {
+            return false;
+        };
+        let Some(c) = p.copy.as_mut() else {
+            return false;
+        };
+        if !c.reading || p.error.is_some() {
+            return false;
+        }
+        c.reading = false;
+        let piece = Piece {
+            parent,
+            write: true,
+            fd,
+            addr: c.block.as_mut_slice().as_mut_ptr(),
+            len: c.block.len(),
+            offset: c.host,
+            pos: 0,
+        };
+        p.remaining = 1;
+        match self.push_piece(piece) {
+            Ok(()) => true,
+            Err(e) => {
+                if let Some(p) = self.parents[parent].as_mut() {
+                    p.remaining = 0;
+                    p.error = Some(e);
+                }
+                false
             }
         }
     }
@@ -371,6 +650,14 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 if n == 0 && !p.write {
                     // End of file: the rest reads as zeroes.
                     let zeroed = match self.parents.get_mut(parent).and_then(|s| s.as_mut()) {
+                        Some(par) if par.copy.is_some() => {
+                            // A read of a copy's old contents, into its block.
+                            // SAFETY: the piece's `len` bytes at `addr` lie in the
+                            // block, which the parent owns, and the kernel is done with
+                            // them (this is their completion).
+                            unsafe { std::ptr::write_bytes(p.addr, 0, p.len) };
+                            Ok(())
+                        }
                         Some(par) => par
                             .buf
                             .slices(Permissions::Write)
@@ -443,6 +730,18 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
         }
         let (pieces, mapping) = match self.plan(write, offset, &mut buf) {
             Plan::Direct { pieces, mapping } => (pieces, mapping),
+            Plan::Copy(block, link, host, old) => {
+                let at = (offset & (block.len() as u64 - 1)) as usize;
+                let len = buf.len();
+                return self.submit_copy(user_data, buf, block, link, host, old, (at, at + len));
+            }
+            Plan::Busy => {
+                return self.deferred.push_back(AioRequest {
+                    payload: Payload::Write(buf),
+                    offset,
+                    user_data,
+                })
+            }
             Plan::Fail(e) => {
                 return self.done.push(Completion {
                     user_data,
@@ -491,6 +790,7 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
             buf,
             _mapping: mapping,
             _writing: writing,
+            copy: None,
         });
         self.in_flight += 1;
         let fd = self.target.data_fd();
@@ -525,8 +825,20 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
     fn wait(&mut self, min: usize, out: &mut Vec<Completion<B>>) -> Result<()> {
         loop {
             self.reap();
-            if self.done.len() >= min || self.in_flight == 0 {
+            if self.copy_finished && !self.deferred.is_empty() {
+                self.retry_deferred();
+                continue;
+            }
+            if self.done.len() >= min || (self.in_flight == 0 && self.deferred.is_empty()) {
                 break;
+            }
+            if self.in_flight == 0 {
+                // Only writes waiting for another queue's copies: wait for those.
+                if let Some(r) = self.deferred.front() {
+                    self.target.wait_copies(r.offset, r.len());
+                }
+                self.retry_deferred();
+                continue;
             }
             let want = if self.done.len() < min { 1 } else { 0 };
             self.ring
@@ -545,7 +857,7 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight + self.done.len()
+        self.in_flight + self.done.len() + self.deferred.len()
     }
 }
 

@@ -4,7 +4,7 @@
 use std::io::{IoSlice, IoSliceMut};
 
 use super::Qcow2;
-use crate::backend::{check_range, BlockBackend, Limits, WriteFlags};
+use crate::backend::{check_range, BlockBackend, FileRead, Limits, WriteFlags};
 use crate::error::{Error, Result};
 use crate::iov::Iov;
 use crate::mapping::{ExtentKind, MapExtents, Mapping};
@@ -69,14 +69,36 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
                 Ok(())
             };
         }
-        // Pinned until the writes below are done.
-        let map = self.map_write_inner(offset, len)?;
+        // Pinned until the writes below are done. Clusters copied on write come back
+        // with their part of the data written already.
+        let (map, written) = self.map_write_with(offset, len, Some(&bufs))?;
+        let mut written = written.into_iter().peekable();
         let mut pos = 0;
         for e in map.extents() {
             if let ExtentKind::Data(h) = e.kind {
-                let sub = bufs.sub(pos as usize, e.len as usize);
-                self.file
-                    .write_vectored_at(&sub.io_slices(), h, WriteFlags::NONE)?;
+                // The parts of the extent not written with a copy.
+                let end = pos + e.len;
+                let mut at = pos;
+                while at < end {
+                    let upto = match written.peek() {
+                        Some(&(w, k)) if w < end => {
+                            if w <= at {
+                                at = w + k;
+                                written.next();
+                                continue;
+                            }
+                            w
+                        }
+                        _ => end,
+                    };
+                    let sub = bufs.sub(at as usize, (upto - at) as usize);
+                    self.file.write_vectored_at(
+                        &sub.io_slices(),
+                        h + (at - pos),
+                        WriteFlags::NONE,
+                    )?;
+                    at = upto;
+                }
             }
             pos += e.len;
         }
@@ -85,6 +107,10 @@ impl<F: BlockBackend> BlockBackend for Qcow2<F> {
             self.flush()?;
         }
         self.after_change()
+    }
+
+    fn map_file_read(&self, offset: u64, len: u64) -> Result<Option<FileRead>> {
+        self.map_file_read_inner(offset, len)
     }
 
     fn flush(&self) -> Result<()> {

@@ -61,6 +61,21 @@
 //! same range gives one of the results the guest could expect from two
 //! overlapping requests in flight: the old data, the new data or zeroes,
 //! per block, never another offset's data.
+//!
+//! # The one wait: copies on write in flight
+//!
+//! [`UringQueue`](crate::aio::UringQueue) copies a partial write's cluster from the
+//! backing image asynchronously (`Qcow2::map_write_or_copy`): the host cluster is
+//! allocated and pinned, the old contents read and the data merged in, the cluster
+//! written, and only then is the L2 entry linked. Until then the guest cluster reads
+//! as before (the backing data), and a second write to it cannot be mapped: it would
+//! allocate a cluster of its own, and whichever linked last would drop the other's
+//! data. So requests that change the L2 entry of a cluster with a copy in flight wait
+//! for the copy, as QEMU's do for in-flight allocations: the io_uring engine parks
+//! them until one of its copies completes (or, with none of its own in flight, waits
+//! for another queue's), and the synchronous paths wait on a condition variable, which
+//! the engine never does while it has copies of its own in flight (it completes them
+//! first). Reads and transfers to allocated clusters never wait.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};

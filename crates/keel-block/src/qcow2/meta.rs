@@ -13,7 +13,7 @@
 //!   (see [`super::inflight`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar};
 
 use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::inflight::InFlight;
@@ -206,6 +206,11 @@ pub(crate) struct Meta {
     pub(crate) cgen: u64,
     /// Host clusters with data transfers in flight: never allocated.
     pub(crate) inflight: Arc<InFlight>,
+    /// Guest clusters (index) whose copy on write is in flight on an io_uring queue, with
+    /// the host cluster allocated for it, not yet linked (see `Qcow2::map_write_or_copy`).
+    pub(crate) copying: HashMap<u64, u64>,
+    /// Signalled whenever an entry leaves `copying`.
+    pub(crate) copy_done: Arc<Condvar>,
 }
 
 impl Meta {
@@ -260,7 +265,18 @@ impl Meta {
             cgen: 0,
             hdr,
             inflight: Arc::default(),
+            copying: HashMap::new(),
+            copy_done: Arc::default(),
         }
+    }
+
+    /// Whether a guest cluster of `[offset, offset + len)` has a copy on write in flight.
+    pub(crate) fn copying_in(&self, offset: u64, len: u64) -> bool {
+        if self.copying.is_empty() || len == 0 {
+            return false;
+        }
+        let (first, last) = (offset >> self.cb, (offset + len - 1) >> self.cb);
+        self.copying.keys().any(|g| (first..=last).contains(g))
     }
 
     /// Number of entries in an L2 table.
@@ -615,8 +631,9 @@ impl Meta {
     }
 
     /// Allocates `len` bytes (at most a cluster) for compressed data, packing
-    /// them after the previous compressed cluster when they fit in its host
-    /// cluster. Each compressed cluster holds one reference to the host
+    /// them after the previous compressed cluster: in its host cluster when they fit,
+    /// else across its end into the next host cluster when that is the one allocated
+    /// (as QEMU packs them). Each compressed cluster holds one reference to each host
     /// cluster it lies in.
     pub(crate) fn alloc_bytes(&mut self, f: &dyn BlockBackend, len: u64) -> Result<u64> {
         if len == 0 || len > self.cs {
@@ -643,6 +660,20 @@ impl Meta {
             }
         }
         let (start, _) = self.alloc(f, 1)?;
+        if self.cbyte != 0 && start == self.cbyte.next_multiple_of(self.cs) {
+            // The next host cluster: the data spans the end of the packing cluster
+            // into it, as QEMU packs them. Each cluster it touches holds a reference
+            // (the new one has its own from the allocation).
+            let c = self.cbyte >> self.cb;
+            let rc = self.refcount(f, c)?;
+            if rc > 0 && rc < refcount::max_value(self.hdr.refcount_order) {
+                self.adjust(f, c, 1)?;
+                let off = self.cbyte;
+                let end = off + len;
+                self.cbyte = if end % self.cs == 0 { 0 } else { end };
+                return Ok(off);
+            }
+        }
         self.cbyte = if len == self.cs { 0 } else { start + len };
         Ok(start)
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::meta::{compressed_range, L2State, OFFSET_MASK};
 use super::{compress, DecompressedCluster, Qcow2};
-use crate::backend::{check_range, BlockBackend};
+use crate::backend::{check_range, BlockBackend, FileExtent, FileRead, FileSource};
 use crate::error::{Corruption, Error, Result, Unsupported};
 use crate::iov::Iov;
 use crate::mapping::{push_extent, Extent, ExtentKind, Mapping};
@@ -275,6 +275,56 @@ impl<F: BlockBackend> Qcow2<F> {
     pub(super) fn backing_bytes(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         let n = buf.len() as u64;
         self.read_backing(&mut Iov::from(buf), 0, n, guest)
+    }
+
+    /// [`BlockBackend::map_file_read`]: the data extents through the file's, zeroes as
+    /// zeroes, unallocated ranges through the backing image's (zeroes past its end);
+    /// `None` if a part is compressed or a file or backing image cannot say.
+    pub(super) fn map_file_read_inner(&self, offset: u64, len: u64) -> Result<Option<FileRead>> {
+        let mapping = self.map_read_extents(offset, len, true)?;
+        let mut out = FileRead::default();
+        let mut pos = offset;
+        for e in mapping.extents() {
+            let sub = match e.kind {
+                ExtentKind::Data(h) => self.file.map_file_read(h, e.len)?,
+                ExtentKind::Zero | ExtentKind::Unallocated => Some(FileRead {
+                    extents: vec![FileExtent {
+                        len: e.len,
+                        source: FileSource::Zero,
+                    }],
+                    pins: Vec::new(),
+                }),
+                ExtentKind::Backing => match &self.backing {
+                    Some(b) => {
+                        let avail = b.size().saturating_sub(pos).min(e.len);
+                        let mut r = if avail > 0 {
+                            b.map_file_read(pos, avail)?
+                        } else {
+                            Some(FileRead::default())
+                        };
+                        if let Some(r) = &mut r {
+                            if avail < e.len {
+                                r.extents.push(FileExtent {
+                                    len: e.len - avail,
+                                    source: FileSource::Zero,
+                                });
+                            }
+                        }
+                        r
+                    }
+                    None => None,
+                },
+                ExtentKind::Compressed { .. } => None,
+            };
+            let Some(sub) = sub else {
+                return Ok(None);
+            };
+            out.extents.extend(sub.extents);
+            out.pins.extend(sub.pins);
+            pos += e.len;
+        }
+        out.pins.push(mapping);
+        Ok(Some(out))
     }
 
     /// Whether `[pos, pos + n)` reads as zeroes without looking at data.
