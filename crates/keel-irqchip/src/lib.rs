@@ -36,7 +36,7 @@
 //! let sent = Arc::new(Sent::default());
 //! let mut ioapic = Ioapic::new(sent.clone());
 //! // The guest routes pin 4 to vector 0x31 on APIC ID 0, edge-triggered, unmasked.
-//! for (reg, value) in [(0x11 + 2 * 4, 0u32), (0x10 + 2 * 4, 0x31)] {
+//! for (reg, value) in [(0x11u32 + 2 * 4, 0u32), (0x10 + 2 * 4, 0x31)] {
 //!     ioapic.mmio_write(0x00, &reg.to_le_bytes());
 //!     ioapic.mmio_write(0x10, &value.to_le_bytes());
 //! }
