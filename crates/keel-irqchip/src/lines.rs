@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use keel_bus::interrupt::{InterruptLine, Result};
+use keel_bus::interrupt::{EoiSink, InterruptLine, Result};
 
 use crate::ioapic::Ioapic;
 use crate::pic::Pic;
@@ -60,6 +60,16 @@ impl IrqLines {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pulse(usize::from(gsi));
+    }
+}
+
+/// The local APICs' EOIs go to the IOAPIC (see [`Ioapic::end_of_interrupt`]).
+impl EoiSink for IrqLines {
+    fn end_of_interrupt(&self, vector: u8) {
+        self.ioapic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .end_of_interrupt(vector);
     }
 }
 

@@ -34,7 +34,9 @@ pub use vcpu::{
     kick_signal, Buses, Error as VcpuError, Result as VcpuResult, Vcpu, VcpuExitReason, VcpuHandle,
     VcpuState, VcpuThread,
 };
-pub use vm::{DataMatch, DirtyLog, Error, IoEventAddr, MemorySlot, Result, Vm, REQUIRED_CAPS};
+pub use vm::{
+    DataMatch, DirtyLog, Error, IoEventAddr, IrqchipMode, MemorySlot, Result, Vm, REQUIRED_CAPS,
+};
 
 /// Whether `/dev/kvm` can be opened read-write: a VMM, test or benchmark can check this to
 /// say in one clear line that the host has no KVM (keel-testutil's `require_kvm!` does).

@@ -8,6 +8,7 @@ mod boot;
 mod devices;
 pub mod disk;
 pub mod exit;
+pub mod irqchip;
 pub mod qmp;
 mod shared_device;
 mod signals;

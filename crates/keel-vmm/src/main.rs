@@ -13,6 +13,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 use keel_vmm::vmm::{self, QmpListen, SerialFile, SerialMode, VmConfig};
+use keel_vmm::irqchip::Irqchip;
 use keel_vmm::{balloon, disk};
 
 /// Boot a kernel in a KVM virtual machine.
@@ -93,6 +94,12 @@ struct Cli {
     /// it, a guest cannot choose keel's exit status.
     #[arg(long)]
     debug_exit: bool,
+
+    /// Where the interrupt controllers run: `split` (the default), KVM's split irqchip
+    /// with the local APICs in KVM and the IOAPIC, PIC and PIT in keel, or `kernel`, KVM's
+    /// in-kernel PIC, IOAPIC and PIT. The split irqchip ends a VM ~20 ms sooner.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = Irqchip::default())]
+    irqchip: Irqchip,
 }
 
 /// A `--qmp-fd` that is not a listening Unix stream socket.
@@ -215,6 +222,7 @@ fn main() -> ExitCode {
         name: cli.name,
         qmp,
         debug_exit: cli.debug_exit,
+        irqchip: cli.irqchip,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

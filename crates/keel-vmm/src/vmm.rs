@@ -14,9 +14,9 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use keel_bus::interrupt::IoEventRegistrar;
+use keel_bus::interrupt::{InterruptLine, IoEventRegistrar};
 use keel_bus::{BusRange, PioDevice};
-use keel_kvm::interrupt::{IrqLine, MsiIrqfdGroup};
+use keel_kvm::interrupt::MsiIrqfdGroup;
 use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::{Buses, DirtyLog, Vcpu, VcpuExitReason, VcpuHandle, Vm};
 use keel_memory::{x86, GuestMemoryMmap, MemoryLayout, MemoryOptions, SystemAllocator, MIB};
@@ -28,10 +28,11 @@ use crate::boot::acpi::SCI_IRQ;
 use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
     pci_test_function, AcpiPm, CappedFile, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
-    DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
+    DEBUG_EXIT_PORT, I8042, I8042_CMD_PORT, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
+use crate::irqchip::{Interrupts, Irqchip};
 use crate::qmp::{Boot, GuestBalloon, IoErrorEvents, Machine};
 use crate::shared_device::SharedDevice;
 use crate::signals::SignalFd;
@@ -179,6 +180,8 @@ pub struct VmConfig {
     /// with a status of its choosing ([`VmExit::DebugExit`]). For test guests only: off,
     /// a guest cannot choose keel's exit status.
     pub debug_exit: bool,
+    /// Where the interrupt controllers run.
+    pub irqchip: Irqchip,
 }
 
 /// Where the QMP control socket listens.
@@ -323,6 +326,19 @@ impl MutEventSubscriber for Control {
     }
 }
 
+/// A port device seen from `offset` ports above where it is inserted (a device that spans
+/// a gap another device fills, such as the i8042's 0x60 and 0x64 around port 0x61).
+struct PortOffset<D>(Arc<D>, u64);
+
+impl<D: PioDevice> PioDevice for PortOffset<D> {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        self.0.pio_read(offset + self.1, data)
+    }
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        self.0.pio_write(offset + self.1, data)
+    }
+}
+
 fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>, tid: &AtomicI32) {
     // SAFETY: gettid has no preconditions.
     tid.store(
@@ -377,6 +393,7 @@ fn add_virtio_pci(
 /// doorbells through ioeventfds. Returns the command-line fragment that announces it.
 fn add_virtio_mmio(
     vm: &Arc<Vm>,
+    irqs: &Interrupts,
     buses: &Buses,
     alloc: &mut SystemAllocator,
     mem: &GuestMemoryMmap,
@@ -391,7 +408,7 @@ fn add_virtio_mmio(
         // The ACPI SCI (the power button) has this line.
         irq = alloc.allocate_legacy_irq().map_err(Error::Allocator)?;
     }
-    let line = Arc::new(IrqLine::new(vm.clone(), irq)?);
+    let line = irqs.line(irq)?;
     let transport = Arc::new(VirtioMmio::new(device, mem.clone(), base, irq, line)?);
     transport
         .register_ioeventfds(vm.as_ref())
@@ -414,6 +431,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 /// # Examples
 ///
 /// ```no_run
+/// use keel_vmm::irqchip::Irqchip;
 /// use keel_vmm::vmm::{run_with, SerialMode, Transport, VmConfig};
 /// use keel_virtio_balloon::BalloonOptions;
 ///
@@ -431,6 +449,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     name: None,
 ///     qmp: None,
 ///     debug_exit: false,
+///     irqchip: Irqchip::default(),
 /// };
 /// let exit = run_with(&cfg, |vm| {
 ///     let vm = vm.clone();
@@ -533,7 +552,8 @@ fn boot_once(
     vm.register_memory(&mem, DirtyLog::Off)?;
     vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))?;
     vm.set_tss_address(GuestAddress(x86::TSS_START))?;
-    vm.setup_irqchip()?;
+    let mut buses = Buses::default();
+    let irqs = Interrupts::new(&vm, cfg.irqchip, &mut buses)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(os("cannot create an eventfd"))?);
     let serial_irq = Vm::new_eventfd()?;
@@ -544,12 +564,14 @@ fn boot_once(
         _ => SerialOutput::Sink,
     };
     let serial = Arc::new(Serial::new(serial_irq, out));
-    let buses = Buses::default();
-    let sci = Arc::new(IrqLine::new(vm.clone(), u32::from(SCI_IRQ))?);
+    let sci: Arc<dyn InterruptLine> = irqs.line(u32::from(SCI_IRQ))?;
     let pm = Arc::new(AcpiPm::new(exit.clone(), sci));
+    let i8042 = Arc::new(I8042::new(exit.clone()));
     let mut pio: Vec<(u16, u64, Arc<dyn PioDevice>)> = vec![
         (COM1_PORT, 8, serial.clone()),
-        (I8042_DATA_PORT, 5, Arc::new(I8042::new(exit.clone()))),
+        // Ports 0x60 and 0x64 only: 0x61 is the PIT's (port B).
+        (I8042_DATA_PORT, 1, i8042.clone()),
+        (I8042_CMD_PORT, 1, Arc::new(PortOffset(i8042, 4))),
         (PM1A_CNT_PORT, 8, pm.clone()),
     ];
     if cfg.debug_exit {
@@ -623,7 +645,7 @@ fn boot_once(
         match cfg.transport {
             Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
             Transport::Mmio => {
-                let fragment = add_virtio_mmio(&vm, &buses, &mut alloc, &mem, device)?;
+                let fragment = add_virtio_mmio(&vm, &irqs, &buses, &mut alloc, &mem, device)?;
                 if !cmdline.is_empty() {
                     cmdline.push(' ');
                 }

@@ -56,6 +56,7 @@ pub fn child(args: &[String]) {
         name: None,
         qmp: None,
         debug_exit: true,
+        irqchip: keel_vmm::irqchip::Irqchip::default(),
     };
     let exit = run_with(&cfg, |vm| {
         let vm = vm.clone();
