@@ -317,7 +317,11 @@ mod tests {
         assert_eq!(read(&mut io, 1), 0x0017_0011, "24 pins, version 0x11");
         write(&mut io, 0, 0x0a00_0000);
         assert_eq!(read(&mut io, 0), 0x0a00_0000);
-        assert_eq!(read(&mut io, 2), 0x0a00_0000, "arbitration ID follows the ID");
+        assert_eq!(
+            read(&mut io, 2),
+            0x0a00_0000,
+            "arbitration ID follows the ID"
+        );
         // Every pin starts masked.
         for pin in 0..24 {
             assert_eq!(read(&mut io, 0x10 + 2 * pin), 1 << 16);
@@ -397,7 +401,11 @@ mod tests {
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].1.data, 0x52 | (1 << 15));
         assert_ne!(io.entry(10).unwrap() & REMOTE_IRR, 0);
-        assert_ne!(read(&mut io, 0x10 + 2 * 10) & (1 << 14), 0, "remote IRR reads back");
+        assert_ne!(
+            read(&mut io, 0x10 + 2 * 10) & (1 << 14),
+            0,
+            "remote IRR reads back"
+        );
         // Still asserted, remote IRR set: nothing more.
         io.set_level(10, true);
         assert!(r.take().is_empty());

@@ -133,7 +133,9 @@ impl Chip {
                 self.init4 = val & 0x01 != 0;
                 self.single = val & 0x02 != 0;
                 if val & 0x08 != 0 {
-                    log::debug!("8259: level-triggered mode in ICW1 is not supported (use the ELCR)");
+                    log::debug!(
+                        "8259: level-triggered mode in ICW1 is not supported (use the ELCR)"
+                    );
                 }
             } else if val & 0x08 != 0 {
                 // OCW3.

@@ -530,7 +530,11 @@ mod tests {
         p.port_write(0x43, 0x34);
         p.port_write(0x40, 0);
         p.port_write(0x40, 0);
-        assert_eq!(latched(&mut p, 0), 0, "65536 reads as 0 before the first tick");
+        assert_eq!(
+            latched(&mut p, 0),
+            0,
+            "65536 reads as 0 before the first tick"
+        );
         c.advance_ticks(1);
         assert_eq!(latched(&mut p, 0), 0xffff);
         c.advance_ticks(1000);
@@ -739,7 +743,10 @@ mod tests {
         bus.read(0x40, &mut hi).unwrap();
         let count = u16::from_le_bytes([lo[0], hi[0]]);
         // At least 2 ms (2386 ticks) have passed, and under a second.
-        assert!(u32::from(count) < 65536 - 2386 || count == 0, "count {count}");
+        assert!(
+            u32::from(count) < 65536 - 2386 || count == 0,
+            "count {count}"
+        );
         bus.write(0x61, &[1]).unwrap();
         let mut b = [0u8];
         bus.read(0x61, &mut b).unwrap();

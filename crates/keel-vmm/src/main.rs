@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use keel_vmm::vmm::{self, QmpListen, SerialFile, SerialMode, VmConfig};
 use keel_vmm::irqchip::Irqchip;
+use keel_vmm::vmm::{self, QmpListen, SerialFile, SerialMode, VmConfig};
 use keel_vmm::{balloon, disk};
 
 /// Boot a kernel in a KVM virtual machine.

@@ -106,6 +106,16 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// An [`Error::Os`]: setting up `what` failed with `source`.
+    pub(crate) fn os(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Os {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
 fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Os { what, source }
@@ -760,6 +770,9 @@ fn boot_once(
             timer,
             machine: machine.clone(),
         }));
+    }
+    if let Some(pit) = irqs.pit_timer()? {
+        events.add_subscriber(Box::new(pit));
     }
     events.add_subscriber(Box::new(Control {
         exit: exit.clone(),
