@@ -144,3 +144,80 @@ fn a_bad_irqchip_mode_is_refused() {
         out.stderr
     );
 }
+
+/// A PVH guest (32-bit, paging off) that routes IOAPIC pin 0 (ISA IRQ 0, the PIT) to
+/// vector 0x40, runs PIT channel 0 as a 100 Hz rate generator, counts 50 interrupts in
+/// `hlt` and ends keel with status 42.
+const PIT_GUEST: &str = r#"
+    mov %cs, %eax
+    mov $handler, %edx
+    mov $idt + 0x40 * 8, %edi
+    mov %dx, (%edi)
+    mov %ax, 2(%edi)
+    movw $0x8e00, 4(%edi)       # present, DPL 0, 32-bit interrupt gate
+    shr $16, %edx
+    mov %dx, 6(%edi)
+    lidt idtr
+    movl $0x1ff, 0xfee000f0     # LAPIC on
+    movl $0x11, 0xfec00000      # pin 0, high half: destination APIC 0
+    movl $0, 0xfec00010
+    movl $0x10, 0xfec00000      # pin 0, low half: vector 0x40, edge, unmasked
+    movl $0x40, 0xfec00010
+    mov $0x34, %al              # channel 0, LSB then MSB, mode 2
+    out %al, $0x43
+    mov $0x9c, %al              # 11932 = 1193182 / 100
+    out %al, $0x40
+    mov $0x2e, %al
+    out %al, $0x40
+    sti
+1:  hlt
+    cmpl $50, count
+    jb 1b
+    mov $42, %eax
+    out %eax, $0xf4
+2:  hlt
+    jmp 2b
+
+handler:
+    incl count
+    movl $0, 0xfee000b0         # EOI
+    iret
+
+    .p2align 3
+count:
+    .long 0
+idtr:
+    .word 0x41 * 8 - 1
+    .long idt
+    .p2align 3
+idt:
+    .fill 0x41 * 8, 1, 0
+"#;
+
+#[test]
+fn pit_irq0_reaches_the_guest_through_the_ioapic_in_both_modes() {
+    require_kvm!();
+    let dir = TempDir::new("keel-irqchip-pit");
+    let guest = support::pvh_guest(&dir, PIT_GUEST);
+    for mode in ["split", "kernel"] {
+        let start = std::time::Instant::now();
+        let out = run_keel(
+            &[
+                "--irqchip",
+                mode,
+                "--kernel",
+                guest.to_str().unwrap(),
+                "--memory",
+                "64",
+            ],
+            LIMIT,
+        );
+        let took = start.elapsed();
+        assert_eq!(out.code(), Some(42), "{mode}: stderr: {}", out.stderr);
+        // 50 periods of 10 ms: interrupts came at the programmed rate, not faster.
+        assert!(
+            took >= Duration::from_millis(450),
+            "{mode}: 50 PIT interrupts at 100 Hz in {took:?}"
+        );
+    }
+}
