@@ -146,9 +146,13 @@ fn a_bad_irqchip_mode_is_refused() {
 }
 
 /// A PVH guest (32-bit, paging off) that routes IOAPIC pin 0 (ISA IRQ 0, the PIT) to
-/// vector 0x40, runs PIT channel 0 as a 100 Hz rate generator, counts 50 interrupts in
-/// `hlt` and ends keel with status 42.
+/// vector 0x40, runs PIT channel 0 as a 100 Hz rate generator, counts 50 interrupts
+/// (waiting in `hlt`) and ends keel with status 42.
 const PIT_GUEST: &str = r#"
+    mov $0x80000, %esp          # PVH leaves ESP undefined; interrupts need a stack
+    mov $0xff, %al              # mask both 8259s: IRQ 0 goes through the IOAPIC only
+    out %al, $0x21
+    out %al, $0xa1
     mov %cs, %eax
     mov $handler, %edx
     mov $idt + 0x40 * 8, %edi
@@ -169,19 +173,22 @@ const PIT_GUEST: &str = r#"
     out %al, $0x40
     mov $0x2e, %al
     out %al, $0x40
-    sti
-1:  hlt
+1:  sti
+    hlt
+    jmp 1b
+
+# KVM's instruction emulator, which runs this CPL0 code on the project's machines, has no
+# protected-mode `iret`: the handler drops the frame and goes back to the loop instead.
+handler:
+    mov $0x80000, %esp
+    incl count
+    movl $0, 0xfee000b0         # EOI
     cmpl $50, count
     jb 1b
     mov $42, %eax
     out %eax, $0xf4
 2:  hlt
     jmp 2b
-
-handler:
-    incl count
-    movl $0, 0xfee000b0         # EOI
-    iret
 
     .p2align 3
 count:
