@@ -2,7 +2,8 @@
 //!
 //! It boots a Linux kernel (PVH vmlinux or bzImage) or a bare-metal ELF64 payload with a
 //! 16550 console, an i8042 (reset), ACPI power-off and, with `--debug-exit`, a debug-exit
-//! port, on the in-kernel irqchip, one thread per vCPU.
+//! port, on KVM's split irqchip with keel-irqchip's IOAPIC, PIC and PIT (`--irqchip kernel`:
+//! KVM's in-kernel ones), one thread per vCPU.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
