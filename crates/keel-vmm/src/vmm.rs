@@ -714,6 +714,8 @@ fn boot_once(
             }) as Arc<dyn crate::qmp::Balloon>
         }),
     });
+    // Before the threads run: an exit the guest requests at once must stop every vCPU.
+    exit.set_vcpus(handles.clone());
     let mut threads = Vec::new();
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
@@ -724,7 +726,6 @@ fn boot_once(
         threads.push(t);
     }
 
-    exit.set_vcpus(handles.clone());
     if exit.reason().is_some() {
         // An exit was requested before the handles were known; stop everything now.
         handles.iter().for_each(VcpuHandle::stop);
