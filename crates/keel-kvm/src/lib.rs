@@ -35,7 +35,8 @@ pub use vcpu::{
     VcpuState, VcpuThread,
 };
 pub use vm::{
-    DataMatch, DirtyLog, Error, IoEventAddr, IrqchipMode, MemorySlot, Result, Vm, REQUIRED_CAPS,
+    DataMatch, DirtyLog, Error, IoEventAddr, IrqchipMode, MemorySlot, Result, Vm, IOAPIC_PINS,
+    REQUIRED_CAPS,
 };
 
 /// Whether `/dev/kvm` can be opened read-write: a VMM, test or benchmark can check this to

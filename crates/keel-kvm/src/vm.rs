@@ -127,8 +127,9 @@ pub enum DirtyLog {
 
 pub use keel_bus::interrupt::{DataMatch, IoEventAddress as IoEventAddr};
 
-/// GSIs below this are the in-kernel IOAPIC's pins; MSI routes use the ones above.
-const IOAPIC_PINS: u32 = kvm_bindings::KVM_IOAPIC_NUM_PINS;
+/// The in-kernel IOAPIC's pins, GSIs `0..IOAPIC_PINS` (MSI routes use the ones above), and
+/// the pins [`Vm::setup_split_irqchip`] reserves for a userspace IOAPIC.
+pub const IOAPIC_PINS: u32 = kvm_bindings::KVM_IOAPIC_NUM_PINS;
 /// The highest GSI KVM routes (`KVM_MAX_IRQ_ROUTES` - 1).
 const MAX_GSI: u32 = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32 - 1;
 
@@ -334,11 +335,19 @@ impl Vm {
         self.commit_routes(&st)
     }
 
-    /// Enables the split irqchip ([`IrqchipMode::Split`]): KVM models the local APICs, and
-    /// GSIs 0-23 are reserved for the VMM's IOAPIC pins. Call it before creating vCPUs.
+    /// Enables the split irqchip ([`IrqchipMode::Split`]) for an IOAPIC of 24 pins, the
+    /// usual one: [`Vm::setup_split_irqchip_with_pins`] with [`IOAPIC_PINS`].
+    pub fn setup_split_irqchip(&self) -> Result<()> {
+        self.setup_split_irqchip_with_pins(IOAPIC_PINS)
+    }
+
+    /// Enables the split irqchip: KVM models the local APICs, and GSIs `0..pins` are
+    /// reserved for the VMM's IOAPIC pins (KVM scans their MSI routes for level-triggered
+    /// vectors, whose EOIs it reports as `KVM_EXIT_IOAPIC_EOI`). Call it before creating
+    /// vCPUs.
     ///
     /// Register guest memory first if you can (see [`Vm::register_memory`]).
-    pub fn setup_split_irqchip(&self) -> Result<()> {
+    pub fn setup_split_irqchip_with_pins(&self, pins: u32) -> Result<()> {
         if !self.kvm.check_extension(Cap::SplitIrqchip) {
             return Err(Error::MissingCapabilities(vec!["KVM_CAP_SPLIT_IRQCHIP"]));
         }
@@ -346,7 +355,7 @@ impl Vm {
             cap: KVM_CAP_SPLIT_IRQCHIP,
             ..Default::default()
         };
-        cap.args[0] = u64::from(IOAPIC_PINS);
+        cap.args[0] = u64::from(pins);
         self.fd
             .enable_cap(&cap)
             .map_err(ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
@@ -512,7 +521,23 @@ impl Vm {
         self.fd.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD"))
     }
 
-    /// Undoes [`Vm::register_irqfd`].
+    /// Makes a write to `evt` assert `gsi`, a level-triggered in-kernel IOAPIC pin, until
+    /// the guest's EOI: KVM then deasserts it and signals `resample`, so that the device
+    /// can assert it again if its condition still holds. Only with
+    /// [`IrqchipMode::Kernel`]: KVM refuses resampling irqfds on the split irqchip, whose
+    /// IOAPIC does the same in userspace (keel-irqchip re-delivers on the EOI).
+    pub fn register_irqfd_with_resample(
+        &self,
+        evt: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<()> {
+        self.fd
+            .register_irqfd_with_resample(evt, resample, gsi)
+            .map_err(ioctl("KVM_IRQFD (resample)"))
+    }
+
+    /// Undoes [`Vm::register_irqfd`] and [`Vm::register_irqfd_with_resample`].
     pub fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
         self.fd
             .unregister_irqfd(evt, gsi)

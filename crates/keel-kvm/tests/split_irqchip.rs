@@ -1,6 +1,7 @@
 //! The split irqchip: KVM's local APIC with keel-irqchip's userspace IOAPIC, delivering
 //! through MSI routes on the reserved GSIs (irqfds on them too), and level-triggered pins
-//! whose EOIs come back as `KVM_EXIT_IOAPIC_EOI`.
+//! whose EOIs come back as `KVM_EXIT_IOAPIC_EOI`; and, with the in-kernel irqchip, the
+//! resampling irqfd that does the same for a level-triggered pin inside KVM.
 
 mod support;
 
@@ -175,7 +176,73 @@ fn userspace_ioapic_edges_levels_and_eoi_exits() {
     assert_eq!(next(&events), handled(LEVEL_VECTOR));
     assert!(events.recv_timeout(Duration::from_millis(300)).is_err());
 
+    // KVM resamples level irqfds only for its own IOAPIC.
+    let resample = Vm::new_eventfd().unwrap();
+    assert!(vm
+        .register_irqfd_with_resample(&Vm::new_eventfd().unwrap(), &resample, 10)
+        .is_err());
+
     thread.handle.stop();
     assert_eq!(thread.wait().unwrap(), VcpuExitReason::Stopped);
     vm.unregister_irqfd(&irqfd, 4).unwrap();
+}
+
+/// Polls the non-blocking `evt` until it has been signalled, for up to [`WAIT`].
+fn signalled(evt: &vmm_sys_util::eventfd::EventFd) -> bool {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        if evt.read().is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+#[test]
+fn resampling_irqfd_on_a_level_pin_with_the_in_kernel_irqchip() {
+    require_kvm!();
+    let (vm, mem, _) = support::vm_with_memory(4, true);
+    assert_eq!(vm.irqchip_mode(), Some(IrqchipMode::Kernel));
+    load(&mem, ENTRY, &assemble(GUEST, ENTRY));
+    let tables = BootTables::default();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&vm, 1, true).unwrap();
+    tables.write(&mem, 0x8_0000, false).unwrap();
+    vcpu.setup_long_mode(&tables, Cpl::Kernel, ENTRY, 0x8_0000, 0)
+        .unwrap();
+    set_gate(&mem, tables.idt, LEVEL_VECTOR, HANDLER + 0x80);
+    // Pin 20 (above the 8259's inputs) -> vector 0x31, level-triggered, APIC 0.
+    let mut chip = kvm_bindings::kvm_irqchip {
+        chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    vm.fd().get_irqchip(&mut chip).unwrap();
+    // SAFETY: chip_id selects the ioapic member of the union.
+    unsafe {
+        chip.chip.ioapic.redirtbl[20].bits = u64::from(LEVEL_VECTOR) | (1 << 15);
+    }
+    vm.fd().set_irqchip(&chip).unwrap();
+    let (rec, events) = Recorder::new(0);
+    let buses = Buses::default();
+    buses
+        .pio
+        .insert(BusRange::new(0x10, 2).unwrap(), rec)
+        .unwrap();
+    let thread = vcpu.spawn(buses).unwrap();
+    assert!(next(&events).is_some(), "the guest did not start");
+
+    let (irqfd, resample) = (Vm::new_eventfd().unwrap(), Vm::new_eventfd().unwrap());
+    vm.register_irqfd_with_resample(&irqfd, &resample, 20)
+        .unwrap();
+    for _ in 0..2 {
+        irqfd.write(1).unwrap();
+        assert_eq!(next(&events), handled(LEVEL_VECTOR));
+        // The guest's EOI deasserted the line and told the device, once.
+        assert!(signalled(&resample), "no resample after the EOI");
+        assert!(events.recv_timeout(Duration::from_millis(200)).is_err());
+    }
+    vm.unregister_irqfd(&irqfd, 20).unwrap();
+    thread.handle.stop();
+    assert_eq!(thread.wait().unwrap(), VcpuExitReason::Stopped);
 }
