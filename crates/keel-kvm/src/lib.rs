@@ -2,8 +2,8 @@
 //!
 //! [`Vm`] opens `/dev/kvm`, checks the capabilities Keel needs and owns the VM: memory
 //! slots registered from vm-memory's `GuestMemoryMmap`, the in-kernel irqchip and PIT or the
-//! split irqchip ([`IrqchipMode`]), irqfds,
-//! ioeventfds, the GSI routing table and dirty logging. [`Vcpu`] sets up x86 CPU state
+//! split irqchip ([`IrqchipMode`]), irqfds, ioeventfds, the GSI routing table and dirty
+//! logging. [`Vcpu`] sets up x86 CPU state
 //! (CPUID, MSRs, FPU, LAPIC, and the register states of real mode, the Linux 64-bit boot
 //! protocol and PVH) and runs the guest, dispatching port and MMIO exits to keel-bus
 //! [`Buses`]. [`VcpuHandle`] pauses, resumes or stops a running vCPU from another thread.
