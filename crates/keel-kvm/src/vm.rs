@@ -361,6 +361,11 @@ impl Vm {
             .map_err(ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
         let mut st = self.state();
         st.mode = Some(IrqchipMode::Split);
+        // KVM starts the split irqchip with an empty table; committing one costs an SRCU
+        // synchronisation, so only routes made before this call are worth it.
+        if st.msi_routes.is_empty() {
+            return Ok(());
+        }
         self.commit_routes(&st)
     }
 

@@ -566,8 +566,9 @@ fn boot_once(
     let irqs = Interrupts::new(&vm, cfg.irqchip, &mut buses)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(os("cannot create an eventfd"))?);
-    let serial_irq = Vm::new_eventfd()?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    // An IOAPIC pin through keel's IOAPIC with the split irqchip: no irqfd, whose teardown
+    // would wait for an SRCU grace period when the VM closes.
+    let serial_irq = irqs.line(COM1_IRQ)?;
     let out = match (&cfg.serial, serial_file) {
         (SerialMode::Stdio, _) => SerialOutput::Stdout,
         (SerialMode::File(_), Some(f)) => SerialOutput::File(f.clone()),
