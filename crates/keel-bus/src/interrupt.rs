@@ -68,6 +68,20 @@ pub struct MsiMessage {
     pub data: u32,
 }
 
+/// Hears the local APICs' end-of-interrupt for level-triggered vectors an IOAPIC in the
+/// VMM delivered (KVM's split irqchip reports them as `KVM_EXIT_IOAPIC_EOI`), so that the
+/// IOAPIC can clear the pin's remote IRR and interrupt again if the line is still asserted.
+pub trait EoiSink: Send + Sync {
+    /// The guest ended the interrupt on `vector`.
+    fn end_of_interrupt(&self, vector: u8);
+}
+
+impl<T: EoiSink + ?Sized> EoiSink for std::sync::Arc<T> {
+    fn end_of_interrupt(&self, vector: u8) {
+        (**self).end_of_interrupt(vector)
+    }
+}
+
 /// Sends one-off MSI messages (for example `KVM_SIGNAL_MSI`).
 pub trait MsiSender: Send + Sync {
     /// Delivers `msg`.

@@ -1,8 +1,9 @@
 //! A typed wrapper over kvm-ioctls for x86_64 VMMs.
 //!
 //! [`Vm`] opens `/dev/kvm`, checks the capabilities Keel needs and owns the VM: memory
-//! slots registered from vm-memory's `GuestMemoryMmap`, the in-kernel irqchip and PIT, irqfds,
-//! ioeventfds, the GSI routing table and dirty logging. [`Vcpu`] sets up x86 CPU state
+//! slots registered from vm-memory's `GuestMemoryMmap`, the in-kernel irqchip and PIT or the
+//! split irqchip ([`IrqchipMode`]), irqfds, ioeventfds, the GSI routing table and dirty
+//! logging. [`Vcpu`] sets up x86 CPU state
 //! (CPUID, MSRs, FPU, LAPIC, and the register states of real mode, the Linux 64-bit boot
 //! protocol and PVH) and runs the guest, dispatching port and MMIO exits to keel-bus
 //! [`Buses`]. [`VcpuHandle`] pauses, resumes or stops a running vCPU from another thread.
@@ -34,7 +35,10 @@ pub use vcpu::{
     kick_signal, Buses, Error as VcpuError, IoAccess, Result as VcpuResult, Vcpu, VcpuExitReason,
     VcpuHandle, VcpuState, VcpuThread,
 };
-pub use vm::{DataMatch, DirtyLog, Error, IoEventAddr, MemorySlot, Result, Vm, REQUIRED_CAPS};
+pub use vm::{
+    DataMatch, DirtyLog, Error, IoEventAddr, IrqchipMode, MemorySlot, Result, Vm, IOAPIC_PINS,
+    REQUIRED_CAPS,
+};
 
 /// Whether `/dev/kvm` can be opened read-write: a VMM, test or benchmark can check this to
 /// say in one clear line that the host has no KVM (keel-testutil's `require_kvm!` does).

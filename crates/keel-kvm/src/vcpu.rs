@@ -12,6 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use keel_bus::interrupt::EoiSink;
 use keel_bus::{MmioBus, PioBus};
 
 use crate::vm::Vm;
@@ -122,12 +123,25 @@ pub enum VcpuExitReason {
 }
 
 /// The buses a vCPU's exits are dispatched to.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Buses {
     /// Port I/O.
     pub pio: Arc<PioBus>,
     /// Memory-mapped I/O.
     pub mmio: Arc<MmioBus>,
+    /// With the split irqchip ([`crate::IrqchipMode::Split`]): the userspace IOAPIC, told
+    /// of every `KVM_EXIT_IOAPIC_EOI`. Such an exit with no sink is an error.
+    pub eoi: Option<Arc<dyn EoiSink>>,
+}
+
+impl std::fmt::Debug for Buses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buses")
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .field("eoi", &self.eoi.is_some())
+            .finish()
+    }
 }
 
 /// A guest access that a vCPU exit hands to the VMM: what [`Vcpu::run`] passes to
@@ -758,6 +772,12 @@ impl Vcpu {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if buses.dispatch(IoAccess::MmioWrite { addr, data }).is_err() {
                         log::debug!("vCPU {id}: unclaimed MMIO write at {addr:#x}");
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::IoapicEoi(vector)) if buses.eoi.is_some() => {
+                    if let Some(eoi) = &buses.eoi {
+                        eoi.end_of_interrupt(vector);
                     }
                     continue;
                 }

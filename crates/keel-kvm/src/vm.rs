@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId,
-    KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
+    CpuId, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::bitmap::Bitmap;
@@ -127,13 +127,33 @@ pub enum DirtyLog {
 
 pub use keel_bus::interrupt::{DataMatch, IoEventAddress as IoEventAddr};
 
-/// GSIs below this are the in-kernel IOAPIC's pins; MSI routes use the ones above.
-const IOAPIC_PINS: u32 = kvm_bindings::KVM_IOAPIC_NUM_PINS;
+/// The in-kernel IOAPIC's pins, GSIs `0..IOAPIC_PINS` (MSI routes use the ones above), and
+/// the pins [`Vm::setup_split_irqchip`] reserves for a userspace IOAPIC.
+pub const IOAPIC_PINS: u32 = kvm_bindings::KVM_IOAPIC_NUM_PINS;
 /// The highest GSI KVM routes (`KVM_MAX_IRQ_ROUTES` - 1).
 const MAX_GSI: u32 = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32 - 1;
 
+/// Where the VM's interrupt controllers live.
+///
+/// Either way the local APICs are KVM's. The choice matters most for how long the VM takes
+/// to close: KVM tears an in-kernel PIC, IOAPIC and PIT down through RCU grace periods
+/// (about 20 ms on the hosts Keel is developed on), the split irqchip in about 0.2 ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum IrqchipMode {
+    /// KVM's PIC, IOAPIC and PIT (`KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`): GSIs 0-23 are
+    /// their pins, `KVM_IRQ_LINE` and irqfds drive them.
+    #[default]
+    Kernel,
+    /// `KVM_CAP_SPLIT_IRQCHIP`: the VMM models the IOAPIC, PIC and PIT (keel-irqchip does)
+    /// and keeps an MSI route on each of GSIs 0-23 for the IOAPIC pin of that number
+    /// ([`Vm::set_msi_route`]); KVM reports the guest's EOIs of level-triggered vectors
+    /// on those routes as `KVM_EXIT_IOAPIC_EOI`.
+    Split,
+}
+
 #[derive(Default)]
 struct State {
+    mode: Option<IrqchipMode>,
     slots: Vec<MemorySlot>,
     /// MSI routes by GSI; IOAPIC/PIC routes are fixed and added on every commit.
     msi_routes: BTreeMap<u32, MsiMessage>,
@@ -310,8 +330,66 @@ impl Vm {
             ..Default::default()
         };
         self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        let st = self.state();
+        let mut st = self.state();
+        st.mode = Some(IrqchipMode::Kernel);
         self.commit_routes(&st)
+    }
+
+    /// Enables the split irqchip ([`IrqchipMode::Split`]) for an IOAPIC of 24 pins, the
+    /// usual one: [`Vm::setup_split_irqchip_with_pins`] with [`IOAPIC_PINS`].
+    pub fn setup_split_irqchip(&self) -> Result<()> {
+        self.setup_split_irqchip_with_pins(IOAPIC_PINS)
+    }
+
+    /// Enables the split irqchip: KVM models the local APICs, and GSIs `0..pins` are
+    /// reserved for the VMM's IOAPIC pins (KVM scans their MSI routes for level-triggered
+    /// vectors, whose EOIs it reports as `KVM_EXIT_IOAPIC_EOI`). Call it before creating
+    /// vCPUs.
+    ///
+    /// Register guest memory first if you can (see [`Vm::register_memory`]).
+    pub fn setup_split_irqchip_with_pins(&self, pins: u32) -> Result<()> {
+        if !self.kvm.check_extension(Cap::SplitIrqchip) {
+            return Err(Error::MissingCapabilities(vec!["KVM_CAP_SPLIT_IRQCHIP"]));
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(pins);
+        self.fd
+            .enable_cap(&cap)
+            .map_err(ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+        let mut st = self.state();
+        st.mode = Some(IrqchipMode::Split);
+        // KVM starts the split irqchip with an empty table; committing one costs an SRCU
+        // synchronisation, so only routes made before this call are worth it.
+        if st.msi_routes.is_empty() {
+            return Ok(());
+        }
+        self.commit_routes(&st)
+    }
+
+    /// Sets up the interrupt controllers `mode` says: [`Vm::setup_irqchip`] or
+    /// [`Vm::setup_split_irqchip`].
+    pub fn setup_irqchip_mode(&self, mode: IrqchipMode) -> Result<()> {
+        match mode {
+            IrqchipMode::Kernel => self.setup_irqchip(),
+            IrqchipMode::Split => self.setup_split_irqchip(),
+        }
+    }
+
+    /// The interrupt controllers set up, if any yet.
+    pub fn irqchip_mode(&self) -> Option<IrqchipMode> {
+        self.state().mode
+    }
+
+    /// The lowest GSI an MSI route may take: above the in-kernel IOAPIC's pins, or any
+    /// with the split irqchip (whose IOAPIC pins are MSI routes).
+    fn first_msi_gsi(st: &State) -> u32 {
+        match st.mode {
+            Some(IrqchipMode::Split) => 0,
+            _ => IOAPIC_PINS,
+        }
     }
 
     fn commit_routes(&self, st: &State) -> Result<()> {
@@ -327,8 +405,13 @@ impl Vm {
             e
         };
         // KVM's default routing: ISA IRQs 0-15 reach both PICs and the IOAPIC, 16-23 the
-        // IOAPIC only. Setting a table replaces the default, so it is rebuilt here.
-        for gsi in 0..IOAPIC_PINS {
+        // IOAPIC only. Setting a table replaces the default, so it is rebuilt here. The
+        // split irqchip has no in-kernel pins to route to.
+        let chip_pins = match st.mode {
+            Some(IrqchipMode::Split) => 0,
+            _ => IOAPIC_PINS,
+        };
+        for gsi in 0..chip_pins {
             if gsi < 8 {
                 entries.push(chip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
             } else if gsi < 16 {
@@ -357,10 +440,12 @@ impl Vm {
             .map_err(ioctl("KVM_SET_GSI_ROUTING"))
     }
 
-    /// Routes `gsi` (above the IOAPIC pins) to an MSI with `msg`.
+    /// Routes `gsi` to an MSI with `msg`: a GSI above the in-kernel IOAPIC's pins, or any
+    /// with the split irqchip.
     pub fn add_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<()> {
         let mut st = self.state();
-        if !(IOAPIC_PINS..=MAX_GSI).contains(&gsi) || st.msi_routes.contains_key(&gsi) {
+        if !(Self::first_msi_gsi(&st)..=MAX_GSI).contains(&gsi) || st.msi_routes.contains_key(&gsi)
+        {
             return Err(Error::BadGsi(gsi));
         }
         st.msi_routes.insert(gsi, msg);
@@ -379,6 +464,30 @@ impl Vm {
         st.msi_routes.insert(gsi, msg);
         self.commit_routes(&st).inspect_err(|_| {
             st.msi_routes.insert(gsi, old);
+        })
+    }
+
+    /// Makes `gsi` an MSI route with `msg`, or no route with `None`, whichever it was
+    /// before: how a userspace IOAPIC keeps its pins' routes (see [`IrqchipMode::Split`]).
+    /// Commits the table only when something changed.
+    pub fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<()> {
+        let mut st = self.state();
+        if !(Self::first_msi_gsi(&st)..=MAX_GSI).contains(&gsi) {
+            return Err(Error::BadGsi(gsi));
+        }
+        let old = st.msi_routes.get(&gsi).copied();
+        if old == msg {
+            return Ok(());
+        }
+        match msg {
+            Some(m) => st.msi_routes.insert(gsi, m),
+            None => st.msi_routes.remove(&gsi),
+        };
+        self.commit_routes(&st).inspect_err(|_| {
+            match old {
+                Some(m) => st.msi_routes.insert(gsi, m),
+                None => st.msi_routes.remove(&gsi),
+            };
         })
     }
 
@@ -417,7 +526,23 @@ impl Vm {
         self.fd.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD"))
     }
 
-    /// Undoes [`Vm::register_irqfd`].
+    /// Makes a write to `evt` assert `gsi`, a level-triggered in-kernel IOAPIC pin, until
+    /// the guest's EOI: KVM then deasserts it and signals `resample`, so that the device
+    /// can assert it again if its condition still holds. Only with
+    /// [`IrqchipMode::Kernel`]: KVM refuses resampling irqfds on the split irqchip, whose
+    /// IOAPIC does the same in userspace (keel-irqchip re-delivers on the EOI).
+    pub fn register_irqfd_with_resample(
+        &self,
+        evt: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<()> {
+        self.fd
+            .register_irqfd_with_resample(evt, resample, gsi)
+            .map_err(ioctl("KVM_IRQFD (resample)"))
+    }
+
+    /// Undoes [`Vm::register_irqfd`] and [`Vm::register_irqfd_with_resample`].
     pub fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
         self.fd
             .unregister_irqfd(evt, gsi)

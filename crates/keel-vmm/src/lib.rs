@@ -8,6 +8,7 @@ mod boot;
 pub mod devices;
 pub mod disk;
 pub mod exit;
+pub mod irqchip;
 pub mod qmp;
 pub mod seccomp;
 mod shared_device;

@@ -2,7 +2,8 @@
 //!
 //! It boots a Linux kernel (PVH vmlinux or bzImage) or a bare-metal ELF64 payload with a
 //! 16550 console, an i8042 (reset), ACPI power-off and, with `--debug-exit`, a debug-exit
-//! port, on the in-kernel irqchip, one thread per vCPU.
+//! port, on KVM's split irqchip with keel-irqchip's IOAPIC, PIC and PIT (`--irqchip kernel`:
+//! KVM's in-kernel ones), one thread per vCPU.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+use keel_vmm::irqchip::Irqchip;
 use keel_vmm::seccomp::{SeccompMode, SeccompOptions, ThreadKind};
 use keel_vmm::vmm::{self, QmpListen, SerialFile, SerialMode, VmConfig};
 use keel_vmm::{balloon, disk};
@@ -107,6 +109,12 @@ struct Cli {
     /// right after installing its filter.
     #[arg(long, value_name = "KIND", value_enum, hide = true)]
     seccomp_selftest: Option<ThreadKind>,
+
+    /// Where the interrupt controllers run: `split` (the default), KVM's split irqchip
+    /// with the local APICs in KVM and the IOAPIC, PIC and PIT in keel, or `kernel`, KVM's
+    /// in-kernel PIC, IOAPIC and PIT. The split irqchip ends a VM ~20 ms sooner.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = Irqchip::default())]
+    irqchip: Irqchip,
 }
 
 /// A `--qmp-fd` that is not a listening Unix stream socket.
@@ -233,6 +241,7 @@ fn main() -> ExitCode {
             mode: cli.seccomp,
             selftest: cli.seccomp_selftest,
         },
+        irqchip: cli.irqchip,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

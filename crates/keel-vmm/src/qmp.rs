@@ -524,13 +524,23 @@ impl Machine {
     }
 
     fn cpus(&self) -> Value {
-        let st = self.state();
-        let Some(b) = &st.boot else {
-            return json!([]);
+        let (vcpus, thread_ids) = {
+            let st = self.state();
+            let Some(b) = &st.boot else {
+                return json!([]);
+            };
+            (b.vcpus.clone(), b.thread_ids.clone())
         };
-        let cpus = b.vcpus.iter().map(|v| {
+        // Each vCPU thread records its ID as it starts: a query right after boot can come
+        // first (a loaded host may not have run the thread yet), so give them a moment.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while thread_ids.iter().any(|t| t.load(Ordering::SeqCst) == 0) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let cpus = vcpus.iter().map(|v| {
             let i = usize::from(v.id());
-            let tid = b.thread_ids.get(i).map_or(0, |t| t.load(Ordering::SeqCst));
+            let tid = thread_ids.get(i).map_or(0, |t| t.load(Ordering::SeqCst));
             json!({
                 "cpu-index": i,
                 "qom-path": format!("/machine/unattached/device[{i}]"),

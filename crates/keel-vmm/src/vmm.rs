@@ -14,9 +14,9 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use keel_bus::interrupt::IoEventRegistrar;
+use keel_bus::interrupt::{InterruptLine, IoEventRegistrar};
 use keel_bus::{BusRange, PioDevice};
-use keel_kvm::interrupt::{IrqLine, MsiIrqfdGroup};
+use keel_kvm::interrupt::MsiIrqfdGroup;
 use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::{Buses, DirtyLog, Vcpu, VcpuExitReason, VcpuHandle, Vm};
 use keel_memory::{x86, GuestMemoryMmap, MemoryLayout, MemoryOptions, SystemAllocator, MIB};
@@ -28,10 +28,11 @@ use crate::boot::acpi::SCI_IRQ;
 use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
     pci_test_function, AcpiPm, CappedFile, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
-    DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
+    DEBUG_EXIT_PORT, I8042, I8042_CMD_PORT, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
+use crate::irqchip::{Interrupts, Irqchip};
 use crate::qmp::{Boot, GuestBalloon, IoErrorEvents, Machine};
 use crate::seccomp::{Filters, SeccompOptions, ThreadKind};
 use crate::shared_device::{Activator, SharedDevice};
@@ -107,6 +108,16 @@ pub enum Error {
         #[source]
         source: event_manager::Error,
     },
+}
+
+impl Error {
+    /// An [`Error::Os`]: setting up `what` failed with `source`.
+    pub(crate) fn os(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Os {
+            what: what.into(),
+            source,
+        }
+    }
 }
 
 fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -185,6 +196,8 @@ pub struct VmConfig {
     pub debug_exit: bool,
     /// The threads' seccomp filters (`--seccomp`; see [`crate::seccomp`]).
     pub seccomp: SeccompOptions,
+    /// Where the interrupt controllers run.
+    pub irqchip: Irqchip,
 }
 
 /// Where the QMP control socket listens.
@@ -329,6 +342,19 @@ impl MutEventSubscriber for Control {
     }
 }
 
+/// A port device seen from `offset` ports above where it is inserted (a device that spans
+/// a gap another device fills, such as the i8042's 0x60 and 0x64 around port 0x61).
+struct PortOffset<D>(Arc<D>, u64);
+
+impl<D: PioDevice> PioDevice for PortOffset<D> {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        self.0.pio_read(offset + self.1, data)
+    }
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        self.0.pio_write(offset + self.1, data)
+    }
+}
+
 /// A vCPU thread's body (its seccomp filter is already in place).
 fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
     let id = vcpu.id();
@@ -379,6 +405,7 @@ fn add_virtio_pci(
 /// doorbells through ioeventfds. Returns the command-line fragment that announces it.
 fn add_virtio_mmio(
     vm: &Arc<Vm>,
+    irqs: &Interrupts,
     buses: &Buses,
     alloc: &mut SystemAllocator,
     mem: &GuestMemoryMmap,
@@ -393,7 +420,7 @@ fn add_virtio_mmio(
         // The ACPI SCI (the power button) has this line.
         irq = alloc.allocate_legacy_irq().map_err(Error::Allocator)?;
     }
-    let line = Arc::new(IrqLine::new(vm.clone(), irq)?);
+    let line = irqs.line(irq)?;
     let transport = Arc::new(VirtioMmio::new(device, mem.clone(), base, irq, line)?);
     transport
         .register_ioeventfds(vm.as_ref())
@@ -422,6 +449,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 /// # Examples
 ///
 /// ```no_run
+/// use keel_vmm::irqchip::Irqchip;
 /// use keel_vmm::vmm::{run_with, SerialMode, Transport, VmConfig};
 /// use keel_virtio_balloon::BalloonOptions;
 ///
@@ -440,6 +468,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     qmp: None,
 ///     debug_exit: false,
 ///     seccomp: Default::default(),
+///     irqchip: Irqchip::default(),
 /// };
 /// let exit = run_with(&cfg, |vm| {
 ///     let vm = vm.clone();
@@ -609,23 +638,27 @@ fn boot_once(
     vm.register_memory(&mem, DirtyLog::Off)?;
     vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))?;
     vm.set_tss_address(GuestAddress(x86::TSS_START))?;
-    vm.setup_irqchip()?;
+    let mut buses = Buses::default();
+    let irqs = Interrupts::new(&vm, cfg.irqchip, &mut buses)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(os("cannot create an eventfd"))?);
-    let serial_irq = Vm::new_eventfd()?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    // An IOAPIC pin through keel's IOAPIC with the split irqchip: no irqfd, whose teardown
+    // would wait for an SRCU grace period when the VM closes.
+    let serial_irq = irqs.line(COM1_IRQ)?;
     let out = match (&cfg.serial, serial_file) {
         (SerialMode::Stdio, _) => SerialOutput::Stdout,
         (SerialMode::File(_), Some(f)) => SerialOutput::File(f.clone()),
         _ => SerialOutput::Sink,
     };
     let serial = Arc::new(Serial::new(serial_irq, out));
-    let buses = Buses::default();
-    let sci = Arc::new(IrqLine::new(vm.clone(), u32::from(SCI_IRQ))?);
+    let sci: Arc<dyn InterruptLine> = irqs.line(u32::from(SCI_IRQ))?;
     let pm = Arc::new(AcpiPm::new(exit.clone(), sci));
+    let i8042 = Arc::new(I8042::new(exit.clone()));
     let mut pio: Vec<(u16, u64, Arc<dyn PioDevice>)> = vec![
         (COM1_PORT, 8, serial.clone()),
-        (I8042_DATA_PORT, 5, Arc::new(I8042::new(exit.clone()))),
+        // Ports 0x60 and 0x64 only: 0x61 is the PIT's (port B).
+        (I8042_DATA_PORT, 1, i8042.clone()),
+        (I8042_CMD_PORT, 1, Arc::new(PortOffset(i8042, 4))),
         (PM1A_CNT_PORT, 8, pm.clone()),
     ];
     if cfg.debug_exit {
@@ -699,7 +732,7 @@ fn boot_once(
         match cfg.transport {
             Transport::Pci => add_virtio_pci(&vm, &pci, &mut alloc, &mem, device)?,
             Transport::Mmio => {
-                let fragment = add_virtio_mmio(&vm, &buses, &mut alloc, &mem, device)?;
+                let fragment = add_virtio_mmio(&vm, &irqs, &buses, &mut alloc, &mem, device)?;
                 if !cmdline.is_empty() {
                     cmdline.push(' ');
                 }
@@ -848,6 +881,9 @@ fn boot_once(
             timer,
             machine: machine.clone(),
         }));
+    }
+    if let Some(pit) = irqs.pit_timer()? {
+        events.add_subscriber(Box::new(pit));
     }
     events.add_subscriber(Box::new(Control {
         exit: exit.clone(),

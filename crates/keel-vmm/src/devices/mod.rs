@@ -4,11 +4,15 @@
 //! | port(s) | device |
 //! |---|---|
 //! | 0x3f8-0x3ff | 16550 UART (COM1), IRQ 4 |
+//! | 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 | 8259 pair and ELCR (keel-irqchip; with `--irqchip kernel`, KVM's) |
+//! | 0x40-0x43, 0x61 | 8254 PIT and port B (keel-irqchip; with `--irqchip kernel`, KVM's) |
 //! | 0x60, 0x64 | i8042 (keyboard controller): only the CPU reset line (0xfe to 0x64) |
 //! | 0x600-0x601 | ACPI PM1a control block: SLP_TYP=5 with SLP_EN powers off |
 //! | 0x604-0x607 | ACPI PM1a event block (status/enable): the power button (QMP `system_powerdown`) raises the SCI, IRQ 9 |
 //! | 0xf4-0xf7 | debug exit (`--debug-exit` only): the value written becomes keel's exit status |
 //! | 0xcf8-0xcff | PCI configuration mechanism #1 (keel-pci) |
+//!
+//! MMIO 0xfec00000-0xfec0001f: the IOAPIC (keel-irqchip's, or KVM's with `--irqchip kernel`).
 //!
 //! PCI: one segment, bus 0, a host bridge at 00.0, ECAM at 0xe0000000 (published in the
 //! ACPI MCFG table). `--device pci-test` adds [the test device](pci_test) to it.

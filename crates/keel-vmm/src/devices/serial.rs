@@ -1,4 +1,4 @@
-//! COM1: a 16550 UART (vm-superio) whose interrupt is an irqfd.
+//! COM1: a 16550 UART (vm-superio) interrupting on ISA IRQ 4.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use keel_bus::interrupt::InterruptLine;
 use keel_bus::PioDevice;
 use vm_superio::serial::NoEvents;
-use vmm_sys_util::eventfd::EventFd;
 
 /// COM1's base port.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -104,28 +104,26 @@ impl Write for SerialOutput {
     }
 }
 
-/// Raises the UART's interrupt by writing its irqfd.
-pub struct IrqfdTrigger(pub EventFd);
+/// Raises the UART's interrupt: an edge on its line (an irqfd with KVM's irqchip, keel's
+/// IOAPIC with the split one).
+pub struct LineTrigger(pub Arc<dyn InterruptLine>);
 
-impl vm_superio::Trigger for IrqfdTrigger {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+impl vm_superio::Trigger for LineTrigger {
+    type E = keel_bus::interrupt::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.trigger()
     }
 }
 
-type Uart = vm_superio::Serial<IrqfdTrigger, NoEvents, SerialOutput>;
+type Uart = vm_superio::Serial<LineTrigger, NoEvents, SerialOutput>;
 
 /// The UART on the port bus (8 ports at [`COM1_PORT`]).
 pub struct Serial(Mutex<Uart>);
 
 impl Serial {
-    /// A UART writing to `out` and interrupting through `irqfd`.
-    pub fn new(irqfd: EventFd, out: SerialOutput) -> Self {
-        Serial(Mutex::new(vm_superio::Serial::new(
-            IrqfdTrigger(irqfd),
-            out,
-        )))
+    /// A UART writing to `out` and interrupting through `line`.
+    pub fn new(line: Arc<dyn InterruptLine>, out: SerialOutput) -> Self {
+        Serial(Mutex::new(vm_superio::Serial::new(LineTrigger(line), out)))
     }
 
     fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {
@@ -176,14 +174,28 @@ impl PioDevice for Serial {
 mod tests {
     use super::*;
 
+    /// Counts the edges raised on it.
+    #[derive(Default)]
+    struct Edges(std::sync::atomic::AtomicU64);
+
+    impl InterruptLine for Edges {
+        fn trigger(&self) -> keel_bus::interrupt::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn set_level(&self, _: bool) -> keel_bus::interrupt::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn output_reaches_the_file_and_input_raises_the_interrupt() {
         let dir = std::env::temp_dir().join(format!("keel-serial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("out");
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(Edges::default());
         let uart = Serial::new(
-            irq.try_clone().unwrap(),
+            irq.clone(),
             SerialOutput::File(Arc::new(CappedFile::new(
                 File::create(&path).unwrap(),
                 path.clone(),
@@ -199,7 +211,7 @@ mod tests {
         // Enable the "received data available" interrupt, then feed input.
         uart.pio_write(1, &[0x01]);
         assert_eq!(uart.enqueue_input(b"ok"), 2);
-        assert!(irq.read().unwrap() >= 1);
+        assert!(irq.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
         let mut b = [0u8];
         uart.pio_read(0, &mut b);
         assert_eq!(b, [b'o']);

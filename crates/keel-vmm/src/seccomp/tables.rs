@@ -213,7 +213,7 @@ fn main() -> Vec<Allow> {
 
 /// Device threads: `keel-devices` starts devices (threads, eventfds, epoll), queue
 /// workers serve requests (io_uring, a thread pool, plain file I/O, the throttle's
-/// timer), the balloon gives pages back (`madvise`).
+/// timer), the balloon gives pages back (`madvise`), virtio-mmio devices interrupt.
 fn device() -> Vec<Allow> {
     let mut v = common();
     v.extend(thread_creation());
@@ -226,6 +226,9 @@ fn device() -> Vec<Allow> {
         any(libc::SYS_io_uring_register),
         // The balloon: whether guest memory is on hugetlbfs.
         any(libc::SYS_fstatfs),
+        // A virtio-mmio device's interrupt on the split irqchip: keel's IOAPIC sends its
+        // MSI.
+        ioctls(&[KVM_SIGNAL_MSI()]),
     ]);
     v
 }
@@ -253,8 +256,9 @@ fn control() -> Vec<Allow> {
         any(libc::SYS_sendto),
         any(libc::SYS_setsockopt),
         any(libc::SYS_shutdown),
-        // Non-blocking sockets; the power button (the ACPI SCI line).
-        ioctls(&[libc::FIONBIO, KVM_IRQ_LINE()]),
+        // Non-blocking sockets; the power button (the ACPI SCI line: KVM's IOAPIC pin,
+        // or on the split irqchip keel's IOAPIC sending its MSI).
+        ioctls(&[libc::FIONBIO, KVM_IRQ_LINE(), KVM_SIGNAL_MSI()]),
     ]);
     v
 }

@@ -58,6 +58,7 @@ pub fn child(args: &[String]) {
         debug_exit: true,
         // The VM's threads filtered, as keel's (this thread is not: see `run_with`).
         seccomp: Default::default(),
+        irqchip: keel_vmm::irqchip::Irqchip::default(),
     };
     let exit = run_with(&cfg, |vm| {
         let vm = vm.clone();
