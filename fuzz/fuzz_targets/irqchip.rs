@@ -25,7 +25,11 @@ impl MsiDelivery for Record {
         Ok(())
     }
     fn deliver(&self, pin: usize, msg: MsiMessage) -> Result<()> {
-        assert_eq!(self.routes.lock().unwrap()[pin], Some(msg), "sent off-route");
+        assert_eq!(
+            self.routes.lock().unwrap()[pin],
+            Some(msg),
+            "sent off-route"
+        );
         self.sent.lock().unwrap().push(pin);
         Ok(())
     }
@@ -47,7 +51,12 @@ fuzz_target!(|data: &[u8]| {
     let clock = FuzzClock::default();
     let mut pit = Pit::new(clock.clone());
     for op in data.chunks(4) {
-        let [kind, a, b, c] = [op[0], *op.get(1).unwrap_or(&0), *op.get(2).unwrap_or(&0), *op.get(3).unwrap_or(&0)];
+        let [kind, a, b, c] = [
+            op[0],
+            *op.get(1).unwrap_or(&0),
+            *op.get(2).unwrap_or(&0),
+            *op.get(3).unwrap_or(&0),
+        ];
         let pin = usize::from(a) % (NUM_PINS + 2);
         match kind % 12 {
             0 => ioapic.mmio_write(u64::from(b & 0x1f), &[a, c, b, a]),
@@ -58,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
             2 => ioapic.set_level(pin, b & 1 != 0),
             3 => ioapic.pulse(pin),
             4 => ioapic.end_of_interrupt(b),
-            5 => pic.port_write([0x20, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1][usize::from(a) % 6], b),
+            5 => pic.port_write(
+                [0x20, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1][usize::from(a) % 6],
+                b,
+            ),
             6 => {
                 pic.port_read([0x20, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1][usize::from(a) % 6]);
             }
@@ -72,12 +84,17 @@ fuzz_target!(|data: &[u8]| {
                 pit.port_write(0x61, c);
             }
             _ => {
-                clock
-                    .0
-                    .fetch_add(u64::from(u16::from_le_bytes([b, c])) * 997, Ordering::Relaxed);
+                clock.0.fetch_add(
+                    u64::from(u16::from_le_bytes([b, c])) * 997,
+                    Ordering::Relaxed,
+                );
                 // The next IRQ 0 edge is always in the future.
                 if let Some(t) = pit.next_irq() {
-                    assert!(t > clock.now_ns(), "next edge {t} not after {}", clock.now_ns());
+                    assert!(
+                        t > clock.now_ns(),
+                        "next edge {t} not after {}",
+                        clock.now_ns()
+                    );
                 }
             }
         }
@@ -91,7 +108,11 @@ fuzz_target!(|data: &[u8]| {
         }
         // Only unmasked pins send.
         for p in rec.sent.lock().unwrap().drain(..) {
-            assert_eq!(ioapic.entry(p).unwrap() & (1 << 16), 0, "masked pin {p} sent");
+            assert_eq!(
+                ioapic.entry(p).unwrap() & (1 << 16),
+                0,
+                "masked pin {p} sent"
+            );
         }
     }
 });

@@ -16,13 +16,13 @@ use std::sync::Arc;
 use keel_bus::interrupt::{
     Error as IrqError, InterruptLine, MsiGroup, MsiMessage, Result as IrqResult,
 };
-use keel_bus::{BusRange, PioDevice};
+use keel_bus::BusRange;
 use keel_kvm::{Buses, IoAccess};
 use keel_memory::{x86, MemoryLayout, SystemAllocator, GIB};
 use keel_pci::PciSegment;
 use keel_vmm::devices::{
-    pci_test_function, AcpiPm, DebugExit, Serial, SerialOutput, COM1_PORT, DEBUG_EXIT_PORT, I8042,
-    I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
+    legacy_ports, pci_test_function, AcpiPm, DebugExit, Serial, SerialOutput, COM1_PORT,
+    DEBUG_EXIT_PORT, I8042, I8042_CMD_PORT, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
 };
 use keel_vmm::exit::{ExitSignal, VmExit};
 use libfuzzer_sys::fuzz_target;
@@ -69,9 +69,10 @@ impl MsiGroup for Group {
 }
 
 /// Ports worth aiming at: each device's, and the PCI configuration ports.
-const PORTS: [u16; 7] = [
+const PORTS: [u16; 8] = [
     COM1_PORT,
     I8042_DATA_PORT,
+    I8042_CMD_PORT,
     PM1A_CNT_PORT,
     DEBUG_EXIT_PORT,
     0xcf8,
@@ -93,22 +94,14 @@ fuzz_target!(|data: &[u8]| {
     let debug_exit = flags & 1 != 0;
     let exit = Arc::new(ExitSignal::new().unwrap());
     let buses = Buses::default();
-    let serial = Arc::new(Serial::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        SerialOutput::Sink,
-    ));
-    let mut pio: Vec<(u16, u64, Arc<dyn PioDevice>)> = vec![
-        (COM1_PORT, 8, serial),
-        (I8042_DATA_PORT, 5, Arc::new(I8042::new(exit.clone()))),
-        (
-            PM1A_CNT_PORT,
-            8,
-            Arc::new(AcpiPm::new(exit.clone(), Arc::new(Line))),
-        ),
-    ];
-    if debug_exit {
-        pio.push((DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))));
-    }
+    let serial = Arc::new(Serial::new(Arc::new(Line), SerialOutput::Sink));
+    // keel's own table of legacy ports.
+    let pio = legacy_ports(
+        serial,
+        Arc::new(I8042::new(exit.clone())),
+        Arc::new(AcpiPm::new(exit.clone(), Arc::new(Line))),
+        debug_exit.then(|| Arc::new(DebugExit(exit.clone()))),
+    );
     for (port, len, dev) in pio {
         buses
             .pio

@@ -15,7 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use keel_bus::interrupt::{InterruptLine, IoEventRegistrar};
-use keel_bus::{BusRange, PioDevice};
+use keel_bus::BusRange;
 use keel_kvm::interrupt::MsiIrqfdGroup;
 use keel_kvm::x86::boot::{BootTables, Cpl};
 use keel_kvm::{Buses, DirtyLog, Vcpu, VcpuExitReason, VcpuHandle, Vm};
@@ -27,8 +27,8 @@ use keel_virtio::{virtio_pci_function, VirtioDevice, VirtioMmio};
 use crate::boot::acpi::SCI_IRQ;
 use crate::boot::{self, BootSpec, Entry, KernelSource, BOOT_STACK};
 use crate::devices::{
-    pci_test_function, AcpiPm, CappedFile, DebugExit, Serial, SerialOutput, COM1_IRQ, COM1_PORT,
-    DEBUG_EXIT_PORT, I8042, I8042_CMD_PORT, I8042_DATA_PORT, PCI_TEST_VECTORS, PM1A_CNT_PORT,
+    legacy_ports, pci_test_function, AcpiPm, CappedFile, DebugExit, Serial, SerialOutput, COM1_IRQ,
+    I8042, PCI_TEST_VECTORS,
 };
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
@@ -342,19 +342,6 @@ impl MutEventSubscriber for Control {
     }
 }
 
-/// A port device seen from `offset` ports above where it is inserted (a device that spans
-/// a gap another device fills, such as the i8042's 0x60 and 0x64 around port 0x61).
-struct PortOffset<D>(Arc<D>, u64);
-
-impl<D: PioDevice> PioDevice for PortOffset<D> {
-    fn pio_read(&self, offset: u64, data: &mut [u8]) {
-        self.0.pio_read(offset + self.1, data)
-    }
-    fn pio_write(&self, offset: u64, data: &[u8]) {
-        self.0.pio_write(offset + self.1, data)
-    }
-}
-
 /// A vCPU thread's body (its seccomp filter is already in place).
 fn run_vcpu(mut vcpu: Vcpu, buses: Buses, exit: Arc<ExitSignal>) {
     let id = vcpu.id();
@@ -654,17 +641,8 @@ fn boot_once(
     let sci: Arc<dyn InterruptLine> = irqs.line(u32::from(SCI_IRQ))?;
     let pm = Arc::new(AcpiPm::new(exit.clone(), sci));
     let i8042 = Arc::new(I8042::new(exit.clone()));
-    let mut pio: Vec<(u16, u64, Arc<dyn PioDevice>)> = vec![
-        (COM1_PORT, 8, serial.clone()),
-        // Ports 0x60 and 0x64 only: 0x61 is the PIT's (port B).
-        (I8042_DATA_PORT, 1, i8042.clone()),
-        (I8042_CMD_PORT, 1, Arc::new(PortOffset(i8042, 4))),
-        (PM1A_CNT_PORT, 8, pm.clone()),
-    ];
-    if cfg.debug_exit {
-        pio.push((DEBUG_EXIT_PORT, 4, Arc::new(DebugExit(exit.clone()))));
-    }
-    for (port, len, dev) in pio {
+    let debug_exit = cfg.debug_exit.then(|| Arc::new(DebugExit(exit.clone())));
+    for (port, len, dev) in legacy_ports(serial.clone(), i8042, pm.clone(), debug_exit) {
         buses
             .pio
             .insert(BusRange::new(u64::from(port), len)?, dev)?;

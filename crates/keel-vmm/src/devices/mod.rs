@@ -37,3 +37,48 @@ pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, I8042_CMD_PORT, I8042_DATA_PORT};
 pub use pci_test::{pci_test_function, PCI_TEST_VECTORS};
 pub use serial::{CappedFile, Serial, SerialOutput, COM1_IRQ, COM1_PORT};
+
+use std::sync::Arc;
+
+use keel_bus::PioDevice;
+
+/// The legacy devices' port ranges as keel places them (the table above): `(first port,
+/// length, device)`. The i8042 takes 0x60 and 0x64 only (0x61 is the PIT's port B); the
+/// debug-exit port is there when `debug_exit` is given.
+pub fn legacy_ports(
+    serial: Arc<Serial>,
+    i8042: Arc<I8042>,
+    pm: Arc<AcpiPm>,
+    debug_exit: Option<Arc<DebugExit>>,
+) -> Vec<(u16, u64, Arc<dyn PioDevice>)> {
+    let mut pio: Vec<(u16, u64, Arc<dyn PioDevice>)> = vec![
+        (COM1_PORT, 8, serial),
+        (I8042_DATA_PORT, 1, i8042.clone()),
+        (
+            I8042_CMD_PORT,
+            1,
+            Arc::new(PortOffset(
+                i8042,
+                u64::from(I8042_CMD_PORT - I8042_DATA_PORT),
+            )),
+        ),
+        (PM1A_CNT_PORT, 8, pm),
+    ];
+    if let Some(d) = debug_exit {
+        pio.push((DEBUG_EXIT_PORT, 4, d));
+    }
+    pio
+}
+
+/// A port device seen from `offset` ports above where it is inserted (a device that spans
+/// a gap another device fills, such as the i8042's 0x60 and 0x64 around port 0x61).
+struct PortOffset<D>(Arc<D>, u64);
+
+impl<D: PioDevice> PioDevice for PortOffset<D> {
+    fn pio_read(&self, offset: u64, data: &mut [u8]) {
+        self.0.pio_read(offset + self.1, data)
+    }
+    fn pio_write(&self, offset: u64, data: &[u8]) {
+        self.0.pio_write(offset + self.1, data)
+    }
+}
