@@ -801,7 +801,10 @@ fn qcow2_header_steps(c: &Ctx) -> Outcome {
     let name = c.name;
     let mut b = open(c)?;
     if b.cfg.capacity < SECTORS_PER_BLOCK {
-        crate::fail!("capacity {} sectors is below one 4 KiB block", b.cfg.capacity);
+        crate::fail!(
+            "capacity {} sectors is below one 4 KiB block",
+            b.cfg.capacity
+        );
     }
     b.one(
         &Req::write(0, BLOCK),
@@ -816,9 +819,12 @@ fn qcow2_header_steps(c: &Ctx) -> Outcome {
         _ => "other",
     };
     let mut statuses = [0u8; 2];
-    for (k, (len, what)) in [(SECTOR as u32, "sector 0 (512 bytes)"), (BLOCK, "block 0 (4 KiB)")]
-        .into_iter()
-        .enumerate()
+    for (k, (len, what)) in [
+        (SECTOR as u32, "sector 0 (512 bytes)"),
+        (BLOCK, "block 0 (4 KiB)"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let d = b.one(
             &Req::write(0, len),
@@ -833,7 +839,11 @@ fn qcow2_header_steps(c: &Ctx) -> Outcome {
         if d.status != S_OK && d.status != S_IOERR {
             expect(&d, S_IOERR)?;
         }
-        say!(name, "OUT of a qcow2 header over {what}: {}", status_text(d.status));
+        say!(
+            name,
+            "OUT of a qcow2 header over {what}: {}",
+            status_text(d.status)
+        );
         statuses[k] = d.status;
     }
     if statuses[0] != statuses[1] {
