@@ -16,7 +16,7 @@ use keel_block::buf::AlignedBuf;
 use keel_block::qcow2::{backing, Qcow2Options};
 use keel_block::{BlockBackend, CacheMode, RawOptions};
 
-use common::{ok, p, qemu_check, require_qemu, Rng};
+use common::{assert_clean_and_equal, create_image, ok, p, qemu_check, require_qemu, Rng};
 
 const CLUSTER: u64 = 64 << 10;
 const SLOT: u64 = 4096;
@@ -93,20 +93,12 @@ fn make_images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         ],
     );
     let overlay = dir.join("overlay.qcow2");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "qcow2",
-            p(&overlay),
-            &SIZE.to_string(),
-        ],
+        "qcow2",
+        &["-b", p(&base), "-F", "qcow2"],
+        &overlay,
+        Some(&SIZE.to_string()),
     );
     (base, overlay)
 }
@@ -171,27 +163,7 @@ fn run(cache: CacheMode, seed: u64, shuffle: bool) {
             want[off as usize..(off + n * SLOT) as usize].copy_from_slice(b.as_slice());
         }
     }
-    let reference = dir.path().join("want.raw");
-    std::fs::write(&reference, &want).unwrap();
-    let (code, corrupt, leaks, errors) = qemu_check(&overlay);
-    assert_eq!(
-        (code, corrupt, leaks, errors),
-        (0, 0, 0, 0),
-        "qemu-img check"
-    );
-    let out = ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            p(&overlay),
-            p(&reference),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_clean_and_equal(&overlay, &want, dir.path());
 }
 
 #[test]
