@@ -14,7 +14,7 @@ use std::sync::Arc;
 use keel_block::aio::{AioQueue, AioRequest, UringQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::qcow2::{backing, Qcow2Options};
-use keel_block::{BlockBackend, CacheMode, RawOptions};
+use keel_block::{BlockBackend, CacheMode, Qcow2, RawFile, RawOptions};
 
 use common::{assert_clean_and_equal, create_image, ok, p, qemu_check, require_qemu, Rng};
 
@@ -103,13 +103,11 @@ fn make_images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (base, overlay)
 }
 
-fn run(cache: CacheMode, seed: u64, shuffle: bool) {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let (_, overlay) = make_images(dir.path());
-    let img = Arc::new(
+/// The overlay opened read-write with `cache`, over its backing file.
+fn open_overlay(overlay: &Path, cache: CacheMode) -> Arc<Qcow2<RawFile>> {
+    Arc::new(
         backing::open_path(
-            &overlay,
+            overlay,
             RawOptions {
                 cache,
                 growable: true,
@@ -118,7 +116,14 @@ fn run(cache: CacheMode, seed: u64, shuffle: bool) {
             Qcow2Options::default(),
         )
         .unwrap(),
-    );
+    )
+}
+
+fn run(cache: CacheMode, seed: u64, shuffle: bool) {
+    require_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, overlay) = make_images(dir.path());
+    let img = open_overlay(&overlay, cache);
     let mut rng = Rng(seed);
     let plans = plan(&mut rng, shuffle);
     std::thread::scope(|s| {
@@ -185,18 +190,7 @@ fn reads_racing_copies_see_old_or_new_data() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let (_, overlay) = make_images(dir.path());
-    let img = Arc::new(
-        backing::open_path(
-            &overlay,
-            RawOptions {
-                cache: CacheMode::None,
-                growable: true,
-                ..Default::default()
-            },
-            Qcow2Options::default(),
-        )
-        .unwrap(),
-    );
+    let img = open_overlay(&overlay, CacheMode::None);
     let mut q = UringQueue::new(img.clone(), 64).unwrap();
     let clusters = 64;
     for c in 0..clusters {
