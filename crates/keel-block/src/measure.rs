@@ -6,20 +6,7 @@ use crate::error::Result;
 use crate::qcow2::bitmaps::bitmaps;
 use crate::qcow2::CreateOptions;
 
-/// How a new image's space is preallocated (qemu-img's `preallocation` option).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Preallocation {
-    /// Nothing preallocated.
-    #[default]
-    Off,
-    /// qcow2 metadata preallocated.
-    Metadata,
-    /// Space reserved with `fallocate`.
-    Falloc,
-    /// Space written.
-    Full,
-}
+pub use crate::volume::Preallocation;
 
 /// The image to measure for.
 #[derive(Debug, Clone)]

@@ -156,8 +156,10 @@ pub enum VolumeError {
     },
 }
 
-/// How the space a resize adds is allocated (`--preallocation`).
+/// How an image's space is preallocated (qemu-img's `preallocation` option): the space
+/// a resize adds (`--preallocation`), or a new image's ([`crate::measure`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Preallocation {
     /// Not allocated.
     #[default]

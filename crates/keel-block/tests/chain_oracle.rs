@@ -13,55 +13,31 @@ use keel_block::measure::{measure, Preallocation, Source, Target};
 use keel_block::qcow2::CreateOptions;
 use keel_block::{Format, Qcow2Options};
 
-fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(p(path));
-    ok("qemu-io", &args);
-}
-
 /// base.raw <- mid.qcow2 <- top.qcow2, and a compressed copy of the top.
 fn chain(dir: &Path) -> (PathBuf, PathBuf) {
     let base = dir.join("base.raw");
     let mid = dir.join("mid.qcow2");
     let top = dir.join("top.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "raw", p(&base), "3M"]);
+    create_image("qemu-img", "raw", &[], &base, Some("3M"));
     qemu_io("raw", &base, &["write -P 1 0 256k", "write -P 2 2M 4k"]);
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&mid),
-        ],
+        "qcow2",
+        &["-b", "base.raw", "-F", "raw"],
+        &mid,
+        None,
     );
     qemu_io(
         "qcow2",
         &mid,
         &["write -P 3 64k 64k", "write -z 128k 64k", "discard 2M 64k"],
     );
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-            "4M",
-        ],
+        "qcow2",
+        &["-b", "mid.qcow2", "-F", "qcow2"],
+        &top,
+        Some("4M"),
     );
     qemu_io(
         "qcow2",

@@ -10,7 +10,7 @@ use keel_block::convert::{convert, Destination};
 use keel_block::qcow2::{self, backing, CreateOptions, Qcow2, Qcow2Options};
 use keel_block::{BlockBackend, RawFile, RawOptions};
 
-use common::{ok, p, qemu_check, require_qemu, Rng};
+use common::{assert_clean_and_equal, ok, p, require_qemu, Rng};
 
 const CLUSTER: u64 = 64 << 10;
 const SIZE: u64 = 4 << 20;
@@ -87,30 +87,6 @@ fn read_all(path: &Path) -> Vec<u8> {
     let mut out = vec![0u8; img.size() as usize];
     img.read_at(&mut out, 0).unwrap();
     out
-}
-
-fn assert_clean_and_equal(image: &Path, want: &[u8], dir: &Path) {
-    let (code, corrupt, leaks, errors) = qemu_check(image);
-    assert_eq!(
-        (code, corrupt, leaks, errors),
-        (0, 0, 0, 0),
-        "qemu-img check"
-    );
-    let reference = dir.join("want.raw");
-    std::fs::write(&reference, want).unwrap();
-    let out = ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            p(image),
-            p(&reference),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
 }
 
 #[test]

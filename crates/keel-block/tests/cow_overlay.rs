@@ -14,9 +14,9 @@ use std::sync::Arc;
 use keel_block::aio::{AioQueue, AioRequest, UringQueue};
 use keel_block::buf::AlignedBuf;
 use keel_block::qcow2::{backing, Qcow2Options};
-use keel_block::{BlockBackend, CacheMode, RawOptions};
+use keel_block::{BlockBackend, CacheMode, Qcow2, RawFile, RawOptions};
 
-use common::{ok, p, qemu_check, require_qemu, Rng};
+use common::{assert_clean_and_equal, create_image, ok, p, qemu_check, require_qemu, Rng};
 
 const CLUSTER: u64 = 64 << 10;
 const SLOT: u64 = 4096;
@@ -93,31 +93,21 @@ fn make_images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         ],
     );
     let overlay = dir.join("overlay.qcow2");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "qcow2",
-            p(&overlay),
-            &SIZE.to_string(),
-        ],
+        "qcow2",
+        &["-b", p(&base), "-F", "qcow2"],
+        &overlay,
+        Some(&SIZE.to_string()),
     );
     (base, overlay)
 }
 
-fn run(cache: CacheMode, seed: u64, shuffle: bool) {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let (_, overlay) = make_images(dir.path());
-    let img = Arc::new(
+/// The overlay opened read-write with `cache`, over its backing file.
+fn open_overlay(overlay: &Path, cache: CacheMode) -> Arc<Qcow2<RawFile>> {
+    Arc::new(
         backing::open_path(
-            &overlay,
+            overlay,
             RawOptions {
                 cache,
                 growable: true,
@@ -126,7 +116,14 @@ fn run(cache: CacheMode, seed: u64, shuffle: bool) {
             Qcow2Options::default(),
         )
         .unwrap(),
-    );
+    )
+}
+
+fn run(cache: CacheMode, seed: u64, shuffle: bool) {
+    require_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, overlay) = make_images(dir.path());
+    let img = open_overlay(&overlay, cache);
     let mut rng = Rng(seed);
     let plans = plan(&mut rng, shuffle);
     std::thread::scope(|s| {
@@ -171,27 +168,7 @@ fn run(cache: CacheMode, seed: u64, shuffle: bool) {
             want[off as usize..(off + n * SLOT) as usize].copy_from_slice(b.as_slice());
         }
     }
-    let reference = dir.path().join("want.raw");
-    std::fs::write(&reference, &want).unwrap();
-    let (code, corrupt, leaks, errors) = qemu_check(&overlay);
-    assert_eq!(
-        (code, corrupt, leaks, errors),
-        (0, 0, 0, 0),
-        "qemu-img check"
-    );
-    let out = ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            p(&overlay),
-            p(&reference),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_clean_and_equal(&overlay, &want, dir.path());
 }
 
 #[test]
@@ -213,18 +190,7 @@ fn reads_racing_copies_see_old_or_new_data() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let (_, overlay) = make_images(dir.path());
-    let img = Arc::new(
-        backing::open_path(
-            &overlay,
-            RawOptions {
-                cache: CacheMode::None,
-                growable: true,
-                ..Default::default()
-            },
-            Qcow2Options::default(),
-        )
-        .unwrap(),
-    );
+    let img = open_overlay(&overlay, CacheMode::None);
     let mut q = UringQueue::new(img.clone(), 64).unwrap();
     let clusters = 64;
     for c in 0..clusters {

@@ -4,50 +4,26 @@
 //! compare` finds identical and `qemu-img check` finds clean, and each side
 //! reads what the other wrote.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use keel_block::qcow2::edit::{self, AmendOptions, BackingFile};
 use keel_block::volume::{self, CommitOptions, Preallocation, RebaseOptions, ResizeOptions};
 use keel_block::{Format, RawFile, RawOptions};
 
-fn run(cmd: &str, args: &[&str]) -> (i32, String) {
-    let o = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd} (qemu-utils must be installed): {e}"));
-    (
-        o.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let (code, out) = run(cmd, args);
-    assert_eq!(code, 0, "{cmd} {args:?}: {out}");
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn io(path: &Path, cmd: &str) {
-    ok("qemu-io", &["-f", "qcow2", "-c", cmd, s(path)]);
-}
+use common::{assert_same_contents, copy_files, create_image, ok, p as s, qio, run, two_dirs};
 
 fn clean(path: &Path) {
-    let (code, out) = run("qemu-img", &["check", s(path)]);
-    assert_eq!(code, 0, "qemu-img check {}: {out}", path.display());
-}
-
-fn identical(a: &Path, b: &Path) {
-    let (code, out) = run("qemu-img", &["compare", s(a), s(b)]);
-    assert_eq!(code, 0, "{} vs {}: {out}", a.display(), b.display());
+    let o = run("qemu-img", &["check", s(path)]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn rw(path: &Path) -> RawFile {
@@ -70,19 +46,12 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("qemu");
-        let b = dir.path().join("keel");
-        std::fs::create_dir(&a).unwrap();
-        std::fs::create_dir(&b).unwrap();
-        Pair { _dir: dir, a, b }
+        let (_dir, a, b) = two_dirs("qemu", "keel");
+        Pair { _dir, a, b }
     }
     /// Copies every file of `a` into `b`.
     fn sync(&self) {
-        for e in std::fs::read_dir(&self.a).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), self.b.join(e.file_name())).unwrap();
-        }
+        copy_files(&self.a, &self.b);
     }
     fn qa(&self, name: &str) -> PathBuf {
         self.a.join(name)
@@ -91,17 +60,14 @@ impl Pair {
         self.b.join(name)
     }
     fn same(&self, name: &str) {
-        identical(&self.qa(name), &self.kb(name));
+        assert_same_contents(&self.qa(name), &self.kb(name), name);
         clean(&self.qa(name));
         clean(&self.kb(name));
     }
 }
 
 fn qcow2(path: &Path, size: &str, opts: &str) {
-    ok(
-        "qemu-img",
-        &["create", "-f", "qcow2", "-o", opts, s(path), size],
-    );
+    create_image("qemu-img", "qcow2", &["-o", opts], path, Some(size));
 }
 
 #[test]
@@ -109,15 +75,15 @@ fn resize_matches_qemu_img() {
     let p = Pair::new();
     // 512-byte clusters: an L2 table maps 32 KiB, so growing moves the L1 table.
     qcow2(&p.qa("d.qcow2"), "1M", "cluster_size=512");
-    io(&p.qa("d.qcow2"), "write -P 0x11 0 64k");
-    io(&p.qa("d.qcow2"), "write -P 0x22 900k 100k");
+    qio(&p.qa("d.qcow2"), "write -P 0x11 0 64k");
+    qio(&p.qa("d.qcow2"), "write -P 0x22 900k 100k");
     p.sync();
     let grow = ResizeOptions::default();
     ok("qemu-img", &["resize", s(&p.qa("d.qcow2")), "64M"]);
     volume::resize(&p.kb("d.qcow2"), Format::Qcow2, 64 << 20, &grow).unwrap();
     p.same("d.qcow2");
-    io(&p.kb("d.qcow2"), "write -P 0x33 63M 1M");
-    io(&p.qa("d.qcow2"), "write -P 0x33 63M 1M");
+    qio(&p.kb("d.qcow2"), "write -P 0x33 63M 1M");
+    qio(&p.qa("d.qcow2"), "write -P 0x33 63M 1M");
     p.same("d.qcow2");
     // Shrinking needs --shrink.
     assert!(matches!(
@@ -156,7 +122,7 @@ fn resize_matches_qemu_img() {
         &["resize", "-f", "raw", s(&p.qa("r.raw")), "+1M"],
     );
     volume::resize(&p.kb("r.raw"), Format::Raw, 2 << 20, &grow).unwrap();
-    identical(&p.qa("r.raw"), &p.kb("r.raw"));
+    assert_same_contents(&p.qa("r.raw"), &p.kb("r.raw"), "raw resize");
     ok(
         "qemu-img",
         &["resize", "-f", "raw", "--shrink", s(&p.qa("r.raw")), "4096"],
@@ -172,20 +138,20 @@ fn resize_matches_qemu_img() {
 fn snapshots_match_qemu_img_both_ways() {
     let p = Pair::new();
     qcow2(&p.qa("s.qcow2"), "4M", "cluster_size=4096");
-    io(&p.qa("s.qcow2"), "write -P 0x11 0 1M");
+    qio(&p.qa("s.qcow2"), "write -P 0x11 0 1M");
     p.sync();
     let (qa, kb) = (p.qa("s.qcow2"), p.kb("s.qcow2"));
     ok("qemu-img", &["snapshot", "-c", "one", s(&qa)]);
     edit::snapshot_create(&rw(&kb), "one").unwrap();
     p.same("s.qcow2");
     for img in [&qa, &kb] {
-        io(img, "write -P 0x22 512k 1M");
-        io(img, "write -z 2M 64k");
+        qio(img, "write -P 0x22 512k 1M");
+        qio(img, "write -z 2M 64k");
     }
     ok("qemu-img", &["snapshot", "-c", "two", s(&qa)]);
     edit::snapshot_create(&rw(&kb), "two").unwrap();
     for img in [&qa, &kb] {
-        io(img, "write -P 0x33 0 3M");
+        qio(img, "write -P 0x33 0 3M");
     }
     p.same("s.qcow2");
     // Each side lists the other's snapshots.
@@ -204,21 +170,21 @@ fn snapshots_match_qemu_img_both_ways() {
     let (x, y) = (p.qa("x.qcow2"), p.kb("x.qcow2"));
     std::fs::copy(&qa, &x).unwrap();
     ok("qemu-img", &["snapshot", "-c", "q", s(&x)]);
-    io(&x, "write -P 0x44 0 2M");
+    qio(&x, "write -P 0x44 0 2M");
     std::fs::copy(&x, &y).unwrap();
     edit::snapshot_apply(&rw(&x), "q").unwrap();
     ok("qemu-img", &["snapshot", "-a", "q", s(&y)]);
-    identical(&x, &y);
+    assert_same_contents(&x, &y, "snapshots across");
     edit::snapshot_delete(&rw(&x), "q").unwrap();
     ok("qemu-img", &["snapshot", "-d", "q", s(&y)]);
-    identical(&x, &y);
+    assert_same_contents(&x, &y, "snapshots across");
     clean(&x);
     clean(&y);
     edit::snapshot_create(&rw(&x), "k").unwrap();
-    io(&x, "write -P 0x55 1M 1M");
+    qio(&x, "write -P 0x55 1M 1M");
     ok("qemu-img", &["snapshot", "-a", "k", s(&x)]);
     ok("qemu-img", &["snapshot", "-d", "k", s(&x)]);
-    identical(&x, &y);
+    assert_same_contents(&x, &y, "snapshots across");
     clean(&x);
     assert!(matches!(
         edit::snapshot_delete(&rw(&kb), "nope"),
@@ -229,39 +195,25 @@ fn snapshots_match_qemu_img_both_ways() {
 /// base <- mid <- top, in both directories, each layer with its own data.
 fn chain3(p: &Pair) {
     qcow2(&p.qa("base.qcow2"), "4M", "cluster_size=65536");
-    io(&p.qa("base.qcow2"), "write -P 0x01 0 4M");
-    ok(
+    qio(&p.qa("base.qcow2"), "write -P 0x01 0 4M");
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&p.qa("mid.qcow2")),
-        ],
+        "qcow2",
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        &p.qa("mid.qcow2"),
+        None,
     );
-    io(&p.qa("mid.qcow2"), "write -P 0x02 1M 1M");
-    io(&p.qa("mid.qcow2"), "write -z 3M 64k");
-    ok(
+    qio(&p.qa("mid.qcow2"), "write -P 0x02 1M 1M");
+    qio(&p.qa("mid.qcow2"), "write -z 3M 64k");
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            s(&p.qa("top.qcow2")),
-        ],
+        "qcow2",
+        &["-o", "cluster_size=4096", "-b", "mid.qcow2", "-F", "qcow2"],
+        &p.qa("top.qcow2"),
+        None,
     );
-    io(&p.qa("top.qcow2"), "write -P 0x03 1536k 1M");
-    io(&p.qa("top.qcow2"), "write -P 0x04 100k 3k");
+    qio(&p.qa("top.qcow2"), "write -P 0x03 1536k 1M");
+    qio(&p.qa("top.qcow2"), "write -P 0x04 100k 3k");
     p.sync();
 }
 
@@ -380,8 +332,8 @@ fn rebase_matches_qemu_img_in_a_chain_of_three() {
 fn amend_matches_qemu_img() {
     let p = Pair::new();
     qcow2(&p.qa("m.qcow2"), "4M", "cluster_size=4096");
-    io(&p.qa("m.qcow2"), "write -P 0x11 0 1M");
-    io(&p.qa("m.qcow2"), "write -z 512k 64k");
+    qio(&p.qa("m.qcow2"), "write -P 0x11 0 1M");
+    qio(&p.qa("m.qcow2"), "write -z 512k 64k");
     ok("qemu-img", &["snapshot", "-c", "s", s(&p.qa("m.qcow2"))]);
     p.sync();
     let (qa, kb) = (p.qa("m.qcow2"), p.kb("m.qcow2"));

@@ -7,7 +7,7 @@ use keel_block::chain::Chain;
 use keel_block::qcow2::bitmaps::Bitmap;
 use keel_block::qcow2::snapshot::Snapshot;
 use keel_block::qcow2::{self, backing, ImageInfo};
-use keel_block::{BlockBackend, Format, RawFile, RawOptions};
+use keel_block::{BlockBackend, Format};
 use serde_json::{json, Value};
 
 use crate::text::{size_str, snapshot_listing};
@@ -70,13 +70,7 @@ pub(crate) fn print_json(v: &Value) -> Result<()> {
 
 /// One image's info: the JSON object and the human text.
 fn describe(file: &Path, format: Format) -> Result<(Value, String)> {
-    let raw = RawFile::open(
-        file,
-        RawOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
+    let raw = crate::open_raw(file, true)?;
     let actual = disk_usage(file);
     let name = file.display().to_string();
     let file_len = raw.size();

@@ -14,6 +14,7 @@ mod lifecycle;
 mod map;
 mod measure;
 mod progress;
+mod size;
 mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
@@ -501,52 +502,54 @@ enum Cmd {
         /// With -z, allow unmapping.
         #[arg(short = 'u')]
         unmap: bool,
-        /// Format (probed if omitted).
-        #[arg(short = 'f')]
-        format: Option<String>,
         /// Cache mode.
         #[arg(short = 't', default_value = "writeback")]
         cache: String,
         #[command(flatten)]
-        sizes: CacheSizes,
-        /// Image file.
-        file: PathBuf,
-        /// Offset.
-        offset: String,
-        /// Length.
-        len: String,
+        range: RwRange,
     },
     /// Read a range and verify a byte pattern; exits 1 on a mismatch.
     Read {
         /// Expected byte (decimal or 0x hex).
         #[arg(short = 'P', value_parser = parse_byte)]
         pattern: Option<u8>,
-        /// Format (probed if omitted).
-        #[arg(short = 'f')]
-        format: Option<String>,
         #[command(flatten)]
-        sizes: CacheSizes,
-        /// Image file.
-        file: PathBuf,
-        /// Offset.
-        offset: String,
-        /// Length.
-        len: String,
+        range: RwRange,
     },
     /// Discard a range.
     Discard {
-        /// Format (probed if omitted).
-        #[arg(short = 'f')]
-        format: Option<String>,
         #[command(flatten)]
-        sizes: CacheSizes,
-        /// Image file.
-        file: PathBuf,
-        /// Offset.
-        offset: String,
-        /// Length.
-        len: String,
+        range: RwRange,
     },
+}
+
+/// The image and the byte range that `write`, `read` and `discard` act on.
+#[derive(clap::Args, Debug)]
+struct RwRange {
+    /// Format (probed if omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    #[command(flatten)]
+    sizes: CacheSizes,
+    /// Image file.
+    file: PathBuf,
+    /// Offset.
+    offset: String,
+    /// Length.
+    len: String,
+}
+
+/// `-b BACKING -F FMT`: both or neither.
+fn backing_arg<'a>(
+    backing: Option<&'a str>,
+    format: Option<&str>,
+) -> Result<Option<(&'a str, Format)>> {
+    match (backing, format) {
+        (Some(b), Some(f)) => Ok(Some((b, f.parse::<Format>()?))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(Usage::BackingNeedsFormat.into()),
+        (None, Some(_)) => Err(Usage::FormatNeedsBacking.into()),
+    }
 }
 
 fn parse_byte(s: &str) -> Result<u8> {
@@ -566,30 +569,14 @@ fn size_arg(s: &str) -> Result<u64> {
 
 fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                _ => return Err(Usage::SizeSuffix(s.to_string()).into()),
-            };
-            (&s[..s.len() - 1], m)
+    size::parse(s, false).map_err(|e| {
+        match e {
+            size::SizeError::Suffix => Usage::SizeSuffix(s.to_string()),
+            size::SizeError::TooLarge => Usage::SizeTooLarge(s.to_string()),
+            size::SizeError::Number => Usage::Size(s.to_string()),
         }
-        _ => (s, 1),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .ok_or_else(|| Usage::SizeTooLarge(s.to_string()).into());
-    }
-    match num.parse::<f64>() {
-        Ok(f) if f >= 0.0 && f * (mult as f64) < 1.8e19 => Ok((f * mult as f64) as u64),
-        _ => Err(Usage::Size(s.to_string()).into()),
-    }
+        .into()
+    })
 }
 
 fn parse_create_opts(opts: Option<&str>, size: u64) -> Result<CreateOptions> {
@@ -694,13 +681,7 @@ fn create_image(
                     path: path.to_path_buf(),
                     source,
                 })?;
-            let f = RawFile::open(
-                path,
-                RawOptions {
-                    growable: true,
-                    ..Default::default()
-                },
-            )?;
+            let f = open_raw(path, false)?;
             Ok(qcow2::create(&f, &o)?)
         }
         other => Err(
@@ -710,6 +691,21 @@ fn create_image(
             .into(),
         ),
     }
+}
+
+/// Opens the file under an image: read-only, or read-write and growable.
+pub(crate) fn open_raw(
+    path: &Path,
+    read_only: bool,
+) -> std::result::Result<RawFile, keel_block::Error> {
+    RawFile::open(
+        path,
+        RawOptions {
+            read_only,
+            growable: !read_only,
+            ..Default::default()
+        },
+    )
 }
 
 /// Bytes the file takes on disk.
@@ -728,13 +724,7 @@ fn cmd_snapshot(file: &Path, fmt: Option<&str>, list: bool) -> Result<i32> {
     if fmt != "qcow2" {
         return Err(Usage::NoSnapshots(fmt).into());
     }
-    let raw = RawFile::open(
-        file,
-        RawOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
+    let raw = open_raw(file, true)?;
     let h = qcow2::read_header(&raw)?;
     let snaps = qcow2::snapshot::read_snapshots(&raw, &h)?;
     if !snaps.is_empty() {
@@ -1012,17 +1002,16 @@ fn cmd_bench(
     Ok(0)
 }
 
-fn cmd_rw(
-    file: &Path,
-    fmt: Option<&str>,
-    cache: CacheMode,
-    offset: u64,
-    len: u64,
-    op: RwOp,
-    sizes: CacheSizes,
-) -> Result<i32> {
+fn cmd_rw(range: &RwRange, cache: CacheMode, op: RwOp) -> Result<i32> {
+    let (offset, len) = (parse_size(&range.offset)?, parse_size(&range.len)?);
     let read_only = matches!(op, RwOp::Read(_));
-    let img = open_image(file, fmt, cache, read_only, sizes)?;
+    let img = open_image(
+        &range.file,
+        range.format.as_deref(),
+        cache,
+        read_only,
+        range.sizes,
+    )?;
     let b = img.backend();
     let result = match op {
         RwOp::Write(p) => {
@@ -1098,12 +1087,7 @@ fn run(cli: Cli) -> Result<i32> {
             file,
             size,
         } => {
-            let backing = match (&backing, &backing_format) {
-                (Some(b), Some(f)) => Some((b.as_str(), f.parse::<Format>()?)),
-                (None, None) => None,
-                (Some(_), None) => return Err(Usage::BackingNeedsFormat.into()),
-                (None, Some(_)) => return Err(Usage::FormatNeedsBacking.into()),
-            };
+            let backing = backing_arg(backing.as_deref(), backing_format.as_deref())?;
             let size = match (&size, backing) {
                 (Some(s), _) => parse_size(s)?,
                 (None, Some((name, fmt))) => {
@@ -1220,12 +1204,7 @@ fn run(cli: Cli) -> Result<i32> {
             input,
             output,
         } => {
-            let backing = match (&backing, &backing_format) {
-                (Some(b), Some(f)) => Some((b.as_str(), f.parse::<Format>()?)),
-                (None, None) => None,
-                (Some(_), None) => return Err(Usage::BackingNeedsFormat.into()),
-                (None, Some(_)) => return Err(Usage::FormatNeedsBacking.into()),
-            };
+            let backing = backing_arg(backing.as_deref(), backing_format.as_deref())?;
             cmd_convert(&ConvertArgs {
                 input: &input,
                 input_format: input_format.as_deref(),
@@ -1289,59 +1268,18 @@ fn run(cli: Cli) -> Result<i32> {
             pattern,
             zero,
             unmap,
-            format,
             cache,
-            sizes,
-            file,
-            offset,
-            len,
+            range,
         } => {
             let op = if zero {
                 RwOp::Zero(unmap)
             } else {
                 RwOp::Write(pattern)
             };
-            cmd_rw(
-                &file,
-                format.as_deref(),
-                cache.parse()?,
-                parse_size(&offset)?,
-                parse_size(&len)?,
-                op,
-                sizes,
-            )
+            cmd_rw(&range, cache.parse()?, op)
         }
-        Cmd::Read {
-            pattern,
-            format,
-            sizes,
-            file,
-            offset,
-            len,
-        } => cmd_rw(
-            &file,
-            format.as_deref(),
-            CacheMode::Writeback,
-            parse_size(&offset)?,
-            parse_size(&len)?,
-            RwOp::Read(pattern),
-            sizes,
-        ),
-        Cmd::Discard {
-            format,
-            sizes,
-            file,
-            offset,
-            len,
-        } => cmd_rw(
-            &file,
-            format.as_deref(),
-            CacheMode::Writeback,
-            parse_size(&offset)?,
-            parse_size(&len)?,
-            RwOp::Discard,
-            sizes,
-        ),
+        Cmd::Read { pattern, range } => cmd_rw(&range, CacheMode::Writeback, RwOp::Read(pattern)),
+        Cmd::Discard { range } => cmd_rw(&range, CacheMode::Writeback, RwOp::Discard),
     }
 }
 
@@ -1419,8 +1357,8 @@ mod tests {
                 Cli::try_parse_from(["keel-img", cmd, "--l2-cache-size=64k", "d.qcow2", "0", "4k"])
                     .unwrap();
             let sizes = match cli.cmd {
-                Cmd::Read { sizes, .. } | Cmd::Write { sizes, .. } | Cmd::Discard { sizes, .. } => {
-                    sizes
+                Cmd::Read { range, .. } | Cmd::Write { range, .. } | Cmd::Discard { range } => {
+                    range.sizes
                 }
                 _ => panic!("{cmd} parsed as another command"),
             };

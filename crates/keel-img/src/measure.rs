@@ -41,13 +41,7 @@ fn preallocation(opts: Option<&str>) -> Result<(Preallocation, Option<String>)> 
     {
         match kv.split_once('=') {
             Some(("preallocation", v)) => {
-                p = match v {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => return Err(Usage::Preallocation(v.to_string()).into()),
-                }
+                p = v.parse().map_err(|_| Usage::Preallocation(v.to_string()))?
             }
             _ => rest.push(kv),
         }

@@ -59,18 +59,12 @@ fn poke_refcount(path: &Path, c: u64, value: u64) {
 
 fn make_image(dir: &Path, name: &str) -> std::path::PathBuf {
     let q = dir.join(name);
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            p(&q),
-            "32M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=4k"],
+        &q,
+        Some("32M"),
     );
     ok(
         "qemu-io",
@@ -187,7 +181,7 @@ fn check_agrees_with_qemu_on_damaged_images() {
     // keel write clears the bit (the spec-compliant way to drop them), after
     // which both tools see the bitmap clusters as leaks.
     let q = dir.path().join("bitmap.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&q), "64M"]);
+    create_image("qemu-img", "qcow2", &[], &q, Some("64M"));
     ok("qemu-img", &["bitmap", "--add", p(&q), "b0"]);
     ok(
         "qemu-io",
@@ -228,7 +222,7 @@ fn refused_features_are_named() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("f.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&q), "16M"]);
+    create_image("qemu-img", "qcow2", &[], &q, Some("16M"));
     write_u64(&q, 72, 1 << 5);
     let o = run(KEEL_IMG, &["read", p(&q), "0", "512"]);
     assert_eq!(o.status.code(), Some(1));
@@ -266,18 +260,12 @@ fn refused_features_are_named() {
 
     let d = dir.path().join("ext.qcow2");
     let data = dir.path().join("ext.data");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={}", p(&data)),
-            p(&d),
-            "16M",
-        ],
+        "qcow2",
+        &["-o", &format!("data_file={}", p(&data))],
+        &d,
+        Some("16M"),
     );
     let o = run(KEEL_IMG, &["read", p(&d), "0", "512"]);
     assert_eq!(o.status.code(), Some(1));
@@ -286,8 +274,8 @@ fn refused_features_are_named() {
     // Compressed clusters are read (and checked like QEMU does).
     let src = dir.path().join("src.raw");
     let c = dir.path().join("comp.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "raw", p(&src), "1M"]);
-    ok("qemu-io", &["-f", "raw", "-c", "write -P 3 0 64k", p(&src)]);
+    create_image("qemu-img", "raw", &[], &src, Some("1M"));
+    qemu_io("raw", &src, &["write -P 3 0 64k"]);
     ok(
         "qemu-img",
         &["convert", "-c", "-f", "raw", "-O", "qcow2", p(&src), p(&c)],
@@ -298,7 +286,7 @@ fn refused_features_are_named() {
     // Snapshots: read-only and read-write both work (writes copy shared
     // clusters first).
     let s = dir.path().join("snap.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&s), "16M"]);
+    create_image("qemu-img", "qcow2", &[], &s, Some("16M"));
     ok("qemu-io", &["-c", "write -P 7 0 64k", p(&s)]);
     ok("qemu-img", &["snapshot", "-c", "s1", p(&s)]);
     ok(KEEL_IMG, &["read", "-P", "7", p(&s), "0", "64k"]);
@@ -333,10 +321,7 @@ fn killed_writers_never_corrupt() {
     let mut leaked_runs = 0;
     for (n, (opts, aio, depth, cache)) in configs.iter().enumerate() {
         let q = dir.path().join(format!("crash{n}.qcow2"));
-        ok(
-            KEEL_IMG,
-            &["create", "-q", "-f", "qcow2", "-o", opts, p(&q), "48M"],
-        );
+        create_image(KEEL_IMG, "qcow2", &["-o", opts], &q, Some("48M"));
         for iter in 0..10 {
             let step = [4096u64, 8192, 65536, 12288][rng.below(4) as usize];
             let offset = rng.below(40 << 20) / 512 * 512;
@@ -415,20 +400,7 @@ fn killed_writers_never_corrupt() {
 fn killed_lazy_writer_is_repaired() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
-    let q = dir.path().join("lazy.qcow2");
-    ok(
-        KEEL_IMG,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k,lazy_refcounts=on",
-            p(&q),
-            "48M",
-        ],
-    );
+    let q = keel_lazy_image(dir.path(), "48M");
     let mut rng = Rng(77);
     for iter in 0..6 {
         let mut child = Command::new(KEEL_IMG)

@@ -9,7 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{ok, p, qemu_check, require_qemu, run, KEEL_IMG};
+use common::{
+    assert_same_contents, copy_files, create_image, ok, p, qemu_check, qemu_io, qio, require_qemu,
+    two_dirs, KEEL_IMG,
+};
 
 /// The same files in two directories: `q/` for qemu-img, `k/` for keel-img.
 struct Twin {
@@ -21,12 +24,8 @@ struct Twin {
 impl Twin {
     fn new() -> Twin {
         require_qemu();
-        let dir = tempfile::tempdir().unwrap();
-        let q = dir.path().join("q");
-        let k = dir.path().join("k");
-        std::fs::create_dir(&q).unwrap();
-        std::fs::create_dir(&k).unwrap();
-        Twin { _dir: dir, q, k }
+        let (_dir, q, k) = two_dirs("q", "k");
+        Twin { _dir, q, k }
     }
 
     /// Makes `k/` a copy of `q/`.
@@ -34,10 +33,7 @@ impl Twin {
         for e in std::fs::read_dir(&self.k).unwrap() {
             std::fs::remove_file(e.unwrap().path()).unwrap();
         }
-        for e in std::fs::read_dir(&self.q).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), self.k.join(e.file_name())).unwrap();
-        }
+        copy_files(&self.q, &self.k);
     }
 
     fn q(&self, name: &str) -> PathBuf {
@@ -70,14 +66,7 @@ impl Twin {
     /// The image `name` reads the same in both directories, and both are clean.
     fn same(&self, name: &str) {
         let (a, b) = (self.q.join(name), self.k.join(name));
-        let o = run("qemu-img", &["compare", p(&a), p(&b)]);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{name}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert_same_contents(&a, &b, name);
         for f in [&a, &b] {
             assert_eq!(
                 qemu_check(f),
@@ -89,25 +78,15 @@ impl Twin {
     }
 }
 
-fn qio(path: &Path, cmd: &str) {
-    ok("qemu-io", &["-f", "qcow2", "-c", cmd, p(path)]);
-}
-
 #[test]
 fn resize_like_qemu_img() {
     let t = Twin::new();
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            p(&t.q("d.qcow2")),
-            "1M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=512"],
+        &t.q("d.qcow2"),
+        Some("1M"),
     );
     qio(&t.q("d.qcow2"), "write -P 0x11 0 64k");
     qio(&t.q("d.qcow2"), "write -P 0x22 1000k 24k");
@@ -188,25 +167,14 @@ fn resize_like_qemu_img() {
     );
     // Growing an overlay over a larger backing file: the new space reads as
     // zeroes, not as the backing file.
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", p(&t.q("b.qcow2")), "4M"],
-    );
+    create_image("qemu-img", "qcow2", &[], &t.q("b.qcow2"), Some("4M"));
     qio(&t.q("b.qcow2"), "write -P 0x66 0 4M");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "b.qcow2",
-            "-F",
-            "qcow2",
-            p(&t.q("o.qcow2")),
-            "1000K",
-        ],
+        "qcow2",
+        &["-b", "b.qcow2", "-F", "qcow2"],
+        &t.q("o.qcow2"),
+        Some("1000K"),
     );
     t.copy();
     assert_eq!(t.both(&["resize", "o.qcow2", "3M"]), 0);
@@ -214,28 +182,19 @@ fn resize_like_qemu_img() {
     // qemu-img reads keel's result and keeps writing.
     let k = t.k.join("d.qcow2");
     qio(&k, "write -P 0x33 4M 4096");
-    ok(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "read -P 0x33 4M 4096", p(&k)],
-    );
+    qemu_io("qcow2", &k, &["read -P 0x33 4M 4096"]);
     assert_eq!(qemu_check(&k), (0, 0, 0, 0));
 }
 
 #[test]
 fn snapshots_like_qemu_img_and_across() {
     let t = Twin::new();
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            p(&t.q("s.qcow2")),
-            "8M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=4k"],
+        &t.q("s.qcow2"),
+        Some("8M"),
     );
     qio(&t.q("s.qcow2"), "write -P 0x11 0 2M");
     t.copy();
@@ -311,40 +270,23 @@ fn chain3(t: &Twin) {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
     let (b, m, top) = (t.q("base.qcow2"), t.q("mid.qcow2"), t.q("top.qcow2"));
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&b), "4M"]);
+    create_image("qemu-img", "qcow2", &[], &b, Some("4M"));
     qio(&b, "write -P 0x01 0 4M");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&m),
-        ],
+        "qcow2",
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        &m,
+        None,
     );
     qio(&m, "write -P 0x02 1M 1M");
     qio(&m, "write -z 3M 64k");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-            "6M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=4k", "-b", "mid.qcow2", "-F", "qcow2"],
+        &top,
+        Some("6M"),
     );
     qio(&top, "write -P 0x03 1536k 1M");
     qio(&top, "write -P 0x04 100k 3k");
@@ -437,18 +379,12 @@ fn rebase_like_qemu_img_in_a_chain_of_three() {
 fn amend_like_qemu_img() {
     let t = Twin::new();
     let m = t.q("m.qcow2");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            p(&m),
-            "4M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=4k"],
+        &m,
+        Some("4M"),
     );
     qio(&m, "write -P 0x11 0 1M");
     qio(&m, "write -z 512k 64k");
@@ -491,20 +427,12 @@ fn commit_and_rebase_with_a_raw_base() {
     std::fs::write(t.q("base.raw"), vec![0x5a; 2 << 20]).unwrap();
     std::fs::write(t.q("other.raw"), vec![0x5b; 1 << 20]).unwrap();
     let top = t.q("top.qcow2");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&top),
-            "3M",
-        ],
+        "qcow2",
+        &["-b", "base.raw", "-F", "raw"],
+        &top,
+        Some("3M"),
     );
     qio(&top, "write -P 0x01 512k 1M");
     qio(&top, "write -z 1792k 64k");

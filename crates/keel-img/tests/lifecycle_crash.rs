@@ -10,19 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{ok, p, qemu_check, require_qemu, Rng, KEEL_IMG};
+use common::{
+    assert_same_contents, copy_files, create_image, ok, p, qemu_check, qio, require_qemu, Rng,
+    KEEL_IMG,
+};
 
 fn copy_dir(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
-fn qio(path: &Path, cmd: &str) {
-    ok("qemu-io", &["-f", "qcow2", "-c", cmd, p(path)]);
+    copy_files(from, to);
 }
 
 /// Runs keel-img with `args` in `dir` and kills it after a random delay of
@@ -59,39 +55,17 @@ fn not_corrupt(path: &Path, what: &str) {
     );
 }
 
-fn same_contents(a: &Path, b: &Path, what: &str) {
-    let o = Command::new("qemu-img")
-        .args(["compare", p(a), p(b)])
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{what}: {} and {} differ: {}{}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// A 16 MiB image of 512-byte clusters (a thousand L2 tables, hundreds of
 /// refcount blocks: edits take long enough to be killed midway), full of
 /// data, zero clusters (a compat=0.10 amend expands them), with one snapshot.
 fn big_image(dir: &Path) -> PathBuf {
     let d = dir.join("d.qcow2");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            p(&d),
-            "16M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=512"],
+        &d,
+        Some("16M"),
     );
     qio(&d, "write -P 0x11 0 16M");
     ok("qemu-img", &["snapshot", "-c", "old", p(&d)]);
@@ -127,7 +101,7 @@ fn killed_resize_and_snapshot_edits_never_corrupt() {
             let what = format!("{args:?} iteration {iter}");
             not_corrupt(&d, &what);
             if keeps_contents {
-                same_contents(&orig, &d, &what);
+                assert_same_contents(&orig, &d, &what);
             }
             // keel-img finishes the job on the image the kill left.
             ok(KEEL_IMG, &["check", "-q", "-r", "leaks", p(&d)]);
@@ -145,52 +119,28 @@ fn chain(dir: &Path) {
         dir.join("mid.qcow2"),
         dir.join("top.qcow2"),
     );
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            p(&b),
-            "8M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=4k"],
+        &b,
+        Some("8M"),
     );
     qio(&b, "write -P 0x01 0 8M");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&m),
-        ],
+        "qcow2",
+        &["-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2"],
+        &m,
+        None,
     );
     qio(&m, "write -P 0x02 1M 4M");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&t),
-        ],
+        "qcow2",
+        &["-o", "cluster_size=512", "-b", "mid.qcow2", "-F", "qcow2"],
+        &t,
+        None,
     );
     qio(&t, "write -P 0x03 3M 4M");
     qio(&t, "write -z 7M 512k");
@@ -221,7 +171,7 @@ fn killed_commit_and_rebase_never_corrupt() {
                 not_corrupt(&work.join(n), &what);
             }
             // The top image reads as before, whichever step the kill hit.
-            same_contents(&pristine.join("top.qcow2"), &work.join("top.qcow2"), &what);
+            assert_same_contents(&pristine.join("top.qcow2"), &work.join("top.qcow2"), &what);
         }
     }
     eprintln!("{landed} of 24 kills landed before the operation finished");

@@ -107,10 +107,10 @@ fn random_writes(img: &dyn BlockBackend, mirror: &Path, rng: &mut Rng, n: usize)
     ok("qemu-io", &a);
 }
 
-/// `qemu-img convert -c -f raw -O qcow2 -o OPTS SRC DST`.
-fn qemu_convert_compressed(src: &Path, dst: &Path, opts: &str) {
+/// `TOOL convert -c -f raw -O qcow2 -o OPTS SRC DST` (TOOL: qemu-img or keel-img).
+fn convert_compressed(tool: &str, src: &Path, dst: &Path, opts: &str) {
     ok(
-        "qemu-img",
+        tool,
         &[
             "convert",
             "-c",
@@ -149,7 +149,7 @@ fn qemu_compressed_images_read_exactly() {
         for cs in ["4k", "64k", "2M"] {
             let q = dir.path().join(format!("{ctype}-{cs}.qcow2"));
             let opts = format!("compression_type={ctype},cluster_size={cs}");
-            qemu_convert_compressed(&raw, &q, &opts);
+            convert_compressed("qemu-img", &raw, &q, &opts);
             let img = open_image(&q, true);
             assert_eq!(
                 img.backend().size(),
@@ -177,7 +177,7 @@ fn writes_over_compressed_clusters_leave_qemu_check_clean() {
         let q = dir.path().join(format!("{ctype}-{cs}.qcow2"));
         let mirror = dir.path().join(format!("{ctype}-{cs}.raw"));
         let opts = format!("compression_type={ctype},cluster_size={cs}");
-        qemu_convert_compressed(&raw, &q, &opts);
+        convert_compressed("qemu-img", &raw, &q, &opts);
         ok(
             "qemu-img",
             &["convert", "-f", "qcow2", "-O", "raw", p(&q), p(&mirror)],
@@ -210,21 +210,7 @@ fn keel_compressed_images_pass_qemu_check_and_compare() {
     ] {
         let q = dir.path().join("out.qcow2");
         let _ = std::fs::remove_file(&q);
-        ok(
-            KEEL_IMG,
-            &[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                opts,
-                p(&raw),
-                p(&q),
-            ],
-        );
+        convert_compressed(KEEL_IMG, &raw, &q, opts);
         assert_qemu_clean(&q);
         assert_same(&raw, "raw", &q, "qcow2");
         let file_len = std::fs::metadata(&q).unwrap().len();
@@ -272,22 +258,12 @@ fn backing_chains_read_and_write_like_qemu() {
     write_raw(&base, &data);
     let mid = dir.path().join("mid.qcow2");
     // The mid image is larger than its base: reads past the base are zeroes.
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&mid),
-            "4M",
-        ],
+        "qcow2",
+        &["-o", "cluster_size=4k", "-b", "base.raw", "-F", "raw"],
+        &mid,
+        Some("4M"),
     );
     ok(
         "qemu-io",
@@ -302,21 +278,19 @@ fn backing_chains_read_and_write_like_qemu() {
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
     let top = sub.join("top.qcow2");
-    ok(
+    create_image(
         KEEL_IMG,
+        "qcow2",
         &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
             "-o",
             "cluster_size=64k",
             "-b",
             "../mid.qcow2",
             "-F",
             "qcow2",
-            p(&top),
         ],
+        &top,
+        None,
     );
     let info = ok("qemu-img", &["info", "--output=json", p(&top)]);
     assert!(
@@ -333,10 +307,7 @@ fn backing_chains_read_and_write_like_qemu() {
         assert!(read_all(img.backend(), flat.len()) == flat, "chain reads");
         random_writes(img.backend(), &expect, &mut rng, 50);
         img.backend().discard(3 << 20, 256 << 10).unwrap();
-        ok(
-            "qemu-io",
-            &["-f", "raw", "-c", "write -z 3M 256k", p(&expect)],
-        );
+        qemu_io("raw", &expect, &["write -z 3M 256k"]);
         img.close().unwrap();
     }
     assert_qemu_clean(&top);
@@ -373,21 +344,12 @@ fn bad_backing_chains_give_clear_errors() {
         )
     };
     // Missing backing file.
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "gone.qcow2",
-            "-F",
-            "qcow2",
-            p(&path("miss.qcow2")),
-            "1M",
-        ],
+        "qcow2",
+        &["-u", "-b", "gone.qcow2", "-F", "qcow2"],
+        &path("miss.qcow2"),
+        Some("1M"),
     );
     let e = open(&path("miss.qcow2"), false)
         .err()
@@ -395,64 +357,36 @@ fn bad_backing_chains_give_clear_errors() {
     assert!(matches!(e, Error::Backing { .. }), "{e}");
     assert!(e.to_string().contains("gone.qcow2"), "{e}");
     // A loop.
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "l2.qcow2",
-            "-F",
-            "qcow2",
-            p(&path("l1.qcow2")),
-            "1M",
-        ],
+        "qcow2",
+        &["-u", "-b", "l2.qcow2", "-F", "qcow2"],
+        &path("l1.qcow2"),
+        Some("1M"),
     );
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "l1.qcow2",
-            "-F",
-            "qcow2",
-            p(&path("l2.qcow2")),
-            "1M",
-        ],
+        "qcow2",
+        &["-u", "-b", "l1.qcow2", "-F", "qcow2"],
+        &path("l2.qcow2"),
+        Some("1M"),
     );
     let e = open(&path("l1.qcow2"), false).err().expect("loop");
     assert!(e.to_string().contains("loop"), "{e}");
     // Too deep: 16 backing images are fine, 17 are not.
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", p(&path("d0.qcow2")), "1M"],
-    );
+    create_image("qemu-img", "qcow2", &[], &path("d0.qcow2"), Some("1M"));
     ok(
         "qemu-io",
         &["-c", "write -P 0x5d 0 4k", p(&path("d0.qcow2"))],
     );
     for k in 1..=17 {
         let b = format!("d{}.qcow2", k - 1);
-        ok(
+        create_image(
             "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &b,
-                "-F",
-                "qcow2",
-                p(&path(&format!("d{k}.qcow2"))),
-            ],
+            "qcow2",
+            &["-b", &b, "-F", "qcow2"],
+            &path(&format!("d{k}.qcow2")),
+            None,
         );
     }
     let img = open(&path("d16.qcow2"), false).expect("16 backing images");
@@ -530,10 +464,7 @@ fn snapshots_never_change_when_keel_writes() {
     ] {
         let q = dir.path().join("s.qcow2");
         let _ = std::fs::remove_file(&q);
-        ok(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", opts, p(&q), "8M"],
-        );
+        create_image("qemu-img", "qcow2", &["-o", opts], &q, Some("8M"));
         ok(
             "qemu-io",
             &[
@@ -578,7 +509,7 @@ fn snapshots_never_change_when_keel_writes() {
             let img = open_image(&q, false);
             random_writes(img.backend(), &mirror, &mut Rng(21), 60);
             img.backend().discard(0, 1 << 20).unwrap();
-            ok("qemu-io", &["-f", "raw", "-c", "write -z 0 1M", p(&mirror)]);
+            qemu_io("raw", &mirror, &["write -z 0 1M"]);
             img.close().unwrap();
         }
         assert_qemu_clean(&q);
@@ -619,28 +550,16 @@ fn extended_l2_images_read_and_write_both_ways() {
         let q = dir.path().join(format!("q{cs}.qcow2"));
         let r = dir.path().join(format!("q{cs}.raw"));
         let size = "8M";
-        ok(
+        create_image(
             "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("extended_l2=on,cluster_size={cs}"),
-                p(&q),
-                size,
-            ],
+            "qcow2",
+            &["-o", &format!("extended_l2=on,cluster_size={cs}")],
+            &q,
+            Some(size),
         );
-        ok("qemu-img", &["create", "-q", "-f", "raw", p(&r), size]);
+        create_image("qemu-img", "raw", &[], &r, Some(size));
         for (t, f) in [(&q, "qcow2"), (&r, "raw")] {
-            let mut args = vec!["-f", f];
-            for c in &cmds {
-                args.push("-c");
-                args.push(c);
-            }
-            args.push(p(t));
-            ok("qemu-io", &args);
+            qemu_io(f, t, &cmds);
         }
         {
             let img = open_image(&q, false);
@@ -658,24 +577,22 @@ fn extended_l2_images_read_and_write_both_ways() {
         // Made by keel, over a backing file, read by QEMU.
         let base = dir.path().join("xbase.qcow2");
         let _ = std::fs::remove_file(&base);
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&base), size]);
+        create_image("qemu-img", "qcow2", &[], &base, Some(size));
         ok("qemu-io", &["-c", "write -P 0x77 0 8M", p(&base)]);
         let k = dir.path().join(format!("k{cs}.qcow2"));
-        ok(
+        create_image(
             KEEL_IMG,
+            "qcow2",
             &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
                 "-o",
                 &format!("extended_l2=on,cluster_size={cs}"),
                 "-b",
                 "xbase.qcow2",
                 "-F",
                 "qcow2",
-                p(&k),
             ],
+            &k,
+            None,
         );
         let info = ok("qemu-img", &["info", p(&k)]);
         assert!(info.contains("extended l2: true"), "{info}");

@@ -53,23 +53,14 @@ fn qemu_made_images_read_back_exactly() {
     for (n, opts) in configs.iter().enumerate() {
         let q = dir.path().join(format!("{n}.qcow2"));
         let r = dir.path().join(format!("{n}.raw"));
-        ok(
+        create_image(
             "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                opts,
-                p(&q),
-                &size.to_string(),
-            ],
+            "qcow2",
+            &["-o", opts],
+            &q,
+            Some(&size.to_string()),
         );
-        ok(
-            "qemu-img",
-            &["create", "-q", "-f", "raw", p(&r), &size.to_string()],
-        );
+        create_image("qemu-img", "raw", &[], &r, Some(&size.to_string()));
         let v3 = opts.contains("1.1");
         let mut cmds = vec![
             "write -P 0x11 0 65536".to_string(),
@@ -294,20 +285,7 @@ fn random_workloads_pass_qemu_check_and_compare() {
 fn lazy_refcounts_dirty_image_is_repaired_on_open() {
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
-    let q = dir.path().join("lazy.qcow2");
-    ok(
-        KEEL_IMG,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k,lazy_refcounts=on",
-            p(&q),
-            "16M",
-        ],
-    );
+    let q = keel_lazy_image(dir.path(), "16M");
     {
         let img = Qcow2::open(open_file(&q, false), Qcow2Options::default()).unwrap();
         for i in 0..64u64 {
@@ -348,10 +326,7 @@ fn keel_created_images_are_valid_for_qemu() {
     .enumerate()
     {
         let q = dir.path().join(format!("c{n}.qcow2"));
-        ok(
-            KEEL_IMG,
-            &["create", "-q", "-f", "qcow2", "-o", opts, p(&q), "1G"],
-        );
+        create_image(KEEL_IMG, "qcow2", &["-o", opts], &q, Some("1G"));
         assert_eq!(qemu_check(&q), (0, 0, 0, 0), "{opts}");
         let info = ok("qemu-img", &["info", "--output=json", p(&q)]);
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();

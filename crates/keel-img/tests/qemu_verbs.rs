@@ -15,15 +15,6 @@ struct Img {
     fmt: &'static str,
 }
 
-fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(p(path));
-    ok("qemu-io", &args);
-}
-
 /// Images of every kind the verbs must agree on: raw with holes; qcow2 with data,
 /// zero, discarded, partial and preallocated-zero clusters; a chain of three (its top
 /// larger than its base); a raw-backed overlay; compressed clusters; extended L2
@@ -34,7 +25,7 @@ fn fixtures(dir: &Path) -> Vec<Img> {
     let mut v = Vec::new();
 
     let raw = at("disk.raw");
-    ok("qemu-img", &["create", "-q", "-f", "raw", p(&raw), "4M"]);
+    create_image("qemu-img", "raw", &[], &raw, Some("4M"));
     qemu_io(
         "raw",
         &raw,
@@ -43,7 +34,7 @@ fn fixtures(dir: &Path) -> Vec<Img> {
     v.push(img("raw", raw, "raw"));
 
     let q = at("plain.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&q), "4M"]);
+    create_image("qemu-img", "qcow2", &[], &q, Some("4M"));
     qemu_io(
         "qcow2",
         &q,
@@ -63,7 +54,7 @@ fn fixtures(dir: &Path) -> Vec<Img> {
     let base = at("base.qcow2");
     let mid = at("mid.qcow2");
     let top = at("top.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&base), "4M"]);
+    create_image("qemu-img", "qcow2", &[], &base, Some("4M"));
     qemu_io(
         "qcow2",
         &base,
@@ -73,39 +64,24 @@ fn fixtures(dir: &Path) -> Vec<Img> {
             "write -P 2 1M 64k",
         ],
     );
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&mid),
-        ],
+        "qcow2",
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        &mid,
+        None,
     );
     qemu_io(
         "qcow2",
         &mid,
         &["write -P 3 64k 64k", "discard 1M 64k", "write -P 5 3M 4k"],
     );
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-            "6M",
-        ],
+        "qcow2",
+        &["-b", "mid.qcow2", "-F", "qcow2"],
+        &top,
+        Some("6M"),
     );
     qemu_io(
         "qcow2",
@@ -117,21 +93,14 @@ fn fixtures(dir: &Path) -> Vec<Img> {
 
     let rbase = at("rbase.raw");
     let over = at("over.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "raw", p(&rbase), "2M"]);
+    create_image("qemu-img", "raw", &[], &rbase, Some("2M"));
     qemu_io("raw", &rbase, &["write -P 7 512k 256k"]);
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "rbase.raw",
-            "-F",
-            "raw",
-            p(&over),
-        ],
+        "qcow2",
+        &["-b", "rbase.raw", "-F", "raw"],
+        &over,
+        None,
     );
     qemu_io("qcow2", &over, &["write -P 8 600k 4k"]);
     v.push(img("raw-backed overlay", over, "qcow2"));
@@ -153,18 +122,12 @@ fn fixtures(dir: &Path) -> Vec<Img> {
     v.push(img("compressed", c, "qcow2"));
 
     let x = at("extl2.qcow2");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            p(&x),
-            "4M",
-        ],
+        "qcow2",
+        &["-o", "extended_l2=on"],
+        &x,
+        Some("4M"),
     );
     qemu_io(
         "qcow2",
@@ -179,24 +142,18 @@ fn fixtures(dir: &Path) -> Vec<Img> {
     v.push(img("extended L2", x, "qcow2"));
 
     let m = at("prealloc.qcow2");
-    ok(
+    create_image(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "preallocation=metadata",
-            p(&m),
-            "4M",
-        ],
+        "qcow2",
+        &["-o", "preallocation=metadata"],
+        &m,
+        Some("4M"),
     );
     qemu_io("qcow2", &m, &["write -P 1 64k 4k"]);
     v.push(img("metadata preallocation", m, "qcow2"));
 
     let k = at("keel.qcow2");
-    ok(KEEL_IMG, &["create", "-q", "-f", "qcow2", p(&k), "4M"]);
+    create_image(KEEL_IMG, "qcow2", &[], &k, Some("4M"));
     ok(KEEL_IMG, &["write", "-P", "0x11", p(&k), "100k", "200k"]);
     ok(KEEL_IMG, &["write", "-z", p(&k), "1M", "128k"]);
     ok(KEEL_IMG, &["discard", p(&k), "128k", "64k"]);

@@ -10,58 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_bus::interrupt::{InterruptLine, MsiGroup, MsiMessage, MsiSender};
-use keel_bus::BusRange;
 use keel_kvm::interrupt::{IrqLine, MsiIrqfdGroup};
-use keel_kvm::x86::boot::{BootTables, Cpl, SEL_CODE64};
-use keel_kvm::{Buses, Vcpu, VcpuExitReason, Vm};
-use keel_memory::GuestMemoryMmap;
-use support::{assemble, load, vm_with_memory, Access, Recorder};
+use keel_kvm::x86::boot::{BootTables, Cpl};
+use keel_kvm::{Vcpu, VcpuExitReason, Vm};
+use support::{
+    assemble, irq_guest_vcpu, load, port_recorder, vm_with_memory, Access, IRQ_HANDLER, LONG_ENTRY,
+};
 use vm_memory::{Bytes, GuestAddress};
 
-const ENTRY: u64 = 0x10_0000;
-/// Where the guest's interrupt handlers start (see `.org` in the guest source).
-const HANDLER: u64 = ENTRY + 0x100;
+const ENTRY: u64 = LONG_ENTRY;
+const HANDLER: u64 = IRQ_HANDLER;
 const MSI_VECTOR: u8 = 0x30;
 const IOAPIC_VECTOR: u8 = 0x31;
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Enables its LAPIC, reports ready on port 0x10, then halts with interrupts on. Each
-/// handler reports its vector on port 0x11, sends EOI and returns.
-const GUEST: &str = r#"
-    .code64
-    mov $0xfee00000, %ebx
-    movl $0x1ff, 0xf0(%rbx)     # spurious vector register: APIC on
-    out %al, $0x10              # ready
-1:  sti
-    hlt
-    jmp 1b
-
-    .org 0x100                  # vector 0x30
-    push %rax
-    mov $0x30, %al
-    jmp 2f
-    .org 0x180                  # vector 0x31
-    push %rax
-    mov $0x31, %al
-2:  out %al, $0x11
-    push %rbx
-    mov $0xfee00000, %ebx
-    movl $0, 0xb0(%rbx)         # EOI
-    pop %rbx
-    pop %rax
-    iretq
-"#;
-
-fn set_gate(mem: &GuestMemoryMmap, idt: u64, vector: u8, handler: u64) {
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&SEL_CODE64.to_le_bytes());
-    gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
-    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    mem.write_slice(&gate, GuestAddress(idt + 16 * u64::from(vector)))
-        .unwrap();
-}
 
 struct Running {
     vm: Arc<Vm>,
@@ -95,21 +56,12 @@ impl Running {
 
 fn start_guest() -> Running {
     let (vm, mem, _) = vm_with_memory(4, true);
-    load(&mem, ENTRY, &assemble(GUEST, ENTRY));
-    let tables = BootTables::default();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.configure(&vm, 1, true).unwrap();
-    tables.write(&mem, 0x8_0000, false).unwrap();
-    vcpu.setup_long_mode(&tables, Cpl::Kernel, ENTRY, 0x8_0000, 0)
-        .unwrap();
-    set_gate(&mem, tables.idt, MSI_VECTOR, HANDLER);
-    set_gate(&mem, tables.idt, IOAPIC_VECTOR, HANDLER + 0x80);
-    let (rec, events) = Recorder::new(0);
-    let buses = Buses::default();
-    buses
-        .pio
-        .insert(BusRange::new(0x10, 2).unwrap(), rec)
-        .unwrap();
+    let vcpu = irq_guest_vcpu(
+        &vm,
+        &mem,
+        &[(MSI_VECTOR, HANDLER), (IOAPIC_VECTOR, HANDLER + 0x80)],
+    );
+    let (buses, events) = port_recorder(2);
     let thread = vcpu.spawn(buses).unwrap();
     let running = Running { vm, thread, events };
     assert_eq!(
@@ -216,12 +168,7 @@ fn two_vcpus_run_at_once_and_report_their_apic_ids() {
     load(&mem, ENTRY, &assemble(SMP_GUEST, ENTRY));
     mem.write_obj(0u32, GuestAddress(0x3000)).unwrap();
     let tables = BootTables::default();
-    let (rec, events) = Recorder::new(0);
-    let buses = Buses::default();
-    buses
-        .pio
-        .insert(BusRange::new(0x10, 1).unwrap(), rec)
-        .unwrap();
+    let (buses, events) = port_recorder(1);
     tables.write(&mem, 0x8_0000, false).unwrap();
     let threads: Vec<_> = (0..2u8)
         .map(|id| {

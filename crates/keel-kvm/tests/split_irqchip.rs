@@ -12,46 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_bus::interrupt::{MsiMessage, Result as IrqResult};
-use keel_bus::{BusRange, MutMmioDevice};
+use keel_bus::MutMmioDevice;
 use keel_irqchip::ioapic::{Ioapic, MsiDelivery};
 use keel_irqchip::IrqLines;
-use keel_kvm::x86::boot::{BootTables, Cpl, SEL_CODE64};
-use keel_kvm::{Buses, DirtyLog, IrqchipMode, VcpuExitReason, Vm};
-use keel_memory::{x86, GuestMemoryMmap, MemoryLayout, MemoryOptions, MIB};
-use support::{assemble, load, Access, Recorder};
-use vm_memory::{Bytes, GuestAddress};
+use keel_kvm::{IrqchipMode, VcpuExitReason, Vm};
+use support::{irq_guest_vcpu, port_recorder, vm_with_irqchip_mode, Access, IRQ_HANDLER};
 
-const ENTRY: u64 = 0x10_0000;
-const HANDLER: u64 = ENTRY + 0x100;
+const HANDLER: u64 = IRQ_HANDLER;
 const EDGE_VECTOR: u8 = 0x30;
 const LEVEL_VECTOR: u8 = 0x31;
 const WAIT: Duration = Duration::from_secs(20);
-
-/// As in interrupts.rs: each handler reports its vector on port 0x11, EOIs and returns.
-const GUEST: &str = r#"
-    .code64
-    mov $0xfee00000, %ebx
-    movl $0x1ff, 0xf0(%rbx)     # spurious vector register: APIC on
-    out %al, $0x10              # ready
-1:  sti
-    hlt
-    jmp 1b
-
-    .org 0x100                  # vector 0x30
-    push %rax
-    mov $0x30, %al
-    jmp 2f
-    .org 0x180                  # vector 0x31
-    push %rax
-    mov $0x31, %al
-2:  out %al, $0x11
-    push %rbx
-    mov $0xfee00000, %ebx
-    movl $0, 0xb0(%rbx)         # EOI
-    pop %rbx
-    pop %rax
-    iretq
-"#;
 
 /// The IOAPIC's pins as MSI routes on their GSIs, sent with KVM_SIGNAL_MSI.
 struct Routes(Arc<Vm>);
@@ -67,17 +37,6 @@ impl MsiDelivery for Routes {
             .signal_msi(msg)
             .map_err(|e| keel_bus::interrupt::Error::hypervisor("send", e))
     }
-}
-
-fn set_gate(mem: &GuestMemoryMmap, idt: u64, vector: u8, handler: u64) {
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&SEL_CODE64.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    mem.write_slice(&gate, GuestAddress(idt + 16 * u64::from(vector)))
-        .unwrap();
 }
 
 fn program(ioapic: &Mutex<Ioapic>, pin: u32, low: u32) {
@@ -102,39 +61,20 @@ fn handled(vector: u8) -> Option<Access> {
 #[test]
 fn userspace_ioapic_edges_levels_and_eoi_exits() {
     require_kvm!();
-    let layout = MemoryLayout::new(4 * MIB).unwrap();
-    let mem = layout
-        .create_guest_memory(&MemoryOptions::default())
-        .unwrap();
-    let vm = Vm::new().unwrap();
-    vm.register_memory(&mem, DirtyLog::Off).unwrap();
-    vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))
-        .unwrap();
-    vm.set_tss_address(GuestAddress(x86::TSS_START)).unwrap();
-    vm.setup_irqchip_mode(IrqchipMode::Split).unwrap();
+    let (vm, mem, _) = vm_with_irqchip_mode(4, IrqchipMode::Split);
     assert_eq!(vm.irqchip_mode(), Some(IrqchipMode::Split));
-    let vm = Arc::new(vm);
     // No in-kernel IOAPIC: KVM_IRQ_LINE has no pin to drive (GSI 10 has no route yet).
     assert!(vm.fd().get_irqchip(&mut Default::default()).is_err());
 
-    load(&mem, ENTRY, &assemble(GUEST, ENTRY));
-    let tables = BootTables::default();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.configure(&vm, 1, true).unwrap();
-    tables.write(&mem, 0x8_0000, false).unwrap();
-    vcpu.setup_long_mode(&tables, Cpl::Kernel, ENTRY, 0x8_0000, 0)
-        .unwrap();
-    set_gate(&mem, tables.idt, EDGE_VECTOR, HANDLER);
-    set_gate(&mem, tables.idt, LEVEL_VECTOR, HANDLER + 0x80);
+    let vcpu = irq_guest_vcpu(
+        &vm,
+        &mem,
+        &[(EDGE_VECTOR, HANDLER), (LEVEL_VECTOR, HANDLER + 0x80)],
+    );
 
     let ioapic = Arc::new(Mutex::new(Ioapic::new(Arc::new(Routes(vm.clone())))));
     let lines = IrqLines::new(ioapic.clone(), None);
-    let (rec, events) = Recorder::new(0);
-    let mut buses = Buses::default();
-    buses
-        .pio
-        .insert(BusRange::new(0x10, 2).unwrap(), rec)
-        .unwrap();
+    let (mut buses, events) = port_recorder(2);
     buses.eoi = Some(Arc::new(lines.clone()));
     let thread = vcpu.spawn(buses).unwrap();
     assert_eq!(
@@ -204,14 +144,7 @@ fn resampling_irqfd_on_a_level_pin_with_the_in_kernel_irqchip() {
     require_kvm!();
     let (vm, mem, _) = support::vm_with_memory(4, true);
     assert_eq!(vm.irqchip_mode(), Some(IrqchipMode::Kernel));
-    load(&mem, ENTRY, &assemble(GUEST, ENTRY));
-    let tables = BootTables::default();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.configure(&vm, 1, true).unwrap();
-    tables.write(&mem, 0x8_0000, false).unwrap();
-    vcpu.setup_long_mode(&tables, Cpl::Kernel, ENTRY, 0x8_0000, 0)
-        .unwrap();
-    set_gate(&mem, tables.idt, LEVEL_VECTOR, HANDLER + 0x80);
+    let vcpu = irq_guest_vcpu(&vm, &mem, &[(LEVEL_VECTOR, HANDLER + 0x80)]);
     // Pin 20 (above the 8259's inputs) -> vector 0x31, level-triggered, APIC 0.
     let mut chip = kvm_bindings::kvm_irqchip {
         chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
@@ -223,12 +156,7 @@ fn resampling_irqfd_on_a_level_pin_with_the_in_kernel_irqchip() {
         chip.chip.ioapic.redirtbl[20].bits = u64::from(LEVEL_VECTOR) | (1 << 15);
     }
     vm.fd().set_irqchip(&chip).unwrap();
-    let (rec, events) = Recorder::new(0);
-    let buses = Buses::default();
-    buses
-        .pio
-        .insert(BusRange::new(0x10, 2).unwrap(), rec)
-        .unwrap();
+    let (buses, events) = port_recorder(2);
     let thread = vcpu.spawn(buses).unwrap();
     assert!(next(&events).is_some(), "the guest did not start");
 

@@ -408,6 +408,42 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
 
     /// Queues one transfer. On failure the piece is not queued (and its
     /// parent is not charged for it).
+    /// Stores a new request in a free slot and counts it in flight; returns its index.
+    fn add_parent(&mut self, parent: Parent<B>) -> usize {
+        let pidx = match self.free_parents.pop() {
+            Some(i) => i,
+            None => {
+                self.parents.push(None);
+                self.parents.len() - 1
+            }
+        };
+        self.parents[pidx] = Some(parent);
+        self.in_flight += 1;
+        pidx
+    }
+
+    /// Queues the pieces of request `pidx`, each counted in its `remaining`, then
+    /// releases the count held while queuing. On a failure the rest is not queued:
+    /// pieces already queued still use the buffer, so the error is reported by the
+    /// completion, once they are done.
+    fn queue_pieces(&mut self, pidx: usize, pieces: impl Iterator<Item = Piece>) {
+        let mut failed = None;
+        for piece in pieces {
+            match self.push_piece(piece) {
+                Ok(()) => {
+                    if let Some(p) = self.parents[pidx].as_mut() {
+                        p.remaining += 1;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.finish_piece(pidx, failed);
+    }
+
     fn push_piece(&mut self, p: Piece) -> Result<()> {
         let idx = match self.free_pieces.pop() {
             Some(i) => i,
@@ -534,14 +570,7 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
             .target
             .data_file()
             .and_then(|f| f.lock_writes(&[(host, host + block.len() as u64)]));
-        let pidx = match self.free_parents.pop() {
-            Some(i) => i,
-            None => {
-                self.parents.push(None);
-                self.parents.len() - 1
-            }
-        };
-        self.parents[pidx] = Some(Parent {
+        let pidx = self.add_parent(Parent {
             user_data,
             remaining: 1,
             error: None,
@@ -557,33 +586,18 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
                 _sources: sources,
             }),
         });
-        self.in_flight += 1;
         self.copies += 1;
-        let mut failed = None;
-        for (pos, len, fd, offset) in reads {
-            let piece = Piece {
-                parent: pidx,
-                write: false,
-                fd,
-                // Inside the block, which the parent owns until the piece completes.
-                addr: base.wrapping_add(pos),
-                len,
-                offset,
-                pos,
-            };
-            match self.push_piece(piece) {
-                Ok(()) => {
-                    if let Some(p) = self.parents[pidx].as_mut() {
-                        p.remaining += 1;
-                    }
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        self.finish_piece(pidx, failed);
+        let pieces = reads.into_iter().map(|(pos, len, fd, offset)| Piece {
+            parent: pidx,
+            write: false,
+            fd,
+            // Inside the block, which the parent owns until the piece completes.
+            addr: base.wrapping_add(pos),
+            len,
+            offset,
+            pos,
+        });
+        self.queue_pieces(pidx, pieces);
     }
 
     /// Once every transfer of a copy's current stage has completed: after the reads,
@@ -774,15 +788,8 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
             }
             _ => None,
         };
-        let pidx = match self.free_parents.pop() {
-            Some(i) => i,
-            None => {
-                self.parents.push(None);
-                self.parents.len() - 1
-            }
-        };
-        // One extra count held while queuing, released below.
-        self.parents[pidx] = Some(Parent {
+        // One extra count held while queuing, released by `queue_pieces`.
+        let pidx = self.add_parent(Parent {
             user_data,
             remaining: 1,
             error: None,
@@ -792,34 +799,17 @@ impl<T: UringTarget, B: IoBuf> AioQueue<B> for UringQueue<T, B> {
             _writing: writing,
             copy: None,
         });
-        self.in_flight += 1;
         let fd = self.target.data_fd();
-        let mut failed = None;
-        for (addr, len, offset, pos) in pieces {
-            let pushed = self.push_piece(Piece {
-                parent: pidx,
-                write,
-                fd,
-                addr,
-                len,
-                offset,
-                pos,
-            });
-            match pushed {
-                Ok(()) => {
-                    if let Some(p) = self.parents[pidx].as_mut() {
-                        p.remaining += 1;
-                    }
-                }
-                Err(err) => {
-                    // Pieces already queued still use the buffer: the error is
-                    // reported by the completion, once they are done.
-                    failed = Some(err);
-                    break;
-                }
-            }
-        }
-        self.finish_piece(pidx, failed);
+        let pieces = pieces.into_iter().map(|(addr, len, offset, pos)| Piece {
+            parent: pidx,
+            write,
+            fd,
+            addr,
+            len,
+            offset,
+            pos,
+        });
+        self.queue_pieces(pidx, pieces);
     }
 
     fn wait(&mut self, min: usize, out: &mut Vec<Completion<B>>) -> Result<()> {

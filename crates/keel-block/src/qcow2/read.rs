@@ -33,6 +33,43 @@ pub enum Allocation {
     Compressed,
 }
 
+/// The state of one subcluster in an extended L2 entry's bitmap.
+#[derive(Clone, Copy)]
+enum Subcluster {
+    Data,
+    Zero,
+    Unallocated,
+}
+
+/// The subcluster runs of `[from, to)` within a cluster of `cs` bytes whose
+/// extended L2 bitmap is `bitmap`: (offset in the cluster, length, state).
+fn subclusters(
+    bitmap: u64,
+    cs: u64,
+    from: u64,
+    to: u64,
+) -> impl Iterator<Item = (u64, u64, Subcluster)> {
+    let sc = cs / 32;
+    let mut p = from;
+    std::iter::from_fn(move || {
+        if p >= to {
+            return None;
+        }
+        let i = p / sc;
+        let k = ((i + 1) * sc).min(to) - p;
+        let sub = if bitmap & (1 << i) != 0 {
+            Subcluster::Data
+        } else if bitmap & (1 << (32 + i)) != 0 {
+            Subcluster::Zero
+        } else {
+            Subcluster::Unallocated
+        };
+        let run = (p, k, sub);
+        p += k;
+        Some(run)
+    })
+}
+
 impl<F: BlockBackend> Qcow2<F> {
     /// How this image alone stores `[offset, offset + len)`: runs of one
     /// [`Allocation`] in guest order (data runs merged when their host offsets
@@ -100,20 +137,13 @@ impl<F: BlockBackend> Qcow2<F> {
                 L2State::Unallocated | L2State::Normal(_) => {
                     let h = e & OFFSET_MASK;
                     let host = |p: u64| (h != 0).then_some(h + p);
-                    let sc = cs / 32;
-                    let mut p = in_off;
-                    while p < in_off + n {
-                        let i = p / sc;
-                        let k = ((i + 1) * sc).min(in_off + n) - p;
-                        let a = if bitmap & (1 << i) != 0 {
-                            Allocation::Data(h + p)
-                        } else if bitmap & (1 << (32 + i)) != 0 {
-                            Allocation::Zero { host: host(p) }
-                        } else {
-                            Allocation::Unallocated { host: host(p) }
+                    for (p, k, sub) in subclusters(bitmap, cs, in_off, in_off + n) {
+                        let a = match sub {
+                            Subcluster::Data => Allocation::Data(h + p),
+                            Subcluster::Zero => Allocation::Zero { host: host(p) },
+                            Subcluster::Unallocated => Allocation::Unallocated { host: host(p) },
                         };
                         push(k, a);
-                        p += k;
                     }
                 }
                 L2State::Compressed => push(n, Allocation::Compressed),
@@ -171,20 +201,13 @@ impl<F: BlockBackend> Qcow2<F> {
                 L2State::Unallocated | L2State::Normal(_) => {
                     // Extended L2: status per subcluster.
                     let h = e & OFFSET_MASK;
-                    let sc = cs / 32;
-                    let mut p = in_off;
-                    while p < in_off + n {
-                        let i = p / sc;
-                        let k = ((i + 1) * sc).min(in_off + n) - p;
-                        let kind = if bitmap & (1 << i) != 0 {
-                            ExtentKind::Data(h + p)
-                        } else if bitmap & (1 << (32 + i)) != 0 {
-                            ExtentKind::Zero
-                        } else {
-                            self.unallocated()?
+                    for (p, k, sub) in subclusters(bitmap, cs, in_off, in_off + n) {
+                        let kind = match sub {
+                            Subcluster::Data => ExtentKind::Data(h + p),
+                            Subcluster::Zero => ExtentKind::Zero,
+                            Subcluster::Unallocated => self.unallocated()?,
                         };
                         push_extent(&mut out, k, kind);
-                        p += k;
                     }
                 }
                 L2State::Compressed => {

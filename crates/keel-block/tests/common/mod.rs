@@ -43,6 +43,62 @@ pub fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
 }
 
+/// `TOOL create -q -f FMT OPTS... PATH [SIZE]` (TOOL: qemu-img or keel-img), asserting success.
+pub fn create_image(tool: &str, fmt: &str, opts: &[&str], path: &Path, size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", fmt];
+    args.extend_from_slice(opts);
+    args.push(p(path));
+    args.extend(size);
+    ok(tool, &args);
+}
+
+/// `qemu-io -f FMT -c CMD... PATH`, asserting success.
+pub fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(p(path));
+    ok("qemu-io", &args);
+}
+
+/// One qemu-io command on a qcow2 image, asserting success.
+pub fn qio(path: &Path, cmd: &str) {
+    qemu_io("qcow2", path, &[cmd]);
+}
+
+/// A temporary directory holding two empty directories named `a` and `b`, returned
+/// with their paths (the directory lives as long as the `TempDir`).
+pub fn two_dirs(a: &str, b: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join(a), dir.path().join(b));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    (dir, a, b)
+}
+
+/// Copies every file of the directory `from` into the directory `to`.
+pub fn copy_files(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// `qemu-img compare A B` finds the two images' contents identical (exit code 0).
+pub fn assert_same_contents(a: &Path, b: &Path, what: &str) {
+    let o = run("qemu-img", &["compare", p(a), p(b)]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{what}: {} and {} differ: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// `qemu-img check --output=json`: (exit code, corruptions, leaks, check-errors).
 pub fn qemu_check(path: &Path) -> (i32, u64, u64, u64) {
     let o = run("qemu-img", &["check", "--output=json", p(path)]);
@@ -56,6 +112,32 @@ pub fn qemu_check(path: &Path) -> (i32, u64, u64, u64) {
     });
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     (code, n("corruptions"), n("leaks"), n("check-errors"))
+}
+
+/// The qcow2 `image` is clean for `qemu-img check` and `qemu-img compare` finds it
+/// identical to `want` (written to `want.raw` in `dir`).
+pub fn assert_clean_and_equal(image: &Path, want: &[u8], dir: &Path) {
+    let (code, corrupt, leaks, errors) = qemu_check(image);
+    assert_eq!(
+        (code, corrupt, leaks, errors),
+        (0, 0, 0, 0),
+        "qemu-img check"
+    );
+    let reference = dir.join("want.raw");
+    std::fs::write(&reference, want).unwrap();
+    let out = ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(image),
+            p(&reference),
+        ],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
 }
 
 /// A small deterministic PRNG (xorshift64*).

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use keel_block::volume::{self, CommitOptions};
 
-use super::{format, VerbError};
-use crate::progress::Progress;
+use super::{ChainImage, VerbError};
 
 /// Command line of `commit`.
 #[derive(clap::Args, Debug)]
@@ -17,33 +16,20 @@ pub(crate) struct Args {
     /// Leave the image as it is (default: emptied after the commit).
     #[arg(short = 'd')]
     keep: bool,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
-    /// Format (probed if omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
-    /// Image file.
-    file: Option<PathBuf>,
+    #[command(flatten)]
+    image: ChainImage,
 }
 
 /// Runs `commit`.
 pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
-    let file = a
-        .file
-        .ok_or(VerbError::Missing("Expecting one image file name"))?;
-    let fmt = format(&file, a.format.as_deref())?;
-    let mut meter = Progress::new(a.progress && !a.quiet);
+    let (file, fmt) = a.image.open()?;
     let opts = CommitOptions {
         base: a.base,
         keep: a.keep,
     };
-    volume::commit(&file, fmt, &opts, &mut |p| meter.update(p / 100.0))?;
-    meter.finish();
-    if !a.quiet {
+    a.image
+        .with_progress(|p| volume::commit(&file, fmt, &opts, p))?;
+    if !a.image.quiet {
         println!("Image committed.");
     }
     Ok(0)

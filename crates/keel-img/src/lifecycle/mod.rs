@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use keel_block::qcow2::edit::EditError;
 use keel_block::volume::VolumeError;
-use keel_block::{Format, RawFile, RawOptions};
+
+use crate::progress::Progress;
+use keel_block::{Format, RawFile};
 
 /// Errors of the life-cycle verbs, worded as qemu-img words them.
 #[derive(Debug, thiserror::Error)]
@@ -88,42 +90,52 @@ pub(crate) fn format(path: &Path, given: Option<&str>) -> Result<Format, VerbErr
 
 /// The image file, opened read-write for a metadata edit.
 pub(crate) fn edit_file(path: &Path) -> Result<RawFile, VerbError> {
-    RawFile::open(
-        path,
-        RawOptions {
-            growable: true,
-            ..Default::default()
-        },
-    )
-    .map_err(|source| VerbError::File {
+    crate::open_raw(path, false).map_err(|source| VerbError::File {
         path: path.to_path_buf(),
         source,
     })
 }
 
+/// The options `commit` and `rebase` share: progress, format, quiet, and the image.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ChainImage {
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Format (probed if omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub(crate) quiet: bool,
+    /// Image file.
+    file: Option<PathBuf>,
+}
+
+impl ChainImage {
+    /// The image file and its format (probed when -f is not given).
+    pub(crate) fn open(&self) -> Result<(PathBuf, Format), VerbError> {
+        let file = self
+            .file
+            .clone()
+            .ok_or(VerbError::Missing("Expecting one image file name"))?;
+        let fmt = format(&file, self.format.as_deref())?;
+        Ok((file, fmt))
+    }
+
+    /// Runs `op` with a progress meter (shown with -p unless -q) fed its percentages.
+    pub(crate) fn with_progress(
+        &self,
+        op: impl FnOnce(keel_block::volume::Progress<'_>) -> Result<(), VolumeError>,
+    ) -> Result<(), VerbError> {
+        let mut meter = Progress::new(self.progress && !self.quiet);
+        op(&mut |p| meter.update(p / 100.0))?;
+        meter.finish();
+        Ok(())
+    }
+}
+
 /// A size with qemu-img's suffixes (k, M, G, T, P, E; bytes without one).
 pub(crate) fn parse_size(s: &str) -> Result<u64, VerbError> {
-    let (num, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return Err(VerbError::Size),
-            };
-            (&s[..s.len() - 1], m)
-        }
-        _ => (s, 1),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult).ok_or(VerbError::Size);
-    }
-    match num.parse::<f64>() {
-        Ok(f) if f >= 0.0 && f * (mult as f64) < 1.8e19 => Ok((f * mult as f64) as u64),
-        _ => Err(VerbError::Size),
-    }
+    crate::size::parse(s, true).map_err(|_| VerbError::Size)
 }

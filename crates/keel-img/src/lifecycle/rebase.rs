@@ -1,13 +1,10 @@
 //! `rebase [-u] -b BACKING [-F FMT] [-p] [-f FMT] [-q] FILE` (`-b ""`: no backing file).
 
-use std::path::PathBuf;
-
 use keel_block::qcow2::edit::BackingFile;
 use keel_block::volume::{self, RebaseOptions, VolumeError};
 use keel_block::Format;
 
-use super::{format, VerbError};
-use crate::progress::Progress;
+use super::{ChainImage, VerbError};
 
 /// Command line of `rebase`.
 #[derive(clap::Args, Debug)]
@@ -21,25 +18,13 @@ pub(crate) struct Args {
     /// Format of the new backing file.
     #[arg(short = 'F', value_name = "FMT")]
     backing_format: Option<String>,
-    /// Show progress.
-    #[arg(short = 'p')]
-    progress: bool,
-    /// Format (probed if omitted).
-    #[arg(short = 'f')]
-    format: Option<String>,
-    /// Quiet.
-    #[arg(short = 'q')]
-    quiet: bool,
-    /// Image file.
-    file: Option<PathBuf>,
+    #[command(flatten)]
+    image: ChainImage,
 }
 
 /// Runs `rebase`.
 pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
-    let file = a
-        .file
-        .ok_or(VerbError::Missing("Expecting one image file name"))?;
-    let fmt = format(&file, a.format.as_deref())?;
+    let (file, fmt) = a.image.open()?;
     let name = match a.backing {
         Some(b) => b,
         None if a.unsafe_mode => String::new(),
@@ -62,12 +47,11 @@ pub(crate) fn run(a: Args) -> Result<i32, VerbError> {
         };
         Some(BackingFile { name, format: bfmt })
     };
-    let mut meter = Progress::new(a.progress && !a.quiet);
     let opts = RebaseOptions {
         backing,
         unsafe_mode: a.unsafe_mode,
     };
-    volume::rebase(&file, fmt, &opts, &mut |p| meter.update(p / 100.0))?;
-    meter.finish();
+    a.image
+        .with_progress(|p| volume::rebase(&file, fmt, &opts, p))?;
     Ok(0)
 }

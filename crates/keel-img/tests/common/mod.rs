@@ -11,6 +11,20 @@ pub use block::*;
 /// keel-img built by cargo for this test run.
 pub const KEEL_IMG: &str = env!("CARGO_BIN_EXE_keel-img");
 
+/// `lazy.qcow2` in `dir`: a qcow2 image of SIZE with 4 KiB clusters and lazy refcounts, made
+/// by `keel-img create`.
+pub fn keel_lazy_image(dir: &Path, size: &str) -> std::path::PathBuf {
+    let q = dir.join("lazy.qcow2");
+    create_image(
+        KEEL_IMG,
+        "qcow2",
+        &["-o", "cluster_size=4k,lazy_refcounts=on"],
+        &q,
+        Some(size),
+    );
+    q
+}
+
 /// `keel-img check --output=json`: (exit code, corruptions, leaks, check-errors).
 pub fn keel_check(path: &Path) -> (i32, u64, u64, u64) {
     let o = run(KEEL_IMG, &["check", "--output=json", p(path)]);

@@ -5,8 +5,10 @@
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
+use keel_bus::BusRange;
 use keel_bus::{MmioDevice, PioDevice};
-use keel_kvm::{DirtyLog, Vm};
+use keel_kvm::x86::boot::{BootTables, Cpl, SEL_CODE64};
+use keel_kvm::{Buses, DirtyLog, IrqchipMode, Vcpu, Vm};
 use keel_memory::{x86, GuestMemoryMmap, MemoryLayout, MemoryOptions, MIB};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -91,16 +93,31 @@ impl MmioDevice for Recorder {
 /// A VM with `mib` MiB of RAM registered (and, with `irqchip`, the irqchip created after
 /// the memory, as Keel recommends).
 pub fn vm_with_memory(mib: u64, irqchip: bool) -> (Arc<Vm>, GuestMemoryMmap, MemoryLayout) {
+    new_vm(
+        mib,
+        irqchip.then_some(|vm: &Vm| vm.setup_irqchip().unwrap()),
+    )
+}
+
+/// A VM with `mib` MiB of RAM registered and then the irqchip in `mode`.
+pub fn vm_with_irqchip_mode(
+    mib: u64,
+    mode: IrqchipMode,
+) -> (Arc<Vm>, GuestMemoryMmap, MemoryLayout) {
+    new_vm(mib, Some(|vm: &Vm| vm.setup_irqchip_mode(mode).unwrap()))
+}
+
+fn new_vm(mib: u64, irqchip: Option<impl FnOnce(&Vm)>) -> (Arc<Vm>, GuestMemoryMmap, MemoryLayout) {
     let layout = MemoryLayout::new(mib * MIB).unwrap();
     let opts = MemoryOptions::default();
     let mem = layout.create_guest_memory(&opts).unwrap();
     let vm = Vm::new().unwrap();
     vm.register_memory(&mem, DirtyLog::Off).unwrap();
-    if irqchip {
+    if let Some(setup) = irqchip {
         vm.set_identity_map_address(GuestAddress(x86::IDENTITY_MAP_START))
             .unwrap();
         vm.set_tss_address(GuestAddress(x86::TSS_START)).unwrap();
-        vm.setup_irqchip().unwrap();
+        setup(&vm);
     }
     (Arc::new(vm), mem, layout)
 }
@@ -151,4 +168,75 @@ pub fn long_mode_guest(
     vcpu.setup_long_mode(&tables, cpl, LONG_ENTRY, 0x8_0000, 0)
         .unwrap();
     (vm, mem, vcpu)
+}
+
+/// Enables its LAPIC, reports ready on port 0x10, then halts with interrupts on. Each
+/// handler reports its vector on port 0x11, sends EOI and returns: vector 0x30's at
+/// [`IRQ_HANDLER`], vector 0x31's 0x80 bytes after it.
+pub const IRQ_GUEST: &str = r#"
+    .code64
+    mov $0xfee00000, %ebx
+    movl $0x1ff, 0xf0(%rbx)     # spurious vector register: APIC on
+    out %al, $0x10              # ready
+1:  sti
+    hlt
+    jmp 1b
+
+    .org 0x100                  # vector 0x30
+    push %rax
+    mov $0x30, %al
+    jmp 2f
+    .org 0x180                  # vector 0x31
+    push %rax
+    mov $0x31, %al
+2:  out %al, $0x11
+    push %rbx
+    mov $0xfee00000, %ebx
+    movl $0, 0xb0(%rbx)         # EOI
+    pop %rbx
+    pop %rax
+    iretq
+"#;
+
+/// Where [`IRQ_GUEST`]'s interrupt handlers start (see `.org` in its source).
+pub const IRQ_HANDLER: u64 = LONG_ENTRY + 0x100;
+
+/// Writes a present 64-bit interrupt gate (DPL 0) for `vector` to `handler` into the IDT at `idt`.
+pub fn set_gate(mem: &GuestMemoryMmap, idt: u64, vector: u8, handler: u64) {
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&SEL_CODE64.to_le_bytes());
+    gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
+    gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    mem.write_slice(&gate, GuestAddress(idt + 16 * u64::from(vector)))
+        .unwrap();
+}
+
+/// vCPU 0 of `vm` (with its in-kernel LAPIC) about to run [`IRQ_GUEST`] at [`LONG_ENTRY`]
+/// in 64-bit kernel mode, the boot tables and stack at 0x80000, and an interrupt gate for
+/// each `(vector, handler)` of `gates`.
+pub fn irq_guest_vcpu(vm: &Arc<Vm>, mem: &GuestMemoryMmap, gates: &[(u8, u64)]) -> Vcpu {
+    load(mem, LONG_ENTRY, &assemble(IRQ_GUEST, LONG_ENTRY));
+    let tables = BootTables::default();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(vm, 1, true).unwrap();
+    tables.write(mem, 0x8_0000, false).unwrap();
+    vcpu.setup_long_mode(&tables, Cpl::Kernel, LONG_ENTRY, 0x8_0000, 0)
+        .unwrap();
+    for &(vector, handler) in gates {
+        set_gate(mem, tables.idt, vector, handler);
+    }
+    vcpu
+}
+
+/// Buses with a [`Recorder`] on the `ports` I/O ports from 0x10, and its accesses.
+pub fn port_recorder(ports: u64) -> (Buses, Receiver<Access>) {
+    let (rec, events) = Recorder::new(0);
+    let buses = Buses::default();
+    buses
+        .pio
+        .insert(BusRange::new(0x10, ports).unwrap(), rec)
+        .unwrap();
+    (buses, events)
 }
