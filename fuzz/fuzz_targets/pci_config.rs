@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use keel_bus::interrupt::{MsiGroup, MsiMessage};
 use keel_bus::{MmioBus, PioBus};
+use keel_fuzz::irq::Group;
 use keel_memory::{MemoryLayout, SystemAllocator, GIB};
 use keel_pci::{BarSpec, ConfigSpace, MsixLayout, PciDevice, PciFunction, PciSegment};
 use libfuzzer_sys::fuzz_target;
@@ -20,28 +20,6 @@ impl PciDevice for Dev {
         data.fill(off as u8)
     }
     fn bar_write(&mut self, _: u8, _: u64, _: &[u8]) {}
-}
-
-struct Group(usize);
-impl MsiGroup for Group {
-    fn len(&self) -> usize {
-        self.0
-    }
-    fn configure(&self, i: usize, _: MsiMessage, _: bool) -> keel_bus::interrupt::Result<()> {
-        assert!(i < self.0);
-        Ok(())
-    }
-    fn trigger(&self, i: usize) -> keel_bus::interrupt::Result<()> {
-        assert!(i < self.0);
-        Ok(())
-    }
-    fn is_pending(&self, i: usize) -> keel_bus::interrupt::Result<bool> {
-        assert!(i < self.0);
-        Ok(false)
-    }
-    fn notifier(&self, _: usize) -> Option<&vmm_sys_util::eventfd::EventFd> {
-        None
-    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -66,10 +44,10 @@ fuzz_target!(|data: &[u8]| {
                 pba_bar: 1,
                 pba_offset: 0x2000,
             },
-            Arc::new(Group(5)),
+            Arc::new(Group::strict(5)),
         )
         .unwrap()
-        .with_msi(4, Arc::new(Group(4)))
+        .with_msi(4, Arc::new(Group::strict(4)))
         .unwrap();
     let slot = seg.add_device(f, &mut alloc).unwrap();
 

@@ -14,8 +14,8 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use keel_bus::interrupt::{InterruptLine, Result as IrqResult};
 use keel_bus::PioDevice;
+use keel_fuzz::irq::NullLine;
 use keel_vmm::devices::{CappedFile, Serial, SerialOutput};
 use libfuzzer_sys::fuzz_target;
 
@@ -37,17 +37,6 @@ fn out_path() -> &'static PathBuf {
     })
 }
 
-/// The UART's interrupt line; what it signals is not checked here.
-struct Line;
-impl InterruptLine for Line {
-    fn trigger(&self) -> IrqResult<()> {
-        Ok(())
-    }
-    fn set_level(&self, _: bool) -> IrqResult<()> {
-        Ok(())
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let path = out_path();
     let file = OpenOptions::new()
@@ -57,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         .open(path)
         .unwrap();
     let capped = Arc::new(CappedFile::new(file, path.clone(), CAP));
-    let uart = Serial::new(Arc::new(Line), SerialOutput::File(capped.clone()));
+    let uart = Serial::new(Arc::new(NullLine), SerialOutput::File(capped.clone()));
 
     let mut lcr = 0x03u8;
     let mut mcr = 0x08u8;

@@ -13,10 +13,8 @@
 
 use std::sync::Arc;
 
-use keel_bus::interrupt::{
-    Error as IrqError, InterruptLine, MsiGroup, MsiMessage, Result as IrqResult,
-};
 use keel_bus::BusRange;
+use keel_fuzz::irq::{Group, NullLine, OutOfRange};
 use keel_kvm::{Buses, IoAccess};
 use keel_memory::{x86, MemoryLayout, SystemAllocator, GIB};
 use keel_pci::PciSegment;
@@ -26,47 +24,6 @@ use keel_vmm::devices::{
 };
 use keel_vmm::exit::{ExitSignal, VmExit};
 use libfuzzer_sys::fuzz_target;
-use vmm_sys_util::eventfd::EventFd;
-
-struct Line;
-impl InterruptLine for Line {
-    fn trigger(&self) -> IrqResult<()> {
-        Ok(())
-    }
-    fn set_level(&self, _: bool) -> IrqResult<()> {
-        Ok(())
-    }
-}
-
-struct Group(usize);
-impl MsiGroup for Group {
-    fn len(&self) -> usize {
-        self.0
-    }
-    fn configure(&self, i: usize, _: MsiMessage, _: bool) -> IrqResult<()> {
-        assert!(i < self.0);
-        Ok(())
-    }
-    // The test device's doorbell raises whatever vector the guest names: like keel-kvm's
-    // group, refuse the ones outside the group.
-    fn trigger(&self, i: usize) -> IrqResult<()> {
-        if i < self.0 {
-            Ok(())
-        } else {
-            Err(IrqError::InvalidVector {
-                index: i,
-                len: self.0,
-            })
-        }
-    }
-    fn is_pending(&self, i: usize) -> IrqResult<bool> {
-        assert!(i < self.0);
-        Ok(false)
-    }
-    fn notifier(&self, _: usize) -> Option<&EventFd> {
-        None
-    }
-}
 
 /// Ports worth aiming at: each device's, and the PCI configuration ports.
 const PORTS: [u16; 8] = [
@@ -94,12 +51,12 @@ fuzz_target!(|data: &[u8]| {
     let debug_exit = flags & 1 != 0;
     let exit = Arc::new(ExitSignal::new().unwrap());
     let buses = Buses::default();
-    let serial = Arc::new(Serial::new(Arc::new(Line), SerialOutput::Sink));
+    let serial = Arc::new(Serial::new(Arc::new(NullLine), SerialOutput::Sink));
     // keel's own table of legacy ports.
     let pio = legacy_ports(
         serial,
         Arc::new(I8042::new(exit.clone())),
-        Arc::new(AcpiPm::new(exit.clone(), Arc::new(Line))),
+        Arc::new(AcpiPm::new(exit.clone(), Arc::new(NullLine))),
         debug_exit.then(|| Arc::new(DebugExit(exit.clone()))),
     );
     for (port, len, dev) in pio {
@@ -116,7 +73,11 @@ fuzz_target!(|data: &[u8]| {
         x86::ECAM_START,
     ));
     PciSegment::attach_config_access(&pci).unwrap();
-    let f = pci_test_function(Arc::new(Group(usize::from(PCI_TEST_VECTORS)))).unwrap();
+    let f = pci_test_function(Arc::new(Group {
+        len: usize::from(PCI_TEST_VECTORS),
+        out_of_range: OutOfRange::Refuse,
+    }))
+    .unwrap();
     pci.add_device(f, &mut alloc).unwrap();
 
     for op in rest.chunks_exact(12) {

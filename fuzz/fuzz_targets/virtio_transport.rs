@@ -19,11 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 
-use keel_bus::interrupt::{
-    DataMatch, InterruptLine, IoEventAddress, IoEventRegistrar, MsiGroup, MsiMessage,
-    Result as IrqResult,
-};
+use keel_bus::interrupt::{DataMatch, IoEventAddress, IoEventRegistrar, Result as IrqResult};
 use keel_bus::{MmioBus, MmioDevice, PioBus};
+use keel_fuzz::irq::{Group, NullLine};
 use keel_memory::{GuestMemoryMmap, MemoryLayout, SystemAllocator, GIB};
 use keel_pci::PciSegment;
 use keel_virtio::device::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice};
@@ -103,38 +101,6 @@ fn serve(active: &Mutex<Option<ActivateContext>>) {
     }
 }
 
-struct Line;
-impl InterruptLine for Line {
-    fn trigger(&self) -> IrqResult<()> {
-        Ok(())
-    }
-    fn set_level(&self, _: bool) -> IrqResult<()> {
-        Ok(())
-    }
-}
-
-struct Group(usize);
-impl MsiGroup for Group {
-    fn len(&self) -> usize {
-        self.0
-    }
-    fn configure(&self, i: usize, _: MsiMessage, _: bool) -> IrqResult<()> {
-        assert!(i < self.0);
-        Ok(())
-    }
-    fn trigger(&self, i: usize) -> IrqResult<()> {
-        assert!(i < self.0, "vector {i} outside a table of {}", self.0);
-        Ok(())
-    }
-    fn is_pending(&self, i: usize) -> IrqResult<bool> {
-        assert!(i < self.0);
-        Ok(false)
-    }
-    fn notifier(&self, _: usize) -> Option<&EventFd> {
-        None
-    }
-}
-
 /// The doorbells registered now, by address (what KVM would hold).
 #[derive(Default)]
 struct Doorbells(Mutex<HashMap<u64, RawFd>>);
@@ -205,7 +171,7 @@ fuzz_target!(|data: &[u8]| {
         mem.clone(),
         0xd000_0000,
         5,
-        Arc::new(Line),
+        Arc::new(NullLine),
     )
     .unwrap();
     let (mmio_bus, pio_bus) = (Arc::new(MmioBus::new()), Arc::new(PioBus::new()));
@@ -220,7 +186,7 @@ fuzz_target!(|data: &[u8]| {
                 active: active.clone(),
             }),
             mem.clone(),
-            Arc::new(Group(SIZES.len() + 1)),
+            Arc::new(Group::strict(SIZES.len() + 1)),
             Some(bells.clone()),
         )
         .unwrap();
