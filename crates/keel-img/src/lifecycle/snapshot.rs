@@ -36,7 +36,7 @@ pub(crate) struct Args {
 /// Runs `snapshot`; `list` prints the listing.
 pub(crate) fn run(
     a: Args,
-    list: impl FnOnce(&std::path::Path, Option<&str>) -> Result<i32, crate::CliError>,
+    list: impl FnOnce(&std::path::Path) -> Result<i32, crate::CliError>,
 ) -> Result<i32, crate::CliError> {
     let file = a
         .file
@@ -48,7 +48,7 @@ pub(crate) fn run(
             (_, _, Some(n)) => ("delete", n, edit::snapshot_delete),
             // A raw image has no snapshots to list: nothing, as qemu-img.
             _ if format(&file, a.format.as_deref())? != Format::Qcow2 => return Ok(0),
-            _ => return list(&file, a.format.as_deref()),
+            _ => return list(&file),
         };
     let fmt = format(&file, a.format.as_deref())?;
     if fmt != Format::Qcow2 {
