@@ -71,7 +71,10 @@ fn bus(c: &mut Criterion) {
         let mut buf = [0u8; 4];
         pio.read(target, &mut buf).unwrap();
         assert_eq!(buf, [0xff; 4]);
-        assert!(matches!(pio.read(hole, &mut buf), Err(Error::Unmapped { .. })));
+        assert!(matches!(
+            pio.read(hole, &mut buf),
+            Err(Error::Unmapped { .. })
+        ));
         g.bench_function(format!("pio/{n}/read"), |b| {
             b.iter(|| pio.read(std::hint::black_box(target), &mut buf))
         });
@@ -85,7 +88,10 @@ fn bus(c: &mut Criterion) {
         let (mmio, target, hole) = mmio_bus(n);
         mmio.read(target, &mut buf).unwrap();
         assert_eq!(buf, [0xff; 4]);
-        assert!(matches!(mmio.read(hole, &mut buf), Err(Error::Unmapped { .. })));
+        assert!(matches!(
+            mmio.read(hole, &mut buf),
+            Err(Error::Unmapped { .. })
+        ));
         g.bench_function(format!("mmio/{n}/read"), |b| {
             b.iter(|| mmio.read(std::hint::black_box(target), &mut buf))
         });

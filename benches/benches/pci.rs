@@ -118,11 +118,7 @@ fn ecam_write16(mmio: &MmioBus, offset: usize, value: u16) {
 /// Linux's sizing of BAR0; returns the size mask read back.
 fn size_bar0(mmio: &MmioBus) -> u32 {
     let cmd = ecam_read16(mmio, reg::COMMAND);
-    ecam_write16(
-        mmio,
-        reg::COMMAND,
-        cmd & !(command::MEMORY | command::IO),
-    );
+    ecam_write16(mmio, reg::COMMAND, cmd & !(command::MEMORY | command::IO));
     let orig = ecam_read32(mmio, reg::BAR0);
     ecam_write32(mmio, reg::BAR0, !0);
     let mask = ecam_read32(mmio, reg::BAR0);

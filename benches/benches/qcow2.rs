@@ -26,7 +26,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keel_block::mapping::{ExtentKind, MapExtents};
@@ -61,7 +60,15 @@ fn make_image(dir: &Path) -> std::path::PathBuf {
     }
     drop(f);
     let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536"])
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+        ])
         .arg(&raw)
         .arg(&qcow2)
         .output()
@@ -115,7 +122,10 @@ fn check(img: &Qcow2<RawFile>) {
         hosts.push(host);
         let mut buf = vec![0u8; REQ as usize];
         img.read_at(&mut buf, off).expect("read");
-        assert!(buf.iter().all(|&b| b == pattern(k as u64)), "data at {off:#x}");
+        assert!(
+            buf.iter().all(|&b| b == pattern(k as u64)),
+            "data at {off:#x}"
+        );
     }
     hosts.sort_unstable();
     hosts.dedup();
@@ -133,7 +143,6 @@ fn qcow2(c: &mut Criterion) {
     ];
 
     let mut g = c.benchmark_group("qcow2");
-    g.measurement_time(Duration::from_secs(3));
     g.throughput(Throughput::Elements(1));
     for (name, cache, l2) in variants {
         let img = open(&path, cache, l2);
