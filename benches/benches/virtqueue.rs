@@ -35,7 +35,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::testing::{
     Driver, MmioDriver, Ring, DATA_BASE, EVENT_IDX, INDIRECT, VERSION_1, VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_WRITE,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use keel_virtio::worker::{drain_queue, IndirectDesc};
 use keel_virtio::{ActivateContext, ActivateError, VirtioDevice};
@@ -167,10 +167,7 @@ fn setup(shape: Shape, features: u64) -> Setup {
                 // An indirect table: the same descriptors, chained by index within it.
                 for (i, &(addr, len, flags)) in descs.iter().enumerate() {
                     let (flags, next) = if i + 1 < descs.len() {
-                        (
-                            flags | keel_virtio::testing::VRING_DESC_F_NEXT,
-                            i as u16 + 1,
-                        )
+                        (flags | VRING_DESC_F_NEXT, i as u16 + 1)
                     } else {
                         (flags, 0)
                     };
