@@ -151,11 +151,6 @@ fn setup(shape: Shape, features: u64) -> Setup {
     let driver = MmioDriver::new(Box::new(Capture { slot: slot.clone() }));
     let mem = driver.mem().clone();
     let mut ring = Ring::new(&mem, QUEUE_SIZE);
-    // virtio-queue 0.18's MockSplitQueue, which lays the harness's ring out, ends the
-    // available ring `size` bytes after its start instead of `2 * size + 6`, so its used
-    // ring overlaps the available ring's upper half (rust-vmm/vm-virtio#400). Put the used
-    // ring after the available ring and its used_event.
-    ring.used = (ring.avail + 4 + 2 * u64::from(QUEUE_SIZE) + 2).next_multiple_of(4);
     let mut heads = Vec::new();
     for c in 0..CHAINS {
         mem.write_slice(&[0x5a; HEADER_LEN as usize], GuestAddress(header_at(c)))

@@ -533,7 +533,8 @@ impl Driver for PciDriver {
     }
 }
 
-/// A split virtqueue in guest memory, laid out by `MockSplitQueue`, driven from the driver
+/// A split virtqueue in guest memory (descriptor table and available ring where
+/// `MockSplitQueue` lays them out, the used ring after the available ring), driven from the driver
 /// side: descriptors are handed out in order and the avail ring is published with a fence.
 pub struct Ring<'a> {
     /// The mock that laid the ring out.
@@ -561,11 +562,16 @@ impl<'a> Ring<'a> {
     /// A ring of `size` entries laid out from `base` (for a second queue).
     pub fn at(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
         let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
-        let (desc, avail, used) = (
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        );
+        let (desc, avail) = (mock.desc_table_addr().0, mock.avail_addr().0);
+        // The used ring follows the available ring (flags, idx, `size` entries and
+        // used_event: 6 + 2 * size bytes), 4-aligned. virtio-queue 0.18's mock places it
+        // `size` bytes after the available ring, inside it (rust-vmm/vm-virtio#400), so the
+        // driver's used_event would share memory with a used entry.
+        let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
+        // A fresh ring: flags, idx, entries and avail_event of the used ring all zero.
+        let used_len = 6 + 8 * usize::from(size);
+        mem.write_slice(&vec![0u8; used_len], GuestAddress(used))
+            .expect("used ring");
         Ring {
             mock,
             mem,
