@@ -1,0 +1,228 @@
+//! Density: many VMs of the same size started at once, each running the test guest's
+//! `idle` scenario (it calibrates its TSC against the PIT, prints `keel-test: tick 0`, then
+//! waits for interrupts, waking every 10 ms and printing a tick every 100 ms).
+//!
+//! A run spawns every VMM process back to back and times, from the first spawn, until each
+//! guest's first tick line has arrived on its serial console; then it reads each process's
+//! `/proc/PID/smaps_rollup`: RSS (every resident page the process maps, shared ones counted
+//! in full) and PSS (shared pages divided among the processes that map them: the honest
+//! per-VM figure, since the VMM's binary and libraries are shared). Then it ends every VMM
+//! with SIGTERM (SIGKILL for any that has not exited 10 s later) and reaps it. A VMM
+//! that fails or is left behind by a panic is killed and reaped too.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{qemu_base, KEEL, TEST_GUEST};
+
+/// How many VMs run at once.
+pub const VMS: usize = 32;
+
+/// Guest RAM of each VM, in MiB.
+pub const MEMORY_MIB: u32 = 128;
+
+/// The guest's command line.
+pub const CMDLINE: &str = "keel.test=idle";
+
+/// The line that says a guest runs (its TSC calibrated, its timer armed).
+pub const READY: &str = "keel-test: tick 0";
+
+/// How long all VMs may take to be ready before the run fails.
+pub const LIMIT: Duration = Duration::from_secs(300);
+
+/// keel running the idle guest.
+pub fn keel() -> Command {
+    let mut cmd = Command::new(KEEL);
+    cmd.args(["--memory", &MEMORY_MIB.to_string()])
+        .args(["--kernel", TEST_GUEST, "--cmdline", CMDLINE]);
+    cmd
+}
+
+/// QEMU running the idle guest: `-M microvm,acpi=off` (the guest needs microvm's PIT to
+/// calibrate its TSC; ACPI on makes its CPL0 set-up walk QEMU's ACPI tables, ~2.7 s under
+/// KVM's instruction emulator on the project's machines).
+pub fn qemu() -> Command {
+    let mut cmd = qemu_base("microvm,acpi=off", MEMORY_MIB);
+    cmd.args(["-kernel", TEST_GUEST, "-append", CMDLINE]);
+    cmd
+}
+
+/// One run's figures.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    /// From the first spawn to the last guest's ready line.
+    pub all_running: Duration,
+    /// Sum of the VMM processes' RSS, KiB.
+    pub rss_kib: u64,
+    /// Sum of the VMM processes' PSS, KiB.
+    pub pss_kib: u64,
+}
+
+/// `Rss` and `Pss` of process `pid`, in KiB, from /proc/PID/smaps_rollup.
+pub fn rss_pss_kib(pid: u32) -> (u64, u64) {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {path}"))
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+/// A guest's serial console as one thread drains it.
+enum Event {
+    Ready(usize, Instant),
+    /// The console ended (the VMM exited) before the ready line.
+    Ended(usize),
+}
+
+/// The VMM processes of a run; dropping it kills and reaps any still running.
+struct Fleet {
+    children: Vec<Child>,
+    readers: Vec<JoinHandle<String>>,
+}
+
+impl Fleet {
+    /// Ends every VMM with SIGTERM, then SIGKILL after `grace`; returns how many needed it.
+    fn stop(&mut self, grace: Duration) -> usize {
+        for c in &self.children {
+            // SAFETY: kill(2) on our own unreaped child's pid; no memory is involved.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + grace;
+        let mut killed = 0;
+        for c in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        killed += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        self.children.clear();
+        killed
+    }
+
+    /// The serial output of every VM, once their consoles have ended.
+    fn logs(&mut self) -> Vec<String> {
+        self.readers
+            .drain(..)
+            .map(|r| r.join().unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `vms` VMMs made by `make` at once and measures one run (see the module comment).
+pub fn run(vms: usize, make: impl Fn() -> Command) -> Sample {
+    let (tx, rx) = mpsc::channel();
+    let mut fleet = Fleet {
+        children: Vec::with_capacity(vms),
+        readers: Vec::with_capacity(vms),
+    };
+    let start = Instant::now();
+    for i in 0..vms {
+        let mut child = make()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        fleet.children.push(child);
+        let tx = tx.clone();
+        // Drains the console to its end, so that no guest ever waits on a full pipe.
+        fleet.readers.push(std::thread::spawn(move || {
+            let mut log = String::new();
+            let mut ready = false;
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if !ready && line == READY {
+                    ready = true;
+                    let _ = tx.send(Event::Ready(i, Instant::now()));
+                }
+                if log.len() < 64 * 1024 {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+            if !ready {
+                let _ = tx.send(Event::Ended(i));
+            }
+            log
+        }));
+    }
+    drop(tx);
+    let mut last = start;
+    let mut ready = vec![false; vms];
+    let mut failed = None;
+    while ready.iter().any(|r| !r) {
+        let left = LIMIT.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(Event::Ready(i, at)) => {
+                ready[i] = true;
+                last = last.max(at);
+            }
+            Ok(Event::Ended(i)) => {
+                failed = Some(format!("VM {i} ended before its ready line"));
+                break;
+            }
+            Err(_) => {
+                let waiting = ready.iter().filter(|r| !**r).count();
+                failed = Some(format!("{waiting} VMs not ready after {LIMIT:?}"));
+                break;
+            }
+        }
+    }
+    if let Some(why) = failed {
+        fleet.stop(Duration::ZERO);
+        let logs = fleet.logs();
+        let shown: Vec<_> = logs
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.contains(READY))
+            .take(2)
+            .map(|(i, l)| format!("--- VM {i}:\n{l}"))
+            .collect();
+        panic!("density run failed: {why}\n{}", shown.join("\n"));
+    }
+    let all_running = last - start;
+    let (mut rss_kib, mut pss_kib) = (0, 0);
+    for c in &fleet.children {
+        let (rss, pss) = rss_pss_kib(c.id());
+        rss_kib += rss;
+        pss_kib += pss;
+    }
+    let killed = fleet.stop(Duration::from_secs(10));
+    fleet.logs();
+    assert_eq!(killed, 0, "{killed} VMMs ignored SIGTERM for 10 s");
+    Sample {
+        all_running,
+        rss_kib,
+        pss_kib,
+    }
+}
