@@ -1,10 +1,10 @@
-//! Density benchmark: 32 VMs of 128 MiB started at once, each running the test guest's
-//! `idle` scenario; keel against QEMU (`-M microvm,acpi=off -cpu kvm64`), interleaved.
+//! Density benchmark: 32 VMs of 128 MiB started at once, each running an idle guest (it
+//! prints a line, then halts); keel against QEMU (`-M microvm,acpi=off,...`), interleaved.
 //!
 //! `cargo bench -p keel-vmm --bench density [-- RUNS]` (default 3 runs; medians)
 //!
-//! For each run: the time from the first spawn until every guest printed its first tick
-//! (TSC calibrated, timer armed, idle from then on), and the VMM processes' total RSS and
+//! For each run: the time from the first spawn until every guest printed its ready line,
+//! and the VMM processes' total RSS and
 //! PSS from /proc/PID/smaps_rollup once all run (see `measure::density`). Every VMM is
 //! ended with SIGTERM and reaped after each run.
 
@@ -39,10 +39,12 @@ fn main() {
         .unwrap_or(3);
     println!("{VMS} VMs of {MEMORY_MIB} MiB at once, idle guest; {runs} runs, medians");
     println!("peer: {}", measure::qemu_version());
+    let dir = keel_testutil::TempDir::new("keel-density-bench");
+    let guest = density::idle_guest(dir.path());
     let (mut keel, mut qemu) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        keel.push(density::run(VMS, density::keel));
-        qemu.push(density::run(VMS, density::qemu));
+        keel.push(density::run(VMS, || density::keel(&guest)));
+        qemu.push(density::run(VMS, || density::qemu(&guest)));
     }
     report("keel", &keel);
     report("qemu", &qemu);

@@ -1,22 +1,28 @@
-//! Density: many VMs of the same size started at once, each running the test guest's
-//! `idle` scenario (it calibrates its TSC against the PIT, prints `keel-test: tick 0`, then
-//! waits for interrupts, waking every 10 ms and printing a tick every 100 ms).
+//! Density: many VMs of the same size started at once, each running an idle guest.
+//!
+//! The guest is a PVH ELF whose 32-bit entry prints [`READY`] on COM1 and then halts with
+//! interrupts off, for good: from then on neither VMM has anything to do for it. (The test
+//! guest's `idle` scenario first calibrates its TSC against the PIT, ~60 ms of busy polling
+//! per try with three PIT reads per sample; 32 of them at once on a loaded 2-CPU host
+//! failed 50 tries in a row, and on a quiet one the time until all run would mostly
+//! measure that polling under KVM's instruction emulator rather than the VMMs.)
 //!
 //! A run spawns every VMM process back to back and times, from the first spawn, until each
-//! guest's first tick line has arrived on its serial console; then it reads each process's
+//! guest's ready line has arrived on its serial console; then it reads each process's
 //! `/proc/PID/smaps_rollup`: RSS (every resident page the process maps, shared ones counted
 //! in full) and PSS (shared pages divided among the processes that map them: the honest
 //! per-VM figure, since the VMM's binary and libraries are shared). Then it ends every VMM
-//! with SIGTERM (SIGKILL for any that has not exited 10 s later) and reaps it. A VMM
-//! that fails or is left behind by a panic is killed and reaped too.
+//! with SIGTERM (SIGKILL for any that has not exited 10 s later, which fails the run) and
+//! reaps it. A VMM that fails or is left behind by a panic is killed and reaped too.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{qemu_base, KEEL, TEST_GUEST};
+use super::{qemu_base, KEEL};
 
 /// How many VMs run at once.
 pub const VMS: usize = 32;
@@ -24,31 +30,59 @@ pub const VMS: usize = 32;
 /// Guest RAM of each VM, in MiB.
 pub const MEMORY_MIB: u32 = 128;
 
-/// The guest's command line.
-pub const CMDLINE: &str = "keel.test=idle";
-
-/// The line that says a guest runs (its TSC calibrated, its timer armed).
-pub const READY: &str = "keel-test: tick 0";
+/// The line that says a guest runs (and will idle from then on).
+pub const READY: &str = "READY";
 
 /// How long all VMs may take to be ready before the run fails.
 pub const LIMIT: Duration = Duration::from_secs(300);
 
-/// keel running the idle guest.
-pub fn keel() -> Command {
+/// Writes the idle guest into `dir` and returns its path.
+pub fn idle_guest(dir: &Path) -> PathBuf {
+    let path = dir.join("idle.elf");
+    keel_testutil::assemble_elf(IDLE_GUEST, 0x10_0000, &path);
+    path
+}
+
+/// keel running `guest` in its default configuration.
+pub fn keel(guest: &Path) -> Command {
     let mut cmd = Command::new(KEEL);
-    cmd.args(["--memory", &MEMORY_MIB.to_string()])
-        .args(["--kernel", TEST_GUEST, "--cmdline", CMDLINE]);
+    cmd.args(["--memory", &MEMORY_MIB.to_string(), "--kernel"])
+        .arg(guest);
     cmd
 }
 
-/// QEMU running the idle guest: `-M microvm,acpi=off` (the guest needs microvm's PIT to
-/// calibrate its TSC; ACPI on makes its CPL0 set-up walk QEMU's ACPI tables, ~2.7 s under
-/// KVM's instruction emulator on the project's machines).
-pub fn qemu() -> Command {
-    let mut cmd = qemu_base("microvm,acpi=off", MEMORY_MIB);
-    cmd.args(["-kernel", TEST_GUEST, "-append", CMDLINE]);
+/// QEMU running `guest` in its fastest configuration that runs it, as in the boot
+/// comparison: `-M microvm,acpi=off,pit=off,pic=off,rtc=off`.
+pub fn qemu(guest: &Path) -> Command {
+    let mut cmd = qemu_base("microvm,acpi=off,pit=off,pic=off,rtc=off", MEMORY_MIB);
+    cmd.arg("-kernel").arg(guest);
     cmd
 }
+
+/// The idle guest: prints "READY" on COM1, then `hlt` with interrupts off, forever.
+const IDLE_GUEST: &str = r#"
+    .section .note.pvh, "a"
+    .p2align 2
+    .long 4, 4, 18              # namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
+    .asciz "Xen"
+    .long _start
+    .text
+    .code32
+    .globl _start
+_start:
+    cli
+    mov $0x3f8, %dx
+    lea msg, %esi
+    mov $6, %ecx
+1:  lodsb
+    out %al, %dx
+    loop 1b
+2:  hlt
+    jmp 2b
+msg:
+    .ascii "READY
+"
+"#;
 
 /// One run's figures.
 #[derive(Clone, Copy, Debug)]
@@ -89,15 +123,16 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// Ends every VMM with SIGTERM, then SIGKILL after `grace`; returns how many needed it.
-    fn stop(&mut self, grace: Duration) -> usize {
+    /// Ends every VMM with SIGTERM, then SIGKILL after `grace`; returns the indices of
+    /// those that needed it.
+    fn stop(&mut self, grace: Duration) -> Vec<usize> {
         for c in &self.children {
             // SAFETY: kill(2) on our own unreaped child's pid; no memory is involved.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         }
         let deadline = Instant::now() + grace;
-        let mut killed = 0;
-        for c in &mut self.children {
+        let mut killed = Vec::new();
+        for (i, c) in self.children.iter_mut().enumerate() {
             loop {
                 match c.try_wait() {
                     Ok(Some(_)) => break,
@@ -107,7 +142,7 @@ impl Fleet {
                     _ => {
                         let _ = c.kill();
                         let _ = c.wait();
-                        killed += 1;
+                        killed.push(i);
                         break;
                     }
                 }
@@ -188,27 +223,22 @@ pub fn run(vms: usize, make: impl Fn() -> Command) -> Sample {
                 last = last.max(at);
             }
             Ok(Event::Ended(i)) => {
-                failed = Some(format!("VM {i} ended before its ready line"));
+                failed = Some((format!("VM {i} ended before its ready line"), i));
                 break;
             }
             Err(_) => {
                 let waiting = ready.iter().filter(|r| !**r).count();
-                failed = Some(format!("{waiting} VMs not ready after {LIMIT:?}"));
+                let first = ready.iter().position(|r| !r).unwrap_or(0);
+                failed = Some((format!("{waiting} VMs not ready after {LIMIT:?}"), first));
                 break;
             }
         }
     }
-    if let Some(why) = failed {
+    if let Some((why, i)) = failed {
+        let program = make().get_program().to_string_lossy().into_owned();
         fleet.stop(Duration::ZERO);
         let logs = fleet.logs();
-        let shown: Vec<_> = logs
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| !l.contains(READY))
-            .take(2)
-            .map(|(i, l)| format!("--- VM {i}:\n{l}"))
-            .collect();
-        panic!("density run failed: {why}\n{}", shown.join("\n"));
+        panic!("density run of {program} failed: {why}; VM {i}'s console:\n{}", logs[i]);
     }
     let all_running = last - start;
     let (mut rss_kib, mut pss_kib) = (0, 0);
@@ -217,9 +247,16 @@ pub fn run(vms: usize, make: impl Fn() -> Command) -> Sample {
         rss_kib += rss;
         pss_kib += pss;
     }
+    let program = make().get_program().to_string_lossy().into_owned();
     let killed = fleet.stop(Duration::from_secs(10));
-    fleet.logs();
-    assert_eq!(killed, 0, "{killed} VMMs ignored SIGTERM for 10 s");
+    let logs = fleet.logs();
+    if let Some(&i) = killed.first() {
+        panic!(
+            "{} of {vms} VMMs ({program}) ignored SIGTERM for 10 s; VM {i}'s console:\n{}",
+            killed.len(),
+            logs[i]
+        );
+    }
     Sample {
         all_running,
         rss_kib,
