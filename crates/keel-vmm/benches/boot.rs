@@ -62,7 +62,10 @@ fn main() {
         let (mut split, mut in_kernel, mut no_filters, mut qemu) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            split.push(boot::run(&mut boot::keel("split", "on", kernel, cmdline), expect));
+            split.push(boot::run(
+                &mut boot::keel("split", "on", kernel, cmdline),
+                expect,
+            ));
             in_kernel.push(boot::run(
                 &mut boot::keel("kernel", "on", kernel, cmdline),
                 expect,

@@ -238,7 +238,10 @@ pub fn run(vms: usize, make: impl Fn() -> Command) -> Sample {
         let program = make().get_program().to_string_lossy().into_owned();
         fleet.stop(Duration::ZERO);
         let logs = fleet.logs();
-        panic!("density run of {program} failed: {why}; VM {i}'s console:\n{}", logs[i]);
+        panic!(
+            "density run of {program} failed: {why}; VM {i}'s console:\n{}",
+            logs[i]
+        );
     }
     let all_running = last - start;
     let (mut rss_kib, mut pss_kib) = (0, 0);

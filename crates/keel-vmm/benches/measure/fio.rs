@@ -28,8 +28,7 @@ pub fn iops(file: &Path, row: Row, requests: u64) -> f64 {
         "fio failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("fio's JSON output");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio's JSON output");
     let side = if row.op == "randread" {
         "read"
     } else {
