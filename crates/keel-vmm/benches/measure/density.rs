@@ -13,9 +13,11 @@
 //! in full) and PSS (shared pages divided among the processes that map them: the honest
 //! per-VM figure, since the VMM's binary and libraries are shared). Then it ends every VMM
 //! with SIGTERM (SIGKILL for any that has not exited 10 s later, which fails the run) and
-//! reaps it. A VMM that fails or is left behind by a panic is killed and reaped too.
+//! reaps it. A VMM that fails or is left behind by a panic is killed and reaped too, and
+//! the kernel kills every VMM of a run whose bench process is killed.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -181,7 +183,19 @@ pub fn run(vms: usize, make: impl Fn() -> Command) -> Sample {
     };
     let start = Instant::now();
     for i in 0..vms {
-        let mut child = make()
+        let mut cmd = make();
+        // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // If this process dies without ending the VMMs (SIGKILL), the kernel does.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

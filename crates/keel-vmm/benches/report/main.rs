@@ -180,7 +180,8 @@ fn blk_figures(runs: usize, requests: u64) -> Vec<BlkRow> {
     for fmt in blk::FORMATS {
         let img = blk::image(&dir, fmt);
         let (mut keel, mut qemu) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
+        for run in 1..=runs {
+            eprintln!("blk: {fmt}, run {run} of {runs}");
             keel.push(blk::run(blk::keel(&img, fmt, requests), requests));
             qemu.push(blk::run(blk::qemu(&img, fmt, requests), requests));
             fio_runs.push(ROWS.map(|row| fio::iops(&raw, row, requests)));
@@ -206,7 +207,8 @@ fn density_figures(runs: usize) -> DensityFigures {
     let dir = keel_testutil::TempDir::new("keel-bench-report-density");
     let guest = density::idle_guest(dir.path());
     let (mut keel, mut qemu) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
+    for run in 1..=runs {
+        eprintln!("density: run {run} of {runs}");
         keel.push(density::run(density::VMS, || density::keel(&guest)));
         qemu.push(density::run(density::VMS, || density::qemu(&guest)));
     }
