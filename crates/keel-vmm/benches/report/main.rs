@@ -14,9 +14,10 @@
 //!
 //! Runs are interleaved (keel, QEMU, keel, ...) so that a change in the host's load
 //! touches both alike; every figure is the median of its runs. Default: boot 20 runs,
-//! blk 3 runs of 20000 requests per row, density 3 runs (about 5 minutes on a quiet
-//! 2-core machine). `--quick`: boot 5, blk 1 run of 5000 requests, density 1 run (about a
-//! minute). `--runs N` sets every run count. `--publish` also copies the table and the
+//! blk 3 runs of 20000 requests per row, density 3 runs (13 minutes on the project's
+//! 2-core machine at a load average of 10, nearly all in the depth-1 blk rows).
+//! `--quick`: boot 5, blk 1 run of 5000 requests, density 1 run (76 s at that load).
+//! `--runs N` sets every run count. `--publish` also copies the table and the
 //! charts into benches/report/ and replaces the README's Performance figures (between its
 //! `bench-report` markers) with the new ones.
 
