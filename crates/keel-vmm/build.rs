@@ -5,7 +5,7 @@
 //! It also links the `keel` binary statically where it can (see [`link_keel_statically`]).
 
 use std::env;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
@@ -116,5 +116,5 @@ fn find_archive(cc: &str, archive: &str) -> Option<PathBuf> {
         .ok()?;
     let path = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
     // Without the file, gcc and clang print the bare name back.
-    (path.is_absolute() && Path::new(&path).is_file()).then(|| path.canonicalize().unwrap_or(path))
+    (path.is_absolute() && path.is_file()).then(|| path.canonicalize().unwrap_or(path))
 }
