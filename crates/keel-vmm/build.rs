@@ -53,7 +53,8 @@ const STATIC_STAND_INS: [(&str, &str); 7] = [
 /// Links the `keel` binary (only it: not the library, tests or benches, nor the crates that
 /// depend on this one) as a static PIE against glibc's archives (issue 18, Must 2: no ld.so,
 /// libc.so or libgcc_s to map and relocate, only the parts of glibc keel calls; 3.6 MiB peak
-/// RSS for the trivial guest's run before, 2.8 MiB after; see the README's "Performance").
+/// RSS for the trivial guest's run before, 2.75 MiB after: crates/keel-vmm/README.md,
+/// "Performance: resident memory").
 ///
 /// `-C target-feature=+crt-static` would be the usual way, but without an explicit
 /// `--target` cargo passes RUSTFLAGS to proc-macro crates too, which cannot be static, so
@@ -68,6 +69,7 @@ const STATIC_STAND_INS: [(&str, &str); 7] = [
 /// come with libc6-dev), or `KEEL_LINK=dynamic` is set.
 fn link_keel_statically() {
     println!("cargo:rerun-if-env-changed=KEEL_LINK");
+    println!("cargo:rerun-if-env-changed=CC");
     let var = |name: &str| env::var(name).unwrap_or_default();
     let skip = |why: &str| println!("cargo:warning=keel is linked dynamically: {why}");
     if var("KEEL_LINK") == "dynamic" {
