@@ -13,7 +13,8 @@
 //!
 //! For each run: the wall time from spawning the VMM to the first byte of guest serial
 //! output, the time to the VMM's exit, and the VMM's peak resident set size
-//! (`ru_maxrss` from `wait4`); see `measure::boot`. Medians are printed.
+//! (`ru_maxrss` from `wait4`; the VMM is forked, not posix_spawned, see `measure::boot`).
+//! Medians are printed.
 
 mod measure;
 
@@ -43,6 +44,12 @@ fn main() {
     let trivial = boot::trivial_guest(dir.path());
     let trivial = trivial.to_str().unwrap();
     println!("{runs} runs each, medians; 1 vCPU, 128 MiB");
+    match boot::anon_rss_kib() {
+        Some(k) => {
+            println!("peak RSS figures include the bench's anonymous memory at fork ({k} KiB now)")
+        }
+        None => println!("peak RSS figures include the bench's anonymous memory at fork (unknown)"),
+    }
     println!("peer: {}", measure::qemu_version());
     for (what, kernel, cmdline, expect) in [
         (
