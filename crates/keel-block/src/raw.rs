@@ -146,12 +146,13 @@ impl WriteRanges {
         }
         let id = held.next;
         held.next += 1;
-        held.ranges.extend(ranges.iter().map(|&(start, end)| HeldRange {
-            id,
-            start,
-            end,
-            exclusive,
-        }));
+        held.ranges
+            .extend(ranges.iter().map(|&(start, end)| HeldRange {
+                id,
+                start,
+                end,
+                exclusive,
+            }));
         WriteGuard {
             ranges: self.clone(),
             id,

@@ -30,9 +30,11 @@ fn registrations() -> Vec<(usize, usize)> {
         if target.to_string_lossy() != "anon_inode:[io_uring]" {
             continue;
         }
-        let info =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", e.file_name().to_string_lossy()))
-                .unwrap();
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap();
         let count = |key: &str| {
             info.lines()
                 .find_map(|l| l.strip_prefix(key))
@@ -45,7 +47,9 @@ fn registrations() -> Vec<(usize, usize)> {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 fn wait_ok(q: &mut UringQueue<RawFile, GuestBuf<Arc<GuestMemoryMmap>>>) {
@@ -85,7 +89,11 @@ fn registered_file_and_memory_move_the_same_bytes() {
     );
     let mut q: UringQueue<RawFile, GuestBuf<Arc<GuestMemoryMmap>>> =
         UringQueue::new(file.clone(), 16).unwrap();
-    assert_eq!(registrations(), [(1, 0)], "the data file is registered at once");
+    assert_eq!(
+        registrations(),
+        [(1, 0)],
+        "the data file is registered at once"
+    );
     q.register_memory(mem.clone()).unwrap();
     assert_eq!(registrations(), [(1, 2)], "one buffer per region");
 
@@ -113,7 +121,9 @@ fn registered_file_and_memory_move_the_same_bytes() {
     let buf = GuestBuf::new(mem, range(at, 8192));
     q.submit(AioRequest::read(256 << 10, buf, 2));
     wait_ok(&mut q);
-    let mem = weak.upgrade().expect("the queue keeps the memory it registered");
+    let mem = weak
+        .upgrade()
+        .expect("the queue keeps the memory it registered");
     let mut got = vec![0; 8192];
     mem.read_slice(&mut got, at).unwrap();
     assert_eq!(got, data, "the read landed");

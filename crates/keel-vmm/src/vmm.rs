@@ -676,8 +676,7 @@ fn boot_once(
         None => None,
     };
     for (i, spec) in cfg.disks.iter().enumerate() {
-        if cfg.balloon.is_some() && spec.memory == keel_virtio_blk::GuestMemoryAccess::Registered
-        {
+        if cfg.balloon.is_some() && spec.memory == keel_virtio_blk::GuestMemoryAccess::Registered {
             return Err(crate::disk::Error::RegisteredWithBalloon {
                 path: spec.path.display().to_string(),
             }
