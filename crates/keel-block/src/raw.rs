@@ -104,9 +104,20 @@ pub struct RawFile {
 /// not have another write of its blocks land between its read and its write).
 #[derive(Default)]
 struct WriteRanges {
-    /// The next guard's id, and every range held.
-    held: Mutex<(u64, Vec<HeldRange>)>,
+    held: Mutex<Held>,
     released: Condvar,
+}
+
+/// What [`WriteRanges`] guards.
+#[derive(Default)]
+struct Held {
+    /// The next guard's id.
+    next: u64,
+    /// Every range held.
+    ranges: Vec<HeldRange>,
+    /// Threads waiting in [`WriteRanges::lock`]: a release wakes them only if there are
+    /// any (a wake is a system call, and every write in flight releases its ranges).
+    waiters: usize,
 }
 
 struct HeldRange {
@@ -123,22 +134,25 @@ impl WriteRanges {
     /// thread that only waits.
     fn lock(self: &Arc<Self>, ranges: &[(u64, u64)], exclusive: bool) -> WriteGuard {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        while held.1.iter().any(|h| {
+        while held.ranges.iter().any(|h| {
             (exclusive || h.exclusive) && ranges.iter().any(|&(s, e)| s < h.end && h.start < e)
         }) {
+            held.waiters += 1;
             held = self
                 .released
                 .wait(held)
                 .unwrap_or_else(PoisonError::into_inner);
+            held.waiters -= 1;
         }
-        let id = held.0;
-        held.0 += 1;
-        held.1.extend(ranges.iter().map(|&(start, end)| HeldRange {
-            id,
-            start,
-            end,
-            exclusive,
-        }));
+        let id = held.next;
+        held.next += 1;
+        held.ranges
+            .extend(ranges.iter().map(|&(start, end)| HeldRange {
+                id,
+                start,
+                end,
+                exclusive,
+            }));
         WriteGuard {
             ranges: self.clone(),
             id,
@@ -160,9 +174,12 @@ impl Drop for WriteGuard {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        held.1.retain(|h| h.id != self.id);
+        held.ranges.retain(|h| h.id != self.id);
+        let waiters = held.waiters > 0;
         drop(held);
-        self.ranges.released.notify_all();
+        if waiters {
+            self.ranges.released.notify_all();
+        }
     }
 }
 

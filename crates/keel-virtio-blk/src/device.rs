@@ -32,8 +32,30 @@ pub const BLOCK_DEVICE_TYPE: u32 = VIRTIO_ID_BLOCK;
 /// and the guest memory they are in, owned by the engine request until it completes.
 pub type DataBuf = GuestBuf<Arc<GuestMemoryMmap>>;
 
-/// Makes the I/O engine for one queue (called on that queue's worker thread).
-pub type EngineFactory = dyn Fn() -> keel_block::Result<Box<dyn AioQueue<DataBuf>>> + Send + Sync;
+/// Makes the I/O engine for one queue (called on that queue's worker thread), over the
+/// guest memory the queue serves and reaching it as the disk says.
+pub type EngineFactory = dyn Fn(&Arc<GuestMemoryMmap>, GuestMemoryAccess) -> keel_block::Result<Box<dyn AioQueue<DataBuf>>>
+    + Send
+    + Sync;
+
+/// How a disk's I/O engines reach guest memory ([`Disk::with_memory_access`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GuestMemoryAccess {
+    /// Request by request: for each transfer the kernel looks up and pins the pages of
+    /// that request only. Guest memory stays pageable, and a balloon may reclaim it.
+    #[default]
+    PerRequest,
+    /// Registered once (io_uring fixed buffers, [`Disk::uring`] only; other engines
+    /// ignore it): each queue's engine registers all of guest memory when the driver
+    /// starts the device, which saves the per-request page lookup and pinning. All of
+    /// guest memory becomes resident and pinned while the device runs. Never with a
+    /// balloon or free page reporting (or anything else that discards or remaps guest
+    /// pages): transfers would keep reaching the discarded pages. If the kernel refuses
+    /// the registration (for example `RLIMIT_MEMLOCK`), the queue logs it and works
+    /// request by request.
+    Registered,
+}
 
 /// A disk as the device sees it: the backend (for size, limits, read-only) and how each
 /// queue gets its own asynchronous I/O engine over it.
@@ -42,6 +64,7 @@ pub struct Disk {
     pub(crate) backend: Arc<dyn BlockBackend>,
     pub(crate) engine: Arc<EngineFactory>,
     pub(crate) id: [u8; ID_BYTES],
+    pub(crate) memory: GuestMemoryAccess,
 }
 
 impl Disk {
@@ -50,10 +73,20 @@ impl Disk {
         let t = target.clone();
         Disk {
             backend: target,
-            engine: Arc::new(move || {
-                Ok(Box::new(UringQueue::new(t.clone(), depth)?) as Box<dyn AioQueue<DataBuf>>)
+            engine: Arc::new(move |mem, access| {
+                let mut q = UringQueue::new(t.clone(), depth)?;
+                if access == GuestMemoryAccess::Registered {
+                    if let Err(e) = q.register_memory(mem.clone()) {
+                        log::warn!(
+                            "virtio-blk: guest memory not registered with io_uring, requests pin their own pages: {}",
+                            crate::worker::Chain(&e)
+                        );
+                    }
+                }
+                Ok(Box::new(q) as Box<dyn AioQueue<DataBuf>>)
             }),
             id: [0; ID_BYTES],
+            memory: GuestMemoryAccess::PerRequest,
         }
     }
 
@@ -63,13 +96,14 @@ impl Disk {
         let b = backend.clone();
         Disk {
             backend,
-            engine: Arc::new(move || {
+            engine: Arc::new(move |_, _| {
                 Ok(
                     Box::new(keel_block::aio::ThreadQueue::new(b.clone(), threads)?)
                         as Box<dyn AioQueue<DataBuf>>,
                 )
             }),
             id: [0; ID_BYTES],
+            memory: GuestMemoryAccess::PerRequest,
         }
     }
 
@@ -79,12 +113,19 @@ impl Disk {
         let b = backend.clone();
         Disk {
             backend,
-            engine: Arc::new(move || {
+            engine: Arc::new(move |_, _| {
                 Ok(Box::new(keel_block::aio::SyncQueue::new(b.clone()))
                     as Box<dyn AioQueue<DataBuf>>)
             }),
             id: [0; ID_BYTES],
+            memory: GuestMemoryAccess::PerRequest,
         }
+    }
+
+    /// Sets how the disk's I/O engines reach guest memory (see [`GuestMemoryAccess`]).
+    pub fn with_memory_access(mut self, access: GuestMemoryAccess) -> Disk {
+        self.memory = access;
+        self
     }
 
     /// Sets the ID GET_ID returns (up to 20 bytes; longer IDs are cut).
@@ -536,6 +577,7 @@ impl VirtioDevice for Block {
                 limits,
                 id: self.disk.id,
                 engine: self.disk.engine.clone(),
+                memory_access: self.disk.memory,
                 writeback: self.writeback.clone(),
                 throttle: Some(self.throttle.clone()),
                 stats: self.stats.clone(),

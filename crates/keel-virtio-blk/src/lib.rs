@@ -25,7 +25,9 @@ pub mod request;
 mod stats;
 mod worker;
 
-pub use device::{Block, BlockHandle, BlockOptions, DataBuf, Disk, Error, BLOCK_DEVICE_TYPE};
+pub use device::{
+    Block, BlockHandle, BlockOptions, DataBuf, Disk, Error, GuestMemoryAccess, BLOCK_DEVICE_TYPE,
+};
 pub use errors::{IoError, IoErrorSink, IoOp};
 pub use stats::{BlockStats, OpStats};
 #[cfg(feature = "test-utils")]

@@ -33,7 +33,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::device::{DataBuf, EngineFactory};
+use crate::device::{DataBuf, EngineFactory, GuestMemoryAccess};
 use crate::errors::{IoError, IoOp, Reporter};
 use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
 use crate::stats::{Kind, Stats};
@@ -51,6 +51,8 @@ pub(crate) struct QueueContext {
     pub limits: Limits,
     pub id: [u8; ID_BYTES],
     pub engine: Arc<EngineFactory>,
+    /// How the engine reaches guest memory.
+    pub memory_access: GuestMemoryAccess,
     pub writeback: Arc<AtomicBool>,
     pub throttle: Option<Arc<Mutex<Throttle>>>,
     /// The device's I/O totals.
@@ -133,7 +135,7 @@ enum WorkerError {
 }
 
 /// An error and its causes, for a log line: `step: cause: cause's cause`.
-struct Chain<'a>(&'a dyn std::error::Error);
+pub(crate) struct Chain<'a>(pub(crate) &'a dyn std::error::Error);
 
 impl std::fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -229,9 +231,10 @@ impl SyncServer {
         needs_reset: NeedsReset,
     ) -> keel_block::Result<SyncServer> {
         let limits = crate::device::limits_for(disk, queue.max_size());
+        let mem = Arc::new(mem);
         Ok(SyncServer {
             state: State {
-                aio: (disk.engine)()?,
+                aio: (disk.engine)(&mem, disk.memory)?,
                 ctx: QueueContext {
                     index: 0,
                     queue,
@@ -239,12 +242,13 @@ impl SyncServer {
                         EventFd::new(libc::EFD_NONBLOCK)
                             .map_err(|e| keel_block::Error::io("creating an eventfd", e))?,
                     ),
-                    mem: Arc::new(mem),
+                    mem,
                     interrupt,
                     needs_reset,
                     limits,
                     id: disk.id,
                     engine: disk.engine.clone(),
+                    memory_access: disk.memory,
                     writeback: Arc::new(AtomicBool::new(true)),
                     throttle: None,
                     stats: Arc::new(Stats::default()),
@@ -298,7 +302,7 @@ const WAKE: u64 = 1;
 const TIMER: u64 = 2;
 
 fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), WorkerError> {
-    let aio = match (ctx.engine)() {
+    let aio = match (ctx.engine)(&ctx.mem, ctx.memory_access) {
         Ok(a) => a,
         Err(e) => {
             ctx.needs_reset.report();

@@ -1,4 +1,4 @@
-//! `--disk path=P[,format=raw|qcow2][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N][,poll=US]`:
+//! `--disk path=P[,format=raw|qcow2][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered]`:
 //! parsing the option and opening the disk behind a virtio-blk device.
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::ProbedRaw;
-use keel_virtio_blk::{Block, BlockOptions, Disk};
+use keel_virtio_blk::{Block, BlockOptions, Disk, GuestMemoryAccess};
 
 /// One `--disk`: the image and how to open it, and the device in front of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +22,10 @@ pub struct DiskSpec {
     /// The virtio-blk device: queues (`queues=`), throttling (`iops=`,
     /// `bps=`), polling (`poll=`); its write cache follows the cache mode.
     pub device: BlockOptions,
+    /// How the I/O engines reach guest memory (`memory=`): `per-request` (the default)
+    /// or `registered` (all of guest memory pinned and registered with io_uring once;
+    /// refused together with `--balloon`).
+    pub memory: GuestMemoryAccess,
 }
 
 /// What is wrong with a `--disk` value; the message names the option and what it takes.
@@ -57,6 +61,9 @@ pub enum OptionError {
     /// `poll=` is outside 0 to 1000000.
     #[error("poll={0}: expected 0 to 1000000 microseconds")]
     Poll(String),
+    /// `memory=` is neither per-request nor registered.
+    #[error("memory={0}: expected per-request or registered")]
+    Memory(String),
     /// No `path=`.
     #[error("path=FILE is required")]
     NoPath,
@@ -72,6 +79,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
             queue_size: QUEUE_SIZE,
             ..Default::default()
         },
+        memory: GuestMemoryAccess::default(),
     };
     let number = |k: &str, v: &str| {
         v.parse::<u64>().map_err(|_| OptionError::Number {
@@ -114,6 +122,13 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
                     .filter(|&us| us <= 1_000_000)
                     .ok_or_else(|| OptionError::Poll(v.into()))?
             }
+            "memory" => {
+                spec.memory = match v {
+                    "per-request" => GuestMemoryAccess::PerRequest,
+                    "registered" => GuestMemoryAccess::Registered,
+                    _ => return Err(OptionError::Memory(v.into())),
+                }
+            }
             _ => return Err(OptionError::Unknown(part.into())),
         }
     }
@@ -143,6 +158,13 @@ pub enum Error {
          (a raw image a guest wrote could name any host file as its backing file)"
     )]
     ProbedBacking {
+        /// The image.
+        path: String,
+    },
+    /// `memory=registered` in a VM with a balloon, which discards guest pages the
+    /// registration would keep transferring to.
+    #[error("disk {path}: memory=registered cannot be used with --balloon (the balloon discards guest pages that registered memory keeps pinned)")]
+    RegisteredWithBalloon {
         /// The image.
         path: String,
     },
@@ -204,7 +226,8 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
         Image::Raw(r) => Disk::uring(r.clone(), depth),
         Image::Qcow2(q) => Disk::uring(q.clone(), depth),
     }
-    .with_id(&format!("keel-disk{index}"));
+    .with_id(&format!("keel-disk{index}"))
+    .with_memory_access(spec.memory);
     let block = Block::new(disk, spec.device).map_err(|source| Error::Device {
         path: path.clone(),
         source,
@@ -220,7 +243,7 @@ mod tests {
     #[test]
     fn disk_options_parse() {
         let d = parse_disk(
-            "path=/tmp/a.qcow2,format=qcow2,readonly=on,cache=none,queues=4,iops=100,bps=1048576,poll=0",
+            "path=/tmp/a.qcow2,format=qcow2,readonly=on,cache=none,queues=4,iops=100,bps=1048576,poll=0,memory=registered",
         )
         .unwrap();
         assert_eq!(
@@ -244,6 +267,7 @@ mod tests {
                     bps: 1 << 20,
                     poll_us: 0,
                 },
+                memory: GuestMemoryAccess::Registered,
             }
         );
         let d = parse_disk("path=x").unwrap();
@@ -258,6 +282,7 @@ mod tests {
         );
         assert!(d.device.writeback);
         assert_eq!(d.device.poll_us, BlockOptions::default().poll_us);
+        assert_eq!(d.memory, GuestMemoryAccess::PerRequest);
         let d = parse_disk("path=x,cache=writethrough").unwrap();
         assert!(!d.device.writeback, "write-through shows no volatile cache");
         let s = String::from;
@@ -301,6 +326,11 @@ mod tests {
                 "path=x,poll=2000000",
                 OptionError::Poll(s("2000000")),
                 "poll=2000000",
+            ),
+            (
+                "path=x,memory=pinned",
+                OptionError::Memory(s("pinned")),
+                "memory=pinned: expected per-request or registered",
             ),
             (
                 "path=x,oops",

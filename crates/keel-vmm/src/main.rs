@@ -54,8 +54,10 @@ struct Cli {
     devices: Vec<vmm::DeviceKind>,
 
     /// A virtio-blk disk (repeatable):
-    /// `path=FILE[,format=raw|qcow2][,readonly=on][,cache=none|writeback|writethrough|directsync|unsafe][,queues=N][,iops=N][,bps=N][,poll=US]`.
+    /// `path=FILE[,format=raw|qcow2][,readonly=on][,cache=none|writeback|writethrough|directsync|unsafe][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered]`.
     /// `poll`: microseconds each queue keeps polling after its last request (default 64, 0: off).
+    /// `memory=registered`: guest memory is pinned and registered with io_uring once, not per
+    /// request (not with `--balloon`).
     /// Without `format` the image is probed (qcow2 magic, else raw).
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = disk::parse_disk)]
     disks: Vec<disk::DiskSpec>,

@@ -676,6 +676,12 @@ fn boot_once(
         None => None,
     };
     for (i, spec) in cfg.disks.iter().enumerate() {
+        if cfg.balloon.is_some() && spec.memory == keel_virtio_blk::GuestMemoryAccess::Registered {
+            return Err(crate::disk::Error::RegisteredWithBalloon {
+                path: spec.path.display().to_string(),
+            }
+            .into());
+        }
         let (block, image) = crate::disk::open(spec, i)?;
         let name = format!("disk{i}");
         if let Some(q) = &io_errors {

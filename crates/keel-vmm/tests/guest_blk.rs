@@ -394,6 +394,58 @@ fn blk_bench_runs_every_row_under_keel() {
     assert_bench_rows(&out, 300);
 }
 
+/// `blk` with guest memory registered with io_uring (`memory=registered`, `O_DIRECT`):
+/// the same lines and the same image as request by request.
+#[test]
+fn blk_passes_under_keel_with_registered_guest_memory() {
+    require_kvm!();
+    for format in ["raw", "qcow2"] {
+        let disk = Disk::new(
+            &format!("blk-registered-{format}"),
+            format,
+            initial_byte,
+            final_byte,
+        );
+        let opts = format!(
+            "path={},format={format},cache=none,memory=registered",
+            s(&disk.image)
+        );
+        let out = keel_blk("keel.test=blk", &opts, false);
+        assert_pass(&out, "blk", 0);
+        assert_lines(&out, "blk", BLK_LINES);
+        disk.assert_content();
+    }
+}
+
+/// `memory=registered` beside a balloon is refused before the guest starts, saying why.
+#[test]
+fn registered_guest_memory_is_refused_with_a_balloon() {
+    require_kvm!();
+    let disk = Disk::new("blk-registered-balloon", "raw", initial_byte, initial_byte);
+    let opts = format!("path={},format=raw,memory=registered", s(&disk.image));
+    let out = run_keel(
+        &[
+            "--memory",
+            "128",
+            "--cmdline",
+            "keel.test=blk",
+            "--disk",
+            &opts,
+            "--balloon",
+        ],
+        LIMIT,
+    );
+    assert_ne!(out.code(), Some(0), "keel must refuse: {}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("memory=registered cannot be used with --balloon"),
+        "stderr: {}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("keel-test:"), "the guest must not run");
+    disk.assert_content();
+}
+
 // ---------------------------------------------------------------------
 // keel as an unprivileged user.
 

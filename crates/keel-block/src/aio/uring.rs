@@ -1,12 +1,13 @@
 //! The io_uring engine ([`UringQueue`]), behind the default `io_uring` feature.
 
 use std::collections::VecDeque;
+use std::ops::Deref;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::Permissions;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, Permissions};
 
 use super::{run_sync, AioOp, AioQueue, AioRequest, Bounce, Completion, Payload};
 use crate::backend::{BlockBackend, FileRead, FileSource};
@@ -236,9 +237,44 @@ pub(super) const MAX_PIECES: usize = 1024;
 /// rest is resubmitted).
 const MAX_ENTRY: usize = 1 << 30;
 
+/// Largest buffer the kernel registers as one fixed buffer (its limit is 1 GiB).
+const MAX_FIXED_BUFFER: usize = 1 << 30;
+
+/// Memory registered with the ring as fixed buffers ([`UringQueue::register_memory`]).
+struct FixedMemory {
+    /// Start address and length of each registered buffer, in the ring's buffer-table
+    /// order.
+    buffers: Vec<(usize, usize)>,
+    /// The handle that keeps the registered memory mapped. Declared after the ring in
+    /// [`UringQueue`], so it is dropped after the ring (and its registration) is gone.
+    _keep: Box<dyn Send>,
+}
+
+impl FixedMemory {
+    /// The buffer-table index of the registered buffer that holds all of
+    /// `[addr, addr + len)`, if one does.
+    fn index(&self, addr: *mut u8, len: usize) -> Option<u16> {
+        let a = addr as usize;
+        let end = a.checked_add(len)?;
+        let i = self
+            .buffers
+            .iter()
+            .position(|&(start, n)| start <= a && end <= start + n)?;
+        u16::try_from(i).ok()
+    }
+}
+
 /// An io_uring engine for one device queue.
+///
+/// The data file is registered with the ring (a fixed file: the kernel does not look it
+/// up for every transfer) where the kernel allows it, and memory can be registered too
+/// ([`UringQueue::register_memory`]).
 pub struct UringQueue<T: UringTarget, B: IoBuf> {
     ring: IoUring,
+    /// The data file's descriptor while it is registered as fixed file 0.
+    fixed_fd: Option<RawFd>,
+    /// Registered memory; after `ring`, so it outlives the registration.
+    fixed_mem: Option<FixedMemory>,
     target: Arc<T>,
     parents: Vec<Option<Parent<B>>>,
     free_parents: Vec<usize>,
@@ -261,8 +297,14 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
     pub fn new(target: Arc<T>, depth: u32) -> Result<Self> {
         let ring = IoUring::new(depth.next_power_of_two().max(8) * 2)
             .map_err(|e| Error::io("setting up io_uring", e))?;
+        // A fixed file saves the kernel a descriptor lookup (and reference) per transfer;
+        // a kernel that refuses it gets the plain descriptor.
+        let fd = target.data_fd();
+        let fixed_fd = ring.submitter().register_files(&[fd]).ok().map(|()| fd);
         Ok(UringQueue {
             ring,
+            fixed_fd,
+            fixed_mem: None,
             target,
             parents: Vec::new(),
             free_parents: Vec::new(),
@@ -276,6 +318,91 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
             copies: 0,
             copy_finished: false,
         })
+    }
+
+    /// Registers the regions of `mem` with the ring as fixed buffers: transfers to and
+    /// from them then use the kernel's pinned copy of the pages instead of looking up and
+    /// pinning them for every request. The queue keeps `mem` (a handle such as an
+    /// `Arc<GuestMemoryMmap>`) until the ring is closed, so the registered mappings stay
+    /// in place that long; a second call replaces the first registration.
+    ///
+    /// The kernel pins every page of `mem` now (they become resident and count against
+    /// `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`) and keeps transferring to those very pages:
+    /// only for memory whose pages stay where they are for the life of the queue. Memory
+    /// its owner discards (`MADV_DONTNEED`, a balloon, free page reporting) or remaps
+    /// must not be registered: transfers would reach the discarded pages, not the ones
+    /// that replaced them. On an error nothing is registered and transfers go on as
+    /// before.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use keel_block::aio::{AioQueue, AioRequest, UringQueue};
+    /// use keel_block::buf::GuestBuf;
+    /// use keel_block::iov::GuestRange;
+    /// use keel_block::{RawFile, RawOptions};
+    /// use vm_memory::{GuestAddress, GuestMemoryMmap};
+    ///
+    /// let file = Arc::new(RawFile::open("disk.img", RawOptions::default())?);
+    /// let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    /// let mut q = UringQueue::new(file, 32)?;
+    /// q.register_memory(mem.clone())?;
+    /// let buf = GuestBuf::new(mem, [GuestRange::new(GuestAddress(0x1000), 4096)].into_iter().collect());
+    /// q.submit(AioRequest::read(0, buf, 1));
+    /// let mut done = Vec::new();
+    /// q.wait(1, &mut done)?;
+    /// # Ok::<(), keel_block::Error>(())
+    /// ```
+    pub fn register_memory<M>(&mut self, mem: M) -> Result<()>
+    where
+        M: Deref + Send + 'static,
+        M::Target: GuestMemoryBackend,
+    {
+        let mut buffers = Vec::new();
+        for region in mem.iter() {
+            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let slice = region
+                .get_slice(MemoryRegionAddress(0), len)
+                .map_err(|source| Error::GuestMemory {
+                    addr: region.start_addr().0,
+                    len: region.len() as usize,
+                    source,
+                })?;
+            let start = slice.ptr_guard_mut().as_ptr() as usize;
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(MAX_FIXED_BUFFER);
+                buffers.push((start + at, n));
+                at += n;
+            }
+        }
+        let iovecs: Vec<libc::iovec> = buffers
+            .iter()
+            .map(|&(start, len)| libc::iovec {
+                iov_base: start as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        if self.fixed_mem.take().is_some() {
+            // Transfers in flight keep their own reference on the old buffers.
+            self.ring
+                .submitter()
+                .unregister_buffers()
+                .map_err(|e| Error::io("unregistering io_uring buffers", e))?;
+        }
+        // SAFETY: every iovec is a whole mapping of one of `mem`'s regions (or a piece of
+        // one), and `mem`, kept in `fixed_mem`, holds those mappings for as long as the
+        // queue exists; the ring (declared before `fixed_mem`) is closed first, which
+        // ends the registration. The kernel only transfers data through these buffers
+        // for requests this queue submits, each for memory a request's buffer owns.
+        unsafe { self.ring.submitter().register_buffers(&iovecs) }
+            .map_err(|e| Error::io("registering guest memory with io_uring", e))?;
+        self.fixed_mem = Some(FixedMemory {
+            buffers,
+            _keep: Box::new(mem),
+        });
+        Ok(())
     }
 
     /// Serves a request synchronously.
@@ -453,14 +580,35 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
             }
         };
         let len = p.len.min(MAX_ENTRY) as u32;
-        let entry = if p.write {
-            opcode::Write::new(types::Fd(p.fd), p.addr, len)
+        let fixed_buf = self
+            .fixed_mem
+            .as_ref()
+            .and_then(|m| m.index(p.addr, len as usize));
+        let entry = match (self.fixed_fd == Some(p.fd), fixed_buf, p.write) {
+            (true, Some(i), true) => opcode::WriteFixed::new(types::Fixed(0), p.addr, len, i)
                 .offset(p.offset)
-                .build()
-        } else {
-            opcode::Read::new(types::Fd(p.fd), p.addr, len)
+                .build(),
+            (true, Some(i), false) => opcode::ReadFixed::new(types::Fixed(0), p.addr, len, i)
                 .offset(p.offset)
-                .build()
+                .build(),
+            (false, Some(i), true) => opcode::WriteFixed::new(types::Fd(p.fd), p.addr, len, i)
+                .offset(p.offset)
+                .build(),
+            (false, Some(i), false) => opcode::ReadFixed::new(types::Fd(p.fd), p.addr, len, i)
+                .offset(p.offset)
+                .build(),
+            (true, None, true) => opcode::Write::new(types::Fixed(0), p.addr, len)
+                .offset(p.offset)
+                .build(),
+            (true, None, false) => opcode::Read::new(types::Fixed(0), p.addr, len)
+                .offset(p.offset)
+                .build(),
+            (false, None, true) => opcode::Write::new(types::Fd(p.fd), p.addr, len)
+                .offset(p.offset)
+                .build(),
+            (false, None, false) => opcode::Read::new(types::Fd(p.fd), p.addr, len)
+                .offset(p.offset)
+                .build(),
         }
         .user_data(idx as u64);
         loop {
