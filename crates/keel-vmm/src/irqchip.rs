@@ -1,7 +1,7 @@
 //! The VM's interrupt controllers: KVM's in-kernel PIC, IOAPIC and PIT, or the split
 //! irqchip with keel-irqchip's models in keel and the local APICs in KVM.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -136,20 +136,63 @@ impl MutEventSubscriber for PitTimer {
 
     fn process(&mut self, events: Events, _: &mut EventOps) {
         if events.fd() == self.timer.as_raw_fd() {
-            let _ = self.timer.wait();
-            let now = self
-                .pit
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clock()
-                .now_ns();
-            if self.due.is_some_and(|due| now >= due) {
-                self.lines.pulse(0);
-            }
+            self.expired();
         } else {
             let _ = self.programmed.read();
         }
         self.rearm();
+    }
+}
+
+impl PitTimer {
+    /// A subscriber for `lines`' IRQ 0 driven by `pit`, re-armed when `programmed` fires.
+    fn new(
+        pit: Arc<Mutex<Pit>>,
+        programmed: Arc<EventFd>,
+        lines: IrqLines,
+    ) -> Result<Self, crate::vmm::Error> {
+        // Non-blocking: the guest may reprogram the PIT between the timer becoming readable
+        // and this subscriber reading it (both events in one epoll batch, the programming
+        // handled first), and re-arming drops the expiration, so a blocking read would
+        // stop the event loop for good.
+        // SAFETY: timerfd_create takes no pointers; the result is checked below.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(crate::vmm::Error::os(
+                "cannot create a timerfd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `fd` is a timerfd this function just created and owns alone.
+        let timer = unsafe { TimerFd::from_raw_fd(fd) };
+        Ok(PitTimer {
+            pit,
+            programmed,
+            timer,
+            lines,
+            due: None,
+        })
+    }
+
+    /// The host timer fired (or was readable a moment ago): raises IRQ 0 if the edge it
+    /// was armed for has come. Never waits.
+    fn expired(&mut self) {
+        // Consumes the expiration count; EAGAIN when a re-arm dropped it already.
+        let _ = self.timer.wait();
+        let now = self
+            .pit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clock()
+            .now_ns();
+        if self.due.is_some_and(|due| now >= due) {
+            self.lines.pulse(0);
+        }
     }
 }
 
@@ -219,19 +262,12 @@ impl Interrupts {
         let Interrupts::Split(chips) = self else {
             return Ok(None);
         };
-        let timer = TimerFd::new().map_err(|e| {
-            crate::vmm::Error::os(
-                "cannot create a timerfd",
-                std::io::Error::from_raw_os_error(e.errno()),
-            )
-        })?;
-        Ok(Some(PitTimer {
-            pit: chips.pit.clone(),
-            programmed: chips.pit_programmed.clone(),
-            timer,
-            lines: chips.lines.clone(),
-            due: None,
-        }))
+        PitTimer::new(
+            chips.pit.clone(),
+            chips.pit_programmed.clone(),
+            chips.lines.clone(),
+        )
+        .map(Some)
     }
 
     /// The interrupt line of GSI `gsi` (an IOAPIC pin; ISA IRQs also reach the PIC).
@@ -246,5 +282,48 @@ impl Interrupts {
                 Arc::new(lines.line(pin))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// An IOAPIC delivery that goes nowhere (the test looks at the timer, not the vector).
+    struct Nowhere;
+
+    impl MsiDelivery for Nowhere {
+        fn route(&self, _: usize, _: Option<MsiMessage>) -> IrqResult<()> {
+            Ok(())
+        }
+        fn deliver(&self, _: usize, _: MsiMessage) -> IrqResult<()> {
+            Ok(())
+        }
+    }
+
+    /// The timer became readable, then the guest reprogrammed the PIT and the re-arm
+    /// dropped the expiration before the timer's event was handled: handling it must not
+    /// wait (a blocking read here stopped keel's event loop for good).
+    #[test]
+    fn a_timer_event_after_a_rearm_does_not_wait() {
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(Arc::new(Nowhere))));
+        let lines = IrqLines::new(ioapic, Some(Arc::new(Mutex::new(Pic::new()))));
+        let programmed = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut timer = PitTimer::new(Arc::new(Mutex::new(Pit::default())), programmed, lines)
+            .expect("PIT timer");
+        timer.timer.reset(Duration::from_millis(1), None).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        // The guest's programming handled first: the PIT is not counting, the timer clears.
+        timer.rearm();
+        assert!(!timer.timer.is_armed().unwrap());
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            timer.expired();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the timer's event handler waited on a timer that will not fire");
     }
 }
