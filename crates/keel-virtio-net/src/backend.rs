@@ -677,7 +677,7 @@ impl Backend for SocketBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{GuestAddress, GuestMemory};
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
 
     #[test]
     fn offloads_follow_the_features_and_their_dependencies() {

@@ -319,7 +319,7 @@ impl Engine {
             chains.clear();
             let mut room = 0usize;
             let q = &mut self.ctx.rx.queue;
-            let first = q.next_avail();
+            let mut first = q.next_avail();
             loop {
                 let chain = match q.iter(&*mem) {
                     Ok(mut it) => it.next(),
@@ -351,6 +351,7 @@ impl Engine {
                                 return (frames, Dir::Idle);
                             }
                             self.rx_used = true;
+                            first = q.next_avail();
                             continue;
                         }
                         // Handled on its own next time.
