@@ -929,6 +929,21 @@ impl SyncServer {
         }
     }
 
+    /// The receive queue (to inspect its indices).
+    pub fn rx_queue(&self) -> &Queue {
+        &self.engine.ctx.rx.queue
+    }
+
+    /// The transmit queue.
+    pub fn tx_queue(&self) -> &Queue {
+        &self.engine.ctx.tx.queue
+    }
+
+    /// The control queue, if there is one.
+    pub fn ctrl_queue(&self) -> Option<&Queue> {
+        self.engine.ctx.ctrl.as_ref().map(|c| &c.queue)
+    }
+
     /// The counters.
     pub fn stats(&self) -> crate::NetStats {
         self.engine.ctx.shared.stats.snapshot()
