@@ -523,6 +523,8 @@ pub enum SocketError {
 #[derive(Debug)]
 pub struct SocketBackend {
     sock: UnixDatagram,
+    /// The path this backend bound (removed when it is dropped).
+    bound: Option<PathBuf>,
     /// For a bound socket: where the last datagram came from.
     peer: Option<(libc::sockaddr_un, libc::socklen_t)>,
     connected: bool,
@@ -534,6 +536,7 @@ impl SocketBackend {
         sock.set_nonblocking(true)?;
         Ok(SocketBackend {
             sock,
+            bound: None,
             peer: None,
             connected: true,
         })
@@ -543,7 +546,7 @@ impl SocketBackend {
     /// VMs given the same path are linked); otherwise binds `path` and answers whoever
     /// sends to it.
     pub fn at_path(path: &Path) -> Result<SocketBackend, SocketError> {
-        let nonblocking = |sock: UnixDatagram, connected| {
+        let nonblocking = |sock: UnixDatagram, bound: Option<PathBuf>| {
             sock.set_nonblocking(true)
                 .map_err(|source| SocketError::Setup {
                     step: "make the socket non-blocking",
@@ -551,8 +554,9 @@ impl SocketBackend {
                 })?;
             Ok(SocketBackend {
                 sock,
+                connected: bound.is_none(),
+                bound,
                 peer: None,
-                connected,
             })
         };
         if path.exists() {
@@ -582,13 +586,21 @@ impl SocketBackend {
                 path: path.to_path_buf(),
                 source,
             })?;
-            nonblocking(sock, true)
+            nonblocking(sock, None)
         } else {
             let sock = UnixDatagram::bind(path).map_err(|source| SocketError::Bind {
                 path: path.to_path_buf(),
                 source,
             })?;
-            nonblocking(sock, false)
+            nonblocking(sock, Some(path.to_path_buf()))
+        }
+    }
+}
+
+impl Drop for SocketBackend {
+    fn drop(&mut self) {
+        if let Some(p) = &self.bound {
+            let _ = std::fs::remove_file(p);
         }
     }
 }

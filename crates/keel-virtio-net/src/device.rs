@@ -597,13 +597,9 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.stop_workers();
+        // The backends' offloads change at the next activation, as negotiated then
+        // (frames queued meanwhile with offloads the next driver refuses are dropped).
         *lock(&self.shared.interrupt) = None;
-        for b in self.backends.iter_mut().flatten() {
-            // Plain frames until the next driver negotiates.
-            if let Err(e) = b.set_offloads(Offloads::default()) {
-                log::warn!("virtio-net: cannot turn the backend's offloads off: {e}");
-            }
-        }
     }
 }
 

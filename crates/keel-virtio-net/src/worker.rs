@@ -24,7 +24,9 @@ use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{ActiveQueue, InterruptKind, NeedsReset, VirtioInterrupt};
 use keel_virtio::worker::{drain_queue, should_interrupt, IndirectDesc, PauseGate};
 use virtio_bindings::virtio_net::*;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+#[cfg(feature = "test-utils")]
+use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -82,6 +84,9 @@ pub(crate) struct Engine {
     event_idx: bool,
     /// The largest frame (with header) the guest accepts.
     rx_max: usize,
+    /// What the guest accepts: partial checksums, segments larger than the MTU.
+    guest_csum: bool,
+    guest_tso: bool,
     /// What the guest may send.
     host_csum: bool,
     host_tso4: bool,
@@ -139,6 +144,8 @@ impl Engine {
             mrg: has(VIRTIO_NET_F_MRG_RXBUF),
             event_idx: has(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX),
             rx_max: NET_HDR_LEN + frame,
+            guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
+            guest_tso,
             host_csum: has(VIRTIO_NET_F_CSUM),
             host_tso4: has(VIRTIO_NET_F_HOST_TSO4),
             host_tso6: has(VIRTIO_NET_F_HOST_TSO6),
@@ -392,6 +399,16 @@ impl Engine {
             let mut dst = [0u8; 6];
             if len > room || len < NET_HDR_LEN + 14 || !read_at(&bufs, NET_HDR_LEN, &mut dst) {
                 // Did not fit (or a runt): dropped, buffers given back.
+                q.set_next_avail(first);
+                stats.drop();
+                continue;
+            }
+            let mut hdr = [0u8; 2];
+            let offloaded = read_at(&bufs, 0, &mut hdr)
+                && ((u32::from(hdr[0]) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !self.guest_csum)
+                    || (u32::from(hdr[1]) != VIRTIO_NET_HDR_GSO_NONE && !self.guest_tso));
+            if offloaded {
+                // Queued in the backend before this driver turned offloads off.
                 q.set_next_avail(first);
                 stats.drop();
                 continue;
