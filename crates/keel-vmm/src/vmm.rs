@@ -708,8 +708,11 @@ fn boot_once(
         virtio.push(Box::new(b));
     }
     // Network devices last: the others keep their places.
+    let mut nets = Vec::new();
     for (i, spec) in cfg.nets.iter().enumerate() {
-        virtio.push(crate::net::open(spec, i, cfg.name.as_deref())?);
+        let net = crate::net::open(spec, i, cfg.name.as_deref())?;
+        nets.push((format!("net{i}"), net.handle()));
+        virtio.push(net);
     }
     let mut devices = Vec::new();
     for device in virtio {
@@ -803,6 +806,7 @@ fn boot_once(
         pm,
         devices,
         disks,
+        nets,
         balloon: balloon_handle.clone().map(|handle| {
             Arc::new(GuestBalloon {
                 handle,
