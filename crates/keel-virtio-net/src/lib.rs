@@ -34,3 +34,8 @@ pub use device::{
 pub use stats::{CtrlStats, DirStats, NetStats, QueueStats};
 #[cfg(feature = "test-utils")]
 pub use worker::SyncServer;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
