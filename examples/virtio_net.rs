@@ -16,7 +16,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (ours, peer) = UnixDatagram::pair()?;
     let backend: Box<dyn Backend> = Box::new(SocketBackend::new(ours)?);
     let mac: MacAddr = "52:54:00:12:34:56".parse()?;
-    let net = Net::new(vec![backend], NetOptions { mac, ..NetOptions::default() })?;
+    let net = Net::new(
+        vec![backend],
+        NetOptions {
+            mac,
+            ..NetOptions::default()
+        },
+    )?;
     let handle = net.handle();
     let d = MmioDriver::new(Box::new(net));
     let mem = d.mem().clone();
@@ -42,7 +48,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     d.notify(1);
     let mut buf = [0u8; 2048];
     let n = peer.recv(&mut buf)?;
-    println!("the host got {n} bytes: {:?}", String::from_utf8_lossy(&buf[14..n]));
+    println!(
+        "the host got {n} bytes: {:?}",
+        String::from_utf8_lossy(&buf[14..n])
+    );
     assert_eq!(&buf[..n], &frame[..]);
 
     // RX: a buffer for the driver, then a frame from the host.

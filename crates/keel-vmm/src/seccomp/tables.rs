@@ -148,7 +148,7 @@ fn file_io() -> Vec<Allow> {
 /// Network devices' backends while a device starts: a tap's offloads as negotiated, its
 /// queues attached or detached as the driver uses them.
 fn tap_runtime() -> Allow {
-    ioctls(&[libc::TUNSETOFFLOAD as u64, libc::TUNSETQUEUE as u64])
+    ioctls(&[libc::TUNSETOFFLOAD, libc::TUNSETQUEUE])
 }
 
 /// Opening network devices' backends: attaching to a tap (whether it exists: an
@@ -156,12 +156,12 @@ fn tap_runtime() -> Allow {
 fn net_setup() -> Vec<Allow> {
     vec![
         ioctls(&[
-            libc::TUNSETIFF as u64,
-            libc::TUNGETIFF as u64,
-            libc::TUNSETVNETHDRSZ as u64,
-            libc::TUNSETOFFLOAD as u64,
-            libc::SIOCGIFINDEX as u64,
-            libc::FIONBIO as u64,
+            libc::TUNSETIFF,
+            libc::TUNGETIFF,
+            libc::TUNSETVNETHDRSZ,
+            libc::TUNSETOFFLOAD,
+            libc::SIOCGIFINDEX,
+            libc::FIONBIO,
         ]),
         with_arg(
             libc::SYS_socket,
