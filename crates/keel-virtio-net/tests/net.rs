@@ -808,3 +808,44 @@ fn frames_per_second_are_limited() {
         assert_eq!(h.limits().1.packets_per_sec, 20);
     });
 }
+
+/// Two devices on one socket path (`socket=PATH` for two VMs): the first binds it, the
+/// second connects; frames go both ways, and the path is gone once the first is dropped.
+#[test]
+fn two_devices_share_a_socket_path() {
+    let dir = std::env::temp_dir().join(format!("keel-net-link-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("link.sock");
+    let mk = |mac: MacAddr| -> Box<Net> {
+        let b: Box<dyn Backend> = Box::new(SocketBackend::at_path(&path).unwrap());
+        Box::new(Net::new(vec![b], NetOptions { mac, queue_size: Q, ..opts() }).unwrap())
+    };
+    let (mac_a, mac_b) = (MAC, MacAddr([0x52, 0x54, 0, 0, 0, 0xb]));
+    let a = MmioDriver::new(mk(mac_a));
+    assert!(path.exists(), "the first device binds the path");
+    let b = PciDriver::new(mk(mac_b));
+    let (ma, mb) = (a.mem().clone(), b.mem().clone());
+    let (mut rxa, mut txa) = (ring(&ma, 0), ring(&ma, 1));
+    let (mut rxb, mut txb) = (ring(&mb, 0), ring(&mb, 1));
+    start(&a, BASE, &[&rxa, &txa]);
+    start(&b, BASE, &[&rxb, &txb]);
+    post(&mut rxa, 4, 2048, DATA_BASE);
+    post(&mut rxb, 4, 2048, DATA_BASE);
+    a.notify(0);
+    b.notify(0);
+    // B speaks first (A learns where B is), then A answers.
+    let fb = frame(mac_a, 300, 1);
+    send(&mb, &mut txb, [0; HDR], &fb, DATA_BASE + 0x10000, 2);
+    b.notify(1);
+    rxa.wait_used(1);
+    assert_eq!(read_bytes(&ma, DATA_BASE + HDR as u64, 300), fb);
+    let fa = frame(mac_b, 1514, 2);
+    send(&ma, &mut txa, [0; HDR], &fa, DATA_BASE + 0x10000, 3);
+    a.notify(1);
+    rxb.wait_used(1);
+    assert_eq!(read_bytes(&mb, DATA_BASE + HDR as u64, 1514), fa);
+    drop(a);
+    assert!(!path.exists(), "the bound path is removed with its device");
+    drop(b);
+    let _ = std::fs::remove_dir(&dir);
+}
