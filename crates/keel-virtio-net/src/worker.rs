@@ -99,7 +99,9 @@ pub(crate) struct Engine {
     enabled: bool,
     /// RX buffers were too few for the largest frame at this available index.
     rx_short: Option<u16>,
+    /// Whether driver notifications are on (they are off while the worker is busy).
     rx_notify: bool,
+    tx_notify: bool,
 }
 
 fn is_would_block(e: &io::Error) -> bool {
@@ -156,6 +158,7 @@ impl Engine {
             enabled: ctx.pair == 0,
             rx_short: None,
             rx_notify: true,
+            tx_notify: true,
             ctx,
         }
     }
@@ -238,9 +241,12 @@ impl Engine {
             return (0, Dir::Idle);
         }
         let mem = self.ctx.mem.clone();
-        if let Err(e) = self.ctx.tx.queue.disable_notification(&*mem) {
-            self.broken("tx ring", &e);
-            return (0, Dir::Idle);
+        if self.tx_notify {
+            if let Err(e) = self.ctx.tx.queue.disable_notification(&*mem) {
+                self.broken("tx ring", &e);
+                return (0, Dir::Idle);
+            }
+            self.tx_notify = false;
         }
         let stats = &self.ctx.shared.stats.pairs[usize::from(self.ctx.pair)].tx;
         let mut n = 0;
@@ -612,6 +618,7 @@ impl Engine {
     /// Before sleeping with TX empty: notifications back on; true if more arrived.
     pub fn tx_arm(&mut self) -> bool {
         let mem = self.ctx.mem.clone();
+        self.tx_notify = true;
         match self.ctx.tx.queue.enable_notification(&*mem) {
             Ok(more) => more,
             Err(e) => {
@@ -790,6 +797,9 @@ fn run(e: &mut Engine, stop: &AtomicBool, wake: &EventFd) -> Result<(), WorkerEr
     let poll = Duration::from_micros(u64::from(e.ctx.poll_us));
     let mut last = Instant::now();
     let mut events = [EpollEvent::default(); 6];
+    // The control queue is served when kicked (and once at start): it is not polled.
+    let mut ctrl_kicked = true;
+    let mut rounds = 0u32;
     loop {
         if stop.load(Ordering::SeqCst) {
             return Ok(());
@@ -803,8 +813,18 @@ fn run(e: &mut Engine, stop: &AtomicBool, wake: &EventFd) -> Result<(), WorkerEr
         e.apply_active();
         let (ntx, tx) = e.tx();
         let (nrx, rx) = e.rx();
-        let nctrl = e.ctrl();
+        let nctrl = if std::mem::take(&mut ctrl_kicked) {
+            e.ctrl()
+        } else {
+            0
+        };
         e.signal();
+        rounds = rounds.wrapping_add(1);
+        if rounds % 32 == 0 {
+            // Busy or polling: a look at the notifiers now and then (the control queue,
+            // wake-ups), without sleeping.
+            ctrl_kicked |= wait_events(&epoll, 0, &mut events, e, wake, &mut timer)?;
+        }
         if ntx + nrx + nctrl > 0 {
             last = Instant::now();
             continue;
@@ -849,36 +869,52 @@ fn run(e: &mut Engine, stop: &AtomicBool, wake: &EventFd) -> Result<(), WorkerEr
                 .map_err(WorkerError::Epoll)?;
             interest = want;
         }
-        match epoll.wait(-1, &mut events) {
-            Ok(n) => {
-                for ev in &events[..n] {
-                    match ev.data() {
-                        RX_KICK => {
-                            let _ = e.ctx.rx.notifier.read();
-                        }
-                        TX_KICK => {
-                            let _ = e.ctx.tx.notifier.read();
-                        }
-                        CTRL_KICK => {
-                            if let Some(c) = &e.ctx.ctrl {
-                                let _ = c.notifier.read();
-                            }
-                        }
-                        WAKE => {
-                            let _ = wake.read();
-                        }
-                        TIMER => {
-                            let _ = timer.wait();
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(WorkerError::Epoll(err)),
-        }
+        let kicked = wait_events(&epoll, -1, &mut events, e, wake, &mut timer)?;
+        ctrl_kicked |= kicked;
         last = Instant::now();
     }
+}
+
+/// Waits up to `timeout` ms (-1: for ever) for the worker's descriptors and consumes what
+/// fired; returns whether the control queue was kicked.
+fn wait_events(
+    epoll: &Epoll,
+    timeout: i32,
+    events: &mut [EpollEvent],
+    e: &Engine,
+    wake: &EventFd,
+    timer: &mut TimerFd,
+) -> Result<bool, WorkerError> {
+    let n = match epoll.wait(timeout, events) {
+        Ok(n) => n,
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(false),
+        Err(err) => return Err(WorkerError::Epoll(err)),
+    };
+    let mut ctrl = false;
+    for ev in &events[..n] {
+        match ev.data() {
+            RX_KICK => {
+                let _ = e.ctx.rx.notifier.read();
+            }
+            TX_KICK => {
+                let _ = e.ctx.tx.notifier.read();
+            }
+            CTRL_KICK => {
+                if let Some(c) = &e.ctx.ctrl {
+                    let _ = c.notifier.read();
+                }
+                ctrl = true;
+            }
+            WAKE => {
+                let _ = wake.read();
+            }
+            TIMER => {
+                let _ = timer.wait();
+            }
+            _ => {}
+        }
+    }
+    Ok(ctrl)
 }
 
 /// Serves one queue pair (and the control queue) on the calling thread: for tests and

@@ -818,7 +818,17 @@ fn two_devices_share_a_socket_path() {
     let path = dir.join("link.sock");
     let mk = |mac: MacAddr| -> Box<Net> {
         let b: Box<dyn Backend> = Box::new(SocketBackend::at_path(&path).unwrap());
-        Box::new(Net::new(vec![b], NetOptions { mac, queue_size: Q, ..opts() }).unwrap())
+        Box::new(
+            Net::new(
+                vec![b],
+                NetOptions {
+                    mac,
+                    queue_size: Q,
+                    ..opts()
+                },
+            )
+            .unwrap(),
+        )
     };
     let (mac_a, mac_b) = (MAC, MacAddr([0x52, 0x54, 0, 0, 0, 0xb]));
     let a = MmioDriver::new(mk(mac_a));

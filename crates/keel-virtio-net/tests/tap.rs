@@ -156,8 +156,16 @@ fn receive(
     want: impl Fn(&[u8]) -> bool,
 ) -> Vec<u8> {
     loop {
-        rx.wait_used(*next + 1);
+        // The host may send several frames at once: the used index may pass next + 1.
+        let n = *next;
+        eventually("a received frame", || {
+            rx.used_idx().wrapping_sub(n) as i16 > 0
+        });
         let (id, len) = rx.used_elem(*next);
+        assert!(
+            id < u32::from(Q) && len <= 2048,
+            "used element {next}: ({id}, {len})"
+        );
         *next += 1;
         let got = read_bytes(mem, DATA_BASE + 2048 * u64::from(id), len as usize);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
