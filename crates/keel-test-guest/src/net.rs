@@ -510,7 +510,10 @@ impl<'a> Net<'a> {
         (0..self.active).any(|p| self.rxq(p).used_pending() > 0)
     }
 
-    fn pop_rx(&mut self, p: usize) -> Res<Option<(u16, usize)>> {
+    /// The next used receive buffer of pair `p`: (buffer, used length).
+    /// The first buffer of a frame holds the header; the further buffers
+    /// of a merged frame (`first` false) hold only data.
+    fn pop_rx(&mut self, p: usize, first: bool) -> Res<Option<(u16, usize)>> {
         let vq = self.rx[p].as_mut().expect("receive queue set up");
         let Some((id, len)) = vq.pop_used() else {
             return Ok(None);
@@ -519,7 +522,7 @@ impl<'a> Net<'a> {
             crate::fail!("receive queue {p}: used id {id} is not a buffer in flight");
         }
         let len = len as usize;
-        if len < HDR_LEN || len > RX_BUF {
+        if (first && len < HDR_LEN) || len > RX_BUF {
             crate::fail!(
                 "receive queue {p}: used length {len} (buffer {RX_BUF}, header {HDR_LEN})"
             );
@@ -529,7 +532,7 @@ impl<'a> Net<'a> {
 
     /// The next frame on receive queue `p`.
     pub fn recv_on(&mut self, p: usize) -> Res<Option<RxFrame>> {
-        let Some((id, len)) = self.pop_rx(p)? else {
+        let Some((id, len)) = self.pop_rx(p, true)? else {
             return Ok(None);
         };
         let base = self.rx_addr(p, id);
@@ -548,9 +551,10 @@ impl<'a> Net<'a> {
         f.ids[0] = id;
         if self.has(F_MRG_RXBUF) && nbuf > 1 {
             let n = usize::from(nbuf);
-            if n > f.ids.len() || (n - 1) * RX_BUF + len > MAX_FRAME + HDR_LEN {
+            if n > f.ids.len() {
                 crate::fail!(
-                    "receive queue {p}: num_buffers {n} makes a frame past {MAX_FRAME} bytes"
+                    "receive queue {p}: num_buffers {n}; a frame of at most {MAX_FRAME} bytes takes at most {}",
+                    f.ids.len()
                 );
             }
             let out = self.frame_addr();
@@ -561,12 +565,10 @@ impl<'a> Net<'a> {
                 core::ptr::copy_nonoverlapping(f.addr as *const u8, out as *mut u8, at);
             }
             for k in 1..n {
-                let mut got = None;
-                crate::arch::wait_for(TIMEOUT_CYCLES, || {
-                    got = self.pop_rx(p).ok().flatten();
-                    got.is_some()
-                });
-                let Some((id2, len2)) = got else {
+                // The device publishes a frame's buffers together
+                // (5.1.6.4); wait a little all the same.
+                crate::arch::wait_for(TIMEOUT_CYCLES, || self.rxq(p).used_pending() > 0);
+                let Some((id2, len2)) = self.pop_rx(p, false)? else {
                     crate::fail!(
                         "receive queue {p}: buffer {k} of {n} of a merged frame never came"
                     );

@@ -1081,7 +1081,6 @@ fn self_test(c: &Ctx, p: &Params) -> Outcome {
     }
     stack.poll(&mut phy)?;
     let in_flight = phy.net.borrow().tx_in_flight();
-    drop(phy);
     c.t.reset()?;
     say!(
         name,
@@ -1110,7 +1109,6 @@ fn self_test(c: &Ctx, p: &Params) -> Outcome {
         name,
         "after the reset: UDP echo works again ({lo}, 100, 1000 and {hi} bytes)"
     );
-    drop(phy);
     drop(net);
     Ok(())
 }
@@ -1128,6 +1126,10 @@ fn link_toggle(c: &Ctx, n: &Net, hz: u64) -> Outcome {
     for (what, up) in [("down", false), ("up", true)] {
         say!(c.name, "link: waiting for the host to set the link {what}");
         let before = irq::vec_count(counter);
+        let pending = c.t.interrupt_status();
+        if pending != 0 {
+            c.t.ack(pending);
+        }
         let ok = arch::wait_for(30 * hz, || {
             irq::vec_count(counter) > before
                 && n.link_status()
@@ -1135,11 +1137,12 @@ fn link_toggle(c: &Ctx, n: &Net, hz: u64) -> Outcome {
         });
         if !ok {
             crate::fail!(
-                "link {what}: no configuration interrupt with status {} within 30 s (interrupts {} -> {}, status {:#x})",
+                "link {what}: no configuration interrupt with status {} within 30 s (interrupts {} -> {}, status {:#x}, InterruptStatus {pending:#x} -> {:#x})",
                 if up { "LINK_UP" } else { "not LINK_UP" },
                 before,
                 irq::vec_count(counter),
-                n.link_status().unwrap_or(0)
+                n.link_status().unwrap_or(0),
+                c.t.interrupt_status()
             );
         }
         if c.irqs == Irqs::Mmio {
