@@ -599,10 +599,12 @@ fn self_test_case(vmm: Vmm, opts: NetOpts, tap: TapOpts) {
         "keel-test: net: control queue: ",
         "keel-test: net: UDP echo of every frame size from 60 to ",
         "keel-test: net: checksums: ",
+        "keel-test: net: checksums computed by the guest: ",
         "keel-test: net: link down: configuration interrupt, status 0x0",
         "keel-test: net: link up: configuration interrupt, status 0x1",
         "keel-test: net: reset with ",
         "keel-test: net: after the reset: UDP echo works again",
+        "keel-test: net: VERSION_1 alone: UDP echo of 18, 100, 1000 and 1472 bytes;",
     ] {
         assert!(
             out.stdout.lines().any(|x| x.starts_with(l)),
