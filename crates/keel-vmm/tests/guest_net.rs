@@ -202,9 +202,10 @@ impl NetOpts {
     }
 }
 
-/// A guest running in a namespace, with its scratch directory (the QMP socket).
+/// A guest running in a namespace, with its scratch directory (the QMP socket). A guest
+/// still running when this is dropped (a failed check) is killed.
 struct Guest {
-    vm: Running,
+    vm: Option<Running>,
     dir: TempDir,
     vmm: Vmm,
 }
@@ -214,24 +215,28 @@ impl Guest {
         self.dir.path().join("qmp.sock")
     }
 
+    fn vm(&mut self) -> &mut Running {
+        self.vm.as_mut().expect("the VMM is running")
+    }
+
     /// Waits until the guest printed `line` (a prefix of one of its lines).
     fn wait_line(&mut self, line: &str, limit: Duration) {
         let l = line.to_string();
-        self.vm.wait_for(line, limit, move |out| {
+        self.vm().wait_for(line, limit, move |out| {
             out.lines().any(|x| x.starts_with(l.as_str()))
         });
     }
 
     /// Stops the VMM and returns everything it printed.
-    fn stop(self) -> String {
-        self.vm.signal(15);
-        let out = self.vm.finish(Duration::from_secs(30));
-        out.stdout
+    fn stop(mut self) -> String {
+        let vm = self.vm.take().expect("the VMM is running");
+        vm.signal(libc::SIGTERM);
+        vm.finish(Duration::from_secs(30)).stdout
     }
 
     /// Waits for the VMM to end on its own and returns its outcome.
-    fn finish(self, limit: Duration) -> support::Outcome {
-        self.vm.finish(limit)
+    fn finish(mut self, limit: Duration) -> support::Outcome {
+        self.vm.take().expect("the VMM is running").finish(limit)
     }
 
     /// The guest's PASS status for this VMM (QEMU's isa-debug-exit makes 0 into 1).
@@ -239,6 +244,15 @@ impl Guest {
         match self.vmm {
             Vmm::Qemu => 1,
             Vmm::Keel => 0,
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(vm) = &self.vm {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(vm.pid() as libc::pid_t, libc::SIGKILL) };
         }
     }
 }
@@ -254,7 +268,7 @@ fn run_net_guest(ns: &NetNs, vmm: Vmm, opts: NetOpts, cmdline: &str) -> Guest {
         Vmm::Keel => keel_command(ns, opts, &cmdline, &qmp),
     };
     Guest {
-        vm: Running::start(cmd),
+        vm: Some(Running::start(cmd)),
         dir,
         vmm,
     }
