@@ -7,9 +7,11 @@
 //!   size from 60 bytes to the MTU both ways, checksum offload both ways,
 //!   a link-status change (`keel.net_link=1`: the host toggles the link),
 //!   and a reset in the middle of traffic.
-//! * `net-serve`: ARP, ICMP echo, UDP echo (7), TCP echo (7), discard (9)
-//!   and chargen (19), and a statistics port (UDP 7007), until the VM is
-//!   stopped.
+//! * `net-serve`: ARP, ICMP echo, UDP echo (7) and discard (9), TCP echo
+//!   (7), discard (9) and chargen (19), and a statistics port (UDP 7007),
+//!   until the VM is stopped.
+//! * `net` also checks the link-status interrupt, a reset in the middle of
+//!   traffic and a pass with VERSION_1 alone.
 //! * `net-bench`: `keel.net_n=N` UDP datagrams of `keel.net_size=BYTES`
 //!   payload to `keel.peer=IP:PORT`, then `net-serve`.
 //!
@@ -323,9 +325,11 @@ const TCP_PER_SERVICE: usize = 2;
 const TCP_SOCKETS: usize = 3 * TCP_PER_SERVICE;
 const UDP_BUF: usize = 128 * 1024;
 const UDP_META: usize = 256;
-/// UDP echo, the statistics port and the self-test/benchmark socket.
-const UDP_SOCKETS: usize = 3;
+/// UDP echo and discard, the statistics port and the self-test/benchmark
+/// socket.
+const UDP_SOCKETS: usize = 4;
 const UDP_ECHO: u16 = 7;
+const UDP_DISCARD: u16 = 9;
 const TCP_ECHO: u16 = 7;
 const TCP_DISCARD: u16 = 9;
 const TCP_CHARGEN: u16 = 19;
@@ -388,8 +392,11 @@ struct Stack {
     sockets: SocketSet<'static>,
     conns: [Conn; TCP_SOCKETS],
     udp_echo: SocketHandle,
+    udp_discard: SocketHandle,
     udp_stats: SocketHandle,
     udp_client: SocketHandle,
+    /// Datagrams and bytes UDP discard took.
+    discarded: (u64, u64),
     hz: u64,
     t0: u64,
 }
@@ -499,6 +506,7 @@ impl Stack {
             Ok(set.add(s))
         };
         let udp_echo = udp_socket(UDP_ECHO)?;
+        let udp_discard = udp_socket(UDP_DISCARD)?;
         let udp_stats = udp_socket(UDP_STATS)?;
         let udp_client = udp_socket(UDP_CLIENT)?;
         phy.check()?;
@@ -507,8 +515,10 @@ impl Stack {
             sockets: set,
             conns: conns.map(|c| c.expect("filled above")),
             udp_echo,
+            udp_discard,
             udp_stats,
             udp_client,
+            discarded: (0, 0),
             hz,
             t0,
         })
@@ -527,7 +537,8 @@ impl Stack {
         phy.check()
     }
 
-    /// Serve the UDP echo and statistics ports and the TCP services.
+    /// Serve the UDP echo, discard and statistics ports and the TCP
+    /// services.
     fn serve(&mut self, name: &str, stats: &[PairStats], active: usize) {
         let s = self.sockets.get_mut::<udp::Socket>(self.udp_echo);
         let mut buf = [0u8; 9000];
@@ -537,13 +548,22 @@ impl Stack {
             };
             let _ = s.send_slice(&buf[..n], meta.endpoint);
         }
+        let s = self.sockets.get_mut::<udp::Socket>(self.udp_discard);
+        while let Ok((b, _)) = s.recv() {
+            self.discarded.0 += 1;
+            self.discarded.1 += b.len() as u64;
+        }
         let s = self.sockets.get_mut::<udp::Socket>(self.udp_stats);
         while s.can_send() {
             let Ok((_, meta)) = s.recv_slice(&mut buf) else {
                 break;
             };
             let mut t = Text::<600>::new();
-            let _ = write!(t, "pairs {active}");
+            let _ = write!(
+                t,
+                "pairs {active}, udp discard {} datagrams {} bytes",
+                self.discarded.0, self.discarded.1
+            );
             for (p, q) in stats.iter().enumerate().take(active) {
                 let _ = write!(
                     t,
@@ -757,7 +777,7 @@ fn serve(c: &Ctx, p: &Params, bench: bool) -> Outcome {
     let mut stack = Stack::new(&mut net, p, hz, p.offload)?;
     say!(
         c.name,
-        "address {}/{}{}; serving ICMP echo, UDP echo (7), TCP echo (7), discard (9), chargen (19), statistics (UDP {UDP_STATS})",
+        "address {}/{}{}; serving ICMP echo, UDP echo (7) and discard (9), TCP echo (7), discard (9) and chargen (19), statistics (UDP {UDP_STATS})",
         p.ip,
         p.prefix,
         GwText(p.gw)

@@ -430,6 +430,44 @@ fn udp_echo_sizes(ns: &NetNs, sizes: std::ops::RangeInclusive<usize>) {
     });
 }
 
+/// Sends `n` datagrams of `size` bytes to the guest's UDP discard port, paced so that
+/// none is lost on the way, and checks the guest's count (UDP 7007) went up by `n`.
+fn udp_discard(ns: &NetNs, n: u64, size: usize) {
+    let count = |s: &str| -> (u64, u64) {
+        let rest = s
+            .split_once("udp discard ")
+            .unwrap_or_else(|| panic!("no udp discard count in {s:?}"))
+            .1;
+        let mut w = rest.split_whitespace();
+        let d = w.next().and_then(|x| x.parse().ok()).expect("datagrams");
+        let b = w.nth(1).and_then(|x| x.parse().ok()).expect("bytes");
+        (d, b)
+    };
+    let before = count(&guest_stats(ns));
+    ns.run(move || {
+        let s = UdpSocket::bind((HOST_IP, 0)).unwrap();
+        let p = payload(size);
+        for i in 0..n {
+            s.send_to(&p, (GUEST_IP, 9)).unwrap();
+            if i % 32 == 31 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = count(&guest_stats(ns));
+        if now == (before.0 + n, before.1 + n * size as u64) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && now.0 <= before.0 + n,
+            "UDP discard: the guest counts {now:?}, {before:?} before {n} datagrams of {size} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The guest's per-queue-pair counters (UDP 7007).
 fn guest_stats(ns: &NetNs) -> String {
     ns.run(|| {
@@ -568,6 +606,7 @@ fn serve_case(vmm: Vmm, transport: Transport) {
     g.wait_line("keel-test: net-serve: ready", BOOT_LIMIT);
     ns.ping(20, 56);
     udp_echo_sizes(&ns, 1..=1472);
+    udp_discard(&ns, 1000, 64);
     tcp_echo(&ns, 256 * 1024);
     let h = tcp_discard(&ns, 0x6b65656c);
     let got = tcp_chargen(&ns);
@@ -807,4 +846,48 @@ fn two_queue_pairs_carry_traffic_under_qemu_virtio_mmio() {
 fn net_bench_under_qemu() {
     require_kvm!();
     bench_case(Vmm::Qemu, Transport::Pci);
+}
+
+/// Bad input on the command line and a missing device give a clear FAIL line.
+#[test]
+fn net_scenarios_fail_clearly_without_a_peer_or_a_device() {
+    require_kvm!();
+    for (cmdline, scenario, reason) in [
+        (
+            "keel.test=net",
+            "net",
+            "net needs keel.peer=ADDRESS:PORT (a host UDP echo peer)",
+        ),
+        (
+            "keel.test=net-bench keel.peer=10.0.2.2",
+            "net-bench",
+            "keel.peer=10.0.2.2: not ADDRESS:PORT (e.g. 10.0.2.2:5555)",
+        ),
+        (
+            "keel.test=net-serve keel.ip=10.0.2.300/24",
+            "net-serve",
+            "keel.ip=10.0.2.300/24: not ADDRESS/PREFIX (e.g. 10.0.2.15/24)",
+        ),
+        (
+            "keel.test=net-serve",
+            "net-serve",
+            "no virtio-net device: none on PCI bus 0 (1af4:1041, 1af4:1000) nor among the 0 virtio_mmio.device= entries (keel: --net)",
+        ),
+    ] {
+        let out = support::qemu_guest_cmdline(
+            cmdline,
+            "microvm,acpi=off",
+            1,
+            true,
+            &[],
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            support::verdict(&out),
+            vec![format!("keel-test: FAIL {scenario}: {reason}").as_str()],
+            "{cmdline}; stdout:\n{}",
+            out.stdout
+        );
+        assert_eq!(out.code(), Some(3), "{cmdline}: QEMU's status for FAIL");
+    }
 }
