@@ -334,6 +334,8 @@ const TCP_ECHO: u16 = 7;
 const TCP_DISCARD: u16 = 9;
 const TCP_CHARGEN: u16 = 19;
 const UDP_STATS: u16 = 7007;
+/// Most interface polls between two publications of the transmit queues.
+const POLL_BATCH: usize = 64;
 /// The local port of the self-test's and the benchmark's datagrams.
 const UDP_CLIENT: u16 = 40007;
 
@@ -529,12 +531,22 @@ impl Stack {
         Instant::from_micros((u128::from(d) * 1_000_000 / u128::from(self.hz)) as i64)
     }
 
-    /// One round: the interface, then publish what it queued.
+    /// One round: the interface until it moves no more frames (smoltcp
+    /// sends at most one packet a socket per poll) or `POLL_BATCH` polls,
+    /// then publish what it queued with one notification a queue at most
+    /// (a full transmit queue is published on the way).
     fn poll(&mut self, phy: &mut Phy) -> Res<()> {
-        let now = self.now();
-        self.iface.poll(now, phy, &mut self.sockets);
+        for _ in 0..POLL_BATCH {
+            let before = activity(phy);
+            let now = self.now();
+            self.iface.poll(now, phy, &mut self.sockets);
+            phy.check()?;
+            if activity(phy) == before {
+                break;
+            }
+        }
         phy.net.borrow_mut().kick_all();
-        phy.check()
+        Ok(())
     }
 
     /// Serve the UDP echo, discard and statistics ports and the TCP
@@ -1209,12 +1221,14 @@ fn link_toggle(c: &Ctx, n: &Net, hz: u64) -> Outcome {
         Irqs::Mmio => 2,
     };
     for (what, up) in [("down", false), ("up", true)] {
-        say!(c.name, "link: waiting for the host to set the link {what}");
+        // Count (and clear a stale virtio-mmio status) before saying so:
+        // the host acts on the line at once.
         let before = irq::vec_count(counter);
         let pending = c.t.interrupt_status();
         if pending != 0 {
             c.t.ack(pending);
         }
+        say!(c.name, "link: waiting for the host to set the link {what}");
         let ok = arch::wait_for(30 * hz, || {
             irq::vec_count(counter) > before
                 && n.link_status()

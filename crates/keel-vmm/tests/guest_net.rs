@@ -408,8 +408,13 @@ fn payload(n: usize) -> Vec<u8> {
 
 /// UDP echo (port 7) of every payload size in `sizes`, byte-exact.
 fn udp_echo_sizes(ns: &NetNs, sizes: std::ops::RangeInclusive<usize>) {
+    udp_echo_sizes_from(ns, 0, sizes);
+}
+
+/// `udp_echo_sizes` from local port `port` (0: any).
+fn udp_echo_sizes_from(ns: &NetNs, port: u16, sizes: std::ops::RangeInclusive<usize>) {
     ns.run(move || {
-        let s = UdpSocket::bind((HOST_IP, 0)).unwrap();
+        let s = UdpSocket::bind((HOST_IP, port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = vec![0u8; 65536];
         for n in sizes {
@@ -691,13 +696,16 @@ fn two_pairs_case(vmm: Vmm, transport: Transport) {
     ns.ping(5, 8000);
     let ns = Arc::new(ns);
     let mut flows = Vec::new();
-    for k in 0..4u64 {
+    // The guest puts a TCP/UDP flow on pair (source port + destination port) % 2: the
+    // UDP flows from ports 50000 and 50001 take one pair each; the TCP flows' ports are
+    // the kernel's.
+    for k in 0..4u16 {
         let ns2 = ns.clone();
         flows.push(std::thread::spawn(move || {
             if k % 2 == 0 {
                 tcp_echo(&ns2, 4 << 20);
             } else {
-                udp_echo_sizes(&ns2, 1..=8972);
+                udp_echo_sizes_from(&ns2, 50000 + k / 2, 1..=8972);
             }
         }));
     }
