@@ -105,6 +105,7 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "net" => net_scenarios::scenario_net(&boot, &acpi),
         "net-serve" => net_scenarios::scenario_serve(&boot, &acpi),
         "net-bench" => net_scenarios::scenario_bench(&boot, &acpi),
+        "net-ping" => net_scenarios::scenario_ping(&boot, &acpi),
         "idle" => idle::scenario(&boot, &acpi),
         "balloon" => balloon_scenarios::scenario_balloon(&boot, &acpi),
         "balloon-service" => balloon_scenarios::scenario_balloon_service(&boot, &acpi),

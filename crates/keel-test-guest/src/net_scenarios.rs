@@ -14,6 +14,7 @@
 //!   traffic and a pass with VERSION_1 alone.
 //! * `net-bench`: `keel.net_n=N` UDP datagrams of `keel.net_size=BYTES`
 //!   payload to `keel.peer=IP:PORT`, then `net-serve`.
+//! * `net-ping`: ICMP echo requests to `keel.ping=ADDRESS`, no loss.
 //!
 //! The data path is polled at CPL3; when nothing has moved for a
 //! millisecond the guest asks for a receive interrupt and waits (`hlt`),
@@ -25,9 +26,12 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use smoltcp::iface::{Config as IfConfig, Interface, SocketHandle, SocketSet, SocketStorage};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
-use smoltcp::socket::{tcp, udp};
+use smoltcp::socket::{icmp, tcp, udp};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
+use smoltcp::wire::{
+    EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, IpEndpoint,
+    Ipv4Address,
+};
 
 use crate::acpi::Acpi;
 use crate::arch::{self, rdtsc};
@@ -63,6 +67,9 @@ struct Params {
     size: usize,
     link: bool,
     offload: bool,
+    /// `net-ping`: the address to ping and how many times.
+    ping: Option<Ipv4Address>,
+    ping_n: u32,
 }
 
 fn word<'c>(cmdline: &'c str, key: &str) -> Option<&'c str> {
@@ -94,6 +101,8 @@ impl Params {
             size: 18,
             link: false,
             offload: true,
+            ping: None,
+            ping_n: 20,
         };
         if let Some(v) = word(cmdline, "ip") {
             let (a, m) = v.split_once('/').unwrap_or((v, "24"));
@@ -136,6 +145,15 @@ impl Params {
             p.size = x as usize;
         }
         p.link = num("net_link", 0, 1)? == Some(1);
+        if let Some(v) = word(cmdline, "ping") {
+            let Some(a) = parse_ip(v) else {
+                crate::fail!("keel.ping={v}: not an IPv4 address");
+            };
+            p.ping = Some(a);
+        }
+        if let Some(x) = num("ping_n", 1, 100_000)? {
+            p.ping_n = x as u32;
+        }
         p.offload = num("net_offload", 0, 1)? != Some(0);
         Ok(p)
     }
@@ -334,6 +352,10 @@ const TCP_ECHO: u16 = 7;
 const TCP_DISCARD: u16 = 9;
 const TCP_CHARGEN: u16 = 19;
 const UDP_STATS: u16 = 7007;
+const ICMP_BUF: usize = 16 * 1024;
+const ICMP_META: usize = 16;
+/// The identifier of `net-ping`'s echo requests.
+const PING_IDENT: u16 = 0x6b6c;
 /// Most interface polls between two publications of the transmit queues.
 const POLL_BATCH: usize = 64;
 /// The local port of the self-test's and the benchmark's datagrams.
@@ -341,14 +363,16 @@ const UDP_CLIENT: u16 = 40007;
 
 /// The sockets' storage and packet metadata (not all-zero: in `.data`).
 struct StackMem {
-    sockets: [SocketStorage<'static>; TCP_SOCKETS + UDP_SOCKETS],
+    sockets: [SocketStorage<'static>; TCP_SOCKETS + UDP_SOCKETS + 1],
     udp_meta: [[udp::PacketMetadata; UDP_META]; 2 * UDP_SOCKETS],
+    icmp_meta: [[icmp::PacketMetadata; ICMP_META]; 2],
 }
 
 /// The sockets' byte buffers (zero: in `.bss`).
 struct StackBufs {
     tcp: [[[u8; TCP_BUF]; 2]; TCP_SOCKETS],
     udp: [[u8; UDP_BUF]; 2 * UDP_SOCKETS],
+    icmp: [[u8; ICMP_BUF]; 2],
 }
 
 struct StackCell(UnsafeCell<StackMem>);
@@ -360,12 +384,14 @@ unsafe impl Sync for BufsCell {}
 
 // Two statics: the zeroed buffers stay out of the image's `.data`.
 static STACK_MEM: StackCell = StackCell(UnsafeCell::new(StackMem {
-    sockets: [SocketStorage::EMPTY; TCP_SOCKETS + UDP_SOCKETS],
+    sockets: [SocketStorage::EMPTY; TCP_SOCKETS + UDP_SOCKETS + 1],
     udp_meta: [[udp::PacketMetadata::EMPTY; UDP_META]; 2 * UDP_SOCKETS],
+    icmp_meta: [[icmp::PacketMetadata::EMPTY; ICMP_META]; 2],
 }));
 static STACK_BUFS: BufsCell = BufsCell(UnsafeCell::new(StackBufs {
     tcp: [[[0; TCP_BUF]; 2]; TCP_SOCKETS],
     udp: [[0; UDP_BUF]; 2 * UDP_SOCKETS],
+    icmp: [[0; ICMP_BUF]; 2],
 }));
 static STACK_CLAIMED: AtomicBool = AtomicBool::new(false);
 
@@ -397,6 +423,7 @@ struct Stack {
     udp_discard: SocketHandle,
     udp_stats: SocketHandle,
     udp_client: SocketHandle,
+    icmp: SocketHandle,
     /// Datagrams and bytes UDP discard took.
     discarded: (u64, u64),
     hz: u64,
@@ -458,10 +485,15 @@ impl Stack {
                 crate::fail!("cannot add the default route via {gw}");
             }
         }
-        let StackMem { sockets, udp_meta } = mem;
+        let StackMem {
+            sockets,
+            udp_meta,
+            icmp_meta,
+        } = mem;
         let StackBufs {
             tcp: tcpm,
             udp: udpm,
+            icmp: icmpm,
         } = bufs;
         let mut set = SocketSet::new(&mut sockets[..]);
         let mut tcp_iter = tcpm.iter_mut();
@@ -511,6 +543,16 @@ impl Stack {
         let udp_discard = udp_socket(UDP_DISCARD)?;
         let udp_stats = udp_socket(UDP_STATS)?;
         let udp_client = udp_socket(UDP_CLIENT)?;
+        let [m0, m1] = icmp_meta;
+        let [b0, b1] = icmpm;
+        let mut s = icmp::Socket::new(
+            icmp::PacketBuffer::new(&mut m0[..], &mut b0[..]),
+            icmp::PacketBuffer::new(&mut m1[..], &mut b1[..]),
+        );
+        if s.bind(icmp::Endpoint::Ident(PING_IDENT)).is_err() {
+            crate::fail!("cannot bind the ICMP socket");
+        }
+        let icmp = set.add(s);
         phy.check()?;
         Ok(Stack {
             iface,
@@ -520,6 +562,7 @@ impl Stack {
             udp_discard,
             udp_stats,
             udp_client,
+            icmp,
             discarded: (0, 0),
             hz,
             t0,
@@ -900,6 +943,145 @@ fn bench_send(c: &Ctx, stack: &mut Stack, phy: &mut Phy, p: &Params) -> Outcome 
         "{sent} datagrams in {us} us (guest TSC), {} datagrams/s",
         u128::from(sent) * 1_000_000 / us.max(1)
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// net-ping
+
+/// Scenario `net-ping`: ICMP echo requests to `keel.ping=` (answering
+/// everything `net-serve` answers meanwhile).
+pub fn scenario_ping(boot: &BootInfo, acpi: &Acpi) -> Outcome {
+    let p = Params::parse(boot.cmdline())?;
+    if p.ping.is_none() {
+        crate::fail!("net-ping needs keel.ping=ADDRESS");
+    }
+    with_device("net-ping", boot, acpi, |c| ping(c, &p))
+}
+
+/// Send echo request `seq` to `to` and wait up to `limit` cycles for its
+/// reply (serving meanwhile). Replies to earlier requests are skipped.
+fn ping_once(
+    c: &Ctx,
+    stack: &mut Stack,
+    phy: &mut Phy,
+    to: Ipv4Address,
+    seq: u16,
+    limit: u64,
+) -> Res<Option<u64>> {
+    let data = [0x6bu8; 56];
+    let repr = Icmpv4Repr::EchoRequest {
+        ident: PING_IDENT,
+        seq_no: seq,
+        data: &data,
+    };
+    let start = rdtsc();
+    {
+        let s = stack.sockets.get_mut::<icmp::Socket>(stack.icmp);
+        let Ok(buf) = s.send(repr.buffer_len(), IpAddress::Ipv4(to)) else {
+            crate::fail!("cannot queue echo request {seq}");
+        };
+        repr.emit(
+            &mut Icmpv4Packet::new_unchecked(buf),
+            &ChecksumCapabilities::default(),
+        );
+    }
+    while rdtsc().wrapping_sub(start) < limit {
+        stack.poll(phy)?;
+        let (stats, active) = {
+            let n = phy.net.borrow();
+            (n.stats, n.active)
+        };
+        stack.serve(c.name, &stats, active);
+        let s = stack.sockets.get_mut::<icmp::Socket>(stack.icmp);
+        while let Ok((b, from)) = s.recv() {
+            let Ok(pkt) = Icmpv4Packet::new_checked(b) else {
+                continue;
+            };
+            let Ok(r) = Icmpv4Repr::parse(&pkt, &ChecksumCapabilities::default()) else {
+                continue;
+            };
+            if let Icmpv4Repr::EchoReply {
+                ident,
+                seq_no,
+                data: d,
+            } = r
+            {
+                if from == IpAddress::Ipv4(to) && ident == PING_IDENT && seq_no == seq {
+                    if d != data {
+                        crate::fail!("echo reply {seq} from {to} carries other data");
+                    }
+                    return Ok(Some(rdtsc().wrapping_sub(start)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn ping(c: &Ctx, p: &Params) -> Outcome {
+    let to = p.ping.expect("checked by the caller");
+    let hz = tsc_hz()?;
+    let mut net = open(c, p)?;
+    let mut stack = Stack::new(&mut net, p, hz, p.offload)?;
+    let mtu = net.max_frame() - 14;
+    let mut phy = Phy {
+        net: RefCell::new(&mut net),
+        err: RefCell::new(None),
+        offload: p.offload,
+        mtu,
+    };
+    say!(c.name, "address {}/{}; pinging {to}", p.ip, p.prefix);
+    // The peer may still be starting: up to 30 s for a first reply.
+    let mut seq = 0u16;
+    let first = rdtsc();
+    loop {
+        if ping_once(c, &mut stack, &mut phy, to, seq, hz / 5)?.is_some() {
+            break;
+        }
+        seq = seq.wrapping_add(1);
+        if rdtsc().wrapping_sub(first) > 30 * hz {
+            crate::fail!("no echo reply from {to} within 30 s ({seq} requests)");
+        }
+    }
+    say!(
+        c.name,
+        "{to} answers (after {} requests)",
+        u32::from(seq) + 1
+    );
+    let mut total = 0u64;
+    let mut worst = 0u64;
+    for i in 0..p.ping_n {
+        seq = seq.wrapping_add(1);
+        let Some(t) = ping_once(c, &mut stack, &mut phy, to, seq, hz)? else {
+            crate::fail!(
+                "echo request {i} of {} to {to}: no reply within 1 s",
+                p.ping_n
+            );
+        };
+        total += t;
+        worst = worst.max(t);
+    }
+    let us = |t: u64| u128::from(t) * 1_000_000 / u128::from(hz);
+    say!(
+        c.name,
+        "{} echo requests to {to}, {} replies, no loss; rtt avg {} us, max {} us",
+        p.ping_n,
+        p.ping_n,
+        us(total / u64::from(p.ping_n)),
+        us(worst)
+    );
+    // Keep answering for 3 s: a peer pinging this guest may have started
+    // later.
+    let linger = rdtsc();
+    while rdtsc().wrapping_sub(linger) < 3 * hz {
+        stack.poll(&mut phy)?;
+        let (stats, active) = {
+            let n = phy.net.borrow();
+            (n.stats, n.active)
+        };
+        stack.serve(c.name, &stats, active);
+    }
     Ok(())
 }
 

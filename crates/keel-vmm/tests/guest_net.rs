@@ -1,6 +1,6 @@
 //! virtio-net end to end with the test guest (crates/keel-test-guest, scenarios `net`,
-//! `net-serve` and `net-bench`), checked from the host side with the host's own tools and
-//! sockets.
+//! `net-serve`, `net-bench` and `net-ping`), checked from the host side with the host's
+//! own tools and sockets.
 //!
 //! Each test builds its own network namespace holding a tap (`ip netns add`,
 //! `ip -n NS tuntap add dev tap0 mode tap`, 10.0.2.2/24 on the host side), runs the VMM
@@ -794,6 +794,27 @@ fn bench_case(vmm: Vmm, transport: Transport) {
     assert_eq!(got, n, "datagrams received on the host; stdout:\n{out}");
 }
 
+/// `net-ping`: the guest pings the host's side of the tap (10.0.2.2) 20 times, no loss.
+fn ping_host_case(vmm: Vmm, transport: Transport) {
+    let ns = NetNs::new("ping", TapOpts::default());
+    let g = run_net_guest(
+        &ns,
+        vmm,
+        NetOpts::new(transport),
+        "keel.test=net-ping keel.ping=10.0.2.2 keel.ping_n=20",
+    );
+    let status = g.pass_status();
+    let out = g.finish(BOOT_LIMIT);
+    support::assert_pass(&out, "net-ping", status);
+    assert!(
+        out.stdout.contains(
+            "keel-test: net-ping: 20 echo requests to 10.0.2.2, 20 replies, no loss; rtt avg "
+        ),
+        "stdout:\n{}",
+        out.stdout
+    );
+}
+
 // ---------------------------------------------------------------------
 // Under QEMU (the peer that proves the guest's driver).
 
@@ -897,5 +918,78 @@ fn net_scenarios_fail_clearly_without_a_peer_or_a_device() {
             out.stdout
         );
         assert_eq!(out.code(), Some(3), "{cmdline}: QEMU's status for FAIL");
+    }
+}
+
+#[test]
+fn net_ping_reaches_the_host_under_qemu_virtio_pci() {
+    require_kvm!();
+    ping_host_case(Vmm::Qemu, Transport::Pci);
+}
+
+#[test]
+fn net_ping_reaches_the_host_under_qemu_virtio_mmio() {
+    require_kvm!();
+    ping_host_case(Vmm::Qemu, Transport::Mmio);
+}
+
+/// Two QEMU VMs linked by a pair of Unix datagram sockets (`-netdev dgram`: one frame a
+/// datagram, as keel's socket backend) ping each other with `net-ping`, 20 times each,
+/// no loss; no namespace and no tap needed.
+#[test]
+fn two_qemu_vms_ping_each_other_over_unix_datagram_sockets() {
+    require_kvm!();
+    let dir = TempDir::new("net-dgram");
+    let sock = |n: &str| dir.path().join(n).display().to_string();
+    let vm = |me: &str, peer: &str, local: &str, remote: &str, mac: &str| {
+        let netdev = format!(
+            "dgram,id=n0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+            sock(local),
+            sock(remote)
+        );
+        let device = format!("virtio-net-pci,netdev=n0,mac={mac}");
+        let cmdline = format!("keel.test=net-ping keel.ip={me}/24 keel.ping={peer} keel.ping_n=20");
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-enable-kvm",
+            "-M",
+            "microvm,pcie=on",
+            "-cpu",
+            "kvm64",
+            "-m",
+            "128",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .args(["-kernel", GUEST, "-append", &cmdline])
+        .args(["-netdev", &netdev, "-device", &device]);
+        Running::start(c)
+    };
+    let a = vm(
+        "10.0.2.15",
+        "10.0.2.16",
+        "a.sock",
+        "b.sock",
+        "52:54:00:00:00:0a",
+    );
+    let b = vm(
+        "10.0.2.16",
+        "10.0.2.15",
+        "b.sock",
+        "a.sock",
+        "52:54:00:00:00:0b",
+    );
+    for (vm, me, peer) in [(a, "10.0.2.15", "10.0.2.16"), (b, "10.0.2.16", "10.0.2.15")] {
+        let out = vm.finish(BOOT_LIMIT);
+        support::assert_pass(&out, "net-ping", 1);
+        let l = format!("keel-test: net-ping: 20 echo requests to {peer}, 20 replies, no loss;");
+        assert!(out.stdout.contains(&l), "{me}: stdout:\n{}", out.stdout);
     }
 }
