@@ -13,7 +13,9 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::arch::TIMEOUT_CYCLES;
 use crate::text::Text;
-use crate::virtio::{QueueMem, Res, Transport, Vq, F_EVENT_IDX, F_VERSION_1};
+use crate::virtio::{
+    QueueMem, Res, Transport, Vq, DESC_NEXT, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
+};
 
 /// Device type of a network card (section 5.1.1).
 pub const NET_TYPE: u16 = 1;
@@ -33,6 +35,7 @@ pub const F_CTRL_MAC_ADDR: u64 = 1 << 23;
 /// What this driver asks for, when offered.
 pub const F_WANTED: u64 = F_VERSION_1
     | F_EVENT_IDX
+    | F_INDIRECT_DESC
     | F_CSUM
     | F_GUEST_CSUM
     | F_MTU
@@ -44,9 +47,10 @@ pub const F_WANTED: u64 = F_VERSION_1
     | F_MQ
     | F_CTRL_MAC_ADDR;
 
-const FEATURE_NAMES: [(u64, &str); 12] = [
+const FEATURE_NAMES: [(u64, &str); 13] = [
     (F_VERSION_1, "VERSION_1"),
     (F_EVENT_IDX, "EVENT_IDX"),
+    (F_INDIRECT_DESC, "INDIRECT_DESC"),
     (F_CSUM, "CSUM"),
     (F_GUEST_CSUM, "GUEST_CSUM"),
     (F_MTU, "MTU"),
@@ -175,6 +179,26 @@ pub struct PairStats {
     pub tx_offloaded: u64,
 }
 
+/// How a transmitted frame is laid out in descriptors (any layout is
+/// allowed with VERSION_1, section 5.1.6.6).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TxLayout {
+    /// One descriptor: header and frame.
+    Single,
+    /// Three: the header, the first half of the frame, the rest.
+    Split,
+    /// The three of `Split` in an indirect table (INDIRECT_DESC; else as
+    /// `Split`).
+    Indirect,
+}
+
+impl TxLayout {
+    pub const ALL: [TxLayout; 3] = [TxLayout::Single, TxLayout::Split, TxLayout::Indirect];
+}
+
+/// Where a transmit slot's indirect table sits (after the largest frame).
+const TX_TABLE_OFF: u64 = (TX_SLOT - 64) as u64;
+
 /// A received frame, still in the driver's buffers.
 pub struct RxFrame {
     pub pair: usize,
@@ -225,6 +249,10 @@ pub struct Net<'a> {
     tx_free: [[u16; TX_SLOTS]; MAX_PAIRS],
     tx_nfree: [usize; MAX_PAIRS],
     pub stats: [PairStats; MAX_PAIRS],
+    /// How frames are laid out for the device, and how many went out in
+    /// each layout (`TxLayout::ALL` order).
+    pub tx_layout: TxLayout,
+    pub tx_by_layout: [u64; 3],
     /// Next receive queue to look at (round robin).
     next_rx: usize,
 }
@@ -420,6 +448,8 @@ impl<'a> Net<'a> {
             tx_free: [free; MAX_PAIRS],
             tx_nfree: [TX_SLOTS; MAX_PAIRS],
             stats: [PairStats::default(); MAX_PAIRS],
+            tx_layout: TxLayout::Single,
+            tx_by_layout: [0; 3],
             next_rx: 0,
         };
         for p in 0..pairs {
@@ -644,11 +674,12 @@ impl<'a> Net<'a> {
     /// A transmit slot on pair `p`: its frame area (MAX_FRAME bytes) and
     /// the slot number, or `None` when the queue is full.
     pub fn tx_slot(&mut self, p: usize) -> Res<Option<(u16, &mut [u8])>> {
-        if self.tx_nfree[p] == 0 || self.txq(p).free_descriptors() == 0 {
+        let need = self.tx_descriptors();
+        if self.tx_nfree[p] == 0 || self.txq(p).free_descriptors() < need {
             self.kick_tx(p);
             self.reclaim_tx(p)?;
         }
-        if self.tx_nfree[p] == 0 || self.txq(p).free_descriptors() == 0 {
+        if self.tx_nfree[p] == 0 || self.txq(p).free_descriptors() < need {
             return Ok(None);
         }
         let slot = self.tx_free[p][self.tx_nfree[p] - 1];
@@ -658,6 +689,22 @@ impl<'a> Net<'a> {
         // slice to this driver.
         let b = unsafe { core::slice::from_raw_parts_mut(at as *mut u8, MAX_FRAME) };
         Ok(Some((slot, b)))
+    }
+
+    /// The layout in use (`Indirect` only with INDIRECT_DESC).
+    fn layout(&self) -> TxLayout {
+        match self.tx_layout {
+            TxLayout::Indirect if !self.has(F_INDIRECT_DESC) => TxLayout::Split,
+            l => l,
+        }
+    }
+
+    /// Ring descriptors a frame takes.
+    fn tx_descriptors(&self) -> usize {
+        match self.layout() {
+            TxLayout::Split => 3,
+            TxLayout::Single | TxLayout::Indirect => 1,
+        }
     }
 
     /// Queue the frame written in `slot` (`len` bytes) on pair `p`, with
@@ -680,10 +727,46 @@ impl<'a> Net<'a> {
         }
         // SAFETY: the slot's header, ours until queued.
         unsafe { core::ptr::write_volatile(base as *mut [u8; HDR_LEN], hdr) };
+        let layout = self.layout();
+        let frame = base + HDR_LEN as u64;
+        let half = (len / 2).max(1).min(len);
+        let parts = [
+            (base, HDR_LEN as u32, false),
+            (frame, half as u32, false),
+            (frame + half as u64, (len - half) as u32, false),
+        ];
+        // A frame of one byte has no second part.
+        let parts = if len > half { &parts[..] } else { &parts[..2] };
         let vq = self.tx[p].as_mut().expect("transmit queue set up");
-        let Some(head) = vq.add(&[(base, (HDR_LEN + len) as u32, false)]) else {
+        let head = match layout {
+            TxLayout::Single => vq.add(&[(base, (HDR_LEN + len) as u32, false)]),
+            TxLayout::Split => vq.add(parts),
+            TxLayout::Indirect => {
+                let table = base + TX_TABLE_OFF;
+                for (i, &(addr, n, _)) in parts.iter().enumerate() {
+                    let at = table + 16 * i as u64;
+                    let (flags, next) = if i + 1 < parts.len() {
+                        (DESC_NEXT, i as u16 + 1)
+                    } else {
+                        (0, 0)
+                    };
+                    // SAFETY: the slot's table area (past the largest
+                    // frame, 16-byte aligned), ours until the frame is used.
+                    unsafe {
+                        core::ptr::write_volatile(at as *mut u64, addr);
+                        core::ptr::write_volatile((at + 8) as *mut u32, n);
+                        core::ptr::write_volatile((at + 12) as *mut u16, flags);
+                        core::ptr::write_volatile((at + 14) as *mut u16, next);
+                    }
+                }
+                vq.add_indirect_at(table, parts.len())
+            }
+        };
+        let Some(head) = head else {
             crate::fail!("transmit queue {p}: no free descriptor");
         };
+        let k = TxLayout::ALL.iter().position(|&l| l == layout).unwrap_or(0);
+        self.tx_by_layout[k] += 1;
         self.tx_nfree[p] -= 1;
         debug_assert_eq!(self.tx_free[p][self.tx_nfree[p]], slot);
         self.tx_slot_of[p][usize::from(head)] = slot;

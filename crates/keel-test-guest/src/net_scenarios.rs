@@ -37,11 +37,13 @@ use crate::acpi::Acpi;
 use crate::arch::{self, rdtsc};
 use crate::idt::VEC_TIMER;
 use crate::irq::{self, lapic_write};
-use crate::net::{self, ctrl, Net, PairStats, F_CSUM, F_CTRL_VQ, F_GUEST_CSUM, F_MQ, F_STATUS};
+use crate::net::{
+    self, ctrl, Net, PairStats, TxLayout, F_CSUM, F_CTRL_VQ, F_GUEST_CSUM, F_MQ, F_STATUS,
+};
 use crate::pit;
 use crate::pvh::BootInfo;
 use crate::text::Text;
-use crate::virtio::{self, Transport, INT_CONFIG};
+use crate::virtio::{self, Transport, F_INDIRECT_DESC, INT_CONFIG};
 use crate::virtio_scenarios::{self as vs, Ctx, Irqs};
 use crate::Outcome;
 
@@ -1260,15 +1262,29 @@ fn self_test(c: &Ctx, p: &Params) -> Outcome {
         mtu,
     };
     let (lo, hi) = (60 - 42, mtu - 28);
+    // The transmit layouts take turns: one descriptor, three, three
+    // through an indirect table.
     for size in lo..=hi {
+        phy.net.borrow_mut().tx_layout = TxLayout::ALL[size % 3];
         echo_once(&mut stack, &mut phy, to, size)?;
     }
+    phy.net.borrow_mut().tx_layout = TxLayout::Single;
     let t = totals(&phy.net.borrow());
+    let [single, split, indirect] = phy.net.borrow().tx_by_layout;
     say!(
         name,
         "UDP echo of every frame size from 60 to {} bytes both ways: {} datagrams ({lo}-{hi} bytes) byte-exact",
         hi + 42,
         hi - lo + 1
+    );
+    say!(
+        name,
+        "transmitted frames by layout: {single} in one descriptor, {split} in three, {indirect} in three through an indirect table{}",
+        if phy.net.borrow().has(F_INDIRECT_DESC) {
+            ""
+        } else {
+            " (INDIRECT_DESC not offered: those went as three)"
+        }
     );
 
     // 4. Checksum offload, both ways.

@@ -657,6 +657,7 @@ fn self_test_case(vmm: Vmm, opts: NetOpts, tap: TapOpts, link: bool) {
     let mut lines = vec![
         "keel-test: net: control queue: ",
         "keel-test: net: UDP echo of every frame size from 60 to ",
+        "keel-test: net: transmitted frames by layout: ",
         "keel-test: net: checksums: ",
         "keel-test: net: reset with ",
         "keel-test: net: after the reset: UDP echo works again",
