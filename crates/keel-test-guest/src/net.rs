@@ -253,6 +253,9 @@ pub struct Net<'a> {
     /// each layout (`TxLayout::ALL` order).
     pub tx_layout: TxLayout,
     pub tx_by_layout: [u64; 3],
+    /// Receive buffers posted as two descriptors (the header's 12 bytes,
+    /// then the rest), else one.
+    pub rx_split: bool,
     /// Next receive queue to look at (round robin).
     next_rx: usize,
 }
@@ -337,6 +340,7 @@ impl<'a> Net<'a> {
         t: &'a Transport,
         want: u64,
         pairs: usize,
+        rx_split: bool,
         config_entry: Option<u16>,
         queue_entry: Option<u16>,
     ) -> Res<Net<'a>> {
@@ -450,11 +454,14 @@ impl<'a> Net<'a> {
             stats: [PairStats::default(); MAX_PAIRS],
             tx_layout: TxLayout::Single,
             tx_by_layout: [0; 3],
+            rx_split: false,
             next_rx: 0,
         };
+        n.rx_split = rx_split;
         for p in 0..pairs {
             let size = n.rxq(p).size;
-            for id in 0..size {
+            let buffers = if rx_split { size / 2 } else { size };
+            for id in 0..buffers {
                 n.post_rx(p, id)?;
             }
             let rxq = n.rx[p].as_mut().expect("set up above");
@@ -513,8 +520,17 @@ impl<'a> Net<'a> {
     /// Hand receive buffer `id` of pair `p` to the device (not published).
     fn post_rx(&mut self, p: usize, id: u16) -> Res<()> {
         let addr = self.rx_addr(p, id);
+        let h = HDR_LEN as u64;
         let vq = self.rx[p].as_mut().expect("receive queue set up");
-        match vq.add(&[(addr, RX_BUF as u32, true)]) {
+        let added = if self.rx_split {
+            vq.add(&[
+                (addr, HDR_LEN as u32, true),
+                (addr + h, (RX_BUF - HDR_LEN) as u32, true),
+            ])
+        } else {
+            vq.add(&[(addr, RX_BUF as u32, true)])
+        };
+        match added {
             Some(head) => {
                 self.rx_buf_of[p][usize::from(head)] = id;
                 Ok(())

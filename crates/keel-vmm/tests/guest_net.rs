@@ -661,7 +661,7 @@ fn self_test_case(vmm: Vmm, opts: NetOpts, tap: TapOpts, link: bool) {
         "keel-test: net: checksums: ",
         "keel-test: net: reset with ",
         "keel-test: net: after the reset: UDP echo works again",
-        "keel-test: net: VERSION_1 alone: UDP echo of 18, 100, 1000 and 1472 bytes;",
+        "keel-test: net: VERSION_1 alone, receive buffers as two descriptors (header, data): UDP echo of 18, 100, 1000 and 1472 bytes;",
     ];
     // Checksums computed by the guest are tried when the transmit offload is in use.
     if out.stdout.contains("|CSUM|") {
