@@ -1,8 +1,10 @@
 //! A virtio-net driver (virtio 1.2 section 5.1) on the driver core, over
 //! either transport, polled at CPL3: up to two receive/transmit queue
-//! pairs and the control queue; every frame in one descriptor (the
-//! 12-byte `virtio_net_hdr` and the frame together); receive buffers of
-//! 2 KiB, merged (VIRTIO_NET_F_MRG_RXBUF) for frames that do not fit one.
+//! pairs and the control queue. A transmitted frame sits with its 12-byte
+//! `virtio_net_hdr` in one slot and goes out as one descriptor, three, or
+//! three through an indirect table; receive buffers are 2 KiB (one
+//! descriptor, or two with the header apart), merged
+//! (VIRTIO_NET_F_MRG_RXBUF) for frames that do not fit one.
 //!
 //! The constants of section 5.1 are defined here, in one place, with the
 //! section that defines each group (the guest has no dependencies but
@@ -103,7 +105,8 @@ pub const RX_BUF: usize = 2048;
 /// Largest frame this driver sends or reassembles (Ethernet header
 /// included, no FCS): 9000-byte MTU.
 pub const MAX_FRAME: usize = 9014;
-/// Bytes of a transmit slot: header and frame.
+/// Bytes of a transmit slot: header, frame, and (at `TX_TABLE_OFF`) an
+/// indirect table of three descriptors.
 const TX_SLOT: usize = 9216;
 /// Transmit slots per queue (the largest transmit queue).
 const TX_SLOTS: usize = 64;
@@ -260,7 +263,8 @@ pub struct Net<'a> {
     next_rx: usize,
 }
 
-/// Why opening failed or what it found.
+/// The names of the feature bits in `f` this driver knows, the rest as a
+/// number.
 pub fn feature_names(f: u64) -> Text<160> {
     let mut t = Text::new();
     for (bit, name) in FEATURE_NAMES {
