@@ -84,6 +84,9 @@ pub(crate) struct Engine {
     event_idx: bool,
     /// The largest frame (with header) the guest accepts.
     rx_max: usize,
+    /// The largest frame (with header) without segmentation offload: with merged
+    /// buffers, the worker waits for at least this much room before it reads.
+    rx_min: usize,
     /// What the guest accepts: partial checksums, segments larger than the MTU.
     guest_csum: bool,
     guest_tso: bool,
@@ -146,6 +149,7 @@ impl Engine {
             mrg: has(VIRTIO_NET_F_MRG_RXBUF),
             event_idx: has(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX),
             rx_max: NET_HDR_LEN + frame,
+            rx_min: NET_HDR_LEN + usize::from(ctx.mtu) + 18,
             guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
             guest_tso,
             host_csum: has(VIRTIO_NET_F_CSUM),
@@ -380,8 +384,11 @@ impl Engine {
             if chains.is_empty() {
                 return (frames, Dir::Starved);
             }
-            if self.mrg && room < self.rx_max && usize::from(taken) < usize::from(q.size()) {
-                // Too few buffers for the largest frame: wait for more.
+            if self.mrg && room < self.rx_min && usize::from(taken) < usize::from(q.size()) {
+                // Too few buffers for a frame of the MTU: wait for more. (With room for
+                // that but not for the largest segment, the frame is read: a segment
+                // that does not fit is dropped, and a driver that never posts more than
+                // it has does not stall the queue.)
                 q.set_next_avail(first);
                 let avail = q
                     .avail_idx(&*mem, Ordering::Acquire)
@@ -442,6 +449,10 @@ impl Engine {
                 continue;
             }
             q.set_next_avail(first.wrapping_add(num_buffers));
+            // Counted before the driver can see it.
+            let payload = len - NET_HDR_LEN;
+            stats.frame(payload);
+            lock(&sh.rx_limit).consume(payload as u64, Instant::now());
             for (head, n) in used {
                 if let Err(e) = q.add_used(&*mem, head, n) {
                     self.broken("rx used ring", &e);
@@ -449,9 +460,6 @@ impl Engine {
                 }
             }
             self.rx_used = true;
-            let payload = len - NET_HDR_LEN;
-            stats.frame(payload);
-            lock(&sh.rx_limit).consume(payload as u64, Instant::now());
         }
         (frames, Dir::Busy)
     }
