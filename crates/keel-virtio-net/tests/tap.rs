@@ -85,6 +85,37 @@ impl Drop for Namespace {
     }
 }
 
+/// <linux/ethtool.h>: read the TX checksum and TSO offload settings.
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_GTSO: u32 = 0x1e;
+
+/// An ethtool query of the tap as the host's stack sees it (what `ethtool -k` shows):
+/// `cmd` is ETHTOOL_GTXCSUM or ETHTOOL_GTSO; answers whether the offload is on.
+fn host_offload(cmd: u32) -> bool {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut v = EthtoolValue { cmd, data: 0 };
+    // SAFETY: an all-zero ifreq is valid; the name is NUL-terminated (shorter than
+    // IFNAMSIZ), and ifru_data points at `v`, which outlives the ioctl.
+    let r = unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(TAP.bytes()) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
+        let sock = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(sock >= 0);
+        let r = libc::ioctl(sock, libc::SIOCETHTOOL, &mut req);
+        libc::close(sock);
+        r
+    };
+    assert_eq!(r, 0, "SIOCETHTOOL: {}", std::io::Error::last_os_error());
+    v.data != 0
+}
+
 fn checksum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for c in data.chunks(2) {
@@ -255,6 +286,68 @@ fn a_tap_in_a_namespace_carries_arp_and_ping_both_ways() {
         });
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The offloads the driver negotiates are the tap's, as the host's stack sees them (what
+/// `ethtool -k` shows): on with GUEST_CSUM and GUEST_TSO4/6, off for a driver that
+/// negotiates none; set again at every activation.
+#[test]
+fn the_tap_takes_the_offloads_the_driver_negotiated() {
+    let ns = Namespace::new("offload");
+    ns.run(|| {
+        let taps = Tap::open(TAP, 1).expect("open the tap");
+        assert!(
+            !host_offload(ETHTOOL_GTXCSUM) && !host_offload(ETHTOOL_GTSO),
+            "plain at open"
+        );
+        let backends: Vec<Box<dyn Backend>> = taps
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Backend>)
+            .collect();
+        let net = Net::new(
+            backends,
+            NetOptions {
+                mac: MAC,
+                queue_size: Q,
+                ..NetOptions::default()
+            },
+        )
+        .unwrap();
+        let d = PciDriver::new(Box::new(net));
+        let mem = d.mem().clone();
+        let (rx, tx) = (ring(&mem, 0), ring(&mem, 1));
+        let start = |features: u64| {
+            assert_ne!(d.negotiate(features) & FEATURES_OK, 0);
+            for (i, r) in [&rx, &tx].iter().enumerate() {
+                d.configure_queue(i as u16, r.size, r.desc, r.avail, r.used);
+                d.enable_queue(i as u16);
+            }
+            d.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+            assert_eq!(d.status() & DRIVER_OK, DRIVER_OK);
+        };
+        let offloads = VERSION_1
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6);
+        start(offloads);
+        assert!(
+            host_offload(ETHTOOL_GTXCSUM),
+            "checksum offload after GUEST_CSUM"
+        );
+        assert!(host_offload(ETHTOOL_GTSO), "TSO after GUEST_TSO4/6");
+        d.set_status(0);
+        start(VERSION_1);
+        assert!(
+            !host_offload(ETHTOOL_GTXCSUM),
+            "checksum offload without GUEST_CSUM"
+        );
+        assert!(!host_offload(ETHTOOL_GTSO), "TSO without GUEST_TSO4/6");
+        d.set_status(0);
+        // Checksums alone.
+        start(VERSION_1 | (1 << VIRTIO_NET_F_GUEST_CSUM));
+        assert!(host_offload(ETHTOOL_GTXCSUM));
+        assert!(!host_offload(ETHTOOL_GTSO));
+    });
 }
 
 #[test]
