@@ -24,7 +24,7 @@ use std::sync::Arc;
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{InterruptError, InterruptKind, NeedsReset, VirtioInterrupt};
 use keel_virtio_net::backend::{read_at, write_at, Backend, GuestSlice, Offloads, SocketBackend};
-use keel_virtio_net::{NetOptions, SyncServer};
+use keel_virtio_net::{NetOptions, SyncQueues, SyncServer};
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
@@ -198,9 +198,11 @@ fuzz_target!(|data: &[u8]| {
     let mut server = SyncServer::new(
         mem.clone(),
         features,
-        queue(RINGS[0], event_idx),
-        queue(RINGS[1], event_idx),
-        ctrl.then(|| queue(RINGS[2], event_idx)),
+        SyncQueues {
+            rx: queue(RINGS[0], event_idx),
+            tx: queue(RINGS[1], event_idx),
+            ctrl: ctrl.then(|| queue(RINGS[2], event_idx)),
+        },
         backend,
         NetOptions {
             queue_size: QSIZE,

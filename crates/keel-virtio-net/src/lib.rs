@@ -33,7 +33,7 @@ pub use device::{
 };
 pub use stats::{CtrlStats, DirStats, NetStats, QueueStats};
 #[cfg(feature = "test-utils")]
-pub use worker::SyncServer;
+pub use worker::{SyncQueues, SyncServer};
 
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]

@@ -925,6 +925,17 @@ fn wait_events(
     Ok(ctrl)
 }
 
+/// The queues a [`SyncServer`] serves.
+#[cfg(feature = "test-utils")]
+pub struct SyncQueues {
+    /// The receive queue.
+    pub rx: Queue,
+    /// The transmit queue.
+    pub tx: Queue,
+    /// The control queue, if VIRTIO_NET_F_CTRL_VQ is among the features.
+    pub ctrl: Option<Queue>,
+}
+
 /// Serves one queue pair (and the control queue) on the calling thread: for tests and
 /// fuzzers that want determinism.
 #[cfg(feature = "test-utils")]
@@ -934,16 +945,12 @@ pub struct SyncServer {
 
 #[cfg(feature = "test-utils")]
 impl SyncServer {
-    /// A server for queues already configured and validated (rx, tx, and the control
-    /// queue if any), as a device with `features` negotiated, `max_pairs` pairs and
-    /// options `opts` would run them.
-    #[allow(clippy::too_many_arguments)]
+    /// A server for `queues` (already configured and validated), as a one-pair device
+    /// with `features` negotiated and options `opts` would run them.
     pub fn new(
         mem: GuestMemoryMmap,
         features: u64,
-        rx: Queue,
-        tx: Queue,
-        ctrl: Option<Queue>,
+        queues: SyncQueues,
         backend: Box<dyn Backend>,
         opts: crate::NetOptions,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -960,9 +967,9 @@ impl SyncServer {
         Ok(SyncServer {
             engine: Engine::new(PairContext {
                 pair: 0,
-                rx: aq(0, rx)?,
-                tx: aq(1, tx)?,
-                ctrl: ctrl.map(|q| aq(2, q)).transpose()?,
+                rx: aq(0, queues.rx)?,
+                tx: aq(1, queues.tx)?,
+                ctrl: queues.ctrl.map(|q| aq(2, q)).transpose()?,
                 backend,
                 mem: Arc::new(mem),
                 interrupt,
