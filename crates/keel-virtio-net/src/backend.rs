@@ -93,9 +93,11 @@ impl Offloads {
 /// zeroed one in front of what it receives.
 pub trait Backend: Send {
     /// Reads one frame, header first, into `bufs` (in order) and returns its length with
-    /// the header; a length past the end of `bufs` means the frame did not fit (it was
-    /// cut, and the device drops it). An error of kind [`io::ErrorKind::WouldBlock`]:
-    /// no frame is waiting.
+    /// the header. A frame that does not fit must come back with a length past the end
+    /// of `bufs` (the device then drops it rather than hand the guest a cut frame): a
+    /// tap reads the excess into a spill buffer of its own, a socket asks `recvmsg` for
+    /// the datagram's real length (MSG_TRUNC). An error of kind
+    /// [`io::ErrorKind::WouldBlock`]: no frame is waiting.
     fn recv(&mut self, bufs: &[GuestSlice<'_>]) -> io::Result<usize>;
     /// Writes one frame, header first, gathered from `bufs`. An error of kind
     /// [`io::ErrorKind::WouldBlock`]: the backend is full; the device tries again when
@@ -300,7 +302,15 @@ pub enum TapError {
 pub struct Tap {
     file: File,
     name: String,
+    /// Where the part of a frame that does not fit the guest's buffers goes: a tap
+    /// returns only what it copied, so a frame it had to cut would look whole. With this
+    /// after the guest's buffers, a read longer than they are means the frame did not fit.
+    spill: Box<[u8]>,
 }
+
+/// Bytes of a tap's spill buffer: more than any frame (64 KiB of GSO segment, the
+/// Ethernet header and a VLAN tag, and the virtio-net header).
+const SPILL: usize = 68 * 1024;
 
 fn ifreq(name: &str, flags: libc::c_int) -> libc::ifreq {
     // SAFETY: ifreq is plain old data; all zeroes is a valid value.
@@ -348,6 +358,7 @@ impl Tap {
                 let tap = Tap {
                     file,
                     name: name.to_string(),
+                    spill: vec![0; SPILL].into_boxed_slice(),
                 };
                 tap.set_up()?;
                 Ok(tap)
@@ -388,6 +399,7 @@ impl Tap {
         let tap = Tap {
             file,
             name: String::from_utf8_lossy(&name).into_owned(),
+            spill: vec![0; SPILL].into_boxed_slice(),
         };
         tap.set_up()?;
         Ok(tap)
@@ -429,8 +441,30 @@ impl Tap {
 
 impl Backend for Tap {
     fn recv(&mut self, bufs: &[GuestSlice<'_>]) -> io::Result<usize> {
-        // A tap returns the frame's whole length even when it had to cut it.
-        readv(self.file.as_fd(), bufs)
+        let (mut iov, _guards) = iovecs(bufs);
+        iov.truncate(IOV_MAX - 1);
+        let room: usize = iov.iter().map(|v| v.iov_len).sum();
+        iov.push(libc::iovec {
+            iov_base: self.spill.as_mut_ptr().cast(),
+            iov_len: self.spill.len(),
+        });
+        // SAFETY: the iovecs point at live guest memory of their lengths (kept valid by
+        // the guards) and at the spill buffer this backend owns exclusively (`&mut
+        // self`); the kernel writes at most that many bytes into each.
+        let n = unsafe {
+            libc::readv(
+                self.file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        mark_written(bufs, n.min(room));
+        // Past `room`: the frame did not fit (the device drops it).
+        Ok(n)
     }
 
     fn send(&mut self, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
