@@ -541,7 +541,9 @@ pub enum SocketError {
 /// virtio-net header: links two VMs (or a VM and a test) without a tap or privileges.
 ///
 /// A socket is either connected (a socketpair, or the side that found the path bound) and
-/// sends to its peer, or bound to a path, when it sends to whoever sent to it last.
+/// sends to its peer, or bound to a path, when it sends to whoever sent to it last (the
+/// connecting side greets it with an empty datagram, so it can send before its peer's
+/// guest does).
 ///
 /// # Examples
 ///
@@ -620,6 +622,12 @@ impl SocketBackend {
                 path: path.to_path_buf(),
                 source,
             })?;
+            // An empty datagram tells the bound side where we are, so that it can send
+            // before our guest does.
+            sock.send(&[]).map_err(|source| SocketError::Setup {
+                step: "greet the bound socket",
+                source,
+            })?;
             nonblocking(sock, None)
         } else {
             let sock = UnixDatagram::bind(path).map_err(|source| SocketError::Bind {
@@ -627,6 +635,37 @@ impl SocketBackend {
                 source,
             })?;
             nonblocking(sock, Some(path.to_path_buf()))
+        }
+    }
+}
+
+impl SocketBackend {
+    /// A bound socket that has not heard from its peer yet looks at the first datagram
+    /// waiting (without taking it, unless it is the empty greeting) to learn where the
+    /// peer is.
+    fn learn_peer(&mut self) {
+        // SAFETY: an all-zero sockaddr_un is a valid value.
+        let mut from: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut len = size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: no data buffer (length 0); the kernel writes at most `len` bytes of
+        // address into `from`, which outlives the call.
+        let n = unsafe {
+            libc::recvfrom(
+                self.sock.as_raw_fd(),
+                std::ptr::null_mut(),
+                0,
+                libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                (&mut from as *mut libc::sockaddr_un).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 || len == 0 {
+            return;
+        }
+        self.peer = Some((from, len));
+        if n == 0 {
+            // The greeting: taken off the queue.
+            let _ = self.sock.recv(&mut []);
         }
     }
 }
@@ -660,11 +699,15 @@ impl Backend for SocketBackend {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        let room: usize = data.iter().map(|s| s.len()).sum();
-        mark_written(&data, n.min(room));
         if !self.connected && msg.msg_namelen > 0 {
             self.peer = Some((from, msg.msg_namelen));
         }
+        if n == 0 {
+            // A peer's greeting (or an empty datagram): no frame.
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        let room: usize = data.iter().map(|s| s.len()).sum();
+        mark_written(&data, n.min(room));
         if !write_at(bufs, 0, &[0; NET_HDR_LEN]) {
             // Less room than a header: the frame does not fit.
             return Ok(NET_HDR_LEN + n + 1);
@@ -680,6 +723,9 @@ impl Backend for SocketBackend {
         }
         // SAFETY: an all-zero msghdr is a valid value.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        if !self.connected && self.peer.is_none() {
+            self.learn_peer();
+        }
         let mut peer = self.peer;
         if !self.connected {
             // Nobody has spoken to a bound socket yet: the frame has nowhere to go.

@@ -812,7 +812,8 @@ fn frames_per_second_are_limited() {
 }
 
 /// Two devices on one socket path (`socket=PATH` for two VMs): the first binds it, the
-/// second connects; frames go both ways, and the path is gone once the first is dropped.
+/// second connects and greets it; frames go both ways, the bound side may speak first,
+/// and the path is gone once the first is dropped.
 #[test]
 fn two_devices_share_a_socket_path() {
     let dir = std::env::temp_dir().join(format!("keel-net-link-{}", std::process::id()));
@@ -833,7 +834,9 @@ fn two_devices_share_a_socket_path() {
         )
     };
     let (mac_a, mac_b) = (MAC, MacAddr([0x52, 0x54, 0, 0, 0, 0xb]));
-    let a = MmioDriver::new(mk(mac_a));
+    let na = mk(mac_a);
+    let ha = na.handle();
+    let a = MmioDriver::new(na);
     assert!(path.exists(), "the first device binds the path");
     let b = PciDriver::new(mk(mac_b));
     let (ma, mb) = (a.mem().clone(), b.mem().clone());
@@ -845,17 +848,20 @@ fn two_devices_share_a_socket_path() {
     post(&mut rxb, 4, 2048, DATA_BASE);
     a.notify(0);
     b.notify(0);
-    // B speaks first (A learns where B is), then A answers.
-    let fb = frame(mac_a, 300, 1);
-    send(&mb, &mut txb, [0; HDR], &fb, DATA_BASE + 0x10000, 2);
-    b.notify(1);
-    rxa.wait_used(1);
-    assert_eq!(read_bytes(&ma, DATA_BASE + HDR as u64, 300), fb);
+    // A, the bound side, speaks first: B's greeting told it where B is. Then B answers.
     let fa = frame(mac_b, 1514, 2);
     send(&ma, &mut txa, [0; HDR], &fa, DATA_BASE + 0x10000, 3);
     a.notify(1);
     rxb.wait_used(1);
     assert_eq!(read_bytes(&mb, DATA_BASE + HDR as u64, 1514), fa);
+    let fb = frame(mac_a, 300, 1);
+    send(&mb, &mut txb, [0; HDR], &fb, DATA_BASE + 0x10000, 2);
+    b.notify(1);
+    rxa.wait_used(1);
+    assert_eq!(read_bytes(&ma, DATA_BASE + HDR as u64, 300), fb);
+    // The greeting is no frame.
+    assert_eq!(ha.stats().queues[0].rx.frames, 1);
+    assert_eq!(ha.stats().queues[0].rx.drops, 0);
     drop(a);
     assert!(!path.exists(), "the bound path is removed with its device");
     drop(b);

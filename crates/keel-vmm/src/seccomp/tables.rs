@@ -267,6 +267,8 @@ fn device() -> Vec<Allow> {
         any(libc::SYS_writev),
         any(libc::SYS_recvmsg),
         any(libc::SYS_sendmsg),
+        // A bound socket backend peeks at who sent the first datagram.
+        any(libc::SYS_recvfrom),
         tap_runtime(),
         // A virtio-mmio device's interrupt on the split irqchip: keel's IOAPIC sends its
         // MSI.
