@@ -170,8 +170,7 @@ impl Drop for NetNs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Vmm {
     Qemu,
-    /// keel (`--net tap=tap0`); its variants of these tests come with keel's `--net`.
-    #[allow(dead_code)]
+    /// keel (`--net tap=tap0`).
     Keel,
 }
 
@@ -330,7 +329,8 @@ fn keel_command(ns: &NetNs, opts: NetOpts, cmdline: &str, qmp: &Path) -> Command
     c.args(["--debug-exit", "--memory", "128", "--cmdline", cmdline])
         .arg("--qmp")
         .arg(qmp);
-    let mut net = "tap=tap0".to_string();
+    // QEMU's default MAC, which the guest's report is checked against.
+    let mut net = "tap=tap0,mac=52:54:00:12:34:56".to_string();
     if opts.queues > 1 {
         net += &format!(",queues={}", opts.queues);
     }
@@ -373,9 +373,14 @@ fn qmp_command(path: &Path, command: &str) -> String {
 }
 
 fn set_link(g: &Guest, up: bool) {
+    // QEMU names the link by its netdev's id, keel by the device's place in `--net` order.
+    let name = match g.vmm {
+        Vmm::Qemu => "n0",
+        Vmm::Keel => "net0",
+    };
     let r = qmp_command(
         &g.qmp_path(),
-        &format!(r#"{{"execute":"set_link","arguments":{{"name":"n0","up":{up}}}}}"#),
+        &format!(r#"{{"execute":"set_link","arguments":{{"name":"{name}","up":{up}}}}}"#),
     );
     assert!(r.contains("\"return\""), "set_link up={up}: {r}");
 }
@@ -1010,4 +1015,154 @@ fn two_qemu_vms_ping_each_other_over_unix_datagram_sockets() {
         let l = format!("keel-test: net-ping: 20 echo requests to {peer}, 20 replies, no loss;");
         assert!(out.stdout.contains(&l), "{me}: stdout:\n{}", out.stdout);
     }
+}
+
+// ---------------------------------------------------------------------
+// Under keel (`--net tap=tap0`): the same checks.
+
+#[test]
+fn net_serve_under_keel_virtio_pci() {
+    require_kvm!();
+    serve_case(Vmm::Keel, Transport::Pci);
+}
+
+#[test]
+fn net_serve_under_keel_virtio_mmio() {
+    require_kvm!();
+    serve_case(Vmm::Keel, Transport::Mmio);
+}
+
+#[test]
+fn net_self_test_under_keel_virtio_pci() {
+    require_kvm!();
+    self_test_case(
+        Vmm::Keel,
+        NetOpts::new(Transport::Pci),
+        TapOpts::default(),
+        true,
+    );
+}
+
+#[test]
+fn net_self_test_under_keel_virtio_mmio() {
+    require_kvm!();
+    self_test_case(
+        Vmm::Keel,
+        NetOpts::new(Transport::Mmio),
+        TapOpts::default(),
+        true,
+    );
+}
+
+/// The self-test with two queue pairs (the control queue's VQ_PAIRS_SET) and a
+/// 9000-byte MTU (every frame size to 9014 bytes, merged receive buffers).
+#[test]
+fn net_self_test_under_keel_two_pairs_mtu_9000() {
+    require_kvm!();
+    let opts = NetOpts {
+        transport: Transport::Pci,
+        queues: 2,
+        mtu: Some(9000),
+    };
+    let tap = TapOpts {
+        multi_queue: true,
+        mtu: Some(9000),
+    };
+    self_test_case(Vmm::Keel, opts, tap, true);
+}
+
+#[test]
+fn two_queue_pairs_carry_traffic_under_keel_virtio_pci() {
+    require_kvm!();
+    two_pairs_case(Vmm::Keel, Transport::Pci);
+}
+
+#[test]
+fn two_queue_pairs_carry_traffic_under_keel_virtio_mmio() {
+    require_kvm!();
+    two_pairs_case(Vmm::Keel, Transport::Mmio);
+}
+
+#[test]
+fn net_bench_under_keel() {
+    require_kvm!();
+    bench_case(Vmm::Keel, Transport::Pci);
+}
+
+#[test]
+fn net_ping_reaches_the_host_under_keel_virtio_pci() {
+    require_kvm!();
+    ping_host_case(Vmm::Keel, Transport::Pci);
+}
+
+#[test]
+fn net_ping_reaches_the_host_under_keel_virtio_mmio() {
+    require_kvm!();
+    ping_host_case(Vmm::Keel, Transport::Mmio);
+}
+
+/// Two keel VMs linked by the socket backend (`--net socket=PATH`: the first binds the
+/// path, the second connects to it), no tap and no namespace: they ping each other with
+/// `net-ping`, 20 times each, no loss; one on virtio-pci, one on virtio-mmio.
+#[test]
+fn two_keel_vms_ping_each_other_over_a_socket() {
+    require_kvm!();
+    let dir = TempDir::new("netlink");
+    let sock = dir.path().join("link.sock");
+    let vm = |me: &str, peer: &str, mac: &str, transport: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+        c.args(["--debug-exit", "--memory", "128", "--transport", transport])
+            .arg("--net")
+            .arg(format!("socket={},mac={mac}", sock.display()))
+            .arg("--cmdline")
+            .arg(format!(
+                "keel.test=net-ping keel.ip={me}/24 keel.ping={peer} keel.ping_n=20"
+            ));
+        Running::start(c)
+    };
+    let a = vm("10.0.2.15", "10.0.2.16", "52:54:00:00:00:0a", "pci");
+    // The second VM connects to the path the first bound.
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < BOOT_LIMIT,
+            "the first VM never bound {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let b = vm("10.0.2.16", "10.0.2.15", "52:54:00:00:00:0b", "mmio");
+    for (vm, me, peer) in [(a, "10.0.2.15", "10.0.2.16"), (b, "10.0.2.16", "10.0.2.15")] {
+        let out = vm.finish(BOOT_LIMIT);
+        support::assert_pass(&out, "net-ping", 0);
+        let l = format!("keel-test: net-ping: 20 echo requests to {peer}, 20 replies, no loss;");
+        assert!(out.stdout.contains(&l), "{me}: stdout:\n{}", out.stdout);
+    }
+    assert!(!sock.exists(), "the bound path is removed when its VM ends");
+}
+
+/// `system_reset` builds the VM again: the main thread opens the tap again under its
+/// seccomp filter (TUNSETIFF, the interface lookup), and the guest, booted again, answers
+/// ping as before.
+#[test]
+fn keel_reopens_the_tap_after_system_reset() {
+    require_kvm!();
+    let ns = NetNs::new("reset", TapOpts::default());
+    let mut g = run_net_guest(
+        &ns,
+        Vmm::Keel,
+        NetOpts::new(Transport::Pci),
+        "keel.test=net-serve",
+    );
+    g.wait_line("keel-test: net-serve: ready", BOOT_LIMIT);
+    ns.ping(3, 56);
+    let r = qmp_command(&g.qmp_path(), r#"{"execute":"system_reset"}"#);
+    assert!(r.contains("\"return\""), "system_reset: {r}");
+    g.vm.as_mut()
+        .expect("running")
+        .wait_for("a second boot", BOOT_LIMIT, |out| {
+            out.matches("keel-test: net-serve: ready").count() == 2
+        });
+    ns.ping(20, 56);
+    g.stop();
 }
