@@ -28,6 +28,8 @@ mod idle;
 mod idt;
 mod irq;
 mod memory;
+mod net;
+mod net_scenarios;
 mod pci;
 mod pit;
 mod power;
@@ -100,6 +102,10 @@ extern "C" fn keel_bsp_main(start_info: u32) -> ! {
         "blk-bench" => blk_scenarios::scenario_blk_bench(&boot, &acpi),
         "blk-qcow2-header" => blk_scenarios::scenario_blk_qcow2_header(&boot, &acpi),
         "blk-mq" => blk_scenarios::scenario_blk_mq(&boot, &acpi),
+        "net" => net_scenarios::scenario_net(&boot, &acpi),
+        "net-serve" => net_scenarios::scenario_serve(&boot, &acpi),
+        "net-bench" => net_scenarios::scenario_bench(&boot, &acpi),
+        "net-ping" => net_scenarios::scenario_ping(&boot, &acpi),
         "idle" => idle::scenario(&boot, &acpi),
         "balloon" => balloon_scenarios::scenario_balloon(&boot, &acpi),
         "balloon-service" => balloon_scenarios::scenario_balloon_service(&boot, &acpi),

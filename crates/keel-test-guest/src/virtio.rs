@@ -888,9 +888,9 @@ unsafe impl Sync for SmallShared {}
 static SMALL_MEM: SmallShared = SmallShared(UnsafeCell::new(SmallMem([0; 4096])));
 static SMALL_CLAIMED: AtomicBool = AtomicBool::new(false);
 
-/// How many more small ring areas there are (for devices with up to four
-/// queues, such as the balloon).
-pub const EXTRA_AREAS: usize = 2;
+/// How many more small ring areas there are (for devices with up to five
+/// queues: the balloon's four; virtio-net's two pairs and control queue).
+pub const EXTRA_AREAS: usize = 3;
 
 #[repr(C, align(4096))]
 struct ExtraMem([SmallMem; EXTRA_AREAS]);
@@ -903,8 +903,13 @@ unsafe impl Sync for ExtraShared {}
 static EXTRA_MEM: ExtraShared = ExtraShared(UnsafeCell::new(ExtraMem([
     SmallMem([0; 4096]),
     SmallMem([0; 4096]),
+    SmallMem([0; 4096]),
 ])));
-static EXTRA_CLAIMED: [AtomicBool; EXTRA_AREAS] = [AtomicBool::new(false), AtomicBool::new(false)];
+static EXTRA_CLAIMED: [AtomicBool; EXTRA_AREAS] = [
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+];
 
 /// Where a virtqueue's rings live.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
