@@ -9,6 +9,7 @@ pub mod devices;
 pub mod disk;
 pub mod exit;
 pub mod irqchip;
+pub mod net;
 pub mod qmp;
 pub mod seccomp;
 mod shared_device;

@@ -16,7 +16,7 @@ use clap::Parser;
 use keel_vmm::irqchip::Irqchip;
 use keel_vmm::seccomp::{SeccompMode, SeccompOptions, ThreadKind};
 use keel_vmm::vmm::{self, QmpListen, SerialFile, SerialMode, VmConfig};
-use keel_vmm::{balloon, disk};
+use keel_vmm::{balloon, disk, net};
 
 /// Boot a kernel in a KVM virtual machine.
 ///
@@ -59,6 +59,17 @@ struct Cli {
     /// Without `format` the image is probed (qcow2 magic, else raw).
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = disk::parse_disk)]
     disks: Vec<disk::DiskSpec>,
+
+    /// A virtio-net device (repeatable):
+    /// `tap=NAME|fd=N|socket=PATH[,mac=MAC][,mtu=N][,queues=N][,bps=N][,pps=N]`.
+    /// `tap`: an existing tap (`ip tuntap add NAME mode tap`, `multi_queue` for
+    /// queues > 1); `fd`: an inherited tap descriptor opened with IFF_TAP, IFF_NO_PI and
+    /// IFF_VNET_HDR; `socket`: a Unix datagram socket, one frame per datagram (bound at
+    /// PATH, or connected to the VM already bound there). `bps`/`pps`: bytes and frames
+    /// per second each way. Without `mac` one is made up from the VM's name and the
+    /// device's index.
+    #[arg(long = "net", value_name = "OPTIONS", value_parser = net::parse_net)]
+    nets: Vec<net::NetSpec>,
 
     /// A virtio-balloon device:
     /// `[size=MiB][,deflate_on_oom=on][,free_page_reporting=on][,stats_period=S]`.
@@ -234,6 +245,7 @@ fn main() -> ExitCode {
         transport: cli.transport,
         disks: cli.disks,
         balloon: cli.balloon,
+        nets: cli.nets,
         name: cli.name,
         qmp,
         debug_exit: cli.debug_exit,

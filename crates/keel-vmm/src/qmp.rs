@@ -373,6 +373,8 @@ pub struct Boot {
     pub devices: Vec<SharedDevice>,
     /// The disks.
     pub disks: Vec<DiskInfo>,
+    /// The network devices, by name (`net0`, `net1`, ... in `--net` order).
+    pub nets: Vec<(String, keel_virtio_net::NetHandle)>,
     /// The balloon device, if the VM has one.
     pub balloon: Option<Arc<dyn Balloon>>,
 }
@@ -582,6 +584,14 @@ impl Machine {
     }
 }
 
+/// `set_link`'s arguments.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetLink {
+    name: String,
+    up: bool,
+}
+
 /// `balloon`'s arguments.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -606,6 +616,7 @@ impl Handler for Machine {
             "query-blockstats",
             "block_set_io_throttle",
             "block_resize",
+            "set_link",
         ]
     }
 
@@ -634,6 +645,24 @@ impl Handler for Machine {
                 d.handle.set_limits(t.iops, t.bps);
                 Ok(json!({}))
             })?;
+        }
+        if command == "set_link" {
+            let a: SetLink = args.parse()?;
+            let st = self.state();
+            let net = st
+                .boot
+                .as_ref()
+                .and_then(|b| b.nets.iter().find(|(n, _)| *n == a.name));
+            return match net {
+                Some((_, h)) => {
+                    h.set_link(a.up);
+                    Ok(json!({}))
+                }
+                None => Err(CommandError::new(
+                    ErrorClass::DeviceNotFound,
+                    format!("Device '{}' not found", a.name),
+                )),
+            };
         }
         if command == "block_resize" {
             let r: Resize = args.parse()?;

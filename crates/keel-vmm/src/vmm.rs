@@ -93,6 +93,9 @@ pub enum Error {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] crate::disk::Error),
+    /// A network device's backend could not be opened.
+    #[error(transparent)]
+    Net(#[from] crate::net::Error),
     /// The control socket could not be set up.
     #[error("cannot set up the QMP socket")]
     Qmp(#[source] keel_qmp::server::Error),
@@ -186,6 +189,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskSpec>,
     /// A virtio-balloon device.
     pub balloon: Option<BalloonOptions>,
+    /// virtio-net devices.
+    pub nets: Vec<crate::net::NetSpec>,
     /// The VM's name (`query-name`).
     pub name: Option<String>,
     /// Where the QMP control socket listens, if anywhere.
@@ -450,6 +455,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     devices: vec![],
 ///     transport: Transport::Pci,
 ///     disks: vec![],
+///     nets: vec![],
 ///     balloon: Some(BalloonOptions::default()),
 ///     name: None,
 ///     qmp: None,
@@ -701,6 +707,13 @@ fn boot_once(
     if let Some(b) = balloon {
         virtio.push(Box::new(b));
     }
+    // Network devices last: the others keep their places.
+    let mut nets = Vec::new();
+    for (i, spec) in cfg.nets.iter().enumerate() {
+        let net = crate::net::open(spec, i, cfg.name.as_deref())?;
+        nets.push((format!("net{i}"), net.handle()));
+        virtio.push(net);
+    }
     let mut devices = Vec::new();
     for device in virtio {
         // Shared, so that a QMP `stop` can park it.
@@ -793,6 +806,7 @@ fn boot_once(
         pm,
         devices,
         disks,
+        nets,
         balloon: balloon_handle.clone().map(|handle| {
             Arc::new(GuestBalloon {
                 handle,

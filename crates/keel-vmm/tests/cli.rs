@@ -28,6 +28,29 @@ fn bad_values_are_one_line_errors_with_status_2() {
         (vec!["--seccomp", "maybe"], "--seccomp"),
         (vec!["--seccomp"], "--seccomp"),
         (vec!["--seccomp-selftest", "gpu"], "--seccomp-selftest"),
+        (
+            vec!["--net", "mac=52:54:00:12:34:56"],
+            "exactly one of tap=NAME",
+        ),
+        (
+            vec!["--net", "tap=t0,socket=/tmp/s"],
+            "exactly one of tap=NAME",
+        ),
+        (
+            vec!["--net", "tap=t0,mtu=20"],
+            "mtu=20: expected 68 to 65535",
+        ),
+        (
+            vec!["--net", "tap=t0,mac=ff:ff:ff:ff:ff:ff"],
+            "mac=ff:ff:ff:ff:ff:ff",
+        ),
+        (vec!["--net", "tap=t0,queues=99"], "queues=99"),
+        (vec!["--net", "socket=/tmp/s,queues=2"], "only with tap="),
+        (
+            vec!["--net", "tap=t0,pps=many"],
+            "pps=many: expected a number",
+        ),
+        (vec!["--net", "tap=t0,vhost=on"], "unknown net option"),
     ] {
         let mut all = vec!["--kernel", "/nonexistent"];
         all.extend(args.iter());
@@ -75,8 +98,42 @@ fn help_documents_every_flag() {
         "--name",
         "--debug-exit",
         "--seccomp",
+        "--net",
     ] {
         assert!(out.stdout.contains(flag), "{flag} missing from --help");
     }
     assert!(out.stdout.contains("Exit status"), "{}", out.stdout);
+}
+
+/// A network backend that cannot be opened: one line naming the option and why, status 1,
+/// before the guest runs.
+#[test]
+fn a_missing_tap_or_descriptor_is_a_clear_error() {
+    for (net, needles) in [
+        (
+            "tap=nosuchtap7",
+            &[
+                "net tap=nosuchtap7",
+                "there is no network interface \"nosuchtap7\"",
+            ][..],
+        ),
+        (
+            "fd=987",
+            &["net fd=987: cannot duplicate the descriptor"][..],
+        ),
+        // Standard input is not a tap.
+        ("fd=0", &["net fd=0", "is not a tap"][..]),
+        (
+            "socket=/nonexistent-dir/net.sock",
+            &["net socket=/nonexistent-dir/net.sock", "cannot bind"][..],
+        ),
+    ] {
+        let out = run_keel(&["--net", net, "--serial", "none"], Duration::from_secs(20));
+        assert_eq!(out.code(), Some(1), "{net}: {}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{net}: {}", out.stderr);
+        assert!(out.stderr.starts_with("keel: "), "{}", out.stderr);
+        for n in needles {
+            assert!(out.stderr.contains(n), "{net}: {}", out.stderr);
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! |------|---------|-----------|
 //! | [`ThreadKind::Main`] | the thread that calls [`crate::vmm::run`]: builds VMs (again on `system_reset`), runs the event loop (signals, stdin, timers), tears down | by `run`, once the first VM is built and the control socket listens, before any vCPU runs |
 //! | [`ThreadKind::Vcpu`] | `keel-vcpuN`: `KVM_RUN` and the exits (device registers) | first thing in the thread, before `KVM_RUN` |
-//! | [`ThreadKind::Device`] | `keel-devices`, which starts virtio devices for the vCPU that asked (so their threads inherit this filter), and what it starts: `keel-blk-qN` (io_uring or a thread pool `keel-aio-N`, the throttle's timerfd), `keel-virtio-balloon`, `keel-balloon-stats`, `keel-virtio-echo` | first thing in `keel-devices` |
+//! | [`ThreadKind::Device`] | `keel-devices`, which starts virtio devices for the vCPU that asked (so their threads inherit this filter), and what it starts: `keel-blk-qN` (io_uring or a thread pool `keel-aio-N`, the throttle's timerfd), `keel-net-qN` (readv/writev, recvmsg/sendmsg, a tap's offloads and queues), `keel-virtio-balloon`, `keel-balloon-stats`, `keel-virtio-echo` | first thing in `keel-devices` |
 //! | [`ThreadKind::Control`] | `keel-qmp` and its `keel-qmp-client` threads | by the thread that starts the QMP server (once the first VM is built), before it starts it |
 //!
 //! A thread inherits the filters of the thread that created it and may only add to them

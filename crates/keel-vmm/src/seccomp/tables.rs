@@ -145,6 +145,39 @@ fn file_io() -> Vec<Allow> {
     .collect()
 }
 
+/// Network devices' backends while a device starts: a tap's offloads as negotiated, its
+/// queues attached or detached as the driver uses them.
+fn tap_runtime() -> Allow {
+    ioctls(&[libc::TUNSETOFFLOAD, libc::TUNSETQUEUE])
+}
+
+/// Opening network devices' backends: attaching to a tap (whether it exists: an
+/// interface index), checking an inherited tap descriptor, making a socket.
+fn net_setup() -> Vec<Allow> {
+    vec![
+        ioctls(&[
+            libc::TUNSETIFF,
+            libc::TUNGETIFF,
+            libc::TUNSETVNETHDRSZ,
+            libc::TUNSETOFFLOAD,
+            libc::SIOCGIFINDEX,
+            libc::FIONBIO,
+        ]),
+        with_arg(
+            libc::SYS_socket,
+            0,
+            &[libc::AF_UNIX as u64, libc::AF_INET as u64],
+        ),
+        any(libc::SYS_bind),
+        any(libc::SYS_connect),
+        with_arg(
+            libc::SYS_fcntl,
+            1,
+            &[libc::F_GETFL as u64, libc::F_SETFL as u64],
+        ),
+    ]
+}
+
 /// The vCPU thread: `KVM_RUN` and its exits. Device registers write eventfds (interrupts,
 /// the exit request), stdout or the serial file; MSI-X programming changes GSI routes
 /// and irqfds; a virtio reset stops the device's threads; a shutdown request kicks the
@@ -180,6 +213,7 @@ fn main() -> Vec<Allow> {
     v.extend(eventfds());
     v.extend(event_loop());
     v.extend(file_io());
+    v.extend(net_setup());
     v.extend([
         // Any KVM ioctl (type KVMIO): creating the VM, its memory, irqchip and vCPUs.
         Allow {
@@ -211,9 +245,11 @@ fn main() -> Vec<Allow> {
     v
 }
 
-/// Device threads: `keel-devices` starts devices (threads, eventfds, epoll), queue
-/// workers serve requests (io_uring, a thread pool, plain file I/O, the throttle's
-/// timer), the balloon gives pages back (`madvise`), virtio-mmio devices interrupt.
+/// Device threads: `keel-devices` starts devices (threads, eventfds, epoll; a tap's
+/// offloads and queues), queue workers serve requests (io_uring, a thread pool, plain
+/// file I/O, the throttle's timer; `keel-net-qN` moves frames with readv/writev or
+/// recvmsg/sendmsg), the balloon gives pages back (`madvise`), virtio-mmio devices
+/// interrupt.
 fn device() -> Vec<Allow> {
     let mut v = common();
     v.extend(thread_creation());
@@ -226,6 +262,12 @@ fn device() -> Vec<Allow> {
         any(libc::SYS_io_uring_register),
         // The balloon: whether guest memory is on hugetlbfs.
         any(libc::SYS_fstatfs),
+        // virtio-net queue workers: frames between guest memory and the backend.
+        any(libc::SYS_readv),
+        any(libc::SYS_writev),
+        any(libc::SYS_recvmsg),
+        any(libc::SYS_sendmsg),
+        tap_runtime(),
         // A virtio-mmio device's interrupt on the split irqchip: keel's IOAPIC sends its
         // MSI.
         ioctls(&[KVM_SIGNAL_MSI()]),

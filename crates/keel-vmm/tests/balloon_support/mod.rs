@@ -52,6 +52,7 @@ pub fn child(args: &[String]) {
             Transport::Pci
         },
         disks: vec![],
+        nets: vec![],
         balloon: Some(keel_vmm::balloon::parse_balloon(balloon).unwrap()),
         name: None,
         qmp: None,
