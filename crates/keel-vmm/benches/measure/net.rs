@@ -77,8 +77,11 @@ pub struct NetRun {
     pub tcp_out_gbps: f64,
 }
 
+/// A row's figure, taken from a run.
+pub type Figure = fn(&NetRun) -> f64;
+
 /// The rows of the comparison: name, unit, the figure of a run.
-pub const ROWS: [(&str, &str, fn(&NetRun) -> f64); 4] = [
+pub const ROWS: [(&str, &str, Figure); 4] = [
     ("UDP guest to host, 64 B", "packets/s", |r| r.tx_pps),
     ("UDP host to guest, 64 B", "packets/s", |r| r.rx_pps),
     ("TCP host to guest (discard)", "Gbit/s", |r| r.tcp_in_gbps),
