@@ -1,5 +1,5 @@
 //! What the benchmarks measure, shared by the single-purpose benches (`boot`, `blk`,
-//! `density`) and the report that runs them all in one sitting (`report`): how each VMM is
+//! `density`, `net`) and the report that runs them all in one sitting (`report`): how each VMM is
 //! started for a comparison, how a run is timed and its memory read, and medians.
 //!
 //! Every figure is taken from outside the VMM, where a user would look: wall time from
@@ -11,6 +11,7 @@ pub mod blk;
 pub mod boot;
 pub mod density;
 pub mod fio;
+pub mod net;
 
 use std::process::Command;
 

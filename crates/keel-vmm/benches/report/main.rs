@@ -10,13 +10,19 @@
 //!   QEMU with its iothread, and fio (io_uring, O_DIRECT) on the raw image file at the row's
 //!   depth (`measure::blk`, `measure::fio`);
 //! - density: 32 idle VMs of 128 MiB at once, time until all run, RSS and PSS
-//!   (`measure::density`).
+//!   (`measure::density`);
+//! - net: the test guest on a tap in a network namespace of its own, UDP packets/s with
+//!   64-byte payloads both ways and TCP Gbit/s both ways, keel against QEMU's
+//!   virtio-net-pci with vhost=off (`measure::net`; needs root, else the section says it
+//!   was skipped).
 //!
 //! Runs are interleaved (keel, QEMU, keel, ...) so that a change in the host's load
 //! touches both alike; every figure is the median of its runs. Default: boot 20 runs,
 //! blk 3 runs of 20000 requests per row, density 3 runs (13 minutes on the project's
-//! 2-core machine at a load average of 10, nearly all in the depth-1 blk rows).
-//! `--quick`: boot 5, blk 1 run of 5000 requests, density 1 run (76 s at that load).
+//! 2-core machine at a load average of 10, nearly all in the depth-1 blk rows), net 3 runs
+//! of 100000 datagrams each way and 64 MiB each way over TCP.
+//! `--quick`: boot 5, blk 1 run of 5000 requests, density 1 run (76 s at that load), net
+//! 1 run of 20000 datagrams and 16 MiB.
 //! `--runs N` sets every run count. `--publish` also copies the table and the
 //! charts into benches/report/ and replaces the README's Performance figures (between its
 //! `bench-report` markers) with the new ones.
@@ -34,6 +40,7 @@ use chart::{Panel, Series};
 use measure::blk::{self, ROWS};
 use measure::boot;
 use measure::density;
+use measure::net::{self, NetRun};
 use measure::{fio, median};
 
 /// How much to run.
@@ -43,6 +50,9 @@ struct Plan {
     blk_runs: usize,
     blk_requests: u64,
     density_runs: usize,
+    net_runs: usize,
+    net_datagrams: u64,
+    net_mib: usize,
     quick: bool,
 }
 
@@ -63,6 +73,9 @@ impl Plan {
                 blk_runs: 1,
                 blk_requests: 5000,
                 density_runs: 1,
+                net_runs: 1,
+                net_datagrams: 20_000,
+                net_mib: 16,
                 quick,
             }
         } else {
@@ -71,6 +84,9 @@ impl Plan {
                 blk_runs: 3,
                 blk_requests: 20000,
                 density_runs: 3,
+                net_runs: 3,
+                net_datagrams: 100_000,
+                net_mib: 64,
                 quick,
             }
         };
@@ -78,6 +94,7 @@ impl Plan {
             plan.boot_runs = n;
             plan.blk_runs = n;
             plan.density_runs = n;
+            plan.net_runs = n;
         }
         (plan, publish)
     }
@@ -97,6 +114,10 @@ struct BlkRow {
     qemu: f64,
     fio: f64,
 }
+
+/// Medians of the net comparison, a row each (`net::ROWS`): (keel, QEMU). None when
+/// this process cannot make network namespaces.
+type NetFigures = Option<Vec<(f64, f64)>>;
 
 /// Medians of the density comparison: (all running, total RSS KiB, total PSS KiB).
 struct DensityFigures {
@@ -126,6 +147,7 @@ fn main() {
     let blk = blk_figures(plan.blk_runs, plan.blk_requests);
     eprintln!("density: {} runs", plan.density_runs);
     let density = density_figures(plan.density_runs);
+    let net = net_figures(&plan);
     let took = began.elapsed();
 
     let mut md = String::new();
@@ -141,8 +163,9 @@ fn main() {
     write_boot(&mut md, &boot, &qemu);
     write_blk(&mut md, &blk);
     write_density(&mut md, &density);
+    write_net(&mut md, &net, &plan);
     std::fs::write(out.join("report.md"), &md).expect("write report.md");
-    charts(&out, &boot, &blk, &density).expect("write the charts");
+    charts(&out, &boot, &blk, &density, &net).expect("write the charts");
     println!("{md}");
     println!(
         "written: {}",
@@ -226,6 +249,25 @@ fn density_figures(runs: usize) -> DensityFigures {
     }
 }
 
+fn net_figures(plan: &Plan) -> NetFigures {
+    if !net::netns_available() {
+        eprintln!("net: skipped (needs root for a network namespace and a tap)");
+        return None;
+    }
+    eprintln!(
+        "net: {} runs, {} datagrams, {} MiB",
+        plan.net_runs, plan.net_datagrams, plan.net_mib
+    );
+    let (keel, qemu) = net::compare(plan.net_runs, plan.net_datagrams, plan.net_mib << 20);
+    let m = |v: &[NetRun], f: fn(&NetRun) -> f64| median(v.iter().map(f).collect());
+    Some(
+        net::ROWS
+            .iter()
+            .map(|&(_, _, f)| (m(&keel, f), m(&qemu, f)))
+            .collect(),
+    )
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -257,7 +299,8 @@ impl Header<'_> {
         let _ = writeln!(
             md,
             "Made by `cargo bench -p keel-vmm --bench report{mode}` in {:.0} s: boot {} runs, \
-             blk {} runs of {} requests per row, density {} runs; medians, runs interleaved. \
+             blk {} runs of {} requests per row, density {} runs, net {} runs of {} datagrams \
+             and {} MiB; medians, runs interleaved. \
              Host: {cpus} CPUs, Linux {}, load average {} before and {} after. \
              Peer: {}; {}.\n",
             self.took.as_secs_f64(),
@@ -265,6 +308,9 @@ impl Header<'_> {
             p.blk_runs,
             p.blk_requests,
             p.density_runs,
+            p.net_runs,
+            p.net_datagrams,
+            p.net_mib,
             kernel.trim(),
             self.load_before,
             self.load_after,
@@ -388,6 +434,40 @@ fn write_density(md: &mut String, d: &DensityFigures) {
     );
 }
 
+fn write_net(md: &mut String, net: &NetFigures, plan: &Plan) {
+    let _ = writeln!(
+        md,
+        "### Network: test guest on a tap, keel `--net tap=` against QEMU virtio-net-pci (vhost=off)\n"
+    );
+    let Some(rows) = net else {
+        let _ = writeln!(
+            md,
+            "Skipped: making a network namespace and a tap needs root.\n"
+        );
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "| row | unit | keel | QEMU | keel / QEMU | goal met |\n|---|---|--:|--:|--:|:-:|"
+    );
+    for (&(name, unit, _), &(k, q)) in net::ROWS.iter().zip(rows) {
+        let prec = if unit == "Gbit/s" { 3 } else { 0 };
+        let want = net::goal(unit);
+        let _ = writeln!(
+            md,
+            "| {name} | {unit} | {k:.prec$} | {q:.prec$} | {:.2} | ≥ {want}: {} |",
+            k / q,
+            yes(k / q >= want)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n{} datagrams each way, {} MiB each way over TCP (`cargo bench -p keel-vmm --bench net` \
+         for the datagrams lost and the guest's own figure).\n",
+        plan.net_datagrams, plan.net_mib
+    );
+}
+
 /// `10.0.2` out of `QEMU emulator version 10.0.2 (Debian ...)`.
 fn short_version(qemu: &str) -> &str {
     qemu.split_whitespace()
@@ -401,6 +481,7 @@ fn charts(
     boot: &BootFigures,
     blk: &[BlkRow],
     d: &DensityFigures,
+    net: &NetFigures,
 ) -> Result<(), Box<dyn std::error::Error>> {
     chart::write(
         &out.join("boot.svg"),
@@ -528,6 +609,62 @@ fn charts(
             },
         ],
     )?;
+    if let Some(rows) = net {
+        // The rates as a share of QEMU's: packets/s and Gbit/s on one axis.
+        let panel = |title, unit: &'static str, scale: f64, decimals| {
+            let pick = |side: fn(&(f64, f64)) -> f64| {
+                net::ROWS
+                    .iter()
+                    .zip(rows)
+                    .filter(|(r, _)| r.1 == unit)
+                    .map(|(_, v)| side(v) / scale)
+                    .collect::<Vec<_>>()
+            };
+            Panel {
+                title,
+                y_desc: if unit == "Gbit/s" {
+                    "Gbit/s"
+                } else {
+                    "thousand packets/s"
+                },
+                groups: net::ROWS
+                    .iter()
+                    .filter(|r| r.1 == unit)
+                    .map(|r| r.0.to_string())
+                    .collect(),
+                series: vec![
+                    Series {
+                        name: "keel",
+                        color: chart::KEEL,
+                        values: pick(|v| v.0),
+                    },
+                    Series {
+                        name: "QEMU (vhost=off)",
+                        color: chart::QEMU,
+                        values: pick(|v| v.1),
+                    },
+                ],
+                decimals,
+            }
+        };
+        chart::write(
+            &out.join("net.svg"),
+            1100,
+            400,
+            &[
+                panel(
+                    "virtio-net, UDP 64 B (higher is better)",
+                    "packets/s",
+                    1e3,
+                    1,
+                ),
+                panel("virtio-net, TCP (higher is better)", "Gbit/s", 1.0, 2),
+            ],
+        )?;
+    } else {
+        // No stale chart from an earlier run with root.
+        let _ = std::fs::remove_file(out.join("net.svg"));
+    }
     Ok(())
 }
 
@@ -539,7 +676,9 @@ const END: &str = "<!-- bench-report:end -->";
 fn publish_report(root: &Path, out: &Path, md: &str) {
     let dest = root.join("benches/report");
     std::fs::create_dir_all(&dest).expect("create benches/report");
-    for f in ["report.md", "boot.svg", "blk.svg", "density.svg"] {
+    let net_chart = out.join("net.svg").exists();
+    let files = ["report.md", "boot.svg", "blk.svg", "density.svg", "net.svg"];
+    for f in files.iter().filter(|f| net_chart || **f != "net.svg") {
         std::fs::copy(out.join(f), dest.join(f))
             .unwrap_or_else(|e| panic!("copy {f} to benches/report: {e}"));
     }
@@ -549,7 +688,12 @@ fn publish_report(root: &Path, out: &Path, md: &str) {
         panic!("README.md has no {BEGIN} ... {END} section to replace");
     };
     let section = format!(
-        "{BEGIN}\n{md}\n![boot](benches/report/boot.svg)\n![block I/O](benches/report/blk.svg)\n![density](benches/report/density.svg)\n{END}"
+        "{BEGIN}\n{md}\n![boot](benches/report/boot.svg)\n![block I/O](benches/report/blk.svg)\n![density](benches/report/density.svg)\n{}{END}",
+        if net_chart {
+            "![network](benches/report/net.svg)\n"
+        } else {
+            ""
+        }
     );
     let new = format!("{}{section}{}", &text[..b], &text[e + END.len()..]);
     std::fs::write(&readme, new).expect("write README.md");
