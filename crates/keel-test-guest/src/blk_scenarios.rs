@@ -79,33 +79,13 @@ fn with_device(
     acpi: &Acpi,
     body: impl FnOnce(&Ctx) -> Outcome,
 ) -> Outcome {
-    irq::lapic_enable();
-    if let Some(f) = virtio::find_pci(acpi, blk::BLK_TYPE) {
-        let p = vs::open_pci(name, f)?;
-        let t = Transport::Pci(p);
-        return body(&Ctx {
-            name,
-            t: &t,
-            irqs: Irqs::Pci,
-        });
-    }
-    let s = virtio::find_mmio(name, boot.cmdline(), u32::from(blk::BLK_TYPE))?;
-    let Some(m) = s.found else {
-        crate::fail!(
-            "no virtio-blk device: none on PCI bus 0 (1af4:1042, 1af4:1001) nor among the {} virtio_mmio.device= entries (keel: --disk)",
-            s.words
-        );
+    let want = vs::Wanted {
+        device_type: blk::BLK_TYPE,
+        what: "virtio-blk",
+        pci_ids: "1af4:1042, 1af4:1001",
+        keel_option: "--disk",
     };
-    vs::describe_mmio(name, &m);
-    let (ioapic, pin) = vs::route_mmio(name, acpi, &m)?;
-    let t = Transport::Mmio(m);
-    let r = body(&Ctx {
-        name,
-        t: &t,
-        irqs: Irqs::Mmio,
-    });
-    irq::mask_pin(ioapic, pin);
-    r
+    vs::with_device(name, boot, acpi, &want, body)
 }
 
 /// `Some(v)` as a number, `None` as "not offered".

@@ -43,7 +43,7 @@ use crate::net::{
 use crate::pit;
 use crate::pvh::BootInfo;
 use crate::text::Text;
-use crate::virtio::{self, Transport, F_INDIRECT_DESC, INT_CONFIG};
+use crate::virtio::{self, F_INDIRECT_DESC, INT_CONFIG};
 use crate::virtio_scenarios::{self as vs, Ctx, Irqs};
 use crate::Outcome;
 
@@ -716,33 +716,13 @@ fn with_device(
     acpi: &Acpi,
     body: impl FnOnce(&Ctx) -> Outcome,
 ) -> Outcome {
-    irq::lapic_enable();
-    if let Some(f) = virtio::find_pci(acpi, net::NET_TYPE) {
-        let p = vs::open_pci(name, f)?;
-        let t = Transport::Pci(p);
-        return body(&Ctx {
-            name,
-            t: &t,
-            irqs: Irqs::Pci,
-        });
-    }
-    let s = virtio::find_mmio(name, boot.cmdline(), u32::from(net::NET_TYPE))?;
-    let Some(m) = s.found else {
-        crate::fail!(
-            "no virtio-net device: none on PCI bus 0 (1af4:1041, 1af4:1000) nor among the {} virtio_mmio.device= entries (keel: --net)",
-            s.words
-        );
+    let want = vs::Wanted {
+        device_type: net::NET_TYPE,
+        what: "virtio-net",
+        pci_ids: "1af4:1041, 1af4:1000",
+        keel_option: "--net",
     };
-    vs::describe_mmio(name, &m);
-    let (ioapic, pin) = vs::route_mmio(name, acpi, &m)?;
-    let t = Transport::Mmio(m);
-    let r = body(&Ctx {
-        name,
-        t: &t,
-        irqs: Irqs::Mmio,
-    });
-    irq::mask_pin(ioapic, pin);
-    r
+    vs::with_device(name, boot, acpi, &want, body)
 }
 
 fn tsc_hz() -> Res<u64> {

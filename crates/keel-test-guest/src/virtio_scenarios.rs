@@ -163,6 +163,58 @@ pub(crate) fn route_mmio(
     Ok((ioapic, pin))
 }
 
+/// A kind of virtio device a scenario runs on, and how its FAIL line names it when absent.
+pub(crate) struct Wanted {
+    /// The virtio device type.
+    pub device_type: u16,
+    /// "virtio-net".
+    pub what: &'static str,
+    /// The PCI IDs looked for (modern, transitional): "1af4:1041, 1af4:1000".
+    pub pci_ids: &'static str,
+    /// keel's option that adds one: "--net".
+    pub keel_option: &'static str,
+}
+
+/// Runs `body` on the first device `want` names: on PCI bus 0, else among the command
+/// line's `virtio_mmio.device=` entries (its IOAPIC pin routed for the run, masked after).
+pub(crate) fn with_device(
+    name: &'static str,
+    boot: &BootInfo,
+    acpi: &Acpi,
+    want: &Wanted,
+    body: impl FnOnce(&Ctx) -> Outcome,
+) -> Outcome {
+    irq::lapic_enable();
+    if let Some(f) = virtio::find_pci(acpi, want.device_type) {
+        let t = Transport::Pci(open_pci(name, f)?);
+        return body(&Ctx {
+            name,
+            t: &t,
+            irqs: Irqs::Pci,
+        });
+    }
+    let s = virtio::find_mmio(name, boot.cmdline(), u32::from(want.device_type))?;
+    let Some(m) = s.found else {
+        crate::fail!(
+            "no {} device: none on PCI bus 0 ({}) nor among the {} virtio_mmio.device= entries (keel: {})",
+            want.what,
+            want.pci_ids,
+            s.words,
+            want.keel_option
+        );
+    };
+    describe_mmio(name, &m);
+    let (ioapic, pin) = route_mmio(name, acpi, &m)?;
+    let t = Transport::Mmio(m);
+    let r = body(&Ctx {
+        name,
+        t: &t,
+        irqs: Irqs::Mmio,
+    });
+    irq::mask_pin(ioapic, pin);
+    r
+}
+
 /// PCI: the configuration interrupt on MSI-X entry 0 (read back).
 pub(crate) fn config_vector(c: &Ctx) -> Outcome {
     if c.irqs == Irqs::Pci {
