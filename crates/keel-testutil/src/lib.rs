@@ -3,6 +3,8 @@
 //! readable source rather than opaque bytes. Needs binutils (`as`, `ld`).
 #![deny(missing_docs)]
 
+pub mod netns;
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -31,7 +31,7 @@ fn main() {
         .map_or(100_000, |a| a.parse().expect("DATAGRAMS"));
     let runs: usize = args.get(1).map_or(5, |a| a.parse().expect("RUNS"));
     let mib: usize = args.get(2).map_or(64, |a| a.parse().expect("MIB"));
-    if !measure::kvm_available() || !net::netns_available() {
+    if !measure::kvm_available() || !keel_testutil::netns::netns_available() {
         eprintln!("net bench: needs /dev/kvm and root (network namespaces, taps)");
         std::process::exit(1);
     }

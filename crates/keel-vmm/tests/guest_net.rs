@@ -14,153 +14,47 @@
 
 mod support;
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use keel_testutil::netns::{NetNs, TapOpts, HOST_IP};
 use keel_testutil::require_kvm;
 use support::{Running, TempDir, GUEST};
 
-/// The guest's address, and the host's on the tap.
+/// The guest's address (the host's, `HOST_IP`, is keel-testutil's tap address).
 const GUEST_IP: &str = "10.0.2.15";
-const HOST_IP: &str = "10.0.2.2";
 /// How long a VMM may take to boot the guest and have it serving.
 const BOOT_LIMIT: Duration = Duration::from_secs(60);
 /// The bytes of each bulk TCP transfer.
 const BULK: usize = 64 << 20;
 
-/// Runs `cmd` (a host tool) and panics with its output unless it succeeds.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn ip(args: &[&str]) -> String {
-    run(Command::new("ip").args(args))
-}
-
 // ---------------------------------------------------------------------
 // The namespace and its tap.
 
-/// A network namespace with `tap0` at 10.0.2.2/24, up; deleted on drop.
-struct NetNs {
-    name: String,
-}
-
-/// How the tap is made.
-#[derive(Clone, Copy, Default)]
-struct TapOpts {
-    /// IFF_MULTI_QUEUE (for `queues=2`).
-    multi_queue: bool,
-    /// The tap's MTU (default 1500).
-    mtu: Option<u16>,
-}
-
-impl NetNs {
-    fn new(tag: &str, opts: TapOpts) -> NetNs {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "keel-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        // From here on the namespace is deleted on every path.
-        let ns = NetNs { name };
-        let mut tuntap = vec![
-            "-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap",
-        ];
-        if opts.multi_queue {
-            tuntap.push("multi_queue");
-        }
-        ip(&tuntap);
-        ip(&["-n", &ns.name, "addr", "add", "10.0.2.2/24", "dev", "tap0"]);
-        if let Some(mtu) = opts.mtu {
-            ip(&[
-                "-n",
-                &ns.name,
-                "link",
-                "set",
-                "tap0",
-                "mtu",
-                &mtu.to_string(),
-            ]);
-        }
-        ip(&["-n", &ns.name, "link", "set", "tap0", "up"]);
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip netns exec NAME program`.
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    /// Runs `f` on a thread that entered the namespace: its sockets are the
-    /// namespace's.
-    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns(2) on a namespace file we hold open; it changes this
-            // thread's network namespace only and touches no memory of ours.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-
-    /// Runs `f` inside the namespace and returns what it returns.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f)
-            .join()
-            .expect("a thread in the namespace panicked")
-    }
-
-    /// `ping -c COUNT` the guest from the host side; panics unless every reply came.
-    fn ping(&self, count: u32, size: usize) {
-        let out = self
-            .command("ping")
-            .args(["-c", &count.to_string(), "-i", "0.2", "-W", "5"])
-            .args(["-s", &size.to_string(), GUEST_IP])
-            .output()
-            .expect("cannot run ping (Debian package iputils-ping)");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let want = format!("{count} packets transmitted, {count} received, 0% packet loss");
-        assert!(
-            out.status.success() && text.contains(&want),
-            "ping -c {count} -s {size} {GUEST_IP}: {}\n{text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// `ping -c COUNT` the guest from the host side; panics unless every reply came.
+fn ping(ns: &NetNs, count: u32, size: usize) {
+    let out = ns
+        .command("ping")
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "5"])
+        .args(["-s", &size.to_string(), GUEST_IP])
+        .output()
+        .expect("cannot run ping (Debian package iputils-ping)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let want = format!("{count} packets transmitted, {count} received, 0% packet loss");
+    assert!(
+        out.status.success() && text.contains(&want),
+        "ping -c {count} -s {size} {GUEST_IP}: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ---------------------------------------------------------------------
@@ -614,7 +508,7 @@ fn serve_case(vmm: Vmm, transport: Transport) {
     let ns = NetNs::new("serve", TapOpts::default());
     let mut g = run_net_guest(&ns, vmm, NetOpts::new(transport), "keel.test=net-serve");
     g.wait_line("keel-test: net-serve: ready", BOOT_LIMIT);
-    ns.ping(20, 56);
+    ping(&ns, 20, 56);
     udp_echo_sizes(&ns, 1..=1472);
     udp_discard(&ns, 1000, 64);
     tcp_echo(&ns, 256 * 1024);
@@ -706,7 +600,7 @@ fn two_pairs_case(vmm: Vmm, transport: Transport) {
         "keel-test: net-serve: MAC 52:54:00:12:34:56, status 1, MTU 9000, max_virtqueue_pairs 2; 2 queue pair(s)",
         Duration::from_secs(1),
     );
-    ns.ping(5, 8000);
+    ping(&ns, 5, 8000);
     let ns = Arc::new(ns);
     let mut flows = Vec::new();
     // The guest puts a TCP/UDP flow on pair (source port + destination port) % 2: the
@@ -796,7 +690,7 @@ fn bench_case(vmm: Vmm, transport: Transport) {
     let mut g = run_net_guest(&ns, vmm, NetOpts::new(transport), &cmdline);
     g.wait_line("keel-test: net-bench: ready", BOOT_LIMIT);
     let got = sink.join().expect("the sink");
-    ns.ping(3, 56);
+    ping(&ns, 3, 56);
     let out = g.stop();
     assert!(
         out.contains(&format!(
@@ -1155,7 +1049,7 @@ fn keel_reopens_the_tap_after_system_reset() {
         "keel.test=net-serve",
     );
     g.wait_line("keel-test: net-serve: ready", BOOT_LIMIT);
-    ns.ping(3, 56);
+    ping(&ns, 3, 56);
     let r = qmp_command(&g.qmp_path(), r#"{"execute":"system_reset"}"#);
     assert!(r.contains("\"return\""), "system_reset: {r}");
     g.vm.as_mut()
@@ -1163,6 +1057,6 @@ fn keel_reopens_the_tap_after_system_reset() {
         .wait_for("a second boot", BOOT_LIMIT, |out| {
             out.matches("keel-test: net-serve: ready").count() == 2
         });
-    ns.ping(20, 56);
+    ping(&ns, 20, 56);
     g.stop();
 }

@@ -18,20 +18,20 @@
 //! `-netdev tap,ifname=tap0,script=no,downscript=no,vhost=off` (QEMU's userspace
 //! virtio-net; no /dev/vhost-net here).
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use keel_testutil::netns::HOST_IP;
+use keel_testutil::netns::{NetNs, TapOpts};
 
 use super::{KEEL, QEMU, TEST_GUEST};
 
-/// The guest's address, and the host's on the tap.
+/// The guest's address (the host's, `HOST_IP`, is keel-testutil's tap address).
 pub const GUEST_IP: &str = "10.0.2.15";
-pub const HOST_IP: &str = "10.0.2.2";
 /// The host port the guest's stream goes to.
 const SINK_PORT: u16 = 5556;
 /// The UDP payload of both packet-rate rows, in bytes.
@@ -100,7 +100,7 @@ pub fn goal(unit: &str) -> f64 {
 /// `runs` runs under each VMM, interleaved (keel, QEMU, keel, ...) in one namespace:
 /// (keel's, QEMU's).
 pub fn compare(runs: usize, n: u64, bulk: usize) -> (Vec<NetRun>, Vec<NetRun>) {
-    let ns = NetNs::new();
+    let ns = NetNs::new("netbench", TapOpts::default());
     let (mut keel, mut qemu) = (Vec::new(), Vec::new());
     for i in 1..=runs {
         for (vmm, v) in [(Vmm::Keel, &mut keel), (Vmm::Qemu, &mut qemu)] {
@@ -110,89 +110,6 @@ pub fn compare(runs: usize, n: u64, bulk: usize) -> (Vec<NetRun>, Vec<NetRun>) {
         }
     }
     (keel, qemu)
-}
-
-fn run_tool(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn ip(args: &[&str]) {
-    run_tool(Command::new("ip").args(args));
-}
-
-/// A network namespace with `tap0` at 10.0.2.2/24, up; deleted on drop. The tap is
-/// persistent: each run's VMM attaches to it in turn.
-pub struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    pub fn new() -> NetNs {
-        let name = format!("keel-netbench-{}", std::process::id());
-        ip(&["netns", "add", &name]);
-        let ns = NetNs { name };
-        ip(&[
-            "-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap",
-        ]);
-        ip(&["-n", &ns.name, "addr", "add", "10.0.2.2/24", "dev", "tap0"]);
-        ip(&["-n", &ns.name, "link", "set", "tap0", "up"]);
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip netns exec NAME program`.
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    /// Runs `f` on a thread that entered the namespace: its sockets are the namespace's.
-    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns(2) on a namespace file we hold open; it changes this thread's
-            // network namespace only and touches no memory of ours.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f)
-            .join()
-            .expect("a thread in the namespace panicked")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Whether this process can make network namespaces and taps (it needs root).
-pub fn netns_available() -> bool {
-    Command::new("ip")
-        .args(["netns", "list"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-        // SAFETY: geteuid(2) has no arguments and no failure.
-        && unsafe { libc::geteuid() } == 0
 }
 
 /// The guest's command line: `net-bench` sending `n` datagrams to the host's sink.

@@ -250,7 +250,7 @@ fn density_figures(runs: usize) -> DensityFigures {
 }
 
 fn net_figures(plan: &Plan) -> NetFigures {
-    if !net::netns_available() {
+    if !keel_testutil::netns::netns_available() {
         eprintln!("net: skipped (needs root for a network namespace and a tap)");
         return None;
     }
