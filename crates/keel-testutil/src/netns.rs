@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// The host's address on the tap.
 pub const HOST_IP: &str = "10.0.2.2";
@@ -82,6 +83,32 @@ impl NetNs {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
         c
+    }
+
+    /// Waits up to `limit` until the tap's carrier is up as the host's stack sees it
+    /// (`operstate` UP), panicking if it isn't. A tap has carrier only while a VMM holds
+    /// it open, and the kernel turns its queueing discipline on only when its link-watch
+    /// work gets to the carrier change, later and on its own thread (longer when other
+    /// namespaces are being torn down): until then the host drops whatever it sends to
+    /// the tap, silently. Call this before the host sends to a guest.
+    pub fn wait_carrier(&self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let out = Command::new("ip")
+                .args(["-n", &self.name, "-j", "link", "show", "tap0"])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run ip (Debian package iproute2): {e}"));
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("\"operstate\":\"UP\"") {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the carrier of tap0 in {} is not up after {limit:?}: {text}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Runs `f` on a thread that entered the namespace: its sockets are the namespace's.

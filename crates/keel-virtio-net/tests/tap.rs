@@ -5,7 +5,7 @@
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::testing::*;
@@ -72,6 +72,22 @@ impl Namespace {
             .join()
             .expect("the thread in the namespace")
         })
+    }
+
+    /// Waits until the tap's carrier is up as the host's stack sees it (`operstate` UP).
+    /// The carrier comes with the first open queue, but the kernel turns the tap's
+    /// queueing discipline on later, from its link-watch work (later still while other
+    /// namespaces are torn down): what the host sends before that is dropped silently.
+    fn wait_carrier(&self) {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = ip(&["-n", &self.0, "-j", "link", "show", TAP]);
+            if out.contains("\"operstate\":\"UP\"") {
+                return;
+            }
+            assert!(Instant::now() < end, "the tap's carrier is not up: {out}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The tap's RX packet count as the host sees it (frames from the guest).
@@ -231,6 +247,7 @@ fn exchange(d: &dyn Driver, ns: &Namespace) {
         rx.publish(h);
     }
     d.notify(0);
+    ns.wait_carrier();
     let before = ns.tap_rx_packets();
     let mut next = 0;
     // ARP: the host answers with its MAC.
@@ -418,6 +435,7 @@ fn a_frame_too_long_for_the_buffer_is_dropped_whole() {
         let b = rx.add_descriptors(&[(DATA_BASE, 200, VRING_DESC_F_WRITE)]);
         rx.publish(b);
         d.notify(0);
+        ns.wait_carrier();
         udp(1000);
         eventually("the long frame dropped", || {
             h.stats().queues[0].rx.drops >= 1

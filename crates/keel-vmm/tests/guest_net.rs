@@ -160,11 +160,14 @@ fn run_net_guest(ns: &NetNs, vmm: Vmm, opts: NetOpts, cmdline: &str) -> Guest {
         Vmm::Qemu => qemu_command(ns, opts, &cmdline, &qmp),
         Vmm::Keel => keel_command(ns, opts, &cmdline, &qmp),
     };
-    Guest {
+    let g = Guest {
         vm: Some(Running::start(cmd)),
         dir,
         vmm,
-    }
+    };
+    // Whatever the host sends before the tap's carrier is up is lost.
+    ns.wait_carrier(BOOT_LIMIT);
+    g
 }
 
 fn qemu_command(ns: &NetNs, opts: NetOpts, cmdline: &str, qmp: &Path) -> Command {
@@ -1057,6 +1060,8 @@ fn keel_reopens_the_tap_after_system_reset() {
         .wait_for("a second boot", BOOT_LIMIT, |out| {
             out.matches("keel-test: net-serve: ready").count() == 2
         });
+    // The reset closed the tap and opened it again.
+    ns.wait_carrier(BOOT_LIMIT);
     ping(&ns, 20, 56);
     g.stop();
 }

@@ -218,6 +218,7 @@ pub fn run(ns: &NetNs, vmm: Vmm, n: u64, bulk: usize) -> NetRun {
     // Let the sink bind before the guest sends.
     std::thread::sleep(Duration::from_millis(200));
     let mut vm = Vm::start(command(ns, vmm, n));
+    ns.wait_carrier(BOOT_LIMIT);
     vm.wait_line("keel-test: net-bench: begin udp", BOOT_LIMIT);
     vm.wait_line("keel-test: net-bench: end udp", Duration::from_secs(120));
     let guest = vm.wait_line("keel-test: net-bench: ", Duration::from_secs(10));
