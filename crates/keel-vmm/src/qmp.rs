@@ -12,6 +12,8 @@
 //! | `query-block`, `query-blockstats` | each `--disk` (`disk0`, `disk1`, ...): image, limits, and the device's own I/O totals |
 //! | `block_set_io_throttle` | a disk's `iops`/`bps` limits, changed while the guest runs |
 //! | `block_resize` | grows a raw disk; the guest gets a configuration-change interrupt |
+//! | `set_link` | takes a `--net` device's link (`net0`, `net1`, ...) down or up; the guest gets a configuration-change interrupt |
+//! | `x-query-net-stats` | keel's own (QEMU has no such command): each `--net` device's MAC, link and counters per queue pair (frames, bytes, drops, errors each way) and of its control queue, since the guest last booted; `name` picks one |
 //!
 //! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
 //! keel gets a termination signal. `BLOCK_IO_ERROR` is sent when the host fails a disk
@@ -32,6 +34,7 @@ use serde_json::{json, Value};
 use keel_block::image::Format;
 use keel_block::{BlockBackend, CacheMode, RawFile};
 use keel_virtio_blk::{BlockHandle, IoError, IoErrorSink};
+use keel_virtio_net::{DirStats, NetHandle};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::AcpiPm;
@@ -374,7 +377,7 @@ pub struct Boot {
     /// The disks.
     pub disks: Vec<DiskInfo>,
     /// The network devices, by name (`net0`, `net1`, ... in `--net` order).
-    pub nets: Vec<(String, keel_virtio_net::NetHandle)>,
+    pub nets: Vec<(String, NetHandle)>,
     /// The balloon device, if the VM has one.
     pub balloon: Option<Arc<dyn Balloon>>,
 }
@@ -574,6 +577,24 @@ impl Machine {
             })
     }
 
+    fn with_net<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&str, &NetHandle) -> T,
+    ) -> Result<T, CommandError> {
+        let st = self.state();
+        st.boot
+            .as_ref()
+            .and_then(|b| b.nets.iter().find(|(n, _)| n == name))
+            .map(|(n, h)| f(n, h))
+            .ok_or_else(|| {
+                CommandError::new(
+                    ErrorClass::DeviceNotFound,
+                    format!("Device '{name}' not found"),
+                )
+            })
+    }
+
     fn balloon(&self) -> Result<Arc<dyn Balloon>, CommandError> {
         self.state().balloon.clone().ok_or_else(|| {
             CommandError::new(
@@ -590,6 +611,26 @@ impl Machine {
 struct SetLink {
     name: String,
     up: bool,
+}
+
+/// `x-query-net-stats`'s arguments.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetStatsArgs {
+    name: Option<String>,
+}
+
+/// One `--net` device in `x-query-net-stats`.
+fn net_stats(name: &str, h: &NetHandle) -> Value {
+    let dir = |d: &DirStats| json!({"frames": d.frames, "bytes": d.bytes, "drops": d.drops, "errors": d.errors});
+    let s = h.stats();
+    json!({
+        "name": name,
+        "mac": h.mac().to_string(),
+        "link": h.link_up(),
+        "queues": s.queues.iter().map(|q| json!({"rx": dir(&q.rx), "tx": dir(&q.tx)})).collect::<Vec<_>>(),
+        "control": {"ok": s.ctrl.ok, "errors": s.ctrl.errors},
+    })
 }
 
 /// `balloon`'s arguments.
@@ -617,6 +658,7 @@ impl Handler for Machine {
             "block_set_io_throttle",
             "block_resize",
             "set_link",
+            "x-query-net-stats",
         ]
     }
 
@@ -648,21 +690,19 @@ impl Handler for Machine {
         }
         if command == "set_link" {
             let a: SetLink = args.parse()?;
+            return self.with_net(&a.name, |_, h| {
+                h.set_link(a.up);
+                json!({})
+            });
+        }
+        if command == "x-query-net-stats" {
+            let a: NetStatsArgs = args.parse()?;
+            if let Some(name) = a.name {
+                return self.with_net(&name, |n, h| json!([net_stats(n, h)]));
+            }
             let st = self.state();
-            let net = st
-                .boot
-                .as_ref()
-                .and_then(|b| b.nets.iter().find(|(n, _)| *n == a.name));
-            return match net {
-                Some((_, h)) => {
-                    h.set_link(a.up);
-                    Ok(json!({}))
-                }
-                None => Err(CommandError::new(
-                    ErrorClass::DeviceNotFound,
-                    format!("Device '{}' not found", a.name),
-                )),
-            };
+            let nets = st.boot.as_ref().map_or(&[][..], |b| &b.nets[..]);
+            return Ok(nets.iter().map(|(n, h)| net_stats(n, h)).collect());
         }
         if command == "block_resize" {
             let r: Resize = args.parse()?;
@@ -739,6 +779,22 @@ mod tests {
     fn run(m: &Machine, cmd: &str, args: Value) -> Result<Value, CommandError> {
         let Value::Object(a) = args else { panic!() };
         m.execute(cmd, Arguments(a))
+    }
+
+    #[test]
+    fn net_commands_name_their_device() {
+        let m = Machine::new(None);
+        assert_eq!(run(&m, "x-query-net-stats", json!({})).unwrap(), json!([]));
+        for (cmd, args) in [
+            ("x-query-net-stats", json!({"name": "net0"})),
+            ("set_link", json!({"name": "net0", "up": false})),
+        ] {
+            let e = run(&m, cmd, args).unwrap_err();
+            assert_eq!(e.class, ErrorClass::DeviceNotFound);
+            assert_eq!(e.desc, "Device 'net0' not found");
+        }
+        let e = run(&m, "x-query-net-stats", json!({"nme": "net0"})).unwrap_err();
+        assert_eq!(e.class, ErrorClass::GenericError, "{}", e.desc);
     }
 
     #[test]
