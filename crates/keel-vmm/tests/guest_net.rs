@@ -1038,13 +1038,10 @@ fn two_keel_vms_ping_each_other_over_a_socket() {
     assert!(!sock.exists(), "the bound path is removed when its VM ends");
 }
 
-/// `system_reset` builds the VM again: the main thread opens the tap again under its
-/// seccomp filter (TUNSETIFF, the interface lookup), and the guest, booted again, answers
-/// ping as before.
-#[test]
-fn keel_reopens_the_tap_after_system_reset() {
-    require_kvm!();
-    let ns = NetNs::new("reset", TapOpts::default());
+/// A namespace of its own (named after `tag`) with keel serving in it: `net-serve` on
+/// virtio-pci, ready.
+fn keel_serving(tag: &str) -> (NetNs, Guest) {
+    let ns = NetNs::new(tag, TapOpts::default());
     let mut g = run_net_guest(
         &ns,
         Vmm::Keel,
@@ -1052,6 +1049,16 @@ fn keel_reopens_the_tap_after_system_reset() {
         "keel.test=net-serve",
     );
     g.wait_line("keel-test: net-serve: ready", BOOT_LIMIT);
+    (ns, g)
+}
+
+/// `system_reset` builds the VM again: the main thread opens the tap again under its
+/// seccomp filter (TUNSETIFF, the interface lookup), and the guest, booted again, answers
+/// ping as before.
+#[test]
+fn keel_reopens_the_tap_after_system_reset() {
+    require_kvm!();
+    let (ns, mut g) = keel_serving("reset");
     ping(&ns, 3, 56);
     let r = qmp_command(&g.qmp_path(), r#"{"execute":"system_reset"}"#);
     assert!(r.contains("\"return\""), "system_reset: {r}");
@@ -1101,14 +1108,7 @@ fn keel_net_stats(g: &Guest) -> serde_json::Value {
 #[test]
 fn keel_counts_frames_as_the_host_does() {
     require_kvm!();
-    let ns = NetNs::new("stats", TapOpts::default());
-    let mut g = run_net_guest(
-        &ns,
-        Vmm::Keel,
-        NetOpts::new(Transport::Pci),
-        "keel.test=net-serve",
-    );
-    g.wait_line("keel-test: net-serve: ready", BOOT_LIMIT);
+    let (ns, g) = keel_serving("stats");
     ping(&ns, 20, 56);
     udp_echo_sizes(&ns, 1..=300);
     // The host's own stack may still be talking (IPv6 neighbour discovery): compare once
