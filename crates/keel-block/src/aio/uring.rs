@@ -393,8 +393,8 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
         }
         // SAFETY: every iovec is a whole mapping of one of `mem`'s regions (or a piece of
         // one), and `mem`, kept in `fixed_mem`, holds those mappings for as long as the
-        // queue exists; the ring (declared before `fixed_mem`) is closed first, which
-        // ends the registration. The kernel only transfers data through these buffers
+        // queue exists; dropping the queue unregisters them (and the ring, declared
+        // before `fixed_mem`, is closed before the mappings go). The kernel only transfers data through these buffers
         // for requests this queue submits, each for memory a request's buffer owns.
         unsafe { self.ring.submitter().register_buffers(&iovecs) }
             .map_err(|e| Error::io("registering guest memory with io_uring", e))?;
@@ -1018,6 +1018,17 @@ impl<T: UringTarget, B: IoBuf> Drop for UringQueue<T, B> {
                     return;
                 }
             }
+        }
+        // Closing a ring does not end its registrations there and then: the kernel tears
+        // the ring down later, on a worker of its own, and until it has, the fixed file
+        // keeps the image open (a file system holding it cannot be unmounted right after
+        // the VMM exits) and registered memory stays pinned. Unregistering, with nothing
+        // in flight, releases both before this returns.
+        if self.fixed_fd.is_some() {
+            let _ = self.ring.submitter().unregister_files();
+        }
+        if self.fixed_mem.is_some() {
+            let _ = self.ring.submitter().unregister_buffers();
         }
     }
 }

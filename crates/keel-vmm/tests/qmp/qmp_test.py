@@ -543,6 +543,9 @@ async def check_io_error(args):
     finally:
         if vm:
             vm.kill()
+        # Right after the VMM exits its image must be closed: keel unregisters the image
+        # from its io_uring rings before it exits (a ring's own teardown, later and on a
+        # kernel worker, kept the tmpfs busy here).
         subprocess.run(["umount", mnt], check=True)
 
 
