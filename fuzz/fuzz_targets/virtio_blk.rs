@@ -282,6 +282,7 @@ fuzz_target!(|data: &[u8]| {
                 iops,
                 bps,
                 poll_us: 0,
+                affinity: None,
             },
         )
         .unwrap();

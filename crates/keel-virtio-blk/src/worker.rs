@@ -37,6 +37,7 @@ use crate::device::{DataBuf, EngineFactory, GuestMemoryAccess};
 use crate::errors::{IoError, IoOp, Reporter};
 use crate::request::{self, Limits, Op, Request, Status, ID_BYTES};
 use crate::stats::{Kind, Stats};
+use keel_virtio::affinity::CpuSet;
 use keel_virtio::worker::PauseGate;
 
 /// Everything a queue's worker needs.
@@ -63,6 +64,8 @@ pub(crate) struct QueueContext {
     pub gate: Option<Arc<PauseGate>>,
     /// How long to keep watching the ring after the last activity, in microseconds.
     pub poll_us: u32,
+    /// The host CPUs the worker thread may run on.
+    pub affinity: Option<CpuSet>,
     /// Where requests the host failed are reported.
     pub errors: Arc<Reporter>,
     /// Whether chains may use indirect tables (INDIRECT_DESC negotiated).
@@ -85,6 +88,9 @@ impl Worker {
             .name(format!("keel-blk-q{}", ctx.index))
             .spawn(move || {
                 let index = ctx.index;
+                if let Some(Err(e)) = ctx.affinity.map(|a| a.apply()) {
+                    log::warn!("virtio-blk queue {index}: {}", Chain(&e));
+                }
                 let gate = ctx.gate.clone();
                 let _member = gate.as_deref().map(PauseGate::member);
                 if let Err(e) = run(ctx, &s, &w) {
@@ -255,6 +261,7 @@ impl SyncServer {
                     capacity: None,
                     gate: None,
                     poll_us: 0,
+                    affinity: None,
                     errors: Arc::default(),
                     // Callers configure the queue as they please, indirect tables included.
                     indirect: IndirectDesc::Negotiated,

@@ -13,6 +13,7 @@
 //! harness over both transports.
 #![deny(missing_docs)]
 
+pub mod affinity;
 pub mod device;
 #[cfg(feature = "test-utils")]
 pub mod echo;

@@ -1,4 +1,4 @@
-//! `--disk path=P[,format=raw|qcow2][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered]`:
+//! `--disk path=P[,format=raw|qcow2][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered][,affinity=CPUS]`:
 //! parsing the option and opening the disk behind a virtio-blk device.
 
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::ProbedRaw;
+use keel_virtio::affinity::{AffinityError, CpuSet};
 use keel_virtio_blk::{Block, BlockOptions, Disk, GuestMemoryAccess};
 
 /// One `--disk`: the image and how to open it, and the device in front of it.
@@ -64,6 +65,12 @@ pub enum OptionError {
     /// `memory=` is neither per-request nor registered.
     #[error("memory={0}: expected per-request or registered")]
     Memory(String),
+    /// `affinity=` is not a host CPU list.
+    #[error("affinity={0}: expected host CPUs below 1024 as 1, 0-3 or [0,2-3]")]
+    Affinity(String),
+    /// A `[` without its `]`.
+    #[error("'{0}': a '[' without its ']'")]
+    Bracket(String),
     /// No `path=`.
     #[error("path=FILE is required")]
     NoPath,
@@ -87,7 +94,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
             value: v.into(),
         })
     };
-    for part in s.split(',') {
+    for part in split_options(s)? {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| OptionError::NotKeyValue(part.into()))?;
@@ -129,6 +136,17 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
                     _ => return Err(OptionError::Memory(v.into())),
                 }
             }
+            "affinity" => {
+                // A list with commas comes in brackets: affinity=[0,2-3].
+                let list = v
+                    .strip_prefix('[')
+                    .and_then(|l| l.strip_suffix(']'))
+                    .unwrap_or(v);
+                spec.device.affinity = Some(
+                    list.parse::<CpuSet>()
+                        .map_err(|_| OptionError::Affinity(v.into()))?,
+                );
+            }
             _ => return Err(OptionError::Unknown(part.into())),
         }
     }
@@ -138,6 +156,28 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
     // Write-through modes show the guest a disk without a volatile cache.
     spec.device.writeback = !spec.image.file.cache.dsync();
     Ok(spec)
+}
+
+/// The option's `KEY=VALUE` parts: split at commas outside brackets.
+fn split_options(s: &str) -> Result<Vec<&str>, OptionError> {
+    let mut parts = Vec::new();
+    let (mut start, mut depth) = (0, 0u32);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth > 0 {
+        return Err(OptionError::Bracket(s[start..].into()));
+    }
+    parts.push(&s[start..]);
+    Ok(parts)
 }
 
 /// Errors opening a disk.
@@ -167,6 +207,15 @@ pub enum Error {
     RegisteredWithBalloon {
         /// The image.
         path: String,
+    },
+    /// `affinity=` names CPUs this process may not run on.
+    #[error("disk {path}: affinity")]
+    Affinity {
+        /// The image.
+        path: String,
+        /// Why.
+        #[source]
+        source: AffinityError,
     },
     /// The device refused the options.
     #[error("disk {path}")]
@@ -198,6 +247,9 @@ const QUEUE_SIZE: u16 = 256;
 /// device (the returned `Image` can close it cleanly at shutdown).
 pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error> {
     let path = spec.path.display().to_string();
+    if let Some(Err(source)) = spec.device.affinity.map(|a| a.check()) {
+        return Err(Error::Affinity { path, source });
+    }
     let open = |source| Error::Open {
         path: path.clone(),
         source,
@@ -243,7 +295,7 @@ mod tests {
     #[test]
     fn disk_options_parse() {
         let d = parse_disk(
-            "path=/tmp/a.qcow2,format=qcow2,readonly=on,cache=none,queues=4,iops=100,bps=1048576,poll=0,memory=registered",
+            "path=/tmp/a.qcow2,format=qcow2,readonly=on,cache=none,queues=4,iops=100,bps=1048576,poll=0,memory=registered,affinity=[0,2-3]",
         )
         .unwrap();
         assert_eq!(
@@ -266,6 +318,7 @@ mod tests {
                     iops: 100,
                     bps: 1 << 20,
                     poll_us: 0,
+                    affinity: Some("0,2-3".parse().unwrap()),
                 },
                 memory: GuestMemoryAccess::Registered,
             }
@@ -283,6 +336,17 @@ mod tests {
         assert!(d.device.writeback);
         assert_eq!(d.device.poll_us, BlockOptions::default().poll_us);
         assert_eq!(d.memory, GuestMemoryAccess::PerRequest);
+        assert_eq!(d.device.affinity, None);
+        for (list, cpus) in [
+            ("1", "1"),
+            ("0-1", "0-1"),
+            ("[1]", "1"),
+            ("[0,1,3]", "0-1,3"),
+        ] {
+            let d = parse_disk(&format!("path=x,affinity={list},queues=2")).unwrap();
+            assert_eq!(d.device.affinity.unwrap().to_string(), cpus, "{list}");
+            assert_eq!(d.device.queues, 2, "the option after the list: {list}");
+        }
         let d = parse_disk("path=x,cache=writethrough").unwrap();
         assert!(!d.device.writeback, "write-through shows no volatile cache");
         let s = String::from;
@@ -336,6 +400,26 @@ mod tests {
                 "path=x,oops",
                 OptionError::NotKeyValue(s("oops")),
                 "expected KEY=VALUE",
+            ),
+            (
+                "path=x,affinity=2-1",
+                OptionError::Affinity(s("2-1")),
+                "affinity=2-1: expected host CPUs",
+            ),
+            (
+                "path=x,affinity=[0,1",
+                OptionError::Bracket(s("affinity=[0,1")),
+                "a '[' without its ']'",
+            ),
+            (
+                "path=x,affinity=0,1",
+                OptionError::NotKeyValue(s("1")),
+                "expected KEY=VALUE",
+            ),
+            (
+                "path=x,affinity=4096",
+                OptionError::Affinity(s("4096")),
+                "below 1024",
             ),
         ] {
             let e = parse_disk(bad).unwrap_err();

@@ -48,16 +48,23 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=255))]
     cpus: u8,
 
+    /// Host CPUs every vCPU thread runs on, as `1`, `0-3` or `0,2-3` (default: where the
+    /// scheduler puts them); with a disk's `affinity=`, keeps vCPUs and I/O apart.
+    #[arg(long, value_name = "CPUS")]
+    vcpu_affinity: Option<keel_virtio::affinity::CpuSet>,
+
     /// Add a device (repeatable): `pci-test`, the PCI test device; `virtio-echo`, the
     /// virtio transport test device (on --transport).
     #[arg(long = "device", value_name = "KIND", value_enum)]
     devices: Vec<vmm::DeviceKind>,
 
     /// A virtio-blk disk (repeatable):
-    /// `path=FILE[,format=raw|qcow2][,readonly=on][,cache=none|writeback|writethrough|directsync|unsafe][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered]`.
+    /// `path=FILE[,format=raw|qcow2][,readonly=on][,cache=none|writeback|writethrough|directsync|unsafe][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered][,affinity=CPUS]`.
     /// `poll`: microseconds each queue keeps polling after its last request (default 64, 0: off).
     /// `memory=registered`: guest memory is pinned and registered with io_uring once, not per
     /// request (not with `--balloon`).
+    /// `affinity`: the host CPUs the disk's queue workers run on, as `1`, `0-3` or `[0,2-3]`
+    /// (e.g. the CPU that takes the host disk's interrupts, away from the vCPUs).
     /// Without `format` the image is probed (qcow2 magic, else raw).
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = disk::parse_disk)]
     disks: Vec<disk::DiskSpec>,
@@ -256,6 +263,7 @@ fn main() -> ExitCode {
             selftest: cli.seccomp_selftest,
         },
         irqchip: cli.irqchip,
+        vcpu_affinity: cli.vcpu_affinity,
     };
     match vmm::run(&cfg) {
         Ok(why) => {

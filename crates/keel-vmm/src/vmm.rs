@@ -39,6 +39,7 @@ use crate::shared_device::{Activator, SharedDevice};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
+use keel_virtio::affinity::{AffinityError, CpuSet};
 use keel_virtio_balloon::{Balloon, BalloonHandle, BalloonOptions};
 
 /// Errors while building or running the VM.
@@ -96,6 +97,9 @@ pub enum Error {
     /// A network device's backend could not be opened.
     #[error(transparent)]
     Net(#[from] crate::net::Error),
+    /// `--vcpu-affinity` names CPUs this process may not run on.
+    #[error("--vcpu-affinity")]
+    VcpuAffinity(#[source] AffinityError),
     /// The control socket could not be set up.
     #[error("cannot set up the QMP socket")]
     Qmp(#[source] keel_qmp::server::Error),
@@ -203,6 +207,9 @@ pub struct VmConfig {
     pub seccomp: SeccompOptions,
     /// Where the interrupt controllers run.
     pub irqchip: Irqchip,
+    /// The host CPUs every vCPU thread runs on (`--vcpu-affinity`); `None`: where the
+    /// scheduler puts them.
+    pub vcpu_affinity: Option<CpuSet>,
 }
 
 /// Where the QMP control socket listens.
@@ -462,6 +469,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmExit, Error> {
 ///     debug_exit: false,
 ///     seccomp: Default::default(),
 ///     irqchip: Irqchip::default(),
+///     vcpu_affinity: None,
 /// };
 /// let exit = run_with(&cfg, |vm| {
 ///     let vm = vm.clone();
@@ -485,6 +493,9 @@ fn run_filtered(
     started: impl FnOnce(&VmHandle),
 ) -> Result<VmExit, Error> {
     let mut started = Some(started);
+    if let Some(a) = cfg.vcpu_affinity {
+        a.check().map_err(Error::VcpuAffinity)?;
+    }
     // Signals are handled by the event loop through a signalfd; blocking them here, before
     // any thread is spawned, keeps them away from vCPU threads.
     let signalfd =
@@ -785,7 +796,12 @@ fn boot_once(
         let (buses, exit, ids) = (buses.clone(), exit.clone(), thread_ids.clone());
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let name = format!("keel-vcpu{}", vcpu.id());
+        let affinity = cfg.vcpu_affinity;
         let spawned = filters.spawn(ThreadKind::Vcpu, name, move || {
+            if let Some(Err(e)) = affinity.map(|a| a.apply()) {
+                // Checked at start; only a change of the process's CPUs since then.
+                log::warn!("vCPU {i}: {}", keel_bus::ErrorChain(&e));
+            }
             // SAFETY: gettid has no preconditions.
             ids[i].store(unsafe { libc::gettid() }, Ordering::SeqCst);
             if rx.recv().is_ok() {

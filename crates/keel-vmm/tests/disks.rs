@@ -118,3 +118,96 @@ fn a_probed_qcow2_with_a_backing_file_is_refused() {
     );
     assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
 }
+
+/// `Cpus_allowed_list` of a thread of `pid` named `comm`, from /proc.
+fn allowed_cpus(pid: u32, comm: &str) -> Option<String> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let t = t.ok()?.path();
+        if std::fs::read_to_string(t.join("comm")).ok()?.trim() != comm {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.join("status")).ok()?;
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string());
+    }
+    None
+}
+
+/// `--disk ...,affinity=CPUS` and `--vcpu-affinity CPUS`: the disk's queue worker and the
+/// vCPU run on the host CPUs named (as the kernel reports it in /proc), each without
+/// the other's; CPUs the process may not use are refused before the VM starts, with a
+/// one-line error naming them.
+#[test]
+fn disk_workers_and_vcpus_run_on_the_cpus_their_affinity_names() {
+    require_kvm!();
+    let dir = TempDir::new("disk-affinity");
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let mine = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // The first and the last CPU this test may use (the same one on a 1-CPU host).
+    let first = mine.split([',', '-']).next().unwrap().to_string();
+    let last = mine.rsplit([',', '-']).next().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let mut cmd = support::keel();
+        cmd.args([
+            "--memory",
+            "128",
+            "--cmdline",
+            "keel.test=blk-bench keel.blk_n=1000000",
+        ])
+        .args(args);
+        let mut keel = Running::start(cmd);
+        keel.wait_for("the first row", LIMIT, |s| {
+            s.contains("keel-test: blk-bench: begin randread depth 1")
+        });
+        let got = (
+            allowed_cpus(keel.pid(), "keel-blk-q0"),
+            allowed_cpus(keel.pid(), "keel-vcpu0"),
+        );
+        keel.signal(15);
+        let out = keel.finish(LIMIT);
+        assert_eq!(out.code(), Some(128 + 15), "stderr: {}", out.stderr);
+        got
+    };
+    let disk = |affinity: &str| format!("path={},format=raw{affinity}", img.display());
+    let (worker, vcpu) = run(&["--disk", &disk(&format!(",affinity=[{last}]"))]);
+    assert_eq!(worker.as_deref(), Some(last.as_str()), "the worker's CPUs");
+    assert_eq!(vcpu.as_deref(), Some(mine.as_str()), "the vCPU's CPUs");
+    let (worker, vcpu) = run(&["--disk", &disk(""), "--vcpu-affinity", &first]);
+    assert_eq!(worker.as_deref(), Some(mine.as_str()), "the worker's CPUs");
+    assert_eq!(vcpu.as_deref(), Some(first.as_str()), "the vCPU's CPUs");
+
+    let out = run_keel(
+        &["--memory", "128", "--disk", &disk(",affinity=1023")],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
+    let e = out.stderr.trim();
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("affinity") && e.contains("CPUs 1023 are not all usable here"),
+        "{e}"
+    );
+    let out = run_keel(&["--memory", "128", "--vcpu-affinity", "1000-1023"], LIMIT);
+    assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("--vcpu-affinity: CPUs 1000-1023 are not all usable here"),
+        "{}",
+        out.stderr
+    );
+    let out = run_keel(&["--memory", "128", "--vcpu-affinity", "1-0"], LIMIT);
+    assert_eq!(out.code(), Some(2), "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("expected host CPUs"), "{}", out.stderr);
+}

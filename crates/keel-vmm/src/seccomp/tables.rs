@@ -200,6 +200,8 @@ fn vcpu() -> Vec<Allow> {
         any(libc::SYS_rt_sigaction),
         // Whether a masked MSI-X vector is pending (its irqfd is readable).
         any(libc::SYS_poll),
+        // `--vcpu-affinity`: the thread moves itself (pid 0), under its own filter.
+        with_arg(libc::SYS_sched_setaffinity, 0, &[0]),
     ]);
     v
 }
@@ -260,6 +262,8 @@ fn device() -> Vec<Allow> {
         any(libc::SYS_io_uring_setup),
         any(libc::SYS_io_uring_enter),
         any(libc::SYS_io_uring_register),
+        // A disk's queue worker moves itself (pid 0) onto the CPUs of `affinity=`.
+        with_arg(libc::SYS_sched_setaffinity, 0, &[0]),
         // The balloon: whether guest memory is on hugetlbfs.
         any(libc::SYS_fstatfs),
         // virtio-net queue workers: frames between guest memory and the backend.

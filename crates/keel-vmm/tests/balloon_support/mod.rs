@@ -60,6 +60,7 @@ pub fn child(args: &[String]) {
         // The VM's threads filtered, as keel's (this thread is not: see `run_with`).
         seccomp: Default::default(),
         irqchip: keel_vmm::irqchip::Irqchip::default(),
+        vcpu_affinity: None,
     };
     let exit = run_with(&cfg, |vm| {
         let vm = vm.clone();
