@@ -130,6 +130,11 @@ impl CpuSet {
 
     /// Lets the calling thread run only on the set's CPUs (`sched_setaffinity(0, ...)`).
     pub fn apply(&self) -> Result<(), AffinityError> {
+        self.apply_to(0)
+    }
+
+    /// Lets thread `tid` (0: the calling thread) run only on the set's CPUs.
+    pub fn apply_to(&self, tid: libc::pid_t) -> Result<(), AffinityError> {
         // SAFETY: an all-zero cpu_set_t is an empty set.
         let mut raw: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         for cpu in self.cpus() {
@@ -137,7 +142,7 @@ impl CpuSet {
             unsafe { libc::CPU_SET(cpu, &mut raw) };
         }
         // SAFETY: `raw` is a cpu_set_t of the size passed; the kernel only reads it.
-        let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw) };
+        let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &raw) };
         if rc != 0 {
             return Err(AffinityError::Sched {
                 step: "sched_setaffinity",

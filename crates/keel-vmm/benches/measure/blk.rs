@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keel_virtio::affinity::CpuSet;
+
 use super::{qemu_base, KEEL, TEST_GUEST};
 
 /// Guest RAM of every blk run, in MiB.
@@ -91,13 +93,74 @@ pub fn image_dir() -> PathBuf {
     dir
 }
 
+/// Where the VMMs' threads run (`--place VCPU:IO`): the vCPU on host CPU `vcpu`, the
+/// disk's I/O thread (keel's queue worker, QEMU's iothread) on `io`, e.g. the CPU that
+/// takes the host disk's interrupts (`/proc/interrupts`). keel places its own threads
+/// (`--vcpu-affinity`, `affinity=`); QEMU's are moved by name once they exist.
+#[derive(Clone, Copy, Debug)]
+pub struct Place {
+    pub vcpu: usize,
+    pub io: usize,
+}
+
+impl Place {
+    /// `VCPU:IO`, two CPU numbers.
+    pub fn parse(s: &str) -> Option<Place> {
+        let (v, i) = s.split_once(':')?;
+        Some(Place {
+            vcpu: v.parse().ok()?,
+            io: i.parse().ok()?,
+        })
+    }
+}
+
+/// Moves thread `tid` onto host CPU `cpu` alone.
+fn pin(tid: i32, cpu: usize) {
+    let set = CpuSet::single(cpu).expect("a CPU below 1024");
+    set.apply_to(tid)
+        .unwrap_or_else(|e| panic!("pinning thread {tid} to CPU {cpu}: {e}"));
+}
+
+/// Pins QEMU's (`pid`, started with `debug-threads=on`) vCPU and iothread as `place` says,
+/// waiting up to 10 s for both threads to exist.
+fn place_qemu(pid: u32, place: Place) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut vcpu, mut io) = (None, None);
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let tid = t.file_name().to_string_lossy().parse::<i32>().ok();
+            match comm.trim() {
+                "CPU 0/KVM" => vcpu = tid,
+                "IO io0" => io = tid,
+                _ => {}
+            }
+        }
+        if let (Some(v), Some(i)) = (vcpu, io) {
+            pin(v, place.vcpu);
+            pin(i, place.io);
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "QEMU's vCPU and iothread never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The guest's command line for `requests` requests per row.
 pub fn cmdline(requests: u64) -> String {
     format!("keel.test=blk-bench keel.blk_n={requests}")
 }
 
-/// keel with the image on virtio-pci (`cache=none`: O_DIRECT, io_uring).
-pub fn keel(img: &Path, fmt: &str, requests: u64) -> Command {
+/// keel with the image on virtio-pci (`cache=none`: O_DIRECT, io_uring), its threads
+/// where `place` says.
+pub fn keel(img: &Path, fmt: &str, requests: u64, place: Option<Place>) -> Command {
     let mut k = Command::new(KEEL);
     k.args([
         "--debug-exit",
@@ -108,8 +171,17 @@ pub fn keel(img: &Path, fmt: &str, requests: u64) -> Command {
         "--cmdline",
         &cmdline(requests),
     ])
-    .arg("--disk")
-    .arg(format!("path={},format={fmt},cache=none", img.display()));
+    .arg("--disk");
+    match place {
+        Some(p) => k
+            .arg(format!(
+                "path={},format={fmt},cache=none,affinity={}",
+                img.display(),
+                p.io
+            ))
+            .args(["--vcpu-affinity", &p.vcpu.to_string()]),
+        None => k.arg(format!("path={},format={fmt},cache=none", img.display())),
+    };
     k
 }
 
@@ -118,7 +190,9 @@ pub fn keel(img: &Path, fmt: &str, requests: u64) -> Command {
 /// recommends for I/O).
 pub fn qemu(img: &Path, fmt: &str, requests: u64) -> Command {
     let mut q = qemu_base("microvm,pcie=on", MEMORY_MIB);
-    q.args(["-smp", "1"])
+    // Thread names ("CPU 0/KVM", "IO io0"), for `--place`.
+    q.args(["-name", "blk-bench,debug-threads=on"])
+        .args(["-smp", "1"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .args(["-kernel", TEST_GUEST, "-append", &cmdline(requests)])
         .arg("-drive")
@@ -133,13 +207,18 @@ pub fn qemu(img: &Path, fmt: &str, requests: u64) -> Command {
 
 /// Runs `cmd` (one of the above) to its end and reads each row's figures off its serial
 /// console; the guest must PASS.
-pub fn run(mut cmd: Command, requests: u64) -> RunIops {
+/// `qemu_place`: QEMU's threads are moved there once they exist (keel places its own,
+/// [`keel`]).
+pub fn run(mut cmd: Command, requests: u64, qemu_place: Option<Place>) -> RunIops {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
+    if let Some(p) = qemu_place {
+        place_qemu(child.id(), p);
+    }
     let out = BufReader::new(child.stdout.take().unwrap());
     let mut begin = [None; 4];
     let mut result = RunIops::default();

@@ -2,7 +2,7 @@
 //! machine's own I/O limit, written as a Markdown table and SVG charts into
 //! target/bench-report/.
 //!
-//! `cargo bench -p keel-vmm --bench report -- [--quick] [--runs N] [--publish]`
+//! `cargo bench -p keel-vmm --bench report -- [--quick] [--runs N] [--place VCPU:IO] [--publish]`
 //!
 //! - boot: the issue's trivial PVH guest (prints a line, exits), 1 vCPU, 128 MiB: start
 //!   to first serial output, start to exit, peak RSS (`measure::boot`);
@@ -23,7 +23,8 @@
 //! of 100000 datagrams each way and 64 MiB each way over TCP.
 //! `--quick`: boot 5, blk 1 run of 5000 requests, density 1 run (76 s at that load), net
 //! 1 run of 20000 datagrams and 16 MiB.
-//! `--runs N` sets every run count. `--publish` also copies the table and the
+//! `--place VCPU:IO` runs the blk rows with both VMMs' vCPU on host CPU VCPU and their disk
+//! I/O thread on IO (see `measure::blk::Place`). `--runs N` sets every run count. `--publish` also copies the table and the
 //! charts into benches/report/ and replaces the README's Performance figures (between its
 //! `bench-report` markers) with the new ones.
 
@@ -54,6 +55,8 @@ struct Plan {
     net_datagrams: u64,
     net_mib: usize,
     quick: bool,
+    /// `--place VCPU:IO`: where both VMMs' vCPU and disk I/O thread run in the blk rows.
+    place: Option<blk::Place>,
 }
 
 impl Plan {
@@ -77,6 +80,7 @@ impl Plan {
                 net_datagrams: 20_000,
                 net_mib: 16,
                 quick,
+                place: None,
             }
         } else {
             Plan {
@@ -88,8 +92,14 @@ impl Plan {
                 net_datagrams: 100_000,
                 net_mib: 64,
                 quick,
+                place: None,
             }
         };
+        plan.place = args.iter().position(|a| a == "--place").map(|i| {
+            args.get(i + 1)
+                .and_then(|p| blk::Place::parse(p))
+                .expect("--place takes VCPU:IO, two host CPU numbers")
+        });
         if let Some(n) = runs {
             plan.boot_runs = n;
             plan.blk_runs = n;
@@ -144,7 +154,7 @@ fn main() {
         "blk: {} runs, {} requests per row",
         plan.blk_runs, plan.blk_requests
     );
-    let blk = blk_figures(plan.blk_runs, plan.blk_requests);
+    let blk = blk_figures(plan.blk_runs, plan.blk_requests, plan.place);
     eprintln!("density: {} runs", plan.density_runs);
     let density = density_figures(plan.density_runs);
     let net = net_figures(&plan);
@@ -161,7 +171,7 @@ fn main() {
     header.write(&mut md);
     write_goals(&mut md, &boot);
     write_boot(&mut md, &boot, &qemu);
-    write_blk(&mut md, &blk);
+    write_blk(&mut md, &blk, plan.place);
     write_density(&mut md, &density);
     write_net(&mut md, &net, &plan);
     std::fs::write(out.join("report.md"), &md).expect("write report.md");
@@ -194,7 +204,7 @@ fn boot_figures(runs: usize) -> BootFigures {
     }
 }
 
-fn blk_figures(runs: usize, requests: u64) -> Vec<BlkRow> {
+fn blk_figures(runs: usize, requests: u64, place: Option<blk::Place>) -> Vec<BlkRow> {
     let dir = blk::image_dir();
     let raw = blk::image(&dir, "raw");
     // The limit: fio on the raw image's file (it writes into it as the guests do; a qcow2
@@ -206,8 +216,12 @@ fn blk_figures(runs: usize, requests: u64) -> Vec<BlkRow> {
         let (mut keel, mut qemu) = (Vec::new(), Vec::new());
         for run in 1..=runs {
             eprintln!("blk: {fmt}, run {run} of {runs}");
-            keel.push(blk::run(blk::keel(&img, fmt, requests), requests));
-            qemu.push(blk::run(blk::qemu(&img, fmt, requests), requests));
+            keel.push(blk::run(
+                blk::keel(&img, fmt, requests, place),
+                requests,
+                None,
+            ));
+            qemu.push(blk::run(blk::qemu(&img, fmt, requests), requests, place));
             fio_runs.push(ROWS.map(|row| fio::iops(&raw, row, requests)));
         }
         for (i, row) in ROWS.iter().enumerate() {
@@ -375,11 +389,19 @@ fn write_boot(md: &mut String, b: &BootFigures, qemu: &str) {
     let _ = writeln!(md);
 }
 
-fn write_blk(md: &mut String, rows: &[BlkRow]) {
+fn write_blk(md: &mut String, rows: &[BlkRow], place: Option<blk::Place>) {
     let _ = writeln!(
         md,
         "### Block I/O: test guest blk-bench, 4 KiB random requests on a 256 MiB image (IOPS, host-timed)\n"
     );
+    if let Some(p) = place {
+        let _ = writeln!(
+            md,
+            "Threads placed (`--place {}:{}`): each VMM's vCPU on host CPU {}, its disk I/O \
+             thread (keel's queue worker, QEMU's iothread) on CPU {}.\n",
+            p.vcpu, p.io, p.vcpu, p.io
+        );
+    }
     let _ = writeln!(
         md,
         "| format | row | keel | QEMU (iothread) | fio (io_uring, O_DIRECT) | keel / QEMU | goal met | keel / fio | goal met |\n|---|---|--:|--:|--:|--:|:-:|--:|:-:|"
