@@ -1,6 +1,7 @@
-//! Host CPU sets for a device's worker threads (and any other thread of a VMM):
-//! `taskset`'s list syntax (`1`, `0-3`, `0,2-3`) parsed, checked against the CPUs the
-//! process may use, and applied to the calling thread with `sched_setaffinity(2)`.
+//! Host CPU sets for a device's worker threads (and any other thread of a VMM): the list
+//! syntax of `taskset -c` and cpusets, ranges and commas (`1`, `0-3`, `0,2-3`; no
+//! strides), parsed, checked against the CPUs the process was started on, and applied
+//! to a thread with `sched_setaffinity(2)`.
 //!
 //! Where a worker runs matters on small hosts: a worker that shares its CPU with a vCPU
 //! thread waits for it, and a vCPU that takes the host disk's completion interrupts
@@ -41,9 +42,10 @@ pub enum AffinityError {
     Syntax(String),
     /// A CPU number is `MAX_CPUS` or more.
     #[error("CPU {0}: CPUs are numbered below {MAX_CPUS}")]
-    TooLarge(usize),
-    /// The set names CPUs this process may not run on (not present, offline, or outside
-    /// its cgroup's or parent's allowed set).
+    TooLarge(String),
+    /// The set names CPUs outside those the calling thread may run on: absent, offline,
+    /// or left out by whoever started the process (its `taskset`, its cgroup). Such a set
+    /// is refused rather than widened past the launcher's choice.
     #[error("CPUs {wanted} are not all usable here: this process may run on {allowed}")]
     NotAllowed {
         /// The set asked for.
@@ -114,8 +116,10 @@ impl CpuSet {
         Ok(s)
     }
 
-    /// Checks that the process may run on every CPU of the set (what
-    /// [`apply`](Self::apply) would otherwise refuse later, on another thread).
+    /// Checks that every CPU of the set is one the calling thread may run on now (its
+    /// affinity, as the process was started with it): a VMM calls this before it starts
+    /// threads that [`apply`](Self::apply) the set, so that a wrong set is an error at
+    /// start, not a warning later on another thread.
     pub fn check(&self) -> Result<(), AffinityError> {
         let allowed = CpuSet::allowed()?;
         if self.is_subset(&allowed) {
@@ -162,11 +166,10 @@ impl FromStr for CpuSet {
             if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(syntax());
             }
-            let n: usize = s.parse().map_err(|_| AffinityError::TooLarge(usize::MAX))?;
-            if n >= MAX_CPUS {
-                return Err(AffinityError::TooLarge(n));
+            match s.parse::<usize>() {
+                Ok(n) if n < MAX_CPUS => Ok(n),
+                _ => Err(AffinityError::TooLarge(s.to_string())),
             }
-            Ok(n)
         };
         let mut set = CpuSet { bits: [0; WORDS] };
         for part in text.split(',') {
@@ -247,7 +250,7 @@ mod tests {
         }
         assert!(matches!(
             "1024".parse::<CpuSet>(),
-            Err(AffinityError::TooLarge(1024))
+            Err(AffinityError::TooLarge(n)) if n == "1024"
         ));
         assert!(matches!(
             "99999999999999999999999".parse::<CpuSet>(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::ProbedRaw;
-use keel_virtio::affinity::{AffinityError, CpuSet};
+use keel_virtio::affinity::{AffinityError, CpuSet, MAX_CPUS};
 use keel_virtio_blk::{Block, BlockOptions, Disk, GuestMemoryAccess};
 
 /// One `--disk`: the image and how to open it, and the device in front of it.
@@ -66,7 +66,7 @@ pub enum OptionError {
     #[error("memory={0}: expected per-request or registered")]
     Memory(String),
     /// `affinity=` is not a host CPU list.
-    #[error("affinity={0}: expected host CPUs below 1024 as 1, 0-3 or [0,2-3]")]
+    #[error("affinity={0}: expected host CPUs below {max} as 1, 0-3 or [0,2-3]", max = MAX_CPUS)]
     Affinity(String),
     /// A `[` without its `]`.
     #[error("'{0}': a '[' without its ']'")]
@@ -158,14 +158,19 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
     Ok(spec)
 }
 
-/// The option's `KEY=VALUE` parts: split at commas outside brackets.
+/// The option's `KEY=VALUE` parts: split at commas outside brackets. A bracket opens a
+/// group only as the first character of a value (`affinity=[0,2]`), so paths may hold
+/// brackets.
 fn split_options(s: &str) -> Result<Vec<&str>, OptionError> {
     let mut parts = Vec::new();
     let (mut start, mut depth) = (0, 0u32);
+    let mut prev = None;
     for (i, c) in s.char_indices() {
+        let after_eq = prev == Some('=');
+        prev = Some(c);
         match c {
-            '[' => depth += 1,
-            ']' => depth = depth.saturating_sub(1),
+            '[' if after_eq || depth > 0 => depth += 1,
+            ']' if depth > 0 => depth -= 1,
             ',' if depth == 0 => {
                 parts.push(&s[start..i]);
                 start = i + 1;
@@ -182,6 +187,7 @@ fn split_options(s: &str) -> Result<Vec<&str>, OptionError> {
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The image cannot be opened.
     #[error("disk {path}")]
@@ -347,6 +353,12 @@ mod tests {
             assert_eq!(d.device.affinity.unwrap().to_string(), cpus, "{list}");
             assert_eq!(d.device.queues, 2, "the option after the list: {list}");
         }
+        // Brackets in a path are the path's.
+        let d = parse_disk("path=/img/a[1].raw,queues=2,path2=").unwrap_err();
+        assert_eq!(d, OptionError::Unknown("path2=".into()));
+        let d = parse_disk("path=/img/a[1.raw,queues=2").unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a[1.raw"));
+        assert_eq!(d.device.queues, 2);
         let d = parse_disk("path=x,cache=writethrough").unwrap();
         assert!(!d.device.writeback, "write-through shows no volatile cache");
         let s = String::from;
@@ -420,6 +432,11 @@ mod tests {
                 "path=x,affinity=4096",
                 OptionError::Affinity(s("4096")),
                 "below 1024",
+            ),
+            (
+                "path=x[1,affinity=[1",
+                OptionError::Bracket(s("affinity=[1")),
+                "a '[' without its ']'",
             ),
         ] {
             let e = parse_disk(bad).unwrap_err();

@@ -13,7 +13,7 @@
 //! | `block_set_io_throttle` | a disk's `iops`/`bps` limits, changed while the guest runs |
 //! | `block_resize` | grows a raw disk; the guest gets a configuration-change interrupt |
 //! | `set_link` | takes a `--net` device's link (`net0`, `net1`, ...) down or up; the guest gets a configuration-change interrupt |
-//! | `x-query-net-stats` | keel's own (QEMU has no such command): each `--net` device's MAC, link and counters per queue pair (frames, bytes, drops, errors each way) and of its control queue, since the guest last booted; `name` picks one |
+//! | `x-query-net-stats` | keel's own (QEMU has no such command): each `--net` device's MAC, link and counters per queue pair (frames, bytes, drops, errors each way) and of its control queue, since the VM was last built (keel's start or `system_reset`); `name` picks one |
 //!
 //! `SHUTDOWN` is also sent when the guest powers off or resets (`guest: true`) and when
 //! keel gets a termination signal. `BLOCK_IO_ERROR` is sent when the host fails a disk

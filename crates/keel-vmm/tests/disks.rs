@@ -155,9 +155,13 @@ fn disk_workers_and_vcpus_run_on_the_cpus_their_affinity_names() {
         .unwrap()
         .trim()
         .to_string();
-    // The first and the last CPU this test may use (the same one on a 1-CPU host).
+    // The first and the last CPU this test may use; the placements differ only with two.
     let first = mine.split([',', '-']).next().unwrap().to_string();
     let last = mine.rsplit([',', '-']).next().unwrap().to_string();
+    if first == last {
+        println!("skipped: placement needs two host CPUs, this test has {mine}");
+        return;
+    }
     let run = |args: &[&str]| {
         let mut cmd = support::keel();
         cmd.args([

@@ -405,8 +405,10 @@ impl<T: UringTarget, B: IoBuf> UringQueue<T, B> {
         // SAFETY: every iovec is a whole mapping of one of `mem`'s regions (or a piece of
         // one), and `mem`, kept in `fixed_mem`, holds those mappings for as long as the
         // queue exists; dropping the queue unregisters them (and the ring, declared
-        // before `fixed_mem`, is closed before the mappings go). The kernel only transfers data through these buffers
-        // for requests this queue submits, each for memory a request's buffer owns.
+        // before `fixed_mem`, is closed before the mappings go; pages the kernel still
+        // has pinned stay allocated until it lets go). The kernel only transfers data
+        // through these buffers for requests this queue submits, each for memory a
+        // request's buffer owns.
         unsafe { self.ring.submitter().register_buffers(&iovecs) }
             .map_err(|e| Error::io("registering guest memory with io_uring", e))?;
         self.fixed_mem = Some(FixedMemory {
@@ -1042,6 +1044,8 @@ impl<T: UringTarget, B: IoBuf> Drop for UringQueue<T, B> {
         // keeps the image open (a file system holding it cannot be unmounted right after
         // the VMM exits) and registered memory stays pinned. Unregistering, with nothing
         // in flight, releases both before this returns.
+        // Should the kernel refuse (it has no reason to, with nothing in flight), closing
+        // the ring still releases both, only later: nothing is lost.
         if self.fixed_fd.is_some() {
             let _ = self.ring.submitter().unregister_files();
         }

@@ -122,8 +122,8 @@ fn pin(tid: i32, cpu: usize) {
 }
 
 /// Pins QEMU's (`pid`, started with `debug-threads=on`) vCPU and iothread as `place` says,
-/// waiting up to 10 s for both threads to exist.
-fn place_qemu(pid: u32, place: Place) {
+/// waiting up to 10 s for both threads to exist; false if they never do.
+fn place_qemu(pid: u32, place: Place) -> bool {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let (mut vcpu, mut io) = (None, None);
@@ -143,12 +143,11 @@ fn place_qemu(pid: u32, place: Place) {
         if let (Some(v), Some(i)) = (vcpu, io) {
             pin(v, place.vcpu);
             pin(i, place.io);
-            return;
+            return true;
         }
-        assert!(
-            Instant::now() < end,
-            "QEMU's vCPU and iothread never appeared"
-        );
+        if Instant::now() >= end {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -217,7 +216,11 @@ pub fn run(mut cmd: Command, requests: u64, qemu_place: Option<Place>) -> RunIop
         .spawn()
         .expect("spawn");
     if let Some(p) = qemu_place {
-        place_qemu(child.id(), p);
+        if !place_qemu(child.id(), p) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("QEMU's vCPU and iothread never appeared");
+        }
     }
     let out = BufReader::new(child.stdout.take().unwrap());
     let mut begin = [None; 4];

@@ -24,9 +24,10 @@
 //! `--quick`: boot 5, blk 1 run of 5000 requests, density 1 run (76 s at that load), net
 //! 1 run of 20000 datagrams and 16 MiB.
 //! `--place VCPU:IO` runs the blk rows with both VMMs' vCPU on host CPU VCPU and their disk
-//! I/O thread on IO (see `measure::blk::Place`). `--runs N` sets every run count. `--publish` also copies the table and the
-//! charts into benches/report/ and replaces the README's Performance figures (between its
-//! `bench-report` markers) with the new ones.
+//! I/O thread on IO (see `measure::blk::Place`; fio is not placed). `--runs N` sets every
+//! run count. `--publish` also copies the table and the charts into benches/report/ and
+//! replaces the README's Performance figures (between its `bench-report` markers) with
+//! the new ones.
 
 #[path = "../measure/mod.rs"]
 mod measure;
@@ -398,7 +399,7 @@ fn write_blk(md: &mut String, rows: &[BlkRow], place: Option<blk::Place>) {
         let _ = writeln!(
             md,
             "Threads placed (`--place {}:{}`): each VMM's vCPU on host CPU {}, its disk I/O \
-             thread (keel's queue worker, QEMU's iothread) on CPU {}.\n",
+             thread (keel's queue worker, QEMU's iothread) on CPU {}; fio is not placed.\n",
             p.vcpu, p.io, p.vcpu, p.io
         );
     }
