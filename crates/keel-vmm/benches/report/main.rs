@@ -58,6 +58,8 @@ struct Plan {
     quick: bool,
     /// `--place VCPU:IO`: where both VMMs' vCPU and disk I/O thread run in the blk rows.
     place: Option<blk::Place>,
+    /// `--runs N`, if given.
+    runs: Option<usize>,
 }
 
 impl Plan {
@@ -82,6 +84,7 @@ impl Plan {
                 net_mib: 16,
                 quick,
                 place: None,
+                runs,
             }
         } else {
             Plan {
@@ -94,6 +97,7 @@ impl Plan {
                 net_mib: 64,
                 quick,
                 place: None,
+                runs,
             }
         };
         plan.place = args.iter().position(|a| a == "--place").map(|i| {
@@ -310,7 +314,22 @@ impl Header<'_> {
         let p = &self.plan;
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mode = if p.quick { " -- --quick" } else { "" };
+        // The command as given, but --publish.
+        let mut flags = String::new();
+        if p.quick {
+            flags.push_str(" --quick");
+        }
+        if let Some(n) = p.runs {
+            let _ = write!(flags, " --runs {n}");
+        }
+        if let Some(pl) = p.place {
+            let _ = write!(flags, " --place {}:{}", pl.vcpu, pl.io);
+        }
+        let mode = if flags.is_empty() {
+            String::new()
+        } else {
+            format!(" --{flags}")
+        };
         let _ = writeln!(
             md,
             "Made by `cargo bench -p keel-vmm --bench report{mode}` in {:.0} s: boot {} runs, \
