@@ -36,7 +36,7 @@ use keel_virtio::device::{
 };
 use keel_virtio_blk::{Block, BlockOptions, Disk, SyncServer};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -177,14 +177,7 @@ fn disk(kind: u8, read_only: bool) -> (Disk, Arc<dyn BlockBackend>) {
 }
 
 fn queue(rings: (u64, u64, u64), event_idx: bool) -> Queue {
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(rings.0 as u32), Some((rings.0 >> 32) as u32));
-    q.set_avail_ring_address(Some(rings.1 as u32), Some((rings.1 >> 32) as u32));
-    q.set_used_ring_address(Some(rings.2 as u32), Some((rings.2 >> 32) as u32));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q
+    keel_virtio::testing::ready_queue(QSIZE, rings, event_idx)
 }
 
 fn used_idx(mem: &GuestMemoryMmap, q: usize) -> u16 {

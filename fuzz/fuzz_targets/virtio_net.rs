@@ -15,15 +15,13 @@
 //! used exactly once (RX gives back the buffers a frame did not need).
 #![no_main]
 
-use std::io;
-use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{InterruptError, InterruptKind, NeedsReset, VirtioInterrupt};
-use keel_virtio_net::backend::{read_at, write_at, Backend, GuestSlice, Offloads, SocketBackend};
+use keel_virtio_net::backend::{Backend, HeaderSocket, SocketBackend};
 use keel_virtio_net::{NetOptions, SyncQueues, SyncServer};
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_net::*;
@@ -45,43 +43,8 @@ impl VirtioInterrupt for Quiet {
     }
 }
 
-/// A backend that carries the virtio-net header, as a tap does (so offloads are offered).
-struct HeaderSocket(UnixDatagram);
-
-impl Backend for HeaderSocket {
-    fn recv(&mut self, bufs: &[GuestSlice<'_>]) -> io::Result<usize> {
-        let mut buf = [0u8; 4096];
-        let n = self.0.recv(&mut buf)?;
-        let room: usize = bufs.iter().map(|s| s.len()).sum();
-        write_at(bufs, 0, &buf[..n.min(room)]);
-        Ok(n)
-    }
-    fn send(&mut self, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
-        let total: usize = bufs.iter().map(|s| s.len()).sum();
-        let mut buf = vec![0u8; total];
-        assert!(read_at(bufs, 0, &mut buf), "the device checked these slices");
-        self.0.send(&buf).map(|_| ())
-    }
-    fn fd(&self) -> BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.0)
-    }
-    fn supports_offloads(&self) -> bool {
-        true
-    }
-    fn set_offloads(&mut self, _: Offloads) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 fn queue(rings: (u64, u64, u64), event_idx: bool) -> Queue {
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(rings.0 as u32), Some((rings.0 >> 32) as u32));
-    q.set_avail_ring_address(Some(rings.1 as u32), Some((rings.1 >> 32) as u32));
-    q.set_used_ring_address(Some(rings.2 as u32), Some((rings.2 >> 32) as u32));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q
+    keel_virtio::testing::ready_queue(QSIZE, rings, event_idx)
 }
 
 fn idx(mem: &GuestMemoryMmap, at: u64) -> u16 {
@@ -189,7 +152,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let backend: Box<dyn Backend> = if header {
-        Box::new(HeaderSocket(ours))
+        Box::new(HeaderSocket::new(ours))
     } else {
         Box::new(SocketBackend::new(ours).unwrap())
     };

@@ -85,6 +85,26 @@ pub fn assemble(src: &str, origin: u64) -> Vec<u8> {
     std::fs::read(&bin).expect("read binary")
 }
 
+/// The PVH ELF note (XEN_ELFNOTE_PHYS32_ENTRY) and the 32-bit entry label every small PVH
+/// guest starts with.
+const PVH_HEADER: &str = r#"
+    .section .note.pvh, "a"
+    .p2align 2
+    .long 4, 4, 18              # namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
+    .asciz "Xen"
+    .long _start
+    .text
+    .code32
+    .globl _start
+_start:
+"#;
+
+/// Assembles a PVH guest, linked at 1 MiB, whose 32-bit entry code is `body` (AT&T
+/// syntax), and writes the ELF to `out`.
+pub fn assemble_pvh(body: &str, out: &std::path::Path) {
+    assemble_elf(&format!("{PVH_HEADER}{body}"), 0x10_0000, out);
+}
+
 /// Assembles `src` into an ELF64 executable whose `.text` is linked at `origin`, entry
 /// `_start`, and writes it to `out`. A PVH guest puts its note in a section named
 /// `.note.pvh` (allocated, `"a"`); the linker keeps it.

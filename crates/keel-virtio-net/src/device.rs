@@ -584,11 +584,7 @@ impl VirtioDevice for Net {
     }
 
     fn pause(&mut self) {
-        self.gate.close();
-        for w in &self.workers {
-            w.wake();
-        }
-        self.gate.wait_parked(self.workers.len());
+        self.gate.pause(&self.workers, |w| w.wake());
     }
 
     fn resume(&mut self) {

@@ -3,14 +3,12 @@
 //! for byte, merged RX buffers, the control queue, multi-queue, link status, every kind
 //! of malformed input (counted, and the device goes on), and rate limits.
 
-use std::io;
-use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::testing::*;
-use keel_virtio_net::backend::{read_at, Backend, GuestSlice, Offloads, SocketBackend};
+use keel_virtio_net::backend::{Backend, HeaderSocket, SocketBackend};
 use keel_virtio_net::{MacAddr, Net, NetHandle, NetOptions, RateLimit};
 use virtio_bindings::virtio_net::*;
 use vm_memory::{Bytes, GuestAddress};
@@ -34,39 +32,6 @@ fn ctrl_features() -> u64 {
         | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
 }
 
-/// A backend that keeps the virtio-net header (as a tap does) over a datagram socket:
-/// the header travels in front of each frame, so the test sees exactly what a tap would.
-struct HeaderSocket(UnixDatagram);
-
-impl Backend for HeaderSocket {
-    fn recv(&mut self, bufs: &[GuestSlice<'_>]) -> io::Result<usize> {
-        let mut buf = vec![0u8; 70000];
-        let n = self.0.recv(&mut buf)?;
-        let mut at = 0;
-        for s in bufs {
-            let k = s.len().min(n - at);
-            s.write_slice(&buf[at..at + k], 0).unwrap();
-            at += k;
-        }
-        Ok(n)
-    }
-    fn send(&mut self, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
-        let total: usize = bufs.iter().map(|s| s.len()).sum();
-        let mut buf = vec![0u8; total];
-        assert!(read_at(bufs, 0, &mut buf));
-        self.0.send(&buf).map(|_| ())
-    }
-    fn fd(&self) -> BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.0)
-    }
-    fn supports_offloads(&self) -> bool {
-        true
-    }
-    fn set_offloads(&mut self, _: Offloads) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A device with `pairs` socket backends; returns it, its handle and the peers.
 fn device(
     pairs: usize,
@@ -80,7 +45,7 @@ fn device(
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         if header {
             a.set_nonblocking(true).unwrap();
-            backends.push(Box::new(HeaderSocket(a)));
+            backends.push(Box::new(HeaderSocket::new(a)));
         } else {
             backends.push(Box::new(SocketBackend::new(a).unwrap()));
         }

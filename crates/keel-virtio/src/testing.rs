@@ -70,6 +70,22 @@ pub fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
 }
 
+/// A ready split queue of `size` entries over the descriptor table, available ring and
+/// used ring at `rings`, as a transport hands it to a device at DRIVER_OK: for device
+/// tests and fuzz targets that drive a device without a transport.
+pub fn ready_queue(size: u16, rings: (u64, u64, u64), event_idx: bool) -> virtio_queue::Queue {
+    use virtio_queue::QueueT;
+    let mut q = virtio_queue::Queue::new(size).expect("a power-of-two queue size");
+    q.set_size(size);
+    let (desc, avail, used) = rings;
+    q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+    q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+    q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    q
+}
+
 /// Polls `f` for up to five seconds (the device works on its own thread).
 pub fn eventually(what: &str, f: impl Fn() -> bool) {
     let end = Instant::now() + Duration::from_secs(5);

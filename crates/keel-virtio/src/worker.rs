@@ -115,6 +115,15 @@ impl PauseGate {
         }
     }
 
+    /// Controller side, the whole pause: closes the gate, wakes each of `workers` with
+    /// `wake` (so that one asleep in its poll set looks at the gate), and waits until all
+    /// of them have parked or ended.
+    pub fn pause<W>(&self, workers: &[W], wake: impl Fn(&W)) {
+        self.close();
+        workers.iter().for_each(wake);
+        self.wait_parked(workers.len());
+    }
+
     /// Controller side: lets parked workers go on.
     pub fn open(&self) {
         self.lock().closed = false;

@@ -122,7 +122,7 @@ pub fn qemu(kernel: &str, cmdline: &str) -> Command {
 /// Writes the issue's trivial guest into `dir` and returns its path.
 pub fn trivial_guest(dir: &Path) -> PathBuf {
     let path = dir.join("trivial.elf");
-    keel_testutil::assemble_elf(TRIVIAL_GUEST, 0x10_0000, &path);
+    keel_testutil::assemble_pvh(TRIVIAL_GUEST, &path);
     path
 }
 
@@ -132,15 +132,6 @@ pub const TRIVIAL_EXPECT: &str = "OK";
 /// The issue's trivial guest: a PVH ELF whose 32-bit entry prints "OK" on COM1 and writes
 /// 0 to the debug-exit port.
 const TRIVIAL_GUEST: &str = r#"
-    .section .note.pvh, "a"
-    .p2align 2
-    .long 4, 4, 18              # namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
-    .asciz "Xen"
-    .long _start
-    .text
-    .code32
-    .globl _start
-_start:
     mov $0x3f8, %dx
     mov $0x4f, %al
     out %al, %dx

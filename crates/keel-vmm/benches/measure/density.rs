@@ -41,7 +41,7 @@ pub const LIMIT: Duration = Duration::from_secs(300);
 /// Writes the idle guest into `dir` and returns its path.
 pub fn idle_guest(dir: &Path) -> PathBuf {
     let path = dir.join("idle.elf");
-    keel_testutil::assemble_elf(IDLE_GUEST, 0x10_0000, &path);
+    keel_testutil::assemble_pvh(IDLE_GUEST, &path);
     path
 }
 
@@ -63,15 +63,6 @@ pub fn qemu(guest: &Path) -> Command {
 
 /// The idle guest: prints "READY" on COM1, then `hlt` with interrupts off, forever.
 const IDLE_GUEST: &str = r#"
-    .section .note.pvh, "a"
-    .p2align 2
-    .long 4, 4, 18              # namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
-    .asciz "Xen"
-    .long _start
-    .text
-    .code32
-    .globl _start
-_start:
     cli
     mov $0x3f8, %dx
     lea msg, %esi

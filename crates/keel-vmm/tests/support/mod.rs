@@ -23,23 +23,10 @@ pub fn keel_without_debug_exit() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keel"))
 }
 
-/// The PVH note and the 32-bit entry boilerplate every small PVH guest starts with.
-pub const PVH_HEADER: &str = r#"
-    .section .note.pvh, "a"
-    .p2align 2
-    .long 4, 4, 18              # namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
-    .asciz "Xen"
-    .long _start
-    .text
-    .code32
-    .globl _start
-_start:
-"#;
-
 /// Writes a PVH guest whose 32-bit entry code is `body` into `dir` and returns its path.
 pub fn pvh_guest(dir: &TempDir, body: &str) -> PathBuf {
     let path = dir.path().join("guest.elf");
-    assemble_elf(&format!("{PVH_HEADER}{body}"), 0x10_0000, &path);
+    keel_testutil::assemble_pvh(body, &path);
     path
 }
 
