@@ -187,6 +187,22 @@ fn ping(host_mac: [u8; 6], payload: &[u8], seq: u16) -> Vec<u8> {
     f
 }
 
+/// A device on the namespace's tap (one queue pair), as the tests' driver expects it;
+/// call on a thread inside the namespace.
+fn tap_device() -> Net {
+    let backends: Vec<Box<dyn Backend>> = Tap::open(TAP, 1)
+        .expect("open the tap")
+        .into_iter()
+        .map(|t| Box::new(t) as Box<dyn Backend>)
+        .collect();
+    let opts = NetOptions {
+        mac: MAC,
+        queue_size: Q,
+        ..NetOptions::default()
+    };
+    Net::new(backends, opts).expect("a device on the tap")
+}
+
 fn ring(mem: &GuestMemoryMmap, i: u64) -> Ring<'_> {
     Ring::at(mem, RING_BASE + 0x4000 * i, Q)
 }
@@ -289,22 +305,7 @@ fn a_tap_in_a_namespace_carries_arp_and_ping_both_ways() {
     let ns = Namespace::new("tap");
     for pci in [false, true] {
         ns.run(|| {
-            let taps = Tap::open(TAP, 1).expect("open the tap");
-            let backends: Vec<Box<dyn Backend>> = taps
-                .into_iter()
-                .map(|t| Box::new(t) as Box<dyn Backend>)
-                .collect();
-            let net = Box::new(
-                Net::new(
-                    backends,
-                    NetOptions {
-                        mac: MAC,
-                        queue_size: Q,
-                        ..NetOptions::default()
-                    },
-                )
-                .unwrap(),
-            );
+            let net = Box::new(tap_device());
             if pci {
                 exchange(&PciDriver::new(net), &ns);
             } else {
@@ -322,24 +323,11 @@ fn a_tap_in_a_namespace_carries_arp_and_ping_both_ways() {
 fn the_tap_takes_the_offloads_the_driver_negotiated() {
     let ns = Namespace::new("offload");
     ns.run(|| {
-        let taps = Tap::open(TAP, 1).expect("open the tap");
+        let net = tap_device();
         assert!(
             !host_offload(ETHTOOL_GTXCSUM) && !host_offload(ETHTOOL_GTSO),
             "plain at open"
         );
-        let backends: Vec<Box<dyn Backend>> = taps
-            .into_iter()
-            .map(|t| Box::new(t) as Box<dyn Backend>)
-            .collect();
-        let net = Net::new(
-            backends,
-            NetOptions {
-                mac: MAC,
-                queue_size: Q,
-                ..NetOptions::default()
-            },
-        )
-        .unwrap();
         let d = PciDriver::new(Box::new(net));
         let mem = d.mem().clone();
         let (rx, tx) = (ring(&mem, 0), ring(&mem, 1));
@@ -407,20 +395,7 @@ fn a_frame_too_long_for_the_buffer_is_dropped_whole() {
         .unwrap();
     };
     ns.run(|| {
-        let taps = Tap::open(TAP, 1).expect("open the tap");
-        let backends: Vec<Box<dyn Backend>> = taps
-            .into_iter()
-            .map(|t| Box::new(t) as Box<dyn Backend>)
-            .collect();
-        let net = Net::new(
-            backends,
-            NetOptions {
-                mac: MAC,
-                queue_size: Q,
-                ..NetOptions::default()
-            },
-        )
-        .unwrap();
+        let net = tap_device();
         let h = net.handle();
         let d = MmioDriver::new(Box::new(net));
         let mem = d.mem().clone();

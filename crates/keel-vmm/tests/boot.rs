@@ -142,7 +142,7 @@ fn elf64_payload_starts_in_long_mode_with_boot_params() {
     let path = dir.path().join("payload.elf");
     // No PVH note: 64-bit entry with RSI pointing at the zero page, whose setup header
     // carries "HdrS" at 0x202. The payload checks it and reports through the exit port.
-    support::assemble_elf(
+    keel_testutil::assemble_elf(
         r#"
         .text
         .code64
@@ -343,7 +343,7 @@ fn boot_params_carry_the_initrd() {
     let dir = TempDir::new("vmm");
     let path = dir.path().join("payload.elf");
     // The zero page (RSI): ramdisk_image at 0x218, ramdisk_size at 0x21c.
-    support::assemble_elf(
+    keel_testutil::assemble_elf(
         &format!(
             "    .text\n    .code64\n    .globl _start\n_start:\n    mov 0x218(%rsi), %edi\n{}    mov 0x21c(%rsi), %eax\n    out %eax, $0xf4\n    hlt\n",
             print_bytes_at("rdi")

@@ -583,6 +583,20 @@ fn self_test_case(vmm: Vmm, opts: NetOpts, tap: TapOpts, link: bool) {
     assert!(echoed > 1400, "the peer echoed only {echoed} datagrams");
 }
 
+/// The self-test on two queue pairs (a multi-queue tap) at a 9000-byte MTU, link toggled.
+fn jumbo_self_test_case(vmm: Vmm) {
+    let opts = NetOpts {
+        transport: Transport::Pci,
+        queues: 2,
+        mtu: Some(9000),
+    };
+    let tap = TapOpts {
+        multi_queue: true,
+        mtu: Some(9000),
+    };
+    self_test_case(vmm, opts, tap, true);
+}
+
 /// Two queue pairs (a multi-queue tap, `queues=2`) carrying traffic at once: several
 /// TCP and UDP flows in parallel; the guest's counters show frames both ways on both
 /// pairs. With a 9000-byte MTU, so large frames take merged receive buffers.
@@ -767,16 +781,7 @@ fn net_self_test_under_qemu_virtio_mmio() {
 #[test]
 fn net_self_test_under_qemu_two_pairs_mtu_9000() {
     require_kvm!();
-    let opts = NetOpts {
-        transport: Transport::Pci,
-        queues: 2,
-        mtu: Some(9000),
-    };
-    let tap = TapOpts {
-        multi_queue: true,
-        mtu: Some(9000),
-    };
-    self_test_case(Vmm::Qemu, opts, tap, true);
+    jumbo_self_test_case(Vmm::Qemu);
 }
 
 #[test]
@@ -956,16 +961,7 @@ fn net_self_test_under_keel_virtio_mmio() {
 #[test]
 fn net_self_test_under_keel_two_pairs_mtu_9000() {
     require_kvm!();
-    let opts = NetOpts {
-        transport: Transport::Pci,
-        queues: 2,
-        mtu: Some(9000),
-    };
-    let tap = TapOpts {
-        multi_queue: true,
-        mtu: Some(9000),
-    };
-    self_test_case(Vmm::Keel, opts, tap, true);
+    jumbo_self_test_case(Vmm::Keel);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use keel_testutil::{assemble_elf, TempDir};
+pub use keel_testutil::TempDir;
 
 /// The `keel` binary under test, with `--debug-exit`: the tests' guests end keel with the
 /// status they choose (the test guest's verdict: 0 PASS, 1 FAIL).
