@@ -203,16 +203,7 @@ pub(crate) fn with_device(
             want.keel_option
         );
     };
-    describe_mmio(name, &m);
-    let (ioapic, pin) = route_mmio(name, acpi, &m)?;
-    let t = Transport::Mmio(m);
-    let r = body(&Ctx {
-        name,
-        t: &t,
-        irqs: Irqs::Mmio,
-    });
-    irq::mask_pin(ioapic, pin);
-    r
+    over_mmio(name, acpi, m, body)
 }
 
 /// PCI: the configuration interrupt on MSI-X entry 0 (read back).
@@ -735,7 +726,7 @@ fn over_mmio(
     name: &'static str,
     acpi: &Acpi,
     m: MmioTransport,
-    body: fn(&Ctx) -> Outcome,
+    body: impl FnOnce(&Ctx) -> Outcome,
 ) -> Outcome {
     describe_mmio(name, &m);
     let (ioapic, pin) = route_mmio(name, acpi, &m)?;
