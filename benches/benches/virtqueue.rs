@@ -243,7 +243,8 @@ impl Setup {
         })
         .expect("drain");
         debug_assert_eq!(served, batch);
-        notify
+        debug_assert!(!notify.more);
+        notify.interrupt
     }
 
     fn used_idx(&self) -> u16 {
@@ -275,7 +276,8 @@ fn check(shape: Shape, features: u64) {
     assert!(notify);
     // A second drain with nothing new uses nothing and asks for no interrupt.
     let mem = s.mem.clone();
-    assert!(!drain_queue(&mut s.queue, &mem, s.indirect, |c| serve(c, &mem)).unwrap());
+    let again = drain_queue(&mut s.queue, &mem, s.indirect, |c| serve(c, &mem)).unwrap();
+    assert!(!again.interrupt && !again.more);
     assert_eq!(s.used_idx(), 2);
     // Rounds keep working past the end of the rings.
     for n in 1..=2 * QUEUE_SIZE {

@@ -92,10 +92,11 @@ fn serve(active: &Mutex<Option<ActivateContext>>) {
             wrote as u32
         });
         match r {
-            Ok(true) => {
-                let _ = ctx.interrupt.trigger(InterruptKind::Queue(*index));
+            Ok(d) => {
+                if d.interrupt {
+                    let _ = ctx.interrupt.trigger(InterruptKind::Queue(*index));
+                }
             }
-            Ok(false) => {}
             Err(_) => ctx.needs_reset.report(),
         }
     }

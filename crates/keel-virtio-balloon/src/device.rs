@@ -13,7 +13,9 @@ use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{
     ActivateContext, ActivateError, InterruptKind, NeedsReset, VirtioDevice, VirtioInterrupt,
 };
-use keel_virtio::worker::{drain_queue, should_interrupt, IndirectDesc, QueueError, QueueWorker};
+use keel_virtio::worker::{
+    drain_queue, should_interrupt, Drained, IndirectDesc, QueueError, QueueWorker,
+};
 use keel_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -327,12 +329,15 @@ impl Worker {
         self.needs_reset.report();
     }
 
-    fn handle(&mut self, index: u16) {
+    /// Serves queue `index` (or the statistics timer); returns whether it has more to do
+    /// at once ([`Drained::more`]).
+    fn handle(&mut self, index: u16) -> bool {
         if index == STATS_KICK {
-            return self.return_stats_buffer();
+            self.return_stats_buffer();
+            return false;
         }
         let Some(pos) = self.queues.iter().position(|q| q.0 == index) else {
-            return;
+            return false;
         };
         let role = self.queues[pos].1;
         let result = match role {
@@ -348,29 +353,46 @@ impl Worker {
             }
         };
         match result {
-            Ok(true) => self.signal(index),
-            Ok(false) => {}
-            Err(e) => self.broken(index, e),
+            Ok(d) => {
+                if d.interrupt {
+                    self.signal(index);
+                }
+                d.more
+            }
+            Err(e) => {
+                self.broken(index, e);
+                false
+            }
         }
     }
 
     /// Takes new statistics buffers: each is parsed and held (an older one held is
     /// returned first).
-    fn take_stats(&mut self, pos: usize) -> Result<bool, QueueError> {
+    fn take_stats(&mut self, pos: usize) -> Result<Drained, QueueError> {
         let (mem, shared) = (&self.mem, &self.shared);
         let indirect = IndirectDesc::from_features(self.features);
         let queue = &mut self.queues[pos].2;
         let mut used_any = false;
-        loop {
+        // As in drain_queue: at most the queue's size of chains a call.
+        let budget = queue.size();
+        let mut taken = 0u16;
+        let more = 'drain: loop {
             queue
                 .disable_notification(mem)
                 .map_err(QueueError::Broken)?;
             loop {
+                if taken == budget {
+                    let avail = queue
+                        .avail_idx(mem, Ordering::Acquire)
+                        .map_err(QueueError::Broken)?;
+                    break 'drain avail.0 != queue.next_avail();
+                }
                 let chain = match queue.iter(mem) {
                     Ok(mut it) => it.next(),
                     Err(e) => return Err(QueueError::Broken(e)),
                 };
                 let Some(chain) = chain else { break };
+                taken += 1;
                 if indirect.refuses(queue, mem, chain.head_index()) {
                     return Err(QueueError::IndirectNotNegotiated {
                         head: chain.head_index(),
@@ -391,13 +413,11 @@ impl Worker {
                 }
             }
             if !queue.enable_notification(mem).map_err(QueueError::Broken)? {
-                break;
+                break false;
             }
-        }
-        if !used_any {
-            return Ok(false);
-        }
-        should_interrupt(queue, mem)
+        };
+        let interrupt = used_any && should_interrupt(queue, mem)?;
+        Ok(Drained { interrupt, more })
     }
 
     /// Gives the held statistics buffer back: the driver refills it.

@@ -464,30 +464,38 @@ impl Engine {
         (frames, Dir::Busy)
     }
 
-    /// Serves the control queue; returns the commands it answered.
-    pub fn ctrl(&mut self) -> usize {
+    /// Serves the control queue, at most its size in commands; returns the commands it
+    /// answered and whether more are waiting ([`keel_virtio::worker::Drained::more`]).
+    pub fn ctrl(&mut self) -> (usize, bool) {
         if self.broken || self.ctx.ctrl.is_none() {
-            return 0;
+            return (0, false);
         }
         let mem = self.ctx.mem.clone();
         let mut answered = 0;
         let mut ctrl = self.ctx.ctrl.take();
-        let Some(c) = ctrl.as_mut() else { return 0 };
+        let Some(c) = ctrl.as_mut() else {
+            return (0, false);
+        };
         let result = drain_queue(&mut c.queue, &mem, self.indirect, |chain| {
             answered += 1;
             self.command(&mem, chain)
         });
-        match result {
-            Ok(true) => {
-                if let Err(e) = self.ctx.interrupt.trigger(InterruptKind::Queue(c.index)) {
-                    log::warn!("virtio-net: cannot interrupt the control queue: {e}");
+        let more = match result {
+            Ok(d) => {
+                if d.interrupt {
+                    if let Err(e) = self.ctx.interrupt.trigger(InterruptKind::Queue(c.index)) {
+                        log::warn!("virtio-net: cannot interrupt the control queue: {e}");
+                    }
                 }
+                d.more
             }
-            Ok(false) => {}
-            Err(e) => self.broken("control queue", &e),
-        }
+            Err(e) => {
+                self.broken("control queue", &e);
+                false
+            }
+        };
         self.ctx.ctrl = ctrl;
-        answered
+        (answered, more)
     }
 
     /// One control command: reads it, carries it out, writes the ack. Returns the bytes
@@ -822,7 +830,11 @@ fn run(e: &mut Engine, stop: &AtomicBool, wake: &EventFd) -> Result<(), WorkerEr
         let (ntx, tx) = e.tx();
         let (nrx, rx) = e.rx();
         let nctrl = if std::mem::take(&mut ctrl_kicked) {
-            e.ctrl()
+            // More than a queue's worth waiting: the rest on the next round, after the
+            // stop and pause checks above.
+            let (n, more) = e.ctrl();
+            ctrl_kicked = more;
+            n
         } else {
             0
         };
@@ -989,7 +1001,7 @@ impl SyncServer {
         for _ in 0..rounds {
             let (a, _) = self.engine.tx();
             let (b, _) = self.engine.rx();
-            let c = self.engine.ctrl();
+            let (c, _) = self.engine.ctrl();
             self.engine.signal();
             if a + b + c == 0 {
                 return;

@@ -43,7 +43,10 @@ impl Echo {
     }
 }
 
-/// Handles one request chain; returns the bytes written.
+/// Bytes echoed per chain at most: a chain may describe up to 4 GiB per descriptor.
+const MAX_ECHO: u32 = 1 << 20;
+
+/// Handles one request chain (its first [`MAX_ECHO`] bytes); returns the bytes written.
 fn echo_chain(
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
@@ -60,7 +63,12 @@ fn echo_chain(
     let mut buf = [0u8; 512];
     let mut written = 0u32;
     loop {
-        let room = writer.available_bytes().min(buf.len());
+        // At most what a used element can report: a chain whose descriptors point at the
+        // same memory again and again can claim far more.
+        let room = writer
+            .available_bytes()
+            .min(buf.len())
+            .min((MAX_ECHO - written) as usize);
         if room == 0 {
             break;
         }
@@ -72,6 +80,7 @@ fn echo_chain(
             *b ^= xor;
         }
         match writer.write(&buf[..n]) {
+            // `w` is at most `room`, so this stays within MAX_ECHO.
             Ok(w) => written += w as u32,
             Err(_) => break,
         }
@@ -86,18 +95,21 @@ fn serve(
     xor: &Mutex<u8>,
     interrupt: &dyn VirtioInterrupt,
     needs_reset: &NeedsReset,
-) {
+) -> bool {
     let x = *xor.lock().unwrap_or_else(PoisonError::into_inner);
     match drain_queue(queue, mem, indirect, |chain| echo_chain(chain, mem, x)) {
-        Ok(true) => {
-            if let Err(e) = interrupt.trigger(InterruptKind::Queue(0)) {
-                log::warn!("echo: {}", ErrorChain(&e));
+        Ok(d) => {
+            if d.interrupt {
+                if let Err(e) = interrupt.trigger(InterruptKind::Queue(0)) {
+                    log::warn!("echo: {}", ErrorChain(&e));
+                }
             }
+            d.more
         }
-        Ok(false) => {}
         Err(e) => {
             log::warn!("echo: {}", ErrorChain(&e));
             needs_reset.report();
+            false
         }
     }
 }

@@ -132,8 +132,10 @@ impl PauseGate {
 }
 
 /// A thread that calls `handle(queue_index)` whenever one of its queues is notified, once
-/// for every queue at start (kicks may predate it), until stopped. It can be paused
-/// between calls ([`QueueWorker::pause`]).
+/// for every queue at start (kicks may predate it), until stopped. `handle` returns
+/// whether the queue has more to do right away (a [`Drained::more`]): the thread then
+/// notifies the queue itself, so it comes back to it after looking at stop and pause
+/// requests. It can be paused between calls ([`QueueWorker::pause`]).
 pub struct QueueWorker {
     stop: EventFd,
     wake: EventFd,
@@ -148,7 +150,7 @@ impl QueueWorker {
     /// Starts the thread.
     pub fn spawn<F>(name: &str, queues: Vec<(u16, Arc<EventFd>)>, mut handle: F) -> io::Result<Self>
     where
-        F: FnMut(u16) + Send + 'static,
+        F: FnMut(u16) -> bool + Send + 'static,
     {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -177,8 +179,19 @@ impl QueueWorker {
             .name(name.to_string())
             .spawn(move || {
                 let _member = g.member();
+                // A queue with more to do is notified again: it comes back through the
+                // poll set, after a stop or a pause that is pending.
+                let again = |index: u16| {
+                    if let Some((_, fd)) = queues.iter().find(|(i, _)| *i == index) {
+                        if let Err(e) = fd.write(1) {
+                            log::error!("virtio worker: notifying queue {index}: {e}");
+                        }
+                    }
+                };
                 for (i, _) in &queues {
-                    handle(*i);
+                    if handle(*i) {
+                        again(*i);
+                    }
                 }
                 let mut events = vec![EpollEvent::default(); queues.len() + 2];
                 loop {
@@ -206,7 +219,9 @@ impl QueueWorker {
                         if let Some((_, fd)) = queues.iter().find(|(i, _)| *i == index) {
                             let _ = fd.read();
                         }
-                        handle(index);
+                        if handle(index) {
+                            again(index);
+                        }
                     }
                 }
             })?;
@@ -337,26 +352,47 @@ fn uses_indirect<M: GuestMemory + ?Sized>(queue: &Queue, mem: &M, head: u16) -> 
     false
 }
 
-/// Handles every available chain with `f` (which returns the number of bytes it wrote to
-/// the chain's writable part), adding each to the used ring. A chain that uses an indirect
-/// table when `indirect` says they were not negotiated is not handed to `f`: draining
-/// stops with [`QueueError::IndirectNotNegotiated`]. Driver notifications are
-/// disabled while draining and re-enabled at the end, then the ring is checked once more,
-/// as virtio 1.2 section 2.7.10 requires to avoid losing a kick. Returns whether the
-/// driver should be interrupted: something was used and the driver asked for it (its
-/// used_event with EVENT_IDX, else the absence of VRING_AVAIL_F_NO_INTERRUPT).
+/// What one call of [`drain_queue`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Something was used and the driver asked to be interrupted (its used_event with
+    /// EVENT_IDX, else the absence of VRING_AVAIL_F_NO_INTERRUPT): interrupt it.
+    pub interrupt: bool,
+    /// The call stopped at its budget, the queue's size in chains, with chains still
+    /// available: a driver that makes chains available as fast as the device uses them
+    /// would otherwise keep one call going for ever, and the thread would never see a stop
+    /// or pause request. Driver notifications are still off: call again soon (after
+    /// looking at those requests) rather than waiting for a kick.
+    pub more: bool,
+}
+
+/// Handles the available chains with `f` (which returns the number of bytes it wrote to
+/// the chain's writable part), adding each to the used ring, at most the queue's size of
+/// them per call (see [`Drained::more`]). A chain that uses an indirect table when
+/// `indirect` says they were not negotiated is not handed to `f`: draining stops with
+/// [`QueueError::IndirectNotNegotiated`]. Driver notifications are disabled while
+/// draining and re-enabled at the end, then the ring is checked once more, as virtio 1.2
+/// section 2.7.10 requires to avoid losing a kick.
 pub fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     indirect: IndirectDesc,
     mut f: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> Result<bool, QueueError> {
+) -> Result<Drained, QueueError> {
+    let budget = queue.size();
+    let mut taken = 0u16;
     let mut used_any = false;
-    loop {
+    let more = 'drain: loop {
         queue
             .disable_notification(mem)
             .map_err(QueueError::Broken)?;
         loop {
+            if taken == budget {
+                let avail = queue
+                    .avail_idx(mem, Ordering::Acquire)
+                    .map_err(QueueError::Broken)?;
+                break 'drain avail.0 != queue.next_avail();
+            }
             // `iter` validates the available index; a driver that claims more entries than
             // the queue holds has broken the ring.
             let chain = match queue.iter(mem) {
@@ -364,6 +400,7 @@ pub fn drain_queue(
                 Err(e) => return Err(QueueError::Broken(e)),
             };
             let Some(chain) = chain else { break };
+            taken += 1;
             let head = chain.head_index();
             if indirect.refuses(queue, mem, head) {
                 return Err(QueueError::IndirectNotNegotiated { head });
@@ -373,13 +410,11 @@ pub fn drain_queue(
             used_any = true;
         }
         if !queue.enable_notification(mem).map_err(QueueError::Broken)? {
-            break;
+            break false;
         }
-    }
-    if !used_any {
-        return Ok(false);
-    }
-    should_interrupt(queue, mem)
+    };
+    let interrupt = used_any && should_interrupt(queue, mem)?;
+    Ok(Drained { interrupt, more })
 }
 
 /// After adding used buffers: whether the driver asked to be interrupted (its used_event
@@ -419,6 +454,7 @@ mod tests {
         let c = calls.clone();
         let mut w = QueueWorker::spawn("test", vec![(0, kick.clone())], move |_| {
             c.fetch_add(1, Ordering::SeqCst);
+            false
         })
         .unwrap();
         wait_until("the first call", || calls.load(Ordering::SeqCst) == 1);
