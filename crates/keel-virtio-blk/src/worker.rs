@@ -283,12 +283,13 @@ impl SyncServer {
         let st = &mut self.state;
         let mut done = Vec::new();
         loop {
-            if !st.broken {
-                st.take_requests(true);
-            }
+            let taken = if st.broken { 0 } else { st.take_requests(true) };
             st.signal();
             if st.aio.in_flight() == 0 {
-                return Ok(());
+                if taken == 0 {
+                    return Ok(());
+                }
+                continue;
             }
             done.clear();
             st.aio.wait(1, &mut done)?;
@@ -450,11 +451,14 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
 }
 
 impl State {
-    /// Starts every available request; returns how many chains it took. With `idle` the
-    /// worker is about to sleep: driver notifications go back on, and the ring is checked
-    /// once more afterwards.
+    /// Starts the available requests, at most the queue's size of chains (a driver that
+    /// makes requests available as fast as they fail validation, which takes no slot,
+    /// would otherwise keep this call going and the worker from seeing a stop); returns
+    /// how many chains it took. With `idle` the worker is about to sleep: driver
+    /// notifications go back on, and the ring is checked once more afterwards.
     fn take_requests(&mut self, idle: bool) -> usize {
         let mem = self.ctx.mem.clone();
+        let budget = usize::from(self.ctx.queue.size());
         let mut taken = 0;
         loop {
             if let Err(e) = self.ctx.queue.disable_notification(&*mem) {
@@ -462,6 +466,10 @@ impl State {
                 return taken;
             }
             loop {
+                // The caller comes back for the rest (notifications stay off).
+                if taken == budget {
+                    return taken;
+                }
                 // A request held back by the throttle goes first; until it has started,
                 // nothing else does.
                 if let Some((head, req)) = self.held.take() {

@@ -4,9 +4,9 @@
 //! files through io_uring, and throttling.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keel_block::backend::{BlockBackend, Limits, WriteFlags};
 use keel_block::{CacheMode, MemBackend, RawFile, RawOptions};
@@ -1035,4 +1035,64 @@ fn an_indirect_request_without_indirect_desc_fails() {
         eventually("DEVICE_NEEDS_RESET", || d.status() & NEEDS_RESET != 0);
         d.set_status(0);
     });
+}
+
+/// A driver that keeps the ring full of requests that fail validation (they take no slot
+/// and complete at once) cannot keep the worker from a reset: the worker takes at most a
+/// queue's worth of chains before it looks at its stop flag, so the reset (a status write
+/// on a vCPU, which waits for the worker) returns while the flood goes on.
+#[test]
+fn a_reset_returns_while_the_driver_floods_the_ring() {
+    // A large queue: the worker cannot use a ringful before the driver refills it.
+    const FLOOD: u16 = 4096;
+    let opts = BlockOptions {
+        queue_size: FLOOD,
+        ..Default::default()
+    };
+    for d in [
+        Box::new(MmioDriver::new(block(counting(false), opts))) as Box<dyn Driver>,
+        Box::new(PciDriver::new(block(counting(false), opts))),
+    ] {
+        let mem = d.mem().clone();
+        let mut ring = Ring::new(&mem, FLOOD);
+        d.start(FEATURES, &ring);
+        // One chain of an unsupported type, made available again and again.
+        header(&mem, DATA_BASE, 0xff, 0);
+        let h = ring.add_descriptors(&[(DATA_BASE, 16, 0), (DATA_BASE + 0x100, 1, W)]);
+        let flooding = AtomicBool::new(true);
+        // The used index the driver last saw (the device's progress).
+        let served = AtomicUsize::new(0);
+        let (avail, used) = (ring.avail, ring.used);
+        // Every entry of the available ring names that chain; the driver keeps the ring
+        // full by moving its index to the used index plus the queue size, as fast as it can.
+        for i in 0..u64::from(FLOOD) {
+            mem.write_obj(h, GuestAddress(avail + 4 + 2 * i)).unwrap();
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let end = Instant::now() + Duration::from_secs(10);
+                while flooding.load(Ordering::SeqCst) && Instant::now() < end {
+                    let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    mem.write_obj(used_idx.wrapping_add(FLOOD), GuestAddress(avail + 2))
+                        .unwrap();
+                    served.store(usize::from(used_idx), Ordering::SeqCst);
+                }
+                flooding.store(false, Ordering::SeqCst);
+            });
+            // The flood starts the worker (a kick), then keeps it busy: the ring never runs
+            // dry, so the worker never goes back to waiting for a kick.
+            eventually("the flood to get going", || {
+                d.notify(0);
+                served.load(Ordering::SeqCst) > 2 * usize::from(FLOOD)
+            });
+            d.set_status(0);
+            let still = flooding.swap(false, Ordering::SeqCst);
+            assert!(
+                still,
+                "the reset returned only once the driver stopped making requests available"
+            );
+        });
+        assert_eq!(d.status(), 0);
+    }
 }
