@@ -345,13 +345,28 @@ impl VcpuHandle {
 
     /// Asks the vCPU to pause and waits until it has (or has exited).
     pub fn pause(&self) {
+        self.request_pause();
+        self.wait_paused();
+    }
+
+    /// Asks the vCPU to pause and returns at once. To pause several vCPUs, ask each
+    /// first and then wait for each ([`VcpuHandle::wait_paused`]): one busy finishing an
+    /// exit then does not keep the others running meanwhile.
+    pub fn request_pause(&self) {
         let mut c = self.shared.lock();
         if c.request == Request::Stop {
             return;
         }
         c.request = Request::Pause;
         Self::kick(&c);
-        while c.state == VcpuState::Running {
+    }
+
+    /// Waits until the vCPU is no longer running: it has paused, or exited (after
+    /// [`VcpuHandle::request_pause`]).
+    pub fn wait_paused(&self) {
+        let mut c = self.shared.lock();
+        // A resume meanwhile (request back to Run) ends the wait too.
+        while c.state == VcpuState::Running && c.request != Request::Run {
             c = self
                 .shared
                 .changed

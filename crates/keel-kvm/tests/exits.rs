@@ -366,3 +366,105 @@ fn triple_fault_is_reported() {
         VcpuExitReason::TripleFault
     );
 }
+
+/// A port whose write waits (up to 10 s) until another vCPU is paused, as a device reset
+/// waits for a worker that another vCPU keeps busy. Records whether the wait ended because
+/// the other vCPU paused.
+struct WaitsForPause {
+    other: std::sync::OnceLock<VcpuHandle>,
+    saw_paused: std::sync::atomic::AtomicBool,
+}
+
+impl PioDevice for WaitsForPause {
+    fn pio_read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn pio_write(&self, _offset: u64, _data: &[u8]) {
+        let Some(other) = self.other.get() else {
+            return;
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if other.state() == VcpuState::Paused {
+                self.saw_paused
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Pausing several vCPUs: ask each first, then wait for each. vCPU 0 sits in an exit that
+/// ends only once vCPU 1 has paused; waiting for vCPU 0 before asking vCPU 1 would hold
+/// both for the exit's whole timeout.
+#[test]
+fn vcpus_asked_to_pause_together_pause_when_one_waits_on_another() {
+    require_kvm!();
+    let (vm, mem, _) = vm_with_memory(4, false);
+    load(
+        &mem,
+        0x10_0000,
+        &assemble(
+            r#"
+        .code64
+    1:  out %al, $0x60
+        jmp 1b
+        "#,
+            0x10_0000,
+        ),
+    );
+    load(
+        &mem,
+        0x10_1000,
+        &assemble(
+            r#"
+        .code64
+    1:  incq 0x200000
+        jmp 1b
+        "#,
+            0x10_1000,
+        ),
+    );
+    BootTables::default().write(&mem, 0x7_0000, true).unwrap();
+    let port = Arc::new(WaitsForPause {
+        other: std::sync::OnceLock::new(),
+        saw_paused: std::sync::atomic::AtomicBool::new(false),
+    });
+    let buses = Buses::default();
+    buses
+        .pio
+        .insert(BusRange::new(0x60, 1).unwrap(), port.clone())
+        .unwrap();
+    let mut threads = Vec::new();
+    for (id, entry, stack) in [(0u8, 0x10_0000, 0x8_0000), (1, 0x10_1000, 0x9_0000)] {
+        let vcpu = vm.create_vcpu(id).unwrap();
+        vcpu.configure(&vm, 2, false).unwrap();
+        vcpu.setup_long_mode(&BootTables::default(), Cpl::User, entry, stack, 0)
+            .unwrap();
+        threads.push(vcpu.spawn(buses.clone()).unwrap());
+    }
+    let counter = || mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap();
+    wait_until("vCPU 1 to run", || counter() > 0);
+    // Armed only now: vCPU 0's next write waits for vCPU 1.
+    let _ = port.other.set(threads[1].handle.clone());
+    std::thread::sleep(Duration::from_millis(20));
+    let start = Instant::now();
+    threads.iter().for_each(|t| t.handle.request_pause());
+    threads.iter().for_each(|t| t.handle.wait_paused());
+    let took = start.elapsed();
+    assert!(
+        threads
+            .iter()
+            .all(|t| t.handle.state() == VcpuState::Paused),
+        "both paused"
+    );
+    assert!(
+        port.saw_paused.load(std::sync::atomic::Ordering::SeqCst),
+        "vCPU 0's exit ended by its timeout ({took:?}), not because vCPU 1 paused"
+    );
+    for t in threads {
+        t.handle.stop();
+        assert_eq!(t.wait().unwrap(), VcpuExitReason::Stopped);
+    }
+}

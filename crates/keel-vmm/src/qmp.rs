@@ -437,7 +437,8 @@ impl Machine {
     pub fn attach(&self, boot: Boot) {
         let mut st = self.state();
         if st.paused {
-            boot.vcpus.iter().for_each(VcpuHandle::pause);
+            boot.vcpus.iter().for_each(VcpuHandle::request_pause);
+            boot.vcpus.iter().for_each(VcpuHandle::wait_paused);
             boot.devices.iter().cloned().for_each(|mut d| d.pause());
         }
         if let Some(why) = st.pending_exit.take() {
@@ -493,8 +494,12 @@ impl Machine {
         st.paused = true;
         if let Some(b) = &st.boot {
             // vCPUs first (no new requests), then the devices (what they have taken
-            // completes, then their workers park).
-            b.vcpus.iter().for_each(VcpuHandle::pause);
+            // completes, then their workers park). Every vCPU is asked before any is
+            // waited for: one finishing a long exit (a device reset waits for the
+            // device's worker) must not leave the others running, and feeding that
+            // worker, meanwhile.
+            b.vcpus.iter().for_each(VcpuHandle::request_pause);
+            b.vcpus.iter().for_each(VcpuHandle::wait_paused);
             b.devices.iter().cloned().for_each(|mut d| d.pause());
         }
         drop(st);
