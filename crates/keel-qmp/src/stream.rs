@@ -100,10 +100,9 @@ impl Splitter {
             self.pos += 1;
             let Some(start) = self.start else {
                 match b {
-                    _ if is_space(b) => {
-                        self.buf.drain(..=i);
-                        self.pos = 0;
-                    }
+                    // Skipped; dropped with whatever precedes the next value (at once per
+                    // call, not a byte at a time: that would be quadratic in the spaces).
+                    _ if is_space(b) => {}
                     b'{' | b'[' => {
                         self.start = Some(i);
                         self.depth = 1;
@@ -157,6 +156,11 @@ impl Splitter {
                 _ => {}
             }
         }
+        if self.start.is_none() {
+            // Only spaces were left.
+            self.buf.clear();
+            self.pos = 0;
+        }
         None
     }
 }
@@ -192,6 +196,21 @@ mod tests {
             // The trailing object is complete; a trailing keyword waits for a delimiter.
             assert_eq!(got, want, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn spaces_between_values_are_not_held() {
+        let mut s = Splitter::new(64);
+        s.push(&[b' '; 1 << 16]);
+        assert!(s.next_value().is_none());
+        assert_eq!(s.buffered(), 0, "64 KiB of spaces held");
+        s.push(b"\n\t {\"execute\": \"stop\"}  \r\n  ");
+        assert_eq!(all(&mut s), vec![Ok(r#"{"execute": "stop"}"#.to_string())]);
+        assert_eq!(s.buffered(), 0);
+        // Spaces before a value do not count against its limit.
+        s.push(&[b' '; 100]);
+        s.push(br#"{"execute": "cont"}"#);
+        assert_eq!(all(&mut s), vec![Ok(r#"{"execute": "cont"}"#.to_string())]);
     }
 
     #[test]
