@@ -867,3 +867,74 @@ fn bytes_per_second_to_the_guest_are_limited() {
         assert_eq!(h.stats().queues[0].rx.drops, 0, "held back, never dropped");
     });
 }
+
+/// A driver that keeps the control queue full of commands cannot keep the worker from a
+/// reset: the worker answers at most a queue's worth before it looks at its stop flag
+/// again, so the reset (a status write on a vCPU, which waits for the worker) returns
+/// while the flood goes on.
+#[test]
+fn a_reset_returns_while_the_driver_floods_the_control_queue() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // Large queues: the worker cannot answer a ringful before the driver refills it.
+    const FLOOD: u16 = 4096;
+    for mmio in [true, false] {
+        let n = Box::new(
+            Net::new(
+                vec![Box::new(
+                    SocketBackend::new(UnixDatagram::pair().unwrap().0).unwrap(),
+                )],
+                NetOptions {
+                    mac: MAC,
+                    queue_size: FLOOD,
+                    ..opts()
+                },
+            )
+            .unwrap(),
+        );
+        let d: Box<dyn Driver> = if mmio {
+            Box::new(MmioDriver::new(n))
+        } else {
+            Box::new(PciDriver::new(n))
+        };
+        let mem = d.mem().clone();
+        let rx = Ring::at(&mem, RING_BASE, FLOOD);
+        let tx = Ring::at(&mem, RING_BASE + 0x2_0000, FLOOD);
+        let mut ctrl = Ring::at(&mem, RING_BASE + 0x4_0000, FLOOD);
+        start(&*d, ctrl_features(), &[&rx, &tx, &ctrl]);
+        // An unknown class: answered VIRTIO_NET_ERR, again and again.
+        let at = DATA_BASE;
+        mem.write_slice(&cmd(0xee, 0, &[]), GuestAddress(at))
+            .unwrap();
+        let h = ctrl.add_descriptors(&[(at, 2, 0), (at + 0x800, 1, W)]);
+        let (avail, used) = (ctrl.avail, ctrl.used);
+        for i in 0..u64::from(FLOOD) {
+            mem.write_obj(h, GuestAddress(avail + 4 + 2 * i)).unwrap();
+        }
+        let flooding = AtomicBool::new(true);
+        let served = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let end = Instant::now() + Duration::from_secs(10);
+                while flooding.load(Ordering::SeqCst) && Instant::now() < end {
+                    let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    mem.write_obj(used_idx.wrapping_add(FLOOD), GuestAddress(avail + 2))
+                        .unwrap();
+                    served.store(usize::from(used_idx), Ordering::SeqCst);
+                }
+                flooding.store(false, Ordering::SeqCst);
+            });
+            eventually("the flood to get going", || {
+                d.notify(2);
+                served.load(Ordering::SeqCst) > 2 * usize::from(FLOOD)
+            });
+            d.set_status(0);
+            assert!(
+                flooding.swap(false, Ordering::SeqCst),
+                "the reset returned only once the driver stopped making commands available"
+            );
+        });
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(at + 0x800)).unwrap(), ERR);
+        assert_eq!(d.status(), 0);
+    }
+}
