@@ -97,8 +97,8 @@ pub struct Options {
     pub max_message: usize,
     /// Clients served at once; further connections are closed at once.
     pub max_clients: usize,
-    /// How long a write to a client may block before the client is dropped (a client
-    /// that does not read must not stall events to the others).
+    /// How long a reply to a client may block before the client is dropped. Events never
+    /// wait: a client with no room for one is dropped at once (see [`Events::emit`]).
     pub write_timeout: Duration,
 }
 
@@ -132,9 +132,37 @@ impl Client {
         bytes.extend_from_slice(b"\r\n");
         let ok = self.writer().write_all(&bytes).is_ok();
         if !ok {
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            self.cut_off();
         }
         ok
+    }
+
+    /// Sends one event without waiting for room: a client whose socket is full has not
+    /// read hundreds of kilobytes, and whoever emits (often the VMM's event loop) must
+    /// not wait on it for the write timeout; it is cut off instead.
+    fn send_event(&self, bytes: &[u8]) {
+        let w = self.writer();
+        // SAFETY: `bytes` is a live buffer of `bytes.len()` bytes and `w` an open socket;
+        // MSG_DONTWAIT returns instead of blocking, MSG_NOSIGNAL reports a closed peer
+        // as EPIPE instead of raising SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                w.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        // A part of a message would leave the stream out of step: all or cut off.
+        if usize::try_from(n).ok() != Some(bytes.len()) {
+            drop(w);
+            self.cut_off();
+        }
+    }
+
+    /// Closes the connection both ways: the client's reader ends, and so do its writes.
+    fn cut_off(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -164,12 +192,16 @@ pub struct Events(Arc<Shared>);
 
 impl Events {
     /// Sends event `name` with `data` (if the event carries any), time-stamped now.
+    /// Never waits for a client to read: one whose socket has no room for the event is
+    /// cut off (it has left hundreds of kilobytes unread).
     pub fn emit(&self, name: &str, data: Option<Value>) {
         let msg = message::event(name, data, SystemTime::now());
+        let mut bytes = msg.to_string().into_bytes();
+        bytes.extend_from_slice(b"\r\n");
         let clients: Vec<Arc<Client>> = self.0.clients().values().cloned().collect();
         for c in clients {
             if c.negotiated.load(Ordering::SeqCst) {
-                c.send(&msg);
+                c.send_event(&bytes);
             }
         }
     }

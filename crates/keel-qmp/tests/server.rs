@@ -223,3 +223,58 @@ fn finish_commands_answers_what_is_in_progress_then_events_still_go_out() {
     server.close();
     assert!(c.r.next().is_none());
 }
+
+/// Events never wait for a client to read: one that stops reading is cut off once its
+/// socket is full, at once rather than after the write timeout (an hour here), and a
+/// client that reads gets every event.
+#[test]
+fn a_client_that_stops_reading_is_cut_off_without_holding_up_events() {
+    let (_d, path, server, _) = server(Options {
+        write_timeout: Duration::from_secs(3600),
+        ..Default::default()
+    });
+    let mut reading = Client::connect(&path);
+    reading.negotiate();
+    let mut stalled = Client::connect(&path);
+    stalled.negotiate();
+    // 64 events of 16 KiB: far more than a socket holds unread.
+    const EVENTS: usize = 64;
+    let pad = "x".repeat(16 * 1024);
+    let events = server.events();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let emitter = std::thread::spawn(move || {
+        for i in 0..EVENTS {
+            events.emit("TEST_EVENT", Some(json!({"i": i, "pad": pad})));
+            // A pace a reading client keeps up with.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = tx.send(());
+    });
+    for i in 0..EVENTS {
+        let e = reading.recv();
+        assert_eq!(e["event"], "TEST_EVENT");
+        assert_eq!(e["data"]["i"], i);
+    }
+    assert!(
+        rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "emitting waited for the client that does not read"
+    );
+    emitter.join().unwrap();
+    // The stalled client gets what fitted, then the end of the stream.
+    let mut got = 0;
+    while let Some(Ok(line)) = stalled.r.next() {
+        let e: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(e["data"]["i"], got);
+        got += 1;
+    }
+    assert!(
+        got < EVENTS,
+        "all {got} events fitted: the test proves nothing"
+    );
+    // The reading client is still served.
+    assert_eq!(
+        reading.send(br#"{"execute":"bump","arguments":{"by":2}}"#),
+        json!({"return": 2})
+    );
+    server.close();
+}
