@@ -527,3 +527,47 @@ fn dirty_image_with_aliased_l2_tables_checks_in_bounded_time() {
     });
     assert!(matches!(r, Ok(()) | Err(Error::Corrupt(_))), "{r:?}");
 }
+
+/// An extended-L2 entry without COPIED that names the L1 table (a cluster of refcount 1,
+/// so "owned alone"): a write into one of its unallocated subclusters would zero and
+/// write the L1 table. It is refused as an overlap with metadata, and the L1 table is
+/// untouched.
+#[test]
+fn extended_l2_writes_never_land_in_metadata() {
+    let m = MemBackend::new(Vec::new());
+    create(
+        &m,
+        &CreateOptions {
+            size: 1 << 20,
+            cluster_size: 16384,
+            extended_l2: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let img = Qcow2::open(m, Qcow2Options::default()).unwrap();
+    img.write_at(&[7u8; 512], 0).unwrap();
+    img.flush().unwrap();
+    let mut b = img.file().to_vec();
+    drop(img);
+    let l1 = be64(&b, 40) as usize;
+    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    // Entry 0: the L1 table's cluster, COPIED clear; subcluster 0 allocated.
+    b[l2..l2 + 8].copy_from_slice(&(l1 as u64).to_be_bytes());
+    b[l2 + 8..l2 + 16].copy_from_slice(&1u64.to_be_bytes());
+    let l1_before = b[l1..l1 + 16384].to_vec();
+    let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default()).unwrap();
+    // Subcluster 1 (512 bytes each at 16 KiB clusters): newly allocated by this write.
+    let r = img.write_at(&[9u8; 512], 512);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Corrupt(Corruption::DataOverlap {
+                metadata: crate::error::Metadata::L1Table,
+                ..
+            }))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(&img.file().to_vec()[l1..l1 + 16384], &l1_before[..]);
+}

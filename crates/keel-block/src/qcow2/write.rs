@@ -498,24 +498,32 @@ impl<F: BlockBackend> Qcow2<F> {
         let in_off = pos - base;
         let (first, last) = (in_off / sc, (in_off + n - 1) / sc);
         let mut bitmap = bitmap;
+        // A data cluster the image names must not be metadata: writing there (the
+        // guest's data, or zeroes for newly allocated subclusters) would hand the
+        // image's own tables to the writer.
+        let check = |m: &mut Meta, h: u64| match m.overlap(h, cs) {
+            Some(what) => Err(m.corrupt(
+                f,
+                Corruption::DataOverlap {
+                    offset: h,
+                    metadata: what,
+                },
+            )),
+            None => Ok(()),
+        };
         // A host cluster this entry owns alone, with its subclusters' old
         // contents in place.
         let host = match st {
             L2State::Normal(h) if e & COPIED != 0 => {
-                if let Some(what) = m.overlap(h, cs) {
-                    return Err(m.corrupt(
-                        f,
-                        Corruption::DataOverlap {
-                            offset: h,
-                            metadata: what,
-                        },
-                    ));
-                }
+                check(m, h)?;
                 h
             }
             L2State::Normal(h) => match m.refcount(f, h >> self.cb)? {
                 0 => return Err(m.corrupt(f, Corruption::DataRefcountZero { offset: h })),
-                1 if !m.inflight.is_pinned(h >> self.cb) => h,
+                1 if !m.inflight.is_pinned(h >> self.cb) => {
+                    check(m, h)?;
+                    h
+                }
                 _ => {
                     let mut buf = vec![0u8; cs as usize];
                     f.read_at(&mut buf, h)?;
