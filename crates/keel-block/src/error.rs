@@ -251,6 +251,13 @@ pub enum Unsupported {
         /// The limit in bytes.
         limit: u64,
     },
+    /// A file that is neither a regular file nor a block device (a FIFO, a socket, a
+    /// character device): an image, or a backing file an image names, must be one of
+    /// those.
+    FileType {
+        /// What the file is, as `ls -l` would describe it.
+        kind: &'static str,
+    },
     /// An image file with more clusters than `check` walks.
     CheckSize {
         /// Clusters in the file.
@@ -289,6 +296,10 @@ impl fmt::Display for Unsupported {
             Unsupported::RefcountOverflow { cluster, bits } => {
                 write!(f, "refcount overflow on cluster {cluster} ({bits}-bit refcounts)")
             }
+            Unsupported::FileType { kind } => write!(
+                f,
+                "a {kind} as a disk image (only regular files and block devices)"
+            ),
             Unsupported::RefcountTableGrowth { bytes, limit } => write!(
                 f,
                 "the refcount table would need {bytes} bytes, above {} MiB; use a larger cluster size",

@@ -13,7 +13,7 @@ use crate::backend::{
     check_range, BlockBackend, FileExtent, FileRead, FileSource, Limits, WriteFlags,
 };
 use crate::buf::AlignedBuf;
-use crate::error::{Error, InvalidArgument, Result};
+use crate::error::{Error, InvalidArgument, Result, Unsupported};
 use crate::iov::Iov;
 
 /// Host cache mode, with the same names and meaning as QEMU's `cache=`.
@@ -227,12 +227,29 @@ impl RawFile {
         if opts.cache.dsync() {
             flags |= libc::O_DSYNC;
         }
+        // Non-blocking, so that opening a FIFO (an image can name anything as its backing
+        // file) returns instead of waiting for a writer; `from_file` then refuses it.
         let file = OpenOptions::new()
             .read(true)
             .write(!opts.read_only)
-            .custom_flags(flags)
+            .custom_flags(flags | libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // Blocking again: io_uring would answer EAGAIN rather than wait on a file opened
+        // non-blocking.
+        // SAFETY: F_SETFL on a descriptor we own, with flags read from it just before.
+        let r = unsafe {
+            let fd = file.as_raw_fd();
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            if fl < 0 {
+                fl
+            } else {
+                libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK)
+            }
+        };
+        if r < 0 {
+            return Err(Error::last_os("making the image file blocking"));
+        }
         Self::from_file(file, opts)
     }
 
@@ -249,11 +266,25 @@ impl RawFile {
             .map_err(|e| Error::io(format!("setting the size of {}", path.display()), e))
     }
 
-    /// Wraps an already open file. `opts.cache` must describe how it was opened.
+    /// Wraps an already open file: a regular file or a block device, anything else is
+    /// refused ([`Unsupported::FileType`]). `opts.cache` must describe how it was opened.
     pub fn from_file(file: File, opts: RawOptions) -> Result<RawFile> {
         let meta = file
             .metadata()
             .map_err(|e| Error::io("reading file metadata", e))?;
+        let t = meta.file_type();
+        if !t.is_file() && !t.is_block_device() {
+            let kind = if t.is_fifo() {
+                "FIFO"
+            } else if t.is_socket() {
+                "socket"
+            } else if t.is_char_device() {
+                "character device"
+            } else {
+                "directory"
+            };
+            return Err(Error::Unsupported(Unsupported::FileType { kind }));
+        }
         let size = if meta.file_type().is_block_device() {
             let mut sz: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes one u64 through the valid pointer we pass.
