@@ -97,7 +97,7 @@ pub enum EditError {
     /// An L2 or L1 entry is invalid.
     #[error("invalid {what} entry {entry:#x} in the table at {table:#x}")]
     BadEntry {
-        /// "L1" or "L2".
+        /// "L1", "L2", "refcount table", "snapshot table" or "header".
         what: &'static str,
         /// Offset of the table.
         table: u64,
@@ -288,6 +288,20 @@ fn load(f: &dyn BlockBackend) -> EditResult<Loaded> {
     let parsed = snapshot::read_snapshots(f, &hdr).map_err(rd)?;
     let mut snaps = Vec::with_capacity(parsed.len());
     let mut off = hdr.snapshots_offset;
+    // Each snapshot's L1 table is checked on its own when the table is parsed; together
+    // they must still fit the file (65536 snapshots may name one 32 MiB table).
+    let fsize = f.size();
+    let mut l1_bytes = 0u64;
+    for s in &parsed {
+        l1_bytes += u64::from(s.l1_size) * 8;
+        if l1_bytes > fsize {
+            return Err(EditError::TableTooLarge {
+                what: "snapshots' L1 tables",
+                bytes: l1_bytes,
+                limit: fsize,
+            });
+        }
+    }
     for s in parsed {
         let mut raw = vec![0u8; s.entry_len as usize];
         f.read_at(&mut raw, off).map_err(rd)?;
@@ -701,47 +715,84 @@ impl Space {
 
 /// The clusters the old image uses: header, tables, refcount structure, snapshot
 /// table, L2 tables and data of every L1 table.
+///
+/// Every range must lie within the file: the image's own tables were checked against
+/// its size when it was opened, and an entry naming a cluster past the end (the offsets
+/// of a hostile image reach 2^56) is refused rather than sized into this map.
 fn old_used(f: &dyn BlockBackend, ld: &Loaded, file_clusters: u64) -> EditResult<Vec<bool>> {
     let cs = ld.cs;
     let cb = ld.cb;
     let mut used = vec![false; file_clusters.max(1) as usize];
-    let mark = |used: &mut Vec<bool>, off: u64, len: u64| {
+    // (what, table) name the entry for the error.
+    let mark = |used: &mut Vec<bool>,
+                off: u64,
+                len: u64,
+                (what, table, entry): (&'static str, u64, u64)|
+     -> EditResult<()> {
         if len == 0 {
-            return;
+            return Ok(());
         }
-        let (first, last) = (off >> cb, (off + len - 1) >> cb);
-        if used.len() <= last as usize {
-            used.resize(last as usize + 1, false);
+        let last = off.checked_add(len - 1).map(|l| l >> cb);
+        match last {
+            Some(last) if last < used.len() as u64 => {
+                used[(off >> cb) as usize..=last as usize].fill(true);
+                Ok(())
+            }
+            _ => Err(EditError::BadEntry { what, table, entry }),
         }
-        used[first as usize..=last as usize].fill(true);
     };
     let h = &ld.hdr;
-    mark(&mut used, 0, cs);
-    mark(&mut used, h.l1_table_offset, h.l1_size as u64 * 8);
+    mark(&mut used, 0, cs, ("header", 0, 0))?;
+    mark(
+        &mut used,
+        h.l1_table_offset,
+        h.l1_size as u64 * 8,
+        ("header", 0, h.l1_table_offset),
+    )?;
     let rt_len = h.refcount_table_clusters as u64 * cs;
-    mark(&mut used, h.refcount_table_offset, rt_len);
+    mark(
+        &mut used,
+        h.refcount_table_offset,
+        rt_len,
+        ("header", 0, h.refcount_table_offset),
+    )?;
     for e in read_u64s(f, h.refcount_table_offset, (rt_len / 8) as usize).map_err(rd)? {
         let off = e & !0x1ff;
         if off != 0 {
-            mark(&mut used, off, cs);
+            mark(
+                &mut used,
+                off,
+                cs,
+                ("refcount table", h.refcount_table_offset, e),
+            )?;
         }
     }
     let table_len: u64 = ld.snaps.iter().map(|s| s.raw.len() as u64).sum();
     if !ld.snaps.is_empty() {
-        mark(&mut used, h.snapshots_offset, table_len);
+        mark(
+            &mut used,
+            h.snapshots_offset,
+            table_len,
+            ("header", 0, h.snapshots_offset),
+        )?;
     }
     let stride = 1 + ld.ext as usize;
     let mut seen = std::collections::HashSet::new();
     let l1s = std::iter::once((h.l1_table_offset, &ld.l1))
         .chain(ld.snaps.iter().map(|s| (s.l1_offset, &s.l1)));
     for (l1_off, l1) in l1s {
-        mark(&mut used, l1_off, l1.len() as u64 * 8);
+        mark(
+            &mut used,
+            l1_off,
+            l1.len() as u64 * 8,
+            ("snapshot table", h.snapshots_offset, l1_off),
+        )?;
         for &e in l1 {
             let off = e & OFFSET_MASK;
             if off == 0 || !seen.insert(off) {
                 continue;
             }
-            mark(&mut used, off, cs);
+            mark(&mut used, off, cs, ("L1", l1_off, e))?;
             for words in read_u64s(f, off, (cs / 8) as usize)
                 .map_err(rd)?
                 .chunks_exact(stride)
@@ -749,9 +800,12 @@ fn old_used(f: &dyn BlockBackend, ld: &Loaded, file_clusters: u64) -> EditResult
                 let e = words[0];
                 if e & COMPRESSED != 0 {
                     let (s, end) = compressed_range(e, cb);
-                    mark(&mut used, s, end - s);
+                    // The sector count may run a little past the end of the file (QEMU
+                    // counts whole sectors): what lies there reads as zeroes.
+                    let end = end.min((file_clusters << cb).max(s.saturating_add(1)));
+                    mark(&mut used, s, end - s, ("L2", off, e))?;
                 } else if e & OFFSET_MASK != 0 {
-                    mark(&mut used, e & OFFSET_MASK, cs);
+                    mark(&mut used, e & OFFSET_MASK, cs, ("L2", off, e))?;
                 }
             }
         }
@@ -925,6 +979,11 @@ pub fn snapshot_apply(f: &dyn BlockBackend, name: &str) -> EditResult<()> {
     let sn = &ld.snaps[i];
     let mut plan = ld.plan();
     let size = sn.disk_size.unwrap_or(ld.hdr.size);
+    // The snapshot's size is the image's word: held to what resize accepts before any
+    // table is sized from it.
+    if size > 1 << 62 || ld.l1_size_for(size) * 8 > MAX_L1_BYTES {
+        return Err(EditError::SizeTooLarge { size });
+    }
     let need = (ld.l1_size_for(size) as usize).max(sn.l1.len());
     let mut l1: Vec<u64> = sn.l1.iter().map(|e| e & OFFSET_MASK).collect();
     l1.resize(need, 0);
@@ -1165,6 +1224,92 @@ mod tests {
             (0, 0, 0),
             "{:?}",
             r.messages
+        );
+    }
+
+    fn be64(b: &[u8], at: usize) -> u64 {
+        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// Entries of a hostile image naming clusters far past the end of the file (an L2
+    /// entry near 2^56, a refcount-table entry that overflows) are refused as bad
+    /// entries; the map of used clusters was sized from them (2^47 bytes, or an
+    /// overflow and an out-of-bounds slice).
+    #[test]
+    fn entries_past_the_end_of_the_file_are_refused_by_edits() {
+        let f = image(1 << 20, 512);
+        write(&f, &[7; 512], 0);
+        let good = f.to_vec();
+        let l1 = be64(&good, 40) as usize;
+        let l2 = (be64(&good, l1) & OFFSET_MASK) as usize;
+        let mut b = good.clone();
+        b[l2..l2 + 8].copy_from_slice(&(COPIED | 0x00ff_ffff_ffff_fe00).to_be_bytes());
+        let r = snapshot_create(&MemBackend::new(b), "s");
+        assert!(
+            matches!(r, Err(EditError::BadEntry { what: "L2", .. })),
+            "{r:?}"
+        );
+        let f = image(1 << 20, 1024);
+        write(&f, &[7; 512], 0);
+        let mut b = f.to_vec();
+        let rt = be64(&b, 48) as usize;
+        b[rt + 8..rt + 16].copy_from_slice(&0xffff_ffff_ffff_fe00u64.to_be_bytes());
+        let r = resize(&MemBackend::new(b), 2 << 20);
+        assert!(
+            matches!(
+                r,
+                Err(EditError::BadEntry {
+                    what: "refcount table",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    /// Snapshots whose L1 tables, each within the file, add up to more than the file (a
+    /// hostile image can name one 32 MiB table 65536 times: 2 TiB to load) are refused.
+    #[test]
+    fn snapshot_l1_tables_larger_together_than_the_file_are_refused() {
+        let f = image(1 << 20, 512);
+        write(&f, &[7; 512], 0);
+        snapshot_create(&*f, "a").unwrap();
+        snapshot_create(&*f, "b").unwrap();
+        let mut b = f.to_vec();
+        let fsize = b.len() as u64;
+        let mut at = be64(&b, 64) as usize;
+        for _ in 0..2 {
+            // Each table: from cluster 1 to the end of the file.
+            b[at..at + 8].copy_from_slice(&512u64.to_be_bytes());
+            b[at + 8..at + 12].copy_from_slice(&(((fsize - 512) / 8) as u32).to_be_bytes());
+            let id = u16::from_be_bytes(b[at + 12..at + 14].try_into().unwrap()) as usize;
+            let name = u16::from_be_bytes(b[at + 14..at + 16].try_into().unwrap()) as usize;
+            let extra = u32::from_be_bytes(b[at + 36..at + 40].try_into().unwrap()) as usize;
+            at += (40 + extra + id + name).div_ceil(8) * 8;
+        }
+        let r = snapshot_delete(&MemBackend::new(b), "a");
+        assert!(
+            matches!(r, Err(EditError::TableTooLarge { limit, .. }) if limit == fsize),
+            "{r:?}"
+        );
+    }
+
+    /// A snapshot whose stated disk size is absurd is refused before anything is sized
+    /// from it (the L1 table for 2^64 bytes at 512-byte clusters is 2^52 bytes).
+    #[test]
+    fn a_snapshot_with_an_absurd_disk_size_is_refused() {
+        let f = image(1 << 20, 512);
+        write(&f, &[7; 512], 0);
+        snapshot_create(&*f, "s").unwrap();
+        let mut b = f.to_vec();
+        let st = be64(&b, 64) as usize;
+        // Entry: 40 bytes of fields, then the extra data: vmstate size, disk size.
+        assert!(u32::from_be_bytes(b[st + 36..st + 40].try_into().unwrap()) >= 16);
+        b[st + 48..st + 56].copy_from_slice(&u64::MAX.to_be_bytes());
+        let r = snapshot_apply(&MemBackend::new(b), "s");
+        assert!(
+            matches!(r, Err(EditError::SizeTooLarge { size: u64::MAX })),
+            "{r:?}"
         );
     }
 
