@@ -393,7 +393,7 @@ fn switch(f: &dyn BlockBackend, ld: &Loaded, mut plan: Plan) -> EditResult<()> {
 
     // New clusters go where the old image has nothing: its free clusters, then past its end.
     let mut space = Space {
-        used: old_used(f, ld, file_clusters)?,
+        used: old_used(f, ld, file_clusters, Clusters::All)?,
         cursor: 1,
     };
     // New data clusters (zero-cluster expansion).
@@ -713,13 +713,27 @@ impl Space {
     }
 }
 
+/// Which clusters [`old_used`] marks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clusters {
+    /// Metadata and the data every L2 table names.
+    All,
+    /// Metadata only: header, tables, refcount structure, snapshot table, L2 tables.
+    Metadata,
+}
+
 /// The clusters the old image uses: header, tables, refcount structure, snapshot
-/// table, L2 tables and data of every L1 table.
+/// table, L2 tables and (with [`Clusters::All`]) data of every L1 table.
 ///
 /// Every range must lie within the file: the image's own tables were checked against
 /// its size when it was opened, and an entry naming a cluster past the end (the offsets
 /// of a hostile image reach 2^56) is refused rather than sized into this map.
-fn old_used(f: &dyn BlockBackend, ld: &Loaded, file_clusters: u64) -> EditResult<Vec<bool>> {
+fn old_used(
+    f: &dyn BlockBackend,
+    ld: &Loaded,
+    file_clusters: u64,
+    data: Clusters,
+) -> EditResult<Vec<bool>> {
     let cs = ld.cs;
     let cb = ld.cb;
     let mut used = vec![false; file_clusters.max(1) as usize];
@@ -793,6 +807,9 @@ fn old_used(f: &dyn BlockBackend, ld: &Loaded, file_clusters: u64) -> EditResult
                 continue;
             }
             mark(&mut used, off, cs, ("L1", l1_off, e))?;
+            if data == Clusters::Metadata {
+                continue;
+            }
             for words in read_u64s(f, off, (cs / 8) as usize)
                 .map_err(rd)?
                 .chunks_exact(stride)
@@ -1134,6 +1151,10 @@ pub fn amend(f: &dyn BlockBackend, o: &AmendOptions) -> EditResult<()> {
 fn expand_zero_clusters(f: &dyn BlockBackend, ld: &Loaded, plan: &mut Plan) -> EditResult<()> {
     let cs = ld.cs;
     let backing = ld.hdr.backing_file.is_some();
+    // Zeroes go only where a data cluster can be: aligned, in the file, not metadata
+    // (an entry of a hostile image may name the header or a table).
+    let meta = old_used(f, ld, f.size().div_ceil(cs), Clusters::Metadata)?;
+    let is_data = |h: u64| h % cs == 0 && meta.get((h / cs) as usize) == Some(&false);
     let mut seen = std::collections::HashSet::new();
     let zero = vec![0u8; cs as usize];
     let l1s: Vec<Vec<u64>> = std::iter::once(plan.l1.clone())
@@ -1152,6 +1173,13 @@ fn expand_zero_clusters(f: &dyn BlockBackend, ld: &Loaded, plan: &mut Plan) -> E
                     continue;
                 }
                 let h = *w & OFFSET_MASK;
+                if h != 0 && !is_data(h) {
+                    return Err(EditError::BadEntry {
+                        what: "L2",
+                        table: off,
+                        entry: *w,
+                    });
+                }
                 changed = true;
                 *w = if h != 0 {
                     // Shared preallocated zero clusters are zeroed once; harmless twice.
@@ -1397,6 +1425,40 @@ mod tests {
             f.size()
         );
         assert_eq!(read(&f, 0, 1 << 20), vec![1; 1 << 20]);
+    }
+
+    /// Going back to version 2 zeroes preallocated zero clusters where they are: an entry
+    /// naming the L1 table instead is refused before anything is written, and the image
+    /// is left as it was.
+    #[test]
+    fn amend_writes_no_zeroes_over_metadata() {
+        let f = image(1 << 20, 512);
+        write(&f, &[1; 1024], 0);
+        {
+            let img = Qcow2::open(f.clone(), Qcow2Options::default()).unwrap();
+            img.write_zeroes(0, 512, false).unwrap();
+            img.close().unwrap();
+        }
+        let mut b = f.to_vec();
+        let l1 = be64(&b, 40);
+        let l2 = (be64(&b, l1 as usize) & OFFSET_MASK) as usize;
+        let e = be64(&b, l2);
+        assert_ne!(e & ZERO, 0, "a preallocated zero cluster: {e:#x}");
+        b[l2..l2 + 8].copy_from_slice(&(ZERO | l1).to_be_bytes());
+        let before = b.clone();
+        let m = MemBackend::new(b);
+        let r = amend(
+            &m,
+            &AmendOptions {
+                version: Some(2),
+                ..Default::default()
+            },
+        );
+        assert!(
+            matches!(r, Err(EditError::BadEntry { what: "L2", .. })),
+            "{r:?}"
+        );
+        assert!(m.to_vec() == before, "the image changed");
     }
 
     #[test]
