@@ -435,3 +435,44 @@ fn killed_lazy_writer_is_repaired() {
         assert!(info.contains("\"dirty-flag\": false"));
     }
 }
+
+/// Two bitmaps naming one table (a hostile image can name one 64 MiB table millions of
+/// times): `check` walks each table once and reports the second as corruption.
+#[test]
+fn check_walks_a_shared_bitmap_table_once_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("bitmaps.qcow2");
+    create_image("qemu-img", "qcow2", &[], &q, Some("64M"));
+    ok("qemu-img", &["bitmap", "--add", p(&q), "b0"]);
+    ok("qemu-img", &["bitmap", "--add", p(&q), "b1"]);
+    ok("qemu-io", &["-c", "write -P 1 0 1M", p(&q)]);
+    let h = read_header(&raw_ro(&q)).unwrap();
+    let ext = h
+        .extensions
+        .iter()
+        .find(|e| e.kind == 0x2385_2875)
+        .expect("a bitmaps extension");
+    let nb = u32::from_be_bytes(ext.data[0..4].try_into().unwrap());
+    assert_eq!(nb, 2);
+    let dir_off = u64::from_be_bytes(ext.data[16..24].try_into().unwrap());
+    let f = std::fs::File::open(&q).unwrap();
+    let mut e0 = [0u8; 24];
+    f.read_exact_at(&mut e0, dir_off).unwrap();
+    let name = u16::from_be_bytes([e0[18], e0[19]]) as u64;
+    let extra = u32::from_be_bytes(e0[20..24].try_into().unwrap()) as u64;
+    let second = dir_off + (24 + extra + name).div_ceil(8) * 8;
+    let t0 = read_u64(&q, dir_off);
+    assert_ne!(t0, 0, "b0 has a table");
+    write_u64(&q, second, t0);
+    let o = run(KEEL_IMG, &["check", p(&q)]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(&format!("bitmap table at {t0:#x} belongs to two bitmaps")),
+        "{out}"
+    );
+    assert_eq!(o.status.code(), Some(2), "{out}");
+}

@@ -357,10 +357,21 @@ impl<'a> Walk<'a> {
             self.msgs.push("ERROR bitmap directory is invalid".into());
             return Ok(());
         }
+        // QEMU's limit on bitmaps per image.
+        if nb > 65535 {
+            self.corruptions += 1;
+            self.msgs
+                .push(format!("ERROR bitmaps extension names {nb} bitmaps"));
+            return Ok(());
+        }
         self.add(dir_off, dir_size, false, "bitmap directory");
         let mut dir = vec![0u8; dir_size as usize];
         self.f.read_at(&mut dir, dir_off)?;
         let mut pos = 0usize;
+        // Each table is walked once, and all of them together fit the file: the work is
+        // bounded by the file's size however the directory names them.
+        let mut walked = std::collections::HashSet::new();
+        let mut total = 0u64;
         for _ in 0..nb {
             if pos + 24 > dir.len() {
                 self.corruptions += 1;
@@ -381,12 +392,33 @@ impl<'a> Walk<'a> {
                     .push(format!("ERROR bitmap table at {table_off:#x} is invalid"));
                 continue;
             }
+            if !walked.insert(table_off) {
+                self.corruptions += 1;
+                self.msgs.push(format!(
+                    "ERROR bitmap table at {table_off:#x} belongs to two bitmaps"
+                ));
+                continue;
+            }
+            total += bytes;
+            if total > fsize {
+                self.corruptions += 1;
+                self.msgs
+                    .push("ERROR bitmap tables are larger together than the file".into());
+                break;
+            }
             self.add(table_off, bytes, false, "bitmap table");
-            for e in self.read_table(table_off, table_size as usize)? {
-                let off = e & OFFSET_MASK;
-                if off != 0 {
-                    self.add(off, self.cs, false, "bitmap data");
+            // In pieces: a table may be as large as the (sparse) file.
+            const PIECE: u64 = 1 << 16;
+            let mut i = 0;
+            while i < table_size {
+                let n = PIECE.min(table_size - i);
+                for e in self.read_table(table_off + i * 8, n as usize)? {
+                    let off = e & OFFSET_MASK;
+                    if off != 0 {
+                        self.add(off, self.cs, false, "bitmap data");
+                    }
                 }
+                i += n;
             }
         }
         Ok(())

@@ -850,6 +850,10 @@ impl Meta {
             }
             c += 1;
         }
+        // Everything before `start` is in use (or pinned, and offered again once idle):
+        // the next search starts here, even if this allocation fails (a refcount table
+        // that cannot grow would otherwise have every write rescan the whole image).
+        self.free_hint = start;
         Ok(start)
     }
 
