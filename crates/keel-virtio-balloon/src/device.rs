@@ -385,7 +385,11 @@ impl Worker {
                     let avail = queue
                         .avail_idx(mem, Ordering::Acquire)
                         .map_err(QueueError::Broken)?;
-                    break 'drain avail.0 != queue.next_avail();
+                    if avail.0 != queue.next_avail() {
+                        break 'drain true;
+                    }
+                    // Nothing more: the usual end, notifications back on and one more look.
+                    break;
                 }
                 let chain = match queue.iter(mem) {
                     Ok(mut it) => it.next(),

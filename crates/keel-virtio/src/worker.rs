@@ -391,7 +391,11 @@ pub fn drain_queue(
                 let avail = queue
                     .avail_idx(mem, Ordering::Acquire)
                     .map_err(QueueError::Broken)?;
-                break 'drain avail.0 != queue.next_avail();
+                if avail.0 != queue.next_avail() {
+                    break 'drain true;
+                }
+                // Nothing more: the usual end, notifications back on and one more look.
+                break;
             }
             // `iter` validates the available index; a driver that claims more entries than
             // the queue holds has broken the ring.

@@ -49,6 +49,28 @@ fn drain_queue_stops_at_the_queue_size_when_the_driver_never_runs_dry() {
     );
 }
 
+/// A call that uses exactly its budget and finds nothing more ends like any other: driver
+/// notifications back on (EVENT_IDX: avail_event at the next index), so the driver's next
+/// request is announced.
+#[test]
+fn a_drain_that_ends_exactly_at_its_budget_turns_notifications_back_on() {
+    let mem = memory();
+    let mut ring = Ring::new(&mem, QUEUE_SIZE);
+    let mut queue = ready_queue(QUEUE_SIZE, (ring.desc, ring.avail, ring.used), true);
+    for _ in 0..QUEUE_SIZE {
+        let h = ring.add_descriptors(&[(DATA_BASE, 16, VRING_DESC_F_WRITE)]);
+        ring.publish(h);
+    }
+    let r = drain_queue(&mut queue, &mem, IndirectDesc::Negotiated, |_| 0).unwrap();
+    assert!(!r.more, "{r:?}");
+    assert_eq!(ring.used_idx(), QUEUE_SIZE);
+    assert_eq!(
+        ring.avail_event(),
+        QUEUE_SIZE,
+        "the device asks to hear of the next request"
+    );
+}
+
 #[test]
 fn a_queue_worker_comes_back_to_a_queue_with_more_and_still_stops() {
     let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
