@@ -903,6 +903,17 @@ impl Meta {
     /// Drops one reference to the host cluster at `off`, after the L2 change
     /// that dropped it. Returns true if the cluster became free.
     pub(crate) fn release(&mut self, f: &dyn BlockBackend, off: u64) -> Result<bool> {
+        // Only data clusters are released through L2 entries: one naming metadata (a
+        // hostile image's) would free that cluster for the next allocation to hand out.
+        if let Some(what) = self.overlap(off & !(self.cs - 1), self.cs) {
+            return Err(self.corrupt(
+                f,
+                Corruption::DataOverlap {
+                    offset: off,
+                    metadata: what,
+                },
+            ));
+        }
         if self.l2_after_rc {
             self.flush_rb(f)?;
             self.barrier(f)?;

@@ -571,3 +571,39 @@ fn extended_l2_writes_never_land_in_metadata() {
     );
     assert_eq!(&img.file().to_vec()[l1..l1 + 16384], &l1_before[..]);
 }
+
+/// A zero cluster without COPIED that names the L1 table: a write allocates a new cluster
+/// and drops the old one's reference, which would have freed the L1 table's cluster for
+/// the next allocation (guest data in the L1 table). The release is refused as an
+/// overlap with metadata, and the L1 table stays as it was.
+#[test]
+fn a_zero_entry_naming_metadata_is_never_released() {
+    let img = Qcow2::open(new_image(1 << 20, 512, 16, 3), Qcow2Options::default()).unwrap();
+    img.write_at(&[7u8; 512], 0).unwrap();
+    img.flush().unwrap();
+    let mut b = img.file().to_vec();
+    drop(img);
+    let l1 = be64(&b, 40);
+    let l2 = (be64(&b, l1 as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    // ZERO (bit 0) with the L1 table's offset, COPIED clear.
+    b[l2..l2 + 8].copy_from_slice(&(l1 | 1).to_be_bytes());
+    let l1_before = b[l1 as usize..l1 as usize + 512].to_vec();
+    let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default()).unwrap();
+    let r = img.write_at(&[9u8; 512], 0);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Corrupt(Corruption::DataOverlap {
+                metadata: crate::error::Metadata::L1Table,
+                ..
+            }))
+        ),
+        "{r:?}"
+    );
+    // Nothing more is written to a corrupt image; the L1 table is intact.
+    assert!(img.write_at(&[9u8; 512], 1024).is_err());
+    assert_eq!(
+        &img.file().to_vec()[l1 as usize..l1 as usize + 512],
+        &l1_before[..]
+    );
+}
