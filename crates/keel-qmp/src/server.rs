@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -118,45 +118,101 @@ const BUILTIN: [&str; 3] = ["qmp_capabilities", "query-version", "query-commands
 struct Client {
     stream: UnixStream,
     writer: Mutex<UnixStream>,
+    /// Events that arrived while another thread held `writer` (a reply being written);
+    /// whoever holds `writer` next sends them.
+    pending: Mutex<Vec<u8>>,
     negotiated: AtomicBool,
 }
+
+/// Events held for one client at most: a client with more unsent (it has stopped
+/// reading while a reply to it was being written) is cut off.
+const MAX_PENDING: usize = 1 << 20;
 
 impl Client {
     fn writer(&self) -> MutexGuard<'_, UnixStream> {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends one message; on failure the client is cut off (its reader then ends).
+    fn pending(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends one message (a reply or the greeting), waiting up to the write timeout for
+    /// room, then the events queued meanwhile; on failure the client is cut off (its
+    /// reader then ends).
     fn send(&self, msg: &Value) -> bool {
         let mut bytes = msg.to_string().into_bytes();
         bytes.extend_from_slice(b"\r\n");
-        let ok = self.writer().write_all(&bytes).is_ok();
+        let mut w = self.writer();
+        let mut ok = w.write_all(&bytes).is_ok();
+        if ok {
+            let events = std::mem::take(&mut *self.pending());
+            ok = w.write_all(&events).is_ok();
+        }
+        drop(w);
         if !ok {
             self.cut_off();
+            return false;
         }
-        ok
+        // An event queued after the take above found `writer` held: send it now.
+        self.flush_events();
+        true
     }
 
-    /// Sends one event without waiting for room: a client whose socket is full has not
-    /// read hundreds of kilobytes, and whoever emits (often the VMM's event loop) must
-    /// not wait on it for the write timeout; it is cut off instead.
+    /// Queues one event and sends what is queued without waiting for room: a client
+    /// whose socket is full has not read hundreds of kilobytes, and whoever emits (often
+    /// the VMM's event loop) must not wait on it; it is cut off instead. If a reply is
+    /// being written to the client, the thread writing it sends the event afterwards.
     fn send_event(&self, bytes: &[u8]) {
-        let w = self.writer();
-        // SAFETY: `bytes` is a live buffer of `bytes.len()` bytes and `w` an open socket;
-        // MSG_DONTWAIT returns instead of blocking, MSG_NOSIGNAL reports a closed peer
-        // as EPIPE instead of raising SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                w.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        // A part of a message would leave the stream out of step: all or cut off.
-        if usize::try_from(n).ok() != Some(bytes.len()) {
-            drop(w);
-            self.cut_off();
+        {
+            let mut p = self.pending();
+            if p.len() + bytes.len() > MAX_PENDING {
+                drop(p);
+                self.cut_off();
+                return;
+            }
+            p.extend_from_slice(bytes);
+        }
+        self.flush_events();
+    }
+
+    /// Sends the queued events now, unless another thread holds `writer` (it sends them
+    /// when it is done). All or nothing: a part of a message would leave the stream out
+    /// of step, so a socket without room for all of them cuts the client off.
+    fn flush_events(&self) {
+        loop {
+            {
+                let w = match self.writer.try_lock() {
+                    Ok(w) => w,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    // The holder looks at `pending` after it lets go.
+                    Err(TryLockError::WouldBlock) => return,
+                };
+                let events = std::mem::take(&mut *self.pending());
+                if !events.is_empty() {
+                    // SAFETY: `events` is a live buffer of `events.len()` bytes and `w` an
+                    // open socket; MSG_DONTWAIT returns instead of blocking, MSG_NOSIGNAL
+                    // reports a closed peer as EPIPE instead of raising SIGPIPE.
+                    let n = unsafe {
+                        libc::send(
+                            w.as_raw_fd(),
+                            events.as_ptr().cast(),
+                            events.len(),
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    };
+                    if usize::try_from(n).ok() != Some(events.len()) {
+                        drop(w);
+                        self.cut_off();
+                        return;
+                    }
+                }
+            }
+            // An event queued while `writer` was held here found it held and left it to
+            // this thread; one queued from now on finds it free.
+            if self.pending().is_empty() {
+                return;
+            }
         }
     }
 
@@ -436,6 +492,7 @@ fn start_client(shared: &Arc<Shared>, stream: UnixStream) -> io::Result<()> {
     stream.set_write_timeout(Some(shared.options.write_timeout))?;
     let client = Arc::new(Client {
         writer: Mutex::new(stream.try_clone()?),
+        pending: Mutex::new(Vec::new()),
         stream,
         negotiated: AtomicBool::new(false),
     });

@@ -225,8 +225,8 @@ fn finish_commands_answers_what_is_in_progress_then_events_still_go_out() {
 }
 
 /// Events never wait for a client to read: one that stops reading is cut off once its
-/// socket is full, at once rather than after the write timeout (an hour here), and a
-/// client that reads gets every event.
+/// socket is full, at once rather than after the write timeout (an hour here), also while
+/// a reply to it is stuck in a full socket; a client that reads gets every event.
 #[test]
 fn a_client_that_stops_reading_is_cut_off_without_holding_up_events() {
     let (_d, path, server, _) = server(Options {
@@ -237,29 +237,42 @@ fn a_client_that_stops_reading_is_cut_off_without_holding_up_events() {
     reading.negotiate();
     let mut stalled = Client::connect(&path);
     stalled.negotiate();
-    // 64 events of 16 KiB: far more than a socket holds unread.
+    // A client that stops reading with replies outstanding: the server's thread for it
+    // ends up waiting (for the write timeout) to write a reply into its full socket.
+    let mut stuck = Client::connect(&path);
+    stuck.negotiate();
+    let mut w = stuck.w.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let cmd = br#"{"execute":"query-commands"}"#.repeat(20000);
+        let _ = w.write_all(&cmd);
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // 64 events of 16 KiB: far more than a socket holds unread. The reading client
+    // acknowledges each before the next is sent.
     const EVENTS: usize = 64;
     let pad = "x".repeat(16 * 1024);
     let events = server.events();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let emitter = std::thread::spawn(move || {
+    let (ack, acked) = std::sync::mpsc::channel::<()>();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         for i in 0..EVENTS {
             events.emit("TEST_EVENT", Some(json!({"i": i, "pad": pad})));
-            // A pace a reading client keeps up with.
-            std::thread::sleep(Duration::from_millis(5));
+            if acked.recv().is_err() {
+                return;
+            }
         }
-        let _ = tx.send(());
+        let _ = done.send(());
     });
     for i in 0..EVENTS {
         let e = reading.recv();
         assert_eq!(e["event"], "TEST_EVENT");
         assert_eq!(e["data"]["i"], i);
+        ack.send(()).unwrap();
     }
     assert!(
-        rx.recv_timeout(Duration::from_secs(60)).is_ok(),
-        "emitting waited for the client that does not read"
+        finished.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "emitting waited for a client that does not read"
     );
-    emitter.join().unwrap();
     // The stalled client gets what fitted, then the end of the stream.
     let mut got = 0;
     while let Some(Ok(line)) = stalled.r.next() {
