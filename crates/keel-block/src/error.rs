@@ -257,6 +257,8 @@ pub enum Unsupported {
     FileType {
         /// What the file is, as `ls -l` would describe it.
         kind: &'static str,
+        /// The file, when it was opened by path.
+        path: Option<PathBuf>,
     },
     /// An image file with more clusters than `check` walks.
     CheckSize {
@@ -296,10 +298,15 @@ impl fmt::Display for Unsupported {
             Unsupported::RefcountOverflow { cluster, bits } => {
                 write!(f, "refcount overflow on cluster {cluster} ({bits}-bit refcounts)")
             }
-            Unsupported::FileType { kind } => write!(
-                f,
-                "a {kind} as a disk image (only regular files and block devices)"
-            ),
+            Unsupported::FileType { kind, path } => {
+                if let Some(p) = path {
+                    write!(f, "{}: ", p.display())?;
+                }
+                write!(
+                    f,
+                    "a {kind} as a disk image (only regular files and block devices)"
+                )
+            }
             Unsupported::RefcountTableGrowth { bytes, limit } => write!(
                 f,
                 "the refcount table would need {bytes} bytes, above {} MiB; use a larger cluster size",

@@ -250,7 +250,15 @@ impl RawFile {
         if r < 0 {
             return Err(Error::last_os("making the image file blocking"));
         }
-        Self::from_file(file, opts)
+        Self::from_file(file, opts).map_err(|e| match e {
+            Error::Unsupported(Unsupported::FileType { kind, path: None }) => {
+                Error::Unsupported(Unsupported::FileType {
+                    kind,
+                    path: Some(path.to_path_buf()),
+                })
+            }
+            e => e,
+        })
     }
 
     /// Creates (or truncates) `path` as a raw image of `size` bytes.
@@ -283,7 +291,10 @@ impl RawFile {
             } else {
                 "directory"
             };
-            return Err(Error::Unsupported(Unsupported::FileType { kind }));
+            return Err(Error::Unsupported(Unsupported::FileType {
+                kind,
+                path: None,
+            }));
         }
         let size = if meta.file_type().is_block_device() {
             let mut sz: u64 = 0;

@@ -31,7 +31,7 @@ fn mkfifo(path: &Path) {
 fn is_fifo_refusal<T>(r: &Result<T, Error>) -> bool {
     fn fifo(e: &Error) -> bool {
         match e {
-            Error::Unsupported(Unsupported::FileType { kind }) => *kind == "FIFO",
+            Error::Unsupported(Unsupported::FileType { kind, .. }) => *kind == "FIFO",
             Error::Backing { source, .. } => fifo(source),
             _ => false,
         }
@@ -57,7 +57,10 @@ fn a_fifo_is_refused_as_an_image_and_as_a_backing_file() {
     });
     assert!(is_fifo_refusal(&r), "{:?}", r.as_ref().err());
     let e = r.unwrap_err().to_string();
-    assert!(e.contains("FIFO"), "{e}");
+    assert!(
+        e.contains(&format!("{}: a FIFO", fifo.display())),
+        "the message names the file: {e}"
+    );
 
     // A qcow2 overlay whose backing file is the FIFO, stated as raw.
     let top = dir.path().join("top.qcow2");

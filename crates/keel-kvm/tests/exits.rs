@@ -372,6 +372,8 @@ fn triple_fault_is_reported() {
 /// the other vCPU paused.
 struct WaitsForPause {
     other: std::sync::OnceLock<VcpuHandle>,
+    /// A write is waiting.
+    entered: std::sync::atomic::AtomicBool,
     saw_paused: std::sync::atomic::AtomicBool,
 }
 
@@ -383,6 +385,8 @@ impl PioDevice for WaitsForPause {
         let Some(other) = self.other.get() else {
             return;
         };
+        self.entered
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let end = Instant::now() + Duration::from_secs(10);
         while Instant::now() < end {
             if other.state() == VcpuState::Paused {
@@ -429,6 +433,7 @@ fn vcpus_asked_to_pause_together_pause_when_one_waits_on_another() {
     BootTables::default().write(&mem, 0x7_0000, true).unwrap();
     let port = Arc::new(WaitsForPause {
         other: std::sync::OnceLock::new(),
+        entered: std::sync::atomic::AtomicBool::new(false),
         saw_paused: std::sync::atomic::AtomicBool::new(false),
     });
     let buses = Buses::default();
@@ -448,7 +453,9 @@ fn vcpus_asked_to_pause_together_pause_when_one_waits_on_another() {
     wait_until("vCPU 1 to run", || counter() > 0);
     // Armed only now: vCPU 0's next write waits for vCPU 1.
     let _ = port.other.set(threads[1].handle.clone());
-    std::thread::sleep(Duration::from_millis(20));
+    wait_until("vCPU 0 to wait in its exit", || {
+        port.entered.load(std::sync::atomic::Ordering::SeqCst)
+    });
     let start = Instant::now();
     threads.iter().for_each(|t| t.handle.request_pause());
     threads.iter().for_each(|t| t.handle.wait_paused());

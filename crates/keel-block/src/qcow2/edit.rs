@@ -126,6 +126,25 @@ pub enum EditError {
         /// The limit.
         limit: u64,
     },
+    /// The snapshots' L1 tables, each within the file, add up to more than the file: they
+    /// share space, which an image QEMU or keel wrote never does.
+    #[error(
+        "the snapshots' L1 tables take {bytes} bytes, more than the whole file ({file} bytes)"
+    )]
+    SnapshotTables {
+        /// Their bytes together.
+        bytes: u64,
+        /// The file's size.
+        file: u64,
+    },
+    /// A snapshot states a disk size no image can have.
+    #[error("snapshot {name} states a disk size of {size} bytes, more than an image can have")]
+    SnapshotSize {
+        /// The snapshot's name.
+        name: String,
+        /// The size it states.
+        size: u64,
+    },
     /// Writing the new metadata failed; the image is unchanged.
     #[error("writing the new metadata")]
     Write(#[source] Error),
@@ -295,10 +314,9 @@ fn load(f: &dyn BlockBackend) -> EditResult<Loaded> {
     for s in &parsed {
         l1_bytes += u64::from(s.l1_size) * 8;
         if l1_bytes > fsize {
-            return Err(EditError::TableTooLarge {
-                what: "snapshots' L1 tables",
+            return Err(EditError::SnapshotTables {
                 bytes: l1_bytes,
-                limit: fsize,
+                file: fsize,
             });
         }
     }
@@ -999,7 +1017,10 @@ pub fn snapshot_apply(f: &dyn BlockBackend, name: &str) -> EditResult<()> {
     // The snapshot's size is the image's word: held to what resize accepts before any
     // table is sized from it.
     if size > 1 << 62 || ld.l1_size_for(size) * 8 > MAX_L1_BYTES {
-        return Err(EditError::SizeTooLarge { size });
+        return Err(EditError::SnapshotSize {
+            name: sn.name.clone(),
+            size,
+        });
     }
     let need = (ld.l1_size_for(size) as usize).max(sn.l1.len());
     let mut l1: Vec<u64> = sn.l1.iter().map(|e| e & OFFSET_MASK).collect();
@@ -1317,7 +1338,7 @@ mod tests {
         }
         let r = snapshot_delete(&MemBackend::new(b), "a");
         assert!(
-            matches!(r, Err(EditError::TableTooLarge { limit, .. }) if limit == fsize),
+            matches!(r, Err(EditError::SnapshotTables { file, .. }) if file == fsize),
             "{r:?}"
         );
     }
@@ -1336,7 +1357,7 @@ mod tests {
         b[st + 48..st + 56].copy_from_slice(&u64::MAX.to_be_bytes());
         let r = snapshot_apply(&MemBackend::new(b), "s");
         assert!(
-            matches!(r, Err(EditError::SizeTooLarge { size: u64::MAX })),
+            matches!(r, Err(EditError::SnapshotSize { size: u64::MAX, .. })),
             "{r:?}"
         );
     }
