@@ -488,3 +488,67 @@ fn must_tell_host_deflates_complete_after_the_device_took_them() {
         },
     );
 }
+
+/// A driver that keeps the statistics queue full of buffers cannot keep the worker from a
+/// reset: the worker takes at most a queue's worth before it looks at its stop flag again,
+/// so the reset (a status write on a vCPU, which waits for the worker) returns while the
+/// flood goes on.
+#[test]
+fn a_reset_returns_while_the_driver_floods_the_statistics_queue() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Instant;
+    // Large queues: the worker cannot take a ringful before the driver refills it.
+    const FLOOD: u16 = 4096;
+    both(
+        BalloonOptions {
+            queue_size: FLOOD,
+            ..Default::default()
+        },
+        |d, _| {
+            let mem = d.mem().clone();
+            let r: Vec<Ring> = (0..3)
+                .map(|i| Ring::at(&mem, RING_BASE + 0x2_0000 * i, FLOOD))
+                .collect();
+            start(d, VERSION_1 | feature::STATS_VQ, &r);
+            let at = DATA_BASE;
+            mem.write_slice(
+                &stats_buffer(&[(StatTag::FreeMemory as u16, 1 << 20)]),
+                GuestAddress(at),
+            )
+            .unwrap();
+            // One buffer chain, named by every entry of the available ring.
+            let mut stats = Ring::at(&mem, RING_BASE + 0x4_0000, FLOOD);
+            let h = stats.add_descriptors(&[(at, 10, 0)]);
+            let (avail, used) = (stats.avail, stats.used);
+            for i in 0..u64::from(FLOOD) {
+                mem.write_obj(h, GuestAddress(avail + 4 + 2 * i)).unwrap();
+            }
+            let flooding = AtomicBool::new(true);
+            let served = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let end = Instant::now() + Duration::from_secs(10);
+                    while flooding.load(Ordering::SeqCst) && Instant::now() < end {
+                        let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+                        std::sync::atomic::fence(Ordering::SeqCst);
+                        // One buffer is held by the device: FLOOD outstanding at most.
+                        mem.write_obj(used_idx.wrapping_add(FLOOD - 1), GuestAddress(avail + 2))
+                            .unwrap();
+                        served.store(usize::from(used_idx), Ordering::SeqCst);
+                    }
+                    flooding.store(false, Ordering::SeqCst);
+                });
+                eventually("the flood to get going", || {
+                    d.notify(STATS);
+                    served.load(Ordering::SeqCst) > 2 * usize::from(FLOOD)
+                });
+                d.set_status(0);
+                assert!(
+                    flooding.swap(false, Ordering::SeqCst),
+                    "the reset returned only once the driver stopped making buffers available"
+                );
+            });
+            assert_eq!(d.status(), 0);
+        },
+    );
+}
