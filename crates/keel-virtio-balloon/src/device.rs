@@ -14,7 +14,7 @@ use keel_virtio::device::{
     ActivateContext, ActivateError, InterruptKind, NeedsReset, VirtioDevice, VirtioInterrupt,
 };
 use keel_virtio::worker::{
-    drain_queue, should_interrupt, Drained, IndirectDesc, QueueError, QueueWorker,
+    drain_queue, has_more, should_interrupt, Drained, IndirectDesc, QueueError, QueueWorker,
 };
 use keel_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
@@ -382,10 +382,7 @@ impl Worker {
                 .map_err(QueueError::Broken)?;
             loop {
                 if taken == budget {
-                    let avail = queue
-                        .avail_idx(mem, Ordering::Acquire)
-                        .map_err(QueueError::Broken)?;
-                    if avail.0 != queue.next_avail() {
+                    if has_more(queue, mem)? {
                         break 'drain true;
                     }
                     // Nothing more: the usual end, notifications back on and one more look.

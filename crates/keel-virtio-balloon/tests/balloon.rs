@@ -495,8 +495,6 @@ fn must_tell_host_deflates_complete_after_the_device_took_them() {
 /// flood goes on.
 #[test]
 fn a_reset_returns_while_the_driver_floods_the_statistics_queue() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::time::Instant;
     // Large queues: the worker cannot take a ringful before the driver refills it.
     const FLOOD: u16 = 4096;
     both(
@@ -519,32 +517,17 @@ fn a_reset_returns_while_the_driver_floods_the_statistics_queue() {
             // One buffer chain, named by every entry of the available ring.
             let mut stats = Ring::at(&mem, RING_BASE + 0x4_0000, FLOOD);
             let h = stats.add_descriptors(&[(at, 10, 0)]);
-            let (avail, used) = (stats.avail, stats.used);
-            for i in 0..u64::from(FLOOD) {
-                mem.write_obj(h, GuestAddress(avail + 4 + 2 * i)).unwrap();
-            }
-            let flooding = AtomicBool::new(true);
-            let served = AtomicUsize::new(0);
+            // One buffer is held by the device: FLOOD outstanding at most.
+            let flood = Flood::new(&stats, h, FLOOD - 1);
             std::thread::scope(|s| {
-                s.spawn(|| {
-                    let end = Instant::now() + Duration::from_secs(10);
-                    while flooding.load(Ordering::SeqCst) && Instant::now() < end {
-                        let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
-                        std::sync::atomic::fence(Ordering::SeqCst);
-                        // One buffer is held by the device: FLOOD outstanding at most.
-                        mem.write_obj(used_idx.wrapping_add(FLOOD - 1), GuestAddress(avail + 2))
-                            .unwrap();
-                        served.store(usize::from(used_idx), Ordering::SeqCst);
-                    }
-                    flooding.store(false, Ordering::SeqCst);
-                });
+                s.spawn(|| flood.run());
                 eventually("the flood to get going", || {
                     d.notify(STATS);
-                    served.load(Ordering::SeqCst) > 2 * usize::from(FLOOD)
+                    flood.served() > 2 * usize::from(FLOOD)
                 });
                 d.set_status(0);
                 assert!(
-                    flooding.swap(false, Ordering::SeqCst),
+                    flood.stop(),
                     "the reset returned only once the driver stopped making buffers available"
                 );
             });

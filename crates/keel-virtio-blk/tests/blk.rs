@@ -4,9 +4,9 @@
 //! files through io_uring, and throttling.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use keel_block::backend::{BlockBackend, Limits, WriteFlags};
 use keel_block::{CacheMode, MemBackend, RawFile, RawOptions};
@@ -1059,37 +1059,19 @@ fn a_reset_returns_while_the_driver_floods_the_ring() {
         // One chain of an unsupported type, made available again and again.
         header(&mem, DATA_BASE, 0xff, 0);
         let h = ring.add_descriptors(&[(DATA_BASE, 16, 0), (DATA_BASE + 0x100, 1, W)]);
-        let flooding = AtomicBool::new(true);
-        // The used index the driver last saw (the device's progress).
-        let served = AtomicUsize::new(0);
-        let (avail, used) = (ring.avail, ring.used);
-        // Every entry of the available ring names that chain; the driver keeps the ring
-        // full by moving its index to the used index plus the queue size, as fast as it can.
-        for i in 0..u64::from(FLOOD) {
-            mem.write_obj(h, GuestAddress(avail + 4 + 2 * i)).unwrap();
-        }
+        // The chain named by every entry, kept a ringful ahead of the device.
+        let flood = Flood::new(&ring, h, FLOOD);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let end = Instant::now() + Duration::from_secs(10);
-                while flooding.load(Ordering::SeqCst) && Instant::now() < end {
-                    let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
-                    std::sync::atomic::fence(Ordering::SeqCst);
-                    mem.write_obj(used_idx.wrapping_add(FLOOD), GuestAddress(avail + 2))
-                        .unwrap();
-                    served.store(usize::from(used_idx), Ordering::SeqCst);
-                }
-                flooding.store(false, Ordering::SeqCst);
-            });
+            s.spawn(|| flood.run());
             // The flood starts the worker (a kick), then keeps it busy: the ring never runs
             // dry, so the worker never goes back to waiting for a kick.
             eventually("the flood to get going", || {
                 d.notify(0);
-                served.load(Ordering::SeqCst) > 2 * usize::from(FLOOD)
+                flood.served() > 2 * usize::from(FLOOD)
             });
             d.set_status(0);
-            let still = flooding.swap(false, Ordering::SeqCst);
             assert!(
-                still,
+                flood.stop(),
                 "the reset returned only once the driver stopped making requests available"
             );
         });

@@ -874,7 +874,6 @@ fn bytes_per_second_to_the_guest_are_limited() {
 /// while the flood goes on.
 #[test]
 fn a_reset_returns_while_the_driver_floods_the_control_queue() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     // Large queues: the worker cannot answer a ringful before the driver refills it.
     const FLOOD: u16 = 4096;
     for mmio in [true, false] {
@@ -906,31 +905,16 @@ fn a_reset_returns_while_the_driver_floods_the_control_queue() {
         mem.write_slice(&cmd(0xee, 0, &[]), GuestAddress(at))
             .unwrap();
         let h = ctrl.add_descriptors(&[(at, 2, 0), (at + 0x800, 1, W)]);
-        let (avail, used) = (ctrl.avail, ctrl.used);
-        for i in 0..u64::from(FLOOD) {
-            mem.write_obj(h, GuestAddress(avail + 4 + 2 * i)).unwrap();
-        }
-        let flooding = AtomicBool::new(true);
-        let served = AtomicUsize::new(0);
+        let flood = Flood::new(&ctrl, h, FLOOD);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let end = Instant::now() + Duration::from_secs(10);
-                while flooding.load(Ordering::SeqCst) && Instant::now() < end {
-                    let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
-                    std::sync::atomic::fence(Ordering::SeqCst);
-                    mem.write_obj(used_idx.wrapping_add(FLOOD), GuestAddress(avail + 2))
-                        .unwrap();
-                    served.store(usize::from(used_idx), Ordering::SeqCst);
-                }
-                flooding.store(false, Ordering::SeqCst);
-            });
+            s.spawn(|| flood.run());
             eventually("the flood to get going", || {
                 d.notify(2);
-                served.load(Ordering::SeqCst) > 2 * usize::from(FLOOD)
+                flood.served() > 2 * usize::from(FLOOD)
             });
             d.set_status(0);
             assert!(
-                flooding.swap(false, Ordering::SeqCst),
+                flood.stop(),
                 "the reset returned only once the driver stopped making commands available"
             );
         });

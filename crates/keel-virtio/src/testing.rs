@@ -697,6 +697,67 @@ impl<'a> Ring<'a> {
     }
 }
 
+/// A driver that keeps a ring full of one chain, as fast as it can, to show that a device
+/// does not let that hold its thread: every entry of the available ring names the chain,
+/// and the available index is kept `outstanding` ahead of the used index. Run it on a
+/// thread of its own ([`Flood::run`]) while the test asks the device for something (a
+/// reset), then [`Flood::stop`] says whether it was still flooding.
+pub struct Flood<'a> {
+    mem: &'a GuestMemoryMmap,
+    avail: u64,
+    used: u64,
+    outstanding: u16,
+    flooding: std::sync::atomic::AtomicBool,
+    served: AtomicUsize,
+}
+
+impl<'a> Flood<'a> {
+    /// A flood of chain `head` on `ring` (whose queue is `outstanding` entries or more:
+    /// one less for a device that holds a buffer).
+    pub fn new(ring: &Ring<'a>, head: u16, outstanding: u16) -> Self {
+        for i in 0..u64::from(ring.size) {
+            ring.mem
+                .write_obj(head, GuestAddress(ring.avail + 4 + 2 * i))
+                .expect("available ring");
+        }
+        Flood {
+            mem: ring.mem,
+            avail: ring.avail,
+            used: ring.used,
+            outstanding,
+            flooding: std::sync::atomic::AtomicBool::new(true),
+            served: AtomicUsize::new(0),
+        }
+    }
+
+    /// Floods until [`Flood::stop`], or for 10 s at most.
+    pub fn run(&self) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.flooding.load(Ordering::SeqCst) && Instant::now() < end {
+            let used: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+            fence(Ordering::SeqCst);
+            self.mem
+                .write_obj(
+                    used.wrapping_add(self.outstanding),
+                    GuestAddress(self.avail + 2),
+                )
+                .unwrap();
+            self.served.store(usize::from(used), Ordering::SeqCst);
+        }
+        self.flooding.store(false, Ordering::SeqCst);
+    }
+
+    /// The used index last seen (the device's progress).
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// Stops the flood; returns whether it was still going (not ended by its 10 s).
+    pub fn stop(&self) -> bool {
+        self.flooding.swap(false, Ordering::SeqCst)
+    }
+}
+
 /// Reads `len` bytes of guest memory at `at`.
 pub fn read_bytes(mem: &GuestMemoryMmap, at: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];

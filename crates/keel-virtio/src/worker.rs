@@ -388,10 +388,7 @@ pub fn drain_queue(
             .map_err(QueueError::Broken)?;
         loop {
             if taken == budget {
-                let avail = queue
-                    .avail_idx(mem, Ordering::Acquire)
-                    .map_err(QueueError::Broken)?;
-                if avail.0 != queue.next_avail() {
+                if has_more(queue, mem)? {
                     break 'drain true;
                 }
                 // Nothing more: the usual end, notifications back on and one more look.
@@ -419,6 +416,14 @@ pub fn drain_queue(
     };
     let interrupt = used_any && should_interrupt(queue, mem)?;
     Ok(Drained { interrupt, more })
+}
+
+/// Whether the driver has made chains available that the device has not taken yet.
+pub fn has_more(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(QueueError::Broken)?;
+    Ok(avail.0 != queue.next_avail())
 }
 
 /// After adding used buffers: whether the driver asked to be interrupted (its used_event
