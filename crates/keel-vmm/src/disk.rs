@@ -1,4 +1,4 @@
-//! `--disk path=P[,format=raw|qcow2][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered][,affinity=CPUS]`:
+//! `--disk path=P[,format=raw|qcow2][,backing=follow|refuse][,readonly=on][,cache=MODE][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered][,affinity=CPUS]`:
 //! parsing the option and opening the disk behind a virtio-blk device.
 
 use std::path::PathBuf;
@@ -27,6 +27,20 @@ pub struct DiskSpec {
     /// or `registered` (all of guest memory pinned and registered with io_uring once;
     /// refused together with `--balloon`).
     pub memory: GuestMemoryAccess,
+    /// Whether a qcow2 image's backing file is followed (`backing=`).
+    pub backing: Backing,
+}
+
+/// What to do with the backing file a qcow2 image names (`backing=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backing {
+    /// Follow the names the image states (with `format=qcow2`), wherever they point, as
+    /// QEMU does.
+    #[default]
+    Follow,
+    /// Refuse an image that names a backing file: for images from elsewhere, whose
+    /// backing name could be any host file.
+    Refuse,
 }
 
 /// What is wrong with a `--disk` value; the message names the option and what it takes.
@@ -68,6 +82,9 @@ pub enum OptionError {
     /// `affinity=` is not a host CPU list.
     #[error("affinity={0}: expected host CPUs below {max} as 1, 0-3 or [0,2-3]", max = MAX_CPUS)]
     Affinity(String),
+    /// `backing=` is neither follow nor refuse.
+    #[error("backing={0}: expected follow or refuse")]
+    Backing(String),
     /// A `[` without its `]`.
     #[error("'{0}': a '[' without its ']'")]
     Bracket(String),
@@ -87,6 +104,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
             ..Default::default()
         },
         memory: GuestMemoryAccess::default(),
+        backing: Backing::default(),
     };
     let number = |k: &str, v: &str| {
         v.parse::<u64>().map_err(|_| OptionError::Number {
@@ -134,6 +152,13 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
                     "per-request" => GuestMemoryAccess::PerRequest,
                     "registered" => GuestMemoryAccess::Registered,
                     _ => return Err(OptionError::Memory(v.into())),
+                }
+            }
+            "backing" => {
+                spec.backing = match v {
+                    "follow" => Backing::Follow,
+                    "refuse" => Backing::Refuse,
+                    _ => return Err(OptionError::Backing(v.into())),
                 }
             }
             "affinity" => {
@@ -207,6 +232,14 @@ pub enum Error {
         /// The image.
         path: String,
     },
+    /// `backing=refuse`, and the image names a backing file.
+    #[error("disk {path}: names the backing file {name}, and backing=refuse")]
+    BackingRefused {
+        /// The image.
+        path: String,
+        /// The backing file name the image states.
+        name: String,
+    },
     /// `memory=registered` in a VM with a balloon, which discards guest pages the
     /// registration would keep transferring to.
     #[error("disk {path}: memory=registered cannot be used with --balloon (the balloon discards guest pages that registered memory keeps pinned)")]
@@ -234,8 +267,8 @@ pub enum Error {
     },
 }
 
-/// Whether the qcow2 image at `path` names a backing file.
-fn names_backing_file(path: &std::path::Path) -> keel_block::Result<bool> {
+/// The backing file name the qcow2 image at `path` states, if any.
+fn backing_name(path: &std::path::Path) -> keel_block::Result<Option<String>> {
     let f = keel_block::RawFile::open(
         path,
         keel_block::RawOptions {
@@ -243,7 +276,12 @@ fn names_backing_file(path: &std::path::Path) -> keel_block::Result<bool> {
             ..Default::default()
         },
     )?;
-    Ok(keel_block::qcow2::read_header(&f)?.backing_file_offset != 0)
+    let h = keel_block::qcow2::read_header(&f)?;
+    Ok(match (h.backing_file_offset, h.backing_file) {
+        (0, _) => None,
+        (_, Some(name)) => Some(String::from_utf8_lossy(&name).into_owned()),
+        (_, None) => Some(String::new()),
+    })
 }
 
 /// Queue size of every disk's queues.
@@ -264,7 +302,7 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
         Some(f) => f,
         None => {
             let f = Format::probe(&spec.path).map_err(open)?;
-            if f == Format::Qcow2 && names_backing_file(&spec.path).map_err(open)? {
+            if f == Format::Qcow2 && backing_name(&spec.path).map_err(open)?.is_some() {
                 // A raw image the guest wrote can hold a qcow2 header naming any host
                 // file as its backing file: only an explicit format follows it.
                 return Err(Error::ProbedBacking { path });
@@ -272,6 +310,11 @@ pub fn open(spec: &DiskSpec, index: usize) -> Result<(Box<Block>, Image), Error>
             f
         }
     };
+    if format == Format::Qcow2 && spec.backing == Backing::Refuse {
+        if let Some(name) = backing_name(&spec.path).map_err(open)? {
+            return Err(Error::BackingRefused { path, name });
+        }
+    }
     let image = Image::open(&spec.path, format, spec.image).map_err(open)?;
     // io_uring depth per queue: the queue size, so a full ring never waits for room.
     let depth = u32::from(spec.device.queue_size);
@@ -301,7 +344,7 @@ mod tests {
     #[test]
     fn disk_options_parse() {
         let d = parse_disk(
-            "path=/tmp/a.qcow2,format=qcow2,readonly=on,cache=none,queues=4,iops=100,bps=1048576,poll=0,memory=registered,affinity=[0,2-3]",
+            "path=/tmp/a.qcow2,format=qcow2,backing=refuse,readonly=on,cache=none,queues=4,iops=100,bps=1048576,poll=0,memory=registered,affinity=[0,2-3]",
         )
         .unwrap();
         assert_eq!(
@@ -327,6 +370,7 @@ mod tests {
                     affinity: Some("0,2-3".parse().unwrap()),
                 },
                 memory: GuestMemoryAccess::Registered,
+                backing: Backing::Refuse,
             }
         );
         let d = parse_disk("path=x").unwrap();
@@ -343,6 +387,11 @@ mod tests {
         assert_eq!(d.device.poll_us, BlockOptions::default().poll_us);
         assert_eq!(d.memory, GuestMemoryAccess::PerRequest);
         assert_eq!(d.device.affinity, None);
+        assert_eq!(d.backing, Backing::Follow);
+        assert_eq!(
+            parse_disk("path=x,backing=follow").unwrap().backing,
+            Backing::Follow
+        );
         for (list, cpus) in [
             ("1", "1"),
             ("0-1", "0-1"),
@@ -407,6 +456,11 @@ mod tests {
                 "path=x,memory=pinned",
                 OptionError::Memory(s("pinned")),
                 "memory=pinned: expected per-request or registered",
+            ),
+            (
+                "path=x,backing=ignore",
+                OptionError::Backing(s("ignore")),
+                "backing=ignore: expected follow or refuse",
             ),
             (
                 "path=x,oops",

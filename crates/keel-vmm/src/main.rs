@@ -59,7 +59,9 @@ struct Cli {
     devices: Vec<vmm::DeviceKind>,
 
     /// A virtio-blk disk (repeatable):
-    /// `path=FILE[,format=raw|qcow2][,readonly=on][,cache=none|writeback|writethrough|directsync|unsafe][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered][,affinity=CPUS]`.
+    /// `path=FILE[,format=raw|qcow2][,backing=follow|refuse][,readonly=on][,cache=none|writeback|writethrough|directsync|unsafe][,queues=N][,iops=N][,bps=N][,poll=US][,memory=per-request|registered][,affinity=CPUS]`.
+    /// `backing=refuse`: refuse a qcow2 image that names a backing file (for images from
+    /// elsewhere: the name may be any host file); default `follow`.
     /// `poll`: microseconds each queue keeps polling after its last request (default 64, 0: off).
     /// `memory=registered`: guest memory is pinned and registered with io_uring once, not per
     /// request (not with `--balloon`).

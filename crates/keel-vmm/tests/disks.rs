@@ -119,6 +119,62 @@ fn a_probed_qcow2_with_a_backing_file_is_refused() {
     assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
 }
 
+/// `backing=refuse`: an image that names a backing file is refused, with the name it
+/// states, before anything is opened through it; an image without one runs.
+#[test]
+fn backing_refuse_refuses_an_image_that_names_a_backing_file() {
+    require_kvm!();
+    let dir = TempDir::new("disk-backing-refuse");
+    let base = dir.path().join("base.raw");
+    let top = dir.path().join("top.qcow2");
+    let alone = dir.path().join("alone.qcow2");
+    for args in [
+        vec!["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"],
+        vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            top.to_str().unwrap(),
+        ],
+        vec!["create", "-q", "-f", "qcow2", alone.to_str().unwrap(), "8M"],
+    ] {
+        assert!(Command::new("qemu-img")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let refused = format!("path={},format=qcow2,backing=refuse", top.display());
+    let out = run_keel(&["--memory", "64", "--disk", &refused], LIMIT);
+    assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "names the backing file {}, and backing=refuse",
+            base.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    let alone = format!("path={},format=qcow2,backing=refuse", alone.display());
+    let out = run_keel(
+        &[
+            "--memory",
+            "64",
+            "--cmdline",
+            "keel.test=serial",
+            "--disk",
+            &alone,
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
+}
+
 /// `Cpus_allowed_list` of a thread of `pid` named `comm`, from /proc.
 fn allowed_cpus(pid: u32, comm: &str) -> Option<String> {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
