@@ -67,34 +67,40 @@ fn sigterm_during_writes_leaves_a_clean_qcow2() {
     );
 }
 
+fn qemu_img(args: &[&str]) {
+    assert!(Command::new("qemu-img")
+        .args(args)
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// `base.raw` (8 MiB) and `top.qcow2` over it (backing format stated), made by qemu-img.
+fn overlay(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.join("base.raw");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+    ]);
+    (base, top)
+}
+
 /// A raw image a guest wrote can hold a qcow2 header naming any host file: with the format
 /// probed, keel refuses to follow a backing file; with `format=qcow2` it follows it.
 #[test]
 fn a_probed_qcow2_with_a_backing_file_is_refused() {
     require_kvm!();
     let dir = TempDir::new("disk-probe");
-    let base = dir.path().join("base.raw");
-    let top = dir.path().join("top.qcow2");
-    for args in [
-        vec!["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"],
-        vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "raw",
-            top.to_str().unwrap(),
-        ],
-    ] {
-        assert!(Command::new("qemu-img")
-            .args(&args)
-            .status()
-            .unwrap()
-            .success());
-    }
+    let (_, top) = overlay(dir.path());
     let probed = format!("path={}", top.display());
     let out = run_keel(&["--memory", "64", "--disk", &probed], LIMIT);
     assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
@@ -125,30 +131,9 @@ fn a_probed_qcow2_with_a_backing_file_is_refused() {
 fn backing_refuse_refuses_an_image_that_names_a_backing_file() {
     require_kvm!();
     let dir = TempDir::new("disk-backing-refuse");
-    let base = dir.path().join("base.raw");
-    let top = dir.path().join("top.qcow2");
+    let (base, top) = overlay(dir.path());
     let alone = dir.path().join("alone.qcow2");
-    for args in [
-        vec!["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"],
-        vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "raw",
-            top.to_str().unwrap(),
-        ],
-        vec!["create", "-q", "-f", "qcow2", alone.to_str().unwrap(), "8M"],
-    ] {
-        assert!(Command::new("qemu-img")
-            .args(&args)
-            .status()
-            .unwrap()
-            .success());
-    }
+    qemu_img(&["create", "-q", "-f", "qcow2", alone.to_str().unwrap(), "8M"]);
     let refused = format!("path={},format=qcow2,backing=refuse", top.display());
     let out = run_keel(&["--memory", "64", "--disk", &refused], LIMIT);
     assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
