@@ -695,6 +695,14 @@ pub enum Corruption {
         /// Host cluster index.
         cluster: u64,
     },
+    /// The refcounts say a cluster is free, and the allocator was about to hand it out,
+    /// but it holds metadata.
+    FreeMetadata {
+        /// Host offset of the cluster.
+        offset: u64,
+        /// The metadata it holds.
+        metadata: Metadata,
+    },
     /// Freeing a cluster would take its refcount below 0.
     RefcountUnderflow {
         /// Host cluster index.
@@ -773,6 +781,10 @@ impl fmt::Display for Corruption {
             Corruption::RefcountUnderflow { cluster } => {
                 write!(f, "refcount underflow on cluster {cluster}")
             }
+            Corruption::FreeMetadata { offset, metadata } => write!(
+                f,
+                "cluster {offset:#x} holds the {metadata}, yet its refcount says it is free"
+            ),
             Corruption::Aliased {
                 table,
                 index,

@@ -872,6 +872,17 @@ impl Meta {
         }
         loop {
             let start = self.find_free_run(f, n)?;
+            // A hostile image's refcounts may call its own tables free: handing such a
+            // cluster out would write a new table or data over them.
+            if let Some(what) = self.overlap(start << self.cb, n << self.cb) {
+                return Err(self.corrupt(
+                    f,
+                    Corruption::FreeMetadata {
+                        offset: start << self.cb,
+                        metadata: what,
+                    },
+                ));
+            }
             let mut changed = false;
             for c in start..start + n {
                 let ti = (c >> self.rb_bits) as usize;

@@ -607,3 +607,33 @@ fn a_zero_entry_naming_metadata_is_never_released() {
         &l1_before[..]
     );
 }
+
+/// Refcounts that call the L1 table free: the allocator finds its cluster first and would
+/// hand it out for the write's new L2 table (zeroes over the L1 table). Refused as
+/// corruption; the L1 table stays as it was.
+#[test]
+fn the_allocator_never_hands_out_metadata_the_refcounts_call_free() {
+    let mut b = new_image(1 << 20, 512, 16, 3).to_vec();
+    let l1 = be64(&b, 40);
+    let rb = be64(&b, be64(&b, 48) as usize) as usize;
+    let at = rb + 2 * (l1 / 512) as usize;
+    assert_eq!(u16::from_be_bytes([b[at], b[at + 1]]), 1);
+    b[at..at + 2].copy_from_slice(&0u16.to_be_bytes());
+    let l1_before = b[l1 as usize..l1 as usize + 512].to_vec();
+    let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default()).unwrap();
+    let r = img.write_at(&[5u8; 512], 0);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Corrupt(Corruption::FreeMetadata {
+                metadata: crate::error::Metadata::L1Table,
+                ..
+            }))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        &img.file().to_vec()[l1 as usize..l1 as usize + 512],
+        &l1_before[..]
+    );
+}
