@@ -152,17 +152,8 @@ fn keel_packs_compressed_clusters_across_host_clusters() {
     std::fs::write(&raw, &want).unwrap();
     let img = dir.path().join("k.qcow2");
     // What `keel-img convert -c -f raw -O qcow2` does, through the library call.
-    std::fs::File::create(&img).unwrap();
-    let file = RawFile::open(
+    let file = qcow2::create_path(
         &img,
-        RawOptions {
-            growable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    qcow2::create(
-        &file,
         &CreateOptions {
             size: SIZE,
             ..Default::default()

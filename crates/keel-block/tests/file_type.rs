@@ -64,17 +64,8 @@ fn a_fifo_is_refused_as_an_image_and_as_a_backing_file() {
 
     // A qcow2 overlay whose backing file is the FIFO, stated as raw.
     let top = dir.path().join("top.qcow2");
-    RawFile::create(&top, 0).unwrap();
-    let f = RawFile::open(
+    qcow2::create_path(
         &top,
-        RawOptions {
-            growable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    qcow2::create(
-        &f,
         &CreateOptions {
             size: 1 << 20,
             backing_file: Some(fifo.to_str().unwrap().to_string()),
@@ -83,7 +74,6 @@ fn a_fifo_is_refused_as_an_image_and_as_a_backing_file() {
         },
     )
     .unwrap();
-    drop(f);
     let t = top.clone();
     let r = within("opening the overlay", move || {
         Image::open(&t, Format::Qcow2, ImageOptions::default()).map(|_| ())

@@ -388,29 +388,18 @@ fn run_engine(engine: Engine, rounds: u64, ops: usize) {
     let mut rng = Rng(0x5eed_0000 + engine as u64);
     for round in 0..rounds {
         let path = dir.path().join(format!("{}-{round}.qcow2", engine.name()));
-        std::fs::File::create(&path).unwrap();
-        {
-            let f = RawFile::open(
-                &path,
-                RawOptions {
-                    growable: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            qcow2::create(
-                &f,
-                &CreateOptions {
-                    size: CLUSTERS * CS,
-                    cluster_size: CS,
-                    // Half the rounds without write barriers between metadata
-                    // updates, which makes them cheap.
-                    lazy_refcounts: round % 2 == 1,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        }
+        qcow2::create_path(
+            &path,
+            &CreateOptions {
+                size: CLUSTERS * CS,
+                cluster_size: CS,
+                // Half the rounds without write barriers between metadata
+                // updates, which makes them cheap.
+                lazy_refcounts: round % 2 == 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let img = std::sync::Arc::new(open(&path));
         let mut r = Run {
             engine,

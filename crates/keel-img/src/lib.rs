@@ -1,7 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -33,13 +32,6 @@ enum CliError {
     /// A life-cycle verb (resize, snapshot, commit, rebase, amend) failed.
     #[error(transparent)]
     Verb(#[from] lifecycle::VerbError),
-    /// Creating the image file failed.
-    #[error("creating {}", path.display())]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     /// A bad command line.
     #[error("invalid argument: {0}")]
     Usage(Usage),
@@ -666,17 +658,8 @@ fn create_image(
                 o.backing_file = Some(name.to_string());
                 o.backing_format = Some(bfmt);
             }
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .map_err(|source| CliError::Create {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            let f = open_raw(path, false)?;
-            Ok(qcow2::create(&f, &o)?)
+            qcow2::create_path(path, &o)?;
+            Ok(())
         }
         other => Err(
             keel_block::Error::Unsupported(keel_block::error::Unsupported::Format(

@@ -397,26 +397,15 @@ fn bad_backing_chains_give_clear_errors() {
     assert!(e.to_string().contains("deeper than 16"), "{e}");
     // A backing file whose format is not stated: refused unless allowed.
     let nofmt = path("nofmt.qcow2");
-    {
-        std::fs::File::create(&nofmt).unwrap();
-        let f = RawFile::open(
-            &nofmt,
-            RawOptions {
-                growable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        qcow2::create(
-            &f,
-            &CreateOptions {
-                size: 1 << 20,
-                backing_file: Some("d0.qcow2".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    }
+    qcow2::create_path(
+        &nofmt,
+        &CreateOptions {
+            size: 1 << 20,
+            backing_file: Some("d0.qcow2".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let e = open(&nofmt, false).err().expect("unstated format");
     assert!(matches!(e, Error::BackingChain { .. }), "{e}");
     assert!(e.to_string().contains("refusing to probe"), "{e}");

@@ -94,23 +94,15 @@ fn overlay(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (base, top)
 }
 
-/// A raw image a guest wrote can hold a qcow2 header naming any host file: with the format
-/// probed, keel refuses to follow a backing file; with `format=qcow2` it follows it.
-#[test]
-fn a_probed_qcow2_with_a_backing_file_is_refused() {
-    require_kvm!();
-    let dir = TempDir::new("disk-probe");
-    let (_, top) = overlay(dir.path());
-    let probed = format!("path={}", top.display());
-    let out = run_keel(&["--memory", "64", "--disk", &probed], LIMIT);
+/// keel with `--disk DISK` exits 1 before the guest runs, saying `why`.
+fn refused(disk: &str, why: &str) {
+    let out = run_keel(&["--memory", "64", "--disk", disk], LIMIT);
     assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("probed as qcow2 with a backing file; give format=qcow2"),
-        "{}",
-        out.stderr
-    );
-    let stated = format!("path={},format=qcow2", top.display());
+    assert!(out.stderr.contains(why), "{}", out.stderr);
+}
+
+/// keel with `--disk DISK` runs the test guest's serial scenario to the end.
+fn runs(disk: &str) {
     let out = run_keel(
         &[
             "--memory",
@@ -118,11 +110,25 @@ fn a_probed_qcow2_with_a_backing_file_is_refused() {
             "--cmdline",
             "keel.test=serial",
             "--disk",
-            &stated,
+            disk,
         ],
         LIMIT,
     );
     assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
+}
+
+/// A raw image a guest wrote can hold a qcow2 header naming any host file: with the format
+/// probed, keel refuses to follow a backing file; with `format=qcow2` it follows it.
+#[test]
+fn a_probed_qcow2_with_a_backing_file_is_refused() {
+    require_kvm!();
+    let dir = TempDir::new("disk-probe");
+    let (_, top) = overlay(dir.path());
+    refused(
+        &format!("path={}", top.display()),
+        "probed as qcow2 with a backing file; give format=qcow2",
+    );
+    runs(&format!("path={},format=qcow2", top.display()));
 }
 
 /// `backing=refuse`: an image that names a backing file is refused, with the name it
@@ -134,30 +140,17 @@ fn backing_refuse_refuses_an_image_that_names_a_backing_file() {
     let (base, top) = overlay(dir.path());
     let alone = dir.path().join("alone.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", alone.to_str().unwrap(), "8M"]);
-    let refused = format!("path={},format=qcow2,backing=refuse", top.display());
-    let out = run_keel(&["--memory", "64", "--disk", &refused], LIMIT);
-    assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
-    assert!(
-        out.stderr.contains(&format!(
+    refused(
+        &format!("path={},format=qcow2,backing=refuse", top.display()),
+        &format!(
             "names the backing file {}, and backing=refuse",
             base.display()
-        )),
-        "{}",
-        out.stderr
+        ),
     );
-    let alone = format!("path={},format=qcow2,backing=refuse", alone.display());
-    let out = run_keel(
-        &[
-            "--memory",
-            "64",
-            "--cmdline",
-            "keel.test=serial",
-            "--disk",
-            &alone,
-        ],
-        LIMIT,
-    );
-    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
+    runs(&format!(
+        "path={},format=qcow2,backing=refuse",
+        alone.display()
+    ));
 }
 
 /// `Cpus_allowed_list` of a thread of `pid` named `comm`, from /proc.

@@ -3,8 +3,40 @@
 use super::compress::CompressionType;
 use super::header::{self, Header};
 use super::{refcount, CreateOptions};
+use std::path::Path;
+
 use crate::backend::BlockBackend;
 use crate::error::{InvalidArgument, Result};
+use crate::raw::{RawFile, RawOptions};
+
+/// Creates (or truncates) `path` and formats it as a new, empty qcow2 image, as `qemu-img
+/// create -f qcow2` does; returns the file, open read-write and growable.
+///
+/// # Examples
+///
+/// ```
+/// use keel_block::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("disk.qcow2");
+/// let f = qcow2::create_path(&path, &CreateOptions { size: 1 << 20, ..Default::default() })?;
+/// let img = Qcow2::open(f, Qcow2Options::default())?;
+/// img.write_at(&[1; 512], 0)?;
+/// # Ok::<(), keel_block::Error>(())
+/// ```
+pub fn create_path(path: impl AsRef<Path>, o: &CreateOptions) -> Result<RawFile> {
+    let path = path.as_ref();
+    RawFile::create(path, 0)?;
+    let f = RawFile::open(
+        path,
+        RawOptions {
+            growable: true,
+            ..Default::default()
+        },
+    )?;
+    create(&f, o)?;
+    Ok(f)
+}
 
 /// Formats `file` as a new, empty qcow2 image.
 pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {

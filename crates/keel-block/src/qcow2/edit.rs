@@ -1233,6 +1233,7 @@ pub fn snapshot_names(f: &dyn BlockBackend) -> EditResult<Vec<(String, String)>>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::tests::be64;
     use crate::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
     use crate::MemBackend;
     use std::sync::Arc;
@@ -1274,10 +1275,6 @@ mod tests {
             "{:?}",
             r.messages
         );
-    }
-
-    fn be64(b: &[u8], at: usize) -> u64 {
-        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
     }
 
     /// Entries of a hostile image naming clusters far past the end of the file (an L2

@@ -461,7 +461,8 @@ fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send
         .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s"))
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+/// The big-endian u64 at `at` of an image's bytes (the edit tests use it too).
+pub(super) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
@@ -528,6 +529,47 @@ fn dirty_image_with_aliased_l2_tables_checks_in_bounded_time() {
     assert!(matches!(r, Ok(()) | Err(Error::Corrupt(_))), "{r:?}");
 }
 
+/// `m` with 512 bytes of data written at guest offset 0: the image's bytes, the L1
+/// table's offset and the first L2 table's.
+fn with_data_at_0(m: MemBackend) -> (Vec<u8>, usize, usize) {
+    let img = Qcow2::open(m, Qcow2Options::default()).unwrap();
+    img.write_at(&[7u8; 512], 0).unwrap();
+    img.flush().unwrap();
+    let b = img.file().to_vec();
+    let l1 = be64(&b, 40) as usize;
+    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    (b, l1, l2)
+}
+
+/// Opens the damaged image `b` and writes 512 bytes at guest offset `at`: the write
+/// must fail as corruption `refusal` accepts, naming the L1 table, and the first `len`
+/// bytes of the L1 table at `l1` must be as they were. Returns the image.
+fn refused_sparing_l1(
+    b: Vec<u8>,
+    at: u64,
+    l1: usize,
+    len: usize,
+    refusal: fn(&Corruption) -> Option<crate::error::Metadata>,
+) -> Qcow2<MemBackend> {
+    let before = b[l1..l1 + len].to_vec();
+    let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default()).unwrap();
+    match img.write_at(&[9u8; 512], at) {
+        Err(Error::Corrupt(c)) => {
+            assert_eq!(refusal(&c), Some(crate::error::Metadata::L1Table), "{c:?}")
+        }
+        r => panic!("the write was not refused as corruption: {r:?}"),
+    }
+    assert_eq!(&img.file().to_vec()[l1..l1 + len], &before[..]);
+    img
+}
+
+fn overlap(c: &Corruption) -> Option<crate::error::Metadata> {
+    match c {
+        Corruption::DataOverlap { metadata, .. } => Some(*metadata),
+        _ => None,
+    }
+}
+
 /// An extended-L2 entry without COPIED that names the L1 table (a cluster of refcount 1,
 /// so "owned alone"): a write into one of its unallocated subclusters would zero and
 /// write the L1 table. It is refused as an overlap with metadata, and the L1 table is
@@ -545,31 +587,12 @@ fn extended_l2_writes_never_land_in_metadata() {
         },
     )
     .unwrap();
-    let img = Qcow2::open(m, Qcow2Options::default()).unwrap();
-    img.write_at(&[7u8; 512], 0).unwrap();
-    img.flush().unwrap();
-    let mut b = img.file().to_vec();
-    drop(img);
-    let l1 = be64(&b, 40) as usize;
-    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let (mut b, l1, l2) = with_data_at_0(m);
     // Entry 0: the L1 table's cluster, COPIED clear; subcluster 0 allocated.
     b[l2..l2 + 8].copy_from_slice(&(l1 as u64).to_be_bytes());
     b[l2 + 8..l2 + 16].copy_from_slice(&1u64.to_be_bytes());
-    let l1_before = b[l1..l1 + 16384].to_vec();
-    let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default()).unwrap();
     // Subcluster 1 (512 bytes each at 16 KiB clusters): newly allocated by this write.
-    let r = img.write_at(&[9u8; 512], 512);
-    assert!(
-        matches!(
-            r,
-            Err(Error::Corrupt(Corruption::DataOverlap {
-                metadata: crate::error::Metadata::L1Table,
-                ..
-            }))
-        ),
-        "{r:?}"
-    );
-    assert_eq!(&img.file().to_vec()[l1..l1 + 16384], &l1_before[..]);
+    refused_sparing_l1(b, 512, l1, 16384, overlap);
 }
 
 /// A zero cluster without COPIED that names the L1 table: a write allocates a new cluster
@@ -578,34 +601,12 @@ fn extended_l2_writes_never_land_in_metadata() {
 /// overlap with metadata, and the L1 table stays as it was.
 #[test]
 fn a_zero_entry_naming_metadata_is_never_released() {
-    let img = Qcow2::open(new_image(1 << 20, 512, 16, 3), Qcow2Options::default()).unwrap();
-    img.write_at(&[7u8; 512], 0).unwrap();
-    img.flush().unwrap();
-    let mut b = img.file().to_vec();
-    drop(img);
-    let l1 = be64(&b, 40);
-    let l2 = (be64(&b, l1 as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let (mut b, l1, l2) = with_data_at_0(new_image(1 << 20, 512, 16, 3));
     // ZERO (bit 0) with the L1 table's offset, COPIED clear.
-    b[l2..l2 + 8].copy_from_slice(&(l1 | 1).to_be_bytes());
-    let l1_before = b[l1 as usize..l1 as usize + 512].to_vec();
-    let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default()).unwrap();
-    let r = img.write_at(&[9u8; 512], 0);
-    assert!(
-        matches!(
-            r,
-            Err(Error::Corrupt(Corruption::DataOverlap {
-                metadata: crate::error::Metadata::L1Table,
-                ..
-            }))
-        ),
-        "{r:?}"
-    );
-    // Nothing more is written to a corrupt image; the L1 table is intact.
+    b[l2..l2 + 8].copy_from_slice(&(l1 as u64 | 1).to_be_bytes());
+    let img = refused_sparing_l1(b, 0, l1, 512, overlap);
+    // Nothing more is written to a corrupt image.
     assert!(img.write_at(&[9u8; 512], 1024).is_err());
-    assert_eq!(
-        &img.file().to_vec()[l1 as usize..l1 as usize + 512],
-        &l1_before[..]
-    );
 }
 
 /// Refcounts that call the L1 table free: the allocator finds its cluster first and would
@@ -614,26 +615,13 @@ fn a_zero_entry_naming_metadata_is_never_released() {
 #[test]
 fn the_allocator_never_hands_out_metadata_the_refcounts_call_free() {
     let mut b = new_image(1 << 20, 512, 16, 3).to_vec();
-    let l1 = be64(&b, 40);
+    let l1 = be64(&b, 40) as usize;
     let rb = be64(&b, be64(&b, 48) as usize) as usize;
-    let at = rb + 2 * (l1 / 512) as usize;
+    let at = rb + 2 * (l1 / 512);
     assert_eq!(u16::from_be_bytes([b[at], b[at + 1]]), 1);
     b[at..at + 2].copy_from_slice(&0u16.to_be_bytes());
-    let l1_before = b[l1 as usize..l1 as usize + 512].to_vec();
-    let img = Qcow2::open(MemBackend::new(b), Qcow2Options::default()).unwrap();
-    let r = img.write_at(&[5u8; 512], 0);
-    assert!(
-        matches!(
-            r,
-            Err(Error::Corrupt(Corruption::FreeMetadata {
-                metadata: crate::error::Metadata::L1Table,
-                ..
-            }))
-        ),
-        "{r:?}"
-    );
-    assert_eq!(
-        &img.file().to_vec()[l1 as usize..l1 as usize + 512],
-        &l1_before[..]
-    );
+    refused_sparing_l1(b, 0, l1, 512, |c| match c {
+        Corruption::FreeMetadata { metadata, .. } => Some(*metadata),
+        _ => None,
+    });
 }
