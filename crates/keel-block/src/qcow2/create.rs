@@ -16,6 +16,7 @@ use crate::raw::{RawFile, RawOptions};
 ///
 /// ```
 /// use keel_block::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
+/// use keel_block::BlockBackend;
 ///
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("disk.qcow2");
