@@ -948,33 +948,40 @@ pub fn scenario_ping(boot: &BootInfo, acpi: &Acpi) -> Outcome {
     with_device("net-ping", boot, acpi, |c| ping(c, &p))
 }
 
-/// Send echo request `seq` to `to` and wait up to `limit` cycles for its
-/// reply (serving meanwhile). Replies to earlier requests are skipped.
-fn ping_once(
+const PING_DATA: [u8; 56] = [0x6b; 56];
+
+/// Queue echo request `seq` to `to`; false when the socket has no room.
+/// Requests wait in the socket until the peer's MAC address is known, so
+/// while the peer is not up yet they fill it.
+fn queue_echo(stack: &mut Stack, to: Ipv4Address, seq: u16) -> bool {
+    let repr = Icmpv4Repr::EchoRequest {
+        ident: PING_IDENT,
+        seq_no: seq,
+        data: &PING_DATA,
+    };
+    let s = stack.sockets.get_mut::<icmp::Socket>(stack.icmp);
+    let Ok(buf) = s.send(repr.buffer_len(), IpAddress::Ipv4(to)) else {
+        return false;
+    };
+    repr.emit(
+        &mut Icmpv4Packet::new_unchecked(buf),
+        &ChecksumCapabilities::default(),
+    );
+    true
+}
+
+/// Wait until `limit` cycles after `start` for the reply to echo request
+/// `seq` from `to`, serving meanwhile; the cycles it took. Replies to
+/// earlier requests are skipped.
+fn await_echo(
     c: &Ctx,
     stack: &mut Stack,
     phy: &mut Phy,
     to: Ipv4Address,
     seq: u16,
+    start: u64,
     limit: u64,
 ) -> Res<Option<u64>> {
-    let data = [0x6bu8; 56];
-    let repr = Icmpv4Repr::EchoRequest {
-        ident: PING_IDENT,
-        seq_no: seq,
-        data: &data,
-    };
-    let start = rdtsc();
-    {
-        let s = stack.sockets.get_mut::<icmp::Socket>(stack.icmp);
-        let Ok(buf) = s.send(repr.buffer_len(), IpAddress::Ipv4(to)) else {
-            crate::fail!("cannot queue echo request {seq}");
-        };
-        repr.emit(
-            &mut Icmpv4Packet::new_unchecked(buf),
-            &ChecksumCapabilities::default(),
-        );
-    }
     while rdtsc().wrapping_sub(start) < limit {
         stack.poll(phy)?;
         let (stats, active) = {
@@ -997,7 +1004,7 @@ fn ping_once(
             } = r
             {
                 if from == IpAddress::Ipv4(to) && ident == PING_IDENT && seq_no == seq {
-                    if d != data {
+                    if d != PING_DATA {
                         crate::fail!("echo reply {seq} from {to} carries other data");
                     }
                     return Ok(Some(rdtsc().wrapping_sub(start)));
@@ -1024,25 +1031,36 @@ fn ping(c: &Ctx, p: &Params) -> Outcome {
     // The peer may still be starting: up to 30 s for a first reply.
     let mut seq = 0u16;
     let first = rdtsc();
+    // Until its address is known the requests wait in the socket; once that
+    // is full, keep serving and asking for the address without queueing more.
+    let mut queued = 0u32;
     loop {
-        if ping_once(c, &mut stack, &mut phy, to, seq, hz / 5)?.is_some() {
+        let start = rdtsc();
+        if queue_echo(&mut stack, to, seq) {
+            queued += 1;
+        }
+        if await_echo(c, &mut stack, &mut phy, to, seq, start, hz / 5)?.is_some() {
             break;
         }
         seq = seq.wrapping_add(1);
         if rdtsc().wrapping_sub(first) > 30 * hz {
-            crate::fail!("no echo reply from {to} within 30 s ({seq} requests)");
+            crate::fail!("no echo reply from {to} within 30 s ({queued} requests queued)");
         }
     }
     say!(
         c.name,
-        "{to} answers (after {} requests)",
-        u32::from(seq) + 1
+        "{to} answers (after {queued} requests, {} s)",
+        rdtsc().wrapping_sub(first) / hz
     );
     let mut total = 0u64;
     let mut worst = 0u64;
     for i in 0..p.ping_n {
         seq = seq.wrapping_add(1);
-        let Some(t) = ping_once(c, &mut stack, &mut phy, to, seq, hz)? else {
+        let start = rdtsc();
+        if !queue_echo(&mut stack, to, seq) {
+            crate::fail!("cannot queue echo request {i} of {} to {to}", p.ping_n);
+        }
+        let Some(t) = await_echo(c, &mut stack, &mut phy, to, seq, start, hz)? else {
             crate::fail!(
                 "echo request {i} of {} to {to}: no reply within 1 s",
                 p.ping_n

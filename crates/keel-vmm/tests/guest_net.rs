@@ -860,7 +860,8 @@ fn net_ping_reaches_the_host_under_qemu_virtio_mmio() {
 
 /// Two QEMU VMs linked by a pair of Unix datagram sockets (`-netdev dgram`: one frame a
 /// datagram, as keel's socket backend) ping each other with `net-ping`, 20 times each,
-/// no loss; no namespace and no tap needed.
+/// no loss; no namespace and no tap needed. The second starts 4 s after the first
+/// begins pinging, as a peer that is slow to come up.
 #[test]
 fn two_qemu_vms_ping_each_other_over_unix_datagram_sockets() {
     require_kvm!();
@@ -897,13 +898,19 @@ fn two_qemu_vms_ping_each_other_over_unix_datagram_sockets() {
         .args(["-netdev", &netdev, "-device", &device]);
         Running::start(c)
     };
-    let a = vm(
+    let mut a = vm(
         "10.0.2.15",
         "10.0.2.16",
         "a.sock",
         "b.sock",
         "52:54:00:00:00:0a",
     );
+    // The second starts late: the first's requests wait for its address and
+    // fill the socket (16 of them in 3.2 s), and it must keep asking.
+    a.wait_for("the first VM pinging", BOOT_LIMIT, |out| {
+        out.contains("net-ping: address 10.0.2.15/24; pinging")
+    });
+    std::thread::sleep(Duration::from_secs(4));
     let b = vm(
         "10.0.2.16",
         "10.0.2.15",
@@ -996,7 +1003,8 @@ fn net_ping_reaches_the_host_under_keel_virtio_mmio() {
 
 /// Two keel VMs linked by the socket backend (`--net socket=PATH`: the first binds the
 /// path, the second connects to it), no tap and no namespace: they ping each other with
-/// `net-ping`, 20 times each, no loss; one on virtio-pci, one on virtio-mmio.
+/// `net-ping`, 20 times each, no loss; one on virtio-pci, one on virtio-mmio. The second
+/// starts 4 s after the first begins pinging.
 #[test]
 fn two_keel_vms_ping_each_other_over_a_socket() {
     require_kvm!();
@@ -1013,17 +1021,14 @@ fn two_keel_vms_ping_each_other_over_a_socket() {
             ));
         Running::start(c)
     };
-    let a = vm("10.0.2.15", "10.0.2.16", "52:54:00:00:00:0a", "pci");
-    // The second VM connects to the path the first bound.
-    let t = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < BOOT_LIMIT,
-            "the first VM never bound {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut a = vm("10.0.2.15", "10.0.2.16", "52:54:00:00:00:0a", "pci");
+    // The second VM connects to the path the first bound, 4 s after the first began
+    // pinging: until then the first's frames have no peer and are dropped.
+    a.wait_for("the first VM pinging", BOOT_LIMIT, |out| {
+        out.contains("net-ping: address 10.0.2.15/24; pinging")
+    });
+    assert!(sock.exists(), "the first VM bound {}", sock.display());
+    std::thread::sleep(Duration::from_secs(4));
     let b = vm("10.0.2.16", "10.0.2.15", "52:54:00:00:00:0b", "mmio");
     for (vm, me, peer) in [(a, "10.0.2.15", "10.0.2.16"), (b, "10.0.2.16", "10.0.2.15")] {
         let out = vm.finish(BOOT_LIMIT);
