@@ -81,11 +81,11 @@ mod tests {
     use super::*;
     use crate::mem::MemBackend;
 
-    /// The one test that uses the real clock: a throttled backend's observed rate lands
-    /// within 10% of the limit (the limit is a floor on time taken; the ceiling allows for
-    /// a busy machine).
+    /// The one test that uses the real clock: a throttled backend's requests wait, so its
+    /// observed rate stays within the limit (how long each wait is, keel-ratelimit's tests
+    /// check with a clock of their own; a busy machine may only make this slower).
     #[test]
-    fn a_throttled_backend_runs_at_its_limit() {
+    fn a_throttled_backend_stays_within_its_limit() {
         let b = Throttled::new(MemBackend::new(vec![0; 1 << 20]), 200, 0);
         let mut buf = [0u8; 512];
         let start = Instant::now();
@@ -96,9 +96,5 @@ mod tests {
         let secs = start.elapsed().as_secs_f64();
         let rate = 180.0 / secs;
         assert!(rate <= 200.0 * 1.01, "{rate:.1} ops/s exceeds the limit");
-        assert!(
-            rate >= 200.0 * 0.9,
-            "{rate:.1} ops/s is more than 10% under the limit"
-        );
     }
 }

@@ -139,6 +139,12 @@ pub fn rdtsc() -> u64 {
 /// 0.3-1 s on anything from 1 to 3.5 GHz.
 pub const TIMEOUT_CYCLES: u64 = 1 << 30;
 
+/// TSC cycles we allow for an answer that needs another host thread (a
+/// VMM's device worker or event loop, a new vCPU thread): on a busy host
+/// that thread may wait for a CPU for seconds. 32 G cycles is 10-34 s; only
+/// a failure waits that long.
+pub const DEVICE_TIMEOUT_CYCLES: u64 = 1 << 35;
+
 /// Spin until `done()` is true or `cycles` TSC cycles have passed.
 pub fn wait_for(cycles: u64, mut done: impl FnMut() -> bool) -> bool {
     let start = rdtsc();

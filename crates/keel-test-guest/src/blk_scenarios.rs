@@ -22,7 +22,7 @@
 use core::fmt::Write;
 
 use crate::acpi::Acpi;
-use crate::arch::{self, rdtsc, TIMEOUT_CYCLES};
+use crate::arch::{self, rdtsc, DEVICE_TIMEOUT_CYCLES};
 use crate::blk::{
     self, Blk, Done, Req, Shape, Split, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, SECTOR, S_IOERR,
     S_OK, S_UNSUPP, T_DISCARD, T_WRITE_ZEROES, WZ_UNMAP,
@@ -439,7 +439,7 @@ fn interrupt_check(c: &Ctx, b: &mut Blk) -> Outcome {
         |_| {},
         |d, _| expect(d, S_OK),
     )?;
-    if !arch::wait_for(TIMEOUT_CYCLES, || queue_irqs(c) > before) {
+    if !arch::wait_for(DEVICE_TIMEOUT_CYCLES, || queue_irqs(c) > before) {
         crate::fail!(
             "no queue interrupt (vector {:#x}) after a read with used_event at the used index",
             c.irqs.queue_vector()
@@ -903,7 +903,7 @@ fn bench_steps(c: &Ctx, n: u32) -> Outcome {
     if blocks == 0 {
         crate::fail!("capacity {} sectors holds no 4 KiB block", b.cfg.capacity);
     }
-    let hz = crate::pit::tsc_hz();
+    let hz = crate::pit::tsc_hz_tries();
     match hz {
         Some(hz) => say!(
             name,
@@ -1153,7 +1153,7 @@ fn mq_steps(c: &Ctx) -> Outcome {
             |d, _| expect(d, S_OK),
         )?;
         let vector = VEC_COUNTED + counter as u8;
-        if !arch::wait_for(TIMEOUT_CYCLES, || irq::vec_count(counter) > before) {
+        if !arch::wait_for(DEVICE_TIMEOUT_CYCLES, || irq::vec_count(counter) > before) {
             crate::fail!(
                 "no interrupt for queue {q} (vector {vector:#x}) after a read with used_event at the used index"
             );

@@ -31,7 +31,7 @@ pub fn scenario(boot: &BootInfo, acpi: &Acpi) -> Outcome {
 fn run(acpi: &Acpi, mut disk: Option<&mut TickDisk>) -> Outcome {
     lapic_enable();
     // The calibration wants three measurements that agree; a busy host can spoil one.
-    let Some(hz) = (0..5).find_map(|_| pit::tsc_hz()) else {
+    let Some(hz) = pit::tsc_hz_tries() else {
         crate::fail!("cannot calibrate the TSC against the PIT (5 tries)");
     };
     let mut button = PowerButton::try_arm(acpi);

@@ -13,7 +13,7 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::arch::TIMEOUT_CYCLES;
+use crate::arch::{DEVICE_TIMEOUT_CYCLES, TIMEOUT_CYCLES};
 use crate::text::Text;
 use crate::virtio::{
     QueueMem, Res, Transport, Vq, DESC_NEXT, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
@@ -857,7 +857,7 @@ impl<'a> Net<'a> {
             crate::fail!("control queue full");
         }
         vq.submit(t);
-        if !vq.wait_used(1, TIMEOUT_CYCLES) {
+        if !vq.wait_used(1, DEVICE_TIMEOUT_CYCLES) {
             crate::fail!("control command class {class} command {cmd}: no answer");
         }
         let (id, len) = vq.pop_used().expect("waited for");

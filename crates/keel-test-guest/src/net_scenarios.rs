@@ -726,7 +726,7 @@ fn with_device(
 }
 
 fn tsc_hz() -> Res<u64> {
-    match (0..5).find_map(|_| pit::tsc_hz()) {
+    match pit::tsc_hz_tries() {
         Some(hz) => Ok(hz),
         None => crate::fail!("cannot calibrate the TSC against the PIT (5 tries)"),
     }
@@ -1108,32 +1108,43 @@ fn pattern(size: usize, i: usize) -> u8 {
 }
 
 /// Send one datagram of `size` bytes to the peer and wait for it back,
-/// byte-exact.
+/// byte-exact. Sent again every 0.5 s while nothing comes back (the first
+/// one after boot or a reset waits for the peer's address, and a host
+/// that is slow to put its tap up drops the answer), for up to 10 s.
+/// Datagrams of other sizes are skipped: echoes of earlier sends that came
+/// late (the burst before a reset, an earlier copy sent again).
 fn echo_once(stack: &mut Stack, phy: &mut Phy, to: IpEndpoint, size: usize) -> Outcome {
     let mut buf = [0u8; 9000];
-    for (i, b) in buf[..size].iter_mut().enumerate() {
-        *b = pattern(size, i);
-    }
     let h = stack.udp_client;
-    if stack
-        .sockets
-        .get_mut::<udp::Socket>(h)
-        .send_slice(&buf[..size], to)
-        .is_err()
-    {
-        crate::fail!("cannot queue a {size}-byte datagram");
-    }
     let start = rdtsc();
-    let limit = 2 * stack.hz;
+    let resend = stack.hz / 2;
+    let limit = 10 * stack.hz;
+    let mut sent = 0u32;
+    let mut last_send = None;
+    let mut skipped = 0u32;
     loop {
+        let now = rdtsc();
+        if last_send.is_none_or(|t: u64| now.wrapping_sub(t) > resend) {
+            for (i, b) in buf[..size].iter_mut().enumerate() {
+                *b = pattern(size, i);
+            }
+            let s = stack.sockets.get_mut::<udp::Socket>(h);
+            // A full socket (copies waiting for the peer's address) takes
+            // none: the next try comes after another half second.
+            if s.send_slice(&buf[..size], to).is_ok() {
+                sent += 1;
+            }
+            last_send = Some(now);
+        }
         stack.poll(phy)?;
         let s = stack.sockets.get_mut::<udp::Socket>(h);
-        if let Ok((n, meta)) = s.recv_slice(&mut buf) {
+        while let Ok((n, meta)) = s.recv_slice(&mut buf) {
             if meta.endpoint != to {
                 continue;
             }
             if n != size {
-                crate::fail!("sent {size} bytes to the peer, {n} came back");
+                skipped += 1;
+                continue;
             }
             if let Some(i) = (0..size).find(|&i| buf[i] != pattern(size, i)) {
                 crate::fail!(
@@ -1145,7 +1156,9 @@ fn echo_once(stack: &mut Stack, phy: &mut Phy, to: IpEndpoint, size: usize) -> O
             return Ok(());
         }
         if rdtsc().wrapping_sub(start) > limit {
-            crate::fail!("no echo of a {size}-byte datagram from {to} within 2 s");
+            crate::fail!(
+                "no echo of a {size}-byte datagram from {to} within 10 s ({sent} copies sent; {skipped} datagrams of other sizes came back)"
+            );
         }
     }
 }

@@ -505,7 +505,7 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
     let rung = reg(new, REG_RUNG);
     let base = irq::vec_count(0);
     set_reg(new, REG_DOORBELL, 0);
-    if !arch::wait_for(arch::TIMEOUT_CYCLES, || irq::vec_count(0) > base) {
+    if !arch::wait_for(arch::DEVICE_TIMEOUT_CYCLES, || irq::vec_count(0) > base) {
         crate::fail!("no MSI-X interrupt (vector {vec:#x}) after ringing doorbell 0");
     }
     let rung_now = reg(new, REG_RUNG);
@@ -528,7 +528,7 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
     }
     println!("keel-test: pci: masked: no interrupt, PBA bit 0 set");
     msix.mask(0, false);
-    if !arch::wait_for(arch::TIMEOUT_CYCLES, || irq::vec_count(0) > base) {
+    if !arch::wait_for(arch::DEVICE_TIMEOUT_CYCLES, || irq::vec_count(0) > base) {
         crate::fail!("unmasking vector 0 did not deliver the pending interrupt");
     }
     arch::wait_for(QUIET_CYCLES, || false);

@@ -54,6 +54,12 @@ fn measure(ticks: u64) -> Option<u64> {
     }
 }
 
+/// [`tsc_hz`], tried up to five times (a busy host can make the three
+/// measurements of one try disagree).
+pub fn tsc_hz_tries() -> Option<u64> {
+    (0..5).find_map(|_| tsc_hz())
+}
+
 /// The TSC frequency in Hz: the median of three 20 ms measurements, if
 /// the PIT counts and the three agree within 2 %.
 pub fn tsc_hz() -> Option<u64> {

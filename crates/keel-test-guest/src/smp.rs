@@ -94,7 +94,7 @@ pub fn scenario(acpi: &Acpi) -> Outcome {
         send_ipi(id, sipi);
         if !arch::wait_for(arch::TIMEOUT_CYCLES / 4, up) {
             send_ipi(id, sipi);
-            if !arch::wait_for(4 * arch::TIMEOUT_CYCLES, up) {
+            if !arch::wait_for(arch::DEVICE_TIMEOUT_CYCLES, up) {
                 crate::fail!("cpu {id} (index {idx}) did not come up after INIT-SIPI-SIPI");
             }
         }

@@ -19,7 +19,8 @@ use core::sync::atomic::{fence, AtomicBool, Ordering};
 
 use crate::acpi::Acpi;
 use crate::arch::{
-    mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write8, TIMEOUT_CYCLES,
+    mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write8,
+    DEVICE_TIMEOUT_CYCLES,
 };
 use crate::pci::{self, Func};
 use crate::text::Text;
@@ -535,7 +536,7 @@ impl Transport {
     /// Reset: write 0, then wait (bounded) until the status reads 0.
     pub fn reset(&self) -> Res<()> {
         self.set_status(0);
-        if !crate::arch::wait_for(TIMEOUT_CYCLES, || self.status() == 0) {
+        if !crate::arch::wait_for(DEVICE_TIMEOUT_CYCLES, || self.status() == 0) {
             crate::fail!(
                 "device status reads {:#x} after a reset (wrote 0)",
                 self.status()

@@ -12,7 +12,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::acpi::Acpi;
-use crate::arch::{self, TIMEOUT_CYCLES};
+use crate::arch::{self, DEVICE_TIMEOUT_CYCLES};
 use crate::idt::VEC_COUNTED;
 use crate::irq;
 use crate::pci::QUIET_CYCLES;
@@ -572,7 +572,7 @@ fn flush(c: &Ctx, vq: &mut Vq, b: &mut Batch, xor: u8, event: u16, st: &mut Stat
     }
     let n = b.n as u16;
     let kicked = vq.submit(c.t);
-    if !vq.wait_used(n, TIMEOUT_CYCLES) {
+    if !vq.wait_used(n, DEVICE_TIMEOUT_CYCLES) {
         crate::fail!(
             "batch {}: {} of {n} requests used within the timeout (avail idx {}, used idx {}, avail_event {}, {})",
             st.batches + 1,
@@ -869,7 +869,7 @@ fn echo(c: &Ctx) -> Outcome {
     let before = c.irqs.queue();
     let event = r.vq.last_used();
     echo_one(c, &mut r, 0, 100, event)?;
-    if !arch::wait_for(TIMEOUT_CYCLES, || c.irqs.queue() > before) {
+    if !arch::wait_for(DEVICE_TIMEOUT_CYCLES, || c.irqs.queue() > before) {
         crate::fail!(
             "no queue interrupt (vector {:#x}) within the timeout after a used buffer (used_event {event})",
             c.irqs.queue_vector()
@@ -914,7 +914,7 @@ fn echo(c: &Ctx) -> Outcome {
     let before = c.irqs.queue();
     let event = r.vq.last_used();
     echo_one(c, &mut r, 0, 64, event)?;
-    if !arch::wait_for(TIMEOUT_CYCLES, || c.irqs.queue() > before) {
+    if !arch::wait_for(DEVICE_TIMEOUT_CYCLES, || c.irqs.queue() > before) {
         crate::fail!("no queue interrupt after used_event was set to the used index ({event})");
     }
     check_used_status(c)?;
@@ -925,7 +925,7 @@ fn echo(c: &Ctx) -> Outcome {
     let g0 = t.config_generation();
     let before = c.irqs.config();
     t.config_write8(CFG_XOR, 0x5a);
-    if !arch::wait_for(TIMEOUT_CYCLES, || c.irqs.config() > before) {
+    if !arch::wait_for(DEVICE_TIMEOUT_CYCLES, || c.irqs.config() > before) {
         crate::fail!(
             "no configuration-change interrupt (vector {:#x}) after writing xor",
             c.irqs.config_vector()
@@ -1038,7 +1038,7 @@ fn rng_fill(c: &Ctx, vq: &mut Vq, at: usize, indirect: bool) -> Result<u32, Text
             vq.set_used_event(vq.last_used());
         }
         let kicked = vq.submit(c.t);
-        if !vq.wait_used(1, TIMEOUT_CYCLES) {
+        if !vq.wait_used(1, DEVICE_TIMEOUT_CYCLES) {
             crate::fail!(
                 "request {requests}: no used buffer within the timeout (avail idx {}, used idx {}, {})",
                 vq.avail_idx(),
@@ -1079,7 +1079,7 @@ fn rng_bytes(vq: &Vq, at: usize) -> Result<([u8; RNG_BYTES], Text<48>), Text<160
 /// Wait for the queue interrupt that `before` predates; on virtio-mmio
 /// check and acknowledge InterruptStatus.
 fn rng_interrupt(c: &Ctx, before: u64) -> Outcome {
-    if !arch::wait_for(TIMEOUT_CYCLES, || c.irqs.queue() > before) {
+    if !arch::wait_for(DEVICE_TIMEOUT_CYCLES, || c.irqs.queue() > before) {
         crate::fail!(
             "no queue interrupt (vector {:#x}) within the timeout",
             c.irqs.queue_vector()

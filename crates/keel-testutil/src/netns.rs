@@ -68,6 +68,9 @@ impl NetNs {
             let mtu = mtu.to_string();
             ip(&["-n", &ns.name, "link", "set", "tap0", "mtu", &mtu]);
         }
+        // Room for 10000 frames on their way to the VMM (500 by default): a test's burst
+        // is not dropped while the VMM or the guest is off the CPU for a while.
+        ip(&["-n", &ns.name, "link", "set", "tap0", "txqueuelen", "10000"]);
         ip(&["-n", &ns.name, "link", "set", "tap0", "up"]);
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ns

@@ -202,6 +202,8 @@ fn config_write_raises_a_config_interrupt_and_changes_the_generation() {
         d.notify(0);
         ring.wait_used(1);
         assert_eq!(read_bytes(&mem, out, 6), xored(&payload, 0x5a));
+        // The used index is published before the interrupt is raised.
+        eventually("the used-buffer interrupt", || d.irqs() > irqs);
         settle();
         assert_eq!(d.irqs(), irqs + 1, "only the used-buffer interrupt");
         d.set_status(0);

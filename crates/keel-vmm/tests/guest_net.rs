@@ -39,11 +39,12 @@ const BULK: usize = 64 << 20;
 // ---------------------------------------------------------------------
 // The namespace and its tap.
 
-/// `ping -c COUNT` the guest from the host side; panics unless every reply came.
+/// `ping -c COUNT` the guest from the host side; panics unless every reply came. With a
+/// deadline (`-w`) ping waits for every reply, not only twice the slowest round trip.
 fn ping(ns: &NetNs, count: u32, size: usize) {
     let out = ns
         .command("ping")
-        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "5"])
+        .args(["-c", &count.to_string(), "-i", "0.2", "-w", "30"])
         .args(["-s", &size.to_string(), GUEST_IP])
         .output()
         .expect("cannot run ping (Debian package iputils-ping)");
@@ -287,8 +288,9 @@ fn set_link(g: &Guest, up: bool) {
 
 /// A UDP echo peer on 10.0.2.2:`port` until `stop`.
 fn udp_echo_peer(ns: &NetNs, port: u16, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
-    ns.spawn(move || {
-        let s = UdpSocket::bind((HOST_IP, port)).expect("bind the UDP echo peer");
+    // Bound before the guest starts (a socket stays in the namespace it was made in).
+    let s = ns.run(move || UdpSocket::bind((HOST_IP, port)).expect("bind the UDP echo peer"));
+    std::thread::spawn(move || {
         s.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let mut buf = vec![0u8; 65536];
@@ -670,8 +672,9 @@ fn two_pairs_case(vmm: Vmm, transport: Transport) {
 fn bench_case(vmm: Vmm, transport: Transport) {
     let n = 5000u32;
     let ns = NetNs::new("bench", TapOpts::default());
-    let sink = ns.spawn(move || {
-        let s = UdpSocket::bind((HOST_IP, 5556)).expect("bind the sink");
+    // Bound before the guest starts (a socket stays in the namespace it was made in).
+    let s = ns.run(|| UdpSocket::bind((HOST_IP, 5556)).expect("bind the sink"));
+    let sink = std::thread::spawn(move || {
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         // A large receive buffer: the host must not drop what the tap delivers.
         let big: libc::c_int = 32 << 20;
@@ -700,8 +703,6 @@ fn bench_case(vmm: Vmm, transport: Transport) {
         }
         got
     });
-    // Let the sink bind before the guest sends.
-    std::thread::sleep(Duration::from_millis(200));
     let cmdline =
         format!("keel.test=net-bench keel.peer=10.0.2.2:5556 keel.net_n={n} keel.net_size=18");
     let mut g = run_net_guest(&ns, vmm, NetOpts::new(transport), &cmdline);

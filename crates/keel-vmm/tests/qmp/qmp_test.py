@@ -247,10 +247,12 @@ async def check_stop_cont(vm, qmp, disk):
 
 
 async def ticks_in(vm, seconds):
-    """How many ticks the guest printed in the next `seconds`."""
+    """How many ticks the guest printed in the next `seconds` (at least), and how long
+    that really was (a busy host oversleeps)."""
     before = len(vm.ticks())
+    start = time.monotonic()
     await asyncio.sleep(seconds)
-    return len(vm.ticks()) - before
+    return len(vm.ticks()) - before, time.monotonic() - start
 
 
 async def wr_ops(qmp):
@@ -269,30 +271,37 @@ async def check_block(vm, qmp, disk):
     assert b["file"] == disk and b["drv"] == "raw" and not b["ro"], b
     assert b["image"]["virtual-size"] == 16 << 20, b
     assert b["iops"] == 0 and b["bps"] == 0, b
-    # The device's own counters follow the guest's writes: one 4 KiB write per tick.
+    # The device's own counters follow the guest's writes: one 4 KiB write per tick (the
+    # serial log and the query are a few ticks apart at most).
     s1 = await wr_ops(qmp)
-    n = await ticks_in(vm, 1.0)
+    n, _ = await ticks_in(vm, 1.0)
     s2 = await wr_ops(qmp)
     ops = s2["wr_operations"] - s1["wr_operations"]
-    assert abs(ops - n) <= 2 and 5 <= n, f"{ops} writes for {n} ticks"
+    assert abs(ops - n) <= 3 and n > 0, f"{ops} writes for {n} ticks"
     assert s2["wr_bytes"] - s1["wr_bytes"] == 4096 * ops, (s1, s2)
     assert s2["wr_total_time_ns"] > s1["wr_total_time_ns"], (s1, s2)
     # Throttled to 2 writes a second, the guest's tick loop (one write a tick) slows
-    # down to match; unthrottled it is back to 10 a second.
-    free = await ticks_in(vm, 2.0)
+    # down to match: at most 2 a second and the bucket's burst of 2, whatever the window
+    # really was; unthrottled it is back to 10 a second (more than twice the throttle is
+    # asked, for a busy host).
+    free, free_s = await ticks_in(vm, 2.0)
     await qmp.execute("block_set_io_throttle", throttle(2))
     blocks = {b["device"]: b for b in await qmp.execute("query-block")}
     assert blocks["disk0"]["inserted"]["iops"] == 2
     await asyncio.sleep(0.5)  # let the queue settle to the new rate
     s1 = await wr_ops(qmp)
-    slow = await ticks_in(vm, 3.0)
+    start = time.monotonic()
+    slow, _ = await ticks_in(vm, 3.0)
     s2 = await wr_ops(qmp)
+    slow_s = time.monotonic() - start
     slow_ops = s2["wr_operations"] - s1["wr_operations"]
     await qmp.execute("block_set_io_throttle", throttle(0))
     await asyncio.sleep(1.0)  # the guest catches up on the ticks it owes
-    again = await ticks_in(vm, 2.0)
-    assert slow_ops <= 9 and slow <= 10, f"throttled to 2 IOPS: {slow_ops} writes in 3 s"
-    assert free >= 14 and again >= 14, f"unthrottled: {free} then {again} ticks in 2 s"
+    again, again_s = await ticks_in(vm, 2.0)
+    assert slow_ops <= 2 * slow_s + 3 and slow <= 2 * slow_s + 4, \
+        f"throttled to 2 IOPS: {slow_ops} writes, {slow} ticks in {slow_s:.2f} s"
+    assert free / free_s > 4.5 and again / again_s > 4.5, \
+        f"unthrottled: {free} ticks in {free_s:.2f} s, then {again} in {again_s:.2f} s"
     await expect_error(qmp, "block_set_io_throttle", dict(throttle(1), device="nope"),
                        "DeviceNotFound")
     # Grown to 32 MiB, the guest hears of it through a configuration interrupt.
@@ -500,13 +509,14 @@ async def check_io_error(args):
             assert data["reason"] == "No space left on device", ev
             # The guest heard IOERR and runs on: more ticks, more failed writes. Events are
             # throttled (QEMU since 9.2: one per device a second, the latest held back
-            # meanwhile): 2.5 s of a write failing each tick bring 2 or 3 events.
+            # meanwhile): 20 ticks (2 s) of a write failing each tick bring 2 or 3 events,
+            # where each failure would bring one without the throttle.
             await vm.wait_serial("the guest seeing IOERR",
                                  lambda out: "disk write failed (IOERR)" in out, EVENT_TIMEOUT)
             first = min(int(n) for n in re.findall(
                 r"keel-test: tick (\d+): disk write failed", vm.output()))
-            await asyncio.sleep(2.5)
-            assert max(vm.ticks()) >= first + 15, f"ticks stopped at {max(vm.ticks())}"
+            await vm.wait_serial("20 more ticks", lambda _: max(vm.ticks()) >= first + 20, 60)
+            await asyncio.sleep(0.5)
             assert await qmp.execute("query-status") == {"status": "running", "running": True}
             rest = events.clear()
             for e in rest:
@@ -516,12 +526,13 @@ async def check_io_error(args):
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
             more = len(stamps)
             failed = (await wr_ops(qmp))["failed_wr_operations"] - before
-            assert 2 <= more <= 4 and failed >= 15, f"{more} events for {failed} failed writes"
+            assert 2 <= more and failed >= 20 and more * 3 < failed, \
+                f"{more} events for {failed} failed writes"
             # One event a second at most: a held event keeps the timestamp of the failure it
             # reports (the latest in its second), so with a failure every 100 ms tick the
-            # stamps are 1 s give or take a tick apart (QEMU measured 0.90 s once). Without
-            # the throttle they would be one tick, 0.1 s, apart.
-            assert all(g >= 0.75 for g in gaps), f"events closer than one a second: {gaps}"
+            # stamps are 1 s give or take a tick apart (QEMU measured 0.90 s once; a busy
+            # host delays ticks). Without the throttle they would be one tick, 0.1 s, apart.
+            assert all(g >= 0.4 for g in gaps), f"events closer than one a second: {gaps}"
             # Room again: the next tick's write succeeds and lands on the disk.
             os.unlink(filler)
             last = max(vm.ticks())
