@@ -11,7 +11,9 @@
 //!   VIRTIO_BLK_F_RO and fail writes with IOERR.
 //! - One worker thread per queue, each with its own asynchronous engine (io_uring for raw
 //!   and qcow2 files, worker threads or inline execution for any backend); completions in
-//!   any order, straight into guest memory; optional ops/s and bytes/s limits.
+//!   any order, straight into guest memory; optional ops/s and bytes/s limits. A queue's
+//!   data goes to the host in pieces of [`PIECE_BYTES`], at most [`BUDGET_BYTES`] at once,
+//!   so a reset or pause waits for that much I/O, whatever the driver asked for.
 //! - Requests that fail on the host (I/O errors, ENOSPC) get IOERR and are reported to
 //!   the owner through [`BlockHandle::set_io_error_sink`] (QMP's `BLOCK_IO_ERROR`).
 //!
@@ -32,6 +34,7 @@ pub use errors::{IoError, IoErrorSink, IoOp};
 pub use stats::{BlockStats, OpStats};
 #[cfg(feature = "test-utils")]
 pub use worker::SyncServer;
+pub use worker::{BUDGET_BYTES, PIECE_BYTES};
 
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]

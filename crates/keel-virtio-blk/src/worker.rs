@@ -5,16 +5,21 @@
 //! While requests are in flight the worker keeps driver notifications off and polls the
 //! available ring after each completion; when idle it turns them on, re-checks the ring
 //! (so no kick is lost) and sleeps on the queue's notifier. Data moves straight between
-//! the disk and guest memory: a request's data ranges become one engine request that owns
-//! them, together with a handle on guest memory ([`crate::DataBuf`]). On stop (device
-//! reset) the worker waits for every request in flight before it exits, so nothing lands
-//! in guest memory afterwards.
+//! the disk and guest memory: a request's data ranges become engine requests of at most
+//! [`PIECE_BYTES`] that own them, together with a handle on guest memory
+//! ([`crate::DataBuf`]). A queue has at most [`BUDGET_BYTES`] on the host at once (a piece
+//! always starts when nothing is in flight); the rest waits in the worker. On stop (device
+//! reset) the worker waits for what is in flight on the host before it exits, so nothing
+//! lands in guest memory afterwards, and drops what had not started; on pause it waits
+//! for the same and keeps the rest for when the VM runs again. Either way the wait is for
+//! the budget's worth of I/O at most, whatever size of requests the driver chose.
 //!
 //! A throttled queue charges each request once it has passed validation, and only if the
 //! throttle admits it; otherwise the worker holds it and arms a timer in its poll set (with
 //! the queue's notifier and the stop event), never sleeping outside that poll: a stop or
 //! reset ends the wait at once.
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use keel_block::aio::{AioQueue, AioRequest, Completion};
 use keel_block::buf::GuestBuf;
+use keel_block::iov::{GuestRange, Iov};
 use keel_block::throttle::Throttle;
 use keel_memory::GuestMemoryMmap;
 use keel_virtio::device::{InterruptKind, NeedsReset, VirtioInterrupt};
@@ -70,6 +76,48 @@ pub(crate) struct QueueContext {
     pub errors: Arc<Reporter>,
     /// Whether chains may use indirect tables (INDIRECT_DESC negotiated).
     pub indirect: IndirectDesc,
+}
+
+/// The most data bytes one engine request of a read or write moves: a request's data
+/// goes to the host in pieces of this size.
+pub const PIECE_BYTES: usize = 1 << 20;
+
+/// The most data bytes a queue has on the host at once. What a reset or a pause waits
+/// for is bounded by it (and by one piece, which starts whenever nothing is in flight),
+/// not by the requests the driver makes: without it, a queue's worth of requests of up to
+/// `seg_max` segments of `size_max` each (the disk's size, segments aliasing the same
+/// guest pages) could keep a reset waiting for hours.
+pub const BUDGET_BYTES: u64 = 16 << 20;
+
+/// The data of a read or write not yet handed to the engine, in order.
+struct Backlog {
+    slot: usize,
+    write: bool,
+    /// Where the next piece goes on the disk.
+    offset: u64,
+    /// The guest ranges not yet handed out.
+    data: Iov<GuestRange>,
+}
+
+/// An engine request's `user_data`: the request's slot, and the data bytes it moves
+/// (counted against [`BUDGET_BYTES`] until it completes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tag {
+    slot: usize,
+    bytes: u32,
+}
+
+impl Tag {
+    fn encode(self) -> u64 {
+        (self.slot as u64 & 0xffff_ffff) | (u64::from(self.bytes) << 32)
+    }
+
+    fn decode(user_data: u64) -> Tag {
+        Tag {
+            slot: (user_data & 0xffff_ffff) as usize,
+            bytes: (user_data >> 32) as u32,
+        }
+    }
 }
 
 /// A running queue worker.
@@ -216,6 +264,10 @@ struct State {
     /// Fires when the held request may start; in the worker's poll set. `None` for
     /// [`SyncServer`], which serves unthrottled queues only.
     timer: Option<TimerFd>,
+    /// Reads and writes whose data has not all gone to the engine yet, oldest first.
+    backlog: VecDeque<Backlog>,
+    /// Data bytes of the engine requests in flight.
+    bytes_in_flight: u64,
 }
 
 /// Serves one queue on the calling thread: for tests and fuzzers that want determinism
@@ -274,6 +326,8 @@ impl SyncServer {
                 broken: false,
                 held: None,
                 timer: None,
+                backlog: VecDeque::new(),
+                bytes_in_flight: 0,
             },
         })
     }
@@ -296,6 +350,7 @@ impl SyncServer {
             for c in done.drain(..) {
                 st.complete(c);
             }
+            st.feed();
         }
     }
 
@@ -346,6 +401,8 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
         broken: false,
         held: None,
         timer: Some(timer),
+        backlog: VecDeque::new(),
+        bytes_in_flight: 0,
     };
     let mut events = [EpollEvent::default(); 3];
     let mut done = Vec::new();
@@ -356,7 +413,8 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
             break Ok(());
         }
         if let Some(gate) = st.ctx.gate.clone().filter(|g| g.is_closed()) {
-            // The VM is stopping: finish what is in flight, publish it, then park.
+            // The VM is stopping: finish what is in flight on the host (the backlog
+            // waits), publish it, then park.
             while st.aio.in_flight() > 0 {
                 done.clear();
                 if let Err(e) = st.aio.wait(1, &mut done) {
@@ -374,6 +432,8 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
         if !st.broken {
             st.take_requests(false);
         }
+        // After a pause, what was waiting goes on.
+        st.feed();
         st.signal();
         if st.aio.in_flight() > 0 {
             // Within the polling window, reap completions without sleeping (a wait for
@@ -392,6 +452,7 @@ fn run(ctx: QueueContext, stop: &AtomicBool, wake: &EventFd) -> Result<(), Worke
                 for c in done.drain(..) {
                     st.complete(c);
                 }
+                st.feed();
                 st.signal();
                 last_active = Instant::now();
             } else {
@@ -681,25 +742,24 @@ impl State {
                 let kind = if write { Kind::Write } else { Kind::Read };
                 self.account(slot, kind, data_len);
                 if !req.data.is_empty() {
-                    // The request owns its ranges and a handle on guest memory until it
-                    // completes.
-                    let buf = GuestBuf::new(self.ctx.mem.clone(), req.data);
-                    let tag = slot as u64;
-                    self.submit(
+                    // The backlog holds a count on the slot until its last piece is out.
+                    if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
+                        f.pending += 1;
+                    }
+                    self.backlog.push_back(Backlog {
                         slot,
-                        if write {
-                            AioRequest::write(offset, buf, tag)
-                        } else {
-                            AioRequest::read(offset, buf, tag)
-                        },
-                    );
+                        write,
+                        offset,
+                        data: req.data,
+                    });
+                    self.feed();
                 }
                 self.close(slot);
             }
             Op::Flush => {
                 let slot = self.open(head, req.status, 1, false, IoOp::Flush);
                 self.account(slot, Kind::Flush, 0);
-                self.submit(slot, AioRequest::flush(slot as u64));
+                self.submit(slot, AioRequest::flush(Tag { slot, bytes: 0 }.encode()));
                 self.close(slot);
             }
             Op::Discard(ref ranges) | Op::WriteZeroes(ref ranges) => {
@@ -711,7 +771,7 @@ impl State {
                 };
                 let slot = self.open(head, req.status, 1, false, op);
                 for r in ranges.iter() {
-                    let tag = slot as u64;
+                    let tag = Tag { slot, bytes: 0 }.encode();
                     let aio = if zeroes {
                         AioRequest::write_zeroes(r.offset, r.len, r.unmap, tag)
                     } else {
@@ -766,8 +826,47 @@ impl State {
         }
     }
 
+    /// Hands the backlog's data to the engine in pieces, oldest request first, while the
+    /// queue has less than [`BUDGET_BYTES`] in flight.
+    fn feed(&mut self) {
+        while let Some(b) = self.backlog.front_mut() {
+            if self.bytes_in_flight >= BUDGET_BYTES {
+                return;
+            }
+            let (piece, rest) = std::mem::take(&mut b.data).split_at(PIECE_BYTES);
+            b.data = rest;
+            let (slot, write, offset) = (b.slot, b.write, b.offset);
+            let bytes = piece.len();
+            b.offset += bytes as u64;
+            let last = b.data.is_empty();
+            if last {
+                self.backlog.pop_front();
+            }
+            // The piece owns its ranges and a handle on guest memory until it completes.
+            let buf = GuestBuf::new(self.ctx.mem.clone(), piece);
+            let tag = Tag {
+                slot,
+                bytes: bytes as u32,
+            };
+            self.bytes_in_flight += bytes as u64;
+            self.submit(
+                slot,
+                if write {
+                    AioRequest::write(offset, buf, tag.encode())
+                } else {
+                    AioRequest::read(offset, buf, tag.encode())
+                },
+            );
+            if last {
+                // The backlog's count.
+                self.piece_done(slot);
+            }
+        }
+    }
+
     fn complete(&mut self, c: Completion<DataBuf>) {
-        let slot = c.user_data as usize;
+        let Tag { slot, bytes } = Tag::decode(c.user_data);
+        self.bytes_in_flight = self.bytes_in_flight.saturating_sub(u64::from(bytes));
         if let Err(e) = &c.result {
             log::debug!("virtio-blk: request failed: {}", Chain(e));
             if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
@@ -793,7 +892,7 @@ impl State {
             // Write cache off: the write completes once it is durable.
             f.flush_after = false;
             f.pending = 1;
-            self.submit(slot, AioRequest::flush(slot as u64));
+            self.submit(slot, AioRequest::flush(Tag { slot, bytes: 0 }.encode()));
             self.piece_done(slot);
             return;
         }

@@ -1078,3 +1078,189 @@ fn a_reset_returns_while_the_driver_floods_the_ring() {
         assert_eq!(d.status(), 0);
     }
 }
+
+/// A disk of `size` bytes that reads as zeroes, counts the bytes it reads and takes 1 ms
+/// per MiB (a slow host disk).
+struct SlowZeroes {
+    size: u64,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl BlockBackend for SlowZeroes {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn read_vectored_at(&self, b: &mut [IoSliceMut<'_>], _: u64) -> keel_block::Result<()> {
+        let mut n = 0;
+        for s in b.iter_mut() {
+            s.fill(0);
+            n += s.len();
+        }
+        std::thread::sleep(std::time::Duration::from_micros(n as u64 >> 10));
+        self.read.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(())
+    }
+    fn write_vectored_at(
+        &self,
+        _: &[IoSlice<'_>],
+        _: u64,
+        _: WriteFlags,
+    ) -> keel_block::Result<()> {
+        unreachable!("a read-only disk")
+    }
+    fn flush(&self) -> keel_block::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> keel_block::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> keel_block::Result<()> {
+        Ok(())
+    }
+}
+
+/// A reset waits for the queue's budget of bytes in flight, not for the requests the
+/// driver chose: 32 reads of 64 MiB each (128 segments aliasing one 512 KiB buffer, within
+/// seg_max and size_max) are 2 GiB, two seconds of this disk; the reset comes once the
+/// first bytes are read, and at most two budgets and a piece are read after it.
+#[test]
+fn a_reset_waits_for_the_budget_not_for_the_drivers_huge_requests() {
+    const N: u64 = 32;
+    const SEGS: u64 = 128;
+    const SEG: u64 = 512 << 10;
+    for transport in 0..2 {
+        let disk = Arc::new(SlowZeroes {
+            size: 256 << 20,
+            read: Default::default(),
+        });
+        let block =
+            Box::new(Block::new(Disk::synchronous(disk.clone()), BlockOptions::default()).unwrap());
+        let d: Box<dyn Driver> = if transport == 0 {
+            Box::new(MmioDriver::new(block))
+        } else {
+            Box::new(PciDriver::new(block))
+        };
+        let mem = d.mem().clone();
+        let mut ring = Ring::new(&mem, Q);
+        d.start(FEATURES, &ring);
+        let buf = 0x20_0000 - SEG;
+        for i in 0..N {
+            let (hdr, table, st) = (
+                DATA_BASE + 0x20 * i,
+                DATA_BASE + 0x1000 * (i + 1),
+                DATA_BASE + 0x800 + i,
+            );
+            header(&mem, hdr, T_IN, 0);
+            let mut descs = vec![(hdr, 16, 0)];
+            descs.extend((0..SEGS).map(|_| (buf, SEG as u32, W)));
+            descs.push((st, 1, W));
+            indirect_table(&mem, table, &descs);
+            let h =
+                ring.add_descriptors(&[(table, 16 * descs.len() as u32, VRING_DESC_F_INDIRECT)]);
+            ring.publish(h);
+        }
+        d.notify(0);
+        eventually("the first bytes read", || {
+            disk.read.load(Ordering::SeqCst) > 0
+        });
+        let before = disk.read.load(Ordering::SeqCst);
+        d.set_status(0);
+        let after = disk.read.load(Ordering::SeqCst);
+        let bound = 2 * keel_virtio_blk::BUDGET_BYTES + keel_virtio_blk::PIECE_BYTES as u64;
+        assert!(
+            after - before <= bound,
+            "the reset waited for {} MiB of reads (at most {} MiB in flight)",
+            (after - before) >> 20,
+            bound >> 20
+        );
+        assert!(
+            after < N * SEGS * SEG,
+            "every request was served before the reset"
+        );
+        assert_eq!(d.status(), 0);
+    }
+}
+
+/// Reads and writes longer than a piece keep every byte in place: a write of three
+/// segments of odd sizes (2.1 MiB, so its pieces split segments) lands where it should,
+/// and a read of X four times and then Y (1.25 MiB) fills Y from the fifth quarter MiB
+/// (the second piece) and X from one of the first four; with the synchronous engine and
+/// with io_uring on a real file.
+#[test]
+fn requests_longer_than_a_piece_keep_every_byte_in_place() {
+    const SIZE: usize = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("disk.raw");
+    RawFile::create(&p, SIZE as u64).unwrap();
+    let raw = Arc::new(RawFile::open(&p, RawOptions::default()).unwrap());
+    let mem_disk = Arc::new(MemBackend::new(vec![0; SIZE]));
+    let disks: [(Disk, Arc<dyn BlockBackend>); 2] = [
+        (Disk::synchronous(mem_disk.clone()), mem_disk),
+        (Disk::uring(raw.clone(), 64), raw),
+    ];
+    for (disk, backend) in disks {
+        let d = MmioDriver::new(Box::new(Block::new(disk, BlockOptions::default()).unwrap()));
+        let mem = d.mem().clone();
+        let mut ring = Ring::new(&mem, Q);
+        d.start(FEATURES, &ring);
+        // The write: P (768 KiB), P + 4 KiB (500 KiB), P (768 KiB), P + 8 KiB (100 KiB).
+        let (pat, plen) = (DATA_BASE + 0x4_0000, 768usize << 10);
+        let bytes: Vec<u8> = (0..plen).map(|i| (i * 7 + i / 4096) as u8).collect();
+        mem.write_slice(&bytes, GuestAddress(pat)).unwrap();
+        let segs = [(0, plen), (4096, 500 << 10), (0, plen), (8192, 100 << 10)];
+        header(&mem, DATA_BASE, T_OUT, 8);
+        let mut descs = vec![(DATA_BASE, 16, 0)];
+        descs.extend(segs.iter().map(|&(o, l)| (pat + o as u64, l as u32, 0)));
+        descs.push((DATA_BASE + 0x100, 1, W));
+        indirect_table(&mem, DATA_BASE + 0x1000, &descs);
+        let h = ring.add_descriptors(&[(
+            DATA_BASE + 0x1000,
+            16 * descs.len() as u32,
+            VRING_DESC_F_INDIRECT,
+        )]);
+        ring.publish(h);
+        d.notify(0);
+        ring.wait_used(1);
+        assert_eq!(status(&mem, DATA_BASE + 0x100), S_OK);
+        let want: Vec<u8> = segs
+            .iter()
+            .flat_map(|&(o, l)| bytes[o..o + l].to_vec())
+            .collect();
+        let mut got = vec![0u8; want.len()];
+        backend.read_at(&mut got, 8 * 512).unwrap();
+        assert!(got == want, "the written bytes are not where they belong");
+        // The read: X four times (the first piece), then Y (the second), 256 KiB each.
+        let (x, y, q) = (DATA_BASE + 0x4_0000, DATA_BASE + 0x8_0000, 256u32 << 10);
+        header(&mem, DATA_BASE + 0x200, T_IN, 8);
+        let mut descs = vec![(DATA_BASE + 0x200, 16, 0)];
+        descs.extend([(x, q, W); 4]);
+        descs.extend([(y, q, W), (DATA_BASE + 0x101, 1, W)]);
+        indirect_table(&mem, DATA_BASE + 0x2000, &descs);
+        let h = ring.add_descriptors(&[(
+            DATA_BASE + 0x2000,
+            16 * descs.len() as u32,
+            VRING_DESC_F_INDIRECT,
+        )]);
+        ring.publish(h);
+        d.notify(0);
+        ring.wait_used(2);
+        assert_eq!(status(&mem, DATA_BASE + 0x101), S_OK);
+        let q = q as usize;
+        assert!(
+            read_bytes(&mem, y, q) == want[4 * q..5 * q],
+            "Y: the second piece"
+        );
+        let gx = read_bytes(&mem, x, q);
+        assert!(
+            (0..4).any(|k| gx == want[k * q..(k + 1) * q]),
+            "X: one of the first piece's quarters"
+        );
+        d.set_status(0);
+    }
+}
