@@ -1125,6 +1125,36 @@ impl BlockBackend for SlowZeroes {
     }
 }
 
+/// Segments and segment size of [`publish_huge_reads`]'s requests: 64 MiB each.
+const HUGE_SEGS: u64 = 128;
+const HUGE_SEG: u64 = 512 << 10;
+
+/// Publishes `n` reads of sector 0, each of [`HUGE_SEGS`] segments aliasing the last
+/// [`HUGE_SEG`] bytes of guest memory (within seg_max and size_max), through indirect
+/// tables; request `i`'s status byte (0xff until written) is at `huge_status(i)`.
+fn publish_huge_reads(mem: &keel_memory::GuestMemoryMmap, ring: &mut Ring, n: u64) {
+    let buf = 0x20_0000 - HUGE_SEG;
+    for i in 0..n {
+        let (hdr, table) = (DATA_BASE + 0x20 * i, DATA_BASE + 0x1000 * (i + 1));
+        header(mem, hdr, T_IN, 0);
+        mem.write_obj(0xffu8, GuestAddress(huge_status(i))).unwrap();
+        let mut descs = vec![(hdr, 16, 0)];
+        descs.extend((0..HUGE_SEGS).map(|_| (buf, HUGE_SEG as u32, W)));
+        descs.push((huge_status(i), 1, W));
+        indirect_table(mem, table, &descs);
+        let h = ring.add_descriptors(&[(table, 16 * descs.len() as u32, VRING_DESC_F_INDIRECT)]);
+        ring.publish(h);
+    }
+}
+
+fn huge_status(i: u64) -> u64 {
+    DATA_BASE + 0x800 + i
+}
+
+/// What a reset or a pause may wait for: two budgets (the synchronous engine runs a piece
+/// as it is handed out, so one more can start before the worker looks) and a piece.
+const WAIT_BOUND: u64 = 2 * keel_virtio_blk::BUDGET_BYTES + keel_virtio_blk::PIECE_BYTES as u64;
+
 /// A reset waits for the queue's budget of bytes in flight, not for the requests the
 /// driver chose: 32 reads of 64 MiB each (128 segments aliasing one 512 KiB buffer, within
 /// seg_max and size_max) are 2 GiB, two seconds of this disk; the reset comes once the
@@ -1132,8 +1162,6 @@ impl BlockBackend for SlowZeroes {
 #[test]
 fn a_reset_waits_for_the_budget_not_for_the_drivers_huge_requests() {
     const N: u64 = 32;
-    const SEGS: u64 = 128;
-    const SEG: u64 = 512 << 10;
     for transport in 0..2 {
         let disk = Arc::new(SlowZeroes {
             size: 256 << 20,
@@ -1149,22 +1177,7 @@ fn a_reset_waits_for_the_budget_not_for_the_drivers_huge_requests() {
         let mem = d.mem().clone();
         let mut ring = Ring::new(&mem, Q);
         d.start(FEATURES, &ring);
-        let buf = 0x20_0000 - SEG;
-        for i in 0..N {
-            let (hdr, table, st) = (
-                DATA_BASE + 0x20 * i,
-                DATA_BASE + 0x1000 * (i + 1),
-                DATA_BASE + 0x800 + i,
-            );
-            header(&mem, hdr, T_IN, 0);
-            let mut descs = vec![(hdr, 16, 0)];
-            descs.extend((0..SEGS).map(|_| (buf, SEG as u32, W)));
-            descs.push((st, 1, W));
-            indirect_table(&mem, table, &descs);
-            let h =
-                ring.add_descriptors(&[(table, 16 * descs.len() as u32, VRING_DESC_F_INDIRECT)]);
-            ring.publish(h);
-        }
+        publish_huge_reads(&mem, &mut ring, N);
         d.notify(0);
         eventually("the first bytes read", || {
             disk.read.load(Ordering::SeqCst) > 0
@@ -1172,15 +1185,13 @@ fn a_reset_waits_for_the_budget_not_for_the_drivers_huge_requests() {
         let before = disk.read.load(Ordering::SeqCst);
         d.set_status(0);
         let after = disk.read.load(Ordering::SeqCst);
-        let bound = 2 * keel_virtio_blk::BUDGET_BYTES + keel_virtio_blk::PIECE_BYTES as u64;
         assert!(
-            after - before <= bound,
-            "the reset waited for {} MiB of reads (at most {} MiB in flight)",
-            (after - before) >> 20,
-            bound >> 20
+            after - before <= WAIT_BOUND,
+            "the reset waited for {} MiB of reads",
+            (after - before) >> 20
         );
         assert!(
-            after < N * SEGS * SEG,
+            after < N * HUGE_SEGS * HUGE_SEG,
             "every request was served before the reset"
         );
         assert_eq!(d.status(), 0);
@@ -1263,4 +1274,53 @@ fn requests_longer_than_a_piece_keep_every_byte_in_place() {
         );
         d.set_status(0);
     }
+}
+
+/// A pause (a VM stop) waits for the queue's budget of bytes in flight and keeps the rest:
+/// 8 reads of 64 MiB, paused once the first bytes are read; while paused nothing more is
+/// read and no request completes; after resume every request completes, OK, and the disk
+/// was read exactly once per byte asked for (no piece lost or run twice).
+#[test]
+fn a_pause_waits_for_the_budget_and_resume_finishes_every_request() {
+    const N: u64 = 8;
+    let disk = Arc::new(SlowZeroes {
+        size: 256 << 20,
+        read: Default::default(),
+    });
+    let shared = Shared::new(Box::new(
+        Block::new(Disk::synchronous(disk.clone()), BlockOptions::default()).unwrap(),
+    ));
+    let d = MmioDriver::new(Box::new(shared.clone()));
+    let mem = d.mem().clone();
+    let mut ring = Ring::new(&mem, Q);
+    d.start(FEATURES, &ring);
+    publish_huge_reads(&mem, &mut ring, N);
+    d.notify(0);
+    eventually("the first bytes read", || {
+        disk.read.load(Ordering::SeqCst) > 0
+    });
+    let before = disk.read.load(Ordering::SeqCst);
+    shared.pause();
+    let paused = disk.read.load(Ordering::SeqCst);
+    assert!(
+        paused - before <= WAIT_BOUND,
+        "the pause waited for {} MiB of reads",
+        (paused - before) >> 20
+    );
+    let used = ring.used_idx();
+    assert!(used < N as u16, "every request completed before the pause");
+    settle();
+    assert_eq!(
+        disk.read.load(Ordering::SeqCst),
+        paused,
+        "read while paused"
+    );
+    assert_eq!(ring.used_idx(), used, "a request completed while paused");
+    shared.resume();
+    ring.wait_used(N as u16);
+    for i in 0..N {
+        assert_eq!(status(&mem, huge_status(i)), S_OK, "request {i}");
+    }
+    assert_eq!(disk.read.load(Ordering::SeqCst), N * HUGE_SEGS * HUGE_SEG);
+    d.set_status(0);
 }

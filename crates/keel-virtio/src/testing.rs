@@ -697,6 +697,77 @@ impl<'a> Ring<'a> {
     }
 }
 
+/// A device the test keeps a handle on while a transport drives it, to pause and resume
+/// it as a VMM does for a VM stop (QMP `stop` and `cont`): give the transport one clone
+/// and keep another.
+#[derive(Clone)]
+pub struct Shared {
+    device: Arc<Mutex<Box<dyn VirtioDevice>>>,
+    sizes: Vec<u16>,
+}
+
+impl Shared {
+    /// Shares `device`.
+    pub fn new(device: Box<dyn VirtioDevice>) -> Shared {
+        Shared {
+            sizes: device.queue_max_sizes().to_vec(),
+            device: Arc::new(Mutex::new(device)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn VirtioDevice>> {
+        self.device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`VirtioDevice::pause`]: returns once the device has parked.
+    pub fn pause(&self) {
+        self.lock().pause()
+    }
+
+    /// [`VirtioDevice::resume`].
+    pub fn resume(&self) {
+        self.lock().resume()
+    }
+}
+
+impl VirtioDevice for Shared {
+    fn device_type(&self) -> u32 {
+        self.lock().device_type()
+    }
+    fn features(&self) -> u64 {
+        self.lock().features()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.sizes
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.lock().read_config(offset, data)
+    }
+    fn features_negotiated(&mut self, features: u64) {
+        self.lock().features_negotiated(features)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
+        self.lock().write_config(offset, data)
+    }
+    fn activate(
+        &mut self,
+        ctx: crate::device::ActivateContext,
+    ) -> std::result::Result<(), crate::device::ActivateError> {
+        self.lock().activate(ctx)
+    }
+    fn reset(&mut self) {
+        self.lock().reset()
+    }
+    fn pause(&mut self) {
+        Shared::pause(self)
+    }
+    fn resume(&mut self) {
+        Shared::resume(self)
+    }
+}
+
 /// A driver that keeps a ring full of one chain, as fast as it can, to show that a device
 /// does not let that hold its thread: every entry of the available ring names the chain,
 /// and the available index is kept `outstanding` ahead of the used index. Run it on a
