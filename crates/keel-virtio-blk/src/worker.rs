@@ -833,8 +833,14 @@ impl State {
             if self.bytes_in_flight >= BUDGET_BYTES {
                 return;
             }
-            let (piece, rest) = std::mem::take(&mut b.data).split_at(PIECE_BYTES);
-            b.data = rest;
+            // Most requests are one piece: no copy of their ranges then.
+            let piece = if b.data.len() <= PIECE_BYTES {
+                std::mem::take(&mut b.data)
+            } else {
+                let (piece, rest) = std::mem::take(&mut b.data).split_at(PIECE_BYTES);
+                b.data = rest;
+                piece
+            };
             let (slot, write, offset) = (b.slot, b.write, b.offset);
             let bytes = piece.len();
             b.offset += bytes as u64;
