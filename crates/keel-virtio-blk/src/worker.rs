@@ -7,8 +7,8 @@
 //! (so no kick is lost) and sleeps on the queue's notifier. Data moves straight between
 //! the disk and guest memory: a request's data ranges become engine requests of at most
 //! [`PIECE_BYTES`] that own them, together with a handle on guest memory
-//! ([`crate::DataBuf`]). A queue has at most [`BUDGET_BYTES`] on the host at once (a piece
-//! always starts when nothing is in flight); the rest waits in the worker. On stop (device
+//! ([`crate::DataBuf`]); write-zeroes ranges are cut the same way. A queue has at most
+//! [`BUDGET_BYTES`] on the host at once; the rest waits in the worker. On stop (device
 //! reset) the worker waits for what is in flight on the host before it exits, so nothing
 //! lands in guest memory afterwards, and drops what had not started; on pause it waits
 //! for the same and keeps the rest for when the VM runs again. Either way the wait is for
@@ -78,25 +78,42 @@ pub(crate) struct QueueContext {
     pub indirect: IndirectDesc,
 }
 
-/// The most data bytes one engine request of a read or write moves: a request's data
-/// goes to the host in pieces of this size.
+/// The most bytes one engine request of a read, write or write-zeroes covers: a
+/// request's data goes to the host in pieces of this size.
 pub const PIECE_BYTES: usize = 1 << 20;
 
-/// The most data bytes a queue has on the host at once. What a reset or a pause waits
-/// for is bounded by it (and by one piece, which starts whenever nothing is in flight),
-/// not by the requests the driver makes: without it, a queue's worth of requests of up to
-/// `seg_max` segments of `size_max` each (the disk's size, segments aliasing the same
-/// guest pages) could keep a reset waiting for hours.
+/// The bytes a queue has on the host at once: pieces are handed out while less than
+/// this is in flight (so at most this and one piece). What a reset or a pause waits for
+/// is bounded by it, not by the requests the driver makes: without it, a queue's worth of
+/// requests of up to `seg_max` segments of `size_max` each (the disk's size, segments
+/// aliasing the same guest pages), or of write-zeroes ranges of 2 GiB, could keep a
+/// reset waiting for hours.
 pub const BUDGET_BYTES: u64 = 16 << 20;
 
-/// The data of a read or write not yet handed to the engine, in order.
+/// Work of a request not yet handed to the engine, in order.
 struct Backlog {
     slot: usize,
-    write: bool,
     /// Where the next piece goes on the disk.
     offset: u64,
-    /// The guest ranges not yet handed out.
-    data: Iov<GuestRange>,
+    work: Work,
+}
+
+/// What a [`Backlog`] entry still has to do.
+enum Work {
+    /// A read or write: the guest ranges not yet handed out.
+    Transfer { write: bool, data: Iov<GuestRange> },
+    /// A write-zeroes range: the bytes left. A backend without a cheap way to zero (no
+    /// `FALLOC_FL_ZERO_RANGE`) writes them, so they count against the budget too.
+    Zeroes { len: u64, unmap: bool },
+}
+
+impl Work {
+    fn is_done(&self) -> bool {
+        match self {
+            Work::Transfer { data, .. } => data.is_empty(),
+            Work::Zeroes { len, .. } => *len == 0,
+        }
+    }
 }
 
 /// An engine request's `user_data`: the request's slot, and the data bytes it moves
@@ -742,17 +759,14 @@ impl State {
                 let kind = if write { Kind::Write } else { Kind::Read };
                 self.account(slot, kind, data_len);
                 if !req.data.is_empty() {
-                    // The backlog holds a count on the slot until its last piece is out.
-                    if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
-                        f.pending += 1;
-                    }
-                    self.backlog.push_back(Backlog {
+                    self.queue_work(
                         slot,
-                        write,
                         offset,
-                        data: req.data,
-                    });
-                    self.feed();
+                        Work::Transfer {
+                            write,
+                            data: req.data,
+                        },
+                    );
                 }
                 self.close(slot);
             }
@@ -771,13 +785,17 @@ impl State {
                 };
                 let slot = self.open(head, req.status, 1, false, op);
                 for r in ranges.iter() {
-                    let tag = Tag { slot, bytes: 0 }.encode();
-                    let aio = if zeroes {
-                        AioRequest::write_zeroes(r.offset, r.len, r.unmap, tag)
+                    if zeroes {
+                        let work = Work::Zeroes {
+                            len: r.len,
+                            unmap: r.unmap,
+                        };
+                        self.queue_work(slot, r.offset, work);
                     } else {
-                        AioRequest::discard(r.offset, r.len, tag)
-                    };
-                    self.submit(slot, aio);
+                        // A discard moves no data (a hole punched, or nothing).
+                        let tag = Tag { slot, bytes: 0 }.encode();
+                        self.submit(slot, AioRequest::discard(r.offset, r.len, tag));
+                    }
                 }
                 self.close(slot);
             }
@@ -826,45 +844,81 @@ impl State {
         }
     }
 
-    /// Hands the backlog's data to the engine in pieces, oldest request first, while the
-    /// queue has less than [`BUDGET_BYTES`] in flight.
+    /// Queues `work` of `slot`'s request, starting at disk offset `offset`, and hands out
+    /// what the budget allows. The entry holds a count on the slot until its last piece
+    /// is out.
+    fn queue_work(&mut self, slot: usize, offset: u64, work: Work) {
+        if let Some(Some(f)) = self.slots.slots.get_mut(slot) {
+            f.pending += 1;
+        }
+        self.backlog.push_back(Backlog { slot, offset, work });
+        self.feed();
+    }
+
+    /// Hands the backlog's work to the engine in pieces of at most [`PIECE_BYTES`], oldest
+    /// request first, while the queue has less than [`BUDGET_BYTES`] in flight. A request
+    /// that has already failed gets no more pieces: it ends with IOERR as soon as those
+    /// in flight are done.
     fn feed(&mut self) {
         while let Some(b) = self.backlog.front_mut() {
-            if self.bytes_in_flight >= BUDGET_BYTES {
+            let failed = matches!(
+                self.slots.slots.get(b.slot),
+                Some(Some(f)) if f.status != Status::Ok
+            );
+            if !failed && self.bytes_in_flight >= BUDGET_BYTES {
                 return;
             }
-            // Most requests are one piece: no copy of their ranges then.
-            let piece = if b.data.len() <= PIECE_BYTES {
-                std::mem::take(&mut b.data)
+            let (slot, offset) = (b.slot, b.offset);
+            let piece = if failed {
+                None
             } else {
-                let (piece, rest) = std::mem::take(&mut b.data).split_at(PIECE_BYTES);
-                b.data = rest;
-                piece
+                match &mut b.work {
+                    Work::Transfer { write, data } => {
+                        // Most requests are one piece: no copy of their ranges then.
+                        let piece = if data.len() <= PIECE_BYTES {
+                            std::mem::take(data)
+                        } else {
+                            let (piece, rest) = std::mem::take(data).split_at(PIECE_BYTES);
+                            *data = rest;
+                            piece
+                        };
+                        let bytes = piece.len() as u32;
+                        // The piece owns its ranges and a handle on guest memory until it
+                        // completes.
+                        let buf = GuestBuf::new(self.ctx.mem.clone(), piece);
+                        let tag = Tag { slot, bytes }.encode();
+                        let req = if *write {
+                            AioRequest::write(offset, buf, tag)
+                        } else {
+                            AioRequest::read(offset, buf, tag)
+                        };
+                        Some((req, u64::from(bytes)))
+                    }
+                    Work::Zeroes { len, unmap } => {
+                        let bytes = (*len).min(PIECE_BYTES as u64);
+                        *len -= bytes;
+                        let tag = Tag {
+                            slot,
+                            bytes: bytes as u32,
+                        }
+                        .encode();
+                        Some((AioRequest::write_zeroes(offset, bytes, *unmap, tag), bytes))
+                    }
+                }
             };
-            let (slot, write, offset) = (b.slot, b.write, b.offset);
-            let bytes = piece.len();
-            b.offset += bytes as u64;
-            let last = b.data.is_empty();
-            if last {
+            let last = failed || b.work.is_done();
+            if let Some((req, bytes)) = piece {
+                b.offset += bytes;
+                self.bytes_in_flight += bytes;
+                if last {
+                    self.backlog.pop_front();
+                }
+                self.submit(slot, req);
+            } else {
                 self.backlog.pop_front();
             }
-            // The piece owns its ranges and a handle on guest memory until it completes.
-            let buf = GuestBuf::new(self.ctx.mem.clone(), piece);
-            let tag = Tag {
-                slot,
-                bytes: bytes as u32,
-            };
-            self.bytes_in_flight += bytes as u64;
-            self.submit(
-                slot,
-                if write {
-                    AioRequest::write(offset, buf, tag.encode())
-                } else {
-                    AioRequest::read(offset, buf, tag.encode())
-                },
-            );
             if last {
-                // The backlog's count.
+                // The entry's count.
                 self.piece_done(slot);
             }
         }

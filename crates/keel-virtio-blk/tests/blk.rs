@@ -1079,14 +1079,36 @@ fn a_reset_returns_while_the_driver_floods_the_ring() {
     }
 }
 
-/// A disk of `size` bytes that reads as zeroes, counts the bytes it reads and takes 1 ms
-/// per MiB (a slow host disk).
-struct SlowZeroes {
+/// A disk of `size` bytes that reads as zeroes and stores nothing, counts the bytes it
+/// reads or zeroes (`done`) and takes 1 ms per MiB for them (a slow host disk, without a
+/// cheap way to zero).
+struct SlowDisk {
     size: u64,
-    read: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    /// Every read fails (after taking its time).
+    failing: bool,
 }
 
-impl BlockBackend for SlowZeroes {
+impl SlowDisk {
+    fn new() -> Arc<SlowDisk> {
+        Arc::new(SlowDisk {
+            size: 256 << 20,
+            done: Default::default(),
+            failing: false,
+        })
+    }
+
+    fn work(&self, n: u64) {
+        std::thread::sleep(std::time::Duration::from_micros(n >> 10));
+        self.done.fetch_add(n, Ordering::SeqCst);
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockBackend for SlowDisk {
     fn size(&self) -> u64 {
         self.size
     }
@@ -1094,16 +1116,21 @@ impl BlockBackend for SlowZeroes {
         Limits::default()
     }
     fn is_read_only(&self) -> bool {
-        true
+        false
     }
     fn read_vectored_at(&self, b: &mut [IoSliceMut<'_>], _: u64) -> keel_block::Result<()> {
         let mut n = 0;
         for s in b.iter_mut() {
             s.fill(0);
-            n += s.len();
+            n += s.len() as u64;
         }
-        std::thread::sleep(std::time::Duration::from_micros(n as u64 >> 10));
-        self.read.fetch_add(n as u64, Ordering::SeqCst);
+        self.work(n);
+        if self.failing {
+            return Err(keel_block::Error::io(
+                "reading",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         Ok(())
     }
     fn write_vectored_at(
@@ -1112,7 +1139,7 @@ impl BlockBackend for SlowZeroes {
         _: u64,
         _: WriteFlags,
     ) -> keel_block::Result<()> {
-        unreachable!("a read-only disk")
+        Ok(())
     }
     fn flush(&self) -> keel_block::Result<()> {
         Ok(())
@@ -1120,8 +1147,20 @@ impl BlockBackend for SlowZeroes {
     fn discard(&self, _: u64, _: u64) -> keel_block::Result<()> {
         Ok(())
     }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> keel_block::Result<()> {
+    fn write_zeroes(&self, _: u64, len: u64, _: bool) -> keel_block::Result<()> {
+        self.work(len);
         Ok(())
+    }
+}
+
+/// A driver (mmio or pci) of a block device on `disk`'s synchronous engine.
+fn slow_driver(disk: &Arc<SlowDisk>, pci: bool) -> Box<dyn Driver> {
+    let block =
+        Box::new(Block::new(Disk::synchronous(disk.clone()), BlockOptions::default()).unwrap());
+    if pci {
+        Box::new(PciDriver::new(block))
+    } else {
+        Box::new(MmioDriver::new(block))
     }
 }
 
@@ -1151,50 +1190,68 @@ fn huge_status(i: u64) -> u64 {
     DATA_BASE + 0x800 + i
 }
 
-/// What a reset or a pause may wait for: two budgets (the synchronous engine runs a piece
-/// as it is handed out, so one more can start before the worker looks) and a piece.
-const WAIT_BOUND: u64 = 2 * keel_virtio_blk::BUDGET_BYTES + keel_virtio_blk::PIECE_BYTES as u64;
+/// Publishes `n` write-zeroes requests of 8 ranges of 64 MiB each (512 MiB a request);
+/// request `i`'s status byte is at `huge_status(i)`.
+fn publish_huge_write_zeroes(mem: &keel_memory::GuestMemoryMmap, ring: &mut Ring, n: u64) {
+    for i in 0..n {
+        let (hdr, ranges) = (DATA_BASE + 0x20 * i, DATA_BASE + 0x1000 * (i + 1));
+        header(mem, hdr, T_WRITE_ZEROES, 0);
+        mem.write_obj(0xffu8, GuestAddress(huge_status(i))).unwrap();
+        for r in 0..8u64 {
+            let at = ranges + 16 * r;
+            mem.write_obj(r * (16 << 11), GuestAddress(at)).unwrap();
+            mem.write_obj(64u32 << 11, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(0u32, GuestAddress(at + 12)).unwrap();
+        }
+        let h = ring.add_descriptors(&[(hdr, 16, 0), (ranges, 8 * 16, 0), (huge_status(i), 1, W)]);
+        ring.publish(h);
+    }
+}
+
+/// What a reset or a pause may wait for. The worker has at most a budget in flight, and
+/// the test's synchronous engine runs a piece as it is handed out, so one more budget can
+/// start before the worker looks; the rest is room for the test thread to be late (the
+/// disk goes on at 1 MiB a millisecond between its reading the count and the reset).
+/// Without the budget a reset here waits for gigabytes.
+const WAIT_BOUND: u64 = 8 * keel_virtio_blk::BUDGET_BYTES;
 
 /// A reset waits for the queue's budget of bytes in flight, not for the requests the
 /// driver chose: 32 reads of 64 MiB each (128 segments aliasing one 512 KiB buffer, within
-/// seg_max and size_max) are 2 GiB, two seconds of this disk; the reset comes once the
-/// first bytes are read, and at most two budgets and a piece are read after it.
+/// seg_max and size_max) or 8 write-zeroes of 512 MiB each are 2 or 4 GiB, seconds of
+/// this disk; the reset comes once the first bytes are done, and little more is done after
+/// it.
 #[test]
 fn a_reset_waits_for_the_budget_not_for_the_drivers_huge_requests() {
-    const N: u64 = 32;
-    for transport in 0..2 {
-        let disk = Arc::new(SlowZeroes {
-            size: 256 << 20,
-            read: Default::default(),
-        });
-        let block =
-            Box::new(Block::new(Disk::synchronous(disk.clone()), BlockOptions::default()).unwrap());
-        let d: Box<dyn Driver> = if transport == 0 {
-            Box::new(MmioDriver::new(block))
-        } else {
-            Box::new(PciDriver::new(block))
-        };
-        let mem = d.mem().clone();
-        let mut ring = Ring::new(&mem, Q);
-        d.start(FEATURES, &ring);
-        publish_huge_reads(&mem, &mut ring, N);
-        d.notify(0);
-        eventually("the first bytes read", || {
-            disk.read.load(Ordering::SeqCst) > 0
-        });
-        let before = disk.read.load(Ordering::SeqCst);
-        d.set_status(0);
-        let after = disk.read.load(Ordering::SeqCst);
-        assert!(
-            after - before <= WAIT_BOUND,
-            "the reset waited for {} MiB of reads",
-            (after - before) >> 20
-        );
-        assert!(
-            after < N * HUGE_SEGS * HUGE_SEG,
-            "every request was served before the reset"
-        );
-        assert_eq!(d.status(), 0);
+    // Reads: 32 of 64 MiB. Write-zeroes: 8 of 512 MiB.
+    type Publish = fn(&keel_memory::GuestMemoryMmap, &mut Ring, u64);
+    let cases: [(Publish, u64, u64); 2] = [
+        (publish_huge_reads, 32, HUGE_SEGS * HUGE_SEG),
+        (publish_huge_write_zeroes, 8, 512 << 20),
+    ];
+    for (publish, n, each) in cases {
+        for pci in [false, true] {
+            let disk = SlowDisk::new();
+            let d = slow_driver(&disk, pci);
+            let mem = d.mem().clone();
+            let mut ring = Ring::new(&mem, Q);
+            d.start(FEATURES, &ring);
+            publish(&mem, &mut ring, n);
+            d.notify(0);
+            eventually("the first bytes done", || disk.done() > 0);
+            let before = disk.done();
+            d.set_status(0);
+            let after = disk.done();
+            assert!(
+                after - before <= WAIT_BOUND,
+                "the reset waited for {} MiB of I/O",
+                (after - before) >> 20
+            );
+            assert!(
+                after < n * each,
+                "every request was served before the reset"
+            );
+            assert_eq!(d.status(), 0);
+        }
     }
 }
 
@@ -1283,10 +1340,7 @@ fn requests_longer_than_a_piece_keep_every_byte_in_place() {
 #[test]
 fn a_pause_waits_for_the_budget_and_resume_finishes_every_request() {
     const N: u64 = 8;
-    let disk = Arc::new(SlowZeroes {
-        size: 256 << 20,
-        read: Default::default(),
-    });
+    let disk = SlowDisk::new();
     let shared = Shared::new(Box::new(
         Block::new(Disk::synchronous(disk.clone()), BlockOptions::default()).unwrap(),
     ));
@@ -1296,12 +1350,10 @@ fn a_pause_waits_for_the_budget_and_resume_finishes_every_request() {
     d.start(FEATURES, &ring);
     publish_huge_reads(&mem, &mut ring, N);
     d.notify(0);
-    eventually("the first bytes read", || {
-        disk.read.load(Ordering::SeqCst) > 0
-    });
-    let before = disk.read.load(Ordering::SeqCst);
+    eventually("the first bytes read", || disk.done() > 0);
+    let before = disk.done();
     shared.pause();
-    let paused = disk.read.load(Ordering::SeqCst);
+    let paused = disk.done();
     assert!(
         paused - before <= WAIT_BOUND,
         "the pause waited for {} MiB of reads",
@@ -1310,17 +1362,37 @@ fn a_pause_waits_for_the_budget_and_resume_finishes_every_request() {
     let used = ring.used_idx();
     assert!(used < N as u16, "every request completed before the pause");
     settle();
-    assert_eq!(
-        disk.read.load(Ordering::SeqCst),
-        paused,
-        "read while paused"
-    );
+    assert_eq!(disk.done(), paused, "read while paused");
     assert_eq!(ring.used_idx(), used, "a request completed while paused");
     shared.resume();
     ring.wait_used(N as u16);
     for i in 0..N {
         assert_eq!(status(&mem, huge_status(i)), S_OK, "request {i}");
     }
-    assert_eq!(disk.read.load(Ordering::SeqCst), N * HUGE_SEGS * HUGE_SEG);
+    assert_eq!(disk.done(), N * HUGE_SEGS * HUGE_SEG);
+    d.set_status(0);
+}
+
+/// A request that failed gets no more pieces: a read of 64 MiB on a disk whose reads all
+/// fail ends with IOERR after the first budget's worth, not after 64 failing pieces.
+#[test]
+fn a_failed_request_gets_no_more_pieces() {
+    let disk = Arc::new(SlowDisk {
+        failing: true,
+        ..Arc::into_inner(SlowDisk::new()).unwrap()
+    });
+    let d = slow_driver(&disk, false);
+    let mem = d.mem().clone();
+    let mut ring = Ring::new(&mem, Q);
+    d.start(FEATURES, &ring);
+    publish_huge_reads(&mem, &mut ring, 1);
+    d.notify(0);
+    ring.wait_used(1);
+    assert_eq!(status(&mem, huge_status(0)), S_IOERR);
+    assert!(
+        disk.done() <= keel_virtio_blk::BUDGET_BYTES,
+        "{} MiB read for a request that failed at its first piece",
+        disk.done() >> 20
+    );
     d.set_status(0);
 }
