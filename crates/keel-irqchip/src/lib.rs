@@ -52,3 +52,8 @@ pub mod pit;
 mod lines;
 
 pub use lines::{IrqLines, IsaLine};
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -23,3 +23,8 @@ pub mod stream;
 pub use error::{CommandError, ErrorClass};
 pub use message::{VersionInfo, VersionTriple};
 pub use server::{Arguments, Events, Handler, Options, Server};
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -134,7 +134,7 @@ struct Cli {
 
     /// Where the interrupt controllers run: `split` (the default), KVM's split irqchip
     /// with the local APICs in KVM and the IOAPIC, PIC and PIT in keel, or `kernel`, KVM's
-    /// in-kernel PIC, IOAPIC and PIT. The split irqchip ends a VM ~20 ms sooner.
+    /// in-kernel PIC, IOAPIC and PIT. The split irqchip ends a VM up to ~20 ms sooner.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = Irqchip::default())]
     irqchip: Irqchip,
 }
