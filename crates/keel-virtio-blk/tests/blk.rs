@@ -1341,7 +1341,7 @@ fn requests_longer_than_a_piece_keep_every_byte_in_place() {
 fn a_pause_waits_for_the_budget_and_resume_finishes_every_request() {
     const N: u64 = 8;
     let disk = SlowDisk::new();
-    let shared = Shared::new(Box::new(
+    let shared = keel_virtio::shared::SharedDevice::new(Box::new(
         Block::new(Disk::synchronous(disk.clone()), BlockOptions::default()).unwrap(),
     ));
     let d = MmioDriver::new(Box::new(shared.clone()));

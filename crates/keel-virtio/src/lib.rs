@@ -7,6 +7,8 @@
 //!
 //! A device model sees neither KVM nor the transport: it gets its queues, guest memory and
 //! an interrupt handle when the driver sets DRIVER_OK, and is told to stop on reset.
+//! [`shared::SharedDevice`] lets the VMM keep a handle on a device its transport drives,
+//! to pause and resume it.
 //!
 //! The `test-utils` feature adds what tests of transports and devices need: `echo::Echo`,
 //! a complete small device (a model for writing others), and `testing`, a driver-side
@@ -19,6 +21,7 @@ pub mod device;
 pub mod echo;
 pub mod mmio;
 pub mod pci;
+pub mod shared;
 pub mod state;
 #[cfg(feature = "test-utils")]
 pub mod testing;

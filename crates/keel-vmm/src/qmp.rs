@@ -41,7 +41,6 @@ use crate::devices::AcpiPm;
 use crate::disk::DiskSpec;
 use crate::exit::{ExitSignal, VmExit};
 use crate::shared_device::SharedDevice;
-use keel_virtio::device::VirtioDevice;
 
 /// What the balloon commands need from a balloon device.
 pub trait Balloon: Send + Sync {
@@ -439,7 +438,7 @@ impl Machine {
         if st.paused {
             boot.vcpus.iter().for_each(VcpuHandle::request_pause);
             boot.vcpus.iter().for_each(VcpuHandle::wait_paused);
-            boot.devices.iter().cloned().for_each(|mut d| d.pause());
+            boot.devices.iter().for_each(SharedDevice::pause);
         }
         if let Some(why) = st.pending_exit.take() {
             boot.exit.request(why);
@@ -500,7 +499,7 @@ impl Machine {
             // worker, meanwhile.
             b.vcpus.iter().for_each(VcpuHandle::request_pause);
             b.vcpus.iter().for_each(VcpuHandle::wait_paused);
-            b.devices.iter().cloned().for_each(|mut d| d.pause());
+            b.devices.iter().for_each(SharedDevice::pause);
         }
         drop(st);
         self.emit("STOP", None);
@@ -513,7 +512,7 @@ impl Machine {
         }
         st.paused = false;
         if let Some(b) = &st.boot {
-            b.devices.iter().cloned().for_each(|mut d| d.resume());
+            b.devices.iter().for_each(SharedDevice::resume);
             b.vcpus.iter().for_each(VcpuHandle::resume);
         }
         drop(st);

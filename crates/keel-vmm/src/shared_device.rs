@@ -1,9 +1,12 @@
-//! A virtio device shared between its transport and the VMM, so the VMM can park it while
-//! the VM is stopped (QMP `stop`), and started on the device thread ([`Activator`]).
+//! Where keel starts its virtio devices ([`Activator`]): on a thread of its own under the
+//! device threads' seccomp filter. The devices are keel-virtio's [`SharedDevice`]s, which
+//! the VMM parks while the VM is stopped (QMP `stop`).
 
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc};
 
 use keel_virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+pub use keel_virtio::shared::SharedDevice;
+use keel_virtio::shared::{lock, Activate, Locked};
 
 use crate::seccomp::{self, Filters, ThreadKind};
 
@@ -40,75 +43,21 @@ impl Activator {
     }
 }
 
-/// The transport drives the device through this handle as through the device itself; the
-/// VMM keeps a clone to pause and resume it.
-#[derive(Clone)]
-pub struct SharedDevice {
-    device: Arc<Mutex<Box<dyn VirtioDevice>>>,
-    /// The queue sizes, which never change (the trait hands out a reference).
-    sizes: Vec<u16>,
-    activator: Arc<Activator>,
-}
-
-impl SharedDevice {
-    /// Shares `device`, which `activator` starts.
-    pub fn new(device: Box<dyn VirtioDevice>, activator: Arc<Activator>) -> Self {
-        SharedDevice {
-            sizes: device.queue_max_sizes().to_vec(),
-            device: Arc::new(Mutex::new(device)),
-            activator,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Box<dyn VirtioDevice>> {
-        lock(&self.device)
-    }
-}
-
-fn lock(device: &Mutex<Box<dyn VirtioDevice>>) -> MutexGuard<'_, Box<dyn VirtioDevice>> {
-    device.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl VirtioDevice for SharedDevice {
-    fn device_type(&self) -> u32 {
-        self.lock().device_type()
-    }
-    fn features(&self) -> u64 {
-        self.lock().features()
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.sizes
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.lock().read_config(offset, data)
-    }
-    // Every method is forwarded, those with a default body too: a default here would
-    // silently drop what the transport tells the device.
-    fn features_negotiated(&mut self, features: u64) {
-        self.lock().features_negotiated(features)
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) -> bool {
-        self.lock().write_config(offset, data)
-    }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let device = self.device.clone();
-        self.activator
-            .run(move || lock(&device).activate(ctx))
+impl Activate for Activator {
+    fn activate(&self, device: Locked, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.run(move || lock(&device).activate(ctx))
             .unwrap_or_else(|| {
                 Err(ActivateError::Worker(std::io::Error::other(
                     "the device thread is gone",
                 )))
             })
     }
-    fn reset(&mut self) {
-        self.lock().reset()
-    }
-    fn pause(&mut self) {
-        self.lock().pause()
-    }
-    fn resume(&mut self) {
-        self.lock().resume()
-    }
+}
+
+/// `device`, shared between its transport and the VMM (which keeps a clone to pause and
+/// resume it), started on `activator`'s thread.
+pub fn share(device: Box<dyn VirtioDevice>, activator: &Arc<Activator>) -> SharedDevice {
+    SharedDevice::with_activator(device, activator.clone())
 }
 
 #[cfg(test)]
@@ -129,40 +78,34 @@ mod tests {
     }
 
     #[test]
-    fn forwards_to_the_device() {
-        let echo = Echo::new();
-        let (ty, sizes) = (echo.device_type(), echo.queue_max_sizes().to_vec());
-        let mut shared = SharedDevice::new(Box::new(echo), activator());
-        let mut handle = shared.clone();
-        assert_eq!(shared.device_type(), ty);
-        assert_eq!(shared.queue_max_sizes(), &sizes[..]);
+    fn pauses_and_resumes_through_a_clone() {
+        let shared = share(Box::new(Echo::new()), &activator());
+        let handle = shared.clone();
+        assert_eq!(shared.queue_max_sizes(), Echo::new().queue_max_sizes());
         // Pausing a device that is not running returns at once.
         handle.pause();
         handle.resume();
-        shared.reset();
     }
 
-    /// A device that remembers the features it was told were negotiated.
-    struct Negotiated(std::sync::Arc<std::sync::atomic::AtomicU64>);
+    /// A device that records the name of the thread that started it.
+    struct WhereStarted(Arc<std::sync::Mutex<Option<String>>>);
 
-    impl VirtioDevice for Negotiated {
+    impl VirtioDevice for WhereStarted {
         fn device_type(&self) -> u32 {
-            0
+            0x3f
         }
         fn features(&self) -> u64 {
             0
         }
         fn queue_max_sizes(&self) -> &[u16] {
-            &[]
+            &[16]
         }
         fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
-        fn features_negotiated(&mut self, features: u64) {
-            self.0.store(features, std::sync::atomic::Ordering::SeqCst);
-        }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) -> bool {
             false
         }
         fn activate(&mut self, _ctx: ActivateContext) -> Result<(), ActivateError> {
+            *self.0.lock().unwrap() = std::thread::current().name().map(str::to_owned);
             Ok(())
         }
         fn reset(&mut self) {}
@@ -170,14 +113,19 @@ mod tests {
         fn resume(&mut self) {}
     }
 
+    /// DRIVER_OK, written on the test's thread (a vCPU's, in keel), starts the device on
+    /// `keel-devices`, whose filter what the device starts inherits.
     #[test]
-    fn forwards_the_negotiated_features() {
-        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut shared = SharedDevice::new(Box::new(Negotiated(seen.clone())), activator());
-        shared.features_negotiated(0x1_0000_0800);
-        assert_eq!(
-            seen.load(std::sync::atomic::Ordering::SeqCst),
-            0x1_0000_0800
-        );
+    fn the_device_starts_on_the_device_thread() {
+        use keel_virtio::testing::{Driver, MmioDriver, Ring, VERSION_1};
+        let started = Arc::new(std::sync::Mutex::new(None));
+        let d = MmioDriver::new(Box::new(share(
+            Box::new(WhereStarted(started.clone())),
+            &activator(),
+        )));
+        let mem = d.mem().clone();
+        let ring = Ring::new(&mem, 16);
+        d.start(VERSION_1, &ring);
+        assert_eq!(started.lock().unwrap().as_deref(), Some("keel-devices"));
     }
 }

@@ -35,7 +35,7 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::irqchip::{Interrupts, Irqchip};
 use crate::qmp::{Boot, GuestBalloon, IoErrorEvents, Machine};
 use crate::seccomp::{Filters, SeccompOptions, ThreadKind};
-use crate::shared_device::{Activator, SharedDevice};
+use crate::shared_device::{share, Activator};
 use crate::signals::SignalFd;
 use crate::tty::RawTerminal;
 use keel_bus::ErrorChain;
@@ -734,7 +734,7 @@ fn boot_once(
     let mut devices = Vec::new();
     for device in virtio {
         // Shared, so that a QMP `stop` can park it.
-        let shared = SharedDevice::new(device, activator.clone());
+        let shared = share(device, activator);
         devices.push(shared.clone());
         let device: Box<dyn VirtioDevice> = Box::new(shared);
         match cfg.transport {
