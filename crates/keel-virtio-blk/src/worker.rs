@@ -281,7 +281,7 @@ struct State {
     /// Fires when the held request may start; in the worker's poll set. `None` for
     /// [`SyncServer`], which serves unthrottled queues only.
     timer: Option<TimerFd>,
-    /// Reads and writes whose data has not all gone to the engine yet, oldest first.
+    /// Work not yet handed to the engine, served round robin.
     backlog: VecDeque<Backlog>,
     /// Data bytes of the engine requests in flight.
     bytes_in_flight: u64,
@@ -855,8 +855,8 @@ impl State {
         self.feed();
     }
 
-    /// Hands the backlog's work to the engine in pieces of at most [`PIECE_BYTES`], oldest
-    /// request first, while the queue has less than [`BUDGET_BYTES`] in flight. A request
+    /// Hands the backlog's work to the engine in pieces of at most [`PIECE_BYTES`], a piece
+    /// of each request in turn, while the queue has less than [`BUDGET_BYTES`] in flight. A request
     /// that has already failed gets no more pieces: it ends with IOERR as soon as those
     /// in flight are done.
     fn feed(&mut self) {
@@ -910,8 +910,10 @@ impl State {
             if let Some((req, bytes)) = piece {
                 b.offset += bytes;
                 self.bytes_in_flight += bytes;
-                if last {
-                    self.backlog.pop_front();
+                // Round robin, a piece each: a small request behind a huge one does not
+                // wait for all of it.
+                if let Some(b) = self.backlog.pop_front().filter(|_| !last) {
+                    self.backlog.push_back(b);
                 }
                 self.submit(slot, req);
             } else {

@@ -1396,3 +1396,33 @@ fn a_failed_request_gets_no_more_pieces() {
     );
     d.set_status(0);
 }
+
+/// Pieces are handed out round robin: a 4 KiB read made available after a 64 MiB one
+/// completes first, after a budget or two of the big one rather than all of it.
+#[test]
+fn a_small_request_does_not_wait_for_a_huge_one() {
+    let disk = SlowDisk::new();
+    let d = slow_driver(&disk, false);
+    let mem = d.mem().clone();
+    let mut ring = Ring::new(&mem, Q);
+    d.start(FEATURES, &ring);
+    publish_huge_reads(&mem, &mut ring, 1);
+    let small = DATA_BASE + 0x40_000;
+    header(&mem, small, T_IN, 0);
+    let h = ring.add_descriptors(&[
+        (small, 16, 0),
+        (small + 0x1000, 4096, W),
+        (huge_status(1), 1, W),
+    ]);
+    ring.publish(h);
+    d.notify(0);
+    ring.wait_used(2);
+    assert_eq!(
+        ring.used_elem(0).0,
+        u32::from(h),
+        "the small read completed first"
+    );
+    assert_eq!(status(&mem, huge_status(0)), S_OK);
+    assert_eq!(status(&mem, huge_status(1)), S_OK);
+    d.set_status(0);
+}
