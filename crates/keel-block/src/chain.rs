@@ -226,6 +226,18 @@ impl Chain {
         &self.layers
     }
 
+    /// Whether `path` is one of the chain's files, however it is named (the same device
+    /// and inode); false if it does not exist. A tool that writes `path` checks this
+    /// first: writing the chain it reads from would destroy what it reads.
+    pub fn contains_file(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        let Some(target) = id(path) else {
+            return false;
+        };
+        self.layers.iter().any(|l| id(&l.path) == Some(target))
+    }
+
     /// The whole image, opened read-only with its backing chain: reads through it see
     /// what a guest would.
     pub fn image(&self) -> &Image {

@@ -140,6 +140,13 @@ pub enum VolumeError {
         #[source]
         source: Error,
     },
+    /// The new backing file of a rebase reads the image being rebased (is it, or has it
+    /// in its chain): the chain would loop.
+    #[error("The new backing file '{name}' is this image or has it in its backing chain")]
+    BackingLoop {
+        /// The name as given.
+        name: String,
+    },
     /// An unsafe rebase needs the new backing file's format.
     #[error("Could not change the backing file to '{name}': backing format must be specified")]
     BackingFormatRequired {
@@ -687,6 +694,23 @@ pub fn rebase(
                         source,
                     })?,
                 };
+                let chain = Chain::open(
+                    &bp,
+                    fmt,
+                    Qcow2Options {
+                        allow_probed_backing: true,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|source| VolumeError::NewBacking {
+                    name: b.name.clone(),
+                    source,
+                })?;
+                if chain.contains_file(path) {
+                    return Err(VolumeError::BackingLoop {
+                        name: b.name.clone(),
+                    });
+                }
                 Some(
                     Image::open(
                         &bp,

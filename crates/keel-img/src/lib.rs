@@ -17,6 +17,7 @@ mod size;
 mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
+use keel_block::chain::Chain;
 use keel_block::convert::{convert, Destination};
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::qcow2::{self, CompressionType, CreateOptions, Fix, Qcow2Options};
@@ -87,6 +88,10 @@ enum Usage {
     MeasureNeedsInput,
     ConvertBackingNeedsQcow2,
     CompressWithBacking,
+    /// `convert`'s output is a file the input reads (the input, or in its chain).
+    OutputInInputChain(PathBuf),
+    /// The image would be in its own backing chain.
+    OwnBacking(PathBuf),
 }
 
 impl std::fmt::Display for Usage {
@@ -127,6 +132,16 @@ impl std::fmt::Display for Usage {
             Usage::CompressWithBacking => {
                 f.write_str("-c and -B together are not supported")
             }
+            Usage::OutputInInputChain(p) => write!(
+                f,
+                "the output {} is the input image or in its backing chain: writing it would destroy what is read",
+                p.display()
+            ),
+            Usage::OwnBacking(p) => write!(
+                f,
+                "{} would be in its own backing chain",
+                p.display()
+            ),
             Usage::SizeRequired => {
                 f.write_str("an image size is required (or -b to take the backing file's)")
             }
@@ -655,6 +670,7 @@ fn create_image(
             // Like QEMU: qcow2 sizes are whole 512-byte sectors.
             let mut o = parse_create_opts(opts, size.div_ceil(512) * 512)?;
             if let Some((name, bfmt)) = backing {
+                refuse_own_backing(path, name, bfmt)?;
                 o.backing_file = Some(name.to_string());
                 o.backing_format = Some(bfmt);
             }
@@ -668,6 +684,40 @@ fn create_image(
             .into(),
         ),
     }
+}
+
+/// Refuses a backing file `name` (of format `format`) for the image to be made at `path`
+/// when `path` would be in its own chain: the backing file is `path` itself (however
+/// named, existing or not), or `path` exists and the backing file's chain reads it.
+/// Checked before anything is written, so the old image is still there.
+fn refuse_own_backing(path: &Path, name: &str, format: Format) -> Result<()> {
+    let backing = qcow2::backing::resolve(path, name.as_bytes());
+    let own = same_path(&backing, path)
+        || (path.exists()
+            && Chain::open(&backing, format, qcow2_options(true))
+                .is_ok_and(|c| c.contains_file(path)));
+    if own {
+        return Err(Usage::OwnBacking(path.to_path_buf()).into());
+    }
+    Ok(())
+}
+
+/// Whether `a` and `b` name the same file: the same device and inode when both exist,
+/// else the same name in the same (canonical) directory.
+fn same_path(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    }
+    let norm = |p: &Path| {
+        let name = p.file_name()?;
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some(dir.canonicalize().ok()?.join(name))
+    };
+    matches!((norm(a), norm(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Opens the file under an image: read-only, or read-write and growable.
@@ -852,6 +902,13 @@ fn cmd_convert(a: &ConvertArgs<'_>) -> Result<i32> {
         for_fmt(&ifmt),
     )?;
     let size = src.backend().size();
+    // Creating the output truncates it: it must not be a file the input reads.
+    if a.output.exists() {
+        let chain = Chain::open(a.input, ifmt.parse()?, for_fmt(&ifmt).qcow2_options())?;
+        if chain.contains_file(a.output) {
+            return Err(Usage::OutputInInputChain(a.output.to_path_buf()).into());
+        }
+    }
     create_image(a.output, ofmt, a.options, size, a.backing)?;
     let dst = open_image(a.output, Some(ofmt), a.cache, false, for_fmt(ofmt))?;
     let dest = match (&dst, a.compress, a.backing.is_some()) {
