@@ -388,3 +388,17 @@ fn a_missing_initrd_is_a_clear_error() {
     );
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
 }
+
+/// An initrd that is not a regular file is refused before it is read: `/dev/zero` (whose
+/// stated size is 0) was read until the host ran out of memory.
+#[test]
+fn an_initrd_that_is_not_a_file_is_refused() {
+    require_kvm!();
+    let out = run_keel(&["--initrd", "/dev/zero"], LIMIT);
+    assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("the initrd /dev/zero is not a regular file"),
+        "stderr: {}",
+        out.stderr
+    );
+}

@@ -97,6 +97,13 @@ pub enum Error {
     /// The command line is too long or has invalid characters.
     #[error("invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The initrd is not a regular file (a device or a pipe, whose size is not known
+    /// before it is read: `/dev/zero` would be read until the host runs out of memory).
+    #[error("the initrd {path} is not a regular file")]
+    InitrdNotAFile {
+        /// Its path.
+        path: String,
+    },
     /// The initrd does not fit in low memory.
     #[error("initrd of {size} bytes does not fit below {max:#x} after the kernel")]
     InitrdTooBig {
@@ -308,13 +315,19 @@ fn load_initrd(
     kernel_end: u64,
     initrd_max: u64,
 ) -> Result<(u64, u64)> {
-    let mut f = open("initrd", path)?;
+    let f = open("initrd", path)?;
     let err = |source| Error::Read {
         what: "initrd",
         path: path.display().to_string(),
         source,
     };
-    let size = f.metadata().map_err(err)?.len();
+    let meta = f.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(Error::InitrdNotAFile {
+            path: path.display().to_string(),
+        });
+    }
+    let size = meta.len();
     // The highest page-aligned spot that ends below both the protocol's limit and the end
     // of low RAM, and starts after the kernel.
     let low_ram_end = layout
@@ -330,8 +343,9 @@ fn load_initrd(
     if start < kernel_end.next_multiple_of(0x1000) {
         return Err(Error::InitrdTooBig { size, max: top });
     }
+    // No more than it said it holds, even if it grows meanwhile.
     let mut data = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut data).map_err(err)?;
+    f.take(size).read_to_end(&mut data).map_err(err)?;
     vm_memory::Bytes::write_slice(mem, &data, GuestAddress(start))?;
     Ok((start, size))
 }
