@@ -66,6 +66,13 @@ pub fn measure(target: &Target, source: Source<'_>) -> Result<Measurement> {
             })
         }
         Target::Qcow2(o, prealloc) => {
+            // The options and the size as `create` would take them (a cluster size of 3
+            // or a size of 2^64 - 1 are refused, not divided by or overflowed).
+            let size = match source {
+                Source::Size(s) => s,
+                Source::Image(c) => c.size(),
+            };
+            crate::qcow2::check_options(&crate::qcow2::CreateOptions { size, ..o.clone() })?;
             let cs = o.cluster_size;
             let full = matches!(prealloc, Preallocation::Full | Preallocation::Falloc);
             let (virtual_size, mut required, bitmaps) = match source {

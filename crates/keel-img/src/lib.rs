@@ -92,6 +92,11 @@ enum Usage {
     OutputInInputChain(PathBuf),
     /// The image would be in its own backing chain.
     OwnBacking(PathBuf),
+    /// `bench`'s request size exceeds the image.
+    BenchSize {
+        size: u64,
+        image: u64,
+    },
 }
 
 impl std::fmt::Display for Usage {
@@ -141,6 +146,10 @@ impl std::fmt::Display for Usage {
                 f,
                 "{} would be in its own backing chain",
                 p.display()
+            ),
+            Usage::BenchSize { size, image } => write!(
+                f,
+                "request size {size} is larger than the image ({image} bytes)"
             ),
             Usage::SizeRequired => {
                 f.write_str("an image size is required (or -b to take the backing file's)")
@@ -957,6 +966,14 @@ fn cmd_bench(
     if size == 0 || depth == 0 {
         return Err(Usage::NotPositive.into());
     }
+    // Checked before depth buffers of it are allocated.
+    if size > image_size {
+        return Err(Usage::BenchSize {
+            size,
+            image: image_size,
+        }
+        .into());
+    }
     if !quiet {
         println!(
             "Sending {count} {} requests, {size} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
@@ -1000,7 +1017,11 @@ fn cmd_bench(
                 }
             }
             let Some(buf) = free.pop() else { break };
-            if next_off + size > image_size {
+            // Past the end (or past 2^64), the next request starts over at offset 0.
+            if next_off
+                .checked_add(size)
+                .is_none_or(|end| end > image_size)
+            {
                 next_off = 0;
             }
             let req = if write {
@@ -1011,7 +1032,7 @@ fn cmd_bench(
             queue.submit(req);
             submitted += 1;
             since_flush += 1;
-            next_off += step;
+            next_off = next_off.saturating_add(step);
         }
         out.clear();
         queue.wait(1, &mut out)?;

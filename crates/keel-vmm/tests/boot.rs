@@ -397,7 +397,8 @@ fn an_initrd_that_is_not_a_file_is_refused() {
     let out = run_keel(&["--initrd", "/dev/zero"], LIMIT);
     assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
     assert!(
-        out.stderr.contains("the initrd /dev/zero is not a regular file"),
+        out.stderr
+            .contains("the initrd /dev/zero is not a regular file"),
         "stderr: {}",
         out.stderr
     );

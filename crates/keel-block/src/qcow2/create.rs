@@ -39,8 +39,10 @@ pub fn create_path(path: impl AsRef<Path>, o: &CreateOptions) -> Result<RawFile>
     Ok(f)
 }
 
-/// Formats `file` as a new, empty qcow2 image.
-pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
+/// Checks `o` as [`create`] does before it writes anything: the cluster size, refcount
+/// width, version and the features it allows, and the virtual size against the L1
+/// table's limit. [`crate::measure`] checks its options the same way.
+pub fn check_options(o: &CreateOptions) -> Result<()> {
     let cs = o.cluster_size;
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
         return Err(InvalidArgument::ClusterSize(cs).into());
@@ -59,7 +61,6 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
         .into());
     }
     let cb = cs.trailing_zeros();
-    let order = o.refcount_bits.trailing_zeros();
     if o.extended_l2 && (o.version < 3 || cb < 14) {
         return Err(InvalidArgument::ExtendedL2 {
             version: o.version,
@@ -74,6 +75,25 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
         }
         .into());
     }
+    let ext = o.extended_l2 as u32;
+    let per_l1 = 1u128 << (2 * cb - 3 - ext);
+    let l1_size = (o.size as u128).div_ceil(per_l1);
+    if l1_size * 8 > header::MAX_L1_BYTES as u128 || o.size > (1 << 62) {
+        return Err(InvalidArgument::ImageSize {
+            size: o.size,
+            cluster_size: cs,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Formats `file` as a new, empty qcow2 image.
+pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
+    check_options(o)?;
+    let cs = o.cluster_size;
+    let cb = cs.trailing_zeros();
+    let order = o.refcount_bits.trailing_zeros();
     let mut extensions = Vec::new();
     if let Some(fmt) = o.backing_format {
         extensions.push(header::Extension {
@@ -86,15 +106,7 @@ pub fn create(file: &dyn BlockBackend, o: &CreateOptions) -> Result<()> {
     }
     let ext = o.extended_l2 as u32;
     let per_l1 = 1u128 << (2 * cb - 3 - ext);
-    let l1_size = (o.size as u128).div_ceil(per_l1);
-    if l1_size * 8 > header::MAX_L1_BYTES as u128 || o.size > (1 << 62) {
-        return Err(InvalidArgument::ImageSize {
-            size: o.size,
-            cluster_size: cs,
-        }
-        .into());
-    }
-    let l1_size = l1_size as u64;
+    let l1_size = (o.size as u128).div_ceil(per_l1) as u64;
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let rb_entries = cs * 8 / o.refcount_bits as u64;
     let (mut t, mut b) = (1u64, 1u64);

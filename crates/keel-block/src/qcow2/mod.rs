@@ -37,7 +37,7 @@ use crate::backend::BlockBackend;
 use crate::error::{Corruption, Error, InvalidArgument, Metadata, Result, Unsupported};
 pub use check::{check, CheckReport, Fix};
 pub use compress::CompressionType;
-pub use create::{create, create_path};
+pub use create::{check_options, create, create_path};
 pub use header::Header;
 use header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 pub use info::{info_from_header, ImageInfo};
