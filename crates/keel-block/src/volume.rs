@@ -300,6 +300,11 @@ pub fn resize(
             f.flush().map_err(raw_err)
         }
         Format::Qcow2 => {
+            // The image and its backing chain must open before anything changes: growing
+            // then zeroes the new space over the backing file's data through the chain,
+            // and an image that could not be opened would be left resized, that space
+            // showing the backing file (or the image unusable).
+            drop(open_image(path, format, true)?);
             let f = rw_file(path)?;
             edit::resize(&f, size).map_err(edit_err(path))?;
             drop(f);

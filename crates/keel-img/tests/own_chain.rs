@@ -3,7 +3,8 @@
 //! a file of its backing chain, a `create` or `convert -B` that would make an image its own
 //! backing file, and a safe `rebase` onto a chain that reads the image. The cases run
 //! under qemu-img too where it refuses them (exit 1: its image locks, a backing name equal to
-//! the image's); every file keeps its bytes.
+//! the image's); every file keeps its bytes. And a resize whose chain cannot open changes
+//! nothing.
 
 mod common;
 
@@ -119,4 +120,37 @@ fn a_safe_rebase_refuses_a_chain_that_reads_the_image() {
         &["rebase", "-b", "top.qcow2", "-F", "qcow2", "base.qcow2"],
         looped,
     );
+}
+
+/// A resize of an image whose backing file is missing fails before it changes anything
+/// (it had already written the new size when the chain failed to open), as qemu-img's.
+#[test]
+fn a_resize_that_cannot_open_the_chain_changes_nothing() {
+    require_qemu();
+    for tool in ["qemu-img", KEEL_IMG] {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+        create_image("qemu-img", "qcow2", &[], &base, Some("1M"));
+        create_image(
+            "qemu-img",
+            "qcow2",
+            &["-b", "base.qcow2", "-F", "qcow2"],
+            &top,
+            None,
+        );
+        std::fs::remove_file(&base).unwrap();
+        let before = snapshot(dir.path());
+        let o = Command::new(tool)
+            .args(["resize", "top.qcow2", "+1M"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{tool}: {err}");
+        assert!(err.contains("base.qcow2"), "{tool}: {err}");
+        assert!(
+            snapshot(dir.path()) == before,
+            "{tool} changed top.qcow2: {err}"
+        );
+    }
 }
