@@ -97,6 +97,12 @@ enum Usage {
         size: u64,
         image: u64,
     },
+    /// A `read`, `write` or `discard` range that does not lie within the image.
+    Range {
+        offset: u64,
+        len: u64,
+        image: u64,
+    },
 }
 
 impl std::fmt::Display for Usage {
@@ -150,6 +156,10 @@ impl std::fmt::Display for Usage {
             Usage::BenchSize { size, image } => write!(
                 f,
                 "request size {size} is larger than the image ({image} bytes)"
+            ),
+            Usage::Range { offset, len, image } => write!(
+                f,
+                "{len} bytes at offset {offset} do not lie within the image ({image} bytes)"
             ),
             Usage::SizeRequired => {
                 f.write_str("an image size is required (or -b to take the backing file's)")
@@ -1062,6 +1072,15 @@ fn cmd_rw(range: &RwRange, cache: CacheMode, op: RwOp) -> Result<i32> {
         range.sizes,
     )?;
     let b = img.backend();
+    // The whole range first: a write that fails half way has already changed the image.
+    if offset.checked_add(len).is_none_or(|end| end > b.size()) {
+        return Err(Usage::Range {
+            offset,
+            len,
+            image: b.size(),
+        }
+        .into());
+    }
     let result = match op {
         RwOp::Write(p) => {
             let chunk = 1u64 << 20;

@@ -1,7 +1,8 @@
 //! Numbers at the edges of their types get an error or wrap as documented, never a panic:
 //! `measure` checks its options and size as `create` does (a cluster size of 3 divided by
 //! zero, a size of 2^64 - 1 overflowed), and `bench` refuses a request larger than the
-//! image before allocating a buffer per request, and wraps an offset or step past 2^64.
+//! image before allocating a buffer per request, and wraps an offset or step past 2^64;
+//! `write` refuses a range past the image's end before it writes any of it.
 
 mod common;
 
@@ -49,10 +50,24 @@ fn measure_and_bench_refuse_or_wrap_numbers_at_the_edges() {
             vec!["bench", "-s", &max, p(&img)],
             "is larger than the image (1048576 bytes)",
         ),
+        // A write past the end is refused whole (it wrote up to the end, then failed).
+        (
+            vec!["write", p(&img), "0", "2M"],
+            "2097152 bytes at offset 0 do not lie within the image (1048576 bytes)",
+        ),
+        (
+            vec!["write", p(&img), "1", &max],
+            "do not lie within the image",
+        ),
     ] {
+        let before = std::fs::read(&img).unwrap();
         let (code, err) = run(dir.path(), &args);
         assert_eq!(code, Some(1), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{args:?} changed the image"
+        );
     }
     for args in [
         vec!["bench", "-q", "-c", "3", "-o", &max, p(&img)],
