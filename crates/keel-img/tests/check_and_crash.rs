@@ -208,6 +208,15 @@ fn check_agrees_with_qemu_on_damaged_images() {
     assert_eq!(o.status.code(), Some(1));
     let info = ok("qemu-img", &["info", "--output=json", p(&q)]);
     assert!(info.contains("\"corrupt\": true"), "{info}");
+
+    // Truncated inside its data: the clusters past the end are an error (QEMU's rule: a
+    // range a cluster or more past the end of the file), not a clean image.
+    let q = make_image(dir.path(), "truncated.qcow2");
+    let (_, _, host) = qemu_map(&q)[1];
+    let f = OpenOptions::new().write(true).open(&q).unwrap();
+    f.set_len(host + 100).unwrap();
+    let r = assert_agree(&q, "truncated");
+    assert_eq!(r.0, 2);
 }
 
 fn libc_eio() -> i32 {

@@ -118,8 +118,18 @@ impl<'a> Walk<'a> {
         if len == 0 {
             return;
         }
+        // QEMU's rule: a range that ends a cluster or more past the end of the file (a
+        // truncated image) is an error, and its reference is not counted.
+        let end = off.saturating_add(len);
+        if end.saturating_sub(self.f.size()) >= self.cs {
+            self.corruptions += 1;
+            self.msgs.push(format!(
+                "ERROR counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x} ({what})"
+            ));
+            return;
+        }
         let first = off >> self.cb;
-        let last = (off + len - 1) >> self.cb;
+        let last = (end - 1) >> self.cb;
         if last >= self.limit {
             self.corruptions += 1;
             self.msgs.push(format!(
