@@ -7,6 +7,9 @@ use std::fmt;
 ///
 /// Keel's error messages name the failing step and never repeat their cause (it is the
 /// `source()`), so a log line or a user-facing message prints the whole chain with this.
+/// Other crates' errors sometimes do repeat it (linux-loader's "failed to load ELF kernel
+/// image: Invalid program header size" has that as its source too): a cause the message
+/// before it already ends with is not printed again.
 ///
 /// ```
 /// use keel_bus::ErrorChain;
@@ -22,12 +25,41 @@ pub struct ErrorChain<'a>(pub &'a (dyn Error + 'static));
 
 impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
         let mut cause = self.0.source();
         while let Some(e) = cause {
-            write!(f, ": {e}")?;
+            let msg = e.to_string();
+            if !last.ends_with(&msg) {
+                write!(f, ": {msg}")?;
+            }
+            last = msg;
             cause = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading: {0}")]
+    struct Flattened(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("bad header")]
+    struct Inner;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("booting")]
+    struct Outer(#[source] Flattened);
+
+    /// A cause its error's message already ends with is printed once.
+    #[test]
+    fn a_cause_flattened_into_its_error_is_not_repeated() {
+        let e = Outer(Flattened(Inner));
+        assert_eq!(ErrorChain(&e).to_string(), "booting: loading: bad header");
     }
 }

@@ -32,6 +32,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Something is already at the socket path; the server neither replaces nor removes
+    /// it (a socket there may be another VMM's).
+    #[error("{} already exists ({what}): choose another path, or remove it if nothing uses it", path.display())]
+    Exists {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there: "a socket", "a regular file", "a directory", ...
+        what: &'static str,
+    },
     /// The socket path does not fit in `sockaddr_un`.
     #[error("socket path {0} is too long")]
     PathTooLong(PathBuf),
@@ -346,7 +355,29 @@ fn listen_private(path: &Path) -> Result<UnixListener> {
         )
     };
     if r < 0 {
-        return Err(listen(io::Error::last_os_error()));
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                let t = m.file_type();
+                let what = if t.is_socket() {
+                    "a socket"
+                } else if t.is_file() {
+                    "a regular file"
+                } else if t.is_dir() {
+                    "a directory"
+                } else if t.is_symlink() {
+                    "a symbolic link"
+                } else {
+                    "a special file"
+                };
+                return Err(Error::Exists {
+                    path: path.to_path_buf(),
+                    what,
+                });
+            }
+        }
+        return Err(listen(e));
     }
     // SAFETY: listen(2) on our bound socket.
     if unsafe { libc::listen(fd.as_raw_fd(), libc::SOMAXCONN) } < 0 {

@@ -291,3 +291,32 @@ fn a_client_that_stops_reading_is_cut_off_without_holding_up_events() {
     );
     server.close();
 }
+
+/// Something already at the path is named, and left alone: a regular file, a directory,
+/// and the socket of a server still running (binding over any of them said "Address
+/// already in use").
+#[test]
+fn a_path_already_taken_is_named_and_left_alone() {
+    let (dir, live, s, _) = server(Options::default());
+    let file = dir.path().join("r.img");
+    std::fs::write(&file, b"keep").unwrap();
+    for (path, what) in [
+        (&file, "a regular file"),
+        (&dir.path().to_path_buf(), "a directory"),
+        (&live, "a socket"),
+    ] {
+        let h = Arc::new(Counter::default());
+        let e = Server::bind(path, h, Options::default())
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(&e, keel_qmp::server::Error::Exists { what: w, .. } if *w == what),
+            "{path:?}: {e}"
+        );
+        assert!(e.to_string().contains("already exists"), "{e}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    // The running server still answers.
+    assert!(UnixStream::connect(&live).is_ok());
+    s.close();
+}

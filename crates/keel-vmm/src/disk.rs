@@ -53,6 +53,12 @@ pub enum OptionError {
     /// An unknown key.
     #[error("'{0}': unknown disk option")]
     Unknown(String),
+    /// A key given twice (which one would count is not obvious).
+    #[error("{0}: given twice")]
+    Repeated(String),
+    /// A key given without a value.
+    #[error("{0}=: a value is needed")]
+    Empty(String),
     /// A number was expected.
     #[error("{key}={value}: expected a number")]
     Number {
@@ -93,6 +99,12 @@ pub enum OptionError {
     NoPath,
 }
 
+/// The keys `--disk` takes.
+const KEYS: [&str; 11] = [
+    "path", "format", "readonly", "cache", "queues", "iops", "bps", "poll", "memory", "backing",
+    "affinity",
+];
+
 /// Parses the option's value.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
     let mut spec = DiskSpec {
@@ -112,12 +124,23 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
             value: v.into(),
         })
     };
+    let mut seen = Vec::new();
     for part in split_options(s)? {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| OptionError::NotKeyValue(part.into()))?;
+        if !KEYS.contains(&k) {
+            return Err(OptionError::Unknown(part.into()));
+        }
+        if seen.contains(&k) {
+            return Err(OptionError::Repeated(k.into()));
+        }
+        seen.push(k);
+        if v.is_empty() {
+            return Err(OptionError::Empty(k.into()));
+        }
         match k {
-            "path" if !v.is_empty() => spec.path = PathBuf::from(v),
+            "path" => spec.path = PathBuf::from(v),
             "format" => {
                 spec.format = Some(match v {
                     "raw" => Format::Raw,
@@ -446,6 +469,16 @@ mod tests {
                 "path=x,colour=blue",
                 OptionError::Unknown(s("colour=blue")),
                 "unknown disk option",
+            ),
+            (
+                "path=a,path=b",
+                OptionError::Repeated(s("path")),
+                "path: given twice",
+            ),
+            (
+                "path=",
+                OptionError::Empty(s("path")),
+                "path=: a value is needed",
             ),
             (
                 "path=x,poll=2000000",

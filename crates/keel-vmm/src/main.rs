@@ -180,6 +180,9 @@ enum BadSerialMode {
     /// `file=PATH,limit=SIZE` with a SIZE that is not one.
     #[error("limit: expected a number of bytes, with an optional K, M or G suffix")]
     Limit,
+    /// A key other than `limit` after the path, or `limit` twice.
+    #[error("'{0}': unknown or repeated serial option (file=PATH[,limit=SIZE])")]
+    Option(String),
 }
 
 /// A size: a number of bytes with an optional K, M or G (binary) suffix.
@@ -199,10 +202,19 @@ fn parse_serial(s: &str) -> Result<SerialMode, BadSerialMode> {
         "none" => Ok(SerialMode::None),
         _ => {
             let rest = s.strip_prefix("file=").ok_or(BadSerialMode::Form)?;
-            let (path, limit) = match rest.rsplit_once(",limit=") {
-                Some((path, size)) => (path, parse_size(size).ok_or(BadSerialMode::Limit)?),
-                None => (rest, SerialFile::DEFAULT_LIMIT),
-            };
+            // Options are comma-separated, as --disk's (a path cannot hold a comma).
+            let mut parts = rest.split(',');
+            let path = parts.next().unwrap_or_default();
+            let mut limit = None;
+            for opt in parts {
+                match opt.strip_prefix("limit=") {
+                    Some(size) if limit.is_none() => {
+                        limit = Some(parse_size(size).ok_or(BadSerialMode::Limit)?);
+                    }
+                    _ => return Err(BadSerialMode::Option(opt.to_string())),
+                }
+            }
+            let limit = limit.unwrap_or(SerialFile::DEFAULT_LIMIT);
             if path.is_empty() {
                 return Err(BadSerialMode::Form);
             }

@@ -23,6 +23,16 @@ fn bad_values_are_one_line_errors_with_status_2() {
             vec!["--serial", "file=log,limit=99999999999G"],
             "limit: expected a number",
         ),
+        // A path cannot hold a comma: the rest is options (it made a file "log,bogus=1").
+        (
+            vec!["--serial", "file=log,bogus=1"],
+            "'bogus=1': unknown or repeated serial option",
+        ),
+        (
+            vec!["--serial", "file=log,limit=1M,limit=2M"],
+            "'limit=2M': unknown or repeated serial option",
+        ),
+        (vec!["--disk", "path=a,path=b"], "path: given twice"),
         (vec!["--frobnicate"], "--frobnicate"),
         (vec!["--kernel"], "--kernel"),
         (vec!["--seccomp", "maybe"], "--seccomp"),
