@@ -269,9 +269,11 @@ pub enum TapError {
         source: io::Error,
     },
     /// A descriptor handed in is not a tap opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
-    #[error("descriptor {fd} is not a tap opened with IFF_TAP, IFF_NO_PI and IFF_VNET_HDR")]
+    /// (The message does not name it: a caller that duplicated its descriptor first would
+    /// see the copy's number; it names the one it was given.)
+    #[error("not a tap opened with IFF_TAP, IFF_NO_PI and IFF_VNET_HDR")]
     NotATap {
-        /// The descriptor.
+        /// The descriptor [`Tap::from_fd`] was given.
         fd: i32,
     },
     /// A set-up step on the tap failed.

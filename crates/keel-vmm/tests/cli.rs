@@ -131,8 +131,8 @@ fn a_missing_tap_or_descriptor_is_a_clear_error() {
             "fd=987",
             &["net fd=987: cannot duplicate the descriptor"][..],
         ),
-        // Standard input is not a tap.
-        ("fd=0", &["net fd=0", "is not a tap"][..]),
+        // Standard input is not a tap (the message named keel's duplicate of it).
+        ("fd=0", &["net fd=0: not a tap opened with"][..]),
         (
             "socket=/nonexistent-dir/net.sock",
             &["net socket=/nonexistent-dir/net.sock", "cannot bind"][..],
