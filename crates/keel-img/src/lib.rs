@@ -1081,7 +1081,32 @@ fn cmd_rw(range: &RwRange, cache: CacheMode, op: RwOp) -> Result<i32> {
         }
         .into());
     }
-    let result = match op {
+    let result = rw(b, offset, len, op);
+    if result.is_err() && !read_only && marked_corrupt(&range.file) {
+        // The library marked the image when it found the corruption; say so, as qemu-img
+        // does ("Marking image as corrupt"), or the next command's refusal is a surprise.
+        eprintln!(
+            "keel-img: {} is now marked corrupt: it opens read-only until `keel-img check -r all` repairs it",
+            range.file.display()
+        );
+    }
+    let result = result?;
+    img.close()?;
+    Ok(result)
+}
+
+/// Whether the qcow2 image at `path` has its corrupt bit set (false for raw images or a
+/// file that cannot be read).
+fn marked_corrupt(path: &Path) -> bool {
+    open_raw(path, true)
+        .ok()
+        .and_then(|f| qcow2::read_header(&f).ok())
+        .is_some_and(|h| h.incompatible_features & qcow2::header::INCOMPAT_CORRUPT != 0)
+}
+
+/// `read`, `write` or `discard` of `len` bytes at `offset` of `b`: the exit code.
+fn rw(b: &dyn keel_block::BlockBackend, offset: u64, len: u64, op: RwOp) -> Result<i32> {
+    Ok(match op {
         RwOp::Write(p) => {
             let chunk = 1u64 << 20;
             let buf = vec![p; chunk.min(len) as usize];
@@ -1132,9 +1157,7 @@ fn cmd_rw(range: &RwRange, cache: CacheMode, op: RwOp) -> Result<i32> {
                 }
             }
         }
-    };
-    img.close()?;
-    Ok(result)
+    })
 }
 
 enum RwOp {

@@ -177,6 +177,18 @@ fn check_agrees_with_qemu_on_damaged_images() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("corrupt"));
     ok(KEEL_IMG, &["read", "-P", "0x62", p(&q), "1M", "12k"]);
 
+    // Found by keel-img's own write: the image is marked, and keel-img says so.
+    let q = make_image(dir.path(), "unaligned-cli.qcow2");
+    let h = read_header(&raw_ro(&q)).unwrap();
+    let l2 = read_u64(&q, h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
+    write_u64(&q, l2, read_u64(&q, l2) + 512);
+    let o = run(KEEL_IMG, &["write", "-P", "1", p(&q), "0", "512"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("is now marked corrupt"), "{err}");
+    let info = ok("qemu-img", &["info", "--output=json", p(&q)]);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+
     // Persistent bitmaps are counted while their autoclear bit is set; a
     // keel write clears the bit (the spec-compliant way to drop them), after
     // which both tools see the bitmap clusters as leaks.
