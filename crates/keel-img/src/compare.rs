@@ -33,11 +33,7 @@ pub(crate) fn cmd_compare(a: &CompareArgs<'_>) -> Result<i32> {
 fn run(a: &CompareArgs<'_>) -> Result<i32> {
     let open = |i: usize| -> Result<Chain> {
         let fmt = image_format(a.files[i], a.formats[i])?.parse()?;
-        Ok(Chain::open(
-            a.files[i],
-            fmt,
-            qcow2_options(a.allow_probed_backing),
-        )?)
+        crate::open_chain(a.files[i], fmt, qcow2_options(a.allow_probed_backing))
     };
     let (c1, c2) = (open(0)?, open(1)?);
     let mut progress = Progress::new(a.progress && !a.quiet);

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use keel_block::chain::Chain;
 use keel_block::qcow2::bitmaps::Bitmap;
 use keel_block::qcow2::snapshot::Snapshot;
 use keel_block::qcow2::{self, backing, ImageInfo};
@@ -23,7 +22,7 @@ pub(crate) fn cmd_info(
 ) -> Result<i32> {
     let format: Format = image_format(file, fmt)?.parse()?;
     let images: Vec<(std::path::PathBuf, Format)> = if backing_chain {
-        let chain = Chain::open(file, format, qcow2_options(allow_probed_backing))?;
+        let chain = crate::open_chain(file, format, qcow2_options(allow_probed_backing))?;
         chain
             .layers()
             .iter()

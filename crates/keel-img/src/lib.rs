@@ -30,6 +30,21 @@ enum CliError {
     /// The library failed.
     #[error(transparent)]
     Block(#[from] keel_block::Error),
+    /// The library failed on an image of a one-image command (`info`, `check`,
+    /// `snapshot -l`): the message names it.
+    #[error("{}", path.display())]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: keel_block::Error,
+    },
+    /// Opening an image (or its backing chain) failed.
+    #[error("opening {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: keel_block::Error,
+    },
     /// A life-cycle verb (resize, snapshot, commit, rebase, amend) failed.
     #[error(transparent)]
     Verb(#[from] lifecycle::VerbError),
@@ -661,11 +676,12 @@ fn open_image(
     if format != Format::Qcow2 && sizes.is_set() {
         return Err(Usage::CacheSizesNeedQcow2(fmt).into());
     }
-    Ok(Image::open(
-        path,
-        format,
-        sizes.open_options(read_only, cache),
-    )?)
+    Image::open(path, format, sizes.open_options(read_only, cache)).map_err(|e| opening(path, e))
+}
+
+/// [`Chain::open`], naming `path` in the error.
+pub(crate) fn open_chain(path: &Path, format: Format, opts: Qcow2Options) -> Result<Chain> {
+    Chain::open(path, format, opts).map_err(|e| opening(path, e))
 }
 
 fn create_image(
@@ -762,8 +778,40 @@ pub(crate) fn disk_usage(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Names `path` in a library error of `r` (a one-image command's).
+fn about(path: &Path, r: Result<i32>) -> Result<i32> {
+    r.map_err(|e| match e {
+        CliError::Block(source) if !names(&source, path) => CliError::Image {
+            path: path.to_path_buf(),
+            source,
+        },
+        e => e,
+    })
+}
+
+/// Whether `e`'s message already names `path` (an I/O error on it does).
+fn names(e: &keel_block::Error, path: &Path) -> bool {
+    e.to_string().contains(&path.display().to_string())
+}
+
+/// `e`, from opening the image at `path`, with `path` named once.
+fn opening(path: &Path, e: keel_block::Error) -> CliError {
+    if names(&e, path) {
+        CliError::Block(e)
+    } else {
+        CliError::Open {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
 /// `snapshot -l` on a qcow2 image (the verb has checked the format): qemu-img's listing.
 fn list_snapshots(file: &Path) -> Result<i32> {
+    about(file, list_snapshots_of(file))
+}
+
+fn list_snapshots_of(file: &Path) -> Result<i32> {
     let raw = open_raw(file, true)?;
     let h = qcow2::read_header(&raw)?;
     let snaps = qcow2::snapshot::read_snapshots(&raw, &h)?;
@@ -923,7 +971,7 @@ fn cmd_convert(a: &ConvertArgs<'_>) -> Result<i32> {
     let size = src.backend().size();
     // Creating the output truncates it: it must not be a file the input reads.
     if a.output.exists() {
-        let chain = Chain::open(a.input, ifmt.parse()?, for_fmt(&ifmt).qcow2_options())?;
+        let chain = open_chain(a.input, ifmt.parse()?, for_fmt(&ifmt).qcow2_options())?;
         if chain.contains_file(a.output) {
             return Err(Usage::OutputInInputChain(a.output.to_path_buf()).into());
         }
@@ -1193,7 +1241,8 @@ fn run(cli: Cli) -> Result<i32> {
                             },
                             ..Default::default()
                         },
-                    )?;
+                    )
+                    .map_err(|e| opening(&path, e))?;
                     img.backend().size()
                 }
                 (None, None) => return Err(Usage::SizeRequired.into()),
@@ -1211,12 +1260,15 @@ fn run(cli: Cli) -> Result<i32> {
             backing_chain,
             allow_probed_backing,
             file,
-        } => info::cmd_info(
+        } => about(
             &file,
-            format.as_deref(),
-            output,
-            backing_chain,
-            allow_probed_backing,
+            info::cmd_info(
+                &file,
+                format.as_deref(),
+                output,
+                backing_chain,
+                allow_probed_backing,
+            ),
         ),
         Cmd::Compare {
             force_share: _,
@@ -1276,7 +1328,10 @@ fn run(cli: Cli) -> Result<i32> {
             output,
             quiet,
             file,
-        } => cmd_check(&file, format.as_deref(), repair.as_deref(), &output, quiet),
+        } => about(
+            &file,
+            cmd_check(&file, format.as_deref(), repair.as_deref(), &output, quiet),
+        ),
         Cmd::Snapshot(a) => lifecycle::snapshot::run(a, list_snapshots),
         Cmd::Resize(a) => Ok(lifecycle::resize::run(a)?),
         Cmd::Commit(a) => Ok(lifecycle::commit::run(a)?),

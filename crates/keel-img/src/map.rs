@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::path::Path;
 
-use keel_block::chain::{BlockStatus, Chain};
+use keel_block::chain::BlockStatus;
 
 use crate::{image_format, qcow2_options, CliError, OutputFormat, Result};
 
@@ -18,7 +18,7 @@ pub(crate) fn cmd_map(
     allow_probed_backing: bool,
 ) -> Result<i32> {
     let format = image_format(file, fmt)?.parse()?;
-    let chain = Chain::open(file, format, qcow2_options(allow_probed_backing))?;
+    let chain = crate::open_chain(file, format, qcow2_options(allow_probed_backing))?;
     let size = chain.size();
     let end = match max_len {
         Some(l) => start.saturating_add(l).min(size),

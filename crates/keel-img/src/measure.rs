@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use keel_block::chain::Chain;
 use keel_block::measure::{measure, Preallocation, Source, Target};
 use serde::Serialize;
 
@@ -76,7 +75,7 @@ pub(crate) fn cmd_measure(a: &MeasureArgs<'_>) -> Result<i32> {
         (None, Some(s)) => Source::Size(s),
         (Some(f), None) => {
             let fmt = image_format(f, a.format)?.parse()?;
-            chain = Chain::open(f, fmt, qcow2_options(a.allow_probed_backing))?;
+            chain = crate::open_chain(f, fmt, qcow2_options(a.allow_probed_backing))?;
             Source::Image(&chain)
         }
     };
