@@ -21,8 +21,10 @@ use keel_vmm::{balloon, disk, net};
 /// Boot a kernel in a KVM virtual machine.
 ///
 /// Exit status: 0 after a guest reset or ACPI power-off; with --debug-exit, the value the
-/// guest writes to the debug-exit port (0xf4); 1 with a message after a triple fault or a
-/// KVM error; 2 for bad command-line arguments; 128+N after signal N; 159 (128+SIGSYS)
+/// guest writes to the debug-exit port (0xf4); 1 with a message when the VM cannot be set
+/// up (a kernel, initrd, disk, network or socket path that cannot be used, a KVM error) or
+/// after a triple fault; 2 for bad command-line arguments (a value that does not parse);
+/// 128+N after signal N; 159 (128+SIGSYS)
 /// when a thread made a system call its seccomp filter forbids.
 #[derive(Parser, Debug)]
 #[command(name = "keel", version)]
