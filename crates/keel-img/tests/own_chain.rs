@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{create_image, qio, require_qemu, KEEL_IMG};
@@ -28,14 +28,11 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-/// In a directory holding `base.qcow2` (data) and `top.qcow2` (data, over `base.qcow2`),
-/// and `link.qcow2` a symlink to `top.qcow2`: runs `args` with `tool`, which must fail
-/// (exit 1) and leave every file as it was; returns its standard error.
-fn refused(tool: &str, args: &[&str]) -> String {
+/// A directory with `base.qcow2` (1 MiB) and `top.qcow2` over it, and their paths.
+fn base_and_top() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
     create_image("qemu-img", "qcow2", &[], &base, Some("1M"));
-    qio(&base, "write -P 0x5a 0 64k");
     create_image(
         "qemu-img",
         "qcow2",
@@ -43,6 +40,15 @@ fn refused(tool: &str, args: &[&str]) -> String {
         &top,
         None,
     );
+    (dir, base, top)
+}
+
+/// In a directory holding `base.qcow2` (data) and `top.qcow2` (data, over `base.qcow2`),
+/// and `link.qcow2` a symlink to `top.qcow2`: runs `args` with `tool`, which must fail
+/// (exit 1) and leave every file as it was; returns its standard error.
+fn refused(tool: &str, args: &[&str]) -> String {
+    let (dir, base, top) = base_and_top();
+    qio(&base, "write -P 0x5a 0 64k");
     qio(&top, "write -P 0xa5 64k 64k");
     std::os::unix::fs::symlink("top.qcow2", dir.path().join("link.qcow2")).unwrap();
     let before = snapshot(dir.path());
@@ -128,16 +134,7 @@ fn a_safe_rebase_refuses_a_chain_that_reads_the_image() {
 fn a_resize_that_cannot_open_the_chain_changes_nothing() {
     require_qemu();
     for tool in ["qemu-img", KEEL_IMG] {
-        let dir = tempfile::tempdir().unwrap();
-        let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
-        create_image("qemu-img", "qcow2", &[], &base, Some("1M"));
-        create_image(
-            "qemu-img",
-            "qcow2",
-            &["-b", "base.qcow2", "-F", "qcow2"],
-            &top,
-            None,
-        );
+        let (dir, base, _) = base_and_top();
         std::fs::remove_file(&base).unwrap();
         let before = snapshot(dir.path());
         let o = Command::new(tool)
