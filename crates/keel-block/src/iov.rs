@@ -265,7 +265,10 @@ impl<S: Segment> Iov<S> {
 
     /// The first `at` bytes and the rest (`at` is capped at the length).
     pub fn split_at(self, at: usize) -> (Self, Self) {
-        let at = at.min(self.len);
+        if at >= self.len {
+            // The whole list: no copy of its segments.
+            return (self, Iov::new());
+        }
         let mut head = Iov::new();
         let mut tail = Iov::new();
         for s in self.segs {

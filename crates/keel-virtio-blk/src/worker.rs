@@ -107,9 +107,44 @@ enum Work {
     Zeroes { len: u64, unmap: bool },
 }
 
-impl Work {
+impl Backlog {
+    /// The entry's next piece, of at most [`PIECE_BYTES`], and its bytes; the entry moves
+    /// past it.
+    fn next_piece(&mut self, mem: &Arc<GuestMemoryMmap>) -> (AioRequest<DataBuf>, u64) {
+        let (req, bytes) = match &mut self.work {
+            Work::Transfer { write, data } => {
+                let (piece, rest) = std::mem::take(data).split_at(PIECE_BYTES);
+                *data = rest;
+                let bytes = piece.len() as u32;
+                // The piece owns its ranges and a handle on guest memory until it
+                // completes.
+                let buf = GuestBuf::new(mem.clone(), piece);
+                let tag = Tag { slot: self.slot, bytes }.encode();
+                let req = if *write {
+                    AioRequest::write(self.offset, buf, tag)
+                } else {
+                    AioRequest::read(self.offset, buf, tag)
+                };
+                (req, u64::from(bytes))
+            }
+            Work::Zeroes { len, unmap } => {
+                let bytes = (*len).min(PIECE_BYTES as u64);
+                *len -= bytes;
+                let tag = Tag {
+                    slot: self.slot,
+                    bytes: bytes as u32,
+                }
+                .encode();
+                (AioRequest::write_zeroes(self.offset, bytes, *unmap, tag), bytes)
+            }
+        };
+        self.offset += bytes;
+        (req, bytes)
+    }
+
+    /// Whether every piece has been handed out.
     fn is_done(&self) -> bool {
-        match self {
+        match &self.work {
             Work::Transfer { data, .. } => data.is_empty(),
             Work::Zeroes { len, .. } => *len == 0,
         }
@@ -861,65 +896,30 @@ impl State {
     /// in flight are done.
     fn feed(&mut self) {
         while let Some(b) = self.backlog.front_mut() {
+            let slot = b.slot;
             let failed = matches!(
-                self.slots.slots.get(b.slot),
+                self.slots.slots.get(slot),
                 Some(Some(f)) if f.status != Status::Ok
             );
-            if !failed && self.bytes_in_flight >= BUDGET_BYTES {
+            if failed {
+                self.backlog.pop_front();
+                // The entry's count.
+                self.piece_done(slot);
+                continue;
+            }
+            if self.bytes_in_flight >= BUDGET_BYTES {
                 return;
             }
-            let (slot, offset) = (b.slot, b.offset);
-            let piece = if failed {
-                None
-            } else {
-                match &mut b.work {
-                    Work::Transfer { write, data } => {
-                        // Most requests are one piece: no copy of their ranges then.
-                        let piece = if data.len() <= PIECE_BYTES {
-                            std::mem::take(data)
-                        } else {
-                            let (piece, rest) = std::mem::take(data).split_at(PIECE_BYTES);
-                            *data = rest;
-                            piece
-                        };
-                        let bytes = piece.len() as u32;
-                        // The piece owns its ranges and a handle on guest memory until it
-                        // completes.
-                        let buf = GuestBuf::new(self.ctx.mem.clone(), piece);
-                        let tag = Tag { slot, bytes }.encode();
-                        let req = if *write {
-                            AioRequest::write(offset, buf, tag)
-                        } else {
-                            AioRequest::read(offset, buf, tag)
-                        };
-                        Some((req, u64::from(bytes)))
-                    }
-                    Work::Zeroes { len, unmap } => {
-                        let bytes = (*len).min(PIECE_BYTES as u64);
-                        *len -= bytes;
-                        let tag = Tag {
-                            slot,
-                            bytes: bytes as u32,
-                        }
-                        .encode();
-                        Some((AioRequest::write_zeroes(offset, bytes, *unmap, tag), bytes))
-                    }
-                }
-            };
-            let last = failed || b.work.is_done();
-            if let Some((req, bytes)) = piece {
-                b.offset += bytes;
-                self.bytes_in_flight += bytes;
-                // Round robin, a piece each: a small request behind a huge one does not
-                // wait for all of it.
-                if let Some(b) = self.backlog.pop_front().filter(|_| !last) {
-                    self.backlog.push_back(b);
-                }
-                self.submit(slot, req);
-            } else {
-                self.backlog.pop_front();
+            let (req, bytes) = b.next_piece(&self.ctx.mem);
+            let done = b.is_done();
+            self.bytes_in_flight += bytes;
+            // Round robin, a piece each: a small request behind a huge one does not wait
+            // for all of it.
+            if let Some(b) = self.backlog.pop_front().filter(|_| !done) {
+                self.backlog.push_back(b);
             }
-            if last {
+            self.submit(slot, req);
+            if done {
                 // The entry's count.
                 self.piece_done(slot);
             }
