@@ -17,6 +17,13 @@ use crate::image::{Format, Image, ImageOptions};
 use crate::qcow2::{self, backing, Allocation, ImageInfo, Qcow2, Qcow2Options};
 use crate::raw::{RawFile, RawOptions};
 
+/// A file's identity, its device and inode (the same file however it is named); `None`
+/// if it cannot be looked up (it does not exist).
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// One image of a chain, opened alone (read-only, its backing file not attached).
 pub struct Layer {
     path: PathBuf,
@@ -230,12 +237,10 @@ impl Chain {
     /// and inode); false if it does not exist. A tool that writes `path` checks this
     /// first: writing the chain it reads from would destroy what it reads.
     pub fn contains_file(&self, path: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-        let Some(target) = id(path) else {
+        let Some(target) = file_id(path) else {
             return false;
         };
-        self.layers.iter().any(|l| id(&l.path) == Some(target))
+        self.layers.iter().any(|l| file_id(&l.path) == Some(target))
     }
 
     /// The whole image, opened read-only with its backing chain: reads through it see

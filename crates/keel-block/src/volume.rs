@@ -688,7 +688,8 @@ pub fn rebase(
     progress(0.0);
     if !opts.unsafe_mode {
         let img = open_image(path, format, false)?;
-        let new: Option<Image> = match &opts.backing {
+        // The new backing file with its chain, read as the image will read it.
+        let new: Option<Chain> = match &opts.backing {
             None => None,
             Some(b) => {
                 let bp = backing::resolve(path, b.name.as_bytes());
@@ -716,26 +717,7 @@ pub fn rebase(
                         name: b.name.clone(),
                     });
                 }
-                Some(
-                    Image::open(
-                        &bp,
-                        fmt,
-                        ImageOptions {
-                            file: RawOptions {
-                                read_only: true,
-                                ..Default::default()
-                            },
-                            qcow2: Qcow2Options {
-                                allow_probed_backing: true,
-                                ..Default::default()
-                            },
-                        },
-                    )
-                    .map_err(|source| VolumeError::NewBacking {
-                        name: b.name.clone(),
-                        source,
-                    })?,
-                )
+                Some(chain)
             }
         };
         let Image::Qcow2(q) = &img else {
@@ -774,7 +756,7 @@ pub fn rebase(
                     .read_at(&mut old_buf[..n], pos)
                     .map_err(rerr(path))?;
                 new_buf[..n].fill(0);
-                if let Some(nb) = &new {
+                if let Some(nb) = new.as_ref().map(Chain::image) {
                     let bsize = nb.backend().size();
                     if pos < bsize {
                         let k = (bsize - pos).min(n as u64) as usize;

@@ -17,7 +17,7 @@ mod size;
 mod text;
 use keel_block::aio::{AioQueue, AioRequest, Completion, ThreadQueue, UringQueue};
 use keel_block::buf::AlignedBuf;
-use keel_block::chain::Chain;
+use keel_block::chain::{file_id, Chain};
 use keel_block::convert::{convert, Destination};
 use keel_block::image::{Format, Image, ImageOptions};
 use keel_block::qcow2::{self, CompressionType, CreateOptions, Fix, Qcow2Options};
@@ -740,9 +740,8 @@ fn refuse_own_backing(path: &Path, name: &str, format: Format) -> Result<()> {
 /// Whether `a` and `b` name the same file: the same device and inode when both exist,
 /// else the same name in the same (canonical) directory.
 fn same_path(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    if let (Some(x), Some(y)) = (file_id(a), file_id(b)) {
+        return x == y;
     }
     let norm = |p: &Path| {
         let name = p.file_name()?;

@@ -119,7 +119,11 @@ impl Backlog {
                 // The piece owns its ranges and a handle on guest memory until it
                 // completes.
                 let buf = GuestBuf::new(mem.clone(), piece);
-                let tag = Tag { slot: self.slot, bytes }.encode();
+                let tag = Tag {
+                    slot: self.slot,
+                    bytes,
+                }
+                .encode();
                 let req = if *write {
                     AioRequest::write(self.offset, buf, tag)
                 } else {
@@ -135,7 +139,10 @@ impl Backlog {
                     bytes: bytes as u32,
                 }
                 .encode();
-                (AioRequest::write_zeroes(self.offset, bytes, *unmap, tag), bytes)
+                (
+                    AioRequest::write_zeroes(self.offset, bytes, *unmap, tag),
+                    bytes,
+                )
             }
         };
         self.offset += bytes;

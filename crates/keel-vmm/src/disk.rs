@@ -99,12 +99,6 @@ pub enum OptionError {
     NoPath,
 }
 
-/// The keys `--disk` takes.
-const KEYS: [&str; 11] = [
-    "path", "format", "readonly", "cache", "queues", "iops", "bps", "poll", "memory", "backing",
-    "affinity",
-];
-
 /// Parses the option's value.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
     let mut spec = DiskSpec {
@@ -129,17 +123,8 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| OptionError::NotKeyValue(part.into()))?;
-        if !KEYS.contains(&k) {
-            return Err(OptionError::Unknown(part.into()));
-        }
-        if seen.contains(&k) {
-            return Err(OptionError::Repeated(k.into()));
-        }
-        seen.push(k);
-        if v.is_empty() {
-            return Err(OptionError::Empty(k.into()));
-        }
         match k {
+            "path" if v.is_empty() => return Err(OptionError::Empty(k.into())),
             "path" => spec.path = PathBuf::from(v),
             "format" => {
                 spec.format = Some(match v {
@@ -197,6 +182,11 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, OptionError> {
             }
             _ => return Err(OptionError::Unknown(part.into())),
         }
+        // A known key (the match took it) given again.
+        if seen.contains(&k) {
+            return Err(OptionError::Repeated(k.into()));
+        }
+        seen.push(k);
     }
     if spec.path.as_os_str().is_empty() {
         return Err(OptionError::NoPath);

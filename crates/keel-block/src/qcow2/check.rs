@@ -86,7 +86,6 @@ struct Walk<'a> {
     refs: Vec<u32>,
     /// References from the refcount table and blocks.
     rc_refs: Vec<u32>,
-    limit: u64,
     corruptions: u64,
     msgs: Vec<String>,
     bad_l1: Vec<usize>,
@@ -130,13 +129,6 @@ impl<'a> Walk<'a> {
         }
         let first = off >> self.cb;
         let last = (end - 1) >> self.cb;
-        if last >= self.limit {
-            self.corruptions += 1;
-            self.msgs.push(format!(
-                "ERROR {what} at offset {off:#x} is far beyond the end of the image"
-            ));
-            return;
-        }
         let v = if rc {
             &mut self.rc_refs
         } else {
@@ -479,7 +471,6 @@ impl<'a> Walk<'a> {
             cb: h.cluster_bits,
             refs: vec![0; file_clusters as usize],
             rc_refs: vec![0; file_clusters as usize],
-            limit: (file_clusters + (1 << 20)).min(MAX_CHECK_CLUSTERS),
             corruptions: 0,
             msgs: Vec::new(),
             bad_l1: Vec::new(),
